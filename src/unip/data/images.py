@@ -1,0 +1,144 @@
+"""Safe image reading: decode fully, map 16-bit thermal frames to 8 bits, convert to grayscale.
+
+Every failure raises :class:`ImageReadError` (a :class:`unip.errors.DataError`) naming the file and carrying
+a short machine-readable ``reason`` so that scanners can skip the file and list it in a report.
+
+16-bit rule (robust percentile stretch): raw radiometric frames (PNG/TIFF with 16-bit or 32-bit pixels)
+are mapped to 0..255 linearly between their own 1st and 99th percentiles, clipping outside. This is what
+the thermal camera's AGC does for display and it is insensitive to a few dead or saturated pixels. A
+frame whose 1st and 99th percentiles coincide is stretched between its minimum and maximum instead, and a
+constant frame becomes all zeros.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Tuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from unip.data.layouts import IMAGE_SUFFIXES
+from unip.errors import DataError
+
+#: Decoders we accept (PIL format names); anything else is skipped as unsupported.
+ACCEPTED_FORMATS: Tuple[str, ...] = ("JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP")
+
+#: Percentiles of the 16-bit stretch.
+STRETCH_PERCENTILES: Tuple[float, float] = (1.0, 99.0)
+
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+class ImageReadError(DataError):
+    """An image file cannot be used; ``reason`` is one short code (``empty``, ``truncated``, ...)."""
+
+    def __init__(self, path: str, reason: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail} ({reason}); fix or remove the file")
+        self.path = path
+        self.reason = reason
+        self.detail = detail
+
+
+def check_suffix(path: str) -> None:
+    """Raise :class:`ImageReadError` (``unsupported-type``) unless ``path`` has an image suffix."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageReadError(path, "unsupported-type",
+                             f"file type '{suffix or '(none)'}' is not one of {', '.join(IMAGE_SUFFIXES)}")
+
+
+def decode(data: bytes, path: str) -> Image.Image:
+    """Decode every pixel of the encoded image ``data`` (read from ``path``).
+
+    Returns a loaded PIL image in its native mode; raises :class:`ImageReadError` if the bytes are empty,
+    not an image, of an unsupported format, truncated or otherwise undecodable.
+    """
+    if not data:
+        raise ImageReadError(path, "empty", "zero-byte file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not-an-image", "content is not a recognised image format") from None
+    except Exception as err:  # PIL raises many types on malformed headers
+        raise ImageReadError(path, "decode-error", f"cannot read the header: {err}") from None
+    if img.format not in ACCEPTED_FORMATS:
+        raise ImageReadError(path, "unsupported-format", f"format {img.format} is not supported")
+    try:
+        img.load()
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(path, "too-large", str(err)) from None
+    except Exception as err:
+        reason = "truncated" if "truncat" in str(err).lower() else "decode-error"
+        raise ImageReadError(path, reason, f"cannot decode: {err}") from None
+    return img
+
+
+def read_bytes(path: str) -> bytes:
+    """Return the raw bytes of ``path``; raises :class:`ImageReadError` (``io-error``) on OS errors."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as err:
+        raise ImageReadError(path, "io-error", f"cannot read: {err.strerror or err}") from None
+
+
+def stretch_to_uint8(pixels: np.ndarray,
+                     percentiles: Tuple[float, float] = STRETCH_PERCENTILES) -> np.ndarray:
+    """Map a high-bit-depth frame to uint8 by the percentile stretch described in the module docstring.
+
+    Returns an array of the same shape, dtype uint8.
+    """
+    values = pixels.astype(np.float64, copy=False)
+    lo, hi = np.percentile(values, percentiles)
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_gray(img: Image.Image) -> np.ndarray:
+    """Return the grayscale pixels of a decoded image as a uint8 array ``[H, W]``.
+
+    8-bit colour images use PIL's ITU-R 601 luma (as ``convert("L")`` in the release); 16/32-bit and
+    float frames use :func:`stretch_to_uint8`.
+    """
+    if img.mode == "L":
+        return np.asarray(img, dtype=np.uint8)
+    if img.mode in _HIGH_DEPTH_MODES:
+        return stretch_to_uint8(np.asarray(img))
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def read_gray(path: str) -> np.ndarray:
+    """Read, fully decode and convert ``path`` to grayscale; returns uint8 ``[H, W]``."""
+    check_suffix(path)
+    return to_gray(decode(read_bytes(path), path))
+
+
+def resized_shape(height: int, width: int, short_side: int) -> Tuple[int, int]:
+    """Return ``(height, width)`` scaled so the short side is at most ``short_side`` (aspect kept)."""
+    short = min(height, width)
+    if short <= short_side:
+        return height, width
+    scale = short_side / short
+    if height <= width:
+        return short_side, max(short_side, round(width * scale))
+    return max(short_side, round(height * scale)), short_side
+
+
+def resize_short_side(gray: np.ndarray, short_side: int) -> np.ndarray:
+    """Downscale a uint8 ``[H, W]`` image (PIL bicubic, antialiased) so its short side is ``short_side``.
+
+    Images whose short side is already at most ``short_side`` are returned unchanged (never upscaled).
+    Returns uint8 ``[H', W']``.
+    """
+    height, width = gray.shape
+    new_h, new_w = resized_shape(height, width, short_side)
+    if (new_h, new_w) == (height, width):
+        return gray
+    resized = Image.fromarray(gray).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return np.asarray(resized, dtype=np.uint8)

@@ -1,0 +1,376 @@
+"""InfMix builder: scan image folders into a checked, de-duplicated manifest and a report.
+
+Sources (as in the paper's InfMix): every ``<infrared>/<dataset>/thermal/`` folder (one source per data set,
+searched recursively), the first ``per_class`` images (sorted by name) of each ImageNet class folder, COCO
+``train2017`` and any extra folders. Every file is read and fully decoded; bad files are skipped and listed
+in the report with a reason, exact duplicates (same BLAKE2b hash of the bytes) are kept once, and files
+whose real path lies outside the root they were found under (symlinks) are refused without being read.
+
+The manifest is JSONL, one object per image::
+
+    {"path": ..., "source": "SODA", "kind": "infrared", "width": 640, "height": 512, "mode": "L",
+     "bytes": 51234, "mtime_ns": ..., "hash": "<32 hex>"}
+
+and ``<manifest>.report.json`` (see :func:`report_path`) holds the per-source counts and the skipped files.
+Scans are incremental: a file whose (path, size, mtime) is unchanged since the last scan is not read
+again, and a scan that is interrupted resumes from ``<manifest>.journal`` where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from tqdm import tqdm
+
+from unip.data.images import ImageReadError, check_suffix, decode, read_bytes
+from unip.data.layouts import COCO_TRAIN_DIR, IMAGE_SUFFIXES, THERMAL_DIR
+from unip.errors import DataError
+
+Entry = Dict[str, object]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One file found by a scan: where it is, which source it belongs to, and why it is refused if so."""
+
+    path: str
+    source: str
+    kind: str
+    refused: Optional[str] = None
+
+
+@dataclass
+class ScanResult:
+    """Outcome of :func:`build_manifest`: kept records, skipped entries and how much was (re)read."""
+
+    manifest: str
+    records: List[Entry]
+    skipped: List[Entry]
+    read: int
+    reused: int
+    counts: Dict[str, Dict[str, object]] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Return the per-source count table (like the paper's InfMix table) as text."""
+        return format_counts(self.counts)
+
+
+# ------------------------------------------------------------------------------------- discovery
+def _inside(path: str, real_root: str) -> bool:
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def walk_files(top: str, root: str) -> Iterator[Tuple[str, Optional[str]]]:
+    """Yield ``(path, refusal)`` for every file under ``top`` in sorted order, recursively.
+
+    ``refusal`` is None for files whose real path is inside ``root``; otherwise it says why the file (or a
+    symlinked folder, yielded as one entry) is refused. Symlinked folders inside ``root`` are followed once.
+    """
+    real_root = os.path.realpath(root)
+    seen = set()
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as err:
+            yield folder, f"cannot list folder: {err.strerror or err}"
+            continue
+        subdirs = []
+        for name in names:
+            path = os.path.join(folder, name)
+            if not _inside(path, real_root):
+                yield path, f"symlink to {os.path.realpath(path)}, outside {root}"
+            elif os.path.isdir(path):
+                subdirs.append(path)
+            elif os.path.isfile(path):
+                yield path, None
+        stack.extend(reversed(subdirs))
+
+
+def _folder_candidates(top: str, root: str, source: str, kind: str,
+                       limit: Optional[int] = None) -> Iterator[Candidate]:
+    taken = 0
+    for path, refused in walk_files(top, root):
+        is_image = os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+        if limit is not None and is_image and refused is None:
+            if taken >= limit:
+                continue
+            taken += 1
+        yield Candidate(path, source, kind, refused)
+
+
+def _require_dir(path: str, what: str) -> str:
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: {what} folder not found; check the path")
+    return os.path.abspath(path)
+
+
+def infrared_candidates(root: str) -> Iterator[Candidate]:
+    """Candidates from ``root/<dataset>/thermal/`` (source = data set name, kind ``infrared``)."""
+    root = _require_dir(root, "infrared root")
+    datasets = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d, THERMAL_DIR))]
+    if not datasets:
+        raise DataError(f"{root}: no <dataset>/{THERMAL_DIR}/ folder found; the infrared root must hold "
+                        f"one folder per data set, each with a '{THERMAL_DIR}' subfolder")
+    for name in datasets:
+        yield from _folder_candidates(os.path.join(root, name, THERMAL_DIR), root, name, "infrared")
+
+
+def imagenet_candidates(root: str, per_class: int) -> Iterator[Candidate]:
+    """Candidates from the first ``per_class`` image files (sorted) of each class folder of ``root``."""
+    root = _require_dir(root, "ImageNet")
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if os.path.isdir(folder):
+            yield from _folder_candidates(folder, root, "ImageNet", "imagenet", limit=per_class)
+
+
+def coco_candidates(root: str) -> Iterator[Candidate]:
+    """Candidates from ``root/train2017`` (or ``root`` itself when it is the train2017 folder)."""
+    root = _require_dir(root, "COCO")
+    top = os.path.join(root, COCO_TRAIN_DIR)
+    top = top if os.path.isdir(top) else root
+    yield from _folder_candidates(top, top, "COCO", "coco")
+
+
+def extra_candidates(root: str, source: str) -> Iterator[Candidate]:
+    """Candidates from every file under ``root`` (source = ``source``, kind ``extra``)."""
+    root = _require_dir(root, "extra")
+    yield from _folder_candidates(root, root, source, "extra")
+
+
+def gather_candidates(infrared: Optional[str] = None, imagenet: Optional[str] = None,
+                      per_class: int = 200, coco: Optional[str] = None,
+                      extra: Sequence[str] = ()) -> List[Candidate]:
+    """Return every candidate file of the given sources, in a deterministic order."""
+    if not (infrared or imagenet or coco or extra):
+        raise DataError("no source given; pass at least one of --infrared, --imagenet, --coco, --extra")
+    found: List[Candidate] = []
+    if infrared:
+        found.extend(infrared_candidates(infrared))
+    if imagenet:
+        found.extend(imagenet_candidates(imagenet, per_class))
+    if coco:
+        found.extend(coco_candidates(coco))
+    taken = {c.source for c in found}
+    for folder in extra:
+        name = os.path.basename(os.path.normpath(folder)) or "extra"
+        source, n = name, 1
+        while source in taken:
+            n += 1
+            source = f"{name}-{n}"
+        taken.add(source)
+        found.extend(extra_candidates(folder, source))
+    return found
+
+
+# ------------------------------------------------------------------------------------- inspection
+def inspect_file(cand: Candidate) -> Entry:
+    """Read and decode one candidate; returns its manifest record, or a skip entry (with ``reason``)."""
+    base: Entry = {"path": cand.path, "source": cand.source, "kind": cand.kind}
+    try:
+        st = os.stat(cand.path)
+    except OSError as err:
+        return {**base, "reason": "io-error", "detail": f"cannot stat: {err.strerror or err}"}
+    base.update(bytes=st.st_size, mtime_ns=st.st_mtime_ns)
+    try:
+        check_suffix(cand.path)
+        data = read_bytes(cand.path)
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        img = decode(data, cand.path)
+    except ImageReadError as err:
+        return {**base, "reason": err.reason, "detail": err.detail}
+    return {**base, "width": img.width, "height": img.height, "mode": img.mode, "hash": digest}
+
+
+def _cached(entry: Optional[Entry], cand: Candidate) -> Optional[Entry]:
+    """Return the cached entry for ``cand`` if the file's size and mtime are unchanged, else None."""
+    if entry is None or entry.get("reason") in ("outside-root", "io-error"):
+        return None
+    try:
+        st = os.stat(cand.path)
+    except OSError:
+        return None
+    if entry.get("bytes") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+        return None
+    return {**entry, "source": cand.source, "kind": cand.kind}
+
+
+# ------------------------------------------------------------------------------------- files
+def report_path(manifest: str) -> str:
+    """Return the report path that goes with ``manifest`` (``x.jsonl`` → ``x.report.json``)."""
+    stem = manifest[:-len(".jsonl")] if manifest.endswith(".jsonl") else manifest
+    return stem + ".report.json"
+
+
+def _journal_path(manifest: str) -> str:
+    return manifest + ".journal"
+
+
+def _read_jsonl(path: str) -> List[Entry]:
+    entries = []
+    with open(path, "r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                # A journal may end in a half-written line after a crash; a manifest must not.
+                if path.endswith(".journal"):
+                    break
+                raise DataError(f"{path}:{lineno}: not valid JSON; rebuild it with `unip data infmix`")
+    return entries
+
+
+def read_manifest(path: str) -> List[Entry]:
+    """Return the records of a JSONL manifest (one dict per image, in file order)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: manifest not found; build it with `unip data infmix`")
+    records = _read_jsonl(path)
+    for i, rec in enumerate(records, 1):
+        if "path" not in rec or "source" not in rec:
+            raise DataError(f"{path}:{i}: record lacks 'path' or 'source'; rebuild it with `unip data infmix`")
+    return records
+
+
+def _write_atomic(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _load_cache(manifest: str) -> Dict[str, Entry]:
+    cache: Dict[str, Entry] = {}
+    if os.path.isfile(manifest):
+        cache.update((str(r["path"]), r) for r in read_manifest(manifest))
+    report = report_path(manifest)
+    if os.path.isfile(report):
+        with open(report, "r", encoding="utf-8") as fh:
+            for entry in json.load(fh).get("skipped", []):
+                # A duplicate carries its full record; the duplicate status is recomputed every scan.
+                cached = entry.get("record") if entry.get("reason") == "duplicate" else entry
+                if cached:
+                    cache[str(entry["path"])] = cached
+    journal = _journal_path(manifest)
+    if os.path.isfile(journal):
+        cache.update((str(e["path"]), e) for e in _read_jsonl(journal))
+    return cache
+
+
+# ------------------------------------------------------------------------------------- building
+def _inspect_all(cands: List[Candidate], cache: Dict[str, Entry], journal: str,
+                 workers: int) -> Tuple[List[Entry], int]:
+    """Return one entry per candidate (same order) and how many files had to be read."""
+    entries: List[Optional[Entry]] = [None] * len(cands)
+    todo: List[int] = []
+    for i, cand in enumerate(cands):
+        if cand.refused is not None:
+            entries[i] = {"path": cand.path, "source": cand.source, "kind": cand.kind,
+                          "reason": "outside-root", "detail": cand.refused}
+        else:
+            entries[i] = _cached(cache.get(cand.path), cand)
+            if entries[i] is None:
+                todo.append(i)
+    chunk = max(64, 32 * workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool, open(journal, "a", encoding="utf-8") as jf, \
+            tqdm(total=len(todo), desc="scan", unit="img", disable=None) as bar:
+        for start in range(0, len(todo), chunk):
+            idx = todo[start:start + chunk]
+            for i, entry in zip(idx, pool.map(inspect_file, [cands[i] for i in idx])):
+                entries[i] = entry
+                jf.write(json.dumps(entry) + "\n")
+            jf.flush()
+            bar.update(len(idx))
+    return [e for e in entries if e is not None], len(todo)
+
+
+def _split(entries: List[Entry]) -> Tuple[List[Entry], List[Entry]]:
+    """Separate good records from skip entries, marking later copies of the same content as duplicates."""
+    records: List[Entry] = []
+    skipped: List[Entry] = []
+    first_of: Dict[str, str] = {}
+    for entry in entries:
+        if "reason" in entry:
+            skipped.append(entry)
+        elif entry["hash"] in first_of:
+            skipped.append({"path": entry["path"], "source": entry["source"], "kind": entry["kind"],
+                            "reason": "duplicate", "detail": f"same content as {first_of[entry['hash']]}",
+                            "record": entry})
+        else:
+            first_of[str(entry["hash"])] = str(entry["path"])
+            records.append(entry)
+    return records, skipped
+
+
+def count_by_source(records: List[Entry], skipped: List[Entry]) -> Dict[str, Dict[str, object]]:
+    """Return ``{source: {"kind", "images", "skipped", "duplicates"}}`` in first-seen order."""
+    counts: Dict[str, Dict[str, object]] = {}
+
+    def row(entry: Entry) -> Dict[str, object]:
+        return counts.setdefault(str(entry["source"]), {"kind": entry["kind"], "images": 0,
+                                                         "skipped": 0, "duplicates": 0})
+    for rec in records:
+        row(rec)["images"] += 1  # type: ignore[operator]
+    for entry in skipped:
+        key = "duplicates" if entry["reason"] == "duplicate" else "skipped"
+        row(entry)[key] += 1  # type: ignore[operator]
+    return counts
+
+
+def format_counts(counts: Dict[str, Dict[str, object]]) -> str:
+    """Return a fixed-width text table of :func:`count_by_source` with a total row."""
+    width = max([len("source")] + [len(s) for s in counts])
+    lines = [f"{'source':<{width}}  {'kind':<9} {'images':>9} {'skipped':>8} {'duplicates':>10}"]
+    totals = [0, 0, 0]
+    for source, c in counts.items():
+        vals = [int(c["images"]), int(c["skipped"]), int(c["duplicates"])]  # type: ignore[arg-type]
+        totals = [a + b for a, b in zip(totals, vals)]
+        lines.append(f"{source:<{width}}  {str(c['kind']):<9} {vals[0]:>9,} {vals[1]:>8,} {vals[2]:>10,}")
+    lines.append(f"{'total':<{width}}  {'':<9} {totals[0]:>9,} {totals[1]:>8,} {totals[2]:>10,}")
+    return "\n".join(lines)
+
+
+def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[str] = None,
+                   per_class: int = 200, coco: Optional[str] = None, extra: Sequence[str] = (),
+                   workers: Optional[int] = None) -> ScanResult:
+    """Scan the given sources into the JSONL manifest ``out`` and its report; returns a :class:`ScanResult`.
+
+    Files already described by an existing manifest/report/journal at ``out`` with the same size and
+    mtime are not read again.
+    """
+    if per_class < 1:
+        raise DataError(f"--per-class {per_class}: must be at least 1")
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    cands = gather_candidates(infrared, imagenet, per_class, coco, extra)
+    cache = _load_cache(out)
+    journal = _journal_path(out)
+    workers = workers or min(8, os.cpu_count() or 1)
+    entries, n_read = _inspect_all(cands, cache, journal, workers)
+    records, skipped = _split(entries)
+    counts = count_by_source(records, skipped)
+    _write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+    report = {"manifest": out,
+              "roots": {"infrared": infrared, "imagenet": imagenet, "per_class": per_class,
+                        "coco": coco, "extra": list(extra)},
+              "images": len(records), "read": n_read, "reused": len(entries) - n_read,
+              "counts": counts, "skipped": skipped}
+    _write_atomic(report_path(out), json.dumps(report, indent=1) + "\n")
+    os.remove(journal)
+    return ScanResult(out, records, skipped, n_read, len(entries) - n_read, counts)

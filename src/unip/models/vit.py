@@ -1,0 +1,326 @@
+"""Vision Transformer backbone with attention taps.
+
+Parameter names are timm's (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.{i}.norm1``,
+``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``, ``blocks.{i}.ls1.gamma``, ``blocks.{i}.norm2``,
+``blocks.{i}.mlp.fc1/fc2``, ``norm``), so timm, MAE, DINO, iBOT, DeiT and UNIP weights load by name.
+
+Beyond timm's model it can
+
+* give each block its own head count (``last_heads``: UNIP students' last block has as many heads as the
+  teacher block they were distilled from),
+* return the pre-softmax attention logits of one block and stop there (``attention_logits``),
+* return token maps of chosen blocks (``forward_features``) and post-softmax maps (``attention_maps``).
+
+Every block whose attention matrix is not asked for runs ``scaled_dot_product_attention``.
+Layers are numbered from 1 (block ``i`` of ``blocks`` is layer ``i + 1``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unip.models.pos_embed import resample_pos_embed, sincos_pos_embed_2d
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches → tokens: ``[B, C, H, W]`` → ``[B, h*w, D]`` and the grid ``(h, w)``."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"input size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
+                "resize or pad the image first")
+        x = self.proj(x)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection (timm layout)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """``[B, N, D]`` → ``[B, heads, N, head_dim]``."""
+        batch, tokens, _ = x.shape
+        return x.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def attention_logits(self, x: Tensor) -> Tensor:
+        """Pre-softmax scaled q·kᵀ, ``[B, heads, N, N]``; only q and k are projected."""
+        dim = self.num_heads * self.head_dim
+        bias = self.qkv.bias[: 2 * dim] if self.qkv.bias is not None else None
+        query, key = F.linear(x, self.qkv.weight[: 2 * dim], bias).chunk(2, dim=-1)
+        query, key = self._split_heads(query), self._split_heads(key)
+        return (query * self.scale) @ key.transpose(-2, -1)
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        """Returns the block's attention output ``[B, N, D]`` and, if asked, the softmax map
+        ``[B, heads, N, N]`` (otherwise ``None``, computed by fused SDPA)."""
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        attention = None
+        if return_attention:
+            attention = ((query * self.scale) @ key.transpose(-2, -1)).softmax(dim=-1)
+            out = attention @ value
+        else:
+            out = F.scaled_dot_product_attention(query, key, value)
+        out = out.transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj(out), attention
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scaling (CaiT / DeiT III / DINOv2); parameter ``gamma`` as in timm."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample with probability ``drop_prob``."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+                 layer_scale: Optional[float], drop_path: float, norm_eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def attention_logits(self, x: Tensor) -> Tensor:
+        return self.attn.attention_logits(self.norm1(x))
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        attended, attention = self.attn(self.norm1(x), return_attention)
+        x = x + self.drop_path1(self.ls1(attended))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, attention
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone (no classifier head).
+
+    Args mirror timm's ``VisionTransformer`` where they overlap. Additions: ``last_heads`` (head count of
+    the last block), ``pos_embed_type`` (``"learned"`` or ``"sincos"``: fixed 2-D sin-cos table with a
+    zero CLS row, stored as a frozen parameter like MAE), ``num_reg_tokens`` and ``no_embed_class``
+    (timm's register-token / DINOv2 layout). ``self.config`` holds the arguments, so
+    ``VisionTransformer(**model.config)`` rebuilds the architecture.
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, last_heads: Optional[int] = None,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, layer_scale: Optional[float] = None,
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, pos_embed_type: str = "learned",
+                 class_token: bool = True, num_reg_tokens: int = 0, no_embed_class: bool = False) -> None:
+        super().__init__()
+        img_size = _pair(img_size)
+        if pos_embed_type not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed_type must be 'learned' or 'sincos', not {pos_embed_type!r}")
+        self.config = dict(img_size=list(img_size), patch_size=patch_size, in_chans=in_chans,
+                           embed_dim=embed_dim, depth=depth, num_heads=num_heads, last_heads=last_heads,
+                           mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, layer_scale=layer_scale,
+                           drop_path_rate=drop_path_rate, norm_eps=norm_eps, pos_embed_type=pos_embed_type,
+                           class_token=class_token, num_reg_tokens=num_reg_tokens,
+                           no_embed_class=no_embed_class)
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.num_prefix_tokens = int(class_token) + num_reg_tokens
+        self.no_embed_class = no_embed_class
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, num_reg_tokens, embed_dim)) if num_reg_tokens else None
+        pos_rows = self.grid_size[0] * self.grid_size[1] + (0 if no_embed_class else self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_rows, embed_dim),
+                                      requires_grad=pos_embed_type == "learned")
+
+        heads = [num_heads] * depth
+        if last_heads:
+            heads[-1] = last_heads
+        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, heads[i], mlp_ratio, qkv_bias, layer_scale, drop_rates[i], norm_eps)
+            for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self._init_weights(pos_embed_type)
+
+    # ------------------------------------------------------------------------------ construction
+    def _init_weights(self, pos_embed_type: str) -> None:
+        if pos_embed_type == "sincos":
+            table = sincos_pos_embed_2d(self.embed_dim, self.grid_size)
+            if not self.no_embed_class:
+                table = torch.cat([table.new_zeros(self.num_prefix_tokens, self.embed_dim), table])
+            self.pos_embed.data.copy_(table.unsqueeze(0))
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=0.02)
+        proj = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def heads_per_block(self) -> List[int]:
+        return [block.attn.num_heads for block in self.blocks]
+
+    def no_weight_decay(self) -> set:
+        """Names of parameters that take no weight decay besides biases and norms (timm convention)."""
+        return {"pos_embed", "cls_token", "reg_token"}
+
+    # ------------------------------------------------------------------------------ embedding
+    def _pos_embed_for(self, grid: Tuple[int, int]) -> Tensor:
+        """The position table for a token grid, interpolated bicubically when it differs from training."""
+        if grid == self.grid_size:
+            return self.pos_embed
+        prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        return resample_pos_embed(self.pos_embed, grid, num_prefix_tokens=prefix)
+
+    def embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """Image ``[B, C, H, W]`` → tokens ``[B, prefix + h*w, D]`` (CLS first, then registers) and grid."""
+        tokens, grid = self.patch_embed(x)
+        pos_embed = self._pos_embed_for(grid)
+        prefix = [t.expand(tokens.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.no_embed_class:
+            return torch.cat(prefix + [tokens + pos_embed], dim=1), grid
+        return torch.cat(prefix + [tokens], dim=1) + pos_embed, grid
+
+    def _check_layer(self, layer: int) -> int:
+        if not 1 <= layer <= self.depth:
+            raise ValueError(f"layer {layer} is out of range: this model has layers 1..{self.depth}")
+        return layer
+
+    # ------------------------------------------------------------------------------ taps
+    def attention_logits(self, x: Tensor, layer: int) -> Tensor:
+        """Pre-softmax scaled q·kᵀ of block ``layer`` (1-based): ``[B, heads, N, N]``, N = prefix + h*w.
+
+        Runs blocks ``1..layer-1`` and only the q/k projection of block ``layer``; nothing after it."""
+        self._check_layer(layer)
+        tokens, _ = self.embed(x)
+        for block in self.blocks[: layer - 1]:
+            tokens, _ = block(tokens)
+        return self.blocks[layer - 1].attention_logits(tokens)
+
+    def forward_features(self, x: Tensor, layers: Sequence[int]) -> List[Tensor]:
+        """Raw outputs (before the final norm) of blocks ``layers`` (1-based) as token maps ``[B, D, h, w]``,
+        prefix tokens dropped, in the order asked. Stops after the deepest requested block."""
+        wanted = [self._check_layer(layer) for layer in layers]
+        tokens, (height, width) = self.embed(x)
+        outputs: Dict[int, Tensor] = {}
+        for index, block in enumerate(self.blocks[: max(wanted)], start=1):
+            tokens, _ = block(tokens)
+            if index in wanted:
+                outputs[index] = tokens
+        return [self._to_map(outputs[layer], height, width) for layer in wanted]
+
+    def _to_map(self, tokens: Tensor, height: int, width: int) -> Tensor:
+        patches = tokens[:, self.num_prefix_tokens:]
+        return patches.transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, height, width)
+
+    def attention_maps(self, x: Tensor, layers: Optional[Iterable[int]] = None) -> Dict[int, Tensor]:
+        """Post-softmax attention ``{layer: [B, heads, N, N]}`` of the chosen blocks (all by default).
+
+        Blocks not asked for run fused SDPA; the loop stops after the deepest requested block."""
+        wanted = sorted({self._check_layer(layer) for layer in layers}) if layers is not None \
+            else list(range(1, self.depth + 1))
+        tokens, _ = self.embed(x)
+        maps: Dict[int, Tensor] = {}
+        for index, block in enumerate(self.blocks[: wanted[-1]], start=1):
+            tokens, attention = block(tokens, return_attention=index in wanted)
+            if attention is not None:
+                maps[index] = attention
+        return maps
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """All blocks and the final norm: ``[B, N, D]`` (timm's ``forward_features``)."""
+        tokens, _ = self.embed(x)
+        for block in self.blocks:
+            tokens, _ = block(tokens)
+        return self.norm(tokens)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_tokens(x)
+
+
+def _pair(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    height, width = value
+    return int(height), int(width)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def grid_side(num_patches: int) -> int:
+    """Side of a square token grid with ``num_patches`` tokens; raises if not square."""
+    side = int(math.isqrt(num_patches))
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} position rows do not form a square grid")
+    return side
