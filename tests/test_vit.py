@@ -1,0 +1,184 @@
+"""The ViT backbone against timm's VisionTransformer and against plain reference computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+from unip.models import VisionTransformer, create_model, list_models
+from unip.models.pos_embed import sincos_pos_embed_2d
+
+CONFIGS = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+}
+
+
+def _timm_pair(size, **extra):
+    torch.manual_seed(0)
+    reference = TimmViT(img_size=224, patch_size=16, num_classes=0, **CONFIGS[size], **extra).eval()
+    ours = VisionTransformer(img_size=224, patch_size=16, **CONFIGS[size]).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return reference, ours
+
+
+def _timm_block_outputs_and_attention(reference, image):
+    """Per-block outputs and post-softmax maps of timm's model, captured with hooks (unfused path)."""
+    outputs, maps = [], []
+    handles = [b.register_forward_hook(lambda m, i, o: outputs.append(o)) for b in reference.blocks]
+    handles += [b.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o)) for b in reference.blocks]
+    for block in reference.blocks:
+        block.attn.fused_attn = False  # timm's explicit path runs attn_drop on the softmax map
+    try:
+        with torch.no_grad():
+            final = reference.forward_features(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return final, outputs, maps
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_features_and_attention_match_timm(size):
+    reference, ours = _timm_pair(size)
+    image = torch.randn(2, 3, 224, 224)
+    final, block_outputs, timm_maps = _timm_block_outputs_and_attention(reference, image)
+    with torch.no_grad():
+        assert (ours(image) - final).abs().max() <= 1e-4
+        layers = [3, 6, 12]
+        for layer, fmap in zip(layers, ours.forward_features(image, layers)):
+            expected = block_outputs[layer - 1][:, 1:].transpose(1, 2).reshape(2, -1, 14, 14)
+            assert fmap.shape == (2, CONFIGS[size]["embed_dim"], 14, 14)
+            assert (fmap - expected).abs().max() <= 1e-4
+        maps = ours.attention_maps(image)
+    assert sorted(maps) == list(range(1, 13))
+    for layer, attention in maps.items():
+        assert attention.shape == (2, CONFIGS[size]["num_heads"], 197, 197)
+        assert (attention - timm_maps[layer - 1]).abs().max() <= 1e-4
+
+
+def test_other_input_size_matches_timm_dynamic_size():
+    reference, ours = _timm_pair("tiny", dynamic_img_size=True)
+    image = torch.randn(1, 3, 320, 256)
+    with torch.no_grad():
+        assert (ours(image) - reference.forward_features(image)).abs().max() <= 1e-4
+        assert ours.forward_features(image, [12])[0].shape == (1, 192, 20, 16)
+
+
+def _reference_logits(model, image, layer):
+    """q·kᵀ/sqrt(d) of block ``layer`` written out from the weights, independent of the taps."""
+    tokens = model.patch_embed.proj(image).flatten(2).transpose(1, 2)
+    tokens = torch.cat([model.cls_token.expand(len(image), -1, -1), tokens], 1) + model.pos_embed
+    for block in model.blocks[: layer - 1]:
+        tokens, _ = block(tokens)
+    block = model.blocks[layer - 1]
+    x = torch.nn.functional.layer_norm(tokens, (model.embed_dim,), block.norm1.weight, block.norm1.bias, 1e-6)
+    qkv = x @ block.attn.qkv.weight.T + block.attn.qkv.bias
+    heads = block.attn.num_heads
+    head_dim = model.embed_dim // heads
+    q, k, _ = qkv.reshape(len(image), -1, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    return q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+
+
+def test_attention_logits_match_reference_and_stop_at_the_layer():
+    torch.manual_seed(0)
+    model = create_model("unip_vit_small_patch16", last_heads=16, depth=6).eval()
+    image = torch.randn(2, 3, 224, 224)
+    called = []
+    for index, block in enumerate(model.blocks, start=1):
+        block.register_forward_hook(lambda m, i, o, index=index: called.append(f"block{index}"))
+    target = model.blocks[3]
+    target.attn.proj.register_forward_hook(lambda *a: called.append("proj"))
+    target.mlp.register_forward_hook(lambda *a: called.append("mlp"))
+    with torch.no_grad():
+        logits = model.attention_logits(image, layer=4)
+    assert called == ["block1", "block2", "block3"]
+    with torch.no_grad():
+        expected = _reference_logits(model, image, 4)
+        assert logits.shape == (2, 6, 197, 197)
+        assert (logits - expected).abs().max() <= 1e-4
+        last = model.attention_logits(image, layer=6)
+        assert last.shape == (2, 16, 197, 197)
+        assert (last - _reference_logits(model, image, 6)).abs().max() <= 1e-4
+        # softmax of the logits is the map the block uses
+        assert (last.softmax(-1) - model.attention_maps(image, [6])[6]).abs().max() <= 1e-5
+
+
+def test_fused_and_materialised_attention_agree():
+    torch.manual_seed(0)
+    block = create_model("vit_tiny_patch16", depth=1).blocks[0]
+    tokens = torch.randn(2, 197, 192)
+    fused, none = block(tokens)
+    explicit, attention = block(tokens, return_attention=True)
+    assert none is None and attention.shape == (2, 3, 197, 197)
+    assert (fused - explicit).abs().max() <= 1e-5
+
+
+def test_last_heads_changes_head_count_but_not_weight_shapes():
+    model = create_model("unip_vit_small_patch16", last_heads=16)
+    assert model.heads_per_block == [6] * 11 + [16]
+    assert model.blocks[-1].attn.qkv.weight.shape == (1152, 384)
+    assert model.blocks[-1].attn.head_dim == 24
+
+
+def _mae_sincos_reference(dim, side):
+    """The MAE release's recipe, written independently with numpy (x channels first, then y)."""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    xs, ys = np.meshgrid(np.arange(side), np.arange(side))
+    return np.concatenate([one_axis(dim // 2, xs), one_axis(dim // 2, ys)], axis=1)
+
+
+def test_student_uses_fixed_sincos_table_with_zero_cls_row():
+    model = create_model("unip_vit_small_patch16")
+    table = model.pos_embed.detach()[0]
+    assert not model.pos_embed.requires_grad
+    assert torch.all(table[0] == 0)
+    np.testing.assert_allclose(table[1:].numpy(), _mae_sincos_reference(384, 14), atol=1e-6)
+    assert torch.equal(sincos_pos_embed_2d(384, (14, 14)), table[1:])
+
+
+def test_presets_build_and_run():
+    assert {"unip_vit_tiny_patch16", "vit_large_patch16", "vit_huge_patch14"} <= set(list_models())
+    model = create_model("vit_small_patch14", depth=2).eval()
+    with torch.no_grad():
+        assert model.attention_logits(torch.randn(1, 3, 224, 224), 2).shape == (1, 6, 257, 257)
+    assert create_model("vit_large_patch16").config["depth"] == 24
+
+
+def test_layer_scale_registers_and_drop_path_is_train_only():
+    model = create_model("vit_tiny_patch16", depth=2, layer_scale=1e-5, drop_path_rate=0.5)
+    assert "blocks.0.ls1.gamma" in model.state_dict()
+    image = torch.randn(4, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(image), model(image))
+    model.train()
+    torch.manual_seed(1)
+    first = model(image)
+    torch.manual_seed(2)
+    assert not torch.equal(first, model(image))
+
+
+def test_bad_sizes_and_layers_raise():
+    model = create_model("vit_tiny_patch16", depth=2)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(torch.randn(1, 3, 100, 100))
+    with pytest.raises(ValueError, match="layers 1..2"):
+        model.attention_logits(torch.randn(1, 3, 32, 32), 3)
+
+
+def test_register_tokens_follow_timm_layout():
+    torch.manual_seed(0)
+    reference = TimmViT(img_size=64, patch_size=16, embed_dim=192, depth=2, num_heads=3, num_classes=0,
+                        reg_tokens=4, no_embed_class=True, init_values=1e-5).eval()
+    ours = VisionTransformer(img_size=64, patch_size=16, embed_dim=192, depth=2, num_heads=3,
+                             num_reg_tokens=4, no_embed_class=True, layer_scale=1e-5).eval()
+    ours.load_state_dict(reference.state_dict())
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(image) - reference.forward_features(image)).abs().max() <= 1e-4
+        assert ours.forward_features(image, [2])[0].shape == (1, 192, 4, 4)
