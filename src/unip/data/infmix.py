@@ -275,8 +275,8 @@ def _load_cache(manifest: str) -> Dict[str, Entry]:
 
 # ------------------------------------------------------------------------------------- building
 def _inspect_all(cands: List[Candidate], cache: Dict[str, Entry], journal: str,
-                 workers: int) -> Tuple[List[Entry], int]:
-    """Return one entry per candidate (same order) and how many files had to be read."""
+                 workers: int) -> Tuple[List[Entry], int, int]:
+    """Return one entry per candidate (same order), how many files were read and how many reused."""
     entries: List[Optional[Entry]] = [None] * len(cands)
     todo: List[int] = []
     for i, cand in enumerate(cands):
@@ -297,7 +297,9 @@ def _inspect_all(cands: List[Candidate], cache: Dict[str, Entry], journal: str,
                 jf.write(json.dumps(entry) + "\n")
             jf.flush()
             bar.update(len(idx))
-    return [e for e in entries if e is not None], len(todo)
+    done = [e for e in entries if e is not None]
+    refused = sum(c.refused is not None for c in cands)
+    return done, len(todo), len(cands) - len(todo) - refused
 
 
 def _split(entries: List[Entry]) -> Tuple[List[Entry], List[Entry]]:
@@ -362,15 +364,15 @@ def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[
     cache = _load_cache(out)
     journal = _journal_path(out)
     workers = workers or min(8, os.cpu_count() or 1)
-    entries, n_read = _inspect_all(cands, cache, journal, workers)
+    entries, n_read, n_reused = _inspect_all(cands, cache, journal, workers)
     records, skipped = _split(entries)
     counts = count_by_source(records, skipped)
     _write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
     report = {"manifest": out,
               "roots": {"infrared": infrared, "imagenet": imagenet, "per_class": per_class,
                         "coco": coco, "extra": list(extra)},
-              "images": len(records), "read": n_read, "reused": len(entries) - n_read,
+              "images": len(records), "read": n_read, "reused": n_reused,
               "counts": counts, "skipped": skipped}
     _write_atomic(report_path(out), json.dumps(report, indent=1) + "\n")
     os.remove(journal)
-    return ScanResult(out, records, skipped, n_read, len(entries) - n_read, counts)
+    return ScanResult(out, records, skipped, n_read, n_reused, counts)
