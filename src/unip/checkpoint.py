@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -103,13 +104,16 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
 
 def _read_pickle(path: Path) -> Any:
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+                       lines[0] if lines else type(err).__name__)
         raise CheckpointError(
             f"{path}: refused to load, the file needs Python objects outside the allow-list "
-            f"({first_line.strip()[:200]}). Loading it could run code from the file. If you trust its "
+            f"({culprit[:200]}). Loading it could run code from the file. If you trust its "
             "origin, re-save only its state dict (torch.save(ckpt['model'], 'weights.pth')) and load "
             "that") from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
