@@ -45,7 +45,120 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS: List[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_demo]
+# ----------------------------------------------------------------------------------------- data
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="build, check, measure and pack pre-training sets; write synthetic data",
+                       description="InfMix-style pre-training data: scan folders into a checked manifest, "
+                                   "measure it, pack it for fast loading, or generate synthetic thermal scenes.")
+    verbs = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
+
+    q = verbs.add_parser("infmix", help="scan image folders into a checked, de-duplicated JSONL manifest",
+                         description="Scan <infrared>/<dataset>/thermal/, ImageNet class folders (first K per "
+                                     "class), COCO train2017 and extra folders; every file is decoded, bad "
+                                     "files and duplicates are listed in <manifest>.report.json. Rescans only "
+                                     "read new or changed files; an interrupted scan resumes.")
+    q.add_argument("--infrared", metavar="ROOT", help="root holding <dataset>/thermal/ folders")
+    q.add_argument("--imagenet", metavar="DIR", help="ImageNet train folder (one folder per class)")
+    q.add_argument("--per-class", type=int, default=200, help="images per ImageNet class (default 200)")
+    q.add_argument("--coco", metavar="DIR", help="COCO root (with train2017/) or the train2017 folder")
+    q.add_argument("--extra", metavar="DIR", action="append", default=[], help="another folder (repeatable)")
+    q.add_argument("--out", required=True, metavar="MANIFEST", help="manifest file to write (.jsonl)")
+    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.set_defaults(func=_run_data_infmix)
+
+    q = verbs.add_parser("stats", help="grayscale mean/std and size histograms per source (JSON + PNG)")
+    q.add_argument("input", metavar="MANIFEST_OR_PACK", help="manifest file or pack folder")
+    q.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.png "
+                                                  "(default: next to the input, '<name>.stats')")
+    q.add_argument("--limit", type=int, default=None, help="read only this many images, sampled at random")
+    q.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
+    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.set_defaults(func=_run_data_stats)
+
+    q = verbs.add_parser("pack", help="pack a manifest into memory-mappable grayscale shards",
+                         description="Decode, grayscale and downscale (short side at most S) every image of "
+                                     "a manifest into a few large shard files plus an index.")
+    q.add_argument("manifest", help="manifest file written by `unip data infmix`")
+    q.add_argument("--out", required=True, metavar="DIR", help="pack folder to write (replaced atomically)")
+    q.add_argument("--short-side", type=int, default=512,
+                   help="largest short side kept, in pixels (default 512: a 20%%-area crop still has >= 224 px)")
+    q.add_argument("--shard-mb", type=int, default=1024, help="largest shard file in MiB (default 1024)")
+    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.set_defaults(func=_run_data_pack)
+
+    q = verbs.add_parser("synth", help="write procedurally generated thermal scenes in the real layouts",
+                         description="Unlabeled: <out>/<name>/thermal/*.jpg (InfMix layout). With --labeled: "
+                                     "SODA layout (JPEGImages/, SegmentationClassPNG/, train_infrared.txt, "
+                                     "test_infrared.txt) with a subset of SODA's classes.")
+    q.add_argument("--out", required=True, metavar="ROOT", help="folder to write into")
+    q.add_argument("--num", type=int, default=100, help="images per set (default 100)")
+    q.add_argument("--name", action="append", default=None,
+                   help="unlabeled set name, repeatable (default: synth)")
+    q.add_argument("--labeled", action="store_true", help="write a labeled set in SODA's layout instead")
+    q.add_argument("--num-test", type=int, default=None, help="labeled: test images out of --num (default num/4)")
+    q.add_argument("--size", default="640x512", help="WIDTHxHEIGHT (default 640x512)")
+    q.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    q.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
+                   help="unlabeled: 8 (JPEG) or 16 (raw-count PNG)")
+    q.set_defaults(func=_run_data_synth)
+
+
+def _run_data_infmix(args: argparse.Namespace) -> int:
+    from unip.data.infmix import build_manifest, report_path
+
+    result = build_manifest(args.out, infrared=args.infrared, imagenet=args.imagenet, per_class=args.per_class,
+                            coco=args.coco, extra=args.extra, workers=args.workers)
+    print(result.table())
+    print(f"read {result.read:,} files, reused {result.reused:,} unchanged; "
+          f"manifest {result.manifest}, report {report_path(result.manifest)}")
+    return 0
+
+
+def _run_data_stats(args: argparse.Namespace) -> int:
+    import os
+
+    from unip.data.stats import compute_stats, write_stats
+
+    prefix = args.out or (os.path.join(args.input, "stats") if os.path.isdir(args.input)
+                          else os.path.splitext(args.input)[0] + ".stats")
+    stats = compute_stats(args.input, limit=args.limit, seed=args.seed, workers=args.workers)
+    for name, s in [("overall", stats["overall"]), *stats["sources"].items()]:
+        print(f"{name:<20} images {s['images']:>9,}  mean {s['mean']:.4f}  std {s['std']:.4f}")
+    json_path, png_path = write_stats(stats, prefix)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def _run_data_pack(args: argparse.Namespace) -> int:
+    from unip.data.packed import pack_manifest
+
+    result = pack_manifest(args.manifest, args.out, short_side=args.short_side,
+                           shard_bytes=args.shard_mb << 20, workers=args.workers)
+    print(f"packed {result.count:,} images ({result.total_bytes / 2**30:.2f} GiB) into "
+          f"{len(result.shards)} shard(s) in {result.out}; skipped {len(result.skipped)}")
+    for entry in result.skipped:
+        print(f"  skipped {entry['path']}: {entry['reason']}")
+    return 0
+
+
+def _run_data_synth(args: argparse.Namespace) -> int:
+    from unip.data.synth import parse_size, write_soda, write_unlabeled
+
+    size = parse_size(args.size)
+    if args.labeled:
+        num_test = args.num // 4 if args.num_test is None else args.num_test
+        labeled = write_soda(args.out, args.num - num_test, num_test, size=size, seed=args.seed)
+        print(f"wrote {args.num} labeled images in SODA layout to {args.out} "
+              f"(train {len(labeled.splits['train'])}, test {len(labeled.splits['test'])})")
+        print("classes (SODA id: name): " + ", ".join(f"{i}: {n}" for i, n in labeled.classes.items()))
+        return 0
+    for name in args.name or ["synth"]:
+        write_unlabeled(args.out, args.num, name=name, size=size, seed=args.seed, bit_depth=args.bit_depth)
+        print(f"wrote {args.num} images to {args.out}/{name}/thermal")
+    return 0
+
+
+VERBS: List[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_demo, _add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,10 +107,10 @@ def to_gray(img: Image.Image) -> np.ndarray:
     float frames use :func:`stretch_to_uint8`.
     """
     if img.mode == "L":
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)
     if img.mode in _HIGH_DEPTH_MODES:
         return stretch_to_uint8(np.asarray(img))
-    return np.asarray(img.convert("L"), dtype=np.uint8)
+    return np.array(img.convert("L"), dtype=np.uint8)
 
 
 def read_gray(path: str) -> np.ndarray:
@@ -141,4 +141,4 @@ def resize_short_side(gray: np.ndarray, short_side: int) -> np.ndarray:
     if (new_h, new_w) == (height, width):
         return gray
     resized = Image.fromarray(gray).resize((new_w, new_h), Image.Resampling.BICUBIC)
-    return np.asarray(resized, dtype=np.uint8)
+    return np.array(resized, dtype=np.uint8)

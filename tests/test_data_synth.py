@@ -1,0 +1,73 @@
+"""Synthetic thermal scenes: determinism, plausibility, and the on-disk layouts they are written in."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unip.data.layouts import IGNORE_INDEX
+from unip.data.synth import (CAR, PERSON, SKY, SYNTH_CLASSES, parse_size, render_scene, to_uint8, write_soda,
+                             write_unlabeled)
+from unip.errors import DataError
+
+
+def test_scenes_are_deterministic_by_seed_name_and_index():
+    a_img, a_lab = render_scene(7, 3, 64, 80)
+    b_img, b_lab = render_scene(7, 3, 64, 80)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab)
+    assert not np.array_equal(render_scene(7, 4, 64, 80)[0], a_img)
+    assert not np.array_equal(render_scene(8, 3, 64, 80)[0], a_img)
+    assert not np.array_equal(render_scene(7, 3, 64, 80, name="other")[0], a_img)
+    assert a_img.shape == a_lab.shape == (64, 80) and a_img.dtype == np.float32 and a_lab.dtype == np.uint8
+
+
+def test_scenes_look_thermal_people_and_cars_hot_sky_cold():
+    hot, cold = [], []
+    for i in range(12):
+        temp, label = render_scene(0, i, 96, 128)
+        assert set(np.unique(label)) <= set(SYNTH_CLASSES) | {IGNORE_INDEX}
+        assert (label == SKY).any() and (label == PERSON).any()
+        hot.append(temp[np.isin(label, (PERSON, CAR))].mean())
+        cold.append(temp[label == SKY].mean())
+    assert min(hot) > max(cold) + 0.3
+
+
+def test_unlabeled_layout_and_index_independent_of_count(tmp_path):
+    few = write_unlabeled(str(tmp_path / "a"), 2, name="cam", size=(48, 32), seed=1)
+    more = write_unlabeled(str(tmp_path / "b"), 3, name="cam", size=(48, 32), seed=1)
+    assert [os.path.relpath(p, tmp_path / "a") for p in few] == ["cam/thermal/cam_000000.jpg",
+                                                                   "cam/thermal/cam_000001.jpg"]
+    assert open(few[1], "rb").read() == open(more[1], "rb").read()
+    with Image.open(few[0]) as img:
+        assert (img.format, img.mode, img.size) == ("JPEG", "L", (48, 32))
+    raw = write_unlabeled(str(tmp_path), 1, name="raw", size=(48, 32), seed=1, bit_depth=16)
+    with Image.open(raw[0]) as img:
+        assert img.mode.startswith("I;16") and np.asarray(img).max() > 255
+
+
+def test_soda_layout_images_labels_and_splits(tmp_path):
+    labeled = write_soda(str(tmp_path), 3, 2, size=(48, 32), seed=2)
+    assert labeled.splits == {"train": ["00000", "00001", "00002"], "test": ["00003", "00004"]}
+    assert (tmp_path / "train_infrared.txt").read_text().split() == labeled.splits["train"]
+    assert (tmp_path / "test_infrared.txt").read_text().split() == labeled.splits["test"]
+    assert labeled.classes[10] == "car" and labeled.classes[18] == "sky"
+    for image_id in labeled.splits["train"] + labeled.splits["test"]:
+        with Image.open(tmp_path / "JPEGImages" / f"{image_id}.jpg") as img:
+            assert img.size == (48, 32)
+        with Image.open(tmp_path / "SegmentationClassPNG" / f"{image_id}.png") as lab:
+            assert lab.mode == "L" and lab.size == (48, 32)
+            assert set(np.unique(np.asarray(lab))) <= set(SYNTH_CLASSES) | {IGNORE_INDEX}
+    temp, label = render_scene(2, 4, 32, 48, name="soda-synth")
+    with Image.open(tmp_path / "SegmentationClassPNG" / "00004.png") as lab:
+        assert np.array_equal(np.asarray(lab), label)
+    assert to_uint8(temp).shape == (32, 48)
+
+
+def test_parse_size_and_bad_arguments(tmp_path):
+    assert parse_size("640x512") == (640, 512)
+    for bad in ("640", "ax3", "8x8"):
+        with pytest.raises(DataError):
+            parse_size(bad)
+    with pytest.raises(DataError):
+        write_unlabeled(str(tmp_path), 1, bit_depth=12)
