@@ -1,0 +1,138 @@
+"""A folder of images as normalised model inputs for the analysis.
+
+Each image is read with ``unip.data.images.read_gray`` (full decode, 16-bit percentile stretch, grayscale),
+resized to the model's input size (bicubic, aspect not kept: the analysis looks at the full frame),
+scaled to [0, 1], normalised and repeated to 3 channels, as in pre-training.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from unip.data.images import ImageReadError, read_gray
+from unip.data.layouts import IMAGE_SUFFIXES
+from unip.data.transforms import INFMIX_MEAN, INFMIX_STD
+from unip.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel ``mean``/``std`` (3 values each) applied to the [0, 1] grayscale image repeated ×3."""
+
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+
+#: ``--norm`` presets. ``infmix``: UNIP pre-training (grayscale InfMix statistics); ``imagenet``: the RGB
+#: statistics most teachers were trained with; ``none``: pixels in [0, 1].
+NORMALIZATIONS = {
+    "infmix": Normalization((INFMIX_MEAN,) * 3, (INFMIX_STD,) * 3),
+    "imagenet": Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": Normalization((0.0,) * 3, (1.0,) * 3),
+}
+
+
+def parse_normalization(text: str) -> Normalization:
+    """A preset name (``infmix``, ``imagenet``, ``none``) or ``MEAN,STD`` (one value for all channels)."""
+    if text in NORMALIZATIONS:
+        return NORMALIZATIONS[text]
+    try:
+        mean, std = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--norm {text!r}: use one of {', '.join(NORMALIZATIONS)} or MEAN,STD "
+                          "(e.g. 0.38,0.19)") from None
+    if std <= 0:
+        raise ConfigError(f"--norm {text!r}: the standard deviation must be positive")
+    return Normalization((mean,) * 3, (std,) * 3)
+
+
+def list_images(folder: str, limit: Optional[int] = None) -> List[str]:
+    """Image files under ``folder`` (recursively, sorted by path), at most ``limit``.
+
+    Raises ``DataError`` when the folder does not exist or holds no image file."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: image folder does not exist; pass --images DIR with jpg/png/bmp/tiff files")
+    found = []
+    for top, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(top, f) for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+    if not found:
+        raise DataError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return found[:limit] if limit else found
+
+
+def load_image(path: str, size: Tuple[int, int], norm: Normalization = NORMALIZATIONS["infmix"]) -> Tensor:
+    """Read ``path`` and return the normalised model input, float32 ``[3, height, width]`` for
+    ``size = (height, width)``. Raises ``ImageReadError`` (a ``DataError``) when the file is unusable."""
+    gray = read_gray(path)
+    if gray.shape != tuple(size):
+        gray = np.asarray(Image.fromarray(gray).resize((size[1], size[0]), Image.Resampling.BICUBIC))
+    pixels = torch.from_numpy(np.ascontiguousarray(gray)).float().div_(255.0)
+    mean = torch.tensor(norm.mean).view(3, 1, 1)
+    std = torch.tensor(norm.std).view(3, 1, 1)
+    return (pixels.expand(3, -1, -1) - mean) / std
+
+
+def to_display(x: Tensor, norm: Normalization = NORMALIZATIONS["infmix"]) -> np.ndarray:
+    """Undo the normalisation of one input ``[3, H, W]``: float ``[H, W]`` grayscale in [0, 1] for plots."""
+    gray = x[0].float().cpu() * norm.std[0] + norm.mean[0]
+    return gray.clamp(0, 1).numpy()
+
+
+class ImageFolder:
+    """Iterable of normalised inputs ``[3, H, W]`` read lazily from ``paths``.
+
+    Unreadable files are skipped with a warning and listed in ``skipped``; ``len`` is the number of files."""
+
+    def __init__(self, paths: Sequence[str], size: Tuple[int, int],
+                 norm: Normalization = NORMALIZATIONS["infmix"]) -> None:
+        self.paths = list(paths)
+        self.size = (int(size[0]), int(size[1]))
+        self.norm = norm
+        self.skipped: List[ImageReadError] = []
+
+    @classmethod
+    def from_folder(cls, folder: str, size: Tuple[int, int], limit: Optional[int] = None,
+                    norm: Normalization = NORMALIZATIONS["infmix"]) -> "ImageFolder":
+        return cls(list_images(folder, limit), size, norm)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        self.skipped = []
+        for path in self.paths:
+            try:
+                yield load_image(path, self.size, self.norm)
+            except ImageReadError as err:
+                self.skipped.append(err)
+                warnings.warn(f"skipping {err}", stacklevel=2)
+
+    def first(self) -> Tuple[str, Tensor]:
+        """The first readable image: ``(path, input [3, H, W])``; raises ``DataError`` if none is."""
+        for path in self.paths:
+            try:
+                return path, load_image(path, self.size, self.norm)
+            except ImageReadError:
+                continue
+        raise DataError(f"none of the {len(self.paths)} image files could be read "
+                        f"(first: {self.paths[0] if self.paths else '-'}); fix or replace them")
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """``"H"`` or ``"H,W"`` (pixels) → ``(height, width)``; raises ``ConfigError`` otherwise."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) <= 0:
+        raise ConfigError(f"--size {text!r}: expected SIZE or HEIGHT,WIDTH in pixels (multiples of the patch)")
+    return (values[0], values[-1])

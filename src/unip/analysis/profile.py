@@ -1,0 +1,194 @@
+"""Streaming layer-wise attention profile of a ViT over a set of images.
+
+``profile_model`` runs the model once per batch and reduces each block's attention map to per-head metrics
+(``unip.analysis.metrics``) as soon as the block has produced it, so only one layer's map is alive at a time
+and the statistics take O(layers × heads) memory whatever the number of images. Per layer and head it
+keeps the mean and the spread (population standard deviation, ddof=0) of every metric over images,
+merged batch by batch in float64 (Chan et al.'s parallel form of Welford's update).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from unip.analysis.metrics import METRICS, Grid, attention_metrics, uniform_distance
+from unip.errors import DataError
+from unip.models.vit import VisionTransformer
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one layer: per-head ``mean[metric]`` and ``std[metric]`` over images (lists of H)."""
+
+    layer: int
+    mean: Dict[str, List[float]]
+    std: Dict[str, List[float]]
+    pattern: Optional[str] = None
+
+    @property
+    def heads(self) -> int:
+        return len(self.mean[METRICS[0]])
+
+    def value(self, metric: str) -> float:
+        """The layer's value of ``metric``: the mean over heads of the per-head means."""
+        values = self.mean[metric]
+        return sum(values) / len(values)
+
+
+@dataclass
+class AttentionProfile:
+    """Layer-wise attention statistics of one model over ``num_images`` images.
+
+    ``distance`` values are in input pixels; ``uniform_distance`` is the distance of a map attending
+    uniformly over the ``grid`` (the global reference that pattern classification normalises by)."""
+
+    source: str
+    num_images: int
+    depth: int
+    patch_size: int
+    grid: Grid
+    layers: List[LayerStats] = field(default_factory=list)
+
+    @property
+    def uniform_distance(self) -> float:
+        return uniform_distance(self.grid, self.patch_size)
+
+    def layer(self, number: int) -> LayerStats:
+        """The statistics of layer ``number`` (1-based); raises ``KeyError`` if it was not profiled."""
+        for stats in self.layers:
+            if stats.layer == number:
+                return stats
+        raise KeyError(f"layer {number} is not in this profile (layers {[s.layer for s in self.layers]})")
+
+    def values(self, metric: str) -> List[float]:
+        """Head-averaged ``metric`` of every profiled layer, in layer order."""
+        return [stats.value(metric) for stats in self.layers]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"source": self.source, "num_images": self.num_images, "depth": self.depth,
+                "patch_size": self.patch_size, "grid": list(self.grid),
+                "uniform_distance": self.uniform_distance,
+                "layers": [{"layer": s.layer, "heads": s.heads, "pattern": s.pattern,
+                            **{m: s.value(m) for m in METRICS}, "mean": s.mean, "std": s.std}
+                           for s in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "AttentionProfile":
+        layers = [LayerStats(d["layer"], d["mean"], d["std"], d.get("pattern")) for d in data["layers"]]
+        return cls(data["source"], data["num_images"], data["depth"], data["patch_size"],
+                   tuple(data["grid"]), layers)
+
+
+class ProfileAccumulator:
+    """Running per-layer, per-head mean and M2 of the metrics; ``update`` takes one batch at a time."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._mean: Dict[int, Tensor] = {}
+        self._m2: Dict[int, Tensor] = {}
+
+    def update(self, batch: Dict[int, Tensor]) -> None:
+        """Merge a batch ``{layer: Tensor[B, H, len(METRICS)]}`` (every layer with the same B)."""
+        sizes = {values.shape[0] for values in batch.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"every layer of a batch must hold the same number of images, got {sizes}")
+        added = sizes.pop()
+        total = self.count + added
+        for layer, values in batch.items():
+            values = values.double()
+            batch_mean = values.mean(dim=0)
+            batch_m2 = (values - batch_mean).square().sum(dim=0)
+            if layer not in self._mean:
+                self._mean[layer], self._m2[layer] = batch_mean, batch_m2
+                continue
+            delta = batch_mean - self._mean[layer]
+            self._mean[layer] = self._mean[layer] + delta * (added / total)
+            self._m2[layer] = self._m2[layer] + batch_m2 + delta.square() * (self.count * added / total)
+        self.count = total
+
+    def layer_stats(self) -> List[LayerStats]:
+        """Per-layer statistics so far (``std`` with ddof=0), in layer order."""
+        stats = []
+        for layer in sorted(self._mean):
+            mean = self._mean[layer].cpu()
+            std = (self._m2[layer].cpu() / max(self.count, 1)).clamp_min(0.0).sqrt()
+            stats.append(LayerStats(layer, {m: mean[:, i].tolist() for i, m in enumerate(METRICS)},
+                                    {m: std[:, i].tolist() for i, m in enumerate(METRICS)}))
+        return stats
+
+
+def attention_by_layer(model: VisionTransformer, x: Tensor,
+                       layers: Sequence[int]) -> Iterator[Tuple[int, Tensor, Grid]]:
+    """Yield ``(layer, attn[B, H, N, N], grid)`` for each wanted layer as its block runs.
+
+    Walks the blocks like ``VisionTransformer.attention_maps`` but hands each map out before the next
+    block runs, so that the caller can reduce and drop it: peak memory is one layer's maps."""
+    wanted = set(layers)
+    tokens, grid = model.embed(x)
+    for index, block in enumerate(model.blocks[: max(wanted)], start=1):
+        tokens, attn = block(tokens, return_attention=index in wanted)
+        if attn is not None:
+            yield index, attn, grid
+
+
+def batch_metrics(model: VisionTransformer, x: Tensor, layers: Sequence[int]) -> Tuple[Dict[int, Tensor], Grid]:
+    """Metrics of one batch: ``{layer: float64 Tensor[B, H, len(METRICS)]}`` on x's device, and the grid."""
+    out: Dict[int, Tensor] = {}
+    grid: Grid = (0, 0)
+    for layer, attn, grid in attention_by_layer(model, x, layers):
+        metrics = attention_metrics(attn, model.patch_size, grid, model.num_prefix_tokens)
+        out[layer] = torch.stack([metrics[m] for m in METRICS], dim=-1)
+    return out, grid
+
+
+def _batches(images: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+    iterator = iter(images)
+    while True:
+        chunk = list(itertools.islice(iterator, batch_size))
+        if not chunk:
+            return
+        yield torch.stack(chunk)
+
+
+def _accumulator_device(device: torch.device) -> torch.device:
+    # float64 statistics stay on the accelerator (no per-batch sync) unless it lacks float64 (Apple MPS)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def profile_model(model: VisionTransformer, images: Iterable[Tensor], batch_size: int = 16,
+                  device: Optional[torch.device | str] = None, layers: Optional[Sequence[int]] = None,
+                  autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
+                  source: str = "model") -> AttentionProfile:
+    """Profile ``model``'s attention over ``images`` (an iterable of normalised ``[C, H, W]`` tensors of one
+    size, e.g. ``unip.analysis.images.ImageFolder``). Moves the model to ``device`` (default: where it is)
+    and puts it in eval mode. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the model under autocast;
+    the metrics are computed in float32/64 regardless. Returns an ``AttentionProfile``; raises
+    ``DataError`` when ``images`` is empty."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device).eval()
+    layers = sorted(set(layers)) if layers else list(range(1, model.depth + 1))
+    acc = ProfileAccumulator()
+    acc_device = _accumulator_device(device)
+    total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
+    bar = tqdm(total=total, unit="img", desc=f"profiling {source}", disable=not progress, leave=False)
+    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    grid: Grid = (0, 0)
+    with torch.inference_mode(), amp, bar:
+        for x in _batches(images, batch_size):
+            metrics, grid = batch_metrics(model, x.to(device, non_blocking=True), layers)
+            acc.update({layer: values.to(acc_device) for layer, values in metrics.items()})
+            bar.update(x.shape[0])
+    if acc.count == 0:
+        raise DataError(f"{source}: no images to profile; pass at least one readable image")
+    return AttentionProfile(source, acc.count, model.depth, model.patch_size, grid, acc.layer_stats())
+
