@@ -1,0 +1,114 @@
+"""One optimiser step of a training loop: gradient accumulation, mixed precision, clipping and a stop on a
+non-finite loss.
+
+``Precision`` says how a device computes (bf16/fp16 autocast on CUDA, fp32 elsewhere); ``train_step``
+runs ``loss_fn`` over the micro-batches of one step and updates the weights once. DDP gradient
+synchronisation is skipped on all micro-batches but the last (``no_sync``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from unip.engine.distributed import all_reduce_mean
+from unip.errors import ConfigError, UnipError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class NonFiniteLossError(UnipError):
+    """The loss became NaN or infinite; the run stops before the weights are touched."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Compute precision of a run: ``dtype`` is the autocast dtype, ``None`` for plain fp32."""
+
+    device_type: str
+    dtype: Optional[torch.dtype]
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self) -> ContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A scaler that is enabled only for fp16 (bf16 and fp32 need none)."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype is torch.float16)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """``auto`` → bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU. Mixed precision is used
+    only on CUDA: asking for it on CPU gives fp32 (CPU autocast is slower than fp32 for these models)."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision {name!r}: choose one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda":
+        return Precision(device.type, None)
+    if name == "auto":
+        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return Precision("cuda", {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name])
+
+
+@dataclass
+class StepResult:
+    """What one optimiser step did: mean loss over micro-batches and ranks, and this rank's gradient norm
+    before clipping (a 0-d tensor, so that reading it, a host sync, is left to logging)."""
+
+    loss: float
+    grad_norm: Tensor
+
+
+def train_step(model: nn.Module, loss_fn: Callable[[object], Tensor], micro_batches: Sequence[object],
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: Precision,
+               clip_grad: Optional[float] = None, where: str = "") -> StepResult:
+    """Accumulate gradients of ``loss_fn(batch)`` over ``micro_batches`` and take one optimiser step.
+
+    ``model`` is the (possibly DDP-wrapped) module that ``loss_fn`` calls; each micro-batch's loss is
+    divided by their number, so the step equals one over the concatenated batch. Raises
+    ``NonFiniteLossError`` (naming ``where``) before any weight changes if a loss on any rank is not
+    finite. Returns a ``StepResult``."""
+    optimizer.zero_grad(set_to_none=True)
+    count = len(micro_batches)
+    total = torch.zeros((), device=_device_of(model))
+    for index, batch in enumerate(micro_batches):
+        sync = index == count - 1
+        with _maybe_no_sync(model, sync), precision.autocast():
+            loss = loss_fn(batch)
+        total += loss.detach().float()
+        with _maybe_no_sync(model, sync):
+            scaler.scale(loss / count).backward()
+    mean_loss = all_reduce_mean(total / count)
+    value = float(mean_loss)  # one host sync per step: needed to stop before a bad update
+    if not torch.isfinite(mean_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"the loss became {value} {where}; the run stopped and the last good "
+                                 "checkpoint is kept. Lower the lr, add --set optim.clip_grad=1.0, or "
+                                 "use fp32/bf16 instead of fp16, then resume")
+    scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(_params(optimizer), clip_grad or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    return StepResult(value, grad_norm.detach())
+
+
+def _params(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _maybe_no_sync(model: nn.Module, sync: bool) -> ContextManager:
+    if not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()

@@ -1,0 +1,211 @@
+"""unip.engine: config overrides, lr schedules, optimiser groups, training-state round trips, data order,
+the train step (accumulation and the non-finite stop)."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from unip.engine import checkpointing
+from unip.engine.config import build_config, parse_override
+from unip.engine.data import ResumableSampler, SeededDataset, build_loader, set_loader_epoch
+from unip.engine.loop import NonFiniteLossError, resolve_precision, train_step
+from unip.engine.optim import build_adamw, param_groups
+from unip.engine.schedule import set_lr, warmup_cosine, warmup_poly
+from unip.errors import CheckpointError, ConfigError
+from unip.models import create_model
+
+DEFAULTS = {"optim": {"lr": 1e-3, "epochs": 10, "betas": [0.9, 0.999], "clip": None, "amp": False},
+            "teacher": {"layer": "auto"}}
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_overrides_parse_yaml_scalars_and_check_kinds(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("optim:\n  lr: 2\n  epochs: 3\n")
+    config = build_config(DEFAULTS, str(preset), ["optim.clip=1.0", "optim.betas=[0.8, 0.9]",
+                                                  "optim.amp=true", "teacher.layer=18"])
+    assert config["optim"] == {"lr": 2.0, "epochs": 3, "betas": [0.8, 0.9], "clip": 1.0, "amp": True}
+    assert config["teacher"]["layer"] == 18 and DEFAULTS["optim"]["lr"] == 1e-3
+    assert parse_override("a.b=1.5e-4") == ("a.b", 1.5e-4)
+    assert build_config(DEFAULTS, None, ["optim.lr=3e-4"])["optim"]["lr"] == 3e-4  # YAML 1.1: a string
+    assert parse_override("a=null") == ("a", None)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.lrr=1", "optim.lrr"), ("nothing.here=1", "nothing.here"), ("optim.epochs=abc", "number"),
+    ("optim.amp=1", "true or false"), ("optim.betas=0.9", "list"), ("optim", "key=value"),
+    ("optim=3", "section")])
+def test_bad_overrides_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(DEFAULTS, None, [override])
+
+
+def test_unknown_key_in_a_preset_names_the_file(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*optim\.learning_rate"):
+        build_config(DEFAULTS, str(preset))
+    with pytest.raises(ConfigError, match="unknown pretrain preset"):
+        build_config(DEFAULTS, "no-such-preset")
+
+
+# ------------------------------------------------------------------------------------------ schedules
+def test_warmup_cosine_shape():
+    lrs = [warmup_cosine(s, 100, 10, 1.0, 0.1) for s in range(101)]
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5) and lrs[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_warmup_poly_starts_at_the_factor_and_decays_linearly():
+    assert warmup_poly(0, 1000, 100, 1e-4, warmup_start_factor=1e-6) == pytest.approx(1e-10)
+    assert warmup_poly(100, 1000, 100, 1e-4) == pytest.approx(0.9e-4)
+    assert warmup_poly(500, 1000, 100, 1e-4) == pytest.approx(0.5e-4)
+    assert warmup_poly(1000, 1000, 100, 1e-4) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ optimiser
+def test_param_groups_split_decay_and_apply_lr_scale():
+    model = create_model("unip_vit_tiny_patch16", depth=2, embed_dim=64, num_heads=2, img_size=32)
+    model.cls_token.requires_grad_(True)
+    groups = param_groups(model, 0.05, lr_scale_fn=lambda n: 0.5 if n.startswith("blocks.0.") else 1.0)
+    names = {(g["weight_decay"], g["lr_scale"]): set(g["names"]) for g in groups}
+    decayed = set().union(*(v for (wd, _), v in names.items() if wd))
+    assert decayed == {n for n, p in model.named_parameters()
+                       if p.ndim > 1 and n not in ("cls_token", "pos_embed") and p.requires_grad}
+    assert "pos_embed" not in set().union(*names.values())  # fixed sin-cos table: frozen, not optimised
+    assert "blocks.0.attn.qkv.weight" in names[(0.05, 0.5)] and "blocks.1.norm1.weight" in names[(0.0, 1.0)]
+    optimizer = build_adamw(model, 1e-3, 0.05, (0.9, 0.95), lr_scale_fn=lambda n: 0.5)
+    set_lr(optimizer, 2e-3)
+    assert {g["lr"] for g in optimizer.param_groups} == {1e-3}
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+# ------------------------------------------------------------------------------------------ state files
+def test_training_state_round_trip_restores_everything(tmp_path):
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = checkpointing.save_state(tmp_path, 7, model, optimizer, epoch=1, step_in_epoch=3,
+                                    extra={"note": "x"})
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.zero_()
+    other = torch.optim.AdamW(model.parameters(), lr=0.5)
+    state = checkpointing.load_state(path, model, other)
+    assert (state["step"], state["epoch"], state["step_in_epoch"], state["extra"]) == (7, 1, 3, {"note": "x"})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert other.param_groups[0]["lr"] == 0.1 and other.state_dict()["state"][0]["step"] == 1
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_latest_and_pruning_and_resume_resolution(tmp_path):
+    model, optimizer = nn.Linear(2, 2), None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in (2, 4, 6):
+        checkpointing.save_state(tmp_path, step, model, optimizer, epoch=0, step_in_epoch=step, keep=2)
+    assert [p.name for p in checkpointing.list_states(tmp_path)] == ["step-00000004.pt", "step-00000006.pt"]
+    assert checkpointing.resolve_resume("auto", tmp_path).name == "step-00000006.pt"
+    assert checkpointing.resolve_resume("auto", tmp_path / "new") is None
+    assert checkpointing.resolve_resume(None, tmp_path) is None
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpointing.resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
+    bad = tmp_path / "step-00000009.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        checkpointing.load_state(bad, model)
+
+
+def test_state_files_refuse_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "step-00000001.pt"
+    torch.save({"model": {}, "rng": Evil()}, path)
+    with pytest.raises(CheckpointError):
+        checkpointing.load_state(path, nn.Linear(1, 1))
+
+
+# ------------------------------------------------------------------------------------------ data order
+class _Noise(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        return torch.rand(()) + index * 0  # the value depends on the RNG only
+
+
+def test_seeded_samples_depend_on_seed_epoch_index_only():
+    data = SeededDataset(_Noise(), seed=5)
+    torch.manual_seed(0)
+    first = [float(data[i]) for i in range(4)]
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(1), after)  # the caller's RNG was not touched
+    torch.manual_seed(123)
+    assert [float(data[i]) for i in range(4)] == first
+    data.set_epoch(1)
+    assert [float(data[i]) for i in range(4)] != first
+
+
+def test_sampler_resumes_mid_epoch_and_shards_ranks():
+    full = ResumableSampler(range(20), num_replicas=1, rank=0, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    full.set_epoch(2, start=6)
+    assert list(full) == order[6:] and len(full) == 14
+    shares = []
+    for rank in range(2):
+        s = ResumableSampler(range(20), num_replicas=2, rank=rank, seed=3)
+        s.set_epoch(2)
+        shares.append(list(s))
+    assert shares[0] == order[0::2] and shares[1] == order[1::2]
+    loader = build_loader(_Noise(), 2, seed=1)
+    set_loader_epoch(loader, 0, start_batch=3)
+    assert len(list(loader)) == 2  # 5 batches, 3 skipped
+
+
+# ------------------------------------------------------------------------------------------ train step
+def _toy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    data = torch.randn(8, 3), torch.randn(8, 1)
+    return model, data
+
+
+def test_accumulation_equals_one_big_batch():
+    precision = resolve_precision("auto", torch.device("cpu"))
+    results = []
+    for chunks in (1, 4):
+        model, (x, y) = _toy()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        micro = list(zip(x.chunk(chunks), y.chunk(chunks)))
+        result = train_step(model, lambda b: ((model(b[0]) - b[1]) ** 2).mean(), micro, optimizer,
+                            precision.grad_scaler(), precision, clip_grad=0.5)
+        results.append((result, [p.detach().clone() for p in model.parameters()]))
+    (r1, w1), (r4, w4) = results
+    assert r1.loss == pytest.approx(r4.loss, rel=1e-6) and float(r1.grad_norm) > 0
+    for a, b in zip(w1, w4):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_loss_stops_before_the_update():
+    precision = resolve_precision("fp32", torch.device("cpu"))
+    model, (x, y) = _toy()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteLossError, match="nan at step 3"):
+        train_step(model, lambda b: (model(b[0]) * math.nan).mean(), [(x, y)], optimizer,
+                   precision.grad_scaler(), precision, where="at step 3")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert resolve_precision("bf16", torch.device("cpu")).dtype is None
+    with pytest.raises(ConfigError):
+        resolve_precision("fp8", torch.device("cpu"))
