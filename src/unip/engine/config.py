@@ -72,6 +72,7 @@ def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
             raise bad("true or false")
         return value
     if isinstance(default, (int, float)):
+        value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         if isinstance(default, float):
