@@ -1,0 +1,62 @@
+"""Pre-training images for ``unip pretrain``: a pack folder, a manifest, or a plain folder of images.
+
+Uses ``unip.data``'s data sets (uint8 grayscale → transform); adds the plain-folder case and the
+deterministic (no-augmentation) transform used for layer selection and exact-equivalence tests.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from unip.data.packed import INDEX_JSON, GrayImages, ManifestImages, PackedImages
+from unip.data.transforms import Transform, pretrain_transform, repeat_channels
+from unip.errors import DataError
+
+
+def eval_transform(size: int, mean: float, std: float, channels: int = 3) -> Transform:
+    """Deterministic: resize the short side to ``size`` (bicubic), centre crop, normalise, repeat channels.
+    uint8 ``[1, H, W]`` → float32 ``[channels, size, size]``."""
+    return v2.Compose([
+        v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize([mean], [std]),
+        partial(repeat_channels, channels=channels),
+    ])
+
+
+def build_transform(size: int, mean: float, std: float, augment: bool = True,
+                    scale: Sequence[float] = (0.2, 1.0)) -> Transform:
+    """The pre-training augmentation (``augment``) or ``eval_transform``."""
+    if augment:
+        return pretrain_transform(size, tuple(scale), mean, std)
+    return eval_transform(size, mean, std)
+
+
+def open_pretrain_images(path: str, transform: Transform) -> GrayImages:
+    """A data set of ``transform(uint8 [1, H, W])`` items from a pack folder (``index.json``), a manifest
+    file (JSONL from ``unip data infmix``) or any folder of images (searched recursively)."""
+    if not path:
+        raise DataError("no training data: pass --data PACK_DIR|MANIFEST|IMAGE_DIR")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, INDEX_JSON)):
+            return PackedImages(path, transform)
+        from unip.analysis.images import list_images
+
+        return ManifestImages([{"path": p, "source": ""} for p in list_images(path)], transform)
+    if os.path.isfile(path):
+        return ManifestImages(path, transform)
+    raise DataError(f"{path}: training data not found; pass a pack folder, a manifest file or an image folder")
+
+
+def take(dataset: Dataset, count: int, seed: int = 0) -> list:
+    """``count`` items of ``dataset`` at seeded random indices (all when it is smaller)."""
+    total = len(dataset)  # type: ignore[arg-type]
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    return [dataset[i] for i in sorted(order)]

@@ -1,0 +1,94 @@
+"""The frozen teacher of NMI-HAD: runs up to its distilled block and returns that block's attention logits
+on the student's token grid.
+
+* frozen and in eval mode; the blocks after the distilled one and the final norm are dropped, so they
+  cost neither memory nor time;
+* grid matching: when the teacher's patch differs from the student's (e.g. a patch-14 DINOv2 teacher and
+  a patch-16 student) its input is resized bicubically to ``grid × teacher patch`` so both see the same
+  ``h × w`` token grid;
+* register tokens (DINOv2-reg, timm ``reg_token``) are dropped from both axes of the logits, so the
+  result has ``1 + h*w`` tokens (CLS first) like the student's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unip.errors import ConfigError
+from unip.models.vit import VisionTransformer
+
+
+class Teacher(nn.Module):
+    """Wraps a ``VisionTransformer``; ``forward(images)`` → logits ``[B, heads, 1 + h*w, 1 + h*w]``.
+
+    ``images`` are the student's input ``[B, C, H, W]``; ``student_patch`` is the student's patch size."""
+
+    def __init__(self, model: VisionTransformer, layer: int, student_patch: int = 16) -> None:
+        super().__init__()
+        if not 1 <= layer <= model.depth:
+            raise ConfigError(f"teacher layer {layer} is out of range: the teacher has layers 1..{model.depth}")
+        if model.cls_token is None:
+            raise ConfigError("the teacher has no CLS token; NMI-HAD distils CLS + patch tokens")
+        model.blocks = model.blocks[:layer]  # later blocks never run
+        model.norm = nn.Identity()
+        model.requires_grad_(False)
+        self.model = model.eval()
+        self.layer = layer
+        self.student_patch = student_patch
+        self.num_heads = model.heads_per_block[layer - 1]
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)  # always eval: no drop path, whatever the caller sets
+
+    def input_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The teacher's input size for a student input of ``height × width`` (same token grid)."""
+        patch = self.model.patch_size
+        return height // self.student_patch * patch, width // self.student_patch * patch
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        size = self.input_size(*images.shape[-2:])
+        if size != tuple(images.shape[-2:]):
+            images = F.interpolate(images, size=size, mode="bicubic", align_corners=False)
+        logits = self.model.attention_logits(images, self.layer)
+        return drop_register_tokens(logits, self.model.num_prefix_tokens)
+
+
+def drop_register_tokens(logits: Tensor, num_prefix_tokens: int) -> Tensor:
+    """Keep CLS (token 0) and the patch tokens on both token axes of ``[B, H, N, N]`` logits."""
+    if num_prefix_tokens <= 1:
+        return logits
+    keep = torch.cat([torch.zeros(1, dtype=torch.long),
+                      torch.arange(num_prefix_tokens, logits.shape[-1])]).to(logits.device)
+    return logits.index_select(-2, keep).index_select(-1, keep)
+
+
+def load_teacher(source: str, layer: int, student_patch: int = 16, img_size: Optional[int] = None) -> Teacher:
+    """Load a teacher from any checkpoint format or ``timm:<name>[@file]`` and cut it at ``layer``.
+
+    ``img_size`` (the student's input size) lets the teacher build its position table for that grid once
+    instead of resampling it on every batch."""
+    from unip.checkpoint import load_model
+
+    model = load_model(source)
+    if img_size:
+        model = fit_to_grid(model, img_size, student_patch)
+    return Teacher(model, layer, student_patch)
+
+
+def fit_to_grid(model: VisionTransformer, student_size: int, student_patch: int = 16) -> VisionTransformer:
+    """``model`` rebuilt for the token grid of ``student_size`` px student inputs (its input size is then
+    ``grid × its patch``), the position table resampled once; ``model`` itself when it already fits."""
+    size = student_size // student_patch * model.patch_size
+    if tuple(model.config["img_size"]) == (size, size):
+        return model
+    config = dict(model.config, img_size=size)
+    resized = VisionTransformer(**config)
+    state = model.state_dict()
+    state["pos_embed"] = model._pos_embed_for(resized.grid_size).detach()
+    resized.load_state_dict(state)
+    return resized.eval()
