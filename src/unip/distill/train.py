@@ -96,6 +96,23 @@ def freeze_unused(student: VisionTransformer) -> None:
         module.requires_grad_(False)
 
 
+def mask_key_bias_grads(student: VisionTransformer) -> None:
+    """Zero the gradient of every block's key bias (the middle third of ``qkv.bias``).
+
+    Adding a bias to every key shifts each attention row by a constant, which softmax ignores: its true
+    gradient is 0, and what backward computes is rounding noise. Adam would normalise that noise into
+    lr-sized random steps that differ between runs (e.g. 1 vs 2 processes); masking keeps runs
+    reproducible and changes nothing else."""
+    for block in student.blocks:
+        bias = block.attn.qkv.bias
+        if bias is None:
+            continue
+        dim = bias.shape[0] // 3
+        mask = torch.ones_like(bias)
+        mask[dim:2 * dim] = 0
+        bias.register_hook(lambda grad, mask=mask: grad * mask)
+
+
 # -------------------------------------------------------------------------------------------- set-up
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -167,7 +184,9 @@ def build_student(config: Config, heads: int, device: torch.device) -> VisionTra
     if size % student.patch_size:
         raise ConfigError(f"data.input_size={size} is not a multiple of the student's patch {student.patch_size}")
     freeze_unused(student)
-    return student.to(device)
+    student = student.to(device)
+    mask_key_bias_grads(student)
+    return student
 
 
 # -------------------------------------------------------------------------------------------- the run

@@ -1,0 +1,204 @@
+"""`unip pretrain` end to end on a tiny teacher and generated images (CPU): learning, DDP equivalence,
+exact resume after SIGKILL, the stop on a non-finite loss, the CLI surface."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unip import cli
+from unip.analysis.metrics import nmi
+from unip.checkpoint import load_model, open_model, save_checkpoint
+from unip.data.synth import write_unlabeled
+from unip.distill import attention_distill_loss, load_teacher
+from unip.distill.data import build_transform, open_pretrain_images
+from unip.distill.train import build_student, make_config, train
+from unip.engine import checkpointing
+from unip.models import create_model
+
+BIN = Path(sys.executable).parent
+TEACHER_LAYER, TEACHER_HEADS = 2, 4
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A 3-block teacher (width 64, 4 heads) at 64 px and 32 generated thermal images."""
+    root = tmp_path_factory.mktemp("pretrain")
+    torch.manual_seed(0)
+    teacher = create_model("vit_small_patch16", depth=3, embed_dim=64, num_heads=TEACHER_HEADS, img_size=64)
+    save_checkpoint(teacher, root / "teacher.safetensors")
+    write_unlabeled(str(root / "images"), 32, size=(80, 64), seed=0)
+    return root
+
+
+def _args(assets, out, *extra):
+    """CLI arguments of a tiny run: 2-block student, 64 px, 8 images per step, 4 steps per epoch."""
+    return ["pretrain", "toy", "--teacher", str(assets / "teacher.safetensors"), "--data", str(assets / "images"),
+            "--out", str(out), "--device", "cpu", "--set", "student.depth=2", "--set", "student.embed_dim=64",
+            "--set", "student.num_heads=2", "--set", "run.progress=false", *extra]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _weights(path):
+    return load_file(str(path))
+
+
+def _eval_images(assets, n=16):
+    data = open_pretrain_images(str(assets / "images"), build_transform(64, 0.3801, 0.1871, augment=False))
+    return torch.stack([data[i] for i in range(n)])
+
+
+def _student_nmi(student, images):
+    with torch.no_grad():
+        attn = student.attention_maps(images, [student.depth])[student.depth]
+    return nmi(attn).mean().item()
+
+
+def test_tiny_run_halves_the_loss_and_moves_nmi_towards_the_teacher(assets, tmp_path):
+    config = make_config("toy", values={
+        "teacher.source": str(assets / "teacher.safetensors"), "teacher.layer": "auto",
+        "data.path": str(assets / "images"), "run.output": str(tmp_path / "run"), "run.progress": False,
+        "student.depth": 2, "student.embed_dim": 64, "student.num_heads": 2, "optim.epochs": 8,
+        "optim.blr": 0.05, "data.augment": False, "run.log_every": 1})
+    result = train(config)
+    loaded = open_model(result.student)
+    student, meta = loaded.model, loaded.meta
+    layer = meta["teacher_layer"]
+    assert 1 <= layer <= 3 and meta["teacher_heads"] == TEACHER_HEADS
+    assert student.heads_per_block == [2, TEACHER_HEADS] and student.config["pos_embed_type"] == "sincos"
+    assert meta["normalization"]["mean"] == [0.3801] * 3 and result.steps == 32
+
+    images = _eval_images(assets)
+    teacher = load_teacher(str(assets / "teacher.safetensors"), layer, img_size=64)
+    torch.manual_seed(1)
+    untrained = build_student(config, TEACHER_HEADS, torch.device("cpu")).eval()
+    with torch.no_grad():
+        target = teacher(images)
+        before = attention_distill_loss(untrained.attention_logits(images, 2), target).item()
+        after = attention_distill_loss(student.attention_logits(images, 2), target).item()
+    assert after <= 0.5 * before, (before, after)
+    with torch.no_grad():
+        teacher_nmi = nmi(teacher(images).softmax(-1)).mean().item()
+    assert abs(_student_nmi(student, images) - teacher_nmi) < abs(_student_nmi(untrained, images) - teacher_nmi)
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(log) >= 32 and all(k in log[-1] for k in ("loss", "lr", "grad_norm", "images_per_s"))
+    assert (tmp_path / "run" / "tb").is_dir()
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(assets, tmp_path):
+    common = ["--teacher-layer", "2", "--epochs", "2", "--set", "data.augment=false",
+              "--set", "student.drop_path=0.0"]
+    ddp = subprocess.Popen(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "unip.cli",
+         *_args(assets, tmp_path / "ddp", "--batch-size", "4", *common)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert cli.main(_args(assets, tmp_path / "one", "--batch-size", "8", *common)) == 0
+    output, _ = ddp.communicate(timeout=240)
+    assert ddp.returncode == 0, output[-3000:]
+    one, two = _weights(tmp_path / "one" / "student.safetensors"), _weights(tmp_path / "ddp" / "student.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_sigkill_and_resume_gives_bit_identical_weights(assets, tmp_path):
+    common = ["--teacher-layer", "2", "--epochs", "2", "--set", "run.save_every_steps=3",
+              "--set", "run.save_every_epochs=1", "--set", "student.drop_path=0.1"]
+    unip = [sys.executable, "-m", "unip.cli"]
+    reference = subprocess.Popen(unip + _args(assets, tmp_path / "ref", *common), env=_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim_dir = tmp_path / "victim"
+    victim = subprocess.Popen(unip + _args(assets, victim_dir, *common, "--set", "debug.step_delay=0.5"),
+                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (victim_dir / "checkpoints" / "step-00000003.pt").exists():
+        assert victim.poll() is None and time.time() < deadline, victim.stderr.read() if victim.poll() else "timeout"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (victim_dir / "student.safetensors").exists()
+    latest = checkpointing.find_latest(victim_dir / "checkpoints")
+    assert latest.name in ("step-00000003.pt", "step-00000004.pt")
+    resumed = subprocess.run(unip + _args(assets, victim_dir, *common, "--resume", "auto"), env=_env(),
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    _, err = reference.communicate(timeout=180)
+    assert reference.returncode == 0, err[-3000:]
+    ref, res = _weights(tmp_path / "ref" / "student.safetensors"), _weights(victim_dir / "student.safetensors")
+    assert ref.keys() == res.keys()
+    assert all(torch.equal(ref[k], res[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], res[k])]
+
+
+def test_nan_loss_stops_the_run_and_keeps_a_loadable_checkpoint(assets, tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = cli.main(_args(assets, out, "--teacher-layer", "2", "--set", "run.save_every_steps=2",
+                          "--set", "debug.nan_at_step=3"))
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss became nan at step 3" in err[0] and "last good checkpoint" in err[0]
+    assert not (out / "student.safetensors").exists()
+    latest = checkpointing.find_latest(out / "checkpoints")
+    assert latest.name == "step-00000002.pt"
+    config = make_config("toy", values={"student.depth": 2, "student.embed_dim": 64, "student.num_heads": 2})
+    student = build_student(config, TEACHER_HEADS, torch.device("cpu"))
+    state = checkpointing.load_state(latest, student)
+    assert state["step"] == 2 and all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_cli_config_and_errors(assets, tmp_path, capsys):
+    assert cli.main(["pretrain", "mae-l_unip-s", "--print-config", "--set", "optim.blr=3e-4"]) == 0
+    printed = capsys.readouterr().out
+    assert "layer: 18" in printed and "blr: 0.0003" in printed and "effective_batch: 4096" in printed
+    assert cli.main(["pretrain", "toy", "--set", "optim.bogus=1"]) == 2
+    assert "optim.bogus" in capsys.readouterr().err
+    assert cli.main(_args(assets, tmp_path / "x", "--data", str(tmp_path / "nowhere"))) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert cli.main(["pretrain", "toy", "--data", str(assets / "images")]) == 2
+    assert "--teacher" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,layer,heads,student", [
+    ("mae-l_unip-s", 18, 16, "unip_vit_small_patch16"), ("dino-b_unip-s", 9, 12, "unip_vit_small_patch16"),
+    ("ibot-l_unip-s", 21, 16, "unip_vit_small_patch16"), ("mae-l_unip-b", 18, 16, "unip_vit_base_patch16"),
+    ("mae-l_unip-t", 18, 16, "unip_vit_tiny_patch16")])
+def test_release_presets(name, layer, heads, student):
+    from unip.distill.train import batch_plan
+
+    config = make_config(name)
+    assert config["teacher"]["layer"] == layer and config["student"]["model"] == student
+    optim = config["optim"]
+    assert (optim["epochs"], optim["warmup_epochs"], optim["blr"]) == (100, 5.0, 1.5e-4)
+    assert optim["betas"] == [0.9, 0.95] and optim["weight_decay"] == 0.05
+    assert config["data"]["input_size"] == 224 and config["data"]["scale"] == [0.2, 1.0]
+    assert (config["data"]["mean"], config["data"]["std"]) == (0.3801, 0.1871)
+    assert batch_plan(optim, 2) == (8, 4096, pytest.approx(2.4e-3))
+    assert batch_plan(optim, 8)[:2] == (2, 4096)
+    teacher_depth = 24 if heads == 16 else 12
+    assert layer <= teacher_depth
+
+
+def test_data_sources_pack_manifest_and_folder_give_the_same_images(assets, tmp_path):
+    from unip.data import build_manifest, pack_manifest
+
+    manifest = str(tmp_path / "m.jsonl")
+    build_manifest(manifest, extra=[str(assets / "images")], workers=1)
+    pack_manifest(manifest, str(tmp_path / "pack"), workers=1)
+    transform = build_transform(64, 0.3801, 0.1871, augment=False)
+    sets = [open_pretrain_images(str(p), transform) for p in (assets / "images", manifest, tmp_path / "pack")]
+    assert [len(s) for s in sets] == [32, 32, 32]
+    first = sets[0][0]
+    assert first.shape == (3, 64, 64) and first.dtype == torch.float32
+    by_name = {Path(p).name: i for i, p in enumerate(sets[2].paths())}
+    torch.testing.assert_close(sets[2][by_name[Path(sets[0].files[0]).name]], first)
+    with pytest.raises(Exception, match="not found"):
+        open_pretrain_images(str(tmp_path / "missing"), transform)
