@@ -215,7 +215,69 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS: List[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_demo, _add_data, _add_analyze]
+# ------------------------------------------------------------------------------------- pretrain
+#: CLI options of ``unip pretrain`` and the config keys they set (``--set`` reaches every other key).
+_PRETRAIN_OPTIONS = {
+    "teacher": "teacher.source", "teacher_layer": "teacher.layer", "student": "student.model",
+    "data": "data.path", "out": "run.output", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
+    "accum_iter": "optim.accum_iter", "blr": "optim.blr", "device": "run.device",
+    "precision": "run.precision", "resume": "run.resume", "seed": "run.seed", "workers": "data.num_workers",
+}
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="NMI-HAD: distil a teacher's hybrid-layer attention into a UNIP student",
+                       description="Distil the attention logits of a frozen teacher's block into the last "
+                                   "block of a UNIP student. Settings come from a preset (configs/pretrain/"
+                                   "<name>.yaml or a YAML file), then the options below, then --set. "
+                                   "Multi-GPU: torchrun --nproc_per_node=N -m unip.cli pretrain ...")
+    p.add_argument("preset", nargs="?", help="preset name (mae-l_unip-s, dino-b_unip-s, ibot-l_unip-s, "
+                                             "mae-l_unip-b, mae-l_unip-t, toy) or a YAML file")
+    p.add_argument("--teacher", metavar="SOURCE", help="teacher checkpoint file or timm:<name>[@file]")
+    p.add_argument("--teacher-layer", metavar="N|auto", type=_layer_arg,
+                   help="1-based teacher block to distil, or auto (NMI-guided choice)")
+    p.add_argument("--student", metavar="MODEL", help="student preset, e.g. unip_vit_small_patch16")
+    p.add_argument("--data", metavar="PATH", help="pack folder, manifest file, or folder of images")
+    p.add_argument("--out", metavar="DIR", help="run folder: checkpoints/, log.jsonl, tb/, student.safetensors")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="images per process and micro-batch")
+    p.add_argument("--accum-iter", type=int, help="micro-batches per optimiser step")
+    p.add_argument("--blr", type=float, help="base lr; lr = blr × effective batch / 256")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="AMP on CUDA; CPU runs fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    p.add_argument("--resume", metavar="PATH|auto", help="training state to continue from; auto = latest in --out")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="data-loader worker processes per rank")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting, e.g. --set optim.clip_grad=1.0 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _layer_arg(text: str):
+    return text if text == "auto" else int(text)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from unip.distill.train import make_config, train
+    from unip.engine.config import dump_config
+
+    values = {key: getattr(args, name) for name, key in _PRETRAIN_OPTIONS.items()
+              if getattr(args, name) is not None}
+    if args.compile:
+        values["run.compile"] = True
+    config = make_config(args.preset, tuple(args.overrides), values)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    result = train(config)
+    print(f"pre-training finished after {result.steps} steps (loss {result.last_loss:.4g}); "
+          f"student: {result.student}")
+    return 0
+
+
+VERBS: List[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_demo, _add_data, _add_analyze, _add_pretrain]
 
 
 def build_parser() -> argparse.ArgumentParser:
