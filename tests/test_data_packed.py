@@ -15,7 +15,7 @@ from unip.data.infmix import build_manifest, read_manifest
 from unip.data.packed import ManifestImages, PackedImages, open_images, pack_manifest
 from unip.data.sharding import RankSampler, shard_indices
 from unip.data.synth import write_unlabeled
-from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, pretrain_transform
+from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, normalize_batch, pretrain_transform
 from unip.errors import DataError
 
 
@@ -81,6 +81,36 @@ def test_transform_of_a_constant_image_is_the_normalised_constant():
     out = pretrain_transform(size=32)(torch.full((1, 50, 60), value, dtype=torch.uint8))
     assert out.shape == (3, 32, 32)
     torch.testing.assert_close(out, torch.full_like(out, (value / 255 - INFMIX_MEAN) / INFMIX_STD))
+
+
+def test_augmentation_matches_the_3_channel_torchvision_pipeline_draw_for_draw():
+    from torchvision.transforms import v2
+
+    release = v2.Compose([
+        v2.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize([INFMIX_MEAN] * 3, [INFMIX_STD] * 3),
+    ])
+    ours = pretrain_transform()
+    gray = torch.randint(0, 256, (1, 120, 150), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for seed in range(12):
+        torch.manual_seed(seed)
+        expected = release(gray.expand(3, -1, -1).contiguous())
+        torch.manual_seed(seed)
+        got = ours(gray)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert pretrain_transform(channels=1)(gray).shape == (1, 224, 224)
+
+
+def test_uint8_crops_normalised_per_batch_equal_the_full_transform(pack):
+    full, crops = PackedImages(pack), PackedImages(pack, transform=pretrain_transform(normalize=False))
+    torch.manual_seed(4)
+    expected = torch.stack([full[i] for i in range(5)])
+    torch.manual_seed(4)
+    batch = torch.stack([crops[i] for i in range(5)])
+    assert batch.dtype == torch.uint8 and batch.shape == (5, 1, 224, 224)
+    torch.testing.assert_close(normalize_batch(batch), expected, atol=1e-5, rtol=0)
 
 
 def _read_share(data, sampler, workers):

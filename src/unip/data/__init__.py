@@ -14,11 +14,11 @@ from unip.data.packed import (DEFAULT_SHORT_SIDE, GrayImages, ManifestImages, Pa
 from unip.data.sharding import RankSampler, shard_indices
 from unip.data.stats import compute_stats, write_stats
 from unip.data.synth import SYNTH_CLASSES, LabeledSet, render_scene, write_soda, write_unlabeled
-from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, pretrain_transform
+from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, normalize_batch, pretrain_transform
 
 __all__ = [
     "DEFAULT_SHORT_SIDE", "GrayImages", "INFMIX_MEAN", "INFMIX_STD", "ImageReadError", "LabeledSet",
-    "ManifestImages", "PackResult", "PackedImages", "RankSampler", "SODA_CLASSES", "SYNTH_CLASSES",
+    "ManifestImages", "PackResult", "PackedImages", "normalize_batch", "RankSampler", "SODA_CLASSES", "SYNTH_CLASSES",
     "ScanResult", "build_manifest", "compute_stats", "open_images", "pack_manifest", "pretrain_transform",
     "read_gray", "read_manifest", "render_scene", "report_path", "resize_short_side", "shard_indices",
     "stretch_to_uint8", "write_soda", "write_stats", "write_unlabeled",
