@@ -202,3 +202,16 @@ def test_data_sources_pack_manifest_and_folder_give_the_same_images(assets, tmp_
     torch.testing.assert_close(sets[2][by_name[Path(sets[0].files[0]).name]], first)
     with pytest.raises(Exception, match="not found"):
         open_pretrain_images(str(tmp_path / "missing"), transform)
+
+
+def test_accumulation_and_effective_batch_must_agree():
+    from unip.distill.train import batch_plan
+    from unip.errors import ConfigError
+
+    optim = make_config("mae-l_unip-s")["optim"]
+    assert batch_plan(dict(optim, accum_iter=8), 2)[0] == 8
+    with pytest.raises(ConfigError, match="contradicts"):
+        batch_plan(dict(optim, accum_iter=3), 2)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        batch_plan(dict(optim, batch_size=100), 2)
+    assert batch_plan(dict(optim, effective_batch=None, accum_iter=3, batch_size=4), 1) == (3, 12, 1.5e-4 * 12 / 256)

@@ -129,7 +129,12 @@ def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
         if optim["effective_batch"] % per_step:
             raise ConfigError(f"optim.effective_batch={optim['effective_batch']} is not a multiple of "
                               f"batch_size × processes = {batch} × {world_size}; change optim.batch_size")
-        accum = optim["effective_batch"] // per_step
+        derived = optim["effective_batch"] // per_step
+        if accum not in (1, derived):
+            raise ConfigError(f"optim.accum_iter={accum} contradicts optim.effective_batch="
+                              f"{optim['effective_batch']} (which gives {derived} on {world_size} process(es)); "
+                              "drop one of them (--set optim.effective_batch=null)")
+        accum = derived
     if batch < 1 or accum < 1:
         raise ConfigError(f"optim.batch_size ({batch}) and optim.accum_iter ({accum}) must be at least 1")
     effective = batch * accum * world_size
@@ -137,8 +142,8 @@ def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
     return accum, effective, float(lr)
 
 
-def build_teacher(config: Config, patch: int, dataset_path: str, log: MetricLogger,
-                  is_main: bool) -> Tuple[Teacher, str]:
+def build_teacher(config: Config, patch: int, dataset_path: str, log: MetricLogger, dist: DistInfo,
+                  precision: Precision) -> Tuple[Teacher, str]:
     """Load the teacher, choose its layer (``auto``: NMI profile of the training images), cut it there.
 
     Returns the teacher and a line describing the choice."""
@@ -147,20 +152,22 @@ def build_teacher(config: Config, patch: int, dataset_path: str, log: MetricLogg
     teach = config["teacher"]
     if not teach["source"]:
         raise ConfigError("no teacher: pass --teacher SOURCE (a checkpoint file or timm:<name>)")
-    model = fit_to_grid(load_model(teach["source"]), int(config["data"]["input_size"]), patch)
+    model = fit_to_grid(load_model(teach["source"]), int(config["data"]["input_size"]), patch).to(dist.device)
     layer = teach["layer"]
     if layer == "auto":
-        layer, why = auto_layer(model, config, dataset_path, progress=is_main)
+        layer, why = auto_layer(model, config, dataset_path, precision, progress=dist.is_main)
     elif isinstance(layer, int) and not isinstance(layer, bool):
         why = f"teacher layer {layer} (given)"
     else:
         raise ConfigError(f"teacher.layer must be a layer number or 'auto', got {layer!r}")
     log.log(0, {"teacher_layer": layer}, prefix="setup")
-    return Teacher(model, layer, patch), why
+    return Teacher(model, layer, patch).to(dist.device), why
 
 
-def auto_layer(model: VisionTransformer, config: Config, dataset_path: str, progress: bool) -> Tuple[int, str]:
-    """The analysis module's NMI-guided choice over ``teacher.auto_images`` training images."""
+def auto_layer(model: VisionTransformer, config: Config, dataset_path: str, precision: Precision,
+               progress: bool) -> Tuple[int, str]:
+    """The analysis module's NMI-guided choice over ``teacher.auto_images`` training images (on the
+    model's device, under the run's autocast)."""
     from unip.analysis.patterns import explain_distill_layer
     from unip.analysis.profile import profile_model
 
@@ -168,9 +175,9 @@ def auto_layer(model: VisionTransformer, config: Config, dataset_path: str, prog
     size = model.config["img_size"][0]
     dataset = open_pretrain_images(dataset_path, build_transform(size, data["mean"], data["std"], augment=False))
     images = take(dataset, int(config["teacher"]["auto_images"]), seed=int(config["run"]["seed"]))
-    profile = profile_model(model, images, batch_size=16, progress=progress, source="teacher")
+    profile = profile_model(model, images, batch_size=16, autocast_dtype=precision.dtype, progress=progress,
+                            source="teacher")
     choice = explain_distill_layer(profile)
-    model.cpu()
     return choice.layer, f"teacher {choice}, chosen by NMI over {len(images)} images"
 
 
@@ -209,8 +216,7 @@ class Run:
 
         data = config["data"]
         patch = int(preset_config(config["student"]["model"])["patch_size"])
-        self.teacher, self.teacher_why = build_teacher(config, patch, data["path"], self.log, dist.is_main)
-        self.teacher.to(dist.device)
+        self.teacher, self.teacher_why = build_teacher(config, patch, data["path"], self.log, dist, self.precision)
         self.student = build_student(config, self.teacher.num_heads, dist.device)
         self.model: nn.Module = StudentLogits(self.student)
         if dist.distributed:
