@@ -1,7 +1,7 @@
 """Pre-training images for ``unip pretrain``: a pack folder, a manifest, or a plain folder of images.
 
 Uses ``unip.data``'s data sets (uint8 grayscale → transform); adds the plain-folder case and the
-deterministic (no-augmentation) transform used for layer selection and exact-equivalence tests.
+deterministic (no-augmentation) crop used for layer selection and exact-equivalence tests.
 """
 
 from __future__ import annotations
@@ -15,28 +15,24 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from unip.data.packed import INDEX_JSON, GrayImages, ManifestImages, PackedImages
-from unip.data.transforms import Transform, pretrain_transform, repeat_channels
+from unip.data.transforms import Transform, normalize_batch, pretrain_transform
 from unip.errors import DataError
 
 
-def eval_transform(size: int, mean: float, std: float, channels: int = 3) -> Transform:
-    """Deterministic: resize the short side to ``size`` (bicubic), centre crop, normalise, repeat channels.
-    uint8 ``[1, H, W]`` → float32 ``[channels, size, size]``."""
-    return v2.Compose([
-        v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize([mean], [std]),
-        partial(repeat_channels, channels=channels),
-    ])
+def crop_transform(size: int, augment: bool = True, scale: Sequence[float] = (0.2, 1.0)) -> Transform:
+    """uint8 ``[1, H, W]`` → uint8 ``[1, size, size]``: the pre-training augmentation (RandomResizedCrop,
+    flip) or, without ``augment``, a deterministic short-side resize (bicubic) and centre crop. Loaders
+    ship these 1-byte crops; ``normalize_batch`` finishes them on the training device."""
+    if augment:
+        return pretrain_transform(size, tuple(scale), normalize=False)
+    return v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.CenterCrop(size)])
 
 
 def build_transform(size: int, mean: float, std: float, augment: bool = True,
                     scale: Sequence[float] = (0.2, 1.0)) -> Transform:
-    """The pre-training augmentation (``augment``) or ``eval_transform``."""
-    if augment:
-        return pretrain_transform(size, tuple(scale), mean, std)
-    return eval_transform(size, mean, std)
+    """``crop_transform`` followed by normalisation: uint8 ``[1, H, W]`` → float32 ``[3, size, size]``."""
+    return v2.Compose([crop_transform(size, augment, scale), partial(normalize_batch, mean=mean, std=std)])
 
 
 def open_pretrain_images(path: str, transform: Transform) -> GrayImages:

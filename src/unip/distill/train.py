@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from unip.distill.data import build_transform, open_pretrain_images, take
+from unip.data.transforms import normalize_batch
+from unip.distill.data import build_transform, crop_transform, open_pretrain_images, take
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
 from unip.distill.teacher import Teacher, fit_to_grid
 from unip.engine import checkpointing
@@ -231,9 +232,8 @@ class Run:
                                      tuple(optim["betas"]))
         self.scaler = self.precision.grad_scaler()
 
-        transform = build_transform(int(data["input_size"]), data["mean"], data["std"], bool(data["augment"]),
-                                    data["scale"])
-        dataset = open_pretrain_images(data["path"], transform)
+        transform = crop_transform(int(data["input_size"]), bool(data["augment"]), data["scale"])
+        dataset = open_pretrain_images(data["path"], transform)  # uint8 crops, normalised on the device
         self.loader = build_loader(dataset, int(optim["batch_size"]), rank=dist.rank, world_size=dist.world_size,
                                    seed=int(run["seed"]), num_workers=int(data["num_workers"]),
                                    pin_memory=dist.device.type == "cuda")
@@ -250,7 +250,8 @@ class Run:
 
     # ------------------------------------------------------------------------------------ pieces
     def loss_fn(self, images: Tensor) -> Tensor:
-        images = images.to(self.dist.device, non_blocking=True)
+        data = self.config["data"]
+        images = normalize_batch(images.to(self.dist.device, non_blocking=True), data["mean"], data["std"])
         target = self.forward_teacher(images)
         logits = self.forward_student(images)
         loss = attention_distill_loss(logits, target, self.config["loss"]["kind"],
