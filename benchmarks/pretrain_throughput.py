@@ -12,7 +12,7 @@ are timed alternately (ours, baseline, ours, ...) after warm-up; the median per 
 CUDA the achieved model TFLOP/s (analytic count: matmuls of the blocks that run, backward = 2 × forward
 for the student) and its share of ``--peak-tflops`` are printed too.
 
-Usage: ``python benchmarks/pretrain_throughput.py [--device cpu|cuda] [--batch-size 8] [--steps 3]
+Usage: ``python benchmarks/pretrain_throughput.py [--device cpu|cuda] [--batch-size 8|128] [--steps 3]
 [--dtype fp32|bf16] [--teacher vit_large_patch16] [--layer 18] [--student unip_vit_small_patch16]
 [--img-size 224] [--compile] [--peak-tflops 989] [--json FILE]``
 """
@@ -26,10 +26,11 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unip.distill.loss import attention_distill_loss
-from unip.distill.teacher import Teacher
+from unip.distill.teacher import Teacher, drop_register_tokens
 from unip.distill.train import StudentLogits, freeze_unused
 from unip.engine.loop import Precision
 from unip.models import create_model
@@ -70,8 +71,9 @@ def logits_flops(tokens: int, dim: int) -> float:
 def step_flops(teacher: VisionTransformer, layer: int, student: VisionTransformer, img: int) -> float:
     """Model FLOPs per image of our step: teacher forward to block ``layer``; student forward + backward
     (2 × forward) to its last block's logits. Patch embeddings included."""
+    patches = (img // student.patch_size) ** 2  # the teacher's input is resized to the student's grid
+
     def model_part(model: VisionTransformer, blocks: int) -> float:
-        patches = (img // model.patch_size) ** 2
         tokens = patches + model.num_prefix_tokens
         embed = 2 * patches * 3 * model.patch_size ** 2 * model.embed_dim
         return embed + (blocks - 1) * block_flops(tokens, model.embed_dim) + logits_flops(tokens, model.embed_dim)
@@ -124,7 +126,7 @@ def time_steps(steps: Dict[str, Callable[[Tensor], Tensor]], images: Tensor, war
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
@@ -144,6 +146,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    args.batch_size = args.batch_size or (128 if device.type == "cuda" else 8)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     precision = Precision(device.type, dtype)
@@ -164,7 +167,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     depth = student.depth
 
     def baseline_teacher(x: Tensor) -> Tensor:
-        return explicit_forward(teacher_model, x, args.layer)
+        size = tuple(side // student.patch_size * teacher_model.patch_size for side in x.shape[-2:])
+        if size != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        logits = explicit_forward(teacher_model, x, args.layer)
+        return drop_register_tokens(logits, teacher_model.num_prefix_tokens)
 
     steps: Dict[str, Callable[[Tensor], Tensor]] = {}
     if not args.skip_baseline:
@@ -174,6 +181,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     ours_teacher_model = create_model(args.teacher, img_size=args.img_size).to(device)
     ours_teacher_model.load_state_dict(teacher_model.state_dict())
     teacher = Teacher(ours_teacher_model, args.layer, student.patch_size)
+    if dtype is torch.bfloat16:
+        teacher.to(dtype)  # as unip.distill.train does: the frozen teacher is kept in bf16
     freeze_unused(student)
     student.train()
     student_logits: nn.Module = StudentLogits(student)

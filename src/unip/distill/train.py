@@ -218,6 +218,8 @@ class Run:
         data = config["data"]
         patch = int(preset_config(config["student"]["model"])["patch_size"])
         self.teacher, self.teacher_why = build_teacher(config, patch, data["path"], self.log, dist, self.precision)
+        if self.precision.dtype is torch.bfloat16:
+            self.teacher.to(torch.bfloat16)  # frozen: no per-step weight casts, half the memory
         self.student = build_student(config, self.teacher.num_heads, dist.device)
         self.model: nn.Module = StudentLogits(self.student)
         if dist.distributed:
