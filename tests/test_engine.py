@@ -209,3 +209,12 @@ def test_non_finite_loss_stops_before_the_update():
     assert resolve_precision("bf16", torch.device("cpu")).dtype is None
     with pytest.raises(ConfigError):
         resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_worker_count_does_not_change_the_batches():
+    batches = []
+    for workers in (0, 2):
+        loader = build_loader(_Noise(), 5, seed=4, num_workers=workers)
+        set_loader_epoch(loader, 3)
+        batches.append(torch.cat(list(loader)))
+    assert torch.equal(batches[0], batches[1])
