@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from unip.data.images import ImageReadError, check_suffix, decode, read_bytes
 from unip.data.layouts import COCO_TRAIN_DIR, IMAGE_SUFFIXES, THERMAL_DIR
+from unip.data.parallel import thread_map
 from unip.errors import DataError
 
 Entry = Dict[str, object]
@@ -275,7 +275,7 @@ def _load_cache(manifest: str) -> Dict[str, Entry]:
 
 # ------------------------------------------------------------------------------------- building
 def _inspect_all(cands: List[Candidate], cache: Dict[str, Entry], journal: str,
-                 workers: int) -> Tuple[List[Entry], int, int]:
+                 workers: Optional[int]) -> Tuple[List[Entry], int, int]:
     """Return one entry per candidate (same order), how many files were read and how many reused."""
     entries: List[Optional[Entry]] = [None] * len(cands)
     todo: List[int] = []
@@ -287,16 +287,14 @@ def _inspect_all(cands: List[Candidate], cache: Dict[str, Entry], journal: str,
             entries[i] = _cached(cache.get(cand.path), cand)
             if entries[i] is None:
                 todo.append(i)
-    chunk = max(64, 32 * workers)
-    with ThreadPoolExecutor(max_workers=workers) as pool, open(journal, "a", encoding="utf-8") as jf, \
+    with open(journal, "a", encoding="utf-8") as jf, \
             tqdm(total=len(todo), desc="scan", unit="img", disable=None) as bar:
-        for start in range(0, len(todo), chunk):
-            idx = todo[start:start + chunk]
-            for i, entry in zip(idx, pool.map(inspect_file, [cands[i] for i in idx])):
-                entries[i] = entry
-                jf.write(json.dumps(entry) + "\n")
-            jf.flush()
-            bar.update(len(idx))
+        for n, (i, entry) in enumerate(zip(todo, thread_map(inspect_file, (cands[i] for i in todo), workers)), 1):
+            entries[i] = entry
+            jf.write(json.dumps(entry) + "\n")
+            if n % 256 == 0:
+                jf.flush()
+            bar.update()
     done = [e for e in entries if e is not None]
     refused = sum(c.refused is not None for c in cands)
     return done, len(todo), len(cands) - len(todo) - refused
@@ -363,7 +361,6 @@ def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[
     cands = gather_candidates(infrared, imagenet, per_class, coco, extra)
     cache = _load_cache(out)
     journal = _journal_path(out)
-    workers = workers or min(8, os.cpu_count() or 1)
     entries, n_read, n_reused = _inspect_all(cands, cache, journal, workers)
     records, skipped = _split(entries)
     counts = count_by_source(records, skipped)

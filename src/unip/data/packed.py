@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from unip.data.images import ImageReadError, read_gray, resize_short_side
 from unip.data.infmix import Entry, read_manifest
+from unip.data.parallel import thread_map
 from unip.data.transforms import Transform, pretrain_transform
 from unip.errors import DataError
 
@@ -135,20 +135,14 @@ def pack_manifest(manifest: Union[str, Sequence[Entry]], out: str, short_side: i
             return err
 
     try:
-        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-            chunk = 256
-            with tqdm(total=len(records), desc="pack", unit="img", disable=None) as bar:
-                for start in range(0, len(records), chunk):
-                    part = records[start:start + chunk]
-                    for rec, pixels in zip(part, pool.map(load, part)):
-                        if isinstance(pixels, ImageReadError):
-                            skipped.append({"path": rec["path"], "reason": pixels.reason,
-                                            "detail": pixels.detail})
-                            continue
-                        source = sources.setdefault(str(rec.get("source", "")), len(sources))
-                        rows.append(writer.append(pixels) + list(pixels.shape) + [source])
-                        paths.append(str(rec["path"]))
-                    bar.update(len(part))
+        loaded = thread_map(load, records, workers)
+        for rec, pixels in tqdm(zip(records, loaded), total=len(records), desc="pack", unit="img", disable=None):
+            if isinstance(pixels, ImageReadError):
+                skipped.append({"path": rec["path"], "reason": pixels.reason, "detail": pixels.detail})
+                continue
+            source = sources.setdefault(str(rec.get("source", "")), len(sources))
+            rows.append(writer.append(pixels) + list(pixels.shape) + [source])
+            paths.append(str(rec["path"]))
         writer.close()
         index = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
         np.save(os.path.join(tmp, INDEX_NPY), index)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from unip.data.images import ImageReadError
 from unip.data.packed import GrayImages, open_images
+from unip.data.parallel import thread_map
 
 #: Upper edges of the short-side histogram bins (pixels); the last bin is open.
 SHORT_SIDE_BINS: Tuple[int, ...] = (128, 256, 384, 512, 640, 768, 1024, 2048)
@@ -83,14 +83,13 @@ def compute_stats(path: str, limit: Optional[int] = None, seed: int = 0,
         except ImageReadError as err:
             return err
 
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        results = pool.map(read, order)
-        for i, gray in tqdm(zip(order, results), total=len(order), desc="stats", unit="img", disable=None):
-            if isinstance(gray, ImageReadError):
-                unreadable.append({"path": gray.path, "reason": gray.reason})
-                continue
-            overall.add(gray)
-            per_source.setdefault(data.source(int(i)), _Moments()).add(gray)
+    results = thread_map(read, order, workers)
+    for i, gray in tqdm(zip(order, results), total=len(order), desc="stats", unit="img", disable=None):
+        if isinstance(gray, ImageReadError):
+            unreadable.append({"path": gray.path, "reason": gray.reason})
+            continue
+        overall.add(gray)
+        per_source.setdefault(data.source(int(i)), _Moments()).add(gray)
     return {"input": os.path.abspath(path), "sampled": len(order), "total": len(data),
             "short_side_bins": list(SHORT_SIDE_BINS), "overall": overall.result(),
             "sources": {name: m.result() for name, m in per_source.items()}, "unreadable": unreadable}

@@ -1,0 +1,34 @@
+"""Ordered, bounded parallel map over threads (image decoding releases the GIL)."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Deque, Iterable, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_workers() -> int:
+    """Return the default number of reader threads: ``min(8, CPUs)``."""
+    return min(8, os.cpu_count() or 1)
+
+
+def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: Optional[int] = None,
+               window: int = 4) -> Iterator[R]:
+    """Yield ``fn(item)`` for each item, in order, computed by ``workers`` threads.
+
+    At most ``window * workers`` results are in flight, so memory stays bounded when the consumer is
+    slower than the readers (unlike ``ThreadPoolExecutor.map``, which submits everything at once).
+    """
+    workers = workers or default_workers()
+    pending: Deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
