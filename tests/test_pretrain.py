@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from unip import cli
 from unip.analysis.metrics import nmi
-from unip.checkpoint import load_model, open_model, save_checkpoint
+from unip.checkpoint import open_model, save_checkpoint
 from unip.data.synth import write_unlabeled
 from unip.distill import attention_distill_loss, load_teacher
 from unip.distill.data import build_transform, open_pretrain_images
