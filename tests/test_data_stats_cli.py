@@ -62,6 +62,8 @@ def test_cli_synth_infmix_stats_pack(tmp_path, capsys):
     assert main(["data", "pack", manifest, "--out", str(tmp_path / "pack"), "--short-side", "16"]) == 0
     assert "packed 12 images" in capsys.readouterr().out
     assert min(PackedImages(str(tmp_path / "pack"), transform=None)[0].shape[1:]) == 16
+    assert main(["data", "stats", str(tmp_path / "pack")]) == 0
+    assert json.load(open(tmp_path / "pack.stats.json"))["overall"]["images"] == 12
 
 
 @pytest.mark.parametrize("argv", [
@@ -69,6 +71,7 @@ def test_cli_synth_infmix_stats_pack(tmp_path, capsys):
     ["data", "infmix", "--infrared", "missing-root", "--out", "m.jsonl"],
     ["data", "stats", "missing.jsonl"],
     ["data", "synth", "--out", "s", "--size", "big"],
+    ["data", "infmix", "--extra", ".", "--out", "."],
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys, argv):
     monkeypatch.chdir(tmp_path)

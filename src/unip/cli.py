@@ -69,7 +69,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     q = verbs.add_parser("stats", help="grayscale mean/std and size histograms per source (JSON + PNG)")
     q.add_argument("input", metavar="MANIFEST_OR_PACK", help="manifest file or pack folder")
     q.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.png "
-                                                  "(default: next to the input, '<name>.stats')")
+                                                  "(default: next to the input, <name>.stats.json/.png)")
     q.add_argument("--limit", type=int, default=None, help="read only this many images, sampled at random")
     q.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
     q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
@@ -119,8 +119,8 @@ def _run_data_stats(args: argparse.Namespace) -> int:
 
     from unip.data.stats import compute_stats, write_stats
 
-    prefix = args.out or (os.path.join(args.input, "stats") if os.path.isdir(args.input)
-                          else os.path.splitext(args.input)[0] + ".stats")
+    stem = os.path.normpath(args.input) if os.path.isdir(args.input) else os.path.splitext(args.input)[0]
+    prefix = args.out or stem + ".stats"
     stats = compute_stats(args.input, limit=args.limit, seed=args.seed, workers=args.workers)
     for name, s in [("overall", stats["overall"]), *stats["sources"].items()]:
         print(f"{name:<20} images {s['images']:>9,}  mean {s['mean']:.4f}  std {s['std']:.4f}")

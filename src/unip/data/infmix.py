@@ -357,6 +357,8 @@ def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[
     if per_class < 1:
         raise DataError(f"--per-class {per_class}: must be at least 1")
     out = os.path.abspath(out)
+    if os.path.isdir(out):
+        raise DataError(f"{out}: is a folder; --out names the manifest file to write, e.g. {out}/infmix.jsonl")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     cands = gather_candidates(infrared, imagenet, per_class, coco, extra)
     cache = _load_cache(out)

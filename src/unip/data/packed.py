@@ -94,6 +94,8 @@ class _ShardWriter:
 
 def _prepare_out(out: str) -> str:
     """Return a fresh temporary folder next to ``out``; refuse an ``out`` that holds something else."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"{out}: is a file; --out names the pack folder to write")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, INDEX_JSON)):
         raise DataError(f"{out}: folder exists and is not a pack; choose an empty or new folder")
     tmp = f"{os.path.abspath(out)}.partial-{os.getpid()}"
