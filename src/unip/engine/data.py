@@ -85,8 +85,11 @@ def build_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size
     if seeded and not isinstance(dataset, SeededDataset):
         dataset = SeededDataset(dataset, seed)
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    # its own generator: creating an iterator must not draw from the global RNG, or a run resumed
+    # mid-epoch (one iterator creation more) would draw different drop-path masks
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True, persistent_workers=False)
+                      pin_memory=pin_memory, drop_last=True, persistent_workers=False, generator=generator)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
