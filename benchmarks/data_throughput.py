@@ -102,8 +102,9 @@ def timed_pass(loader: DataLoader) -> Tuple[float, float]:
     return seen / wall, 1000.0 * cpu / seen
 
 
-def compare(datasets: Dict[str, Dataset], workers: int, batch: int, rounds: int) -> Dict[str, Tuple[float, float]]:
-    """Return the median ``(images/s, CPU ms/image)`` of each data set over ``rounds`` passes (after a warm-up).
+def compare(datasets: Dict[str, Dataset], workers: int, batch: int,
+            rounds: int) -> Dict[str, Tuple[float, float]]:
+    """Return the median ``(images/s, CPU ms/image)`` of each data set over ``rounds`` passes after a warm-up.
 
     Passes alternate between the loaders so that background load on a shared machine hits all alike.
     """
@@ -123,10 +124,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=300, help="images to generate (default 300)")
     parser.add_argument("--size", default="640x512", help="WIDTHxHEIGHT of the frames (default 640x512)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for every loader (default 2)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="DataLoader workers for every loader (default 2)")
     parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     parser.add_argument("--rgb", action="store_true",
-                        help="store the frames as 3-channel JPEGs (as COCO, ImageNet and many thermal sets are)")
+                        help="store frames as 3-channel JPEGs (as COCO, ImageNet and many thermal sets are)")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes per loader; the median is shown")
     parser.add_argument("--dir", help="work folder to keep (default: a temporary one, deleted)")
     args = parser.parse_args()
@@ -148,10 +150,12 @@ def main() -> None:
             "manifest": ManifestImages(manifest),
             "packed": PackedImages(os.path.join(work, "pack")),
             "packed-1ch": PackedImages(os.path.join(work, "pack"), transform=pretrain_transform(channels=1)),
-            "packed-u8": PackedImages(os.path.join(work, "pack"), transform=pretrain_transform(normalize=False)),
+            "packed-u8": PackedImages(os.path.join(work, "pack"),
+                                      transform=pretrain_transform(normalize=False)),
         }
         rates = compare(loaders, args.workers, args.batch, args.rounds)
-    print(f"{len(records)} {'RGB' if args.rgb else 'grayscale'} JPEGs {args.size}, {args.workers} workers, batch {args.batch}, "
+    print(f"{len(records)} {'RGB' if args.rgb else 'grayscale'} JPEGs {args.size}, {args.workers} workers, "
+          f"batch {args.batch}, "
           f"median of {args.rounds} passes, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}")
     base_rate, base_cpu = rates["release"]

@@ -81,7 +81,8 @@ def test_rescan_reads_only_new_or_changed_files_and_drops_deleted_ones(tree, tmp
     third = build_manifest(out, infrared=str(root), workers=2)
     assert third.read == 2 and third.reused == len(good) - 2 + 5
     records = {r["path"]: r for r in read_manifest(out)}
-    assert (records[os.path.abspath(good[0])]["width"], records[os.path.abspath(good[0])]["height"]) == (20, 10)
+    changed = records[os.path.abspath(good[0])]
+    assert (changed["width"], changed["height"]) == (20, 10)
     assert os.path.abspath(good[4]) not in records and len(records) == len(good)
 
 

@@ -87,7 +87,8 @@ def test_augmentation_matches_the_3_channel_torchvision_pipeline_draw_for_draw()
     from torchvision.transforms import v2
 
     release = v2.Compose([
-        v2.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize([INFMIX_MEAN] * 3, [INFMIX_STD] * 3),

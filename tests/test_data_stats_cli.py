@@ -32,7 +32,8 @@ def test_stats_weight_images_equally_and_pixels_separately(tmp_path):
     assert overall["mean"] == pytest.approx(0.5) and overall["std"] == pytest.approx(0.5)
     assert overall["pixel_mean"] == pytest.approx(1200 / 1300)
     assert stats["sources"]["dark"]["mean"] == 0 and stats["sources"]["bright"]["std"] == pytest.approx(0)
-    assert stats["sources"]["bright"]["short_side_hist"][0] == 1 and stats["sources"]["bright"]["top_sizes"] == {"40x30": 1}
+    bright = stats["sources"]["bright"]
+    assert bright["short_side_hist"][0] == 1 and bright["top_sizes"] == {"40x30": 1}
     json_path, png_path = write_stats(stats, str(tmp_path / "out" / "s"))
     assert json.load(open(json_path))["overall"]["images"] == 2
     with Image.open(png_path) as img:
@@ -47,7 +48,8 @@ def test_stats_limit_samples_a_subset(tmp_path):
 
 def test_cli_synth_infmix_stats_pack(tmp_path, capsys):
     ir, soda = str(tmp_path / "ir"), str(tmp_path / "soda")
-    assert main(["data", "synth", "--out", ir, "--num", "4", "--name", "a", "--name", "b", "--size", "40x32"]) == 0
+    assert main(["data", "synth", "--out", ir, "--num", "4", "--name", "a", "--name", "b",
+                 "--size", "40x32"]) == 0
     assert main(["data", "synth", "--out", soda, "--labeled", "--num", "4", "--size", "40x32"]) == 0
     assert "18: sky" in capsys.readouterr().out
     assert sorted(os.listdir(soda)) == ["JPEGImages", "SegmentationClassPNG", "test_infrared.txt",

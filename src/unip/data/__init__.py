@@ -18,7 +18,8 @@ from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, normalize_batch, pretr
 
 __all__ = [
     "DEFAULT_SHORT_SIDE", "GrayImages", "INFMIX_MEAN", "INFMIX_STD", "ImageReadError", "LabeledSet",
-    "ManifestImages", "PackResult", "PackedImages", "normalize_batch", "RankSampler", "SODA_CLASSES", "SYNTH_CLASSES",
+    "ManifestImages", "PackResult", "PackedImages", "RankSampler", "SODA_CLASSES", "SYNTH_CLASSES",
+    "normalize_batch",
     "ScanResult", "build_manifest", "compute_stats", "open_images", "pack_manifest", "pretrain_transform",
     "read_gray", "read_manifest", "render_scene", "report_path", "resize_short_side", "shard_indices",
     "stretch_to_uint8", "write_soda", "write_stats", "write_unlabeled",

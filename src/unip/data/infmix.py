@@ -36,12 +36,15 @@ Entry = Dict[str, object]
 
 @dataclass(frozen=True)
 class Candidate:
-    """One file found by a scan: where it is, which source it belongs to, and why it is refused if so."""
+    """One file found by a scan: where it is, which source it belongs to, and why it is refused if so.
+
+    ``refused`` is ``(reason, detail)`` for files that must not be read, else None.
+    """
 
     path: str
     source: str
     kind: str
-    refused: Optional[str] = None
+    refused: Optional[Tuple[str, str]] = None
 
 
 @dataclass
@@ -66,11 +69,12 @@ def _inside(path: str, real_root: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
-def walk_files(top: str, root: str) -> Iterator[Tuple[str, Optional[str]]]:
+def walk_files(top: str, root: str) -> Iterator[Tuple[str, Optional[Tuple[str, str]]]]:
     """Yield ``(path, refusal)`` for every file under ``top`` in sorted order, recursively.
 
-    ``refusal`` is None for files whose real path is inside ``root``; otherwise it says why the file (or a
-    symlinked folder, yielded as one entry) is refused. Symlinked folders inside ``root`` are followed once.
+    ``refusal`` is None for files whose real path is inside ``root``; otherwise ``(reason, detail)`` says
+    why the file (or a symlinked or unreadable folder, yielded as one entry) is refused: ``outside-root``
+    or ``io-error``. Symlinked folders inside ``root`` are followed once.
     """
     real_root = os.path.realpath(root)
     seen = set()
@@ -84,13 +88,13 @@ def walk_files(top: str, root: str) -> Iterator[Tuple[str, Optional[str]]]:
         try:
             names = sorted(os.listdir(folder))
         except OSError as err:
-            yield folder, f"cannot list folder: {err.strerror or err}"
+            yield folder, ("io-error", f"cannot list folder: {err.strerror or err}")
             continue
         subdirs = []
         for name in names:
             path = os.path.join(folder, name)
             if not _inside(path, real_root):
-                yield path, f"symlink to {os.path.realpath(path)}, outside {root}"
+                yield path, ("outside-root", f"symlink to {os.path.realpath(path)}, outside {root}")
             elif os.path.isdir(path):
                 subdirs.append(path)
             elif os.path.isfile(path):
@@ -242,7 +246,8 @@ def read_manifest(path: str) -> List[Entry]:
     records = _read_jsonl(path)
     for i, rec in enumerate(records, 1):
         if "path" not in rec or "source" not in rec:
-            raise DataError(f"{path}:{i}: record lacks 'path' or 'source'; rebuild it with `unip data infmix`")
+            raise DataError(f"{path}:{i}: record lacks 'path' or 'source'; "
+                            "rebuild it with `unip data infmix`")
     return records
 
 
@@ -282,14 +287,15 @@ def _inspect_all(cands: List[Candidate], cache: Dict[str, Entry], journal: str,
     for i, cand in enumerate(cands):
         if cand.refused is not None:
             entries[i] = {"path": cand.path, "source": cand.source, "kind": cand.kind,
-                          "reason": "outside-root", "detail": cand.refused}
+                          "reason": cand.refused[0], "detail": cand.refused[1]}
         else:
             entries[i] = _cached(cache.get(cand.path), cand)
             if entries[i] is None:
                 todo.append(i)
     with open(journal, "a", encoding="utf-8") as jf, \
             tqdm(total=len(todo), desc="scan", unit="img", disable=None) as bar:
-        for n, (i, entry) in enumerate(zip(todo, thread_map(inspect_file, (cands[i] for i in todo), workers)), 1):
+        results = thread_map(inspect_file, (cands[i] for i in todo), workers)
+        for n, (i, entry) in enumerate(zip(todo, results), 1):
             entries[i] = entry
             jf.write(json.dumps(entry) + "\n")
             if n % 256 == 0:
@@ -358,7 +364,8 @@ def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[
         raise DataError(f"--per-class {per_class}: must be at least 1")
     out = os.path.abspath(out)
     if os.path.isdir(out):
-        raise DataError(f"{out}: is a folder; --out names the manifest file to write, e.g. {out}/infmix.jsonl")
+        raise DataError(f"{out}: is a folder; --out names the manifest file to write, "
+                        f"e.g. {out}/infmix.jsonl")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     cands = gather_candidates(infrared, imagenet, per_class, coco, extra)
     cache = _load_cache(out)

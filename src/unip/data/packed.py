@@ -138,7 +138,8 @@ def pack_manifest(manifest: Union[str, Sequence[Entry]], out: str, short_side: i
 
     try:
         loaded = thread_map(load, records, workers)
-        for rec, pixels in tqdm(zip(records, loaded), total=len(records), desc="pack", unit="img", disable=None):
+        bar = tqdm(zip(records, loaded), total=len(records), desc="pack", unit="img", disable=None)
+        for rec, pixels in bar:
             if isinstance(pixels, ImageReadError):
                 skipped.append({"path": rec["path"], "reason": pixels.reason, "detail": pixels.detail})
                 continue
@@ -151,8 +152,8 @@ def pack_manifest(manifest: Union[str, Sequence[Entry]], out: str, short_side: i
         with open(os.path.join(tmp, PATHS_TXT), "w", encoding="utf-8") as fh:
             fh.write("".join(p + "\n" for p in paths))
         meta = {"format": PACK_FORMAT, "version": PACK_VERSION, "count": len(rows), "short_side": short_side,
-                "shards": writer.names, "sources": list(sources),
-                "manifest": manifest if isinstance(manifest, str) else None, "skipped": skipped}
+                "shards": writer.names, "sources": list(sources), "skipped": skipped,
+                "manifest": os.path.abspath(manifest) if isinstance(manifest, str) else None}
         with open(os.path.join(tmp, INDEX_JSON), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=1)
         _publish(tmp, out)
@@ -206,7 +207,8 @@ class PackedImages(GrayImages):
         with open(meta_path, "r", encoding="utf-8") as fh:
             self.meta = json.load(fh)
         if self.meta.get("format") != PACK_FORMAT or self.meta.get("version") != PACK_VERSION:
-            raise DataError(f"{meta_path}: not a {PACK_FORMAT} v{PACK_VERSION} index; rebuild with `unip data pack`")
+            raise DataError(f"{meta_path}: not a {PACK_FORMAT} v{PACK_VERSION} index; "
+                            "rebuild with `unip data pack`")
         self.index = np.load(os.path.join(folder, INDEX_NPY))
         self.sources: List[str] = list(self.meta["sources"])
         self._maps: Dict[int, np.memmap] = {}
@@ -248,8 +250,8 @@ class PackedImages(GrayImages):
 class ManifestImages(GrayImages):
     """Images listed in a manifest, decoded from the original files on every access (no pack needed)."""
 
-    def __init__(self, manifest: Union[str, Sequence[Entry]], transform: Union[Transform, None, str] = _DEFAULT,
-                 return_index: bool = False) -> None:
+    def __init__(self, manifest: Union[str, Sequence[Entry]],
+                 transform: Union[Transform, None, str] = _DEFAULT, return_index: bool = False) -> None:
         super().__init__(transform, return_index)
         records = read_manifest(manifest) if isinstance(manifest, str) else list(manifest)
         self.files: List[str] = [str(r["path"]) for r in records]

@@ -20,7 +20,8 @@ from unip.errors import ConfigError
 
 
 def rank_and_world() -> Tuple[int, int]:
-    """Return ``(rank, world_size)`` from ``torch.distributed`` if initialised, else ``RANK``/``WORLD_SIZE``."""
+    """Return ``(rank, world_size)`` from ``torch.distributed`` if initialised, else from the
+    ``RANK``/``WORLD_SIZE`` environment variables (default 0/1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

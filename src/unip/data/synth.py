@@ -27,7 +27,8 @@ from unip.errors import DataError
 
 BACKGROUND, PERSON, BUILDING, TREE, ROAD, CAR, SKY = 0, 1, 2, 3, 4, 10, 18
 #: The SODA classes the generator draws: SODA id → name.
-SYNTH_CLASSES: Dict[int, str] = {i: SODA_CLASSES[i] for i in (BACKGROUND, PERSON, BUILDING, TREE, ROAD, CAR, SKY)}
+SYNTH_CLASSES: Dict[int, str] = {i: SODA_CLASSES[i]
+                                 for i in (BACKGROUND, PERSON, BUILDING, TREE, ROAD, CAR, SKY)}
 
 
 # ------------------------------------------------------------------------------------- drawing
@@ -113,8 +114,9 @@ def _draw_tree(c: _Canvas, foot_y: float, x: float, scale: float) -> None:
     height = c.h * 0.5 * scale
     c.rect(foot_y - 0.4 * height, foot_y, x - 0.04 * height, x + 0.04 * height, 0.42, TREE)
     for _ in range(int(rng.integers(3, 6))):
-        c.ellipse(foot_y - height * rng.uniform(0.55, 0.8), x + height * rng.uniform(-0.2, 0.2),
-                  height * rng.uniform(0.15, 0.25), height * rng.uniform(0.15, 0.3), rng.uniform(0.2, 0.28), TREE)
+        cy, cx = foot_y - height * rng.uniform(0.55, 0.8), x + height * rng.uniform(-0.2, 0.2)
+        ry, rx = height * rng.uniform(0.15, 0.25), height * rng.uniform(0.15, 0.3)
+        c.ellipse(cy, cx, ry, rx, rng.uniform(0.2, 0.28), TREE)
 
 
 def _draw_car(c: _Canvas, foot_y: float, x: float, scale: float) -> None:
@@ -136,8 +138,8 @@ def _draw_person(c: _Canvas, foot_y: float, x: float, scale: float) -> None:
     cloth, skin = rng.uniform(0.7, 0.8), rng.uniform(0.88, 0.97)
     leg_w = 0.07 * height
     for side in (-1, 1):
-        c.rect(foot_y - 0.48 * height, foot_y, x + side * leg_w * 0.6 - leg_w / 2, x + side * leg_w * 0.6 + leg_w / 2,
-               cloth - 0.05, PERSON)
+        leg_x = x + side * leg_w * 0.6
+        c.rect(foot_y - 0.48 * height, foot_y, leg_x - leg_w / 2, leg_x + leg_w / 2, cloth - 0.05, PERSON)
     c.ellipse(foot_y - 0.66 * height, x, 0.2 * height, 0.12 * height, cloth, PERSON)
     for side in (-1, 1):
         c.rect(foot_y - 0.82 * height, foot_y - 0.5 * height, x + side * 0.15 * height - 0.03 * height,

@@ -73,6 +73,7 @@ def pretrain_transform(size: int = 224, scale: Tuple[float, float] = (0.2, 1.0),
                        channels: int = 3, normalize: bool = True) -> Transform:
     """Return the pre-training augmentation: uint8 ``[1, H, W]`` → float32 ``[channels, size, size]``.
 
-    With ``normalize=False`` it returns the uint8 ``[1, size, size]`` crop; finish with :func:`normalize_batch`.
+    With ``normalize=False`` it returns the uint8 ``[1, size, size]`` crop; finish with
+    :func:`normalize_batch`.
     """
     return PretrainAugment(size, scale, mean, std, channels, normalize=normalize)
