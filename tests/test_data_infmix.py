@@ -86,6 +86,21 @@ def test_rescan_reads_only_new_or_changed_files_and_drops_deleted_ones(tree, tmp
     assert os.path.abspath(good[4]) not in records and len(records) == len(good)
 
 
+def test_symlinks_that_stay_inside_the_root_are_followed(tmp_path):
+    root = tmp_path / "ir"
+    files = write_unlabeled(str(root), 2, name="A", size=SIZE, seed=1)
+    store = root / "store"
+    store.mkdir()
+    Image.fromarray(np.full((8, 8), 50, np.uint8)).save(store / "kept.png")
+    os.symlink(store, root / "A" / "thermal" / "linked_dir")
+    os.symlink(files[0], root / "A" / "thermal" / "z_alias.jpg")
+    out = str(tmp_path / "m.jsonl")
+    result = build_manifest(out, infrared=str(root))
+    paths = sorted(os.path.basename(r["path"]) for r in read_manifest(out))
+    assert paths == ["A_000000.jpg", "A_000001.jpg", "kept.png"]
+    assert [(os.path.basename(s["path"]), s["reason"]) for s in result.skipped] == [("z_alias.jpg", "duplicate")]
+
+
 def test_interrupted_scan_resumes_from_its_journal(tree, tmp_path, monkeypatch):
     root, good, _ = tree
     out = str(tmp_path / "infmix.jsonl")
