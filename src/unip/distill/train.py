@@ -161,7 +161,7 @@ def build_teacher(config: Config, patch: int, dataset_path: str, log: MetricLogg
         why = f"teacher layer {layer} (given)"
     else:
         raise ConfigError(f"teacher.layer must be a layer number or 'auto', got {layer!r}")
-    log.log(0, {"teacher_layer": layer}, prefix="setup")
+    log.log(0, {"teacher_layer": layer, "teacher_layer_reason": why}, prefix="setup")
     return Teacher(model, layer, patch).to(dist.device), why
 
 

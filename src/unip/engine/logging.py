@@ -58,7 +58,9 @@ class MetricLogger:
 
 
 def _plain(value: Any) -> Any:
-    """Tensors and numpy scalars → Python numbers (JSON-able)."""
+    """Tensors and numpy scalars → Python numbers; NaN/inf → ``None`` (strict JSON has no such numbers)."""
     if hasattr(value, "item"):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
