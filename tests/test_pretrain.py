@@ -163,8 +163,9 @@ def test_cli_config_and_errors(assets, tmp_path, capsys):
     assert "optim.bogus" in capsys.readouterr().err
     assert cli.main(_args(assets, tmp_path / "x", "--data", str(tmp_path / "nowhere"))) == 2
     assert "nowhere" in capsys.readouterr().err
-    assert cli.main(["pretrain", "toy", "--data", str(assets / "images")]) == 2
+    assert cli.main(["pretrain", "toy", "--data", str(assets / "images"), "--out", str(tmp_path / "y")]) == 2
     assert "--teacher" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing written on bad input
 
 
 @pytest.mark.parametrize("name,layer,heads,student", [

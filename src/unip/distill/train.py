@@ -143,7 +143,7 @@ def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
     return accum, effective, float(lr)
 
 
-def build_teacher(config: Config, patch: int, dataset_path: str, log: MetricLogger, dist: DistInfo,
+def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
                   precision: Precision) -> Tuple[Teacher, str]:
     """Load the teacher, choose its layer (``auto``: NMI profile of the training images), cut it there.
 
@@ -161,7 +161,6 @@ def build_teacher(config: Config, patch: int, dataset_path: str, log: MetricLogg
         why = f"teacher layer {layer} (given)"
     else:
         raise ConfigError(f"teacher.layer must be a layer number or 'auto', got {layer!r}")
-    log.log(0, {"teacher_layer": layer, "teacher_layer_reason": why}, prefix="setup")
     return Teacher(model, layer, patch).to(dist.device), why
 
 
@@ -212,12 +211,11 @@ class Run:
         self.precision: Precision = resolve_precision(run["precision"], dist.device)
         if dist.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        self.log = MetricLogger(self.output, enabled=dist.is_main)
         self.accum, self.effective_batch, self.peak_lr = batch_plan(optim, dist.world_size)
 
         data = config["data"]
         patch = int(preset_config(config["student"]["model"])["patch_size"])
-        self.teacher, self.teacher_why = build_teacher(config, patch, data["path"], self.log, dist, self.precision)
+        self.teacher, self.teacher_why = build_teacher(config, patch, data["path"], dist, self.precision)
         if self.precision.dtype is torch.bfloat16:
             self.teacher.to(torch.bfloat16)  # frozen: no per-step weight casts, half the memory
         self.student = build_student(config, self.teacher.num_heads, dist.device)
@@ -249,6 +247,9 @@ class Run:
         self.warmup_steps = int(round(float(optim["warmup_epochs"]) * self.steps_per_epoch))
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.last_loss = float("nan")
+        self.log = MetricLogger(self.output, enabled=dist.is_main)  # only once the set-up has succeeded
+        self.log.log(0, {"teacher_layer": self.teacher.layer, "teacher_layer_reason": self.teacher_why},
+                     prefix="setup")
 
     # ------------------------------------------------------------------------------------ pieces
     def loss_fn(self, images: Tensor) -> Tensor:
