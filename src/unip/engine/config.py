@@ -17,8 +17,9 @@ from unip.errors import ConfigError
 
 Config = Dict[str, Any]
 
-#: Where preset names are looked up: ``configs/`` of a source checkout, then of the working directory.
-PRESET_ROOTS: List[Path] = [Path(__file__).resolve().parents[3] / "configs", Path("configs")]
+#: Where preset names are looked up: the presets shipped in the package (``unip/configs``), then
+#: ``configs/`` of the working directory (your own presets).
+PRESET_ROOTS: List[Path] = [Path(__file__).resolve().parents[1] / "configs", Path("configs")]
 
 
 def find_preset(name: str, kind: str) -> Path:
