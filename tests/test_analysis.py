@@ -176,12 +176,14 @@ def test_accumulator_merges_uneven_batches_exactly():
 
 def test_streaming_profile_equals_all_at_once():
     torch.manual_seed(0)
-    model = create_model("vit_small_patch16", depth=3, img_size=(32, 48)).eval()  # non-square 2x3 grid
+    # non-square 2x3 grid; the last block has its own head count as in UNIP students
+    model = create_model("vit_small_patch16", depth=3, img_size=(32, 48), last_heads=4).eval()
     images = torch.randn(5, 3, 32, 48)
     profile = profile_model(model, list(images), batch_size=2, progress=False)
     with torch.inference_mode():
         maps = model.attention_maps(images)
     assert profile.num_images == 5 and profile.grid == (2, 3) and [s.layer for s in profile.layers] == [1, 2, 3]
+    assert [s.heads for s in profile.layers] == [6, 6, 4]
     for stats in profile.layers:
         metrics = attention_metrics(maps[stats.layer], 16, (2, 3))
         for metric in METRICS:
@@ -274,3 +276,23 @@ def test_select_distill_layer_falls_back_to_nmi_closest_to_the_hybrid_band():
 def test_invalid_thresholds_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         PatternThresholds(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_profile_on_cuda_matches_cpu_even_with_tf32_and_autocast():
+    model = create_model("vit_small_patch16", depth=3, img_size=48)
+    images = [torch.randn(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    cpu = profile_model(model, images, batch_size=4, device="cpu", progress=False)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what pre-training sets; the metrics must not care
+    try:
+        gpu = profile_model(model, images, batch_size=4, device="cuda", progress=False)
+        bf16 = profile_model(model, images, batch_size=4, device="cuda", progress=False,
+                             autocast_dtype=torch.bfloat16)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for metric in METRICS:
+        np.testing.assert_allclose(gpu.values(metric), cpu.values(metric), rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(bf16.values(metric), cpu.values(metric), rtol=0.03, atol=0.02)
+    maps = random_maps(tokens=50).float().cuda()
+    np.testing.assert_allclose(nmi(maps).cpu().numpy(), reference_nmi(maps.double().cpu().numpy()), atol=1e-6)

@@ -44,13 +44,6 @@ def _check_map(attn: Tensor, num_prefix_tokens: int) -> None:
                          f"shape {tuple(attn.shape)}")
 
 
-def _patches(attn: Tensor, num_prefix_tokens: int) -> Tensor:
-    """The patch-to-patch block ``[B, H, Q', K']`` in float32 (float64 kept), not renormalised."""
-    _check_map(attn, num_prefix_tokens)
-    block = attn[..., num_prefix_tokens:, num_prefix_tokens:]
-    return block if block.dtype in (torch.float32, torch.float64) else block.float()
-
-
 def infer_grid(num_patches: int, grid: Optional[Grid] = None) -> Grid:
     """The token grid ``(rows, cols)``: ``grid`` if given (checked), else the square one; raises otherwise."""
     if grid is not None:
@@ -65,17 +58,22 @@ def infer_grid(num_patches: int, grid: Optional[Grid] = None) -> Grid:
 
 
 @lru_cache(maxsize=16)
-def _distance_table(grid: Grid, patch_size: float, device: str, dtype: torch.dtype) -> Tensor:
+def _distance_table(grid: Grid, patch_size: float, prefix: int, device: str,
+                    dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     rows = torch.arange(grid[0], dtype=torch.float64).repeat_interleave(grid[1])
     cols = torch.arange(grid[1], dtype=torch.float64).repeat(grid[0])
     centres = torch.stack([rows, cols], dim=1) * patch_size
-    return torch.cdist(centres, centres).to(device=device, dtype=dtype)
+    table = torch.cdist(centres, centres)
+    padded = torch.nn.functional.pad(table, (prefix, 0, prefix, 0))
+    return padded.to(device=device, dtype=dtype), table.mean(dim=-1).to(device=device, dtype=dtype)
 
 
 def distance_table(grid: Grid, patch_size: float = 16, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> Tensor:
-    """Pixel distances between patch centres, ``[P, P]`` with P = rows·cols, row-major token order."""
-    return _distance_table((int(grid[0]), int(grid[1])), float(patch_size), str(torch.device(device)), dtype)
+                   dtype: torch.dtype = torch.float32, num_prefix_tokens: int = 0) -> Tensor:
+    """Pixel distances between patch centres, ``[N, N]`` with N = prefix + rows·cols (row-major patches);
+    rows and columns of prefix tokens are 0."""
+    return _distance_table((int(grid[0]), int(grid[1])), float(patch_size), int(num_prefix_tokens),
+                           str(torch.device(device)), dtype)[0]
 
 
 def uniform_distance(grid: Grid, patch_size: float = 16) -> float:
@@ -84,76 +82,113 @@ def uniform_distance(grid: Grid, patch_size: float = 16) -> float:
 
 
 class _RowStats:
-    """Row sums and the per-row quantities every metric needs, without renormalising the map."""
+    """Per-query sums over the patch keys of one map. Elementwise work runs on the whole (contiguous) map,
+    into ``scratch`` (same shape and dtype), its one full-size temporary; the op count is kept low because
+    on a GPU these small kernels cost more in launches than in arithmetic."""
 
-    def __init__(self, block: Tensor) -> None:
-        self.block = block
-        mass = block.sum(dim=-1)
-        self.empty = mass <= 0
-        self.mass = torch.where(self.empty, torch.ones_like(mass), mass)
+    def __init__(self, attn: Tensor, num_prefix_tokens: int, scratch: Optional[Tensor] = None) -> None:
+        _check_map(attn, num_prefix_tokens)
+        self.attn = attn if attn.dtype in (torch.float32, torch.float64) else attn.float()
+        if scratch is None or scratch.shape != self.attn.shape or scratch.dtype != self.attn.dtype:
+            scratch = torch.empty_like(self.attn)
+        self.scratch = scratch
+        self.prefix = num_prefix_tokens
+        self.mass = self._over_patch_keys(self.attn)
+        self.empty = self.mass <= 0
+        # 1/s for rows with mass on patches, 0 for massless rows (their values are set by torch.where)
+        self.inv_mass = torch.where(self.empty, 0.0, self.mass.reciprocal())
 
-    def _per_row(self, row_sums: Tensor, if_empty: Tensor | float) -> Tensor:
-        """Σ_k p(k|q)·f(q,k) from Σ_k a(q,k)·f(q,k) of the raw rows; ``if_empty`` for massless rows."""
-        return torch.where(self.empty, if_empty, row_sums / self.mass).double()
+    @property
+    def keys(self) -> int:
+        return self.attn.shape[-1] - self.prefix
+
+    @property
+    def queries(self) -> int:
+        return self.attn.shape[-2] - self.prefix
+
+    def _over_patch_keys(self, values: Tensor) -> Tensor:
+        """Σ over patch keys, for patch queries: ``[B, H, N, N]`` → ``[B, H, Q']``. Sums the slice rather
+        than subtracting the prefix columns from the full row: that would cancel catastrophically when
+        CLS takes almost all of a row's mass."""
+        return values[..., self.prefix:, self.prefix:].sum(dim=-1)
 
     def entropy(self) -> Tensor:
-        """Entropy of each renormalised row, ``[B, H, Q]``: H = log s − Σ a·log a / s for row sum s."""
-        keys = self.block.shape[-1]
-        a_log_a = torch.special.xlogy(self.block, self.block).sum(dim=-1)
-        value = torch.where(self.empty, math.log(keys), self.mass.log() - a_log_a / self.mass)
-        return value.double().clamp_min(0.0)
+        """Entropy of each renormalised row, float64 ``[B, H, Q']``: log s − Σ a·log a / s for row sum s."""
+        # Σ a·log2(a): log2 because CPU builds vectorise it much better than log (the one transcendental
+        # pass over the map); an exact zero gives 0·(−inf) = NaN, which nansum drops (0·log 0 = 0)
+        a_log_a = torch.log2(self.attn, out=self.scratch).mul_(self.attn)
+        a_log_a_sum = a_log_a[..., self.prefix:, self.prefix:].nansum(dim=-1)
+        value = self.mass.log() - a_log_a_sum * (math.log(2) * self.inv_mass)
+        return torch.where(self.empty, math.log(self.keys), value).double().clamp_min(0.0)
 
-    def distance(self, table: Tensor) -> Tensor:
-        """Mean pixel distance of each renormalised row, ``[B, H, Q]``."""
-        weighted = (self.block * table.to(self.block.dtype)).sum(dim=-1)
-        return self._per_row(weighted, table.mean(dim=-1).to(weighted.dtype))
+    def distance(self, table: Tensor, uniform_rows: Tensor) -> Tensor:
+        """Mean pixel distance of each renormalised row, float64 ``[B, H, Q']``; ``table`` is the padded
+        ``[N, N]`` table, ``uniform_rows`` the per-query distance of uniform attention (for massless rows)."""
+        weighted = self._over_patch_keys(torch.mul(self.attn, table, out=self.scratch))
+        return torch.where(self.empty, uniform_rows, weighted * self.inv_mass).double()
 
     def key_marginal(self) -> Tensor:
-        """p(k) = mean over queries of the renormalised rows, ``[B, H, K]`` in float64."""
-        weights = torch.where(self.empty, torch.zeros_like(self.mass), self.mass.reciprocal())
-        marginal = torch.einsum("bhqk,bhq->bhk", self.block, weights).double()
-        empty_share = self.empty.double().sum(dim=-1, keepdim=True) / self.block.shape[-1]
-        return (marginal + empty_share) / self.block.shape[-2]
+        """p(k) = mean over queries of the renormalised rows, float64 ``[B, H, K']``."""
+        weights = self.attn.new_zeros(self.attn.shape[:-1])
+        weights[..., self.prefix:] = self.inv_mass
+        weighted = torch.mul(self.attn, weights.unsqueeze(-1), out=self.scratch)
+        marginal = weighted[..., self.prefix:, self.prefix:].sum(dim=-2).double()
+        # massless rows count as uniform: each adds 1/K to every key
+        marginal += self.empty.sum(dim=-1, keepdim=True) / self.keys
+        return marginal.div_(self.queries)
+
+    def nmi(self, row_entropy: Tensor) -> Tensor:
+        """NMI ``[B, H]`` from the per-row entropies H(K|Q=q); 0 where H(K) or H(Q) is 0."""
+        marginal = self.key_marginal()
+        h_k = -torch.special.xlogy(marginal, marginal).sum(dim=-1)
+        mutual = (h_k - row_entropy.mean(dim=-1)).clamp_min(0.0)
+        # I(Q;K) <= H(K): when H(K)·H(Q) is ~0 the clamp of the denominator makes the ratio ~0, not NaN
+        return (mutual / (h_k * math.log(self.queries)).sqrt().clamp_min(1e-12)).clamp(0.0, 1.0)
 
 
-def _nmi_from(rows: _RowStats, row_entropy: Tensor) -> Tensor:
-    """NMI ``[B, H]`` from the row statistics and the per-row entropies H(K|Q=q)."""
-    marginal = rows.key_marginal()
-    h_k = -torch.special.xlogy(marginal, marginal).sum(dim=-1)
-    h_q = math.log(rows.block.shape[-2])
-    mutual = (h_k - row_entropy.mean(dim=-1)).clamp_min(0.0)
-    denominator = (h_k * h_q).sqrt()
-    defined = denominator > 1e-12
-    nmi = mutual / torch.where(defined, denominator, torch.ones_like(denominator))
-    return torch.where(defined, nmi, torch.zeros_like(nmi)).clamp(0.0, 1.0)
+def _distance(rows: _RowStats, patch_size: float, grid: Optional[Grid]) -> Tensor:
+    """Per-row distances ``[B, H, Q']`` with the (cached) table of this grid."""
+    grid = infer_grid(rows.keys, grid)
+    table, uniform_rows = _distance_table((int(grid[0]), int(grid[1])), float(patch_size), rows.prefix,
+                                          str(rows.attn.device), rows.attn.dtype)
+    return rows.distance(table, uniform_rows)
 
 
 def nmi(attn: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     """Normalised mutual information between queries and keys of each head: float64 ``[B, H]`` in [0, 1]."""
-    rows = _RowStats(_patches(attn, num_prefix_tokens))
-    return _nmi_from(rows, rows.entropy())
+    with _no_autocast(attn):
+        rows = _RowStats(attn, num_prefix_tokens)
+        return rows.nmi(rows.entropy())
 
 
 def attention_entropy(attn: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     """Mean Shannon entropy (nats) of the renormalised query rows: float64 ``[B, H]``."""
-    return _RowStats(_patches(attn, num_prefix_tokens)).entropy().mean(dim=-1)
+    with _no_autocast(attn):
+        return _RowStats(attn, num_prefix_tokens).entropy().mean(dim=-1)
 
 
 def attention_distance(attn: Tensor, patch_size: float = 16, grid: Optional[Grid] = None,
                        num_prefix_tokens: int = 1) -> Tensor:
     """Mean attention distance in pixels: float64 ``[B, H]``. ``grid`` = token rows × cols (square if None)."""
-    block = _patches(attn, num_prefix_tokens)
-    table = distance_table(infer_grid(block.shape[-1], grid), patch_size, block.device, block.dtype)
-    return _RowStats(block).distance(table).mean(dim=-1)
+    with _no_autocast(attn):
+        rows = _RowStats(attn, num_prefix_tokens)
+        return _distance(rows, patch_size, grid).mean(dim=-1)
 
 
 def attention_metrics(attn: Tensor, patch_size: float = 16, grid: Optional[Grid] = None,
-                      num_prefix_tokens: int = 1) -> Dict[str, Tensor]:
-    """``{"nmi", "distance", "entropy"}`` → float64 ``[B, H]`` each, sharing one pass over the map."""
-    block = _patches(attn, num_prefix_tokens)
-    table = distance_table(infer_grid(block.shape[-1], grid), patch_size, block.device, block.dtype)
-    rows = _RowStats(block)
-    row_entropy = rows.entropy()
-    return {"nmi": _nmi_from(rows, row_entropy),
-            "distance": rows.distance(table).mean(dim=-1),
-            "entropy": row_entropy.mean(dim=-1)}
+                      num_prefix_tokens: int = 1, scratch: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """``{"nmi", "distance", "entropy"}`` → float64 ``[B, H]`` each, sharing the row sums.
+
+    ``scratch``: an optional float32 (float64 for float64 maps) buffer of the map's shape to reuse as the
+    temporary, which saves a large allocation per call (on CPU mostly page faults); it is overwritten."""
+    with _no_autocast(attn):
+        rows = _RowStats(attn, num_prefix_tokens, scratch)
+        row_entropy = rows.entropy()
+        return {"nmi": rows.nmi(row_entropy),
+                "distance": _distance(rows, patch_size, grid).mean(dim=-1),
+                "entropy": row_entropy.mean(dim=-1)}
+
+
+def _no_autocast(attn: Tensor):
+    """Metrics are computed in the map's float32/64, also when called inside an autocast region."""
+    return torch.autocast(attn.device.type, enabled=False)

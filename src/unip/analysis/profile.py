@@ -87,41 +87,48 @@ class AttentionProfile:
 
 
 class ProfileAccumulator:
-    """Running per-layer, per-head mean and M2 of the metrics; ``update`` takes one batch at a time."""
+    """Running per-layer, per-head mean and M2 of the metrics; ``update`` takes one batch at a time.
+
+    All layers are merged in one update (heads of every layer side by side), so that the cost per batch is
+    a handful of small ops whatever the depth."""
 
     def __init__(self) -> None:
         self.count = 0
-        self._mean: Dict[int, Tensor] = {}
-        self._m2: Dict[int, Tensor] = {}
+        self._heads: Dict[int, int] = {}
+        self._mean: Optional[Tensor] = None
+        self._m2: Optional[Tensor] = None
 
     def update(self, batch: Dict[int, Tensor]) -> None:
-        """Merge a batch ``{layer: Tensor[B, H, len(METRICS)]}`` (every layer with the same B)."""
+        """Merge a batch ``{layer: Tensor[B, H, len(METRICS)]}``; every batch must hold the same layers
+        and every layer the same number of images."""
+        heads = {layer: values.shape[1] for layer, values in sorted(batch.items())}
+        if self._heads and heads != self._heads:
+            raise ValueError(f"a batch holds layers/heads {heads}, earlier batches {self._heads}")
         sizes = {values.shape[0] for values in batch.values()}
         if len(sizes) != 1:
             raise ValueError(f"every layer of a batch must hold the same number of images, got {sizes}")
+        values = torch.cat([batch[layer] for layer in heads], dim=1).double()
         added = sizes.pop()
+        batch_mean = values.mean(dim=0)
+        batch_m2 = (values - batch_mean).square_().sum(dim=0)
+        if self._mean is None or self._m2 is None:
+            self._heads, self._mean, self._m2, self.count = heads, batch_mean, batch_m2, added
+            return
         total = self.count + added
-        for layer, values in batch.items():
-            values = values.double()
-            batch_mean = values.mean(dim=0)
-            batch_m2 = (values - batch_mean).square().sum(dim=0)
-            if layer not in self._mean:
-                self._mean[layer], self._m2[layer] = batch_mean, batch_m2
-                continue
-            delta = batch_mean - self._mean[layer]
-            self._mean[layer] = self._mean[layer] + delta * (added / total)
-            self._m2[layer] = self._m2[layer] + batch_m2 + delta.square() * (self.count * added / total)
+        delta = batch_mean - self._mean
+        self._mean = self._mean + delta * (added / total)
+        self._m2 = self._m2 + batch_m2 + delta.square_() * (self.count * added / total)
         self.count = total
 
     def layer_stats(self) -> List[LayerStats]:
         """Per-layer statistics so far (``std`` with ddof=0), in layer order."""
-        stats = []
-        for layer in sorted(self._mean):
-            mean = self._mean[layer].cpu()
-            std = (self._m2[layer].cpu() / max(self.count, 1)).clamp_min(0.0).sqrt()
-            stats.append(LayerStats(layer, {m: mean[:, i].tolist() for i, m in enumerate(METRICS)},
-                                    {m: std[:, i].tolist() for i, m in enumerate(METRICS)}))
-        return stats
+        if self._mean is None or self._m2 is None:
+            return []
+        means = self._mean.cpu().split(list(self._heads.values()))
+        stds = (self._m2.cpu() / self.count).clamp_min(0.0).sqrt().split(list(self._heads.values()))
+        return [LayerStats(layer, {m: mean[:, i].tolist() for i, m in enumerate(METRICS)},
+                           {m: std[:, i].tolist() for i, m in enumerate(METRICS)})
+                for layer, mean, std in zip(self._heads, means, stds)]
 
 
 def attention_by_layer(model: VisionTransformer, x: Tensor,
@@ -138,12 +145,21 @@ def attention_by_layer(model: VisionTransformer, x: Tensor,
             yield index, attn, grid
 
 
-def batch_metrics(model: VisionTransformer, x: Tensor, layers: Sequence[int]) -> Tuple[Dict[int, Tensor], Grid]:
-    """Metrics of one batch: ``{layer: float64 Tensor[B, H, len(METRICS)]}`` on x's device, and the grid."""
+def batch_metrics(model: VisionTransformer, x: Tensor, layers: Sequence[int],
+                  scratch: Optional[Dict[Tuple, Tensor]] = None) -> Tuple[Dict[int, Tensor], Grid]:
+    """Metrics of one batch: ``{layer: float64 Tensor[B, H, len(METRICS)]}`` on x's device, and the grid.
+
+    ``scratch`` (a dict, filled on first use) keeps one temporary per map shape across calls, so that the
+    metrics do not allocate a map-sized buffer for every layer of every batch."""
+    pool: Dict[Tuple, Tensor] = {} if scratch is None else scratch
     out: Dict[int, Tensor] = {}
     grid: Grid = (0, 0)
     for layer, attn, grid in attention_by_layer(model, x, layers):
-        metrics = attention_metrics(attn, model.patch_size, grid, model.num_prefix_tokens)
+        dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
+        key = (tuple(attn.shape), dtype, attn.device)
+        if key not in pool:
+            pool[key] = torch.empty(attn.shape, dtype=dtype, device=attn.device)
+        metrics = attention_metrics(attn, model.patch_size, grid, model.num_prefix_tokens, scratch=pool[key])
         out[layer] = torch.stack([metrics[m] for m in METRICS], dim=-1)
     return out, grid
 
@@ -183,9 +199,10 @@ def profile_model(model: VisionTransformer, images: Iterable[Tensor], batch_size
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     grid: Grid = (0, 0)
+    scratch: Dict[Tuple, Tensor] = {}
     with torch.inference_mode(), amp, bar:
         for x in _batches(images, batch_size):
-            metrics, grid = batch_metrics(model, x.to(device, non_blocking=True), layers)
+            metrics, grid = batch_metrics(model, x.to(device, non_blocking=True), layers, scratch)
             acc.update({layer: values.to(acc_device) for layer, values in metrics.items()})
             bar.update(x.shape[0])
     if acc.count == 0:

@@ -34,7 +34,7 @@ class AnalyzeOptions:
 
     out: str = "analysis_out"
     num_images: Optional[int] = 64
-    batch_size: int = 16
+    batch_size: int = 32
     device: str = "auto"
     size: Optional[Tuple[int, int]] = None
     norm: Normalization = NORMALIZATIONS["infmix"]
