@@ -9,7 +9,7 @@ Times, over the same in-memory batches (median of interleaved rounds, after a wa
                   statistics.
 
 Usage: ``python benchmarks/analysis_overhead.py [--model vit_small_patch16] [--num-images 64]
-[--batch-size 16] [--img-size 224] [--device auto] [--rounds 3] [--threads N]``
+[--batch-size 16] [--img-size 224] [--device auto] [--rounds 3] [--threads N] [--layer-group K]``
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--layer-group", type=int, default=None,
+                        help="layers reduced together (default: profile_model's, 1 on CPU, 4 on GPU)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,7 +73,8 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
 
     def profile() -> None:
         # the same device-resident images, so that host→device copies are not counted against the profile
-        profile_model(model, (img for b in batches for img in b), args.batch_size, device, progress=False)
+        profile_model(model, (img for b in batches for img in b), args.batch_size, device, progress=False,
+                      layer_group=args.layer_group)
 
     runs = {"forward": forward, "maps": maps, "profile": profile}
     for fn in runs.values():  # warm-up (allocator, kernels, distance table)
@@ -84,6 +87,7 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": args.model, "img_size": args.img_size, "images": args.num_images, "batch_size": args.batch_size,
+        "layer_group": args.layer_group,
         **{f"{name}_s": round(value, 4) for name, value in median.items()},
         "images_per_s_profile": round(args.num_images / median["profile"], 1),
         "maps_over_forward": round(median["maps"] / median["forward"], 3),

@@ -174,12 +174,13 @@ def test_accumulator_merges_uneven_batches_exactly():
                                    rtol=1e-10)
 
 
-def test_streaming_profile_equals_all_at_once():
+@pytest.mark.parametrize("layer_group", [1, 2])
+def test_streaming_profile_equals_all_at_once(layer_group):
     torch.manual_seed(0)
     # non-square 2x3 grid; the last block has its own head count as in UNIP students
     model = create_model("vit_small_patch16", depth=3, img_size=(32, 48), last_heads=4).eval()
     images = torch.randn(5, 3, 32, 48)
-    profile = profile_model(model, list(images), batch_size=2, progress=False)
+    profile = profile_model(model, list(images), batch_size=2, progress=False, layer_group=layer_group)
     with torch.inference_mode():
         maps = model.attention_maps(images)
     assert profile.num_images == 5 and profile.grid == (2, 3) and [s.layer for s in profile.layers] == [1, 2, 3]
