@@ -132,10 +132,13 @@ def test_unreadable_model_is_exit_2(image_dir, tmp_path, capsys):
     (["--nmi-local", "0.05"], "NMI thresholds"),
     (["--norm", "sepia"], "--norm 'sepia'"),
     (["--size", "0"], "--size '0'"),
+    (["--num-images", "-1"], "--num-images -1"),
+    (["--batch-size", "0"], "batch size must be at least 1"),
+    (["--device", "nonsense"], "--device 'nonsense'"),
 ])
 def test_bad_options_are_exit_2(vit_s, image_dir, tmp_path, capsys, argv, message):
     code, _, err = run_cli(capsys, "--model", vit_s, "--images", image_dir, "--out", str(tmp_path / "o"),
-                           "--num-images", "1", "--no-progress", *argv)
+                           "--no-progress", *(["--num-images", "1"] if "--num-images" not in argv else []), *argv)
     assert code == 2 and message in _one_error_line(err)
 
 
@@ -176,3 +179,10 @@ def test_image_folder_skips_unreadable_files(tmp_path):
     assert len(loaded) == 1 and [e.path for e in folder.skipped] == [str(tmp_path / "broken.png")]
     with pytest.raises(DataError):
         ImageFolder([str(tmp_path / "broken.png")], (16, 16)).first()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_exit_2(vit_s, image_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--model", vit_s, "--images", image_dir, "--out", str(tmp_path / "o"),
+                           "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in _one_error_line(err)

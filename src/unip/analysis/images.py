@@ -58,6 +58,8 @@ def list_images(folder: str, limit: Optional[int] = None) -> List[str]:
     """Image files under ``folder`` (recursively, sorted by path), at most ``limit``.
 
     Raises ``DataError`` when the folder does not exist or holds no image file."""
+    if limit is not None and limit < 0:
+        raise ConfigError(f"--num-images {limit}: use a positive number, or 0 for all images")
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: image folder does not exist; pass --images DIR with jpg/png/bmp/tiff files")
     found = []

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from unip.analysis.metrics import METRICS, Grid, attention_metrics, uniform_distance
-from unip.errors import DataError
+from unip.errors import ConfigError, DataError
 from unip.models.vit import VisionTransformer
 
 
@@ -211,7 +211,7 @@ def profile_model(model: VisionTransformer, images: Iterable[Tensor], batch_size
     matter more than memory). Returns an ``AttentionProfile``; raises ``DataError`` when ``images`` is
     empty."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}; change --batch-size")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
     group = layer_group or (1 if device.type == "cpu" else 4)

@@ -22,9 +22,9 @@ from unip.analysis.images import NORMALIZATIONS, ImageFolder, Normalization, lis
 from unip.analysis.patterns import LayerSelection, PatternThresholds, explain_distill_layer
 from unip.analysis.plots import Curve, plot_feature_pca, plot_metric_by_depth, plot_query_attention
 from unip.analysis.profile import AttentionProfile, profile_model
-from unip.analysis.queries import Point, default_layers, query_attention
+from unip.analysis.queries import Point, default_layers, query_attention, query_token
 from unip.analysis.report import format_table, write_csv, write_json
-from unip.errors import DataError
+from unip.errors import ConfigError, DataError
 from unip.models.vit import VisionTransformer
 
 
@@ -79,7 +79,13 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; anything else as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return resolved
 
 
 def _input_size(model: VisionTransformer, size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
@@ -90,6 +96,8 @@ def _input_size(model: VisionTransformer, size: Optional[Tuple[int, int]]) -> Tu
 def _profile_one(model: VisionTransformer, label: str, source: str, paths: List[str],
                  options: AnalyzeOptions, device: torch.device) -> Tuple[ModelResult, ImageFolder]:
     size = _input_size(model, options.size)
+    for point in options.queries:  # fail before the long part, not after it
+        query_token(point, (size[0] // model.patch_size, size[1] // model.patch_size), model.patch_size)
     images = ImageFolder(paths, size, options.norm)
     try:
         profile = profile_model(model, images, options.batch_size, device, autocast_dtype=options.autocast_dtype,
