@@ -55,6 +55,12 @@ def plot_metric_by_depth(curves: Sequence[Curve], metric: str, path: str,
             ax.axhline(value, color="grey", linestyle="--", linewidth=0.8)
             ax.annotate(f"{name} {value:g}", (0.01, value), xycoords=("axes fraction", "data"), fontsize=7,
                         color="grey", va="bottom")
+    references = {round(curve.profile.uniform_distance, 6) for curve in curves}
+    if metric == "distance" and len(references) == 1:
+        value = references.pop()
+        ax.axhline(value, color="grey", linestyle=":", linewidth=0.8)
+        ax.annotate(f"uniform attention {value:.0f} px", (0.01, value), xycoords=("axes fraction", "data"),
+                    fontsize=7, color="grey", va="bottom")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(_LABELS.get(metric, metric))
     ax.grid(alpha=0.3)
