@@ -439,7 +439,7 @@ def describe_checkpoint(source: PathLike, allow_partial: bool = True) -> str:
         f"from:          {loaded.architecture_from}",
         f"weights:       {loaded.report.summary()}",
     ]
-    lines += [f"{key + ':':<14} {value}" for key, value in loaded.meta.items()]
+    lines += [f"{key + ':':<14} {value}" for key, value in loaded.meta.items() if key != "architecture"]
     return "\n".join(lines)
 
 
