@@ -22,5 +22,10 @@ test: venv
 demo: venv
 	$(VENV)/bin/unip demo --out demo_out
 
+bench: venv
+	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/analysis_overhead.py
+	$(PY) benchmarks/pretrain_throughput.py
+
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
