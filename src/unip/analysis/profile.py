@@ -134,16 +134,11 @@ class ProfileAccumulator:
 
 def attention_by_layer(model: VisionTransformer, x: Tensor,
                        layers: Sequence[int]) -> Iterator[Tuple[int, Tensor, Grid]]:
-    """Yield ``(layer, attn[B, H, N, N], grid)`` for each wanted layer as its block runs.
-
-    Walks the blocks like ``VisionTransformer.attention_maps`` but hands each map out before the next
-    block runs, so that the caller can reduce and drop it: peak memory is one layer's maps."""
-    wanted = set(layers)
-    tokens, grid = model.embed(x)
-    for index, block in enumerate(model.blocks[: max(wanted)], start=1):
-        tokens, attn = block(tokens, return_attention=index in wanted)
-        if attn is not None:
-            yield index, attn, grid
+    """Yield ``(layer, attn[B, H, N, N], grid)`` for each wanted layer as its block runs, so that the
+    caller can reduce and drop it: peak memory is one layer's maps."""
+    grid = model.token_grid(x)
+    for layer, attn in model.iter_attention_maps(x, layers):
+        yield layer, attn, grid
 
 
 def _reduce(pending: List[Tuple[int, Tensor]], model: VisionTransformer, grid: Grid,

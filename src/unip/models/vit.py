@@ -18,7 +18,7 @@ Layers are numbered from 1 (block ``i`` of ``blocks`` is layer ``i + 1``).
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -282,19 +282,27 @@ class VisionTransformer(nn.Module):
         patches = tokens[:, self.num_prefix_tokens:]
         return patches.transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, height, width)
 
-    def attention_maps(self, x: Tensor, layers: Optional[Iterable[int]] = None) -> Dict[int, Tensor]:
-        """Post-softmax attention ``{layer: [B, heads, N, N]}`` of the chosen blocks (all by default).
+    def iter_attention_maps(self, x: Tensor, layers: Optional[Iterable[int]] = None
+                            ) -> Iterator[Tuple[int, Tensor]]:
+        """Yield ``(layer, attention [B, heads, N, N])`` post-softmax for the chosen blocks (all by
+        default) as each block runs, so a caller can reduce a map and drop it before the next block.
 
         Blocks not asked for run fused SDPA; the loop stops after the deepest requested block."""
-        wanted = sorted({self._check_layer(layer) for layer in layers}) if layers is not None \
-            else list(range(1, self.depth + 1))
+        wanted = {self._check_layer(layer) for layer in layers} if layers is not None \
+            else set(range(1, self.depth + 1))
         tokens, _ = self.embed(x)
-        maps: Dict[int, Tensor] = {}
-        for index, block in enumerate(self.blocks[: wanted[-1]], start=1):
+        for index, block in enumerate(self.blocks[: max(wanted)], start=1):
             tokens, attention = block(tokens, return_attention=index in wanted)
             if attention is not None:
-                maps[index] = attention
-        return maps
+                yield index, attention
+
+    def attention_maps(self, x: Tensor, layers: Optional[Iterable[int]] = None) -> Dict[int, Tensor]:
+        """Post-softmax attention ``{layer: [B, heads, N, N]}`` of the chosen blocks (all by default)."""
+        return dict(self.iter_attention_maps(x, layers))
+
+    def token_grid(self, x: Tensor) -> Tuple[int, int]:
+        """The ``(h, w)`` token grid an input of ``x``'s size gives."""
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """All blocks and the final norm: ``[B, N, D]`` (timm's ``forward_features``)."""
