@@ -180,3 +180,18 @@ def test_repack_replaces_the_folder_and_refuses_foreign_folders(manifest, tmp_pa
         pack_manifest(manifest, str(tmp_path / "other"))
     with pytest.raises(DataError, match="index.json"):
         PackedImages(str(tmp_path / "other"))
+
+
+def test_a_killed_packs_partial_folder_is_cleaned_by_the_next_pack(manifest, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(done.stdout)  # that process has exited: its partial folder is stale
+    stale = tmp_path / f"p.partial-{dead_pid}"
+    stale.mkdir()
+    (stale / "shard-00000.bin").write_bytes(b"half")
+    alive = tmp_path / f"p.partial-{os.getpid()}x"  # not a pid suffix: left alone
+    alive.mkdir()
+    pack_manifest(manifest, str(tmp_path / "p"), short_side=16)
+    assert sorted(os.listdir(tmp_path)) == ["p", alive.name]

@@ -98,10 +98,31 @@ def _prepare_out(out: str) -> str:
         raise DataError(f"{out}: is a file; --out names the pack folder to write")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, INDEX_JSON)):
         raise DataError(f"{out}: folder exists and is not a pack; choose an empty or new folder")
+    _remove_stale_partials(out)
     tmp = f"{os.path.abspath(out)}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
+
+
+def _remove_stale_partials(out: str) -> None:
+    """Delete ``<out>.partial-<pid>`` folders left by killed packs (their process no longer runs)."""
+    prefix = f"{os.path.basename(os.path.abspath(out))}.partial-"
+    parent = os.path.dirname(os.path.abspath(out))
+    for name in os.listdir(parent):
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _publish(tmp: str, out: str) -> None:
