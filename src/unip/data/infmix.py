@@ -306,6 +306,21 @@ def _inspect_all(cands: List[Candidate], cache: Dict[str, Entry], journal: str,
     return done, len(todo), len(cands) - len(todo) - refused
 
 
+def scan_folder(root: str, workers: Optional[int] = None) -> Tuple[List[Entry], List[Entry]]:
+    """Decode-check every image under ``root`` in memory (no manifest file): ``(records, skipped)``,
+    with the same checks and duplicate rule as :func:`build_manifest`. For sets read once, e.g. a plain
+    folder given to ``unip pretrain --data``; large sets are better scanned once into a manifest."""
+    cands = list(extra_candidates(root, os.path.basename(os.path.normpath(root)) or "extra"))
+    entries: List[Entry] = []
+    for cand in cands:
+        if cand.refused is not None:
+            entries.append({"path": cand.path, "source": cand.source, "kind": cand.kind,
+                            "reason": cand.refused[0], "detail": cand.refused[1]})
+    readable = [c for c in cands if c.refused is None]
+    entries.extend(thread_map(inspect_file, readable, workers))
+    return _split(entries)
+
+
 def _split(entries: List[Entry]) -> Tuple[List[Entry], List[Entry]]:
     """Separate good records from skip entries, marking later copies of the same content as duplicates."""
     records: List[Entry] = []

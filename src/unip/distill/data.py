@@ -7,8 +7,8 @@ deterministic (no-augmentation) crop used for layer selection and exact-equivale
 from __future__ import annotations
 
 import os
-from functools import partial
-from typing import Sequence
+from functools import lru_cache, partial
+from typing import Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
@@ -43,12 +43,40 @@ def open_pretrain_images(path: str, transform: Transform) -> GrayImages:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, INDEX_JSON)):
             return PackedImages(path, transform)
-        from unip.analysis.images import list_images
-
-        return ManifestImages([{"path": p, "source": ""} for p in list_images(path)], transform)
+        return checked_folder(path, transform)
     if os.path.isfile(path):
         return ManifestImages(path, transform)
     raise DataError(f"{path}: training data not found; pass a pack folder, a manifest file or an image folder")
+
+
+@lru_cache(maxsize=4)
+def _scan_folder(path: str) -> Tuple[list, list]:
+    """``unip.data.infmix.scan_folder``, once per folder per process (layer choice and training share it)."""
+    from unip.data.infmix import scan_folder
+
+    return scan_folder(path)
+
+
+def checked_folder(path: str, transform: Transform) -> ManifestImages:
+    """A folder's images after decoding each once: unreadable files and exact duplicates are skipped
+    and listed in the data set's ``skipped`` (``[{"path", "reason", "detail"}, ...]``)."""
+    records, skipped = _scan_folder(os.path.abspath(path))
+    if not records:
+        raise DataError(f"{path}: no readable images found ({len(skipped)} files skipped); "
+                        "pass a folder of jpg/png/bmp/tiff images, a manifest or a pack")
+    dataset = ManifestImages(records, transform)
+    dataset.skipped = skipped
+    return dataset
+
+
+def describe_skipped(dataset: Dataset, limit: int = 3) -> str:
+    """One line on the files a folder scan skipped ('' when none)."""
+    skipped = getattr(dataset, "skipped", [])
+    if not skipped:
+        return ""
+    shown = "; ".join(f"{e['path']}: {e['reason']}" for e in skipped[:limit])
+    more = f"; … {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"skipped {len(skipped)} file(s) of the data folder: {shown}{more}"
 
 
 def take(dataset: Dataset, count: int, seed: int = 0) -> list:

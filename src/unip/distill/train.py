@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from unip.data.transforms import normalize_batch
-from unip.distill.data import build_transform, crop_transform, open_pretrain_images, take
+from unip.distill.data import build_transform, crop_transform, describe_skipped, open_pretrain_images, take
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
 from unip.distill.teacher import Teacher, fit_to_grid
 from unip.engine import checkpointing
@@ -234,6 +234,8 @@ class Run:
 
         transform = crop_transform(int(data["input_size"]), bool(data["augment"]), data["scale"])
         dataset = open_pretrain_images(data["path"], transform)  # uint8 crops, normalised on the device
+        if describe_skipped(dataset) and dist.is_main:
+            print(describe_skipped(dataset), flush=True)
         self.loader = build_loader(dataset, int(optim["batch_size"]), rank=dist.rank, world_size=dist.world_size,
                                    seed=int(run["seed"]), num_workers=int(data["num_workers"]),
                                    pin_memory=dist.device.type == "cuda")
