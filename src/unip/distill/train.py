@@ -121,6 +121,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The RNG seed of one optimiser step on one rank (drop-path masks). Re-seeding every step makes the
+    masks a function of (seed, rank, step) alone, so a resumed run, on any number of processes, draws
+    exactly what an uninterrupted run would, without carrying every rank's RNG state in the checkpoint."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
     """``(accum_iter, effective_batch, peak_lr)`` from the optimiser settings and the world size."""
     batch = int(optim["batch_size"])
@@ -271,8 +278,6 @@ class Run:
             return
         state = checkpointing.load_state(path, self.student, self.optimizer, self.scaler)
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        if self.dist.rank:  # each rank draws its own drop-path masks
-            torch.manual_seed(int(self.config["run"]["seed"]) * 1000003 + self.dist.rank * 7919 + self.step)
         self._print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch})")
 
     def save(self, epoch: int, step_in_epoch: int) -> None:
@@ -322,6 +327,7 @@ class Run:
                 lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr,
                                    float(optim["min_lr"]))
                 set_lr(self.optimizer, lr)
+                torch.manual_seed(step_seed(int(run["seed"]), self.dist.rank, self.step))
                 result = train_step(self.model, self.loss_fn, self.micro_batches(batches), self.optimizer,
                                     self.scaler, self.precision, optim["clip_grad"],
                                     where=f"at step {self.step + 1} (epoch {self.epoch})")
