@@ -101,13 +101,17 @@ def test_timm_weights_by_name_and_through_timm(tmp_path):
     torch.manual_seed(0)
     reference = TimmViT(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=0).eval()
     save_file(reference.state_dict(), str(tmp_path / "timm.safetensors"))
+    # a release-style file ({"model": ...} with MAE decoder keys) loads through the same path
+    torch.save({"model": {**reference.state_dict(), "decoder_pred.weight": torch.zeros(4, 4)}}, tmp_path / "r.pth")
     image = torch.randn(1, 3, 224, 224)
     model = load_model(f"timm:vit_tiny_patch16_224@{tmp_path / 'timm.safetensors'}")
+    from_release = load_model(f"timm:vit_tiny_patch16_224@{tmp_path / 'r.pth'}")
     ours = create_model("vit_tiny_patch16").eval()
     load_weights(ours, tmp_path / "timm.safetensors")
     with torch.no_grad():
         expected = reference.forward_features(image)
         assert (model(image) - expected).abs().max() <= 1e-4
+        assert (from_release(image) - expected).abs().max() <= 1e-4
         assert (ours(image) - expected).abs().max() <= 1e-4
 
 
@@ -201,6 +205,7 @@ def test_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="refused to load"):
         read_checkpoint(tmp_path / "evil.pth")
     assert main(["info", str(tmp_path / "evil.pth")]) == 2
+    assert main(["info", f"timm:vit_tiny_patch16_224@{tmp_path / 'evil.pth'}"]) == 2
     assert not marker.exists()
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,31 +342,38 @@ def infer_architecture(state_dict: Mapping[str, Tensor], source: str = "checkpoi
 
 # ============================================================================================ timm
 def _open_timm(spec: str, allow_partial: bool, overrides: Dict[str, Any]) -> LoadedModel:
-    """``NAME`` (timm downloads the weights) or ``NAME@FILE`` (timm reads a local weights file)."""
+    """``NAME`` (timm downloads the weights) or ``NAME@FILE`` (a local weights file, read by our safe
+    reader and passed through the model family's timm ``checkpoint_filter_fn`` for release layouts)."""
+    name, _, weights_file = spec.partition("@")
+    reference = _create_timm(name, pretrained=not weights_file)
+    config = config_from_timm(reference, f"timm:{name}")
+    config.update(overrides)
+    model = _build(config, f"timm:{name}")
+    if weights_file:
+        state_dict = extract_state_dict(read_checkpoint(weights_file)[0], weights_file)
+        filter_fn = getattr(sys.modules[type(reference).__module__], "checkpoint_filter_fn", None)
+        state_dict = filter_fn(state_dict, reference) if filter_fn else state_dict
+    else:
+        state_dict = reference.state_dict()
+    report = load_weights(model, state_dict, allow_partial=allow_partial)
+    report.source = f"timm:{spec}"
+    return LoadedModel(model, report, f"timm model {name}", {"timm_model": name})
+
+
+def _create_timm(name: str, pretrained: bool) -> nn.Module:
+    """``timm.create_model(name)`` without a classifier; errors become ``CheckpointError``."""
     import timm
 
-    name, _, weights_file = spec.partition("@")
-    kwargs: Dict[str, Any] = dict(pretrained=True, num_classes=0)
-    if weights_file:
-        if not Path(weights_file).is_file():
-            raise CheckpointError(f"timm:{spec}: weights file {weights_file} does not exist")
-        kwargs["pretrained_cfg_overlay"] = dict(file=weights_file)
     try:
-        reference = timm.create_model(name, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, num_classes=0)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise CheckpointError(f"timm:{name}: unknown timm model; see timm.list_models()") from err
-        raise CheckpointError(f"timm:{spec}: timm could not load the weights ({err})") from err
+        raise CheckpointError(f"timm:{name}: timm could not load the weights ({err})") from err
     except Exception as err:  # network and hub errors come in many types
         raise CheckpointError(
             f"timm:{name}: could not get pretrained weights ({type(err).__name__}: {str(err)[:160]}). "
             f"Offline, download the file elsewhere and pass timm:{name}@/path/to/weights") from err
-    config = config_from_timm(reference, f"timm:{name}")
-    config.update(overrides)
-    model = _build(config, f"timm:{name}")
-    report = load_weights(model, reference.state_dict(), allow_partial=allow_partial)
-    report.source = f"timm:{spec}"
-    return LoadedModel(model, report, f"timm model {name}", {"timm_model": name})
 
 
 def config_from_timm(reference: nn.Module, source: str) -> Dict[str, Any]:
