@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: venv
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 demo: venv

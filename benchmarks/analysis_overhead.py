@@ -85,7 +85,8 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
             times[name].append(_timed(fn, device))
     median = {name: statistics.median(values) for name, values in times.items()}
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)"),
         "model": args.model, "img_size": args.img_size, "images": args.num_images, "batch_size": args.batch_size,
         "layer_group": args.layer_group,
         **{f"{name}_s": round(value, 4) for name, value in median.items()},

@@ -218,3 +218,14 @@ def test_worker_count_does_not_change_the_batches():
         set_loader_epoch(loader, 3)
         batches.append(torch.cat(list(loader)))
     assert torch.equal(batches[0], batches[1])
+
+
+def test_device_names_are_checked():
+    from unip.engine.distributed import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")

@@ -233,5 +233,6 @@ def test_two_process_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run
                              env=_env(), capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    ref, res = _weights(tmp_path / "full" / "student.safetensors"), _weights(tmp_path / "resumed" / "student.safetensors")
+    ref = _weights(tmp_path / "full" / "student.safetensors")
+    res = _weights(tmp_path / "resumed" / "student.safetensors")
     assert all(torch.equal(ref[k], res[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], res[k])]

@@ -234,7 +234,7 @@ def _fit_pos_embed(table: Tensor, model: VisionTransformer, source: str) -> Tens
     else:
         raise CheckpointError(f"{source}: pos_embed with {table.shape[1]} rows is not a square grid")
     resampled = resample_pos_embed(table, model.grid_size, num_prefix_tokens=prefix)
-    head, grid_part = resampled[:, :prefix], resampled[:, prefix:]
+    grid_part = resampled[:, prefix:]
     if prefix == model_prefix:
         return resampled
     if model_prefix == 0:

@@ -278,7 +278,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS: List[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_demo, _add_data, _add_analyze, _add_pretrain]
+VERBS: List[Callable[[argparse._SubParsersAction], None]] = [
+    _add_info, _add_data, _add_analyze, _add_pretrain, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,8 @@ from unip.analysis.plots import Curve, plot_feature_pca, plot_metric_by_depth, p
 from unip.analysis.profile import AttentionProfile, profile_model
 from unip.analysis.queries import Point, default_layers, query_attention, query_token
 from unip.analysis.report import format_table, write_csv, write_json
-from unip.errors import ConfigError, DataError
+from unip.engine.distributed import resolve_device
+from unip.errors import DataError
 from unip.models.vit import VisionTransformer
 
 
@@ -73,19 +74,6 @@ def model_label(source: str, taken: Sequence[str] = ()) -> str:
     while unique in taken:
         unique, n = f"{label}-{n}", n + 1
     return unique
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return resolved
 
 
 def _input_size(model: VisionTransformer, size: Optional[Tuple[int, int]]) -> Tuple[int, int]:

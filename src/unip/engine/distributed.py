@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from unip.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,10 +35,17 @@ class DistInfo:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"`` → this rank's CUDA device if there is one, else CPU; ``"cpu"``/``"cuda"``/``"cuda:N"``."""
+    """``"auto"`` → this rank's CUDA device if there is one, else CPU; ``"cpu"``/``"cuda"``/``"cuda:N"``.
+
+    Raises ``ConfigError`` for a name that is not a device or a CUDA device on a machine without one."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
