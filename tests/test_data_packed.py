@@ -195,3 +195,12 @@ def test_a_killed_packs_partial_folder_is_cleaned_by_the_next_pack(manifest, tmp
     alive.mkdir()
     pack_manifest(manifest, str(tmp_path / "p"), short_side=16)
     assert sorted(os.listdir(tmp_path)) == ["p", alive.name]
+
+
+def test_items_are_views_that_never_write_to_the_pack(pack):
+    data = PackedImages(pack, transform=None)
+    before = data.read(3).copy()
+    item = data[3]
+    assert item.shape == (1, *before.shape)
+    item.fill_(7)  # copy-on-write mapping: this process's page changes, the shard file does not
+    assert np.array_equal(PackedImages(pack, transform=None).read(3), before)

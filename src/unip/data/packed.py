@@ -206,10 +206,14 @@ class GrayImages(Dataset):
         """Return image ``index`` as uint8 ``[H, W]``."""
         raise NotImplementedError
 
+    def pixels(self, index: int) -> np.ndarray:
+        """Image ``index`` as uint8 ``[H, W]`` for the transform; may be a view that must not be kept."""
+        return self.read(index)
+
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        image = torch.from_numpy(self.read(index)).unsqueeze(0)
+        image = torch.from_numpy(self.pixels(index)).unsqueeze(0)
         if self.transform is not None:
             image = self.transform(image)
         return (image, index) if self.return_index else image
@@ -249,14 +253,19 @@ class PackedImages(GrayImages):
         if number not in self._maps:
             path = os.path.join(self.folder, self.meta["shards"][number])
             try:
-                self._maps[number] = np.memmap(path, dtype=np.uint8, mode="r")
+                # copy-on-write: views are writable for torch.from_numpy, the file is never changed
+                self._maps[number] = np.memmap(path, dtype=np.uint8, mode="c")
             except (OSError, ValueError) as err:
                 raise DataError(f"{path}: cannot map shard ({err}); rebuild with `unip data pack`") from None
         return self._maps[number]
 
-    def read(self, index: int) -> np.ndarray:
+    def pixels(self, index: int) -> np.ndarray:
+        """A view into the mapped shard, no copy: the crop then reads only the pixels it needs."""
         shard, offset, height, width, _ = (int(v) for v in self.index[index])
-        return np.array(self._shard(shard)[offset:offset + height * width]).reshape(height, width)
+        return self._shard(shard)[offset:offset + height * width].reshape(height, width)
+
+    def read(self, index: int) -> np.ndarray:
+        return np.array(self.pixels(index))
 
     def source(self, index: int) -> str:
         """Return the source name (e.g. ``"SODA"``, ``"COCO"``) of image ``index``."""
