@@ -11,7 +11,8 @@ from torch import nn
 
 from unip.engine import checkpointing
 from unip.engine.config import build_config, parse_override
-from unip.engine.data import ResumableSampler, SeededDataset, build_loader, set_loader_epoch
+from unip.data.sharding import RankSampler
+from unip.engine.data import SeededDataset, build_loader, set_loader_epoch
 from unip.engine.loop import NonFiniteLossError, resolve_precision, train_step
 from unip.engine.optim import build_adamw, param_groups
 from unip.engine.schedule import set_lr, warmup_cosine, warmup_poly
@@ -157,14 +158,14 @@ def test_seeded_samples_depend_on_seed_epoch_index_only():
 
 
 def test_sampler_resumes_mid_epoch_and_shards_ranks():
-    full = ResumableSampler(range(20), num_replicas=1, rank=0, seed=3)
+    full = RankSampler(20, rank=0, world_size=1, seed=3)
     full.set_epoch(2)
     order = list(full)
     full.set_epoch(2, start=6)
     assert list(full) == order[6:] and len(full) == 14
     shares = []
     for rank in range(2):
-        s = ResumableSampler(range(20), num_replicas=2, rank=rank, seed=3)
+        s = RankSampler(20, rank=rank, world_size=2, seed=3)
         s.set_epoch(2)
         shares.append(list(s))
     assert shares[0] == order[0::2] and shares[1] == order[1::2]

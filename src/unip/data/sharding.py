@@ -5,7 +5,9 @@ distributed run needs on top is that each rank samples a disjoint part of the in
 ``torch.utils.data.DistributedSampler``, :class:`RankSampler` never pads with repeated samples: with
 ``even=False`` the shares are disjoint and together complete; with ``even=True`` every rank gets the same
 number of samples (needed so that DDP ranks run the same number of steps) by dropping at most
-``world_size - 1`` samples, a different few each epoch when shuffling.
+``world_size - 1`` samples, a different few each epoch when shuffling. With ``even=True`` the shares are
+exactly those of ``DistributedSampler(drop_last=True)``. ``set_epoch(epoch, start)`` can start part-way
+into this rank's share, so that a resumed training run sees exactly the samples it had not yet seen.
 """
 
 from __future__ import annotations
@@ -56,21 +58,22 @@ class RankSampler(Sampler[int]):
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
         self.shuffle, self.seed, self.even = shuffle, seed, even
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         shard_indices(0, self.rank, self.world_size)  # validates rank/world early
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch`` to derive the next permutation (same on every rank)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Use ``epoch`` to derive the next permutation (same on every rank); skip the first ``start``
+        indices of this rank's share."""
+        self.epoch, self.start = int(epoch), int(start)
 
     def indices(self) -> List[int]:
-        """Return this rank's indices for the current epoch."""
+        """Return this rank's indices for the current epoch, from ``start`` on."""
         return shard_indices(self.n, self.rank, self.world_size, self.shuffle, self.seed, self.epoch,
-                             self.even)
+                             self.even)[self.start:]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices())
 
     def __len__(self) -> int:
         total = self.n - self.n % self.world_size if self.even else self.n
-        return len(range(self.rank, total, self.world_size))
+        return max(0, len(range(self.rank, total, self.world_size)) - self.start)

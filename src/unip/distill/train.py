@@ -13,13 +13,11 @@ batch / 256 unless ``optim.lr`` is given.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,6 +33,7 @@ from unip.engine.logging import MetricLogger
 from unip.engine.loop import Precision, resolve_precision, train_step
 from unip.engine.optim import build_adamw
 from unip.engine.progress import postfix, progress_bar
+from unip.engine.seeding import seed_everything, step_seed
 from unip.engine.schedule import set_lr, warmup_cosine
 from unip.errors import ConfigError
 from unip.models import create_model, preset_config
@@ -115,19 +114,6 @@ def mask_key_bias_grads(student: VisionTransformer) -> None:
 
 
 # -------------------------------------------------------------------------------------------- set-up
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The RNG seed of one optimiser step on one rank (drop-path masks). Re-seeding every step makes the
-    masks a function of (seed, rank, step) alone, so a resumed run, on any number of processes, draws
-    exactly what an uninterrupted run would, without carrying every rank's RNG state in the checkpoint."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
     """``(accum_iter, effective_batch, peak_lr)`` from the optimiser settings and the world size."""
     batch = int(optim["batch_size"])
