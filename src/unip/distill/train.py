@@ -227,8 +227,9 @@ class Run:
 
         transform = crop_transform(int(data["input_size"]), bool(data["augment"]), data["scale"])
         dataset = open_pretrain_images(data["path"], transform)  # uint8 crops, normalised on the device
-        if describe_skipped(dataset) and dist.is_main:
-            print(describe_skipped(dataset), flush=True)
+        skipped = describe_skipped(dataset)
+        if skipped and dist.is_main:
+            print(skipped, flush=True)
         self.loader = build_loader(dataset, int(optim["batch_size"]), rank=dist.rank, world_size=dist.world_size,
                                    seed=int(run["seed"]), num_workers=int(data["num_workers"]),
                                    pin_memory=dist.device.type == "cuda")
