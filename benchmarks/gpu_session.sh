@@ -1,30 +1,73 @@
 #!/usr/bin/env bash
-# One short GPU session, in priority order (each step writes to $OUT, so a cut-off run still reports):
-#   1. NMI-HAD step throughput, bf16, ours vs baseline, with model-FLOP utilisation
-#   2. `unip pretrain` end to end on CUDA with bf16 autocast and with fp16 + grad scaler
-#   3. backbone accelerator check (bf16 logits error, flash SDPA, cut-at-layer speed-up)
-# Usage (repo root, a python3 with torch+timm+safetensors+pyyaml+tqdm): OUT=/tmp/out bash benchmarks/gpu_session.sh
+# The GPU measurements of docs/pretrain.md, in two short parts that each write everything to $OUT:
+#   step: environment, generated packed data set (20,480 thermal scenes), FP8 teacher accuracy
+#         (benchmarks/fp8_teacher.py), NMI-HAD step throughput against the release's step
+#         (benchmarks/pretrain_throughput.py: release, ours, ours+compile, ours+compile+fp8)
+#   e2e:  CUDA tests, then `unip pretrain` end to end on the generated pack (batch 256, 14 workers,
+#         bf16 and FP8 teacher), images/s read from its own log.jsonl
+# Usage (repo root, a python3 with torch, timm, safetensors, pyyaml, tqdm, tensorboard; torchao wheels in
+# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e
 set -u
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
-timeout 90 python3 benchmarks/pretrain_throughput.py --device cuda --dtype bf16 --steps 5 \
-    --json "$OUT/pretrain_bf16.json" 2>&1 | tee "$OUT/pretrain_bf16.txt"
-python3 - "$OUT/work" <<'PY'
-import sys
-from pathlib import Path
-from unip.demo import make_toy_teacher
-from unip.data.synth import write_unlabeled
-root = Path(sys.argv[1]); root.mkdir(parents=True, exist_ok=True)
-make_toy_teacher(root / "teacher.safetensors")
-write_unlabeled(str(root / "images"), 64, name="synth", size=(160, 128))
+W=${WORK:-/tmp/unip_gpu}
+mkdir -p "$OUT" "$W"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
+step() {
+  python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
+import torch
+from unip.models.quantize import fp8_unavailable_reason
+print("torch", torch.__version__, "|", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability())
+try:
+    import torchao; print("torchao", torchao.__version__)
+except ImportError as err:
+    print("torchao missing:", err)
+print("fp8:", fp8_unavailable_reason(torch.device("cuda")) or "available")
 PY
-for precision in bf16 fp16; do
-  timeout 60 python3 -m unip.cli pretrain toy --teacher "$OUT/work/teacher.safetensors" --teacher-layer 6 \
-      --data "$OUT/work/images" --out "$OUT/work/run_$precision" --device cuda --precision "$precision" \
-      --epochs 2 --workers 2 2>&1 | tail -3 | tee "$OUT/pretrain_cli_$precision.txt"
-  python3 -m unip.cli info "$OUT/work/run_$precision/student.safetensors" | tee -a "$OUT/pretrain_cli_$precision.txt"
-done
-rm -rf "$OUT/work"
-timeout 60 python3 benchmarks/backbone_cuda_check.py --batch-size 64 --steps 10 --no-compile 2>&1 | tee "$OUT/backbone.json"
+  nproc >> "$OUT/env.txt"
+  (
+    for i in $(seq 0 15); do
+      python3 -m unip.cli data synth --out "$W/ir" --num 1280 --name "s$i" --size 320x256 --seed "$i" >/dev/null 2>&1 &
+    done
+    wait
+    python3 -m unip.cli data infmix --infrared "$W/ir" --out "$W/infmix.jsonl" --workers 16
+    python3 -m unip.cli data pack "$W/infmix.jsonl" --out "$W/pack" --short-side 256 --workers 16
+  ) > "$OUT/data.txt" 2>&1 &
+  data=$!
+  timeout 150 python3 benchmarks/fp8_teacher.py --json "$OUT/fp8.json" 2>&1 | grep -v Warning | tee "$OUT/fp8.txt"
+  wait $data
+  tail -3 "$OUT/data.txt"
+  timeout 330 python3 benchmarks/pretrain_throughput.py --batch-size 256 --json "$OUT/step.json" 2>&1 \
+    | grep -v Warning | tee "$OUT/step.txt"
+}
+
+e2e() {
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_analysis.py -k "fp8 or cuda" \
+    2>&1 | tail -3 | tee "$OUT/cuda_tests.txt"
+  [ -f "$W/vitl.safetensors" ] || python3 -c "
+from unip.checkpoint import save_checkpoint; from unip.models import create_model
+save_checkpoint(create_model('vit_large_patch16'), '$W/vitl.safetensors', {'note': 'random ViT-L'})"
+  for teacher in bf16 fp8; do
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 1000 > "$OUT/smi_$teacher.csv" &
+    smi=$!
+    timeout 170 python3 -m unip.cli pretrain mae-l_unip-s --teacher "$W/vitl.safetensors" --data "$W/pack" \
+      --out "$W/run_$teacher" --epochs 2 --batch-size 256 --accum-iter 1 --set optim.effective_batch=null \
+      --workers 14 --teacher-precision "$teacher" --set run.log_every=10 --set run.progress=false \
+      --set run.save_every_steps=0 2>&1 | grep -v Warning | tail -5
+    kill $smi
+    cp "$W/run_$teacher/log.jsonl" "$OUT/e2e_$teacher.jsonl"
+    python3 - "$OUT/e2e_$teacher.jsonl" <<'PY' | tee -a "$OUT/e2e.txt"
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if '"images_per_s"' in line]
+rates = [r["images_per_s"] for r in rows[2:]]  # the first windows include compilation
+print(sys.argv[1], "windows", len(rows), "median images/s after warm-up",
+      round(statistics.median(rates), 1) if rates else None, "last loss", rows[-1]["loss"] if rows else None)
+PY
+  done
+}
+
+"${1:-step}"

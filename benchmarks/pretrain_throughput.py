@@ -1,43 +1,96 @@
-"""Images/s of one NMI-HAD training step: ours against a straightforward baseline, in one process.
+"""Images/s of one NMI-HAD training step: ours against the release's own step, in one process.
 
-* ``ours``     – ``unip.distill``: the teacher runs blocks 1..L-1 fused (SDPA) and only q·kᵀ of block L
-                 (``Teacher``, later blocks dropped) under ``no_grad``; the student runs fused SDPA in
-                 blocks 1..11 and only q·kᵀ of its last block (``StudentLogits``), unused parts frozen.
-* ``baseline`` – what a direct port does: both models run every block fully with the attention matrix
-                 materialised (q·kᵀ → softmax → ·v) in every block, the final norm included; the logits of
-                 the teacher's block L and the student's last block are captured on the way.
+Rows (each with its own copy of the same weights, timed alternately after warm-up, median per step):
 
-Both: the same weights, ``attention_distill_loss``, AdamW, fp32 on CPU or bf16 autocast on CUDA. Steps
-are timed alternately (ours, baseline, ours, ...) after warm-up; the median per step is reported. On
-CUDA the achieved model TFLOP/s (analytic count: matmuls of the blocks that run, backward = 2 × forward
-for the student) and its share of ``--peak-tflops`` are printed too.
+* ``release``  – what users of the paper's release run today, reproduced faithfully: the teacher built to
+                 stop at the distilled block (blocks 1..L-1 with fused attention, then block L's full qkv
+                 projection and q·kᵀ), the student running fused attention in blocks 1..11 and the full qkv
+                 projection + q·kᵀ of its last block, fp32 weights under fp16 autocast with a GradScaler on
+                 CUDA (fp32 on CPU), ``torch.optim.AdamW`` with its default (foreach) kernels, and the loss
+                 read back every step (``loss.item()``, as MAE-style loops do).
+* ``ours``     – ``unip pretrain``'s step, assembled from the same pieces it uses (``Teacher`` with its
+                 weight precision, ``StudentLogits`` with the unused parts frozen, ``build_adamw`` (fused on
+                 CUDA), ``engine.loop.train_step`` with its non-finite check): bf16 autocast and a bf16 teacher
+                 on CUDA, fp32 on CPU; only the q/k rows of the last blocks are projected.
+* ``ours+compile`` – the same with ``torch.compile`` of teacher, student and loss (``run.compile``).
+* ``ours+compile+fp8`` – and the teacher's linear layers in FP8 (torchao; Ada/Hopper GPUs only).
+* ``naive`` (``--naive``) – both models through every block with the attention matrix materialised.
 
-Usage: ``python benchmarks/pretrain_throughput.py [--device cpu|cuda] [--batch-size 8|128] [--steps 3]
-[--dtype fp32|bf16] [--teacher vit_large_patch16] [--layer 18] [--student unip_vit_small_patch16]
-[--img-size 224] [--compile] [--peak-tflops 989] [--json FILE]``
+Model FLOPs per image are counted with ``torch.utils.flop_counter`` on one of our eager steps (teacher
+forward to block L, student forward and backward, loss); on CUDA the achieved TFLOP/s and the share of
+``--peak-tflops`` (the card's dense bf16 peak) are printed for every row, counted with these same model
+FLOPs (the release's extra value-row work is not credited).
+
+Usage: ``python benchmarks/pretrain_throughput.py [--device cpu|cuda] [--batch-size 8|256] [--steps 5]
+[--rows release,ours,ours+compile,ours+compile+fp8] [--naive] [--teacher vit_large_patch16] [--layer 18]
+[--student unip_vit_small_patch16] [--img-size 224] [--peak-tflops 989] [--json FILE]``
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from unip.distill.loss import attention_distill_loss
-from unip.distill.teacher import Teacher, drop_register_tokens
-from unip.distill.train import StudentLogits, freeze_unused
-from unip.engine.loop import Precision
+from unip.distill.teacher import Teacher
+from unip.distill.train import StudentLogits, freeze_unused, mask_key_bias_grads
+from unip.engine.loop import Precision, train_step
+from unip.engine.optim import build_adamw
 from unip.models import create_model
+from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import VisionTransformer
 
+Step = Callable[[Tensor], float]
+ALL_ROWS = ("release", "ours", "ours+compile", "ours+compile+fp8")
 
-# ------------------------------------------------------------------------------------------ baseline
+
+# ------------------------------------------------------------------------------------------ release step
+def release_logits(model: VisionTransformer, x: Tensor, layer: int) -> Tensor:
+    """The release's cut forward: blocks 1..layer-1 as usual (fused attention), then block ``layer``'s
+    full qkv projection and its scaled q·kᵀ ``[B, heads, N, N]``."""
+    tokens, _ = model.embed(x)
+    for block in model.blocks[: layer - 1]:
+        tokens, _ = block(tokens)
+    block = model.blocks[layer - 1]
+    attn = block.attn
+    hidden = block.norm1(tokens)
+    batch, count, dim = hidden.shape
+    qkv = attn.qkv(hidden).reshape(batch, count, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    query, key = qkv[0], qkv[1]
+    return (query @ key.transpose(-2, -1)) * attn.scale
+
+
+def release_step(student: VisionTransformer, teacher: VisionTransformer, layer: int, device: torch.device) -> Step:
+    """One optimiser step as the release takes it (see the module docstring)."""
+    amp = device.type == "cuda"
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    def step(images: Tensor) -> float:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            with torch.no_grad():
+                target = release_logits(teacher, images, layer)
+            loss = attention_distill_loss(release_logits(student, images, student.depth), target)
+        loss_value = loss.item()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss_value
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------ naive step
 def explicit_forward(model: VisionTransformer, x: Tensor, capture: int) -> Tensor:
     """Every block in full with its attention matrix materialised; returns block ``capture``'s logits."""
     tokens, _ = model.embed(x)
@@ -57,160 +110,163 @@ def explicit_forward(model: VisionTransformer, x: Tensor, capture: int) -> Tenso
     return captured
 
 
-# ------------------------------------------------------------------------------------------ FLOPs
-def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
-    """Forward FLOPs of one full block (multiply-add = 2): qkv, q·kᵀ, ·v, proj, MLP."""
-    return 2 * tokens * dim * (3 * dim + dim + 2 * mlp_ratio * dim) + 4 * tokens * tokens * dim
-
-
-def logits_flops(tokens: int, dim: int) -> float:
-    """Forward FLOPs of a block that stops at q·kᵀ: q and k projections and the product."""
-    return 2 * tokens * dim * 2 * dim + 2 * tokens * tokens * dim
-
-
-def step_flops(teacher: VisionTransformer, layer: int, student: VisionTransformer, img: int) -> float:
-    """Model FLOPs per image of our step: teacher forward to block ``layer``; student forward + backward
-    (2 × forward) to its last block's logits. Patch embeddings included."""
-    patches = (img // student.patch_size) ** 2  # the teacher's input is resized to the student's grid
-
-    def model_part(model: VisionTransformer, blocks: int) -> float:
-        tokens = patches + model.num_prefix_tokens
-        embed = 2 * patches * 3 * model.patch_size ** 2 * model.embed_dim
-        return embed + (blocks - 1) * block_flops(tokens, model.embed_dim) + logits_flops(tokens, model.embed_dim)
-
-    return model_part(teacher, layer) + 3 * model_part(student, student.depth)
-
-
-# ------------------------------------------------------------------------------------------ steps
-def make_step(student: nn.Module, student_logits: Callable[[Tensor], Tensor],
-              teacher_logits: Callable[[Tensor], Tensor], precision: Precision) -> Callable[[Tensor], Tensor]:
+def naive_step(student: VisionTransformer, teacher: VisionTransformer, layer: int, precision: Precision) -> Step:
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                                  fused=params[0].is_cuda or None)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
-    def step(images: Tensor) -> Tensor:
+    def step(images: Tensor) -> float:
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             with torch.no_grad():
-                target = teacher_logits(images)
-            loss = attention_distill_loss(student_logits(images), target)
+                target = explicit_forward(teacher, images, layer)
+            loss = attention_distill_loss(explicit_forward(student, images, student.depth), target)
         loss.backward()
         optimizer.step()
-        return loss.detach()
+        return loss.item()
 
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# ------------------------------------------------------------------------------------------ our step
+def our_step(student: VisionTransformer, teacher: Teacher, precision: Precision, compiled: bool) -> Step:
+    """``unip pretrain``'s step: ``train_step`` over ``StudentLogits`` and the cut ``Teacher``."""
+    freeze_unused(student)
+    mask_key_bias_grads(student)
+    optimizer = build_adamw(student, 1e-4, 0.05, (0.9, 0.95))
+    scaler = precision.grad_scaler()
+    model: nn.Module = StudentLogits(student)
+    forward_student, forward_teacher, loss_fn = model, teacher, attention_distill_loss
+    if compiled:
+        forward_student, forward_teacher = torch.compile(model), torch.compile(teacher)
+        loss_fn = torch.compile(attention_distill_loss)
+
+    def loss_of(images: Tensor) -> Tensor:
+        return loss_fn(forward_student(images), forward_teacher(images))
+
+    def step(images: Tensor) -> float:
+        return train_step(model, loss_of, [images], optimizer, scaler, precision).loss
+
+    return step
 
 
-def time_steps(steps: Dict[str, Callable[[Tensor], Tensor]], images: Tensor, warmup: int,
-               rounds: int) -> Dict[str, List[float]]:
-    """Seconds per step of each variant, interleaved so that drift hits all alike."""
+# ------------------------------------------------------------------------------------------ measuring
+def count_flops(step: Step, images: Tensor) -> int:
+    """Model FLOPs of one call of ``step`` (``torch.utils.flop_counter``)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(images)
+    return counter.get_total_flops()
+
+
+def time_steps(steps: Dict[str, Step], images: Tensor, warmup: int, rounds: int) -> Dict[str, List[float]]:
+    """Seconds per step of each variant, interleaved so that drift hits all alike (every step ends with a
+    host read of the loss, so wall-clock time per call is the step time)."""
     for name, step in steps.items():
+        start = time.perf_counter()
         for _ in range(warmup):
             step(images)
-    _sync(images.device)
+        print(f"  {name}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             start = time.perf_counter()
             step(images)
-            _sync(images.device)
             times[name].append(time.perf_counter() - start)
     return times
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
+def build_rows(args: argparse.Namespace, device: torch.device) -> Dict[str, Step]:
+    torch.manual_seed(0)
+    teacher_ref = create_model(args.teacher, img_size=args.img_size).eval().requires_grad_(False)
+    heads = teacher_ref.heads_per_block[args.layer - 1]
+    student_ref = create_model(args.student, last_heads=heads, img_size=args.img_size)  # drop path 0.1
+    ours_precision = Precision(device.type, torch.bfloat16 if device.type == "cuda" else None)
+
+    def fresh_student() -> VisionTransformer:
+        return copy.deepcopy(student_ref).to(device).train()
+
+    def fresh_teacher(precision: str) -> Teacher:
+        teacher = Teacher(copy.deepcopy(teacher_ref), args.layer, student_ref.patch_size).to(device)
+        return teacher.set_precision(precision)
+
+    steps: Dict[str, Step] = {}
+    for row in args.rows:
+        if row == "release":
+            steps[row] = release_step(fresh_student(), copy.deepcopy(teacher_ref).to(device), args.layer, device)
+        elif row == "naive":
+            steps[row] = naive_step(fresh_student(), copy.deepcopy(teacher_ref).to(device), args.layer,
+                                    ours_precision)
+        elif row.startswith("ours"):
+            fp8 = row.endswith("+fp8")
+            if fp8 and fp8_unavailable_reason(device):
+                print(f"  skipping {row}: {fp8_unavailable_reason(device)}")
+                continue
+            weights = "fp8" if fp8 else ("bf16" if ours_precision.dtype is torch.bfloat16 else "fp32")
+            steps[row] = our_step(fresh_student(), fresh_teacher(weights), ours_precision, "compile" in row)
+        else:
+            raise SystemExit(f"unknown row {row!r}; choose from {', '.join(ALL_ROWS + ('naive',))}")
+    return steps
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                        help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 256 on CUDA (the recipe)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row (compilation happens here)")
+    parser.add_argument("--rows", default=None, help="comma-separated rows (default: release,ours,ours+compile "
+                                                     "and, where FP8 runs, ours+compile+fp8; CPU: release,ours)")
+    parser.add_argument("--naive", action="store_true", help="add the every-block-materialised row")
     parser.add_argument("--teacher", default="vit_large_patch16")
     parser.add_argument("--layer", type=int, default=18)
     parser.add_argument("--student", default="unip_vit_small_patch16")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--compile", action="store_true", help="torch.compile our student and teacher")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="the card's dense bf16 peak (H100 SXM: 989; H200: 989; A100: 312)")
-    parser.add_argument("--skip-baseline", action="store_true")
+                        help="the card's dense bf16 peak (H100 SXM / H200: 989; A100: 312)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    args.batch_size = args.batch_size or (128 if device.type == "cuda" else 8)
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    precision = Precision(device.type, dtype)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    args.batch_size = args.batch_size or (256 if cuda else 8)
+    args.rows = args.rows.split(",") if args.rows else (list(ALL_ROWS) if cuda else ["release", "ours"])
+    if args.naive:
+        args.rows.append("naive")
+    if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    torch.manual_seed(0)
-    teacher_model = create_model(args.teacher, img_size=args.img_size).to(device).eval()
-    heads = teacher_model.heads_per_block[args.layer - 1]
-    student = create_model(args.student, last_heads=heads, img_size=args.img_size, drop_path_rate=0.0).to(device)
-    baseline_student = create_model(args.student, last_heads=heads, img_size=args.img_size,
-                                    drop_path_rate=0.0).to(device)
-    baseline_student.load_state_dict(student.state_dict())
-    baseline_student.train()
-    teacher_model.requires_grad_(False)
-    flops = step_flops(teacher_model, args.layer, student, args.img_size)
-    depth = student.depth
-
-    def baseline_teacher(x: Tensor) -> Tensor:
-        size = tuple(side // student.patch_size * teacher_model.patch_size for side in x.shape[-2:])
-        if size != tuple(x.shape[-2:]):
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-        logits = explicit_forward(teacher_model, x, args.layer)
-        return drop_register_tokens(logits, teacher_model.num_prefix_tokens)
-
-    steps: Dict[str, Callable[[Tensor], Tensor]] = {}
-    if not args.skip_baseline:
-        steps["baseline"] = make_step(baseline_student, lambda x: explicit_forward(baseline_student, x, depth),
-                                      baseline_teacher, precision)
-    # ours: copy the teacher (the cut drops its later blocks) and freeze the student's unused parts
-    ours_teacher_model = create_model(args.teacher, img_size=args.img_size).to(device)
-    ours_teacher_model.load_state_dict(teacher_model.state_dict())
-    teacher = Teacher(ours_teacher_model, args.layer, student.patch_size)
-    if dtype is torch.bfloat16:
-        teacher.to(dtype)  # as unip.distill.train does: the frozen teacher is kept in bf16
-    freeze_unused(student)
-    student.train()
-    student_logits: nn.Module = StudentLogits(student)
-    teacher_fn: nn.Module = teacher
-    if args.compile:
-        student_logits, teacher_fn = torch.compile(student_logits), torch.compile(teacher)
-    steps["ours"] = make_step(student, student_logits, teacher_fn, precision)
-
+    steps = build_rows(args, device)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    flops_row = next(row for row in ("ours", "ours+compile") if row in steps)
+    flops = count_flops(steps[flops_row], images) / args.batch_size
     times = time_steps(steps, images, args.warmup, args.steps)
 
-    result: Dict[str, float] = {"batch_size": args.batch_size, "dtype": dtype_name,
-                                "device": str(torch.cuda.get_device_name(device) if device.type == "cuda"
-                                              else f"cpu ({torch.get_num_threads()} threads)"),
-                                "model_gflops_per_image": flops / 1e9}
+    result: Dict[str, object] = {
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "batch_size": args.batch_size, "model_gflops_per_image": flops / 1e9,
+        "rows": {}}
+    base = args.batch_size / statistics.median(times["release"]) if "release" in times else None
     for name, values in times.items():
-        result[f"{name}_images_per_s"] = args.batch_size / statistics.median(values)
-        print(f"{name:>9}: {result[f'{name}_images_per_s']:8.2f} images/s "
-              f"(median {statistics.median(values) * 1e3:.0f} ms/step over {len(values)} steps)")
-    if "baseline" in times:
-        result["speedup"] = result["ours_images_per_s"] / result["baseline_images_per_s"]
-        print(f"  speedup: {result['speedup']:.2f}x")
-    achieved = flops * result["ours_images_per_s"] / 1e12
-    result["ours_model_tflops"] = achieved
-    print(f"    model: {flops / 1e9:.1f} GFLOP per image in our step; achieved {achieved:.2f} TFLOP/s")
-    if device.type == "cuda" and dtype is not None:
-        result["percent_of_peak"] = 100 * achieved / args.peak_tflops
-        print(f"     peak: {result['percent_of_peak']:.1f} % of {args.peak_tflops:g} TFLOP/s ({dtype_name})")
+        rate = args.batch_size / statistics.median(values)
+        row = {"images_per_s": rate, "ms_per_step": 1e3 * statistics.median(values),
+               "tflops": flops * rate / 1e12}
+        if cuda:
+            row["mfu_bf16_peak"] = row["tflops"] / args.peak_tflops
+        if base:
+            row["vs_release"] = rate / base
+        result["rows"][name] = row
+    print(f"\n{result['device']}, torch {result['torch']}, batch {args.batch_size}, "
+          f"{flops / 1e9:.1f} model GFLOP per image")
+    print(f"{'row':<20}{'images/s':>10}{'ms/step':>10}{'TFLOP/s':>10}{'MFU':>8}{'vs release':>12}")
+    for name, row in result["rows"].items():
+        mfu = f"{100 * row['mfu_bf16_peak']:.1f}%" if "mfu_bf16_peak" in row else "-"
+        ratio = f"{row['vs_release']:.2f}x" if "vs_release" in row else "-"
+        print(f"{name:<20}{row['images_per_s']:>10.1f}{row['ms_per_step']:>10.1f}{row['tflops']:>10.1f}"
+              f"{mfu:>8}{ratio:>12}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=1)

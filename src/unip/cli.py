@@ -223,6 +223,7 @@ _PRETRAIN_OPTIONS = {
     "data": "data.path", "out": "run.output", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
     "accum_iter": "optim.accum_iter", "blr": "optim.blr", "device": "run.device",
     "precision": "run.precision", "resume": "run.resume", "seed": "run.seed", "workers": "data.num_workers",
+    "teacher_precision": "run.teacher_precision",
 }
 
 
@@ -246,7 +247,11 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blr", type=float, help="base lr; lr = blr × effective batch / 256")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="AMP on CUDA; CPU runs fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    p.add_argument("--compile", dest="compile", action="store_const", const=True,
+                   help="torch.compile teacher, student and loss (default: on CUDA only)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="run eagerly")
+    p.add_argument("--teacher-precision", choices=["auto", "fp32", "bf16", "fp8"],
+                   help="teacher weights: auto (bf16 in bf16 runs), fp32, bf16, or fp8 (torchao, Ada/Hopper GPUs)")
     p.add_argument("--resume", metavar="PATH|auto", help="training state to continue from; auto = latest in --out")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="data-loader worker processes per rank")
@@ -266,8 +271,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
     values = {key: getattr(args, name) for name, key in _PRETRAIN_OPTIONS.items()
               if getattr(args, name) is not None}
-    if args.compile:
-        values["run.compile"] = True
+    if args.compile is not None:
+        values["run.compile"] = args.compile
     config = make_config(args.preset, tuple(args.overrides), values)
     if args.print_config:
         print(dump_config(config), end="")

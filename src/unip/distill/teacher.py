@@ -22,6 +22,10 @@ from unip.errors import ConfigError
 from unip.models.vit import VisionTransformer
 
 
+#: How the frozen teacher's weights can be stored (``Teacher.set_precision``).
+TEACHER_PRECISIONS = ("fp32", "bf16", "fp8")
+
+
 class Teacher(nn.Module):
     """Wraps a ``VisionTransformer``; ``forward(images)`` → logits ``[B, heads, 1 + h*w, 1 + h*w]``.
 
@@ -35,14 +39,31 @@ class Teacher(nn.Module):
             raise ConfigError("the teacher has no CLS token; NMI-HAD distils CLS + patch tokens")
         model.blocks = model.blocks[:layer]  # later blocks never run
         model.norm = nn.Identity()
+        model.blocks[layer - 1].attn.drop_value_rows()  # block ``layer`` only gives q·kᵀ
         model.requires_grad_(False)
         self.model = model.eval()
         self.layer = layer
         self.student_patch = student_patch
         self.num_heads = model.heads_per_block[layer - 1]
+        self.precision = "fp32"
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # always eval: no drop path, whatever the caller sets
+
+    def set_precision(self, precision: str) -> "Teacher":
+        """Store the frozen weights as ``fp32``, ``bf16`` (no per-step casts under bf16 autocast, half the
+        memory) or ``fp8`` (torchao dynamic FP8 linears on Ada/Hopper GPUs; ``ConfigError`` elsewhere).
+        Returns ``self``."""
+        if precision not in TEACHER_PRECISIONS:
+            raise ConfigError(f"teacher precision {precision!r}: choose one of {', '.join(TEACHER_PRECISIONS)}")
+        if precision == "fp8":
+            from unip.models.quantize import quantize_linear_fp8
+
+            quantize_linear_fp8(self.model)
+        else:
+            self.model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
+        self.precision = precision
+        return self
 
     def input_size(self, height: int, width: int) -> Tuple[int, int]:
         """The teacher's input size for a student input of ``height × width`` (same token grid)."""

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from unip.data.transforms import normalize_batch
 from unip.distill.data import build_transform, crop_transform, describe_skipped, open_pretrain_images, take
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
-from unip.distill.teacher import Teacher, fit_to_grid
+from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, fit_to_grid
 from unip.engine import checkpointing
 from unip.engine.config import Config, build_config, dump_config
 from unip.engine.data import batches_per_epoch, build_loader, set_loader_epoch
@@ -37,6 +37,7 @@ from unip.engine.seeding import seed_everything, step_seed
 from unip.engine.schedule import set_lr, warmup_cosine
 from unip.errors import ConfigError
 from unip.models import create_model, preset_config
+from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import VisionTransformer
 
 #: Every setting of a pre-training run; presets and ``--set`` may only change these keys.
@@ -51,7 +52,10 @@ DEFAULTS: Config = {
               "batch_size": 256, "accum_iter": 1, "effective_batch": None, "weight_decay": 0.05,
               "betas": [0.9, 0.95], "clip_grad": None},
     "loss": {"kind": "kl", "temperature": 1.0},
-    "run": {"output": "runs/pretrain", "seed": 0, "device": "auto", "precision": "auto", "compile": False,
+    # compile: auto = torch.compile on CUDA (measured faster there), eager on CPU
+    # teacher_precision: auto = bf16 weights under bf16 autocast, else fp32; fp8 = torchao on Ada/Hopper
+    "run": {"output": "runs/pretrain", "seed": 0, "device": "auto", "precision": "auto", "compile": "auto",
+            "teacher_precision": "auto",
             "save_every_epochs": 10, "save_every_steps": 0, "keep_checkpoints": 2, "log_every": 20,
             "resume": None, "progress": True},
     "debug": {"nan_at_step": None, "step_delay": 0.0},
@@ -114,6 +118,35 @@ def mask_key_bias_grads(student: VisionTransformer) -> None:
 
 
 # -------------------------------------------------------------------------------------------- set-up
+def teacher_precision(name: str, precision: Precision) -> str:
+    """The teacher's weight precision for ``run.teacher_precision``: ``auto`` → bf16 under bf16 autocast,
+    else fp32; ``fp8`` needs the run in bf16 (its activations are quantised from bf16)."""
+    if name == "auto":
+        return "bf16" if precision.dtype is torch.bfloat16 else "fp32"
+    if name not in TEACHER_PRECISIONS:
+        raise ConfigError(f"run.teacher_precision={name!r}: choose auto or one of {', '.join(TEACHER_PRECISIONS)}")
+    if name == "fp8":
+        reason = fp8_unavailable_reason(torch.device(precision.device_type))
+        if reason:
+            raise ConfigError(f"--teacher-precision fp8: {reason}")
+        if precision.dtype is not torch.bfloat16:
+            raise ConfigError(f"--teacher-precision fp8 needs a bf16 run; this run is {precision.name} "
+                              "(use --precision bf16)")
+    if name == "bf16" and precision.dtype is None:
+        raise ConfigError(f"--teacher-precision bf16 needs a mixed-precision run on a GPU; this run is fp32 "
+                          f"on {precision.device_type} (use --teacher-precision fp32 or auto)")
+    return name
+
+
+def use_compile(setting: Any, device: torch.device) -> bool:
+    """``run.compile``: true / false, or ``auto`` (compile on CUDA, where it was measured faster)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if not isinstance(setting, bool):
+        raise ConfigError(f"run.compile must be true, false or auto, got {setting!r}")
+    return setting
+
+
 def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
     """``(accum_iter, effective_batch, peak_lr)`` from the optimiser settings and the world size."""
     batch = int(optim["batch_size"])
@@ -205,12 +238,12 @@ class Run:
         if dist.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
         self.accum, self.effective_batch, self.peak_lr = batch_plan(optim, dist.world_size)
+        teacher_weights = teacher_precision(run["teacher_precision"], self.precision)  # refuse early
 
         data = config["data"]
         patch = int(preset_config(config["student"]["model"])["patch_size"])
         self.teacher, self.teacher_why = build_teacher(config, patch, data["path"], dist, self.precision)
-        if self.precision.dtype is torch.bfloat16:
-            self.teacher.to(torch.bfloat16)  # frozen: no per-step weight casts, half the memory
+        self.teacher.set_precision(teacher_weights)
         self.student = build_student(config, self.teacher.num_heads, dist.device)
         self.model: nn.Module = StudentLogits(self.student)
         if dist.distributed:
@@ -218,9 +251,11 @@ class Run:
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.forward_student = self.model
         self.forward_teacher: nn.Module = self.teacher
-        if run["compile"]:
+        self.distill_loss = attention_distill_loss
+        if use_compile(run["compile"], dist.device):
             self.forward_student = torch.compile(self.model)
             self.forward_teacher = torch.compile(self.teacher)
+            self.distill_loss = torch.compile(attention_distill_loss)
         self.optimizer = build_adamw(self.student, self.peak_lr, float(optim["weight_decay"]),
                                      tuple(optim["betas"]))
         self.scaler = self.precision.grad_scaler()
@@ -253,7 +288,7 @@ class Run:
         images = normalize_batch(images.to(self.dist.device, non_blocking=True), data["mean"], data["std"])
         target = self.forward_teacher(images)
         logits = self.forward_student(images)
-        loss = attention_distill_loss(logits, target, self.config["loss"]["kind"],
+        loss = self.distill_loss(logits, target, self.config["loss"]["kind"],
                                       float(self.config["loss"]["temperature"]))
         if self.config["debug"]["nan_at_step"] == self.step + 1:  # test hook: a loss that blows up
             loss = loss * float("nan")

@@ -65,12 +65,30 @@ class Attention(nn.Module):
         return x.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
     def attention_logits(self, x: Tensor) -> Tensor:
-        """Pre-softmax scaled q·kᵀ, ``[B, heads, N, N]``; only q and k are projected."""
+        """Pre-softmax scaled q·kᵀ, ``[B, heads, N, N]``; only q and k are projected.
+
+        ``qkv`` may hold only the q and k rows (``drop_value_rows``): then it is called as it is, which
+        lets a quantised or compiled ``qkv`` module run its own kernel."""
         dim = self.num_heads * self.head_dim
-        bias = self.qkv.bias[: 2 * dim] if self.qkv.bias is not None else None
-        query, key = F.linear(x, self.qkv.weight[: 2 * dim], bias).chunk(2, dim=-1)
+        if self.qkv.out_features == 2 * dim:
+            query, key = self.qkv(x).chunk(2, dim=-1)
+        else:
+            bias = self.qkv.bias[: 2 * dim] if self.qkv.bias is not None else None
+            query, key = F.linear(x, self.qkv.weight[: 2 * dim], bias).chunk(2, dim=-1)
         query, key = self._split_heads(query), self._split_heads(key)
         return (query * self.scale) @ key.transpose(-2, -1)
+
+    def drop_value_rows(self) -> None:
+        """Keep only the q and k rows of ``qkv`` (a block that will only ever give ``attention_logits``)."""
+        dim = self.num_heads * self.head_dim
+        old = self.qkv
+        self.qkv = nn.Linear(old.in_features, 2 * dim, bias=old.bias is not None,
+                             device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            self.qkv.weight.copy_(old.weight[: 2 * dim])
+            if old.bias is not None:
+                self.qkv.bias.copy_(old.bias[: 2 * dim])
+        self.qkv.requires_grad_(old.weight.requires_grad)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         """Returns the block's attention output ``[B, N, D]`` and, if asked, the softmax map
