@@ -135,13 +135,15 @@ def our_step(student: VisionTransformer, teacher: Teacher, precision: Precision,
     optimizer = build_adamw(student, 1e-4, 0.05, (0.9, 0.95))
     scaler = precision.grad_scaler()
     model: nn.Module = StudentLogits(student)
-    forward_student, forward_teacher, loss_fn = model, teacher, attention_distill_loss
-    if compiled:
-        forward_student, forward_teacher = torch.compile(model), torch.compile(teacher)
+    loss_fn = attention_distill_loss
+    if compiled:  # as unip pretrain compiles: block by block (an FP8 teacher stays eager), and the loss
+        student.compile_blocks()
+        if teacher.precision != "fp8":
+            teacher.model.compile_blocks()
         loss_fn = torch.compile(attention_distill_loss)
 
     def loss_of(images: Tensor) -> Tensor:
-        return loss_fn(forward_student(images), forward_teacher(images))
+        return loss_fn(model(images), teacher(images))
 
     def step(images: Tensor) -> float:
         return train_step(model, loss_of, [images], optimizer, scaler, precision).loss
