@@ -1,15 +1,25 @@
 """Atomic file writes: write to a temporary file beside the target, then rename over it.
 
 A reader (or a resumed run after a kill) sees either the old file or the complete new one, never a
-half-written file.
+half-written file. A writer killed mid-write leaves its temporary file (``.<name>.tmp-<pid>``) behind;
+``remove_temporaries`` deletes such leftovers when the next run starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, List, Union
+
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-\d+$")
+
+
+def temporary_path(target: Union[str, os.PathLike]) -> Path:
+    """Where ``atomic_path`` writes before the rename: ``.<name>.tmp-<pid>`` in the target's folder."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
 
 
 @contextlib.contextmanager
@@ -19,7 +29,7 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
     On an exception the temporary file is removed and ``path`` is left as it was."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(target)
     try:
         yield tmp
         with open(tmp, "rb") as handle:
@@ -34,3 +44,20 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def remove_temporaries(folder: Union[str, os.PathLike], owns: Callable[[str], bool]) -> List[Path]:
+    """Delete the temporary files a killed ``atomic_path`` writer left in ``folder`` for the targets whose
+    name ``owns(name)`` accepts (so that nothing a caller did not write is touched).
+
+    Returns the paths removed (none when ``folder`` does not exist)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match and owns(match.group("target")) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed

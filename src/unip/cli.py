@@ -8,6 +8,7 @@ code 2 and one line on stderr; nothing here holds logic that the Python API does
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable, List, Optional
 
@@ -298,7 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a line is logged (tests swap it)."""
+
+    stream = property(lambda self: sys.stdout, lambda self, value: None)
+
+
+def _configure_logging() -> None:
+    """Library code logs through ``logging`` (loggers under ``unip``); the CLI shows INFO and up on stdout."""
+    log = logging.getLogger("unip")
+    if not any(isinstance(handler, _ConsoleHandler) for handler in log.handlers):
+        handler = _ConsoleHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -2,9 +2,9 @@
 
 One optimiser step: the frozen teacher gives its distilled block's attention logits, the student gives its
 last block's logits (all earlier blocks run fused SDPA, the last block computes only q·kᵀ), and the
-student is updated on ``attention_distill_loss``. Everything else (process group, AdamW groups, warm-up
-+ half-cosine lr, AMP, accumulation, checkpoints and exact resume, logs, progress) comes from
-``unip.engine``.
+student is updated on ``attention_distill_loss``. ``NmiHadTask`` says only that (model, loss, data, the
+saved student); the loop itself (process group, AdamW groups, warm-up + half-cosine lr, AMP,
+accumulation, checkpoints and exact resume, logs, progress) is ``unip.engine.trainer.Trainer``.
 
 Effective batch = ``optim.batch_size`` (per process) × ``optim.accum_iter`` × world size; with
 ``optim.effective_batch`` set, ``accum_iter`` is derived from it. Peak lr = ``optim.blr`` × effective
@@ -13,32 +13,29 @@ batch / 256 unless ``optim.lr`` is given.
 
 from __future__ import annotations
 
-import time
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from unip.data.transforms import normalize_batch
 from unip.distill.data import build_transform, crop_transform, describe_skipped, open_pretrain_images, take
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
 from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, fit_to_grid
-from unip.engine import checkpointing
-from unip.engine.config import Config, build_config, dump_config
-from unip.engine.data import batches_per_epoch, build_loader, set_loader_epoch
-from unip.engine.distributed import DistInfo, barrier, cleanup, init_distributed
-from unip.engine.logging import MetricLogger
-from unip.engine.loop import Precision, resolve_precision, train_step
-from unip.engine.optim import build_adamw
-from unip.engine.progress import postfix, progress_bar
-from unip.engine.seeding import seed_everything, step_seed
-from unip.engine.schedule import set_lr, warmup_cosine
+from unip.engine.config import Config, build_config
+from unip.engine.distributed import DistInfo
+from unip.engine.loop import Precision
+from unip.engine.trainer import Task, TrainContext, batch_plan, train_task
 from unip.errors import ConfigError
 from unip.models import create_model, preset_config
 from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import VisionTransformer
+
+logger = logging.getLogger(__name__)
 
 #: Every setting of a pre-training run; presets and ``--set`` may only change these keys.
 DEFAULTS: Config = {
@@ -55,14 +52,12 @@ DEFAULTS: Config = {
     # compile: auto = torch.compile on CUDA (measured faster there), eager on CPU
     # teacher_precision: auto = bf16 weights under bf16 autocast, else fp32; fp8 = torchao on Ada/Hopper
     "run": {"output": "runs/pretrain", "seed": 0, "device": "auto", "precision": "auto", "compile": "auto",
-            "teacher_precision": "auto",
-            "save_every_epochs": 10, "save_every_steps": 0, "keep_checkpoints": 2, "log_every": 20,
-            "resume": None, "progress": True},
+            "teacher_precision": "auto", "save_every_epochs": 10, "save_every_steps": 0, "keep_checkpoints": 2,
+            "log_every": 20, "resume": None, "progress": True, "allow_changed_config": False},
     "debug": {"nan_at_step": None, "step_delay": 0.0},
 }
 
 STUDENT_FILE = "student.safetensors"
-CHECKPOINT_DIR = "checkpoints"
 
 
 def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
@@ -120,7 +115,8 @@ def mask_key_bias_grads(student: VisionTransformer) -> None:
 # -------------------------------------------------------------------------------------------- set-up
 def teacher_precision(name: str, precision: Precision) -> str:
     """The teacher's weight precision for ``run.teacher_precision``: ``auto`` → bf16 under bf16 autocast,
-    else fp32; ``fp8`` needs the run in bf16 (its activations are quantised from bf16)."""
+    else fp32; ``fp8`` needs a bf16 run on an Ada/Hopper GPU with torchao (its activations are quantised
+    from bf16); ``bf16`` needs a mixed-precision run. ``ConfigError`` otherwise."""
     if name == "auto":
         return "bf16" if precision.dtype is torch.bfloat16 else "fp32"
     if name not in TEACHER_PRECISIONS:
@@ -136,37 +132,6 @@ def teacher_precision(name: str, precision: Precision) -> str:
         raise ConfigError(f"--teacher-precision bf16 needs a mixed-precision run on a GPU; this run is fp32 "
                           f"on {precision.device_type} (use --teacher-precision fp32 or auto)")
     return name
-
-
-def use_compile(setting: Any, device: torch.device) -> bool:
-    """``run.compile``: true / false, or ``auto`` (compile on CUDA, where it was measured faster)."""
-    if setting == "auto":
-        return device.type == "cuda"
-    if not isinstance(setting, bool):
-        raise ConfigError(f"run.compile must be true, false or auto, got {setting!r}")
-    return setting
-
-
-def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
-    """``(accum_iter, effective_batch, peak_lr)`` from the optimiser settings and the world size."""
-    batch = int(optim["batch_size"])
-    accum = int(optim["accum_iter"])
-    if optim["effective_batch"]:
-        per_step = batch * world_size
-        if optim["effective_batch"] % per_step:
-            raise ConfigError(f"optim.effective_batch={optim['effective_batch']} is not a multiple of "
-                              f"batch_size × processes = {batch} × {world_size}; change optim.batch_size")
-        derived = optim["effective_batch"] // per_step
-        if accum not in (1, derived):
-            raise ConfigError(f"optim.accum_iter={accum} contradicts optim.effective_batch="
-                              f"{optim['effective_batch']} (which gives {derived} on {world_size} process(es)); "
-                              "drop one of them (--set optim.effective_batch=null)")
-        accum = derived
-    if batch < 1 or accum < 1:
-        raise ConfigError(f"optim.batch_size ({batch}) and optim.accum_iter ({accum}) must be at least 1")
-    effective = batch * accum * world_size
-    lr = optim["lr"] if optim["lr"] is not None else optim["blr"] * effective / 256
-    return accum, effective, float(lr)
 
 
 def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
@@ -222,183 +187,90 @@ def build_student(config: Config, heads: int, device: torch.device) -> VisionTra
     return student
 
 
-# -------------------------------------------------------------------------------------------- the run
-class Run:
-    """State of one pre-training run: models, optimiser, data, position. ``fit()`` runs it to the end."""
+# -------------------------------------------------------------------------------------------- the task
+class NmiHadTask(Task):
+    """NMI-HAD on ``unip.engine.trainer``: the student (saved in training states) is trained through
+    ``StudentLogits`` on the KL between its last-block logits and the frozen teacher's."""
 
-    def __init__(self, config: Config, dist: DistInfo) -> None:
-        self.config, self.dist = config, dist
-        run, optim = config["run"], config["optim"]
-        self.output = Path(run["output"])
-        self.ckpt_dir = self.output / CHECKPOINT_DIR
-        seed_everything(int(run["seed"]) + dist.rank)
+    name = "pretrain"
+    model_file = STUDENT_FILE
+
+    def __init__(self, config: Config) -> None:
         if config["loss"]["kind"] not in LOSS_KINDS:
             raise ConfigError(f"loss.kind={config['loss']['kind']!r}: choose one of {', '.join(LOSS_KINDS)}")
-        self.precision: Precision = resolve_precision(run["precision"], dist.device)
-        if dist.device.type == "cuda":
-            torch.set_float32_matmul_precision("high")
-        self.accum, self.effective_batch, self.peak_lr = batch_plan(optim, dist.world_size)
-        teacher_weights = teacher_precision(run["teacher_precision"], self.precision)  # refuse early
+        self.config = config
 
-        data = config["data"]
-        patch = int(preset_config(config["student"]["model"])["patch_size"])
-        self.teacher, self.teacher_why = build_teacher(config, patch, data["path"], dist, self.precision)
-        self.teacher.set_precision(teacher_weights)
-        self.student = build_student(config, self.teacher.num_heads, dist.device)
-        self.model: nn.Module = StudentLogits(self.student)
-        if dist.distributed:
-            ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+    def setup(self, ctx: TrainContext) -> None:
+        weights = teacher_precision(self.config["run"]["teacher_precision"], ctx.precision)  # refuse early
+        patch = int(preset_config(self.config["student"]["model"])["patch_size"])
+        self.teacher, self.teacher_why = build_teacher(self.config, patch, self.config["data"]["path"], ctx.dist,
+                                                       ctx.precision)
+        self.teacher.set_precision(weights)  # bf16: no per-step weight casts, half the memory
         self.distill_loss = attention_distill_loss
-        if use_compile(run["compile"], dist.device):
-            self.student.compile_blocks()
-            if teacher_weights != "fp8":  # torchao's FP8 tensors fail under dynamo here (torch 2.11, ao 0.18)
-                self.teacher.model.compile_blocks()
-            self.distill_loss = torch.compile(attention_distill_loss)
-        self.optimizer = build_adamw(self.student, self.peak_lr, float(optim["weight_decay"]),
-                                     tuple(optim["betas"]))
-        self.scaler = self.precision.grad_scaler()
 
+    def compile(self, module: nn.Module, model: nn.Module) -> nn.Module:
+        """Regional compilation: the student's and the teacher's blocks (one graph per distinct block) and the
+        loss. An FP8 teacher stays eager (dynamo fails on torchao's FP8 tensors with torch 2.11 / ao 0.18)."""
+        model.compile_blocks()  # type: ignore[operator]
+        if self.teacher.precision != "fp8":
+            self.teacher.model.compile_blocks()
+        self.distill_loss = torch.compile(attention_distill_loss)
+        return module
+
+    def build_model(self, ctx: TrainContext) -> VisionTransformer:
+        return build_student(self.config, self.teacher.num_heads, ctx.device)
+
+    def training_module(self, model: nn.Module) -> nn.Module:
+        return StudentLogits(model)  # type: ignore[arg-type]
+
+    def train_dataset(self, ctx: TrainContext) -> Dataset:
+        data = self.config["data"]
         transform = crop_transform(int(data["input_size"]), bool(data["augment"]), data["scale"])
         dataset = open_pretrain_images(data["path"], transform)  # uint8 crops, normalised on the device
         skipped = describe_skipped(dataset)
-        if skipped and dist.is_main:
-            print(skipped, flush=True)
-        self.loader = build_loader(dataset, int(optim["batch_size"]), rank=dist.rank, world_size=dist.world_size,
-                                   seed=int(run["seed"]), num_workers=int(data["num_workers"]),
-                                   pin_memory=dist.device.type == "cuda")
-        batches = batches_per_epoch(len(dataset), int(optim["batch_size"]), dist.world_size)
-        self.steps_per_epoch = batches // self.accum
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"{data['path']}: {len(dataset)} images are fewer than one step of "
-                              f"{self.effective_batch} (batch × accumulation × processes); lower optim.batch_size "
-                              "or optim.accum_iter")
-        self.total_steps = int(optim["epochs"]) * self.steps_per_epoch
-        self.warmup_steps = int(round(float(optim["warmup_epochs"]) * self.steps_per_epoch))
-        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
-        self.last_loss = float("nan")
-        self.log = MetricLogger(self.output, enabled=dist.is_main)  # only once the set-up has succeeded
-        self.log.log(0, {"teacher_layer": self.teacher.layer, "teacher_layer_reason": self.teacher_why},
-                     prefix="setup")
+        if skipped and ctx.dist.is_main:
+            logger.info(skipped)
+        return dataset
 
-    # ------------------------------------------------------------------------------------ pieces
-    def loss_fn(self, images: Tensor) -> Tensor:
+    def data_source(self, ctx: TrainContext) -> str:
+        return str(self.config["data"]["path"])
+
+    def loss(self, module: nn.Module, images: Tensor, ctx: TrainContext) -> Tensor:
         data = self.config["data"]
-        images = normalize_batch(images.to(self.dist.device, non_blocking=True), data["mean"], data["std"])
+        images = normalize_batch(images.to(ctx.device, non_blocking=True), data["mean"], data["std"])
         target = self.teacher(images)
-        logits = self.model(images)
-        loss = self.distill_loss(logits, target, self.config["loss"]["kind"],
+        logits = module(images)
+        return self.distill_loss(logits, target, self.config["loss"]["kind"],
                                       float(self.config["loss"]["temperature"]))
-        if self.config["debug"]["nan_at_step"] == self.step + 1:  # test hook: a loss that blows up
-            loss = loss * float("nan")
-        return loss
 
-    def resume(self) -> None:
-        path = checkpointing.resolve_resume(self.config["run"]["resume"], self.ckpt_dir)
-        if path is None:
-            return
-        state = checkpointing.load_state(path, self.student, self.optimizer, self.scaler)
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self._print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch})")
+    def describe(self, ctx: TrainContext) -> str:
+        return (f"{self.teacher_why}; student {self.config['student']['model']} (last block "
+                f"{self.teacher.num_heads} heads)")
 
-    def save(self, epoch: int, step_in_epoch: int) -> None:
-        if self.dist.is_main:
-            checkpointing.save_state(self.ckpt_dir, self.step, self.student, self.optimizer, self.scaler,
-                                     epoch=epoch, step_in_epoch=step_in_epoch,
-                                     extra={"config": self.config, "loss": self.last_loss},
-                                     keep=int(self.config["run"]["keep_checkpoints"]))
-        barrier()
+    def setup_record(self, ctx: TrainContext) -> Dict[str, Any]:
+        return {"teacher_layer": self.teacher.layer, "teacher_layer_reason": self.teacher_why}
 
-    def micro_batches(self, batches: Iterator[Tensor]) -> List[Tensor]:
-        return [next(batches) for _ in range(self.accum)]
-
-    def _print(self, text: str) -> None:
-        if self.dist.is_main:
-            print(text, flush=True)
-
-    # ------------------------------------------------------------------------------------ loop
-    def fit(self) -> TrainResult:
-        run, optim = self.config["run"], self.config["optim"]
-        self.resume()
-        if self.dist.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
-        self._print(f"{self.teacher_why}; student {self.config['student']['model']} (last block "
-                    f"{self.teacher.num_heads} heads); effective batch {self.effective_batch} = "
-                    f"{optim['batch_size']} × {self.accum} × {self.dist.world_size}; peak lr {self.peak_lr:.3g}; "
-                    f"{self.total_steps} steps; {self.precision.name} on {self.dist.device}")
-        bar = progress_bar(self.total_steps, self.step, "pretrain", enabled=self.dist.is_main and run["progress"])
-        self.model.train()
-        try:
-            self._epochs(bar)
-        finally:
-            bar.close()
-            self.log.close()
-        path = self.save_student()
-        return TrainResult(path, self.step, self.last_loss)
-
-    def _epochs(self, bar) -> None:
-        run, optim = self.config["run"], self.config["optim"]
-        log_every, every_steps = max(1, int(run["log_every"])), int(run["save_every_steps"])
-        window_start, window_steps = time.perf_counter(), 0
-        while self.epoch < int(optim["epochs"]):
-            set_loader_epoch(self.loader, self.epoch, self.step_in_epoch * self.accum)
-            batches = iter(self.loader)
-            while self.step_in_epoch < self.steps_per_epoch:
-                lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr,
-                                   float(optim["min_lr"]))
-                set_lr(self.optimizer, lr)
-                torch.manual_seed(step_seed(int(run["seed"]), self.dist.rank, self.step))
-                result = train_step(self.model, self.loss_fn, self.micro_batches(batches), self.optimizer,
-                                    self.scaler, self.precision, optim["clip_grad"],
-                                    where=f"at step {self.step + 1} (epoch {self.epoch})")
-                self.step += 1
-                self.step_in_epoch += 1
-                self.last_loss = result.loss
-                window_steps += 1
-                bar.update(1)
-                if self.step % log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
-                    elapsed = time.perf_counter() - window_start
-                    metrics = {"loss": result.loss, "lr": lr, "grad_norm": float(result.grad_norm),
-                               "images_per_s": window_steps * self.effective_batch / max(elapsed, 1e-9),
-                               "epoch": self.epoch}
-                    self.log.log(self.step, metrics)
-                    bar.set_postfix_str(postfix({k: metrics[k] for k in ("loss", "lr", "images_per_s")}))
-                    window_start, window_steps = time.perf_counter(), 0
-                if every_steps and self.step % every_steps == 0 and self.step_in_epoch < self.steps_per_epoch:
-                    self.save(self.epoch, self.step_in_epoch)
-                if self.config["debug"]["step_delay"]:
-                    time.sleep(float(self.config["debug"]["step_delay"]))
-            self.epoch += 1
-            self.step_in_epoch = 0
-            if self.epoch % max(1, int(run["save_every_epochs"])) == 0 or self.epoch == int(optim["epochs"]):
-                self.save(self.epoch, 0)
-
-    def save_student(self) -> Path:
+    def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
         """The distilled student as a self-describing safetensors file (``unip finetune --pretrained``)."""
-        path = self.output / STUDENT_FILE
-        if self.dist.is_main:
-            from unip.checkpoint import save_checkpoint
+        from unip.checkpoint import save_checkpoint
 
-            data = self.config["data"]
-            meta = {"preset": self.config["student"]["model"], "teacher": str(self.config["teacher"]["source"]),
-                    "teacher_layer": self.teacher.layer, "teacher_heads": self.teacher.num_heads,
-                    "normalization": {"mean": [data["mean"]] * 3, "std": [data["std"]] * 3},
-                    "pretrain": {"steps": self.step, "epochs": self.epoch, "loss": self.last_loss,
-                                 "effective_batch": self.effective_batch}}
-            save_checkpoint(self.student, path, meta)
-            self._print(f"saved the student to {path}")
-        barrier()
-        return path
+        data, plan = self.config["data"], ctx.plan
+        meta = {"preset": self.config["student"]["model"], "teacher": str(self.config["teacher"]["source"]),
+                "teacher_layer": self.teacher.layer, "teacher_heads": self.teacher.num_heads,
+                "normalization": {"mean": [data["mean"]] * 3, "std": [data["std"]] * 3},
+                "pretrain": {"steps": ctx.step, "epochs": ctx.epoch, "loss": ctx.last_loss,
+                             "effective_batch": plan.effective_batch if plan else None}}
+        save_checkpoint(model, path, meta)  # type: ignore[arg-type]
 
 
 def train(config: Config) -> TrainResult:
     """Run NMI-HAD pre-training as configured (see ``DEFAULTS``); under torchrun, on every rank.
 
     Returns a ``TrainResult``; raises ``ConfigError``/``DataError``/``CheckpointError`` on bad input and
-    ``unip.engine.loop.NonFiniteLossError`` when the loss diverges (the last checkpoint is kept)."""
-    dist = init_distributed(config["run"]["device"])
-    try:
-        return Run(config, dist).fit()
-    finally:
-        cleanup()
+    ``unip.engine.loop.NonFiniteLossError`` / ``unip.engine.checkpointing.NonFiniteStateError`` when the run
+    diverges (the last finite checkpoint is kept)."""
+    result = train_task(NmiHadTask(config), config)
+    return TrainResult(result.model_path, result.steps, result.last_loss)
+
+
+__all__ = ["DEFAULTS", "NmiHadTask", "TrainResult", "batch_plan", "build_student", "make_config", "train"]

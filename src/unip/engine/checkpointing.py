@@ -6,24 +6,38 @@ within the epoch), every RNG state (python, numpy, torch CPU, CUDA) and any extr
 file intact) and read back with ``torch.load(weights_only=True)``: no code from the file ever runs.
 
 Files are named ``step-00001234.pt`` in a run's checkpoint folder; ``find_latest`` resolves
-``--resume auto`` to the highest step.
+``--resume auto`` to the highest step. A state is written only when every floating-point tensor of the
+model and the optimiser is finite (``NonFiniteStateError`` otherwise), so after a divergence the newest
+state is the last finite one; ``find_resume_state`` also skips non-finite states written by other tools.
+The best model of a run (by an evaluation metric) sits next to the states as ``best.safetensors`` with
+``best.json`` (metric, value, step); pruning never touches them.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from unip.atomic import atomic_path
-from unip.errors import CheckpointError
+from unip.atomic import atomic_path, atomic_write_text, remove_temporaries
+from unip.errors import CheckpointError, UnipError
+
+logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 STATE_PATTERN = re.compile(r"^step-(\d{8})\.pt$")
+BEST_WEIGHTS = "best.safetensors"
+BEST_JSON = "best.json"
+
+
+class NonFiniteStateError(UnipError):
+    """The weights or the optimiser state hold NaN or inf; such a state is never written."""
 
 
 def state_name(step: int) -> str:
@@ -62,8 +76,13 @@ def save_state(folder: PathLike, step: int, model: torch.nn.Module, optimizer: t
     """Write ``folder/step-{step}.pt`` atomically and delete all but the ``keep`` newest state files.
 
     ``epoch``/``step_in_epoch`` say where to continue: the next step to run is ``step_in_epoch`` of
-    ``epoch`` (0-based). Returns the path written."""
+    ``epoch`` (0-based). Raises ``NonFiniteStateError`` (and writes nothing) when a weight or optimiser
+    tensor is not finite. Returns the path written."""
     path = Path(folder) / state_name(step)
+    bad = non_finite_tensors({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    if bad:
+        raise NonFiniteStateError(f"{path}: not written, {describe_names(bad)} not finite; the newest "
+                                  f"finite state is {find_latest(folder) or 'none'}")
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -76,6 +95,39 @@ def save_state(folder: PathLike, step: int, model: torch.nn.Module, optimizer: t
         torch.save(state, tmp)
     prune(folder, keep)
     return path
+
+
+def non_finite_tensors(tree: Any, prefix: str = "") -> List[str]:
+    """Dotted names of the floating-point tensors in a nest of dicts/lists/tuples (a state dict, an
+    optimiser state dict) that hold a NaN or an infinity; ``[]`` when all are finite.
+
+    One host sync per device, not per tensor."""
+    flags: Dict[torch.device, List[Tuple[str, torch.Tensor]]] = {}
+    for name, tensor in _floating_tensors(tree, prefix):
+        flags.setdefault(tensor.device, []).append((name, torch.isfinite(tensor).all()))
+    bad = []
+    for entries in flags.values():
+        finite = torch.stack([flag for _, flag in entries]).tolist()
+        bad += [name for (name, _), ok in zip(entries, finite) if not ok]
+    return bad
+
+
+def _floating_tensors(tree: Any, prefix: str):
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() or tree.is_complex():
+            yield prefix.rstrip("."), tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _floating_tensors(value, f"{prefix}{key}.")
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from _floating_tensors(value, f"{prefix}{index}.")
+
+
+def describe_names(names: List[str], limit: int = 3) -> str:
+    """``"a, b, c and 4 more"`` for error messages."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def list_states(folder: PathLike) -> List[Path]:
@@ -118,16 +170,58 @@ def resolve_resume(resume: Optional[str], folder: PathLike) -> Optional[Path]:
     return path
 
 
-def load_state(path: PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-               scaler: Optional[torch.amp.GradScaler] = None, restore_rng_states: bool = True) -> Dict[str, Any]:
-    """Load a state file into ``model`` (strict), ``optimizer`` and ``scaler``; restore RNG states.
+def find_resume_state(resume: Optional[str], folder: PathLike) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The training state to resume from, read (``read_state``): ``(path, state)``, or ``None`` for a new run.
 
-    Returns the rest of the state: ``step``, ``epoch``, ``step_in_epoch`` and ``extra``."""
+    ``resume`` as in ``resolve_resume``. With ``auto`` (or a folder) the newest state whose tensors are all
+    finite is taken; newer non-finite ones (written by older versions) are skipped with a warning. An
+    explicit file that holds non-finite values is a ``CheckpointError``."""
+    path = resolve_resume(resume, folder)
+    if path is None:
+        return None
+    explicit = resume != "auto" and not Path(str(resume)).is_dir()
+    candidates = [path] if explicit else list(reversed(list_states(path.parent)))
+    for candidate in candidates:
+        state = read_state(candidate)
+        bad = non_finite_tensors({"model": state["model"], "optimizer": state.get("optimizer")})
+        if not bad:
+            return candidate, state
+        if explicit:
+            raise CheckpointError(f"{candidate}: {describe_names(bad)} not finite (a diverged run); resume "
+                                  "from an earlier step-*.pt or with --resume auto")
+        logger.warning("%s: skipped, %s not finite (a diverged run)", candidate, describe_names(bad))
+    raise CheckpointError(f"{path.parent}: every training state holds non-finite values; start a new run "
+                          "(without --resume) in another --out folder")
+
+
+def read_state(path: PathLike) -> Dict[str, Any]:
+    """A state file's content (``weights_only`` unpickling: no code from the file runs); ``CheckpointError``
+    when it cannot be read or is not a training state."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         raise CheckpointError(f"{path}: cannot read training state ({type(err).__name__}: {err}); "
                               "delete it to resume from the previous one") from err
+    missing = [key for key in ("model", "step", "epoch", "step_in_epoch", "rng") if not isinstance(state, dict)
+               or key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training state (no {', '.join(missing)}); pass a step-*.pt file "
+                              "written by a unip training run")
+    return state
+
+
+def load_state(path: PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+               scaler: Optional[torch.amp.GradScaler] = None, restore_rng_states: bool = True) -> Dict[str, Any]:
+    """Load a state file into ``model`` (strict), ``optimizer`` and ``scaler``; restore RNG states.
+
+    Returns the rest of the state: ``step``, ``epoch``, ``step_in_epoch`` and ``extra``."""
+    return apply_state(read_state(path), path, model, optimizer, scaler, restore_rng_states)
+
+
+def apply_state(state: Dict[str, Any], path: PathLike, model: torch.nn.Module,
+                optimizer: Optional[torch.optim.Optimizer] = None, scaler: Optional[torch.amp.GradScaler] = None,
+                restore_rng_states: bool = True) -> Dict[str, Any]:
+    """``load_state`` for a state already read from ``path`` (named in errors)."""
     try:
         model.load_state_dict(state["model"])
         if optimizer is not None:
@@ -139,4 +233,34 @@ def load_state(path: PathLike, model: torch.nn.Module, optimizer: Optional[torch
                               "resume with the configuration that wrote it") from err
     if restore_rng_states:
         restore_rng(state["rng"])
-    return {key: state[key] for key in ("step", "epoch", "step_in_epoch", "extra")}
+    return {"step": state["step"], "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"],
+            "extra": state.get("extra", {})}
+
+
+def remove_stale_temporaries(folder: PathLike) -> List[Path]:
+    """Delete what a killed save left in a checkpoint folder (``.step-*.pt.tmp-<pid>``, best files).
+    Returns the paths removed."""
+    return remove_temporaries(folder, lambda name: bool(STATE_PATTERN.match(name)) or name in (BEST_WEIGHTS,
+                                                                                                BEST_JSON))
+
+
+# ----------------------------------------------------------------------------------------- best model
+def read_best(folder: PathLike) -> Optional[Dict[str, Any]]:
+    """The record of ``folder/best.json`` (``metric``, ``mode``, ``value``, ``step``, ``file``) or ``None``."""
+    path = Path(folder) / BEST_JSON
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        float(record["value"]), int(record["step"]), str(record["metric"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: unreadable best-model record ({err}); delete it (and "
+                              f"{BEST_WEIGHTS}) to start the best-model search anew") from err
+    return record
+
+
+def write_best(folder: PathLike, record: Dict[str, Any]) -> Path:
+    """Write ``folder/best.json`` atomically; returns its path."""
+    path = Path(folder) / BEST_JSON
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    return path

@@ -6,12 +6,14 @@
 * ``SeededDataset``: every sample's random augmentation is drawn from a generator seeded by
   ``(seed, epoch, index)``. Augmentations then depend neither on worker count, worker timing, rank
   layout nor on what ran before, which makes resumed and multi-process runs reproducible.
+* ``build_eval_loader``: every sample of an evaluation set exactly once over all ranks (no dropped tail,
+  shares may differ by one), batched by ``list_collate`` so that images of different sizes travel together.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +53,7 @@ class SeededDataset(Dataset):
 
 def build_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 0, shuffle: bool = True, pin_memory: bool = False,
-                 seeded: bool = True) -> DataLoader:
+                 seeded: bool = True, collate_fn: Optional[Callable[[list], Any]] = None) -> DataLoader:
     """A ``DataLoader`` over a ``RankSampler`` (and a ``SeededDataset`` unless ``seeded=False``).
 
     Incomplete last batches are dropped so that every step has the same global batch. Use
@@ -63,7 +65,8 @@ def build_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size
     # mid-epoch (one iterator creation more) would draw different drop-path masks
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True, persistent_workers=False, generator=generator)
+                      pin_memory=pin_memory, drop_last=True, persistent_workers=False, generator=generator,
+                      collate_fn=collate_fn)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
@@ -78,3 +81,31 @@ def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> No
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
     """Full batches each rank gets per epoch (``RankSampler(even=True)``, incomplete batches dropped)."""
     return (num_samples // world_size) // batch_size
+
+
+def list_collate(items: Sequence[Any]) -> Any:
+    """Batch items without stacking, so that tensors of different sizes can share a batch.
+
+    Tuples ``(image, label, ...)`` → a tuple of lists (one list per field); dicts → a dict of lists;
+    anything else → a list of the items."""
+    first = items[0]
+    if isinstance(first, tuple):
+        return tuple(list(field) for field in zip(*items))
+    if isinstance(first, dict):
+        return {key: [item[key] for item in items] for key in first}
+    return list(items)
+
+
+def build_eval_loader(dataset: Dataset, batch_size: int = 1, *, rank: Optional[int] = None,
+                      world_size: Optional[int] = None, num_workers: int = 0, pin_memory: bool = False,
+                      collate_fn: Callable[[list], Any] = list_collate) -> DataLoader:
+    """A ``DataLoader`` for evaluation: rank ``r`` of ``W`` reads indices ``r, r+W, r+2W, ...`` in order
+    (rank and world size default to the process group's), so every sample is read exactly once over all
+    ranks: no shuffling, no dropped tail, no padding with repeats (shares may differ by one sample).
+
+    Batches come from ``collate_fn`` (default ``list_collate``: lists, images of any size). Reduce the
+    results once at the end (``unip.engine.distributed.all_reduce_sum``), not per batch."""
+    sampler = RankSampler(len(dataset), rank, world_size, shuffle=False, even=False)  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(0))

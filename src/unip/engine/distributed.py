@@ -1,4 +1,5 @@
-"""Process-group set-up from torchrun's environment (``env://``) and the few collectives training needs.
+"""Process-group set-up from torchrun's environment (``env://``), the few collectives training and
+evaluation need, and what changes in a model under DDP (SyncBatchNorm, unwrapping for saving).
 
 Without ``WORLD_SIZE`` > 1 in the environment everything degrades to a single process: rank 0 of 1,
 no process group, collectives return their input.
@@ -12,6 +13,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from unip.errors import ConfigError
 
@@ -98,6 +100,48 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over all ranks (a new tensor; the input itself when not distributed).
+
+    Integer tensors (confusion matrices) are summed exactly; every rank must call it the same number of
+    times, so reduce once per evaluation, not once per batch (ranks may hold different batch counts)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def uses_sync_batchnorm(info: DistInfo, backend: Optional[str] = None) -> bool:
+    """True only for a multi-process run on CUDA with NCCL (``backend``: the process group's, by default).
+
+    ``SyncBatchNorm`` needs CUDA tensors and a process group: on one process it would only slow things
+    down, and on CPU/gloo it raises. Plain ``BatchNorm`` is kept there."""
+    if backend is None and is_distributed():
+        backend = dist.get_backend()
+    return info.world_size > 1 and info.device.type == "cuda" and backend == "nccl"
+
+
+def sync_batchnorm(model: nn.Module, info: DistInfo, backend: Optional[str] = None) -> nn.Module:
+    """``model`` with every ``BatchNorm*d`` turned into ``SyncBatchNorm`` when ``uses_sync_batchnorm``;
+    otherwise ``model`` unchanged. Parameter and buffer names stay the same (checkpoints fit both)."""
+    if uses_sync_batchnorm(info, backend):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, in any
+    nesting: what to save, evaluate or export."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def cleanup() -> None:

@@ -13,8 +13,10 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 
 class MetricLogger:
-    """``log(step, metrics)`` appends ``{"step", "time", **metrics}`` to ``<folder>/log.jsonl`` and writes
-    every numeric metric as a TensorBoard scalar under ``<folder>/tb``. Disabled when ``enabled`` is False."""
+    """``log(step, metrics, prefix)`` appends ``{"step", "time", "kind": prefix, **metrics}`` to
+    ``<folder>/log.jsonl`` and writes every numeric metric as a TensorBoard scalar ``<prefix>/<name>`` under
+    ``<folder>/tb``. ``prefix`` says what a record is: ``train``, ``eval``, ``setup``. Lists (e.g. per-class
+    IoU) go to the JSONL file only. Disabled when ``enabled`` is False."""
 
     def __init__(self, folder: Union[str, Path], enabled: bool = True, tensorboard: bool = True) -> None:
         self.enabled = enabled
@@ -33,13 +35,15 @@ class MetricLogger:
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
             return
-        record: Dict[str, Any] = {"step": int(step), "time": round(time.time(), 3)}
+        record: Dict[str, Any] = {"step": int(step), "time": round(time.time(), 3), "kind": prefix}
         record.update({k: _plain(v) for k, v in metrics.items()})
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
         if self.writer is not None:
             for key, value in record.items():
-                if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+                if key in ("step", "time", "kind") or isinstance(value, bool):
+                    continue
+                if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
@@ -58,9 +62,14 @@ class MetricLogger:
 
 
 def _plain(value: Any) -> Any:
-    """Tensors and numpy scalars → Python numbers; NaN/inf → ``None`` (strict JSON has no such numbers)."""
-    if hasattr(value, "item"):
-        value = value.item()
+    """Tensors and numpy scalars → Python numbers (lists and dicts element-wise); NaN/inf → ``None``
+    (strict JSON has no such numbers)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
+        return _plain(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

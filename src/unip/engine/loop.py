@@ -3,14 +3,17 @@ non-finite loss.
 
 ``Precision`` says how a device computes (bf16/fp16 autocast on CUDA, fp32 elsewhere); ``train_step``
 runs ``loss_fn`` over the micro-batches of one step and updates the weights once. DDP gradient
-synchronisation is skipped on all micro-batches but the last (``no_sync``).
+synchronisation is skipped on all micro-batches but the last (``no_sync``). A loss function returns the
+total loss, or ``(total, {name: component})`` for losses with named parts (e.g. decode and auxiliary heads):
+the parts are averaged like the total and reported for logging.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable, Optional, Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +22,9 @@ from unip.engine.distributed import all_reduce_mean
 from unip.errors import ConfigError, UnipError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+#: What a loss function returns: the total loss, or the total and its named components (0-d tensors).
+LossOutput = Union[Tensor, Tuple[Tensor, Mapping[str, Tensor]]]
 
 
 class NonFiniteLossError(UnipError):
@@ -60,14 +66,24 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 
 @dataclass
 class StepResult:
-    """What one optimiser step did: mean loss over micro-batches and ranks, and this rank's gradient norm
-    before clipping (a 0-d tensor, so that reading it, a host sync, is left to logging)."""
+    """What one optimiser step did: mean loss over micro-batches and ranks, this rank's gradient norm
+    before clipping (a 0-d tensor, so that reading it, a host sync, is left to logging), and the mean of
+    each named loss component (empty when the loss function returns a tensor)."""
 
     loss: float
     grad_norm: Tensor
+    components: Dict[str, float] = field(default_factory=dict)
 
 
-def train_step(model: nn.Module, loss_fn: Callable[[object], Tensor], micro_batches: Sequence[object],
+def split_loss(output: LossOutput) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """``(total, {name: component})`` from what a loss function returned."""
+    if isinstance(output, tuple):
+        total, components = output
+        return total, dict(components)
+    return output, {}
+
+
+def train_step(model: nn.Module, loss_fn: Callable[[object], LossOutput], micro_batches: Sequence[object],
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: Precision,
                clip_grad: Optional[float] = None, where: str = "") -> StepResult:
     """Accumulate gradients of ``loss_fn(batch)`` over ``micro_batches`` and take one optimiser step.
@@ -78,17 +94,20 @@ def train_step(model: nn.Module, loss_fn: Callable[[object], Tensor], micro_batc
     finite. Returns a ``StepResult``."""
     optimizer.zero_grad(set_to_none=True)
     count = len(micro_batches)
-    total = torch.zeros((), device=_device_of(model))
+    totals = torch.zeros((), device=_device_of(model))
+    names: Sequence[str] = ()
     for index, batch in enumerate(micro_batches):
         sync = index == count - 1
         with _maybe_no_sync(model, sync), precision.autocast():
-            loss = loss_fn(batch)
-        total += loss.detach().float()
+            loss, components = split_loss(loss_fn(batch))
+        names = list(components)
+        # the total and its parts travel together: one all-reduce and one host sync per step
+        totals = totals + torch.stack([loss.detach().float(), *(c.detach().float() for c in components.values())])
         with _maybe_no_sync(model, sync):
             scaler.scale(loss / count).backward()
-    mean_loss = all_reduce_mean(total / count)
-    value = float(mean_loss)  # one host sync per step: needed to stop before a bad update
-    if not torch.isfinite(mean_loss):
+    means = all_reduce_mean(totals / count).tolist()  # the host sync needed to stop before a bad update
+    value = means[0]
+    if not math.isfinite(value):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"the loss became {value} {where}; the run stopped and the last good "
                                  "checkpoint is kept. Lower the lr, add --set optim.clip_grad=1.0, or "
@@ -97,7 +116,7 @@ def train_step(model: nn.Module, loss_fn: Callable[[object], Tensor], micro_batc
     grad_norm = nn.utils.clip_grad_norm_(_params(optimizer), clip_grad or float("inf"))
     scaler.step(optimizer)
     scaler.update()
-    return StepResult(value, grad_norm.detach())
+    return StepResult(value, grad_norm.detach(), dict(zip(names, means[1:])))
 
 
 def _params(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from unip.errors import ConfigError
+
 LrScaleFn = Callable[[str], float]
 
 
@@ -46,9 +48,16 @@ def param_groups(model: nn.Module, weight_decay: float,
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: Tuple[float, float] = (0.9, 0.999),
                 lr_scale_fn: Optional[LrScaleFn] = None, fused: Optional[bool] = None) -> torch.optim.AdamW:
     """AdamW over ``param_groups(model, weight_decay, lr_scale_fn)``; fused kernels on CUDA by default."""
-    groups = param_groups(model, weight_decay, lr_scale_fn)
-    for group in groups:
-        group.pop("names")
+    return adamw(param_groups(model, weight_decay, lr_scale_fn), lr, betas, fused)
+
+
+def adamw(groups: List[Dict[str, Any]], lr: float, betas: Tuple[float, float] = (0.9, 0.999),
+          fused: Optional[bool] = None) -> torch.optim.AdamW:
+    """AdamW over parameter groups (as ``param_groups`` returns them; ``names`` entries are dropped);
+    fused kernels when every parameter is on CUDA, unless ``fused`` says otherwise."""
+    groups = [{key: value for key, value in group.items() if key != "names"} for group in groups]
+    if not any(group["params"] for group in groups):
+        raise ConfigError("the model has no trainable parameters; nothing to optimise")
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)

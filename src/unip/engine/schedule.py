@@ -6,8 +6,14 @@ Being functions of the global step, they need no state of their own: resuming re
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from unip.errors import ConfigError
+
+#: Schedule names of ``LrSchedule.kind`` (``optim.schedule`` in run settings).
+SCHEDULES = ("cosine", "poly")
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
@@ -38,3 +44,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to ``lr × group['lr_scale']`` (scale 1 when a group has none)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """The lr of every step of a run: ``schedule(step)`` → lr before per-group scales.
+
+    ``cosine``: ``warmup_cosine`` (warm-up from 0; pre-training). ``poly``: ``warmup_poly`` with
+    ``power`` and a warm-up from ``warmup_start_factor × lr`` (mmseg; fine-tuning)."""
+
+    kind: str
+    total_steps: int
+    warmup_steps: int
+    base_lr: float
+    min_lr: float = 0.0
+    power: float = 1.0
+    warmup_start_factor: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.kind!r}: choose one of {', '.join(SCHEDULES)}")
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "cosine":
+            return warmup_cosine(step, self.total_steps, self.warmup_steps, self.base_lr, self.min_lr)
+        return warmup_poly(step, self.total_steps, self.warmup_steps, self.base_lr, self.power,
+                           self.warmup_start_factor, self.min_lr)

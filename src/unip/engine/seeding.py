@@ -6,7 +6,9 @@ makes augmentations and drop-path masks independent of worker count, timing and 
 
 from __future__ import annotations
 
+import contextlib
 import random
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -33,3 +35,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rng(device: Optional[torch.device] = None) -> Iterator[None]:
+    """Run a block (e.g. an evaluation) and restore python's, numpy's and torch's RNG states afterwards,
+    with ``device``'s CUDA generator when it is a CUDA device: what the block draws leaves training alone."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = []
+    if device is not None and device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
