@@ -7,6 +7,8 @@ import argparse
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from unip.checkpoint import save_checkpoint
 from unip.errors import CheckpointError, ConfigError
@@ -292,6 +294,13 @@ def test_segmentor_contract_in_train_and_eval_mode():
     assert segmentor(x).shape == (2, 3, 16, 24) and segmentor.output_stride == 4
     assert [m.shape[-2:] for m in segmentor.pyramid(x)] == [(16, 24), (8, 12), (4, 6), (2, 3)]
     assert segmentor.no_weight_decay() == {"backbone.pos_embed", "backbone.cls_token", "backbone.reg_token"}
+    # every trainable parameter gets a gradient from the training outputs (DDP needs no unused-parameter search)
+    segmentor.train()
+    outputs = segmentor(x)
+    (outputs["decode"].sum() + outputs["aux"].sum()).backward()
+    trainable = [n for n, p in segmentor.named_parameters() if p.requires_grad]
+    assert "backbone.norm.weight" not in trainable and "backbone.blocks.3.ls2.gamma" in trainable
+    assert [n for n, p in segmentor.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 def test_uperhead_with_other_widths_matches_reference():
@@ -307,7 +316,8 @@ def test_uperhead_with_other_widths_matches_reference():
     with torch.no_grad():
         maps = segmentor.pyramid(x)
         blocks = segmentor.backbone.forward_intermediates(x, [0, 1, 2, 3])
-        expected = ref_llfpn(sd, blocks[0])[:1] + ref_llfpn(sd, blocks[1])[1:2] + [blocks[2], F.max_pool2d(blocks[3], 2)]
+        expected = ref_llfpn(sd, blocks[0])[:1] + ref_llfpn(sd, blocks[1])[1:2]
+        expected += [blocks[2], F.max_pool2d(blocks[3], 2)]
         for mine, theirs in zip(maps, expected):
             torch.testing.assert_close(mine, theirs)
         torch.testing.assert_close(segmentor(x), ref_upernet(sd, maps), atol=1e-5, rtol=1e-4)
@@ -449,6 +459,14 @@ def test_save_and_load_give_identical_logits(tmp_path):
         assert torch.equal(loaded(x), segmentor.eval()(x))
     with pytest.raises(CheckpointError, match="safetensors"):
         save_segmentor(segmentor, tmp_path / "seg.pth")
+
+    with safe_open(str(saved), framework="pt") as handle:
+        header = handle.metadata()
+    tensors = load_file(str(saved))
+    del tensors["decode_head.bottleneck.bn.running_var"]
+    save_file(tensors, str(tmp_path / "cut.safetensors"), metadata=header)
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors.*missing decode_head\.bottleneck\.bn\.running_var"):
+        load_segmentor(tmp_path / "cut.safetensors")
 
 
 def test_segmentor_backbone_is_a_vision_transformer():

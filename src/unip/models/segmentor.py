@@ -74,6 +74,14 @@ class Segmentor(nn.Module):
         if self.frozen_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
+        self._freeze_unreached()
+
+    def _freeze_unreached(self) -> None:
+        """The final norm and blocks after the deepest feature layer never see a gradient: freeze them, so
+        that DDP needs no ``find_unused_parameters`` and optimisers skip them (their values are kept)."""
+        self.backbone.norm.requires_grad_(False)
+        for block in self.backbone.blocks[max(self.feature_layers):]:
+            block.requires_grad_(False)
 
     def _check_layers(self, layers: List[int]) -> List[int]:
         layers = [int(layer) for layer in layers]

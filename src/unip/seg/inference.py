@@ -83,13 +83,13 @@ def slide_inference(segmentor: nn.Module, x: Tensor, crop: Size = 512, stride: S
     if max_batch:
         step = max(1, min(step, max_batch // batch))
     canvas: Optional[Tensor] = None
-    count = x.new_zeros((1, 1, height, width))
+    count = x.new_zeros((1, 1, height, width), dtype=torch.float32)
     for first in range(0, len(windows), step):
         chunk = windows[first:first + step]
         crops = torch.cat([x[:, :, y0:y1, x0:x1] for (y0, y1), (x0, x1) in chunk])
         logits = whole_inference(segmentor, crops)
         if canvas is None:
-            canvas = logits.new_zeros((batch, logits.shape[1], height, width))
+            canvas = logits.new_zeros((batch, logits.shape[1], height, width), dtype=torch.float32)
         for ((y0, y1), (x0, x1)), window_logits in zip(chunk, logits.split(batch)):
             canvas[:, :, y0:y1, x0:x1] += window_logits
             count[:, :, y0:y1, x0:x1] += 1
