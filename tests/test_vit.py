@@ -47,9 +47,9 @@ def test_features_and_attention_match_timm(size):
     final, block_outputs, timm_maps = _timm_block_outputs_and_attention(reference, image)
     with torch.no_grad():
         assert (ours(image) - final).abs().max() <= 1e-4
-        layers = [3, 6, 12]
-        for layer, fmap in zip(layers, ours.forward_features(image, layers)):
-            expected = block_outputs[layer - 1][:, 1:].transpose(1, 2).reshape(2, -1, 14, 14)
+        indices = [2, 5, 11]
+        for index, fmap in zip(indices, ours.forward_intermediates(image, indices)):
+            expected = block_outputs[index][:, 1:].transpose(1, 2).reshape(2, -1, 14, 14)
             assert fmap.shape == (2, CONFIGS[size]["embed_dim"], 14, 14)
             assert (fmap - expected).abs().max() <= 1e-4
         maps = ours.attention_maps(image)
@@ -64,7 +64,7 @@ def test_other_input_size_matches_timm_dynamic_size():
     image = torch.randn(1, 3, 320, 256)
     with torch.no_grad():
         assert (ours(image) - reference.forward_features(image)).abs().max() <= 1e-4
-        assert ours.forward_features(image, [12])[0].shape == (1, 192, 20, 16)
+        assert ours.forward_intermediates(image, [11])[0].shape == (1, 192, 20, 16)
 
 
 def _reference_logits(model, image, layer):
@@ -181,4 +181,55 @@ def test_register_tokens_follow_timm_layout():
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert (ours(image) - reference.forward_features(image)).abs().max() <= 1e-4
-        assert ours.forward_features(image, [2])[0].shape == (1, 192, 4, 4)
+        assert ours.forward_intermediates(image, 1)[0].shape == (1, 192, 4, 4)
+        expected = reference.forward_intermediates(image, [0, 1], norm=True, intermediates_only=True)
+        for mine, theirs in zip(ours.forward_intermediates(image, [0, 1], norm=True), expected):
+            assert (mine - theirs).abs().max() <= 1e-4
+
+
+@pytest.mark.skipif(not hasattr(TimmViT, "forward_intermediates"), reason="timm without forward_intermediates")
+@pytest.mark.parametrize("kwargs", [
+    dict(indices=None), dict(indices=2), dict(indices=[0, -1]), dict(indices=[3, 1, 1], norm=True),
+    dict(indices=[1], output_fmt="NLC"), dict(indices=[2], intermediates_only=False),
+    dict(indices=[0, 2], intermediates_only=False, stop_early=True, norm=True),
+    dict(indices=[1, 3], return_prefix_tokens=True),
+    dict(indices=[1], output_dict=True, return_prefix_tokens=True, intermediates_only=False),
+])
+def test_feature_api_equals_timm(kwargs):
+    torch.manual_seed(0)
+    reference = TimmViT(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=2, num_classes=0,
+                        dynamic_img_size=True).eval()
+    ours = VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=2).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    image = torch.randn(2, 3, 64, 48)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("intermediates_only", True)
+    with torch.no_grad():
+        mine, theirs = ours.forward_intermediates(image, **kwargs), reference.forward_intermediates(image, **kwargs)
+        assert (ours.forward_features(image) - reference.forward_features(image)).abs().max() <= 1e-5
+
+    def flat(value):
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, dict):
+            assert sorted(value) == sorted(theirs)
+            return [t for key in sorted(value) for t in flat(value[key])]
+        return [t for item in value for t in flat(item)]
+
+    mine, theirs_flat = flat(mine), flat(theirs)
+    assert len(mine) == len(theirs_flat) > 0
+    for a, b in zip(mine, theirs_flat):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_intermediates_stop_after_deepest_block_and_reject_bad_indices():
+    model = VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2).eval()
+    called = []
+    for index, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, i, o, index=index: called.append(index))
+    maps = model.forward_intermediates(torch.randn(1, 3, 32, 32), [1, 0])
+    assert called == [0, 1] and [m.shape for m in maps] == [(1, 64, 2, 2)] * 2
+    for bad in ([4], [-5], 0, 5, []):
+        with pytest.raises(ValueError, match="out of range"):
+            model.forward_intermediates(torch.randn(1, 3, 32, 32), bad)

@@ -13,7 +13,7 @@ def last_layer_features(model: VisionTransformer, image: Tensor) -> Tensor:
     device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode():
-        return model.forward_features(image.unsqueeze(0).to(device), [model.depth])[0][0].float().cpu()
+        return model.forward_intermediates(image.unsqueeze(0).to(device), indices=1)[0][0].float().cpu()
 
 
 def pca_rgb(features: Tensor) -> Tensor:

@@ -31,6 +31,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from unip.models.pos_embed import square_grid_side
+
 Grid = Tuple[int, int]
 
 METRICS: Tuple[str, ...] = ("nmi", "distance", "entropy")
@@ -51,9 +53,10 @@ def infer_grid(num_patches: int, grid: Optional[Grid] = None) -> Grid:
         if rows * cols != num_patches:
             raise ValueError(f"grid {rows}x{cols} does not hold the map's {num_patches} patch tokens")
         return rows, cols
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(f"{num_patches} patch tokens do not form a square grid; pass grid=(rows, cols)")
+    try:
+        side = square_grid_side(num_patches, "patch tokens")
+    except ValueError as err:
+        raise ValueError(f"{err}; pass grid=(rows, cols)") from None
     return side, side
 
 

@@ -31,22 +31,30 @@ def sincos_pos_embed_2d(dim: int, grid: Tuple[int, int]) -> Tensor:
     return table.to(torch.float32)
 
 
+def square_grid_side(count: int, what: str = "tokens") -> int:
+    """Side of the square grid that ``count`` tokens (or position rows) fill; ``ValueError`` if they do not."""
+    side = math.isqrt(count)
+    if count <= 0 or side * side != count:
+        raise ValueError(f"{count} {what} do not form a square grid")
+    return side
+
+
 def resample_pos_embed(pos_embed: Tensor, new_grid: Tuple[int, int], num_prefix_tokens: int = 1,
-                       old_grid: Optional[Tuple[int, int]] = None) -> Tensor:
+                       old_grid: Optional[Tuple[int, int]] = None, antialias: bool = True) -> Tensor:
     """Bicubically resample the grid part of ``pos_embed [1, prefix + h*w, D]`` to ``new_grid``.
 
     Prefix rows (CLS, registers) are kept as they are. ``old_grid`` defaults to a square grid.
+    ``antialias=True`` is timm's resampling; ``antialias=False`` is plain bicubic (the MAE/BEiT
+    ``interpolate_pos_embed`` that the release's fine-tuning uses: the two differ even when enlarging).
     Returns ``[1, prefix + H*W, D]`` in the input's dtype."""
     prefix, table = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     if old_grid is None:
-        side = math.isqrt(table.shape[1])
-        if side * side != table.shape[1]:
-            raise ValueError(f"{table.shape[1]} position rows do not form a square grid; pass old_grid")
+        side = square_grid_side(table.shape[1], "position rows")
         old_grid = (side, side)
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
     dim = table.shape[-1]
     image = table.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
-    image = F.interpolate(image, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
+    image = F.interpolate(image, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=antialias)
     table = image.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
     return torch.cat([prefix, table], dim=1)

@@ -9,15 +9,16 @@ Beyond timm's model it can
 * give each block its own head count (``last_heads``: UNIP students' last block has as many heads as the
   teacher block they were distilled from),
 * return the pre-softmax attention logits of one block and stop there (``attention_logits``),
-* return token maps of chosen blocks (``forward_features``) and post-softmax maps (``attention_maps``).
+* return token maps of chosen blocks (``forward_intermediates``, timm's API: 0-based indices) and
+  post-softmax maps (``attention_maps``).
 
 Every block whose attention matrix is not asked for runs ``scaled_dot_product_attention``.
-Layers are numbered from 1 (block ``i`` of ``blocks`` is layer ``i + 1``).
+The attention taps number layers from 1 (block ``i`` of ``blocks`` is layer ``i + 1``); the timm feature API
+(``forward_intermediates``, ``forward_features``) keeps timm's 0-based block indices.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -287,21 +288,61 @@ class VisionTransformer(nn.Module):
             tokens, _ = block(tokens)
         return self.blocks[layer - 1].attention_logits(tokens)
 
-    def forward_features(self, x: Tensor, layers: Sequence[int]) -> List[Tensor]:
-        """Raw outputs (before the final norm) of blocks ``layers`` (1-based) as token maps ``[B, D, h, w]``,
-        prefix tokens dropped, in the order asked. Stops after the deepest requested block."""
-        wanted = [self._check_layer(layer) for layer in layers]
-        tokens, (height, width) = self.embed(x)
-        outputs: Dict[int, Tensor] = {}
-        for index, block in enumerate(self.blocks[: max(wanted)], start=1):
-            tokens, _ = block(tokens)
-            if index in wanted:
-                outputs[index] = tokens
-        return [self._to_map(outputs[layer], height, width) for layer in wanted]
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = True, output_dict: bool = False,
+                              ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]], Dict[str, object]]:
+        """timm's ``forward_intermediates`` (same arguments, same meaning; only ``intermediates_only``
+        defaults to ``True`` here).
 
-    def _to_map(self, tokens: Tensor, height: int, width: int) -> Tensor:
-        patches = tokens[:, self.num_prefix_tokens:]
-        return patches.transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, height, width)
+        ``indices``: 0-based block indices (negative ones count from the end), an int ``n`` for the last
+        ``n`` blocks, or ``None`` for all. Intermediates come in block order, one per distinct block, as the
+        block's raw output (``norm=True`` applies the final norm), prefix tokens (CLS, registers) dropped:
+        ``[B, D, h, w]`` for ``output_fmt="NCHW"``, ``[B, h*w, D]`` for ``"NLC"``.
+
+        Returns the list of intermediates when ``intermediates_only`` (blocks after the deepest requested
+        one are not run), else ``(final normed tokens [B, N, D], intermediates)``; ``return_prefix_tokens``
+        turns each intermediate into ``(map, prefix tokens [B, prefix, D])``; ``output_dict`` returns
+        ``{"image_intermediates", "image_intermediates_prefix"?, "image_features"?}`` as timm does."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', not {output_fmt!r}")
+        take = self.take_indices(indices)
+        tokens, (height, width) = self.embed(x)
+        last = max(take) + 1 if intermediates_only or stop_early else self.depth
+        intermediates: List[Tensor] = []
+        for index, block in enumerate(self.blocks[:last]):
+            tokens, _ = block(tokens)
+            if index in take:
+                intermediates.append(self.norm(tokens) if norm else tokens)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        maps = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == "NCHW":
+            maps = [y.transpose(1, 2).reshape(y.shape[0], -1, height, width) for y in maps]
+        if output_dict:
+            result: Dict[str, object] = {"image_intermediates": maps}
+            if return_prefix_tokens and self.num_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                result["image_features"] = self.norm(tokens)
+            return result
+        if return_prefix_tokens and self.num_prefix_tokens:
+            maps = list(zip(maps, prefix))
+        return maps if intermediates_only else (self.norm(tokens), maps)
+
+    def take_indices(self, indices: Optional[Union[int, Sequence[int]]] = None) -> List[int]:
+        """Absolute 0-based block indices that ``indices`` selects (timm's ``feature_take_indices`` rule):
+        ``None`` → all blocks, an int ``n`` → the last ``n``, a sequence → those (negative from the end)."""
+        if indices is None:
+            indices = self.depth
+        if isinstance(indices, int):
+            if not 0 < indices <= self.depth:
+                raise ValueError(f"last-n ({indices}) is out of range: this model has {self.depth} blocks")
+            return list(range(self.depth - indices, self.depth))
+        take = [self.depth + int(i) if int(i) < 0 else int(i) for i in indices]
+        bad = [i for i in take if not 0 <= i < self.depth]
+        if bad or not take:
+            raise ValueError(f"block indices {list(indices)} out of range: this model has blocks 0..{self.depth - 1}")
+        return take
 
     def iter_attention_maps(self, x: Tensor, layers: Optional[Iterable[int]] = None
                             ) -> Iterator[Tuple[int, Tensor]]:
@@ -325,15 +366,16 @@ class VisionTransformer(nn.Module):
         """The ``(h, w)`` token grid an input of ``x``'s size gives."""
         return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
 
-    def forward_tokens(self, x: Tensor) -> Tensor:
-        """All blocks and the final norm: ``[B, N, D]`` (timm's ``forward_features``)."""
+    def forward_features(self, x: Tensor) -> Tensor:
+        """All blocks and the final norm: tokens ``[B, N, D]`` (CLS first), as timm's ``forward_features``."""
         tokens, _ = self.embed(x)
         for block in self.blocks:
             tokens, _ = block(tokens)
         return self.norm(tokens)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_tokens(x)
+        """Same as ``forward_features``: this backbone has no classifier."""
+        return self.forward_features(x)
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` each block in place (regional compilation): identical blocks share one compiled
@@ -352,10 +394,3 @@ def _pair(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
-def grid_side(num_patches: int) -> int:
-    """Side of a square token grid with ``num_patches`` tokens; raises if not square."""
-    side = int(math.isqrt(num_patches))
-    if side * side != num_patches:
-        raise ValueError(f"{num_patches} position rows do not form a square grid")
-    return side

@@ -1,0 +1,186 @@
+"""Saving and loading fine-tuned segmentors: our safetensors files and the release's mmseg checkpoints.
+
+Our file: safetensors with the ``Segmentor``'s state dict and, in the header (``unip.config``), a JSON
+document ``{"architecture": "Segmentor", "model": backbone kwargs + heads_per_block, "segmentor": the rest of
+the config, "normalization", "crop_size", "stride", "class_names", "palette", ...}``. Its ``model`` entry has
+the layout of a backbone checkpoint, so ``unip.checkpoint.load_model`` also reads the fine-tuned backbone
+from it.
+
+The release's fine-tuned checkpoints (``{"meta", "state_dict"}``, mmsegmentation 0.x, layout in
+``reference/checkpoint-layouts.md``) hold no configuration: the architecture is read from the shapes
+(width, depth, classes, UperNet and FCN widths), every block has width / 64 heads (as the release built
+them), the neck is LL-FPN (the release's train scripts set ``out_indices=[11]*4``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+from torch import Tensor
+
+from unip.atomic import atomic_path
+from unip.checkpoint import CONFIG_METADATA_KEY, infer_architecture, normalize_keys, read_checkpoint
+from unip.errors import CheckpointError, ConfigError
+from unip.models.segmentor import Segmentor
+from unip.seg.build import AUXILIARY_HEAD, DEFAULT_META, default_drop_path, fit_problems
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+ARCHITECTURE = "Segmentor"
+
+
+# ============================================================================================ saving
+def save_segmentor(segmentor: Segmentor, path: PathLike, meta: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``segmentor`` as safetensors with its config and ``segmentor.meta`` (updated by ``meta``:
+    class names, palette, normalisation, crop/stride, training facts; JSON-able) in the header, atomically.
+    ``load_segmentor(path)`` rebuilds it. Returns the path written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: segmentors are written as .safetensors; change the file name")
+    config = dict(segmentor.config)
+    backbone = dict(config.pop("backbone"), heads_per_block=segmentor.backbone.heads_per_block)
+    document = {**segmentor.meta, **dict(meta or {}), "architecture": ARCHITECTURE, "model": backbone,
+                "segmentor": config}
+    try:
+        header = json.dumps(document)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"segmentor metadata must be JSON-serialisable: {err}") from err
+    tensors = {k: v.detach().cpu().contiguous() for k, v in segmentor.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: header})
+    return path
+
+
+# ============================================================================================ loading
+def load_segmentor(path: PathLike) -> Segmentor:
+    """Rebuild a ``Segmentor`` with its weights from our ``.safetensors`` file or the release's fine-tuned
+    mmseg checkpoint; returns it in eval mode on the CPU. Raises ``CheckpointError`` naming the file (and
+    the keys) when it is not a segmentor or its weights do not fit."""
+    source = str(path)
+    content, metadata = read_checkpoint(path)
+    if CONFIG_METADATA_KEY in metadata:
+        config, meta = _config_from_header(metadata[CONFIG_METADATA_KEY], source)
+        state = dict(content)
+    else:
+        state_dict = content.get("state_dict") if isinstance(content, Mapping) else None
+        if not isinstance(state_dict, Mapping) or not any(k.startswith("decode_head.") for k in state_dict):
+            raise CheckpointError(f"{source}: not a segmentation checkpoint (expected our .safetensors segmentor "
+                                  "or an mmsegmentation {'meta', 'state_dict'} file with decode_head.* weights)")
+        release_meta = content.get("meta") if isinstance(content.get("meta"), Mapping) else {}
+        config, state, meta = release_segmentor(state_dict, release_meta, source)
+    try:
+        segmentor = Segmentor(config, meta)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: cannot rebuild the segmentor: {err}") from err
+    load_exact(segmentor, state, source)
+    return segmentor.eval()
+
+
+def _config_from_header(header: str, source: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    try:
+        document = json.loads(header)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: corrupt '{CONFIG_METADATA_KEY}' metadata ({err})") from err
+    architecture = document.pop("architecture", None)
+    if architecture != ARCHITECTURE:
+        raise CheckpointError(f"{source}: a {architecture or 'backbone'} checkpoint, not a segmentor; use it as "
+                              "the pre-trained backbone of a fine-tuning run instead")
+    try:
+        backbone = dict(document.pop("model"))
+        config = dict(document.pop("segmentor"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: segmentor metadata lacks its 'model'/'segmentor' entries") from err
+    backbone.pop("heads_per_block", None)
+    config["backbone"] = backbone
+    return config, document
+
+
+def load_exact(segmentor: Segmentor, state: Mapping[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``segmentor`` requiring every key and shape to match (BatchNorm's
+    ``num_batches_tracked`` may be absent); raises ``CheckpointError`` naming ``source`` and the keys."""
+    problems = fit_problems(segmentor.state_dict(), state, may_miss=("num_batches_tracked",))
+    if problems:
+        raise CheckpointError(f"{source}: weights do not fit the segmentor: {problems}")
+    segmentor.load_state_dict(dict(state), strict=False)
+
+
+# ============================================================================================ the release's
+def release_segmentor(state_dict: Mapping[str, Tensor], meta: Mapping[str, Any], source: str
+                      ) -> Tuple[Dict[str, Any], Dict[str, Tensor], Dict[str, Any]]:
+    """``(Segmentor config, state dict in our names, meta)`` of a release (mmseg 0.x) fine-tuned checkpoint.
+
+    Renames ``backbone.fpn*`` → ``neck.fpn*`` and ``gamma_1/2`` → ``ls1/ls2.gamma``; reads width, depth,
+    classes and head widths from the shapes."""
+    backbone_sd = {k: v for k, v in state_dict.items() if k.startswith("backbone.") and not _is_neck(k)}
+    state, ignored = normalize_keys(backbone_sd)
+    if ignored:
+        log.warning("%s: ignored backbone keys %s", source, ", ".join(ignored))
+    state = {f"backbone.{k}": v for k, v in state.items()}
+    for key, value in state_dict.items():
+        if _is_neck(key):
+            state["neck." + key[len("backbone."):]] = value
+        elif not key.startswith("backbone."):
+            state[key] = value
+    backbone = infer_architecture(backbone_sd, source)
+    backbone.update(num_heads=max(1, backbone["embed_dim"] // 64), last_heads=None, pos_embed_type="learned",
+                    layer_scale=1.0 if backbone["layer_scale"] else None, drop_path_rate=default_drop_path(backbone))
+    config = {
+        "backbone": backbone,
+        "feature_layers": [backbone["depth"]],
+        "neck": "llfpn",
+        "decode_head": _release_upernet(state_dict, source),
+        "auxiliary_head": _release_fcn(state_dict),
+        "num_classes": int(_require(state_dict, "decode_head.conv_seg.weight", source).shape[0]),
+        "frozen_backbone": False,
+    }
+    return config, state, _release_meta(meta, config["num_classes"], source)
+
+
+def _is_neck(key: str) -> bool:
+    return re.match(r"backbone\.fpn[1-4]\.", key) is not None
+
+
+def _require(state_dict: Mapping[str, Tensor], key: str, source: str) -> Tensor:
+    if key not in state_dict:
+        raise CheckpointError(f"{source}: no {key} in the state dict; not an LL-FPN + UperNet checkpoint of the "
+                              "release")
+    return state_dict[key]
+
+
+def _release_upernet(state_dict: Mapping[str, Tensor], source: str) -> Dict[str, Any]:
+    channels = int(_require(state_dict, "decode_head.bottleneck.conv.weight", source).shape[0])
+    scales = {m.group(1) for k in state_dict for m in [re.match(r"decode_head\.psp_modules\.(\d+)\.", k)] if m}
+    if len(scales) != 4:
+        raise CheckpointError(f"{source}: {len(scales)} pyramid-pooling branches, expected 4 (scales 1, 2, 3, 6)")
+    return {"type": "upernet", "channels": channels, "pool_scales": [1, 2, 3, 6], "dropout": 0.1}
+
+
+def _release_fcn(state_dict: Mapping[str, Tensor]) -> Union[Dict[str, Any], None]:
+    if "auxiliary_head.conv_seg.weight" not in state_dict:
+        return None
+    convs = sorted({int(m.group(1)) for k in state_dict
+                    for m in [re.match(r"auxiliary_head\.convs\.(\d+)\.conv\.weight", k)] if m})
+    first = state_dict.get("auxiliary_head.convs.0.conv.weight")
+    channels = int(first.shape[0]) if first is not None else int(state_dict["auxiliary_head.conv_seg.weight"].shape[1])
+    kernel = int(first.shape[-1]) if first is not None else 3
+    return dict(AUXILIARY_HEAD, channels=channels, num_convs=len(convs), kernel_size=kernel)
+
+
+def _release_meta(meta: Mapping[str, Any], num_classes: int, source: str) -> Dict[str, Any]:
+    """Our meta for a release file: the recipe's test defaults, and class names / palette when mmseg stored
+    them (``meta["CLASSES"]``, ``meta["PALETTE"]``) for that many classes."""
+    out: Dict[str, Any] = {**DEFAULT_META, "source_format": "mmsegmentation (UNIP release)", "pretrained": source}
+    classes, palette = meta.get("CLASSES"), meta.get("PALETTE")
+    if isinstance(classes, (list, tuple)) and len(classes) == num_classes:
+        out["class_names"] = [str(name) for name in classes]
+    if isinstance(palette, (list, tuple)) and len(palette) == num_classes:
+        out["palette"] = [[int(c) for c in colour] for colour in palette]
+    return out
+

@@ -1,0 +1,131 @@
+"""Whole-image and sliding-window inference against a direct, one-window-at-a-time re-computation of the
+release's window rule (mmseg 0.x ``slide_inference``), test-time augmentation and the test resize."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unip.models import Segmentor
+from unip.seg import fit_size, predict_probabilities, slide_inference, whole_inference
+from unip.seg.inference import window_spans
+
+
+def _segmentor(width=32, depth=2, classes=3):
+    torch.manual_seed(0)
+    config = {"backbone": dict(img_size=64, embed_dim=width, depth=depth, num_heads=2, layer_scale=1.0),
+              "feature_layers": [depth], "neck": "llfpn",
+              "decode_head": {"type": "upernet", "channels": 16, "pool_scales": [1, 2, 3, 6], "dropout": 0.1},
+              "auxiliary_head": None, "num_classes": classes}
+    segmentor = Segmentor(config).eval()
+    for module in segmentor.modules():  # non-trivial BN statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+    return segmentor
+
+
+def reference_slide(segmentor, img, crop, stride):
+    """mmseg 0.x EncoderDecoder.slide_inference, window by window."""
+    batch, _, h_img, w_img = img.shape
+    h_grids = max(h_img - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w_img - crop + stride - 1, 0) // stride + 1
+    preds, count = None, img.new_zeros((batch, 1, h_img, w_img))
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y1, x1 = h_idx * stride, w_idx * stride
+            y2, x2 = min(y1 + crop, h_img), min(x1 + crop, w_img)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            crop_img = img[:, :, y1:y2, x1:x2]
+            logit = F.interpolate(segmentor(crop_img), size=crop_img.shape[2:], mode="bilinear",
+                                  align_corners=False)
+            if preds is None:
+                preds = img.new_zeros((batch, logit.shape[1], h_img, w_img))
+            preds += F.pad(logit, (x1, w_img - x2, y1, h_img - y2))
+            count[:, :, y1:y2, x1:x2] += 1
+    assert (count == 0).sum() == 0
+    return preds / count
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 80)])
+def test_one_window_equals_whole_image(size):
+    segmentor = _segmentor()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        whole = F.interpolate(segmentor(x), size=size, mode="bilinear", align_corners=False)
+    assert torch.equal(whole_inference(segmentor, x), whole)
+    assert whole.shape == (2, 3, *size)
+    crop = max(size)
+    torch.testing.assert_close(slide_inference(segmentor, x, crop=crop, stride=crop * 2 // 3), whole)
+
+
+@pytest.mark.parametrize("size, crop, stride", [((100, 70), 48, 32), ((112, 80), 48, 32), ((48, 130), 48, 20)])
+def test_sliding_window_equals_the_window_rule(size, crop, stride):
+    segmentor = _segmentor()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        expected = reference_slide(segmentor, x, crop, stride)
+    for kwargs in (dict(), dict(batch_windows=False), dict(max_batch=5)):
+        torch.testing.assert_close(slide_inference(segmentor, x, crop, stride, **kwargs), expected,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_release_window_on_a_700x520_image():
+    segmentor = _segmentor(width=32, depth=1)
+    x = torch.randn(1, 3, 700, 520)
+    assert window_spans(700, 512, 341) == [(0, 512), (188, 700)]
+    assert window_spans(520, 512, 341) == [(0, 512), (8, 520)]
+    with torch.no_grad():
+        expected = reference_slide(segmentor, x, 512, 341)
+    logits = slide_inference(segmentor, x)
+    assert logits.shape == (1, 3, 700, 520)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_window_spans_cover_every_pixel():
+    for size in range(1, 200, 7):
+        spans = window_spans(size, 48, 32)
+        covered = torch.zeros(size)
+        for start, end in spans:
+            assert end - start == min(48, size)
+            covered[start:end] += 1
+        assert covered.min() >= 1
+
+
+def test_whole_inference_pads_sides_that_are_not_patch_multiples():
+    segmentor = _segmentor()
+    x = torch.randn(1, 3, 70, 50)
+    logits = whole_inference(segmentor, x)
+    assert logits.shape == (1, 3, 70, 50)
+    padded = F.pad(x, (0, 14, 0, 10))
+    torch.testing.assert_close(logits, whole_inference(segmentor, padded)[..., :70, :50])
+
+
+def test_inference_restores_training_mode():
+    segmentor = _segmentor().train()
+    slide_inference(segmentor, torch.randn(1, 3, 64, 64), crop=64, stride=32)
+    assert segmentor.training
+
+
+def test_test_time_augmentation_averages_softmax_of_each_view():
+    segmentor = _segmentor()
+    x = torch.randn(1, 3, 64, 96)
+    plain = predict_probabilities(segmentor, x, crop=64, stride=32)
+    torch.testing.assert_close(plain, slide_inference(segmentor, x, 64, 32).softmax(1))
+    flipped = predict_probabilities(segmentor, x, crop=64, stride=32, flip=True, output_size=(32, 48))
+    mirror = slide_inference(segmentor, x.flip(-1), 64, 32).flip(-1)
+    expected = sum(F.interpolate(v, size=(32, 48), mode="bilinear", align_corners=False).softmax(1)
+                   for v in (slide_inference(segmentor, x, 64, 32), mirror)) / 2
+    torch.testing.assert_close(flipped, expected)
+    scaled = predict_probabilities(segmentor, x, mode="whole", scales=(0.5, 1.0))
+    half = F.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False)
+    expected = (F.interpolate(whole_inference(segmentor, half), size=(64, 96), mode="bilinear",
+                              align_corners=False).softmax(1) + whole_inference(segmentor, x).softmax(1)) / 2
+    torch.testing.assert_close(scaled, expected)
+    torch.testing.assert_close(scaled.sum(1), torch.ones(1, 64, 96))
+
+
+def test_fit_size_is_mmcv_rescale():
+    assert fit_size(480, 640) == (512, 683)  # SODA / SCUT-Seg frames: short side 512
+    assert fit_size(512, 640) == (512, 640)
+    assert fit_size(1024, 4096) == (512, 2048)  # long side limited to 2048
+    assert fit_size(300, 300) == (512, 512)
+    assert fit_size(640, 480, scale=(512, 2048)) == (683, 512)
