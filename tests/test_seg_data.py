@@ -500,6 +500,8 @@ def _fake_scut_download(raw):
         _save(f"{raw}/images/{sub}/{name}.jpg", rng.integers(0, 256, size, dtype=np.uint8), quality=90)
         label_size = (8, 8) if name == "set03_bad" else size
         _save(f"{raw}/gt_instance/{sub}/{name}_labelIds.png", ids[rng.integers(0, len(ids), label_size)])
+    # a same-named JPEG beside the labels (a visualisation) must not make the image lookup ambiguous
+    _save(f"{raw}/gt_instance/set02/set02_V001_I00002.jpg", np.zeros((16, 20, 3), np.uint8))
     with open(f"{raw}/scut_train.txt", "w") as fh:
         fh.write("images/set01/set01_V000_I00001.jpg gt_instance/set01/set01_V000_I00001_labelIds.png\n"
                  "set03_bad.jpg\n")

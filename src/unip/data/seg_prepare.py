@@ -273,6 +273,9 @@ def _find(raw: str, token: Optional[str], roots: Sequence[str], index: Dict[str,
             if os.path.isfile(path):
                 return path, None
     found = index.get(key, [])
+    if len(found) > 1:  # e.g. a visualisation of the same name beside the labels: prefer the expected folder
+        preferred = [p for p in found for root in roots if root and p.startswith(os.path.join(raw, root, ""))]
+        found = preferred or found
     if len(found) == 1:
         return found[0], None
     if found:
