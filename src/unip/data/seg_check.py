@@ -17,6 +17,7 @@ from unip.data.layouts import IGNORE_INDEX, SPLIT_NAMES
 from unip.data.parallel import thread_map
 from unip.data.segmentation import (Palette, Problem, Sample, inspect_pair, read_split_file, resolve_layout,
                                     scan_split)
+from unip.errors import DataError
 
 
 @dataclass
@@ -93,7 +94,10 @@ def check_segmentation(root: str, dataset: str = "auto", splits: Optional[Sequen
         seen.update(new)
         per_split[split] = samples
         listed_path = os.path.join(data_root, split_file)
-        listed = len(read_split_file(listed_path)) if os.path.isfile(listed_path) else 0
+        try:
+            listed = len(read_split_file(listed_path))
+        except DataError:  # missing or unreadable: already a problem
+            listed = 0
         summaries.append(SplitSummary(split, split_file, images=listed))
     unique = list({s.image: s for samples in per_split.values() for s in samples}.values())
     results: Dict[str, Optional[np.ndarray]] = {}

@@ -95,7 +95,7 @@ LAYOUTS: Dict[str, SegLayout] = {
 class Problem:
     """One thing wrong with a data set: the file at fault, a short ``code`` and a sentence saying what.
 
-    Codes: ``missing-folder``, ``missing-split-file``, ``empty-split``, ``missing-image``,
+    Codes: ``missing-folder``, ``missing-split-file``, ``unreadable-split-file``, ``empty-split``, ``missing-image``,
     ``missing-label``, ``unreadable-image``, ``unreadable-label``, ``size-mismatch``, ``bad-label-value``.
     """
 
@@ -171,12 +171,15 @@ def _isdir(root: str, *parts: str) -> bool:
 
 
 def _has_png(folder: str, look: int = 20) -> bool:
-    with os.scandir(folder) as entries:
-        for n, entry in enumerate(entries):
-            if entry.name.lower().endswith(".png"):
-                return True
-            if n >= look:
-                break
+    try:
+        with os.scandir(folder) as entries:
+            for n, entry in enumerate(entries):
+                if entry.name.lower().endswith(".png"):
+                    return True
+                if n >= look:
+                    break
+    except OSError:
+        pass
     return False
 
 
@@ -268,7 +271,10 @@ class _Folder:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.names = set(os.listdir(path)) if os.path.isdir(path) else set()
+        try:
+            self.names = set(os.listdir(path))
+        except OSError:  # missing or unreadable: every file in it is then reported missing
+            self.names = set()
 
     def find(self, name: str, suffixes: Sequence[str]) -> Optional[str]:
         for suffix in suffixes:
@@ -295,7 +301,10 @@ def scan_split(root: str, layout: SegLayout, split: str) -> Tuple[List[Sample], 
             problems.append(Problem(os.path.join(root, folder), "missing-folder", "folder not found"))
     if not os.path.isfile(split_path):
         return [], problems + [Problem(split_path, "missing-split-file", f"split file of '{split}' not found")]
-    names = read_split_file(split_path)
+    try:
+        names = read_split_file(split_path)
+    except DataError as err:
+        return [], problems + [Problem(split_path, "unreadable-split-file", str(err).rsplit(": ", 1)[-1])]
     if not names:
         problems.append(Problem(split_path, "empty-split", "the split file lists no image"))
     if any(p.code == "missing-folder" for p in problems):
