@@ -48,9 +48,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- data
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="build, check, measure and pack pre-training sets; write synthetic data",
+    p = sub.add_parser("data", help="pre-training sets (build, check, pack); segmentation sets (prepare, check); "
+                                    "synthetic data",
                        description="InfMix-style pre-training data: scan folders into a checked manifest, "
-                                   "measure it, pack it for fast loading, or generate synthetic thermal scenes.")
+                                   "measure it, pack it for fast loading, or generate synthetic thermal scenes. "
+                                   "Segmentation data: prepare the MFNet / SCUT-Seg downloads, check a data set.")
     verbs = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
 
     q = verbs.add_parser("infmix", help="scan image folders into a checked, de-duplicated JSONL manifest",
@@ -102,6 +104,32 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
                    help="unlabeled: 8 (JPEG) or 16 (raw-count PNG)")
     q.set_defaults(func=_run_data_synth)
+
+    q = verbs.add_parser("prepare", help="turn the MFNet or SCUT-Seg download into the layout fine-tuning reads",
+                         description="MFNet: the thermal (4th) channel of images/*.png → thermal_imgs/, labels/ "
+                                     "and the split files (val_test.txt = val + test if absent). SCUT-Seg: "
+                                     "images → images/, *_labelIds.png remapped to ids 0-9 (others 255) → "
+                                     "labels/, scut_train/val.txt → train.txt/val.txt. Every file is checked; "
+                                     "bad ones are skipped and listed in OUT/prepare-report.json. Reruns "
+                                     "convert only new or changed files; nothing is deleted.")
+    q.add_argument("dataset", choices=("mfnet", "scut"), help="which download RAW is")
+    q.add_argument("raw", metavar="RAW", help="the unpacked original download")
+    q.add_argument("out", metavar="OUT", help="folder to write (new, empty, or an earlier output of this command)")
+    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.set_defaults(func=_run_data_prepare)
+
+    q = verbs.add_parser("check-seg", help="list every problem of a segmentation data set; per-class pixel counts",
+                         description="Read every split file, image and label of a SODA, MFNet, SCUT-Seg or "
+                                     "folder data set and list all problems at once (missing files, unreadable "
+                                     "images, label size or values); exit 2 if there is any. A clean set "
+                                     "prints images per split and pixels per class.")
+    q.add_argument("root", metavar="ROOT", help="data set folder")
+    q.add_argument("--dataset", default="auto", choices=("auto", "soda", "mfnet", "scut", "folder"),
+                   help="layout of ROOT (default: detect it)")
+    q.add_argument("--split", action="append", choices=("train", "val", "test"),
+                   help="split to check, repeatable (default: all three)")
+    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.set_defaults(func=_run_data_check_seg)
 
 
 def _run_data_infmix(args: argparse.Namespace) -> int:
@@ -156,6 +184,31 @@ def _run_data_synth(args: argparse.Namespace) -> int:
     for name in args.name or ["synth"]:
         write_unlabeled(args.out, args.num, name=name, size=size, seed=args.seed, bit_depth=args.bit_depth)
         print(f"wrote {args.num} images to {args.out}/{name}/thermal")
+    return 0
+
+
+def _run_data_prepare(args: argparse.Namespace) -> int:
+    from unip.data.seg_prepare import prepare_dataset
+
+    result = prepare_dataset(args.dataset, args.raw, args.out, workers=args.workers, progress=True)
+    print(result.table())
+    for entry in result.skipped:
+        print(f"  skipped {entry['path']}: {entry['detail']} ({entry['reason']})")
+    print(f"wrote the {args.dataset} layout to {result.out}; report {result.report}")
+    return 0
+
+
+def _run_data_check_seg(args: argparse.Namespace) -> int:
+    from unip.data.seg_check import check_segmentation
+
+    report = check_segmentation(args.root, args.dataset, args.split, workers=args.workers, progress=True)
+    if not report.ok:
+        print("\n".join(report.problem_lines()))
+        print(f"unip data check-seg: error: {len(report.problems)} problem(s) in {report.root} ({report.layout} "
+              "layout), listed above", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print("no problems found")
     return 0
 
 

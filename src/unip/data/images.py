@@ -119,6 +119,52 @@ def read_gray(path: str) -> np.ndarray:
     return to_gray(decode(read_bytes(path), path))
 
 
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Return a decoded image as uint8 ``[H, W, 3]``.
+
+    Grayscale frames are repeated to three channels (16/32-bit and float ones stretched first, as in
+    :func:`to_gray`); colour images keep their colours (alpha dropped, palettes expanded).
+    """
+    if img.mode in ("L",) + _HIGH_DEPTH_MODES:
+        return np.repeat(to_gray(img)[:, :, None], 3, axis=2)
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """Read and fully decode ``path``; returns uint8 ``[H, W, 3]`` (see :func:`to_rgb`)."""
+    check_suffix(path)
+    return to_rgb(decode(read_bytes(path), path))
+
+
+def to_label(img: Image.Image, path: str) -> np.ndarray:
+    """Return the class ids of a decoded label image as uint8 ``[H, W]``.
+
+    Accepted: 8-bit gray (``L``) or palette (``P``, the ids are the palette indices) images, 16/32-bit
+    ones whose values fit in 0..255, and RGB(A) images whose three colour channels are equal. A colour
+    mask raises :class:`ImageReadError` (``not-ids``): labels must hold class ids, not colours.
+    """
+    if img.mode in ("L", "P", "1"):
+        return np.array(img, dtype=np.uint8)
+    if img.mode in _HIGH_DEPTH_MODES:
+        values = np.asarray(img)
+        if values.min() < 0 or values.max() > 255 or not np.array_equal(values, np.round(values)):
+            raise ImageReadError(path, "not-ids", f"label values {values.min()}..{values.max()} are not "
+                                 "ids in 0..255; save class ids as an 8-bit PNG")
+        return values.astype(np.uint8)
+    if img.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(img)[:, :, :3]
+        if np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 1], rgb[:, :, 2]):
+            return np.ascontiguousarray(rgb[:, :, 0])
+    raise ImageReadError(path, "not-ids", f"a {img.mode} label image holds colours, not class ids; save "
+                         "one id per pixel as an 8-bit gray or palette PNG")
+
+
+def read_label(path: str) -> np.ndarray:
+    """Read and fully decode the label image ``path``; returns its class ids, uint8 ``[H, W]``."""
+    check_suffix(path)
+    return to_label(decode(read_bytes(path), path), path)
+
+
 def resized_shape(height: int, width: int, short_side: int) -> Tuple[int, int]:
     """Return ``(height, width)`` scaled so the short side is at most ``short_side`` (aspect kept)."""
     short = min(height, width)

@@ -1,0 +1,454 @@
+"""Segmentation data sets: SODA, MFNet (thermal), SCUT-Seg and a generic folder layout, read as the release does.
+
+Layouts (folder names, split files, classes and palettes live in :mod:`unip.data.layouts`):
+
+========  =========================  =====================  ==========================================
+layout    images                     labels                 splits train / val / test
+========  =========================  =====================  ==========================================
+soda      ``JPEGImages/*.jpg``       ``SegmentationClass``  ``train_infrared.txt`` / ``test_infrared.txt``
+                                     ``PNG/*.png``          / ``test_infrared.txt``
+mfnet     ``thermal_imgs/*.png``     ``labels/*.png``       ``train.txt`` / ``val_test.txt`` / ``test.txt``
+scut      ``images/*.jpg``           ``labels/*.png``       ``train.txt`` / ``val.txt`` / ``val.txt``
+folder    ``images/*``               ``labels/*.png``       ``train.txt`` / ``val.txt`` / ``test.txt``
+                                                            (or as ``classes.yaml`` says)
+========  =========================  =====================  ==========================================
+
+A split file lists one image name (stem) per line; anything after the first whitespace is ignored and an
+image suffix on the name is dropped. Label PNGs hold class ids (0 = background, which counts); 255 is
+ignored. Images may be 8- or 16-bit (16-bit: the percentile stretch of :mod:`unip.data.images`), gray or
+colour; gray images are repeated to three channels.
+
+A folder data set describes itself in ``classes.yaml``::
+
+    classes: [background, person, car]      # position = id in the label PNGs (required)
+    palette: [[0, 0, 0], [220, 20, 60], [0, 0, 142]]   # optional; default: the VOC colour map
+    splits: {train: train.txt, val: val.txt, test: val.txt}   # optional; default: the three files
+
+Bad input raises :class:`unip.errors.DataError` naming the file: a missing split file, image or label when
+a data set is opened; an unreadable image or label, a label whose size differs from its image's, or a
+label value that is neither a class id nor 255 when a sample is read. :func:`scan_split` and
+:func:`inspect_pair` return the same findings as :class:`Problem` lists instead (used by
+:mod:`unip.data.seg_check` to list every problem of a data set at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import Dataset
+
+from unip.data import layouts as L
+from unip.data.images import ImageReadError, read_label, read_rgb
+from unip.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Palette = Tuple[Tuple[int, int, int], ...]
+#: What a transform receives and returns: the sample dict of :meth:`SegmentationDataset.load`.
+SampleTransform = Callable[[Dict[str, Any]], Dict[str, Any]]
+
+DATASETS: Tuple[str, ...] = ("soda", "mfnet", "scut", "folder")
+
+
+@dataclass(frozen=True)
+class SegLayout:
+    """Where a layout keeps its files and what its classes are.
+
+    ``splits`` maps ``train``/``val``/``test`` to split-file names (relative to the data root). An image
+    is ``<image_dir>/<name><suffix>``, the layout's ``image_suffix`` tried first, then every image suffix;
+    a label is ``<label_dir>/<name>.png``.
+    """
+
+    name: str
+    image_dir: str
+    label_dir: str
+    splits: Dict[str, str]
+    classes: Tuple[str, ...]
+    palette: Palette
+    image_suffix: Optional[str] = None
+    label_suffix: str = ".png"
+
+    @property
+    def image_suffixes(self) -> Tuple[str, ...]:
+        first = (self.image_suffix,) if self.image_suffix else ()
+        return first + tuple(s for s in L.IMAGE_SUFFIXES if s != self.image_suffix)
+
+
+#: The three benchmark layouts of the release.
+LAYOUTS: Dict[str, SegLayout] = {
+    "soda": SegLayout("soda", L.SODA_IMAGE_DIR, L.SODA_LABEL_DIR, dict(L.SODA_SPLITS), L.SODA_CLASSES,
+                      L.SODA_PALETTE, ".jpg"),
+    "mfnet": SegLayout("mfnet", L.MFNET_IMAGE_DIR, L.MFNET_LABEL_DIR, dict(L.MFNET_SPLITS), L.MFNET_CLASSES,
+                       L.MFNET_PALETTE, ".png"),
+    "scut": SegLayout("scut", L.SCUT_IMAGE_DIR, L.SCUT_LABEL_DIR, dict(L.SCUT_SPLITS), L.SCUT_CLASSES,
+                      L.SCUT_PALETTE, ".jpg"),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a data set: the file at fault, a short ``code`` and a sentence saying what.
+
+    Codes: ``missing-folder``, ``missing-split-file``, ``unreadable-split-file``, ``empty-split``, ``missing-image``,
+    ``missing-label``, ``unreadable-image``, ``unreadable-label``, ``size-mismatch``, ``bad-label-value``.
+    """
+
+    path: str
+    code: str
+    detail: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.path}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One listed image: its name (stem) and the image and label files."""
+
+    name: str
+    image: str
+    label: str
+
+
+# ------------------------------------------------------------------------------------- layouts
+def _classes_file(root: str) -> Optional[str]:
+    for name in (L.FOLDER_CLASSES_FILE, os.path.splitext(L.FOLDER_CLASSES_FILE)[0] + ".yml"):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _parse_palette(value: Any, num_classes: int, path: str) -> Palette:
+    if not isinstance(value, list) or len(value) != num_classes:
+        raise DataError(f"{path}: 'palette' must list one [R, G, B] colour per class ({num_classes})")
+    colours = []
+    for colour in value:
+        if (not isinstance(colour, (list, tuple)) or len(colour) != 3
+                or not all(isinstance(c, int) and 0 <= c <= 255 for c in colour)):
+            raise DataError(f"{path}: palette entry {colour!r} is not [R, G, B] with integers 0..255")
+        colours.append((colour[0], colour[1], colour[2]))
+    return tuple(colours)
+
+
+def read_folder_layout(root: str) -> SegLayout:
+    """Return the :class:`SegLayout` described by ``root/classes.yaml`` (module docstring)."""
+    path = _classes_file(root)
+    if path is None:
+        raise DataError(f"{os.path.join(root, L.FOLDER_CLASSES_FILE)}: not found; a folder data set needs it "
+                        "with 'classes: [name, ...]' (id = position)")
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise DataError(f"{path}: cannot read: {err}".splitlines()[0]) from None
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if (not isinstance(classes, list) or not classes or len(classes) > L.IGNORE_INDEX
+            or not all(isinstance(c, (str, int)) for c in classes)):
+        raise DataError(f"{path}: needs 'classes:' listing 1 to 255 class names (id = position)")
+    names = tuple(str(c) for c in classes)
+    palette = (_parse_palette(data["palette"], len(names), path) if data.get("palette") is not None
+               else L.voc_palette(len(names)))
+    splits = dict(L.FOLDER_SPLITS)
+    if data.get("splits") is not None:
+        given = data["splits"]
+        if not isinstance(given, dict) or not set(given) <= set(L.SPLIT_NAMES) \
+                or not all(isinstance(v, str) and v for v in given.values()):
+            raise DataError(f"{path}: 'splits' must map train/val/test to split-file names")
+        splits.update(given)
+    return SegLayout("folder", L.FOLDER_IMAGE_DIR, L.FOLDER_LABEL_DIR, splits, names, palette)
+
+
+def _isdir(root: str, *parts: str) -> bool:
+    return os.path.isdir(os.path.join(root, *parts))
+
+
+def _has_png(folder: str, look: int = 20) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            for n, entry in enumerate(entries):
+                if entry.name.lower().endswith(".png"):
+                    return True
+                if n >= look:
+                    break
+    except OSError:
+        pass
+    return False
+
+
+def _raw_download_hint(root: str) -> Optional[str]:
+    """Say which `unip data prepare` turns ``root`` into a readable layout, if it looks like a download."""
+    if any(os.path.isfile(os.path.join(root, f)) for f in L.SCUT_RAW_SPLITS.values()):
+        return "it looks like the original SCUT-Seg download: run `unip data prepare scut ROOT OUT` first"
+    if (_isdir(root, L.MFNET_RAW_IMAGE_DIR) and not _isdir(root, L.MFNET_IMAGE_DIR)
+            and os.path.isfile(os.path.join(root, L.MFNET_SPLITS["test"]))
+            and _has_png(os.path.join(root, L.MFNET_RAW_IMAGE_DIR))):
+        return "it looks like the original MFNet download: run `unip data prepare mfnet ROOT OUT` first"
+    return None
+
+
+def detect_dataset(root: str) -> str:
+    """Return the layout name (``soda``, ``mfnet``, ``folder`` or ``scut``) of the data set at ``root``.
+
+    Rules, in order: ``InfraredSemanticLabel/`` or ``JPEGImages/`` + ``SegmentationClassPNG/`` → soda;
+    ``thermal_imgs/`` + ``labels/`` → mfnet; a ``classes.yaml`` → folder; ``images/`` + ``labels/`` →
+    scut. Raises :class:`DataError` if none applies.
+    """
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: data set folder not found")
+    if _isdir(root, L.SODA_SUBDIR) or (_isdir(root, L.SODA_IMAGE_DIR) and _isdir(root, L.SODA_LABEL_DIR)):
+        return "soda"
+    if _isdir(root, L.MFNET_IMAGE_DIR) and _isdir(root, L.MFNET_LABEL_DIR):
+        return "mfnet"
+    if _classes_file(root):
+        return "folder"
+    hint = _raw_download_hint(root)
+    if hint:
+        raise DataError(f"{root}: {hint}")
+    if _isdir(root, L.SCUT_IMAGE_DIR) and _isdir(root, L.SCUT_LABEL_DIR):
+        log.info("%s: images/ + labels/ without classes.yaml: reading it as SCUT-Seg", root)
+        return "scut"
+    raise DataError(f"{root}: not a known segmentation layout (SODA, MFNet, SCUT-Seg, or images/ + labels/ "
+                    "+ classes.yaml); see docs/segmentation-data.md or pass the data set name")
+
+
+def resolve_layout(root: str, dataset: str = "auto") -> Tuple[str, SegLayout]:
+    """Return ``(data_root, layout)`` for ``root`` read as ``dataset`` (``auto`` detects it).
+
+    For SODA, a root holding ``InfraredSemanticLabel/`` is entered. Raises :class:`DataError` for an
+    unknown name, a missing folder, or an original download that needs ``unip data prepare`` first.
+    """
+    root = os.path.abspath(os.path.expanduser(root))
+    name = dataset.lower()
+    if name == "auto":
+        name = detect_dataset(root)
+    elif name not in DATASETS:
+        raise DataError(f"data set '{dataset}': must be one of {', '.join(DATASETS)} or auto")
+    elif not os.path.isdir(root):
+        raise DataError(f"{root}: data set folder not found")
+    if name == "soda" and _isdir(root, L.SODA_SUBDIR):
+        root = os.path.join(root, L.SODA_SUBDIR)
+    layout = read_folder_layout(root) if name == "folder" else LAYOUTS[name]
+    prepared = _isdir(root, layout.image_dir) and os.path.isfile(os.path.join(root, layout.splits["train"]))
+    hint = _raw_download_hint(root) if name in ("mfnet", "scut") and not prepared else None
+    if hint:
+        raise DataError(f"{root}: {hint}")
+    return root, layout
+
+
+# ------------------------------------------------------------------------------------- splits
+def read_split_file(path: str) -> List[str]:
+    """Return the image names listed in a split file (first token of each line, image suffix dropped).
+
+    Blank lines and lines starting with ``#`` are skipped. Raises :class:`DataError` if it is missing.
+    """
+    try:
+        with open(path, "r", encoding="utf-8-sig") as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: split file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read the split file: {err}") from None
+    names = []
+    for line in lines:
+        token = line.strip().split()[0] if line.strip() else ""
+        if not token or token.startswith("#"):
+            continue
+        stem, suffix = os.path.splitext(token)
+        names.append(stem if suffix.lower() in L.IMAGE_SUFFIXES else token)
+    return names
+
+
+class _Folder:
+    """The file names of one folder, listed once (found in a set instead of one stat per image)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.names = set(os.listdir(path))
+        except OSError:  # missing or unreadable: every file in it is then reported missing
+            self.names = set()
+
+    def find(self, name: str, suffixes: Sequence[str]) -> Optional[str]:
+        for suffix in suffixes:
+            if "/" in name or os.sep in name:
+                if os.path.isfile(os.path.join(self.path, name + suffix)):
+                    return os.path.join(self.path, name + suffix)
+            elif name + suffix in self.names:
+                return os.path.join(self.path, name + suffix)
+        return None
+
+
+def scan_split(root: str, layout: SegLayout, split: str) -> Tuple[List[Sample], List[Problem]]:
+    """Return the samples of ``split`` whose image and label files exist, and the problems found.
+
+    Problems: the split file is missing or empty, or a listed image or label file is missing. Files are
+    not opened here (see :func:`inspect_pair`).
+    """
+    if split not in layout.splits:
+        raise DataError(f"split '{split}': must be one of {', '.join(layout.splits)}")
+    split_path = os.path.join(root, layout.splits[split])
+    problems: List[Problem] = []
+    for folder in (layout.image_dir, layout.label_dir):
+        if not _isdir(root, folder):
+            problems.append(Problem(os.path.join(root, folder), "missing-folder", "folder not found"))
+    if not os.path.isfile(split_path):
+        return [], problems + [Problem(split_path, "missing-split-file", f"split file of '{split}' not found")]
+    try:
+        names = read_split_file(split_path)
+    except DataError as err:
+        return [], problems + [Problem(split_path, "unreadable-split-file", str(err).rsplit(": ", 1)[-1])]
+    if not names:
+        problems.append(Problem(split_path, "empty-split", "the split file lists no image"))
+    if any(p.code == "missing-folder" for p in problems):
+        return [], problems
+    images = _Folder(os.path.join(root, layout.image_dir))
+    labels = _Folder(os.path.join(root, layout.label_dir))
+    samples: List[Sample] = []
+    for name in names:
+        image = images.find(name, layout.image_suffixes)
+        label = labels.find(name, (layout.label_suffix,))
+        if image is None:
+            expected = os.path.join(images.path, name + (layout.image_suffix or ".*"))
+            problems.append(Problem(expected, "missing-image", f"image listed in {split_path} not found"))
+        if label is None:
+            expected = os.path.join(labels.path, name + layout.label_suffix)
+            problems.append(Problem(expected, "missing-label", f"label listed in {split_path} not found"))
+        if image is not None and label is not None:
+            samples.append(Sample(name, image, label))
+    return samples, problems
+
+
+# ------------------------------------------------------------------------------------- samples
+def label_problems(label: np.ndarray, image_shape: Tuple[int, int], sample: Sample,
+                   num_classes: int) -> List[Problem]:
+    """Return what is wrong with a decoded ``label`` (uint8 ``[H, W]``) of ``sample``: size, values."""
+    problems = []
+    if label.shape != tuple(image_shape):
+        problems.append(Problem(sample.label, "size-mismatch",
+                                f"label is {label.shape[1]}x{label.shape[0]} but its image {sample.image} "
+                                f"is {image_shape[1]}x{image_shape[0]}"))
+    bad = (label >= num_classes) & (label != L.IGNORE_INDEX)
+    if bad.any():
+        values = np.unique(label[bad])
+        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+        problems.append(Problem(sample.label, "bad-label-value",
+                                f"value(s) {shown} ({int(bad.sum())} pixels) are neither a class id "
+                                f"0..{num_classes - 1} nor {L.IGNORE_INDEX} (ignore)"))
+    return problems
+
+
+def _unreadable(err: ImageReadError, code: str) -> Problem:
+    return Problem(err.path, code, f"{err.detail} ({err.reason})")
+
+
+def inspect_pair(sample: Sample, num_classes: int) -> Tuple[List[Problem], Optional[np.ndarray]]:
+    """Decode ``sample`` fully and check it; returns ``(problems, histogram)``.
+
+    ``histogram`` is int64 ``[256]``, the pixel count of each label value (None if the label cannot be
+    read).
+    """
+    problems: List[Problem] = []
+    image = label = None
+    try:
+        image = read_rgb(sample.image)
+    except ImageReadError as err:
+        problems.append(_unreadable(err, "unreadable-image"))
+    try:
+        label = read_label(sample.label)
+    except ImageReadError as err:
+        problems.append(_unreadable(err, "unreadable-label"))
+    if label is None:
+        return problems, None
+    if image is not None:
+        problems += label_problems(label, image.shape[:2], sample, num_classes)
+    return problems, np.bincount(label.ravel(), minlength=256).astype(np.int64)
+
+
+def load_sample(sample: Sample, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Read ``sample``; returns image uint8 ``[H, W, 3]`` and label uint8 ``[H, W]``.
+
+    Raises :class:`DataError` (a plain one, so DataLoader workers can re-raise it) naming the file.
+    """
+    try:
+        image = read_rgb(sample.image)
+        label = read_label(sample.label)
+    except ImageReadError as err:
+        raise DataError(str(err)) from None
+    problems = label_problems(label, image.shape[:2], sample, num_classes)
+    if problems:
+        raise DataError(problems[0].message)
+    return image, label
+
+
+class SegmentationDataset(Dataset):
+    """The samples of one split of a segmentation data set.
+
+    ``ds[i]`` is ``transform(ds.load(i))`` (or ``ds.load(i)`` without a transform): a dict with
+    ``image``, ``label``, ``path`` (image file), ``label_path``, ``name`` (stem) and ``index``.
+
+    Attributes: ``root``, ``layout`` (``soda``/``mfnet``/``scut``/``folder``), ``split``, ``split_file``,
+    ``classes`` (names, id = position), ``palette`` (one ``(r, g, b)`` per class), ``num_classes``,
+    ``ignore_index`` (255), ``samples`` (list of :class:`Sample`), ``transform``.
+    """
+
+    ignore_index = L.IGNORE_INDEX
+
+    def __init__(self, root: str, layout: SegLayout, split: str, samples: Sequence[Sample],
+                 transform: Optional[SampleTransform] = None) -> None:
+        self.root, self.layout, self.split = root, layout.name, split
+        self.split_file = os.path.join(root, layout.splits[split])
+        self.classes: Tuple[str, ...] = layout.classes
+        self.palette: Palette = layout.palette
+        self.samples: List[Sample] = list(samples)
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Dict[str, Any]:
+        """Return sample ``index`` before any transform.
+
+        ``image``: uint8 ``[3, H, W]`` (gray repeated); ``label``: uint8 ``[H, W]`` class ids, 255 =
+        ignore; ``path``, ``label_path``, ``name``: str; ``index``: int.
+        """
+        sample = self.samples[index]
+        image, label = load_sample(sample, self.num_classes)
+        return {"image": torch.from_numpy(image).permute(2, 0, 1).contiguous(), "label": torch.from_numpy(label),
+                "path": sample.image, "label_path": sample.label, "name": sample.name, "index": index}
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        item = self.load(index)
+        return self.transform(item) if self.transform is not None else item
+
+    def __repr__(self) -> str:
+        return (f"SegmentationDataset({self.layout}, {self.root!r}, split={self.split!r}, "
+                f"{len(self)} images, {self.num_classes} classes)")
+
+
+def open_segmentation_dataset(root: str, dataset: str = "auto", split: str = "train",
+                              transform: Optional[SampleTransform] = None) -> SegmentationDataset:
+    """Open split ``split`` (``train``, ``val`` or ``test``) of the data set at ``root``.
+
+    ``dataset`` is ``soda``, ``mfnet``, ``scut``, ``folder`` or ``auto`` (see :func:`detect_dataset`).
+    Raises :class:`DataError` naming the first missing split file, image or label (with the count of
+    the others: ``unip data check-seg`` lists them all). Images are decoded when a sample is read.
+    """
+    data_root, layout = resolve_layout(root, dataset)
+    samples, problems = scan_split(data_root, layout, split)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s); list them with `unip data check-seg {root}`)" \
+            if len(problems) > 1 else ""
+        raise DataError(problems[0].message + more)
+    return SegmentationDataset(data_root, layout, split, samples, transform)
