@@ -1,18 +1,45 @@
 """The ``unip`` command line: parses arguments and calls library functions.
 
 Each verb has an ``_add_<verb>(subparsers)`` function that declares its options and sets ``func`` to a
-``_run_<verb>(args)`` function. Library errors (``unip.errors.UnipError``) end the program with exit
-code 2 and one line on stderr; nothing here holds logic that the Python API does not offer.
+``_run_<verb>(args)`` function. ``main`` is the one error boundary (README "Errors and exit codes"):
+
+* bad input — a ``unip.errors.UnipError`` from the library, a bad option (argparse), a file that cannot
+  be read or written — ends with exit code 2 and one line ``unip VERB: error: ...``;
+* memory that runs out ends with exit code 1 and one line ``unip VERB: error: out of memory ...``;
+* anything else is a bug: exit code 1 and one line ``unip VERB: internal error: ...``; with
+  ``UNIP_DEBUG=1`` in the environment the traceback is printed too.
+
+Nothing here holds logic that the Python API does not offer.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable, List, Optional
+import traceback
+from typing import Callable, List, NoReturn, Optional
 
 from unip import __version__
+from unip.engine.config import integer, number
 from unip.errors import UnipError
+from unip.text import one_line
+
+#: Option values shared by several verbs.
+WORKERS = integer(1, 256).option()
+SEED = integer(0, 2**63 - 1).option()
+
+
+class _UsageError(Exception):
+    """argparse found a bad command line (already printed as one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line, without repeating the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise _UsageError(message)
 
 
 # ----------------------------------------------------------------------------------------- info
@@ -59,20 +86,22 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                      "read new or changed files; an interrupted scan resumes.")
     q.add_argument("--infrared", metavar="ROOT", help="root holding <dataset>/thermal/ folders")
     q.add_argument("--imagenet", metavar="DIR", help="ImageNet train folder (one folder per class)")
-    q.add_argument("--per-class", type=int, default=200, help="images per ImageNet class (default 200)")
+    q.add_argument("--per-class", type=integer(1).option(), default=200,
+                   help="images per ImageNet class (default 200)")
     q.add_argument("--coco", metavar="DIR", help="COCO root (with train2017/) or the train2017 folder")
     q.add_argument("--extra", metavar="DIR", action="append", default=[], help="another folder (repeatable)")
     q.add_argument("--out", required=True, metavar="MANIFEST", help="manifest file to write (.jsonl)")
-    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
     q.set_defaults(func=_run_data_infmix)
 
     q = verbs.add_parser("stats", help="grayscale mean/std and size histograms per source (JSON + PNG)")
     q.add_argument("input", metavar="MANIFEST_OR_PACK", help="manifest file or pack folder")
     q.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.png "
                                                   "(default: next to the input, <name>.stats.json/.png)")
-    q.add_argument("--limit", type=int, default=None, help="read only this many images, sampled at random")
-    q.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
-    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.add_argument("--limit", type=integer(1).option(), default=None,
+                   help="read only this many images, sampled at random")
+    q.add_argument("--seed", type=SEED, default=0, help="seed of the --limit sample")
+    q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
     q.set_defaults(func=_run_data_stats)
 
     q = verbs.add_parser("pack", help="pack a manifest into memory-mappable grayscale shards",
@@ -80,10 +109,11 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                      "a manifest into a few large shard files plus an index.")
     q.add_argument("manifest", help="manifest file written by `unip data infmix`")
     q.add_argument("--out", required=True, metavar="DIR", help="pack folder to write (replaced atomically)")
-    q.add_argument("--short-side", type=int, default=512,
+    q.add_argument("--short-side", type=integer(1, 65_535).option(), default=512,
                    help="largest short side kept, in pixels (default 512: a 20%%-area crop still has >= 224 px)")
-    q.add_argument("--shard-mb", type=int, default=1024, help="largest shard file in MiB (default 1024)")
-    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.add_argument("--shard-mb", type=integer(1, 1 << 20).option(), default=1024,
+                   help="largest shard file in MiB (default 1024)")
+    q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
     q.set_defaults(func=_run_data_pack)
 
     q = verbs.add_parser("synth", help="write procedurally generated thermal scenes in the real layouts",
@@ -91,13 +121,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                      "SODA layout (JPEGImages/, SegmentationClassPNG/, train_infrared.txt, "
                                      "test_infrared.txt) with a subset of SODA's classes.")
     q.add_argument("--out", required=True, metavar="ROOT", help="folder to write into")
-    q.add_argument("--num", type=int, default=100, help="images per set (default 100)")
+    q.add_argument("--num", type=integer(1, 10_000_000).option(), default=100, help="images per set (default 100)")
     q.add_argument("--name", action="append", default=None,
                    help="unlabeled set name, repeatable (default: synth)")
     q.add_argument("--labeled", action="store_true", help="write a labeled set in SODA's layout instead")
-    q.add_argument("--num-test", type=int, default=None, help="labeled: test images out of --num (default num/4)")
+    q.add_argument("--num-test", type=integer(0, 10_000_000).option(), default=None,
+                   help="labeled: test images out of --num (default num/4)")
     q.add_argument("--size", default="640x512", help="WIDTHxHEIGHT (default 640x512)")
-    q.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    q.add_argument("--seed", type=SEED, default=0, help="random seed (same seed, same images)")
     q.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
                    help="unlabeled: 8 (JPEG) or 16 (raw-count PNG)")
     q.set_defaults(func=_run_data_synth)
@@ -169,9 +200,10 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", required=True, metavar="SOURCE",
                    help="checkpoint file or timm:<name>[@file]; repeat to compare models")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of jpg/png/bmp/tiff images (8/16-bit)")
-    p.add_argument("--num-images", type=int, default=64, metavar="N", help="use the first N images (0: all)")
+    p.add_argument("--num-images", type=integer(0).option(), default=64, metavar="N",
+                   help="use the first N images (0: all)")
     p.add_argument("--out", default="analysis_out", metavar="DIR", help="folder for the files written")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--batch-size", type=integer(1, 65_536).option(), default=32,
                    help="images per forward; larger batches amortise kernel launches on a GPU")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -181,9 +213,11 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                    help="input normalisation: infmix (pre-training, default), imagenet, none, or MEAN,STD")
     p.add_argument("--query", action="append", default=[], metavar="X,Y",
                    help="query pixel on the model input for the attention figures (repeatable)")
-    p.add_argument("--nmi-local", type=float, default=0.40, help="NMI at or above which a layer is local")
-    p.add_argument("--nmi-global", type=float, default=0.10, help="NMI at or below which a layer is global")
-    p.add_argument("--local-distance", type=float, default=0.30,
+    p.add_argument("--nmi-local", type=number(ge=0, le=1).option(float), default=0.40,
+                   help="NMI at or above which a layer is local")
+    p.add_argument("--nmi-global", type=number(ge=0, le=1).option(float), default=0.10,
+                   help="NMI at or below which a layer is global")
+    p.add_argument("--local-distance", type=number(ge=0, lt=1).option(float), default=0.30,
                    help="a layer is local when its distance is at most this fraction of uniform attention's")
     p.add_argument("--compare-features", action="store_true",
                    help="also write features.png: PCA colouring of each model's last-layer features")
@@ -256,6 +290,18 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_pretrain)
 
 
+def _check_run_folder(folder: str) -> None:
+    """The run folder may be new or a run folder unip wrote: its config.yaml and student are unip's."""
+    import os
+
+    from unip.distill.train import DEFAULTS, STUDENT_FILE
+    from unip.outputs import claim, is_our_checkpoint, is_our_yaml, out_folder
+
+    out_folder(folder, "--out")
+    claim([os.path.join(folder, "config.yaml")], is_our_yaml(list(DEFAULTS)), "--out")
+    claim([os.path.join(folder, STUDENT_FILE)], is_our_checkpoint, "--out")
+
+
 def _layer_arg(text: str):
     return text if text == "auto" else int(text)
 
@@ -268,10 +314,12 @@ def _run_pretrain(args: argparse.Namespace) -> int:
               if getattr(args, name) is not None}
     if args.compile:
         values["run.compile"] = True
-    config = make_config(args.preset, tuple(args.overrides), values)
+    origins = {key: "--" + name.replace("_", "-") for name, key in _PRETRAIN_OPTIONS.items()}
+    config = make_config(args.preset, tuple(args.overrides), values, origins=origins)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    _check_run_folder(config["run"]["output"])
     result = train(config)
     print(f"pre-training finished after {result.steps} steps (loss {result.last_loss:.4g}); "
           f"student: {result.student}")
@@ -283,7 +331,7 @@ VERBS: List[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="unip",
         description="UNIP: attention-pattern analysis, NMI-HAD pre-training and infrared segmentation.")
     parser.add_argument("--version", action="version", version=f"unip {__version__}")
@@ -294,19 +342,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code (module docstring)."""
+    _tolerate_odd_text()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError:
         return 2
+    if not getattr(args, "func", None):
+        print("unip: error: no verb given (see unip --help for the list)", file=sys.stderr)
+        return 2
+    verb = args.verb
     try:
         return int(args.func(args) or 0)
-    except UnipError as err:
-        print(f"unip {args.verb}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"unip {args.verb}: interrupted", file=sys.stderr)
+        print(f"unip {verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # the one boundary: every failure becomes one line and an exit code
+        code, line = _describe_failure(err)
+        if os.environ.get("UNIP_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"unip {verb}: {line}", file=sys.stderr)
+        return code
+
+
+def _describe_failure(err: BaseException) -> tuple:
+    """``(exit code, one-line text)`` for an exception that ended a verb."""
+    if isinstance(err, UnipError):
+        return 2, f"error: {one_line(err)}"
+    if _is_out_of_memory(err):
+        return 1, (f"error: out of memory ({one_line(err)[:200]}); lower the sizes or batch size "
+                   "given on the command line")
+    if isinstance(err, OSError):
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        reason = err.strerror or str(err)
+        return 2, f"error: {one_line(f'{where}: {reason}' if where else reason)}"
+    return 1, (f"internal error: {type(err).__name__}: {one_line(err)[:300]}; rerun with UNIP_DEBUG=1 "
+               "for the traceback")
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _tolerate_odd_text() -> None:
+    """File names with undecodable bytes print as escapes instead of failing the print."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
 
 
 if __name__ == "__main__":
