@@ -18,6 +18,8 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
+from functools import partial
 from typing import Callable, List, NoReturn, Optional
 
 from unip import __version__
@@ -96,8 +98,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
     q = verbs.add_parser("stats", help="grayscale mean/std and size histograms per source (JSON + PNG)")
     q.add_argument("input", metavar="MANIFEST_OR_PACK", help="manifest file or pack folder")
-    q.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.png "
-                                                  "(default: next to the input, <name>.stats.json/.png)")
+    q.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.png (default: next to the "
+                                                  "input, <name>.stats.json/.png; a folder: inside it)")
     q.add_argument("--limit", type=integer(1).option(), default=None,
                    help="read only this many images, sampled at random")
     q.add_argument("--seed", type=SEED, default=0, help="seed of the --limit sample")
@@ -148,13 +150,17 @@ def _run_data_infmix(args: argparse.Namespace) -> int:
 def _run_data_stats(args: argparse.Namespace) -> int:
     import os
 
-    from unip.data.stats import compute_stats, write_stats
+    from unip.data.stats import compute_stats, output_paths, write_stats
+    from unip.text import printable
 
     stem = os.path.normpath(args.input) if os.path.isdir(args.input) else os.path.splitext(args.input)[0]
     prefix = args.out or stem + ".stats"
+    if os.path.isdir(prefix):  # a folder: the files go inside it
+        prefix = os.path.join(prefix, os.path.basename(stem) + ".stats")
+    output_paths(prefix)  # before reading any image
     stats = compute_stats(args.input, limit=args.limit, seed=args.seed, workers=args.workers)
     for name, s in [("overall", stats["overall"]), *stats["sources"].items()]:
-        print(f"{name:<20} images {s['images']:>9,}  mean {s['mean']:.4f}  std {s['std']:.4f}")
+        print(f"{printable(name):<20} images {s['images']:>9,}  mean {s['mean']:.4f}  std {s['std']:.4f}")
     json_path, png_path = write_stats(stats, prefix)
     print(f"wrote {json_path} and {png_path}")
     return 0
@@ -174,6 +180,7 @@ def _run_data_pack(args: argparse.Namespace) -> int:
 
 def _run_data_synth(args: argparse.Namespace) -> int:
     from unip.data.synth import parse_size, write_soda, write_unlabeled
+    from unip.outputs import plain_name
 
     size = parse_size(args.size)
     if args.labeled:
@@ -183,7 +190,8 @@ def _run_data_synth(args: argparse.Namespace) -> int:
               f"(train {len(labeled.splits['train'])}, test {len(labeled.splits['test'])})")
         print("classes (SODA id: name): " + ", ".join(f"{i}: {n}" for i, n in labeled.classes.items()))
         return 0
-    for name in args.name or ["synth"]:
+    names = [plain_name(name, "--name") for name in args.name or ["synth"]]  # all checked before writing
+    for name in names:
         write_unlabeled(args.out, args.num, name=name, size=size, seed=args.seed, bit_depth=args.bit_depth)
         print(f"wrote {args.num} images to {args.out}/{name}/thermal")
     return 0
@@ -200,10 +208,9 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", required=True, metavar="SOURCE",
                    help="checkpoint file or timm:<name>[@file]; repeat to compare models")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of jpg/png/bmp/tiff images (8/16-bit)")
-    p.add_argument("--num-images", type=integer(0).option(), default=64, metavar="N",
-                   help="use the first N images (0: all)")
+    p.add_argument("--num-images", type=int, default=64, metavar="N", help="use the first N images (0: all)")
     p.add_argument("--out", default="analysis_out", metavar="DIR", help="folder for the files written")
-    p.add_argument("--batch-size", type=integer(1, 65_536).option(), default=32,
+    p.add_argument("--batch-size", type=int, default=32,
                    help="images per forward; larger batches amortise kernel launches on a GPU")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -341,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(argv: List[str]) -> int:
+    """Parse ``argv`` and run the verb, letting its exceptions through (for callers with their own error
+    boundary, e.g. ``unip demo`` running its stages); returns the verb's exit code."""
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "func", None):
+        raise UnipError(f"no verb in {argv}")
+    return int(args.func(args) or 0)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code (module docstring)."""
     _tolerate_odd_text()
@@ -354,7 +370,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     verb = args.verb
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = partial(_print_warning, verb)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"unip {verb}: interrupted", file=sys.stderr)
         return 130
@@ -379,6 +397,11 @@ def _describe_failure(err: BaseException) -> tuple:
         return 2, f"error: {one_line(f'{where}: {reason}' if where else reason)}"
     return 1, (f"internal error: {type(err).__name__}: {one_line(err)[:300]}; rerun with UNIP_DEBUG=1 "
                "for the traceback")
+
+
+def _print_warning(verb: str, message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (from unip or a library) as one line each, like errors."""
+    print(f"unip {verb}: warning: {one_line(message)}", file=sys.stderr)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Pattern, Sequence
 
 from unip.errors import ConfigError
 
@@ -74,6 +74,26 @@ def claim(paths: Iterable[str], is_ours: Recogniser, option: str = "--out") -> N
         if os.path.lexists(path) and not (os.path.isfile(path) and _safely(is_ours, path)):
             raise ConfigError(f"{path}: exists and was not written by unip; move it away or choose another "
                               f"{option}")
+
+
+def foreign_names(folder: str, ours: Pattern[str]) -> List[str]:
+    """Sorted names in ``folder`` that are not plain files matching ``ours`` (``[]`` when it does not exist)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(name for name in os.listdir(folder)
+                  if not ours.match(name) or os.path.islink(os.path.join(folder, name))
+                  or not os.path.isfile(os.path.join(folder, name)))
+
+
+def claim_folder(folder: str, ours: Pattern[str], option: str = "--out") -> None:
+    """Allow writing files into ``folder``: it must be new or hold only files named like ``ours`` (earlier
+    output of the same verb). Raises ``ConfigError`` naming a few of the other entries."""
+    out_folder(folder, option)
+    foreign = foreign_names(folder, ours)
+    if foreign:
+        shown = ", ".join(repr(name) for name in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ConfigError(f"{folder}: holds files unip did not write ({shown}); nothing was changed: "
+                          f"choose another {option}")
 
 
 def _safely(is_ours: Recogniser, path: str) -> bool:

@@ -42,7 +42,7 @@ from unip.data.infmix import Entry, read_manifest
 from unip.data.parallel import thread_map
 from unip.data.transforms import Transform, pretrain_transform
 from unip.errors import DataError
-from unip.outputs import out_folder
+from unip.outputs import foreign_names, out_folder
 
 PACK_FORMAT = "unip-packed"
 PACK_VERSION = 2
@@ -121,9 +121,7 @@ def _prepare_out(out: str) -> str:
 
 def _foreign_files(folder: str) -> List[str]:
     """Names in ``folder`` that a pack does not hold (folders, links and other files), sorted."""
-    return sorted(name for name in os.listdir(folder)
-                  if not _PACK_FILE.match(name) or not os.path.isfile(os.path.join(folder, name))
-                  or os.path.islink(os.path.join(folder, name)))
+    return foreign_names(folder, _PACK_FILE)
 
 
 def _is_pack_index(path: str) -> bool:
