@@ -106,6 +106,8 @@ def read_checkpoint(path: PathLike) -> Tuple[Any, Dict[str, str]]:
     Returns ``(content, metadata)``: the unpickled object (or the safetensors state dict) and the
     safetensors header metadata (``{}`` for PyTorch files)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; pass a checkpoint file (.pth/.pt/.bin/.safetensors)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
@@ -134,9 +136,9 @@ def _read_pickle(path: Path) -> Any:
         culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
                        lines[0] if lines else type(err).__name__)
         raise CheckpointError(
-            f"{path}: refused to load, the file needs Python objects outside the allow-list "
-            f"({culprit[:200]}). Loading it could run code from the file. If you trust its "
-            "origin, re-save only its state dict (torch.save(ckpt['model'], 'weights.pth')) and load "
+            f"{path}: refused to load ({culprit[:200]}): not a PyTorch checkpoint, or one that needs Python "
+            "objects outside the allow-list, and loading those could run code from the file. If you trust "
+            "its origin, re-save only its state dict (torch.save(ckpt['model'], 'weights.pth')) and load "
             "that") from err
     except MemoryError:
         raise

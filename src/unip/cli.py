@@ -310,7 +310,12 @@ def _check_run_folder(folder: str) -> None:
 
 
 def _layer_arg(text: str):
-    return text if text == "auto" else int(text)
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block number (1 = first) or auto, got {text!r}") from None
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:

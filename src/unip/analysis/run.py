@@ -88,26 +88,29 @@ def _input_size(model: VisionTransformer, size: Optional[Tuple[int, int]]) -> Tu
     return int(height), int(width)
 
 
-def check_input_size(model: VisionTransformer, size: Tuple[int, int], batch: int, device: torch.device) -> None:
+def check_input_size(model: VisionTransformer, size: Tuple[int, int], batch: int, device: torch.device,
+                     what: str = "--size") -> None:
     """Raise ``ConfigError`` when ``size`` (height, width) is not a multiple of the model's patch, or when
-    profiling batches of ``batch`` such inputs needs more memory than ``device`` has."""
+    profiling batches of ``batch`` such inputs needs more memory than ``device`` has. ``what`` names where
+    the size came from in the message."""
     height, width = size
     patch = model.patch_size
     if height % patch or width % patch:
-        raise ConfigError(f"--size {height},{width}: height and width must be multiples of the patch size "
+        raise ConfigError(f"{what} {height},{width}: height and width must be multiples of the patch size "
                           f"{patch}, e.g. {max(patch, height // patch * patch)},{max(patch, width // patch * patch)}")
     tokens = (height // patch) * (width // patch) + model.num_prefix_tokens
     copies = MAP_COPIES.get(device.type, MAP_COPIES_ACCELERATOR)
     needed = batch * (max(model.heads_per_block) * tokens ** 2 * 4 * copies + 4 * tokens * model.embed_dim * 4
                       + 2 * 3 * height * width * 4)
-    require_memory(needed, f"profiling {height}x{width} px inputs in batches of {batch}",
+    require_memory(needed, f"{what} {height},{width} (attention maps of {tokens:,} tokens, batches of {batch})",
                    "lower --size or --batch-size", device)
 
 
 def _profile_one(model: VisionTransformer, label: str, source: str, paths: List[str],
                  options: AnalyzeOptions, device: torch.device) -> Tuple[ModelResult, ImageFolder]:
     size = _input_size(model, options.size)
-    check_input_size(model, size, min(options.batch_size, len(paths)), device)
+    check_input_size(model, size, min(options.batch_size, len(paths)), device,
+                     "--size" if options.size else f"{source}: input size")
     for point in options.queries:  # fail before the long part, not after it
         query_token(point, (size[0] // model.patch_size, size[1] // model.patch_size), model.patch_size)
     images = ImageFolder(paths, size, options.norm)

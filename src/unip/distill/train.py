@@ -171,7 +171,8 @@ def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
     model = fit_to_grid(load_model(teach["source"]), int(config["data"]["input_size"]), patch).to(dist.device)
     layer = teach["layer"]
     if layer == "auto":
-        layer, why = auto_layer(model, config, dataset_path, precision, progress=dist.is_main)
+        layer, why = auto_layer(model, config, dataset_path, precision,
+                                progress=dist.is_main and bool(config["run"]["progress"]))
     elif isinstance(layer, int) and not isinstance(layer, bool):
         why = f"teacher layer {layer} (given)"
     else:
