@@ -663,3 +663,79 @@ def _with_func(parser, func):
     for action in parser._subparsers._group_actions:
         action.choices["info"].set_defaults(func=func)
     return parser
+
+
+# ============================================================================================ building blocks
+def test_rules_accept_what_they_describe():
+    from unip.engine.config import integer, number, numbers, text
+
+    layer = integer(1, 24, words=("auto",))
+    assert [layer.accepts(v) for v in (1, 24, "auto", 0, 25, 2.0, True, "3", None)] == \
+        [True, True, True, False, False, False, False, False, False]
+    assert layer.describe() == "'auto' or an integer >= 1 and <= 24"
+    lr = number(gt=0, le=1, null=True)
+    assert [lr.accepts(v) for v in (None, 1e-4, 1, 0, float("nan"), float("inf"), "1e-4")] == \
+        [True, True, True, False, False, False, False]
+    scale = numbers(2, gt=0, le=1, ascending=True)
+    assert scale.accepts([0.2, 1.0]) and not scale.accepts([0.9, 0.2]) and not scale.accepts([0.5])
+    assert text("kl", "ce").accepts("kl") and not text("kl", "ce").accepts("mse") and not text().accepts("")
+    with pytest.raises(__import__("argparse").ArgumentTypeError, match="an integer >= 1"):
+        integer(1).option()("0")
+
+
+def test_every_pretrain_setting_has_a_rule_that_its_presets_meet():
+    from unip.distill.train import DEFAULTS, RULES, make_config
+    from unip.engine.config import PRESET_ROOTS, flatten
+
+    assert set(RULES) == set(flatten(DEFAULTS))
+    presets = sorted({p.stem for root in PRESET_ROOTS for p in (root / "pretrain").glob("*.yaml")})
+    assert len(presets) >= 6
+    for name in [None, *presets]:
+        make_config(name)  # raises ConfigError when a shipped default breaks its own rule
+
+
+def test_a_setting_without_a_rule_may_be_null_only_where_its_default_is():
+    from unip.engine.config import build_config
+    from unip.errors import ConfigError
+
+    defaults = {"a": {"n": 3, "m": None}}
+    assert build_config(defaults, None, ["a.m=null"])["a"]["m"] is None
+    with pytest.raises(ConfigError, match=r"--set a\.n=null: a\.n must not be null"):
+        build_config(defaults, None, ["a.n=null"])
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"class_token": False, "embed_dim": 48, "num_heads": 3}, {"num_reg_tokens": 4, "no_embed_class": True},
+    {"layer_scale": 1e-5, "qkv_bias": False, "mlp_ratio": 2.5, "in_chans": 1}, {"img_size": [48, 80], "patch_size": 8},
+    {"last_heads": 4, "pos_embed_type": "sincos"}])
+def test_expected_shapes_are_the_models(config):
+    from unip.checkpoint import check_architecture, expected_shapes
+    from unip.models.vit import VisionTransformer
+
+    config = {"img_size": 32, "embed_dim": 32, "num_heads": 2, "depth": 2, **config}
+    check_architecture(config, "test")
+    model = VisionTransformer(**config)
+    assert expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_a_partial_file_loads_with_allow_partial_only_when_it_holds_most_weights(shared):
+    from unip.checkpoint import check_fits, open_model
+    from unip.errors import CheckpointError
+
+    a = Inputs.__new__(Inputs)
+    a.teacher = str(shared / "teacher.safetensors")
+    state = a.teacher_state()
+    config = open_model(a.teacher).model.config
+    without_norm = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    check_fits(config, without_norm, "f", allow_partial=True)
+    with pytest.raises(CheckpointError, match="f: does not fit .*missing norm.weight"):
+        check_fits(config, without_norm, "f")
+    with pytest.raises(CheckpointError, match="holds only"):
+        check_fits(config, {k: v for k, v in state.items() if k.startswith("blocks.0.")}, "f", allow_partial=True)
+
+
+def test_printable_text():
+    from unip.text import one_line, printable
+
+    assert printable("a\udcffb\nc") == "a\\xffb\\nc"
+    assert one_line("first\n  second\tthird \udcfe") == "first second third \\xfe"
