@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
 from unip.data.transforms import normalize_batch
 from unip.distill.data import build_transform, crop_transform, describe_skipped, open_pretrain_images, take
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
@@ -59,10 +60,10 @@ DEFAULTS: Config = {
 
 #: What each setting may hold; ``make_config`` checks the resolved settings against it.
 RULES: Dict[str, Rule] = {
-    "teacher.source": text(null=True), "teacher.layer": integer(1, 256, words=("auto",)),
+    "teacher.source": text(null=True), "teacher.layer": integer(1, MAX_DEPTH, words=("auto",)),
     "teacher.auto_images": integer(1, 100_000), "student.model": text(*list_models()),
-    "student.drop_path": number(ge=0, lt=1), "student.depth": integer(1, 256, null=True),
-    "student.embed_dim": integer(1, 8192, null=True), "student.num_heads": integer(1, 8192, null=True),
+    "student.drop_path": number(ge=0, lt=1), "student.depth": integer(1, MAX_DEPTH, null=True),
+    "student.embed_dim": integer(1, MAX_WIDTH, null=True), "student.num_heads": integer(1, MAX_WIDTH, null=True),
     "data.path": text(null=True), "data.input_size": integer(16, 4096),
     "data.scale": numbers(2, gt=0, le=1, ascending=True), "data.mean": number(ge=0, le=1),
     "data.std": number(gt=0, le=1), "data.augment": flag(), "data.num_workers": integer(0, 256),
