@@ -13,20 +13,27 @@ explicit allow-list (``SAFE_GLOBALS``); anything else is refused with a ``Checkp
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
+import math
 import os
 import pickle
 import re
+import socket
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 
 from unip.atomic import atomic_path
+from unip.engine.config import Rule, flag, integer, number, text
 from unip.errors import CheckpointError, ConfigError
 from unip.models.pos_embed import resample_pos_embed
 from unip.models.presets import PRESETS, VIT_SIZES, create_model
@@ -46,6 +53,20 @@ STRIP_PREFIXES = ("module.", "backbone.", "encoder.")
 IGNORED_KEY = re.compile(r"^(decoder|mask_token|head\.|head_dist\.|fc_norm\.|dist_token)")
 CONFIG_METADATA_KEY = "unip.config"
 DEFAULT_NORMALIZATION = {"mean": [0.3801] * 3, "std": [0.1871] * 3}
+
+#: Bounds of a plausible ViT described by a file (metadata, release args or key names); the largest released
+#: ViTs lie far inside them. Checked before anything is allocated (``check_architecture``).
+MAX_DEPTH, MAX_WIDTH, MAX_PATCH, MAX_IMAGE_SIDE, MAX_TOKENS = 256, 8192, 256, 8192, 65_536
+ARCHITECTURE_RULES: Dict[str, Rule] = {
+    "depth": integer(1, MAX_DEPTH), "embed_dim": integer(1, MAX_WIDTH), "num_heads": integer(1, MAX_WIDTH),
+    "last_heads": integer(0, MAX_WIDTH, null=True), "patch_size": integer(1, MAX_PATCH),
+    "in_chans": integer(1, 64), "mlp_ratio": number(gt=0, le=16), "qkv_bias": flag(),
+    "layer_scale": number(null=True), "drop_path_rate": number(ge=0, lt=1), "norm_eps": number(gt=0, le=1),
+    "pos_embed_type": text("learned", "sincos"), "class_token": flag(), "num_reg_tokens": integer(0, 64),
+    "no_embed_class": flag(),
+}
+#: Seconds to wait for the weights server before calling ``timm:NAME`` unreachable.
+NETWORK_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -85,6 +106,8 @@ def read_checkpoint(path: PathLike) -> Tuple[Any, Dict[str, str]]:
     Returns ``(content, metadata)``: the unpickled object (or the safetensors state dict) and the
     safetensors header metadata (``{}`` for PyTorch files)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; pass a checkpoint file (.pth/.pt/.bin/.safetensors)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
@@ -93,14 +116,14 @@ def read_checkpoint(path: PathLike) -> Tuple[Any, Dict[str, str]]:
 
 
 def _read_safetensors(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
             return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    except Exception as err:  # damaged files raise SafetensorError, OSError, ValueError, ...
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_brief(err)})") from err
 
 
 def _read_pickle(path: Path) -> Any:
@@ -113,12 +136,21 @@ def _read_pickle(path: Path) -> Any:
         culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
                        lines[0] if lines else type(err).__name__)
         raise CheckpointError(
-            f"{path}: refused to load, the file needs Python objects outside the allow-list "
-            f"({culprit[:200]}). Loading it could run code from the file. If you trust its "
-            "origin, re-save only its state dict (torch.save(ckpt['model'], 'weights.pth')) and load "
+            f"{path}: refused to load ({culprit[:200]}): not a PyTorch checkpoint, or one that needs Python "
+            "objects outside the allow-list, and loading those could run code from the file. If you trust "
+            "its origin, re-save only its state dict (torch.save(ckpt['model'], 'weights.pth')) and load "
             "that") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    except MemoryError:
+        raise
+    except Exception as err:  # damaged files raise RuntimeError, EOFError, BadZipFile, KeyError, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_brief(err)})") from err
+
+
+def _brief(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -130,6 +162,9 @@ def extract_state_dict(content: Any, source: str = "checkpoint") -> Dict[str, Te
     mapping of tensors remains. Returns that state dict (keys unchanged)."""
     for _ in range(4):
         if _is_state_dict(content):
+            odd = [key for key in content if not isinstance(key, str)]
+            if odd:
+                raise CheckpointError(f"{source}: weight names must be text, found {_preview([repr(k) for k in odd])}")
             return dict(content)
         if not isinstance(content, Mapping):
             break
@@ -137,7 +172,7 @@ def extract_state_dict(content: Any, source: str = "checkpoint") -> Dict[str, Te
         if inner is None:
             break
         content = inner
-    found = sorted(content.keys()) if isinstance(content, Mapping) else type(content).__name__
+    found = _preview(sorted(map(str, content.keys()))) if isinstance(content, Mapping) else type(content).__name__
     raise CheckpointError(f"{source}: no state dict found (top-level entries: {found}); expected tensors, "
                           f"possibly inside one of {', '.join(CONTAINER_KEYS)}")
 
@@ -178,16 +213,18 @@ def _fuse_split_qkv_bias(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
 # ============================================================================================ loading
 def load_weights(model: VisionTransformer, source: Union[PathLike, Mapping[str, Tensor]],
-                 allow_partial: bool = False) -> LoadReport:
+                 allow_partial: bool = False, name: Optional[str] = None) -> LoadReport:
     """Load a checkpoint file (or a state dict) into ``model`` by name.
 
     Position tables of another grid are resampled bicubically. Returns a ``LoadReport``. Raises
-    ``CheckpointError`` naming the keys when a backbone weight is missing or has another shape,
-    unless ``allow_partial`` (then the model keeps its own values for those)."""
+    ``CheckpointError`` naming the file (``name`` for a state dict read from one) and the keys when a
+    backbone weight is missing or has another shape, unless ``allow_partial`` (then the model keeps its
+    own values for those)."""
     if isinstance(source, Mapping):
-        name, state_dict = "state dict", extract_state_dict(source)
+        name = name or "state dict"
+        state_dict = extract_state_dict(source, name)
     else:
-        name = str(source)
+        name = name or str(source)
         state_dict = extract_state_dict(read_checkpoint(source)[0], name)
     state_dict, ignored = normalize_keys(state_dict)
     report = LoadReport(source=name, ignored=ignored)
@@ -210,20 +247,23 @@ def load_weights(model: VisionTransformer, source: Union[PathLike, Mapping[str, 
     report.missing = [k for k in required if k not in state_dict]
     report.loaded = sorted(to_load)
     if not report.ok and not allow_partial:
-        problems = []
-        if report.missing:
-            problems.append(f"missing {_preview(report.missing)}")
-        if report.mismatched:
-            problems.append(f"shape mismatch {_preview(report.mismatched)}")
-        raise CheckpointError(f"{name}: does not fit the model: {'; '.join(problems)}. Check that the "
-                              "checkpoint matches the architecture, or pass allow_partial=True "
-                              "(--allow-partial) to keep the model's own values for those keys")
+        raise CheckpointError(_misfit(name, "the model", report.missing, report.mismatched))
     model.load_state_dict(to_load, strict=False)
     return report
 
 
+def _misfit(source: str, what: str, missing: List[str], mismatched: List[str]) -> str:
+    problems = ([f"missing {_preview(missing)}"] if missing else []) + \
+               ([f"shape mismatch {_preview(mismatched)}"] if mismatched else [])
+    return (f"{source}: does not fit {what}: {'; '.join(problems)}. The file is incomplete or holds another "
+            "architecture")
+
+
 def _fit_pos_embed(table: Tensor, model: VisionTransformer, source: str) -> Tensor:
     """Resample a position table ``[1, rows, D]`` (or ``[rows, D]``) to the model's grid and prefix."""
+    if table.ndim not in (2, 3) or table.shape[-1] != model.embed_dim or (table.ndim == 3 and table.shape[0] != 1):
+        raise CheckpointError(f"{source}: pos_embed of shape {tuple(table.shape)} does not fit width "
+                              f"{model.embed_dim}; expected [1, rows, {model.embed_dim}]")
     table = table.reshape(1, -1, table.shape[-1])
     model_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     for prefix in dict.fromkeys((model_prefix, 1, 0, model.num_prefix_tokens)):
@@ -266,7 +306,10 @@ def load_model(source: PathLike, allow_partial: bool = False, **overrides: Any) 
 
 
 def open_model(source: PathLike, allow_partial: bool = False, **overrides: Any) -> LoadedModel:
-    """Like ``load_model`` but returns a ``LoadedModel`` with the report and metadata."""
+    """Like ``load_model`` but returns a ``LoadedModel`` with the report and metadata.
+
+    The architecture a file describes is checked (``check_architecture``, ``check_fits``) before the model
+    is allocated, so a small file cannot make it allocate a huge one."""
     text = str(source)
     if text.startswith("timm:"):
         loaded = _open_timm(text[len("timm:"):], allow_partial, overrides)
@@ -275,9 +318,10 @@ def open_model(source: PathLike, allow_partial: bool = False, **overrides: Any) 
         state_dict = extract_state_dict(content, text)
         config, architecture_from, meta = _architecture(content, metadata, state_dict, text)
         config.update(overrides)
+        check_architecture(config, text)
+        check_fits(config, normalize_keys(state_dict)[0], text, allow_partial)
         model = _build(config, text)
-        report = load_weights(model, state_dict, allow_partial=allow_partial)
-        report.source = text
+        report = load_weights(model, state_dict, allow_partial=allow_partial, name=text)
         loaded = LoadedModel(model, report, architecture_from, meta)
     loaded.model.eval()
     return loaded
@@ -297,15 +341,19 @@ def _architecture(content: Any, metadata: Mapping[str, str], state_dict: Mapping
         try:
             meta = json.loads(metadata[CONFIG_METADATA_KEY])
             config = dict(meta.pop("model"))
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{source}: corrupt '{CONFIG_METADATA_KEY}' metadata ({err})") from err
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{source}: corrupt '{CONFIG_METADATA_KEY}' metadata ({_brief(err)}); "
+                                  "the file was damaged after it was written") from err
         config.pop("heads_per_block", None)
         return config, "unip metadata", meta
     args = content.get("args") if isinstance(content, Mapping) else None
     if isinstance(args, argparse.Namespace) and getattr(args, "model", None) in PRESETS:
         config = dict(PRESETS[args.model])
-        if getattr(args, "last_heads", None):
-            config["last_heads"] = int(args.last_heads)
+        last_heads = getattr(args, "last_heads", None)
+        if last_heads:
+            if isinstance(last_heads, bool) or not isinstance(last_heads, (int, str)) or not str(last_heads).isdigit():
+                raise CheckpointError(f"{source}: args.last_heads={last_heads!r} is not a head count")
+            config["last_heads"] = int(last_heads)
         config["drop_path_rate"] = 0.0
         meta = {k: v for k, v in vars(args).items() if k in ("model", "last_heads", "teacher_model",
                                                             "intermediate", "input_size")}
@@ -317,63 +365,267 @@ def infer_architecture(state_dict: Mapping[str, Tensor], source: str = "checkpoi
     """Derive ``VisionTransformer`` kwargs from weight shapes (release key names accepted).
 
     Head counts cannot be read from weights: the standard count of that width is used (else 64
-    channels per head); override with ``num_heads`` / ``last_heads`` when that is wrong."""
+    channels per head); override with ``num_heads`` / ``last_heads`` when that is wrong. Raises
+    ``CheckpointError`` when the shapes do not describe a ViT."""
     sd, _ = normalize_keys(state_dict)
-    if "patch_embed.proj.weight" not in sd:
-        raise CheckpointError(f"{source}: no patch_embed.proj.weight, not a ViT backbone checkpoint")
-    embed_dim, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape
-    depth = 1 + max((int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m), default=-1)
+
+    def shape(key: str, ndim: int) -> Tuple[int, ...]:
+        if key not in sd:
+            raise CheckpointError(f"{source}: no {key}, not a ViT backbone checkpoint")
+        if sd[key].ndim != ndim:
+            raise CheckpointError(f"{source}: {key} has shape {tuple(sd[key].shape)}, a ViT's has {ndim} "
+                                  "dimensions; the file is damaged or not a ViT")
+        return tuple(sd[key].shape)
+
+    embed_dim, in_chans, patch, patch_w = shape("patch_embed.proj.weight", 4)
+    if patch != patch_w:
+        raise CheckpointError(f"{source}: patch_embed.proj.weight has a {patch}x{patch_w} kernel; "
+                              "only square patches are supported")
+    numbers = [int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m]
+    depth = 1 + max(numbers, default=-1)
     if depth == 0:
         raise CheckpointError(f"{source}: no blocks.* weights, not a ViT backbone checkpoint")
+    if depth > MAX_DEPTH:
+        raise CheckpointError(f"{source}: key names describe {depth} blocks (blocks.{depth - 1}.*), more than "
+                              f"the {MAX_DEPTH} a ViT plausibly has; the file is damaged")
+    hidden = shape("blocks.0.mlp.fc1.weight", 2)[0]
     heads = next((s["num_heads"] for s in VIT_SIZES.values() if s["embed_dim"] == embed_dim),
                  max(1, embed_dim // 64))
+    if embed_dim % heads:
+        heads = 1
     class_token = "cls_token" in sd
-    num_reg = sd["reg_token"].shape[1] if "reg_token" in sd else 0
-    rows = sd["pos_embed"].reshape(-1, embed_dim).shape[0] if "pos_embed" in sd else 196
+    num_reg = shape("reg_token", 3)[1] if "reg_token" in sd else 0
     prefix = int(class_token) + num_reg
-    no_embed_class = prefix > 0 and int((rows) ** 0.5) ** 2 == rows
-    side = int((rows - (0 if no_embed_class else prefix)) ** 0.5)
+    rows = _position_rows(sd, embed_dim, source) if "pos_embed" in sd else 196 + prefix
+    no_embed_class = prefix > 0 and math.isqrt(rows) ** 2 == rows
+    grid = rows - (0 if no_embed_class else prefix)
+    side = math.isqrt(max(grid, 0))
+    if grid < 1 or side * side != grid:
+        raise CheckpointError(f"{source}: pos_embed has {rows} rows, not a square grid of patches plus {prefix} "
+                              "prefix token(s); the file is damaged or not a ViT")
     return dict(img_size=side * patch, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-                num_heads=heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
-                qkv_bias="blocks.0.attn.qkv.bias" in sd,
+                num_heads=heads, mlp_ratio=hidden / embed_dim, qkv_bias="blocks.0.attn.qkv.bias" in sd,
                 layer_scale=1e-5 if "blocks.0.ls1.gamma" in sd else None,
                 class_token=class_token, num_reg_tokens=num_reg, no_embed_class=no_embed_class)
+
+
+def _position_rows(sd: Mapping[str, Tensor], embed_dim: int, source: str) -> int:
+    table = sd["pos_embed"]
+    if table.ndim not in (2, 3) or table.shape[-1] != embed_dim or table.numel() == 0:
+        raise CheckpointError(f"{source}: pos_embed of shape {tuple(table.shape)} does not fit width {embed_dim}")
+    return table.numel() // embed_dim
+
+
+def check_architecture(config: Mapping[str, Any], source: str) -> None:
+    """Raise ``CheckpointError`` naming ``source`` unless ``config`` (``VisionTransformer`` kwargs) describes a
+    plausible ViT: known settings of the right types, depth, width, patch and image size within the
+    ``MAX_*`` bounds, head counts that divide the width, at most ``MAX_TOKENS`` patches."""
+    defaults = {name: p.default for name, p in inspect.signature(VisionTransformer).parameters.items()}
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown architecture setting(s) {', '.join(map(str, unknown))}")
+    full = {**defaults, **config}
+    for key, rule in ARCHITECTURE_RULES.items():
+        if not rule.accepts(full[key]):
+            raise CheckpointError(f"{source}: describes an implausible ViT: {key} must be {rule.describe()}, "
+                                  f"got {full[key]!r}")
+    width, patch = full["embed_dim"], full["patch_size"]
+    for key in ("num_heads", "last_heads"):
+        if full[key] and width % full[key]:
+            raise CheckpointError(f"{source}: {key}={full[key]} does not divide the width {width}")
+    size = full["img_size"]
+    sides = [size] * 2 if isinstance(size, int) and not isinstance(size, bool) else size
+    side_rule = integer(patch, MAX_IMAGE_SIDE)
+    if not isinstance(sides, (list, tuple)) or len(sides) != 2 or not all(side_rule.accepts(v) for v in sides):
+        raise CheckpointError(f"{source}: img_size must be a size (or height, width) from the patch {patch} to "
+                              f"{MAX_IMAGE_SIDE} px, got {size!r}")
+    tokens = (sides[0] // patch) * (sides[1] // patch)
+    if tokens > MAX_TOKENS:
+        raise CheckpointError(f"{source}: {sides[0]}x{sides[1]} px with patch {patch} gives {tokens:,} tokens, "
+                              f"more than {MAX_TOKENS:,}")
+    if int(width * full["mlp_ratio"]) < 1:
+        raise CheckpointError(f"{source}: mlp_ratio {full['mlp_ratio']} leaves no MLP channel at width {width}")
+
+
+def expected_shapes(config: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """The shape of every weight of ``VisionTransformer(**config)``, computed without building it (timm's
+    key names). ``config`` must have passed ``check_architecture``."""
+    defaults = {name: p.default for name, p in inspect.signature(VisionTransformer).parameters.items()}
+    c = {**defaults, **config}
+    width, depth, patch = c["embed_dim"], c["depth"], c["patch_size"]
+    height, wide = (c["img_size"], c["img_size"]) if isinstance(c["img_size"], int) else c["img_size"]
+    prefix = int(c["class_token"]) + c["num_reg_tokens"]
+    rows = (height // patch) * (wide // patch) + (0 if c["no_embed_class"] else prefix)
+    hidden = int(width * c["mlp_ratio"])
+    shapes: Dict[str, Tuple[int, ...]] = {"patch_embed.proj.weight": (width, c["in_chans"], patch, patch),
+                                          "patch_embed.proj.bias": (width,), "pos_embed": (1, rows, width)}
+    if c["class_token"]:
+        shapes["cls_token"] = (1, 1, width)
+    if c["num_reg_tokens"]:
+        shapes["reg_token"] = (1, c["num_reg_tokens"], width)
+    block = {"norm1.weight": (width,), "norm1.bias": (width,), "attn.qkv.weight": (3 * width, width),
+             "attn.proj.weight": (width, width), "attn.proj.bias": (width,), "norm2.weight": (width,),
+             "norm2.bias": (width,), "mlp.fc1.weight": (hidden, width), "mlp.fc1.bias": (hidden,),
+             "mlp.fc2.weight": (width, hidden), "mlp.fc2.bias": (width,)}
+    if c["qkv_bias"]:
+        block["attn.qkv.bias"] = (3 * width,)
+    if c["layer_scale"]:
+        block.update({"ls1.gamma": (width,), "ls2.gamma": (width,)})
+    for index in range(depth):
+        shapes.update({f"blocks.{index}.{key}": shape for key, shape in block.items()})
+    shapes.update({"norm.weight": (width,), "norm.bias": (width,)})
+    return shapes
+
+
+def check_fits(config: Mapping[str, Any], state_dict: Mapping[str, Tensor], source: str,
+               allow_partial: bool = False) -> None:
+    """Check, before allocating, that the weights in ``state_dict`` (normalised keys) are the weights of
+    ``VisionTransformer(**config)`` (the position table aside, which is resampled to the grid).
+
+    Raises ``CheckpointError`` naming ``source`` when a weight is missing or mis-shaped (unless
+    ``allow_partial``), and in any case when the file holds less than half of the model's weights: then
+    the architecture it describes is not the one its tensors hold."""
+    shapes = expected_shapes(config)
+    shapes.pop("pos_embed")
+    missing = [key for key in shapes if key not in state_dict]
+    mismatched = [f"{key} {tuple(state_dict[key].shape)} vs {shape}" for key, shape in shapes.items()
+                  if key in state_dict and tuple(state_dict[key].shape) != shape]
+    if (missing or mismatched) and not allow_partial:
+        raise CheckpointError(_misfit(source, "the architecture it describes", missing, mismatched))
+    expected = sum(math.prod(shape) for shape in shapes.values())
+    found = sum(math.prod(shape) for key, shape in shapes.items()
+                if key in state_dict and tuple(state_dict[key].shape) == shape)
+    if 2 * found < expected:
+        raise CheckpointError(f"{source}: describes a ViT of {expected:,} weights (width {config.get('embed_dim')}, "
+                              f"depth {config.get('depth')}) but holds only {found:,} of them; its metadata or "
+                              "key names do not match its tensors")
 
 
 # ============================================================================================ timm
 def _open_timm(spec: str, allow_partial: bool, overrides: Dict[str, Any]) -> LoadedModel:
     """``NAME`` (timm downloads the weights) or ``NAME@FILE`` (a local weights file, read by our safe
     reader and passed through the model family's timm ``checkpoint_filter_fn`` for release layouts)."""
-    name, _, weights_file = spec.partition("@")
+    name, at, weights_file = spec.partition("@")
+    if not name or (at and not weights_file):
+        raise CheckpointError(f"timm:{spec}: expected timm:NAME or timm:NAME@FILE, e.g. "
+                              "timm:vit_base_patch16_224.mae@/path/to/weights.pth")
+    if weights_file:  # read first: a missing or unsafe file fails before timm builds anything
+        state_dict = extract_state_dict(read_checkpoint(weights_file)[0], weights_file)
     reference = _create_timm(name, pretrained=not weights_file)
     config = config_from_timm(reference, f"timm:{name}")
     config.update(overrides)
+    check_architecture(config, f"timm:{spec}")
     model = _build(config, f"timm:{name}")
     if weights_file:
-        state_dict = extract_state_dict(read_checkpoint(weights_file)[0], weights_file)
         filter_fn = getattr(sys.modules[type(reference).__module__], "checkpoint_filter_fn", None)
-        state_dict = filter_fn(state_dict, reference) if filter_fn else state_dict
+        try:
+            state_dict = filter_fn(state_dict, reference) if filter_fn else state_dict
+        except Exception as err:  # timm's filters index keys and reshape without checking
+            raise CheckpointError(f"{weights_file}: does not fit timm:{name} ({_brief(err)})") from err
     else:
         state_dict = reference.state_dict()
-    report = load_weights(model, state_dict, allow_partial=allow_partial)
+    report = load_weights(model, state_dict, allow_partial=allow_partial, name=weights_file or f"timm:{name}")
     report.source = f"timm:{spec}"
     return LoadedModel(model, report, f"timm model {name}", {"timm_model": name})
 
 
 def _create_timm(name: str, pretrained: bool) -> nn.Module:
-    """``timm.create_model(name)`` without a classifier; errors become ``CheckpointError``."""
+    """``timm.create_model(name)`` without a classifier; errors become ``CheckpointError``. Without a
+    network, pretrained weights come from timm's cache or fail at once (no minute of download retries)."""
     import timm
 
+    if not timm.is_model(name):
+        raise CheckpointError(f"timm:{name}: unknown timm model; see timm.list_models()")
+    offline = _offline_for_download(name) if pretrained else False
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+        with _hub_offline(offline):
+            return timm.create_model(name, pretrained=pretrained, num_classes=0)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise CheckpointError(f"timm:{name}: unknown timm model; see timm.list_models()") from err
-        raise CheckpointError(f"timm:{name}: timm could not load the weights ({err})") from err
+        raise CheckpointError(f"timm:{name}: timm could not load the weights ({_brief(err)})") from err
     except Exception as err:  # network and hub errors come in many types
         raise CheckpointError(
-            f"timm:{name}: could not get pretrained weights ({type(err).__name__}: {str(err)[:160]}). "
+            f"timm:{name}: could not get pretrained weights ({_brief(err, 160)}). "
             f"Offline, download the file elsewhere and pass timm:{name}@/path/to/weights") from err
+
+
+def _offline_for_download(name: str) -> bool:
+    """True when the weights of ``name`` are in the local cache but their server cannot be reached (timm
+    must then read the cache without asking the server). Raises ``CheckpointError`` at once when they are
+    neither cached nor reachable."""
+    from huggingface_hub import constants as hub
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or hub.HF_HUB_OFFLINE:
+        return False  # timm and the hub then answer quickly by themselves
+    if cfg.hf_hub_id:
+        url, cached = hub.ENDPOINT, _hub_cached(cfg.hf_hub_id, cfg.hf_hub_filename)
+    elif cfg.url:
+        url, cached = cfg.url, os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints",
+                                                           os.path.basename(urlparse(cfg.url).path)))
+    else:
+        return False
+    host = _network_target(url)
+    if _reachable(*host):
+        return False
+    if cached:
+        return True
+    raise CheckpointError(f"timm:{name}: cannot download the pretrained weights ({host[0]} does not answer: "
+                          f"offline?); download them elsewhere and pass timm:{name}@/path/to/weights")
+
+
+def _hub_cached(repo_id: str, filename: Optional[str]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo_id, n), str) for n in names)
+
+
+def _network_target(url: str) -> Tuple[str, int]:
+    """``(host, port)`` a download of ``url`` connects to first: the HTTPS proxy when one is set."""
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(k)), None)
+    parsed = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else url)
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    return parsed.hostname or "", port or (443 if parsed.scheme == "https" else 80)
+
+
+def _reachable(host: str, port: int, timeout: float = NETWORK_TIMEOUT_S) -> bool:
+    """True when a TCP connection to ``host:port`` opens within ``timeout`` seconds (name lookup included)."""
+    answered = threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.set()
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return answered.is_set()
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Tell huggingface_hub to read its cache only (no request that would wait for the network)."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
 
 
 def config_from_timm(reference: nn.Module, source: str) -> Dict[str, Any]:

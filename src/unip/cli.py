@@ -1,19 +1,48 @@
 """The ``unip`` command line: parses arguments and calls library functions.
 
 Each verb has an ``_add_<verb>(subparsers)`` function that declares its options and sets ``func`` to a
-``_run_<verb>(args)`` function. Library errors (``unip.errors.UnipError``) end the program with exit
-code 2 and one line on stderr; nothing here holds logic that the Python API does not offer.
+``_run_<verb>(args)`` function. ``main`` is the one error boundary (README "Errors and exit codes"):
+
+* bad input — a ``unip.errors.UnipError`` from the library, a bad option (argparse), a file that cannot
+  be read or written — ends with exit code 2 and one line ``unip VERB: error: ...``;
+* memory that runs out ends with exit code 1 and one line ``unip VERB: error: out of memory ...``;
+* anything else is a bug: exit code 1 and one line ``unip VERB: internal error: ...``; with
+  ``UNIP_DEBUG=1`` in the environment the traceback is printed too.
+
+Nothing here holds logic that the Python API does not offer.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from typing import Callable, List, Optional
+import traceback
+import warnings
+from functools import partial
+from typing import Callable, List, NoReturn, Optional
 
 from unip import __version__
+from unip.engine.config import integer, number
 from unip.errors import UnipError
+from unip.text import one_line
+
+#: Option values shared by several verbs.
+WORKERS = integer(1, 256).option()
+SEED = integer(0, 2**63 - 1).option()
+
+
+class _UsageError(Exception):
+    """argparse found a bad command line (already printed as one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line, without repeating the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise _UsageError(message)
 
 
 # ----------------------------------------------------------------------------------------- info
@@ -62,20 +91,22 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                      "read new or changed files; an interrupted scan resumes.")
     q.add_argument("--infrared", metavar="ROOT", help="root holding <dataset>/thermal/ folders")
     q.add_argument("--imagenet", metavar="DIR", help="ImageNet train folder (one folder per class)")
-    q.add_argument("--per-class", type=int, default=200, help="images per ImageNet class (default 200)")
+    q.add_argument("--per-class", type=integer(1).option(), default=200,
+                   help="images per ImageNet class (default 200)")
     q.add_argument("--coco", metavar="DIR", help="COCO root (with train2017/) or the train2017 folder")
     q.add_argument("--extra", metavar="DIR", action="append", default=[], help="another folder (repeatable)")
     q.add_argument("--out", required=True, metavar="MANIFEST", help="manifest file to write (.jsonl)")
-    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
     q.set_defaults(func=_run_data_infmix)
 
     q = verbs.add_parser("stats", help="grayscale mean/std and size histograms per source (JSON + PNG)")
     q.add_argument("input", metavar="MANIFEST_OR_PACK", help="manifest file or pack folder")
-    q.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.png "
-                                                  "(default: next to the input, <name>.stats.json/.png)")
-    q.add_argument("--limit", type=int, default=None, help="read only this many images, sampled at random")
-    q.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
-    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.add_argument("--out", metavar="PREFIX", help="write PREFIX.json and PREFIX.png (default: next to the "
+                                                  "input, <name>.stats.json/.png; a folder: inside it)")
+    q.add_argument("--limit", type=integer(1).option(), default=None,
+                   help="read only this many images, sampled at random")
+    q.add_argument("--seed", type=SEED, default=0, help="seed of the --limit sample")
+    q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
     q.set_defaults(func=_run_data_stats)
 
     q = verbs.add_parser("pack", help="pack a manifest into memory-mappable grayscale shards",
@@ -83,10 +114,11 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                      "a manifest into a few large shard files plus an index.")
     q.add_argument("manifest", help="manifest file written by `unip data infmix`")
     q.add_argument("--out", required=True, metavar="DIR", help="pack folder to write (replaced atomically)")
-    q.add_argument("--short-side", type=int, default=512,
+    q.add_argument("--short-side", type=integer(1, 65_535).option(), default=512,
                    help="largest short side kept, in pixels (default 512: a 20%%-area crop still has >= 224 px)")
-    q.add_argument("--shard-mb", type=int, default=1024, help="largest shard file in MiB (default 1024)")
-    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.add_argument("--shard-mb", type=integer(1, 1 << 20).option(), default=1024,
+                   help="largest shard file in MiB (default 1024)")
+    q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
     q.set_defaults(func=_run_data_pack)
 
     q = verbs.add_parser("synth", help="write procedurally generated thermal scenes in the real layouts",
@@ -94,13 +126,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                      "SODA layout (JPEGImages/, SegmentationClassPNG/, train_infrared.txt, "
                                      "test_infrared.txt) with a subset of SODA's classes.")
     q.add_argument("--out", required=True, metavar="ROOT", help="folder to write into")
-    q.add_argument("--num", type=int, default=100, help="images per set (default 100)")
+    q.add_argument("--num", type=integer(1, 10_000_000).option(), default=100, help="images per set (default 100)")
     q.add_argument("--name", action="append", default=None,
                    help="unlabeled set name, repeatable (default: synth)")
     q.add_argument("--labeled", action="store_true", help="write a labeled set in SODA's layout instead")
-    q.add_argument("--num-test", type=int, default=None, help="labeled: test images out of --num (default num/4)")
+    q.add_argument("--num-test", type=integer(0, 10_000_000).option(), default=None,
+                   help="labeled: test images out of --num (default num/4)")
     q.add_argument("--size", default="640x512", help="WIDTHxHEIGHT (default 640x512)")
-    q.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    q.add_argument("--seed", type=SEED, default=0, help="random seed (same seed, same images)")
     q.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
                    help="unlabeled: 8 (JPEG) or 16 (raw-count PNG)")
     q.set_defaults(func=_run_data_synth)
@@ -146,13 +179,17 @@ def _run_data_infmix(args: argparse.Namespace) -> int:
 def _run_data_stats(args: argparse.Namespace) -> int:
     import os
 
-    from unip.data.stats import compute_stats, write_stats
+    from unip.data.stats import compute_stats, output_paths, write_stats
+    from unip.text import printable
 
     stem = os.path.normpath(args.input) if os.path.isdir(args.input) else os.path.splitext(args.input)[0]
     prefix = args.out or stem + ".stats"
+    if os.path.isdir(prefix):  # a folder: the files go inside it
+        prefix = os.path.join(prefix, os.path.basename(stem) + ".stats")
+    output_paths(prefix)  # before reading any image
     stats = compute_stats(args.input, limit=args.limit, seed=args.seed, workers=args.workers)
     for name, s in [("overall", stats["overall"]), *stats["sources"].items()]:
-        print(f"{name:<20} images {s['images']:>9,}  mean {s['mean']:.4f}  std {s['std']:.4f}")
+        print(f"{printable(name):<20} images {s['images']:>9,}  mean {s['mean']:.4f}  std {s['std']:.4f}")
     json_path, png_path = write_stats(stats, prefix)
     print(f"wrote {json_path} and {png_path}")
     return 0
@@ -172,6 +209,7 @@ def _run_data_pack(args: argparse.Namespace) -> int:
 
 def _run_data_synth(args: argparse.Namespace) -> int:
     from unip.data.synth import parse_size, write_soda, write_unlabeled
+    from unip.outputs import plain_name
 
     size = parse_size(args.size)
     if args.labeled:
@@ -181,7 +219,8 @@ def _run_data_synth(args: argparse.Namespace) -> int:
               f"(train {len(labeled.splits['train'])}, test {len(labeled.splits['test'])})")
         print("classes (SODA id: name): " + ", ".join(f"{i}: {n}" for i, n in labeled.classes.items()))
         return 0
-    for name in args.name or ["synth"]:
+    names = [plain_name(name, "--name") for name in args.name or ["synth"]]  # all checked before writing
+    for name in names:
         write_unlabeled(args.out, args.num, name=name, size=size, seed=args.seed, bit_depth=args.bit_depth)
         print(f"wrote {args.num} images to {args.out}/{name}/thermal")
     return 0
@@ -235,9 +274,11 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                    help="input normalisation: infmix (pre-training, default), imagenet, none, or MEAN,STD")
     p.add_argument("--query", action="append", default=[], metavar="X,Y",
                    help="query pixel on the model input for the attention figures (repeatable)")
-    p.add_argument("--nmi-local", type=float, default=0.40, help="NMI at or above which a layer is local")
-    p.add_argument("--nmi-global", type=float, default=0.10, help="NMI at or below which a layer is global")
-    p.add_argument("--local-distance", type=float, default=0.30,
+    p.add_argument("--nmi-local", type=number(ge=0, le=1).option(float), default=0.40,
+                   help="NMI at or above which a layer is local")
+    p.add_argument("--nmi-global", type=number(ge=0, le=1).option(float), default=0.10,
+                   help="NMI at or below which a layer is global")
+    p.add_argument("--local-distance", type=number(ge=0, lt=1).option(float), default=0.30,
                    help="a layer is local when its distance is at most this fraction of uniform attention's")
     p.add_argument("--compare-features", action="store_true",
                    help="also write features.png: PCA colouring of each model's last-layer features")
@@ -315,8 +356,25 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_pretrain)
 
 
+def _check_run_folder(folder: str) -> None:
+    """The run folder may be new or a run folder unip wrote: its config.yaml and student are unip's."""
+    import os
+
+    from unip.distill.train import DEFAULTS, STUDENT_FILE
+    from unip.outputs import claim, is_our_checkpoint, is_our_yaml, out_folder
+
+    out_folder(folder, "--out")
+    claim([os.path.join(folder, "config.yaml")], is_our_yaml(list(DEFAULTS)), "--out")
+    claim([os.path.join(folder, STUDENT_FILE)], is_our_checkpoint, "--out")
+
+
 def _layer_arg(text: str):
-    return text if text == "auto" else int(text)
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block number (1 = first) or auto, got {text!r}") from None
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
@@ -327,10 +385,13 @@ def _run_pretrain(args: argparse.Namespace) -> int:
               if getattr(args, name) is not None}
     if args.compile is not None:
         values["run.compile"] = args.compile
-    config = make_config(args.preset, tuple(args.overrides), values)
+    origins = {key: "--" + name.replace("_", "-") for name, key in _PRETRAIN_OPTIONS.items()}
+    origins["run.compile"] = "--compile/--no-compile"
+    config = make_config(args.preset, tuple(args.overrides), values, origins=origins)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    _check_run_folder(config["run"]["output"])
     result = train(config)
     print(f"pre-training finished after {result.steps} steps (loss {result.last_loss:.4g}); "
           f"student: {result.student}")
@@ -342,7 +403,7 @@ VERBS: List[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="unip",
         description="UNIP: attention-pattern analysis, NMI-HAD pre-training and infrared segmentation.")
     parser.add_argument("--version", action="version", version=f"unip {__version__}")
@@ -368,21 +429,79 @@ def _configure_logging() -> None:
     log.setLevel(logging.INFO)
 
 
+def run(argv: List[str]) -> int:
+    """Parse ``argv`` and run the verb, letting its exceptions through (for callers with their own error
+    boundary, e.g. ``unip demo`` running its stages); returns the verb's exit code."""
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "func", None):
+        raise UnipError(f"no verb in {argv}")
+    return int(args.func(args) or 0)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code (module docstring)."""
+    _tolerate_odd_text()
     _configure_logging()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
     try:
-        return int(args.func(args) or 0)
-    except UnipError as err:
-        print(f"unip {args.verb}: error: {err}", file=sys.stderr)
+        args = parser.parse_args(argv)
+    except _UsageError:
         return 2
+    if not getattr(args, "func", None):
+        print("unip: error: no verb given (see unip --help for the list)", file=sys.stderr)
+        return 2
+    verb = args.verb
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = partial(_print_warning, verb)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"unip {args.verb}: interrupted", file=sys.stderr)
+        print(f"unip {verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # the one boundary: every failure becomes one line and an exit code
+        code, line = _describe_failure(err)
+        if os.environ.get("UNIP_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"unip {verb}: {line}", file=sys.stderr)
+        return code
+
+
+def _describe_failure(err: BaseException) -> tuple:
+    """``(exit code, one-line text)`` for an exception that ended a verb."""
+    if isinstance(err, UnipError):
+        return 2, f"error: {one_line(err)}"
+    if _is_out_of_memory(err):
+        return 1, (f"error: out of memory ({one_line(err)[:200]}); lower the sizes or batch size "
+                   "given on the command line")
+    if isinstance(err, OSError):
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        reason = err.strerror or str(err)
+        return 2, f"error: {one_line(f'{where}: {reason}' if where else reason)}"
+    return 1, (f"internal error: {type(err).__name__}: {one_line(err)[:300]}; rerun with UNIP_DEBUG=1 "
+               "for the traceback")
+
+
+def _print_warning(verb: str, message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (from unip or a library) as one line each, like errors."""
+    print(f"unip {verb}: warning: {one_line(message)}", file=sys.stderr)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _tolerate_odd_text() -> None:
+    """File names with undecodable bytes print as escapes instead of failing the print."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 from unip.checkpoint import save_checkpoint
 from unip.errors import UnipError
 from unip.models import create_model
+from unip.outputs import claim, is_our_checkpoint, out_folder
 
 TEACHER_SIZE = 64
 
@@ -34,18 +35,21 @@ def make_toy_teacher(path: Path) -> Path:
 
 
 def _run(argv: List[str]) -> None:
-    from unip.cli import main
+    """Run one stage through the CLI; its errors propagate (the demo's own boundary reports them once)."""
+    from unip.cli import run
 
     print(f"\n$ unip {' '.join(shlex.quote(a) for a in argv)}", flush=True)
     start = time.perf_counter()
-    if main(argv) != 0:
+    if run(argv) != 0:
         raise UnipError(f"demo stage failed: unip {' '.join(argv)}")
     print(f"({time.perf_counter() - start:.1f} s)")
 
 
 def run_demo(out: str = "demo_out", num_images: int = 96, epochs: int = 8) -> Path:
-    """Run every stage into ``out``; returns the distilled student's path."""
-    root = Path(out)
+    """Run every stage into ``out``; returns the distilled student's path. Raises ``UnipError`` (e.g. a
+    ``ConfigError`` when ``out`` is a file or holds files of the same names that unip did not write)."""
+    root = Path(out_folder(out, "--out"))
+    claim([str(root / "teacher.safetensors")], is_our_checkpoint)
     root.mkdir(parents=True, exist_ok=True)
     infrared, soda = root / "infrared", root / "soda"
     _run(["data", "synth", "--out", str(infrared), "--num", str(num_images // 2), "--name", "street",

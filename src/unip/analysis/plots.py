@@ -14,6 +14,8 @@ from torch import Tensor  # noqa: E402
 
 from unip.analysis.patterns import PatternThresholds  # noqa: E402
 from unip.analysis.profile import AttentionProfile  # noqa: E402
+from unip.outputs import save_figure  # noqa: E402
+from unip.text import printable  # noqa: E402
 
 _LABELS = {"nmi": "NMI", "distance": "attention distance (px)", "entropy": "attention entropy (nats)"}
 
@@ -44,7 +46,7 @@ def plot_metric_by_depth(curves: Sequence[Curve], metric: str, path: str,
         if relative:
             x = x / curve.profile.depth
         heads = [np.asarray(s.mean[metric]) for s in layers]
-        line, = ax.plot(x, curve.profile.values(metric), marker="o", ms=3, label=curve.label)
+        line, = ax.plot(x, curve.profile.values(metric), marker="o", ms=3, label=printable(curve.label))
         ax.fill_between(x, [h.min() for h in heads], [h.max() for h in heads], color=line.get_color(), alpha=0.15)
         if curve.selected is not None:
             index = [s.layer for s in layers].index(curve.selected)
@@ -67,7 +69,7 @@ def plot_metric_by_depth(curves: Sequence[Curve], metric: str, path: str,
     ax.legend(fontsize=8)
     ax.set_title(f"{_LABELS.get(metric, metric)} by depth (★ selected layer)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -92,9 +94,9 @@ def plot_query_attention(image: np.ndarray, attention: Tensor, points: Sequence[
     for ax in axes.flat:
         ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(printable(title), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -107,10 +109,10 @@ def plot_feature_pca(image: np.ndarray, colours: List[Tuple[str, Tensor]], path:
     axes[0, 0].set_title("image", fontsize=8)
     for ax, (label, rgb) in zip(axes[0, 1:], colours):
         ax.imshow(rgb.numpy(), extent=(0, width, height, 0), interpolation="nearest")
-        ax.set_title(f"{label}: last-layer PCA", fontsize=8)
+        ax.set_title(f"{printable(label)}: last-layer PCA", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -23,10 +23,17 @@ from unip.analysis.patterns import LayerSelection, PatternThresholds, explain_di
 from unip.analysis.plots import Curve, plot_feature_pca, plot_metric_by_depth, plot_query_attention
 from unip.analysis.profile import AttentionProfile, profile_model
 from unip.analysis.queries import Point, default_layers, query_attention, query_token
-from unip.analysis.report import format_table, write_csv, write_json
+from unip.analysis.report import CSV_COLUMNS, format_table, write_csv, write_json
 from unip.engine.distributed import resolve_device
-from unip.errors import DataError
+from unip.errors import ConfigError, DataError
+from unip.memory import require_memory
 from unip.models.vit import VisionTransformer
+from unip.outputs import claim, is_our_json, is_our_png, out_folder, starts_with_line
+
+#: Attention-map-sized buffers alive at once while one batch is profiled (logits, softmax, metric scratch;
+#: accelerators reduce four layers' maps together, see ``profile_model``).
+MAP_COPIES = {"cpu": 4}
+MAP_COPIES_ACCELERATOR = 12
 
 
 @dataclass
@@ -81,9 +88,29 @@ def _input_size(model: VisionTransformer, size: Optional[Tuple[int, int]]) -> Tu
     return int(height), int(width)
 
 
+def check_input_size(model: VisionTransformer, size: Tuple[int, int], batch: int, device: torch.device,
+                     what: str = "--size") -> None:
+    """Raise ``ConfigError`` when ``size`` (height, width) is not a multiple of the model's patch, or when
+    profiling batches of ``batch`` such inputs needs more memory than ``device`` has. ``what`` names where
+    the size came from in the message."""
+    height, width = size
+    patch = model.patch_size
+    if height % patch or width % patch:
+        raise ConfigError(f"{what} {height},{width}: height and width must be multiples of the patch size "
+                          f"{patch}, e.g. {max(patch, height // patch * patch)},{max(patch, width // patch * patch)}")
+    tokens = (height // patch) * (width // patch) + model.num_prefix_tokens
+    copies = MAP_COPIES.get(device.type, MAP_COPIES_ACCELERATOR)
+    needed = batch * (max(model.heads_per_block) * tokens ** 2 * 4 * copies + 4 * tokens * model.embed_dim * 4
+                      + 2 * 3 * height * width * 4)
+    require_memory(needed, f"{what} {height},{width} (attention maps of {tokens:,} tokens, batches of {batch})",
+                   "lower --size or --batch-size", device)
+
+
 def _profile_one(model: VisionTransformer, label: str, source: str, paths: List[str],
                  options: AnalyzeOptions, device: torch.device) -> Tuple[ModelResult, ImageFolder]:
     size = _input_size(model, options.size)
+    check_input_size(model, size, min(options.batch_size, len(paths)), device,
+                     "--size" if options.size else f"{source}: input size")
     for point in options.queries:  # fail before the long part, not after it
         query_token(point, (size[0] // model.patch_size, size[1] // model.patch_size), model.patch_size)
     images = ImageFolder(paths, size, options.norm)
@@ -116,6 +143,9 @@ def analyze(sources: Sequence[str], image_dir: str, options: Optional[AnalyzeOpt
     from unip.checkpoint import load_model
 
     options = options or AnalyzeOptions()
+    if options.batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {options.batch_size}; change --batch-size")
+    claim_outputs(sources, options)
     paths = list_images(image_dir, options.num_images)
     device = resolve_device(options.device)
     os.makedirs(options.out, exist_ok=True)
@@ -150,6 +180,20 @@ def analyze(sources: Sequence[str], image_dir: str, options: Optional[AnalyzeOpt
     files.append(write_csv(os.path.join(options.out, "profile.csv"), [(r.label, r.profile) for r in results]))
     text = "\n\n".join(format_table(r.label, r.profile, r.selection) for r in results)
     return AnalyzeResult(results, files, text, sorted(skipped))
+
+
+def claim_outputs(sources: Sequence[str], options: AnalyzeOptions) -> None:
+    """Check, before any work, that ``options.out`` can be a folder and that every file ``analyze`` will
+    write there is new or its own earlier output; raises ``ConfigError``."""
+    out_folder(options.out, "--out")
+    labels: List[str] = []
+    for source in sources:
+        labels.append(model_label(source, labels))
+    figures = ["nmi.png", "distance.png"] + [f"attention_{label}.png" for label in labels]
+    figures += ["features.png"] if options.compare_features else []
+    claim([os.path.join(options.out, name) for name in figures], is_our_png)
+    claim([os.path.join(options.out, "profile.json")], is_our_json(["images", "thresholds", "models"]))
+    claim([os.path.join(options.out, "profile.csv")], starts_with_line(",".join(CSV_COLUMNS)))
 
 
 def _document(results: Sequence[ModelResult], image_dir: str, options: AnalyzeOptions,

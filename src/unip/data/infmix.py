@@ -30,6 +30,7 @@ from unip.data.images import ImageReadError, check_suffix, decode, read_bytes
 from unip.data.layouts import COCO_TRAIN_DIR, IMAGE_SUFFIXES, THERMAL_DIR
 from unip.data.parallel import thread_map
 from unip.errors import DataError
+from unip.outputs import claim, is_our_json, is_our_jsonl, out_file
 
 Entry = Dict[str, object]
 
@@ -223,19 +224,31 @@ def _journal_path(manifest: str) -> str:
 
 
 def _read_jsonl(path: str) -> List[Entry]:
+    """The JSON objects of a JSONL file, one per non-empty line. Raises ``DataError`` naming the file and
+    line for text that is not UTF-8 or a line that is not a JSON object (a journal may end in a
+    half-written line after a crash: reading stops there)."""
     entries = []
-    with open(path, "r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                # A journal may end in a half-written line after a crash; a manifest must not.
-                if path.endswith(".journal"):
-                    break
-                raise DataError(f"{path}:{lineno}: not valid JSON; rebuild it with `unip data infmix`")
+    journal = path.endswith(".journal")
+    try:
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8").strip()
+                    entry = json.loads(line) if line else None
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    if journal:
+                        break
+                    what = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else "not valid JSON"
+                    raise DataError(f"{path}:{lineno}: {what}; rebuild it with `unip data infmix`") from None
+                if entry is None:
+                    continue
+                if not isinstance(entry, dict):
+                    if journal:
+                        break
+                    raise DataError(f"{path}:{lineno}: not a JSON object; rebuild it with `unip data infmix`")
+                entries.append(entry)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
     return entries
 
 
@@ -245,8 +258,8 @@ def read_manifest(path: str) -> List[Entry]:
         raise DataError(f"{path}: manifest not found; build it with `unip data infmix`")
     records = _read_jsonl(path)
     for i, rec in enumerate(records, 1):
-        if "path" not in rec or "source" not in rec:
-            raise DataError(f"{path}:{i}: record lacks 'path' or 'source'; "
+        if not isinstance(rec.get("path"), str) or not rec["path"] or "source" not in rec:
+            raise DataError(f"{path}:{i}: record lacks a 'path' text or a 'source'; "
                             "rebuild it with `unip data infmix`")
     return records
 
@@ -266,16 +279,26 @@ def _load_cache(manifest: str) -> Dict[str, Entry]:
         cache.update((str(r["path"]), r) for r in read_manifest(manifest))
     report = report_path(manifest)
     if os.path.isfile(report):
-        with open(report, "r", encoding="utf-8") as fh:
-            for entry in json.load(fh).get("skipped", []):
-                # A duplicate carries its full record; the duplicate status is recomputed every scan.
-                cached = entry.get("record") if entry.get("reason") == "duplicate" else entry
-                if cached:
-                    cache[str(entry["path"])] = cached
+        for entry in _read_report(report).get("skipped", []):
+            # A duplicate carries its full record; the duplicate status is recomputed every scan.
+            cached = entry.get("record") if entry.get("reason") == "duplicate" else entry
+            if isinstance(cached, dict) and "path" in entry:
+                cache[str(entry["path"])] = cached
     journal = _journal_path(manifest)
     if os.path.isfile(journal):
         cache.update((str(e["path"]), e) for e in _read_jsonl(journal))
     return cache
+
+
+def _read_report(path: str) -> Dict[str, object]:
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            report = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: unreadable scan report ({type(err).__name__}); delete it to rescan") from None
+    if not isinstance(report, dict) or not isinstance(report.get("skipped", []), list):
+        raise DataError(f"{path}: not a scan report of `unip data infmix`; delete it to rescan")
+    return report
 
 
 # ------------------------------------------------------------------------------------- building
@@ -381,8 +404,11 @@ def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[
     if os.path.isdir(out):
         raise DataError(f"{out}: is a folder; --out names the manifest file to write, "
                         f"e.g. {out}/infmix.jsonl")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out_file(out, "--out", is_ours=is_our_jsonl(["path", "source"]))
+    claim([report_path(out)], is_our_json(["manifest", "counts", "skipped"]))
+    claim([_journal_path(out)], is_our_jsonl(["path"]))
     cands = gather_candidates(infrared, imagenet, per_class, coco, extra)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     cache = _load_cache(out)
     journal = _journal_path(out)
     entries, n_read, n_reused = _inspect_all(cands, cache, journal, workers)
@@ -396,4 +422,7 @@ def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[
               "counts": counts, "skipped": skipped}
     _write_atomic(report_path(out), json.dumps(report, indent=1) + "\n")
     os.remove(journal)
+    if not records:
+        raise DataError(f"no readable images found ({len(skipped)} file(s) skipped, listed in "
+                        f"{report_path(out)}); point --infrared/--imagenet/--coco/--extra at image folders")
     return ScanResult(out, records, skipped, n_read, n_reused, counts)

@@ -2,11 +2,16 @@
 
 Layout of a pack folder::
 
-    index.json        {"format": "unip-packed", "version": 1, "count", "short_side", "shards", "sources",
+    index.json        {"format": "unip-packed", "version": 2, "count", "short_side", "shards", "sources",
                        "skipped", "manifest"}
     index.npy         int64 [count, 5]: shard number, byte offset, height, width, source number
-    paths.txt         the original file of each image, one per line
+    paths.jsonl       the original file of each image, one JSON string per line (any file name survives:
+                      newlines, bytes that are not UTF-8); version 1 packs have paths.txt, one per line
     shard-00000.bin   raw row-major uint8 pixels of consecutive images, at most ``shard_bytes`` each
+
+``pack_manifest`` replaces an existing folder only when it is such a pack and holds nothing else, so a
+mistyped ``--out`` never deletes anybody's files. Readers check the index against the shard files and
+raise ``DataError`` naming the file when a pack is damaged (truncated shard, bad index).
 
 Image ``i`` is ``shard[offset : offset + height * width]`` reshaped to ``[height, width]``: O(1) random
 access without decoding. Readers open the shards with ``np.memmap`` lazily, on first access in each
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
@@ -36,12 +42,17 @@ from unip.data.infmix import Entry, read_manifest
 from unip.data.parallel import thread_map
 from unip.data.transforms import Transform, pretrain_transform
 from unip.errors import DataError
+from unip.outputs import foreign_names, out_folder
 
 PACK_FORMAT = "unip-packed"
-PACK_VERSION = 1
+PACK_VERSION = 2
+#: Versions this reader understands (1: paths.txt, one path per line).
+READABLE_VERSIONS = (1, 2)
 DEFAULT_SHORT_SIDE = 512
 DEFAULT_SHARD_BYTES = 1 << 30
-INDEX_JSON, INDEX_NPY, PATHS_TXT = "index.json", "index.npy", "paths.txt"
+INDEX_JSON, INDEX_NPY, PATHS_JSONL, PATHS_TXT = "index.json", "index.npy", "paths.jsonl", "paths.txt"
+#: Names a pack folder may hold; a folder with anything else is not replaced.
+_PACK_FILE = re.compile(r"^(index\.json|index\.npy|paths\.jsonl|paths\.txt|shard-\d{5,}\.bin)$")
 
 _DEFAULT = "default"
 
@@ -93,11 +104,14 @@ class _ShardWriter:
 
 
 def _prepare_out(out: str) -> str:
-    """Return a fresh temporary folder next to ``out``; refuse an ``out`` that holds something else."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DataError(f"{out}: is a file; --out names the pack folder to write")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, INDEX_JSON)):
-        raise DataError(f"{out}: folder exists and is not a pack; choose an empty or new folder")
+    """Return a fresh temporary folder next to ``out``; refuse an ``out`` that is not new, empty or a pack."""
+    out_folder(out, "--out")
+    if os.path.isdir(out) and os.listdir(out):
+        foreign = _foreign_files(out)
+        if foreign or not _is_pack_index(os.path.join(out, INDEX_JSON)):
+            shown = ", ".join(repr(name) for name in foreign[:3]) or "no readable index.json"
+            raise DataError(f"{out}: folder exists and is not a pack written by `unip data pack` ({shown}); "
+                            "nothing was changed: choose an empty or new folder")
     _remove_stale_partials(out)
     tmp = f"{os.path.abspath(out)}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -105,14 +119,31 @@ def _prepare_out(out: str) -> str:
     return tmp
 
 
+def _foreign_files(folder: str) -> List[str]:
+    """Names in ``folder`` that a pack does not hold (folders, links and other files), sorted."""
+    return foreign_names(folder, _PACK_FILE)
+
+
+def _is_pack_index(path: str) -> bool:
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == PACK_FORMAT and meta.get("version") in READABLE_VERSIONS
+
+
 def _remove_stale_partials(out: str) -> None:
-    """Delete ``<out>.partial-<pid>`` folders left by killed packs (their process no longer runs)."""
+    """Delete ``<out>.partial-<pid>`` folders left by killed packs (their process no longer runs and they
+    hold only pack files)."""
     prefix = f"{os.path.basename(os.path.abspath(out))}.partial-"
     parent = os.path.dirname(os.path.abspath(out))
     for name in os.listdir(parent):
         pid = name[len(prefix):]
-        if name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        path = os.path.join(parent, name)
+        if name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)) \
+                and os.path.isdir(path) and not os.path.islink(path) and not _foreign_files(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _process_alive(pid: int) -> bool:
@@ -143,7 +174,11 @@ def pack_manifest(manifest: Union[str, Sequence[Entry]], out: str, short_side: i
     """
     if short_side < 1 or shard_bytes < 1:
         raise DataError(f"{out}: short side ({short_side}) and shard size ({shard_bytes}) must be positive")
+    out_folder(out, "--out")
     records = read_manifest(manifest) if isinstance(manifest, str) else list(manifest)
+    if not records:
+        raise DataError(f"{manifest if isinstance(manifest, str) else 'manifest'}: lists no images; "
+                        "nothing to pack")
     tmp = _prepare_out(out)
     writer = _ShardWriter(tmp, shard_bytes)
     sources: Dict[str, int] = {}
@@ -168,10 +203,13 @@ def pack_manifest(manifest: Union[str, Sequence[Entry]], out: str, short_side: i
             rows.append(writer.append(pixels) + list(pixels.shape) + [source])
             paths.append(str(rec["path"]))
         writer.close()
+        if not rows:
+            raise DataError(f"none of the {len(records)} images could be read (first: {skipped[0]['path']}: "
+                            f"{skipped[0]['reason']}); nothing to pack")
         index = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
         np.save(os.path.join(tmp, INDEX_NPY), index)
-        with open(os.path.join(tmp, PATHS_TXT), "w", encoding="utf-8") as fh:
-            fh.write("".join(p + "\n" for p in paths))
+        with open(os.path.join(tmp, PATHS_JSONL), "w", encoding="ascii") as fh:
+            fh.write("".join(json.dumps(p) + "\n" for p in paths))
         meta = {"format": PACK_FORMAT, "version": PACK_VERSION, "count": len(rows), "short_side": short_side,
                 "shards": writer.names, "sources": list(sources), "skipped": skipped,
                 "manifest": os.path.abspath(manifest) if isinstance(manifest, str) else None}
@@ -226,16 +264,9 @@ class PackedImages(GrayImages):
                  return_index: bool = False) -> None:
         super().__init__(transform, return_index)
         self.folder = folder
-        meta_path = os.path.join(folder, INDEX_JSON)
-        if not os.path.isfile(meta_path):
-            raise DataError(f"{folder}: no {INDEX_JSON}; build the pack with `unip data pack`")
-        with open(meta_path, "r", encoding="utf-8") as fh:
-            self.meta = json.load(fh)
-        if self.meta.get("format") != PACK_FORMAT or self.meta.get("version") != PACK_VERSION:
-            raise DataError(f"{meta_path}: not a {PACK_FORMAT} v{PACK_VERSION} index; "
-                            "rebuild with `unip data pack`")
-        self.index = np.load(os.path.join(folder, INDEX_NPY))
-        self.sources: List[str] = list(self.meta["sources"])
+        self.meta = _read_index_json(folder)
+        self.index = _read_index(folder, self.meta)
+        self.sources: List[str] = [str(name) for name in self.meta["sources"]]
         self._maps: Dict[int, np.memmap] = {}
         self._pid = os.getpid()
 
@@ -273,8 +304,73 @@ class PackedImages(GrayImages):
 
     def paths(self) -> List[str]:
         """Return the original file of every image, in index order."""
-        with open(os.path.join(self.folder, PATHS_TXT), "r", encoding="utf-8") as fh:
-            return fh.read().splitlines()
+        if self.meta["version"] == 1:
+            path = os.path.join(self.folder, PATHS_TXT)
+            try:
+                with open(path, "r", encoding="utf-8", errors="surrogateescape") as fh:
+                    return fh.read().splitlines()
+            except OSError as err:
+                raise DataError(f"{path}: cannot read ({err.strerror}); rebuild with `unip data pack`") from None
+        path = os.path.join(self.folder, PATHS_JSONL)
+        try:
+            with open(path, "r", encoding="ascii") as fh:
+                paths = [json.loads(line) for line in fh]
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: unreadable ({type(err).__name__}); rebuild with `unip data pack`") from None
+        if len(paths) != len(self) or not all(isinstance(p, str) for p in paths):
+            raise DataError(f"{path}: does not list the {len(self)} images of the index; rebuild with "
+                            "`unip data pack`")
+        return paths
+
+
+def _damaged(path: str, what: str) -> DataError:
+    return DataError(f"{path}: {what}; the pack is damaged, rebuild it with `unip data pack`")
+
+
+def _read_index_json(folder: str) -> Dict[str, object]:
+    """The pack's ``index.json``, checked; raises ``DataError`` naming the file."""
+    path = os.path.join(folder, INDEX_JSON)
+    if not os.path.isfile(path):
+        raise DataError(f"{folder}: no {INDEX_JSON}; build the pack with `unip data pack`")
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise _damaged(path, f"unreadable ({type(err).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != PACK_FORMAT or meta.get("version") not in READABLE_VERSIONS:
+        raise DataError(f"{path}: not a {PACK_FORMAT} index of version {' or '.join(map(str, READABLE_VERSIONS))}; "
+                        "rebuild with `unip data pack`")
+    shards, sources = meta.get("shards"), meta.get("sources")
+    if not isinstance(shards, list) or not isinstance(sources, list) or not isinstance(meta.get("count"), int) \
+            or not all(isinstance(name, str) and _PACK_FILE.match(name) for name in shards):
+        raise _damaged(path, "missing or malformed 'count', 'shards' or 'sources'")
+    return meta
+
+
+def _read_index(folder: str, meta: Dict[str, object]) -> np.ndarray:
+    """``index.npy`` as int64 ``[count, 5]``, checked against ``index.json`` and the shard file sizes."""
+    path = os.path.join(folder, INDEX_NPY)
+    try:
+        index = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise _damaged(path, f"unreadable ({type(err).__name__})") from None
+    if index.ndim != 2 or index.shape[1] != 5 or index.dtype.kind not in "iu" or len(index) != meta["count"]:
+        raise _damaged(path, f"holds {index.dtype} {tuple(index.shape)}, expected int64 [{meta['count']}, 5]")
+    index = index.astype(np.int64, copy=False)
+    shards, sources = meta["shards"], meta["sources"]  # type: ignore[index]
+    shard, offset, height, width, source = index.T
+    if len(index) and (shard.min() < 0 or shard.max() >= len(shards) or offset.min() < 0 or height.min() < 1
+                       or width.min() < 1 or source.min() < 0 or source.max() >= len(sources)):
+        raise _damaged(path, "refers to shards, sources or sizes that do not exist")
+    needs = np.zeros(len(shards), dtype=np.int64)
+    np.maximum.at(needs, shard, offset + height * width)
+    for name, needed in zip(shards, needs.tolist()):
+        shard_path = os.path.join(folder, name)
+        size = os.path.getsize(shard_path) if os.path.isfile(shard_path) else -1
+        if size < needed:
+            what = "missing" if size < 0 else f"truncated: {size:,} bytes, the index needs {needed:,}"
+            raise _damaged(shard_path, what)
+    return index
 
 
 class ManifestImages(GrayImages):

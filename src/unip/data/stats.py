@@ -18,6 +18,12 @@ from tqdm import tqdm
 from unip.data.images import ImageReadError
 from unip.data.packed import GrayImages, open_images
 from unip.data.parallel import thread_map
+from unip.errors import ConfigError, DataError
+from unip.outputs import claim, is_our_json, is_our_png, out_file, save_figure
+from unip.text import printable
+
+#: Keys every statistics document holds (how a later run recognises its own file).
+_DOCUMENT_KEYS = ("input", "overall", "sources", "short_side_bins")
 
 #: Upper edges of the short-side histogram bins (pixels); the last bin is open.
 SHORT_SIDE_BINS: Tuple[int, ...] = (128, 256, 384, 512, 640, 768, 1024, 2048)
@@ -70,7 +76,11 @@ def compute_stats(path: str, limit: Optional[int] = None, seed: int = 0,
     ``top_sizes``; plus ``unreadable`` (files that failed to decode now). ``limit`` samples that many
     images at random (by ``seed``) instead of reading all.
     """
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: read at least 1 image")
     data: GrayImages = open_images(path, transform=None)
+    if len(data) == 0:
+        raise DataError(f"{path}: holds no images; build it with `unip data infmix` from image folders")
     order = np.arange(len(data))
     if limit is not None and limit < len(order):
         order = np.sort(np.random.default_rng(seed).choice(order, size=limit, replace=False))
@@ -90,6 +100,10 @@ def compute_stats(path: str, limit: Optional[int] = None, seed: int = 0,
             continue
         overall.add(gray)
         per_source.setdefault(data.source(int(i)), _Moments()).add(gray)
+    if overall.images == 0:
+        first = unreadable[0]
+        raise DataError(f"{path}: none of the {len(order)} images could be read (first: {first['path']}: "
+                        f"{first['reason']})")
     return {"input": os.path.abspath(path), "sampled": len(order), "total": len(data),
             "short_side_bins": list(SHORT_SIDE_BINS), "overall": overall.result(),
             "sources": {name: m.result() for name, m in per_source.items()}, "unreadable": unreadable}
@@ -112,27 +126,36 @@ def plot_stats(stats: Dict[str, object], png: str) -> None:
     means = [float(sources[n]["mean"]) for n in names]
     stds = [float(sources[n]["std"]) for n in names]
     ax1.bar(range(len(names)), means, yerr=stds, capsize=3, color="0.5")
-    ax1.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax1.set_xticks(range(len(names)), [printable(n) for n in names], rotation=45, ha="right")
     ax1.set_ylabel("gray level (0-1), mean ± std")
     ax1.set_title(f"overall {float(stats['overall']['mean']):.4f} ± {float(stats['overall']['std']):.4f}")
     labels = bin_labels()
     width = 0.8 / max(len(names), 1)
     for k, name in enumerate(names):
         hist = sources[name]["short_side_hist"]
-        ax2.bar(np.arange(len(labels)) + k * width, hist, width=width, label=name)
+        ax2.bar(np.arange(len(labels)) + k * width, hist, width=width, label=printable(name))
     ax2.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, rotation=45, ha="right")
     ax2.set_xlabel("short side (px)")
     ax2.set_ylabel("images")
     ax2.legend(fontsize="small")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=100)
+    save_figure(fig, png, dpi=100)
     plt.close(fig)
+
+
+def output_paths(prefix: str, option: str = "--out") -> Tuple[str, str]:
+    """``(<prefix>.json, <prefix>.png)``, checked before any work: each may be new or a file an earlier
+    ``unip data stats`` wrote; anything else raises ``ConfigError``."""
+    json_path, png_path = prefix + ".json", prefix + ".png"
+    out_file(json_path, option, is_ours=is_our_json(_DOCUMENT_KEYS))
+    claim([png_path], is_our_png, option)
+    return json_path, png_path
 
 
 def write_stats(stats: Dict[str, object], prefix: str) -> Tuple[str, str]:
     """Write ``<prefix>.json`` and ``<prefix>.png``; returns both paths."""
-    json_path, png_path = prefix + ".json", prefix + ".png"
+    json_path, png_path = output_paths(prefix)
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w", encoding="utf-8") as fh:
         json.dump(stats, fh, indent=1)

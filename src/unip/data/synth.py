@@ -13,6 +13,7 @@ Image ``i`` of a set depends only on ``(seed, set name, i)``, not on how many im
 from __future__ import annotations
 
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -23,12 +24,16 @@ from tqdm import tqdm
 
 from unip.data.layouts import (IGNORE_INDEX, SODA_CLASSES, SODA_IMAGE_DIR, SODA_LABEL_DIR, SODA_SPLITS,
                                THERMAL_DIR)
-from unip.errors import DataError
+from unip.errors import ConfigError, DataError
+from unip.memory import require_memory
+from unip.outputs import claim, claim_folder, out_folder, plain_name
 
 BACKGROUND, PERSON, BUILDING, TREE, ROAD, CAR, SKY = 0, 1, 2, 3, 4, 10, 18
 #: The SODA classes the generator draws: SODA id → name.
 SYNTH_CLASSES: Dict[int, str] = {i: SODA_CLASSES[i]
                                  for i in (BACKGROUND, PERSON, BUILDING, TREE, ROAD, CAR, SKY)}
+#: Peak memory of rendering one image, per pixel (float32 canvases, noise, label, camera; measured ~43).
+BYTES_PER_PIXEL = 48
 
 
 # ------------------------------------------------------------------------------------- drawing
@@ -222,14 +227,33 @@ def to_raw16(temp: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- writing
 def parse_size(text: str) -> Tuple[int, int]:
-    """Parse ``"WxH"`` into ``(width, height)``."""
+    """Parse ``"WxH"`` into ``(width, height)``, checked by :func:`check_size`."""
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise DataError(f"size '{text}': expected WIDTHxHEIGHT, e.g. 640x512") from None
     if w < 16 or h < 16:
         raise DataError(f"size '{text}': width and height must be at least 16")
-    return w, h
+    return check_size((w, h))
+
+
+def check_size(size: Tuple[int, int], option: str = "--size") -> Tuple[int, int]:
+    """``size`` if an image of it can be rendered in the memory available and read back by unip (at most
+    PIL's ``MAX_IMAGE_PIXELS``); raises ``ConfigError`` naming ``option`` otherwise."""
+    width, height = size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise ConfigError(f"{option} {width}x{height}: {width * height:,} pixels, more than the {limit:,} an image "
+                          "may have to be read back (PIL's decompression-bomb limit); choose a smaller size")
+    require_memory(width * height * BYTES_PER_PIXEL, f"{option} {width}x{height}", "choose a smaller size")
+    return width, height
+
+
+def _check_counts(num: int, seed: int) -> None:
+    if num < 1:
+        raise DataError(f"--num {num}: write at least one image")
+    if seed < 0:
+        raise DataError(f"--seed {seed}: seeds are non-negative integers")
 
 
 def _save(pixels: np.ndarray, path: str, quality: int = 92) -> None:
@@ -247,9 +271,11 @@ def write_unlabeled(root: str, num: int, name: str = "synth", size: Tuple[int, i
     """
     if bit_depth not in (8, 16):
         raise DataError(f"bit depth {bit_depth}: must be 8 or 16")
-    folder = os.path.join(root, name, THERMAL_DIR)
+    _check_counts(num, seed)
+    width, height = check_size(size)
+    folder = os.path.join(out_folder(root), plain_name(name, "--name"), THERMAL_DIR)
+    claim_folder(folder, re.compile(rf"^{re.escape(name)}_\d{{6}}\.(jpg|png)$"))
     os.makedirs(folder, exist_ok=True)
-    width, height = size
     paths = []
     for i in tqdm(range(num), desc=f"synth {name}", unit="img", disable=None):
         temp, _ = render_scene(seed, i, height, width, name)
@@ -275,6 +301,12 @@ def write_soda_sample(root: str, image_id: str, image: np.ndarray, label: np.nda
     _save(label, os.path.join(root, SODA_LABEL_DIR, f"{image_id}.png"))
 
 
+def _is_split_file(path: str) -> bool:
+    """True for a split file as ``write_split_files`` writes them (one numeric id per line)."""
+    with open(path, "r", encoding="utf-8") as fh:
+        return all(re.fullmatch(r"\d{5,}", line.strip()) for line in fh if line.strip())
+
+
 def write_split_files(root: str, splits: Dict[str, Sequence[str]]) -> None:
     """Write SODA's split files (one image id per line) for the given ``{"train": ids, "test": ids}``."""
     for split, ids in splits.items():
@@ -289,10 +321,16 @@ def write_soda(root: str, num_train: int, num_test: int, size: Tuple[int, int] =
     Returns a :class:`LabeledSet`; labels use SODA ids (see :data:`SYNTH_CLASSES`), 255 = ignore.
     """
     if num_train < 1 or num_test < 0:
-        raise DataError(f"{root}: need at least one training image (got train {num_train}, test {num_test})")
+        raise DataError(f"{root}: need at least one training image (got train {num_train}, test {num_test}); "
+                        "raise --num or lower --num-test")
+    _check_counts(num_train + num_test, seed)
+    width, height = check_size(size)
+    out_folder(root)
+    claim_folder(os.path.join(root, SODA_IMAGE_DIR), re.compile(r"^\d{5,}\.jpg$"))
+    claim_folder(os.path.join(root, SODA_LABEL_DIR), re.compile(r"^\d{5,}\.png$"))
+    claim([os.path.join(root, name) for name in SODA_SPLITS.values()], _is_split_file)
     for sub in (SODA_IMAGE_DIR, SODA_LABEL_DIR):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
-    width, height = size
     ids = [f"{i:05d}" for i in range(num_train + num_test)]
     for i in tqdm(range(len(ids)), desc="synth labeled", unit="img", disable=None):
         temp, label = render_scene(seed, i, height, width, name)

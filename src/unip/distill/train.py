@@ -22,16 +22,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
 from unip.data.transforms import normalize_batch
 from unip.distill.data import build_transform, crop_transform, describe_skipped, open_pretrain_images, take
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
 from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, fit_to_grid
-from unip.engine.config import Config, build_config
+from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
 from unip.engine.distributed import DistInfo
-from unip.engine.loop import Precision
+from unip.engine.loop import PRECISIONS, Precision
 from unip.engine.trainer import Task, TrainContext, batch_plan, train_task
 from unip.errors import ConfigError
-from unip.models import create_model, preset_config
+from unip.models import create_model, list_models, preset_config
 from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import VisionTransformer
 
@@ -57,13 +58,37 @@ DEFAULTS: Config = {
     "debug": {"nan_at_step": None, "step_delay": 0.0},
 }
 
+#: What each setting may hold; ``make_config`` checks the resolved settings against it.
+RULES: Dict[str, Rule] = {
+    "teacher.source": text(null=True), "teacher.layer": integer(1, MAX_DEPTH, words=("auto",)),
+    "teacher.auto_images": integer(1, 100_000), "student.model": text(*list_models()),
+    "student.drop_path": number(ge=0, lt=1), "student.depth": integer(1, MAX_DEPTH, null=True),
+    "student.embed_dim": integer(1, MAX_WIDTH, null=True), "student.num_heads": integer(1, MAX_WIDTH, null=True),
+    "data.path": text(null=True), "data.input_size": integer(16, 4096),
+    "data.scale": numbers(2, gt=0, le=1, ascending=True), "data.mean": number(ge=0, le=1),
+    "data.std": number(gt=0, le=1), "data.augment": flag(), "data.num_workers": integer(0, 256),
+    "optim.epochs": integer(1, 100_000), "optim.warmup_epochs": number(ge=0, le=100_000),
+    "optim.blr": number(gt=0, le=1), "optim.lr": number(gt=0, le=1, null=True), "optim.min_lr": number(ge=0, lt=1),
+    "optim.batch_size": integer(1, 65_536), "optim.accum_iter": integer(1, 65_536),
+    "optim.effective_batch": integer(1, 2**24, null=True), "optim.weight_decay": number(ge=0, le=1),
+    "optim.betas": numbers(2, ge=0, lt=1), "optim.clip_grad": number(gt=0, null=True),
+    "loss.kind": text(*LOSS_KINDS), "loss.temperature": number(gt=0, le=100),
+    "run.output": text(), "run.seed": integer(0, 2**63 - 1), "run.device": text(), "run.precision": text(*PRECISIONS),
+    "run.compile": Rule("bool", words=("auto",)), "run.teacher_precision": text("auto", *TEACHER_PRECISIONS),
+    "run.allow_changed_config": flag(), "run.save_every_epochs": integer(0, 100_000),
+    "run.save_every_steps": integer(0),
+    "run.keep_checkpoints": integer(1, 10_000), "run.log_every": integer(1), "run.resume": text(null=True),
+    "run.progress": flag(), "debug.nan_at_step": integer(1, null=True), "debug.step_delay": number(ge=0, le=3600),
+}
+
 STUDENT_FILE = "student.safetensors"
 
 
 def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
-                values: Optional[Dict[str, Any]] = None) -> Config:
-    """``DEFAULTS`` ← preset (name under ``configs/pretrain/`` or a YAML path) ← ``values`` ← ``overrides``."""
-    return build_config(DEFAULTS, preset, overrides, kind="pretrain", values=values)
+                values: Optional[Dict[str, Any]] = None, origins: Optional[Dict[str, str]] = None) -> Config:
+    """``DEFAULTS`` ← preset (name under ``configs/pretrain/`` or a YAML path) ← ``values`` ← ``overrides``,
+    checked against ``RULES``; ``origins`` names where ``values`` came from (e.g. ``--epochs``)."""
+    return build_config(DEFAULTS, preset, overrides, kind="pretrain", values=values, rules=RULES, origins=origins)
 
 
 @dataclass
@@ -147,7 +172,8 @@ def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
     model = fit_to_grid(load_model(teach["source"]), int(config["data"]["input_size"]), patch).to(dist.device)
     layer = teach["layer"]
     if layer == "auto":
-        layer, why = auto_layer(model, config, dataset_path, precision, progress=dist.is_main)
+        layer, why = auto_layer(model, config, dataset_path, precision,
+                                progress=dist.is_main and bool(config["run"]["progress"]))
     elif isinstance(layer, int) and not isinstance(layer, bool):
         why = f"teacher layer {layer} (given)"
     else:

@@ -3,13 +3,20 @@
 Keys are dotted paths into the nesting (``optim.blr``); values in overrides are parsed as YAML scalars
 (``1e-4`` → float, ``true`` → bool, ``[0.9, 0.95]`` → list, ``null`` → None). A key that the defaults do
 not define, or a value of the wrong kind, is a ``ConfigError`` that names the key and where it came from.
+
+A schema (``{dotted key: Rule}``, declared next to the defaults, e.g. ``unip.distill.train.RULES``) says
+what each setting may hold: its type, its range, whether ``null`` is allowed, its choices. ``build_config``
+checks every setting against it after the last override, so nothing runs on a value out of range.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -42,8 +49,8 @@ def read_yaml(path: Union[str, Path]) -> Config:
     try:
         with open(path, "r", encoding="utf-8") as handle:
             content = yaml.safe_load(handle) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read YAML ({err})") from err
+    except (OSError, UnicodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read YAML ({_first_line(err)})") from err
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, not {type(content).__name__}")
     return content
@@ -54,11 +61,18 @@ def parse_override(text: str) -> tuple:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.blr=1e-4")
+    if not raw.strip():
+        raise ConfigError(f"--set {text!r}: no value after '='; give one (key=null clears a setting that "
+                          "may be empty)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: cannot parse the value ({err})") from err
+        raise ConfigError(f"--set {text!r}: cannot parse the value ({_first_line(err)})") from err
     return key.strip(), value
+
+
+def _first_line(err: Exception) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
@@ -94,8 +108,10 @@ def _number(value: Any) -> Any:
     return value
 
 
-def set_key(config: Config, key: str, value: Any, origin: str) -> None:
-    """Set the dotted ``key`` in ``config`` in place; it must already exist (a known setting)."""
+def set_key(config: Config, key: str, value: Any, origin: str,
+            origins: Optional[Dict[str, str]] = None) -> None:
+    """Set the dotted ``key`` in ``config`` in place; it must already exist (a known setting). ``origins``,
+    when given, records ``origin`` for every key set."""
     parts = key.split(".")
     node = config
     for depth, part in enumerate(parts):
@@ -108,9 +124,11 @@ def set_key(config: Config, key: str, value: Any, origin: str) -> None:
                 if not isinstance(value, dict):
                     raise ConfigError(f"{origin}: {key} is a section; set its keys, e.g. {key}.<name>=...")
                 for sub, sub_value in value.items():
-                    set_key(config, f"{key}.{sub}", sub_value, origin)
+                    set_key(config, f"{key}.{sub}", sub_value, origin, origins)
             else:
                 node[part] = _coerce(key, value, node[part], origin)
+                if origins is not None:
+                    origins[key] = origin
         else:
             node = node[part]
 
@@ -128,25 +146,183 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def build_config(defaults: Config, preset: Optional[Union[str, Path]] = None, overrides: Iterable[str] = (),
-                 kind: str = "pretrain", values: Optional[Mapping[str, Any]] = None) -> Config:
+                 kind: str = "pretrain", values: Optional[Mapping[str, Any]] = None,
+                 rules: Optional[Mapping[str, "Rule"]] = None,
+                 origins: Optional[Mapping[str, str]] = None) -> Config:
     """``defaults`` ← preset file (name or path) ← ``values`` (dotted keys, from code) ← ``overrides``
-    (``key=value`` strings). Returns a new nested dict; the defaults are not modified."""
+    (``key=value`` strings), then checked against ``rules`` (see ``check_config``). ``origins`` names where
+    each of ``values`` came from in error messages (e.g. ``{"optim.epochs": "--epochs"}``). Returns a new
+    nested dict; the defaults are not modified."""
     config = copy.deepcopy(defaults)
+    where: Dict[str, str] = {}
     if preset:
         path = find_preset(str(preset), kind)
         for key, value in flatten(read_yaml(path)).items():
-            set_key(config, key, value, str(path))
+            set_key(config, key, value, str(path), where)
     for key, value in (values or {}).items():
-        set_key(config, key, value, "config")
+        set_key(config, key, value, (origins or {}).get(key, "config"), where)
     for text in overrides:
         key, value = parse_override(text)
-        set_key(config, key, value, f"--set {text}")
+        set_key(config, key, value, f"--set {text}", where)
+    if rules is not None:
+        _numbers_from_text(config, rules)
+        check_config(config, defaults, rules, where)
     return config
+
+
+def _numbers_from_text(config: Config, rules: Mapping[str, "Rule"]) -> None:
+    """YAML 1.1 reads ``1e4`` as text; where a rule asks for a number (and the default, being null, could not
+    say so) such a text becomes the number it spells."""
+    for key, rule in rules.items():
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        value = node.get(last) if isinstance(node, dict) else None
+        if rule.kind in ("int", "number") and isinstance(value, str) and value not in rule.words:
+            number = _number(value)
+            if isinstance(number, float) and rule.kind == "int" and number.is_integer():
+                number = int(number)
+            node[last] = number
+
+
+# ============================================================================================ schema
+@dataclass(frozen=True)
+class Rule:
+    """What one setting (or command-line option) may hold.
+
+    ``kind``: ``int``, ``number``, ``bool``, ``text`` or ``numbers`` (a list of ``length`` numbers).
+    ``gt``/``ge``/``lt``/``le`` bound numbers and every item of a list; ``null`` allows None; ``words`` are
+    texts accepted besides a number (e.g. ``auto``); ``choices`` are the texts a ``text`` may be;
+    ``ascending`` asks list items not to decrease. Build rules with ``integer``, ``number``, ``numbers``,
+    ``text`` and ``flag``."""
+
+    kind: str
+    gt: Optional[float] = None
+    ge: Optional[float] = None
+    lt: Optional[float] = None
+    le: Optional[float] = None
+    null: bool = False
+    words: Tuple[str, ...] = ()
+    choices: Tuple[str, ...] = ()
+    length: Optional[int] = None
+    ascending: bool = False
+
+    def describe(self) -> str:
+        """What the rule accepts, in words (``"an integer >= 1"``, ``"null or a number > 0 and <= 1"``)."""
+        kinds = {"int": "an integer", "number": "a number", "bool": "true or false", "text": "a text",
+                 "numbers": f"a list of {self.length} numbers"}
+        what = kinds[self.kind]
+        if self.choices:
+            what = f"one of: {', '.join(self.choices)}"
+        bounds = [f"{sign} {_plain_number(limit)}" for sign, limit in
+                  ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le)) if limit is not None]
+        if bounds:
+            what += (", each " if self.kind == "numbers" else " ") + " and ".join(bounds)
+        if self.ascending:
+            what += ", not decreasing"
+        alternatives = (["null"] if self.null else []) + [repr(word) for word in self.words]
+        return " or ".join(alternatives + [what])
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.null
+        if isinstance(value, str) and value in self.words:
+            return True
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "text":
+            return isinstance(value, str) and bool(value) and (not self.choices or value in self.choices)
+        if self.kind == "numbers":
+            if not isinstance(value, (list, tuple)) or len(value) != self.length:
+                return False
+            if not all(self._number_ok(item) for item in value):
+                return False
+            return not self.ascending or all(a <= b for a, b in zip(value, value[1:]))
+        if self.kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+            return False
+        return self._number_ok(value)
+
+    def _number_ok(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+
+    def check(self, value: Any, name: str) -> Any:
+        """``value`` when the rule accepts it; else ``ConfigError("NAME must be ..., got VALUE")``."""
+        if not self.accepts(value):
+            raise ConfigError(f"{name} must be {self.describe()}, got {_shown(value)}")
+        return value
+
+    def option(self, parse: Callable[[str], Any] = int) -> Callable[[str], Any]:
+        """An argparse ``type=`` that parses the text with ``parse`` and applies the rule: a bad value is an
+        argparse error ("argument --x: must be an integer >= 1, got -1")."""
+        def convert(text: str) -> Any:
+            try:
+                value = parse(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}") from None
+            if not self.accepts(value):
+                raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text}")
+            return value
+        return convert
+
+
+def _plain_number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def integer(ge: Optional[int] = None, le: Optional[int] = None, *, null: bool = False,
+            words: Tuple[str, ...] = ()) -> Rule:
+    """An integer in ``[ge, le]`` (either bound optional)."""
+    return Rule("int", ge=ge, le=le, null=null, words=words)
+
+
+def number(*, gt: Optional[float] = None, ge: Optional[float] = None, lt: Optional[float] = None,
+           le: Optional[float] = None, null: bool = False) -> Rule:
+    """A finite number (int or float) within the given bounds."""
+    return Rule("number", gt=gt, ge=ge, lt=lt, le=le, null=null)
+
+
+def numbers(length: int, *, gt: Optional[float] = None, ge: Optional[float] = None, lt: Optional[float] = None,
+            le: Optional[float] = None, ascending: bool = False) -> Rule:
+    """A list of ``length`` finite numbers, each within the bounds."""
+    return Rule("numbers", gt=gt, ge=ge, lt=lt, le=le, length=length, ascending=ascending)
+
+
+def text(*choices: str, null: bool = False) -> Rule:
+    """A non-empty text, one of ``choices`` when given."""
+    return Rule("text", choices=tuple(choices), null=null)
+
+
+def flag() -> Rule:
+    return Rule("bool")
+
+
+def check_config(config: Config, defaults: Config, rules: Mapping[str, Rule],
+                 origins: Optional[Mapping[str, str]] = None) -> None:
+    """Check every setting of ``config`` against its rule; a setting without a rule may be null only
+    where its default is. Raises ``ConfigError`` naming the key, the value, where it was set and what
+    is allowed."""
+    default_values = flatten(defaults)
+    for key, value in flatten(config).items():
+        rule = rules.get(key)
+        origin = (origins or {}).get(key, "defaults")
+        if rule is None:
+            if value is None and default_values.get(key) is not None:
+                raise ConfigError(f"{origin}: {key} must not be null (default {default_values[key]!r})")
+        elif not rule.accepts(value):
+            raise ConfigError(f"{origin}: {key} must be {rule.describe()}, got {_shown(value)}")
 
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-__all__: Sequence[str] = ["build_config", "dump_config", "find_preset", "flatten", "parse_override",
-                          "read_yaml", "set_key"]
+__all__: Sequence[str] = ["Rule", "build_config", "check_config", "dump_config", "find_preset", "flag", "flatten",
+                          "integer", "number", "numbers", "parse_override", "read_yaml", "set_key", "text"]

@@ -1,0 +1,75 @@
+"""Memory a command will need, checked before it is allocated.
+
+Sizes typed on the command line (an image size, a batch) can ask for more memory than the machine has;
+instead of letting the allocation fail half-way (or the system swap), verbs estimate what they need and
+call ``require_memory``, which raises a ``ConfigError`` naming the option to change.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from unip.errors import ConfigError
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
+
+def _meminfo_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo", "r", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _address_space_left() -> Optional[int]:
+    """What ``ulimit -v`` (RLIMIT_AS) still allows this process to map, or None without a limit."""
+    if resource is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/statm", "r", encoding="ascii") as handle:
+            mapped = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        mapped = 0
+    return max(soft - mapped, 0)
+
+
+def available_bytes(device: Optional[torch.device] = None) -> Optional[int]:
+    """Bytes that can still be allocated on ``device`` (CPU by default): free GPU memory for CUDA, else the
+    smaller of the system's available memory and what the process's address-space limit leaves.
+    Returns None when that cannot be told."""
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    limits = [value for value in (_meminfo_available(), _address_space_left()) if value is not None]
+    return min(limits) if limits else None
+
+
+def gib(nbytes: float) -> str:
+    """``nbytes`` as text in GiB (or MiB below 1 GiB)."""
+    return f"{nbytes / 2**30:,.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.0f} MiB"
+
+
+def require_memory(nbytes: float, what: str, fix: str, device: Optional[torch.device] = None) -> None:
+    """Raise ``ConfigError`` ("``what`` needs about X, only Y are available; ``fix``") when ``nbytes`` exceed
+    what ``available_bytes(device)`` reports."""
+    available = available_bytes(device)
+    if available is not None and nbytes > available:
+        where = f" on {device}" if device is not None and device.type != "cpu" else ""
+        raise ConfigError(f"{what} needs about {gib(nbytes)} of memory, but only {gib(available)} are "
+                          f"available{where}; {fix}")

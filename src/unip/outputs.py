@@ -1,0 +1,181 @@
+"""Where verbs write: output paths are checked before any work, and nothing of the user's is overwritten.
+
+* ``out_folder`` / ``out_file``: an ``--out`` that cannot be what the verb writes (a file where a folder
+  is meant, a folder where a file is meant, a path below a file) fails at once, naming the option.
+* ``claim``: a verb may replace an existing file only when it recognises the file as its own earlier
+  output (``is_ours``); anything else is the user's and the verb stops instead.
+* ``plain_name``: a name taken from the command line becomes exactly one folder inside ``--out``.
+* ``save_figure``: PNG figures carry ``Software: unip`` so that a later run recognises them (``is_our_png``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Iterable, List, Optional, Pattern, Sequence
+
+from unip.errors import ConfigError
+
+#: The ``Software`` text of every PNG figure unip writes.
+FIGURE_SOFTWARE = "unip"
+
+Recogniser = Callable[[str], bool]
+
+
+def _existing_ancestor(path: str) -> str:
+    current = os.path.abspath(path)
+    while not os.path.exists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return current
+
+
+def _check_parent(path: str, option: str) -> None:
+    ancestor = _existing_ancestor(os.path.dirname(os.path.abspath(path)) or ".")
+    if os.path.exists(ancestor) and not os.path.isdir(ancestor):
+        raise ConfigError(f"{option} {path}: {ancestor} is a file, not a folder; choose another path")
+
+
+def out_folder(path: str, option: str = "--out") -> str:
+    """Check that ``path`` can be (or already is) a folder to write into; returns it.
+
+    Raises ``ConfigError`` when it, or a folder on the way to it, is an existing file."""
+    if not path:
+        raise ConfigError(f"{option}: empty path; name the folder to write")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{option} {path}: is a file, not a folder; choose a new or empty folder")
+    _check_parent(path, option)
+    return path
+
+
+def out_file(path: str, option: str = "--out", is_ours: Optional[Recogniser] = None) -> str:
+    """Check that ``path`` can be written as a file; returns it. An existing folder there, a file on the way
+    to it, or (with ``is_ours``) an existing file that this verb did not write raises ``ConfigError``."""
+    if not path:
+        raise ConfigError(f"{option}: empty path; name the file to write")
+    if os.path.isdir(path):
+        raise ConfigError(f"{option} {path}: is a folder; name the file to write")
+    _check_parent(path, option)
+    if is_ours is not None:
+        claim([path], is_ours, option)
+    return path
+
+
+def claim(paths: Iterable[str], is_ours: Recogniser, option: str = "--out") -> None:
+    """Allow writing ``paths``: each must be absent or a file that ``is_ours`` recognises.
+
+    Raises ``ConfigError`` naming the first path that is a folder or somebody else's file."""
+    for path in paths:
+        if os.path.isdir(path):
+            raise ConfigError(f"{path}: is a folder where unip would write a file; move it away or choose "
+                              f"another {option}")
+        if os.path.lexists(path) and not (os.path.isfile(path) and _safely(is_ours, path)):
+            raise ConfigError(f"{path}: exists and was not written by unip; move it away or choose another "
+                              f"{option}")
+
+
+def foreign_names(folder: str, ours: Pattern[str]) -> List[str]:
+    """Sorted names in ``folder`` that are not plain files matching ``ours`` (``[]`` when it does not exist)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(name for name in os.listdir(folder)
+                  if not ours.match(name) or os.path.islink(os.path.join(folder, name))
+                  or not os.path.isfile(os.path.join(folder, name)))
+
+
+def claim_folder(folder: str, ours: Pattern[str], option: str = "--out") -> None:
+    """Allow writing files into ``folder``: it must be new or hold only files named like ``ours`` (earlier
+    output of the same verb). Raises ``ConfigError`` naming a few of the other entries."""
+    out_folder(folder, option)
+    foreign = foreign_names(folder, ours)
+    if foreign:
+        shown = ", ".join(repr(name) for name in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ConfigError(f"{folder}: holds files unip did not write ({shown}); nothing was changed: "
+                          f"choose another {option}")
+
+
+def _safely(is_ours: Recogniser, path: str) -> bool:
+    try:
+        return bool(is_ours(path))
+    except Exception:  # unreadable or of another format: not ours
+        return False
+
+
+def plain_name(name: str, option: str) -> str:
+    """``name`` if it is one plain path component (no separator, not ``.``/``..``, not empty); it then
+    names a folder inside the output folder and cannot reach outside it. Raises ``ConfigError``."""
+    separators = [os.sep] + ([os.altsep] if os.altsep else [])
+    if not name or name in (".", "..") or "\0" in name or any(s in name for s in separators):
+        raise ConfigError(f"{option} {name!r}: must be a plain name (no '/', '..' or empty name); "
+                          "it becomes a folder inside --out")
+    return name
+
+
+# ------------------------------------------------------------------------------------- recognisers
+def is_our_json(keys: Sequence[str]) -> Recogniser:
+    """A recogniser of JSON documents (objects) that hold all of ``keys``."""
+    def recognise(path: str) -> bool:
+        with open(path, "r", encoding="utf-8") as handle:
+            document = json.load(handle)
+        return isinstance(document, dict) and all(key in document for key in keys)
+    return recognise
+
+
+def is_our_jsonl(keys: Sequence[str]) -> Recogniser:
+    """A recogniser of JSONL files whose first record holds all of ``keys`` (an empty file counts)."""
+    def recognise(path: str) -> bool:
+        with open(path, "r", encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), None)
+        if first is None:
+            return True
+        record = json.loads(first)
+        return isinstance(record, dict) and all(key in record for key in keys)
+    return recognise
+
+
+def is_our_yaml(keys: Sequence[str]) -> Recogniser:
+    """A recogniser of YAML mappings that hold all of ``keys`` (e.g. the sections of a run's config)."""
+    def recognise(path: str) -> bool:
+        import yaml
+
+        with open(path, "r", encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+        return isinstance(document, dict) and all(key in document for key in keys)
+    return recognise
+
+
+def is_our_checkpoint(path: str) -> bool:
+    """True for a safetensors file written by ``unip.checkpoint.save_checkpoint`` (it carries our config)."""
+    from safetensors import safe_open
+
+    from unip.checkpoint import CONFIG_METADATA_KEY
+
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        return CONFIG_METADATA_KEY in (handle.metadata() or {})
+
+
+def is_our_png(path: str) -> bool:
+    """True for a PNG that ``save_figure`` wrote (its ``Software`` text is ``unip``)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.format == "PNG" and str(image.info.get("Software", "")).startswith(FIGURE_SOFTWARE)
+
+
+def starts_with_line(line: str) -> Recogniser:
+    """A recogniser of text files whose first line is ``line`` (e.g. a CSV header)."""
+    def recognise(path: str) -> bool:
+        with open(path, "r", encoding="utf-8") as handle:
+            return handle.readline().rstrip("\r\n") == line
+    return recognise
+
+
+def save_figure(figure, path: str, dpi: int = 100) -> str:
+    """Write a matplotlib ``figure`` as PNG marked ``Software: unip``, atomically; returns ``path``."""
+    from unip.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi, metadata={"Software": FIGURE_SOFTWARE})
+    return path

@@ -1,0 +1,741 @@
+"""Hostile input over every verb (issue #13): bad files, bad options, bad output folders.
+
+Each row of ``CASES`` is one command line built from files this module makes. Every row must end with its
+documented exit code (README "Errors and exit codes"); a failing row prints exactly one line on stderr
+(``unip ...: error: ...``) that matches the row's pattern, and no row prints a traceback. Before and after
+each row every file under the shared inputs and the row's own folder is hashed: no file that existed may
+change or vanish (so a user folder given as ``--out`` stays intact), and new files may appear only under
+the row's output folder ``a.out``.
+
+How to add a row (e.g. for a new verb): append ``Case(id, argv, code=2, match=..., setup=None)`` to
+``CASES``. ``argv`` is a function of the row's ``Inputs`` (``a``) that returns the arguments after
+``unip``: use the shared inputs (``a.teacher``, ``a.images``, ``a.manifest``, ``a.pack``, ...), make
+files of your own with ``a.file(name, content)`` / ``a.folder(name, {file: content})`` (in the row's
+scratch folder, checked for changes like everything else), and write outputs under ``a.out`` (an empty
+folder that exists). ``match`` is a regular expression that the stderr line must contain (name the file or
+option at fault); ``code`` 0 rows must succeed with an empty stderr. ``setup(a)`` may prepare more (it gets
+``a.monkeypatch``). Rows run in-process (``unip.cli.main``), so keep each one fast: fail before the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from unip.checkpoint import save_checkpoint
+from unip.cli import main
+from unip.data.infmix import build_manifest
+from unip.data.packed import pack_manifest
+from unip.models import create_model
+
+ODD_NAMES = ("odd\udcffbyte.png", "new\nline.png", "sp ace.png")  # a non-UTF-8 byte, a newline, a space
+
+
+# ============================================================================================ inputs
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Path:
+    """Inputs every row may read (never write): a tiny teacher, images, a manifest and a pack, and the same
+    with odd file names."""
+    root = tmp_path_factory.mktemp("hostile_inputs")
+    torch.manual_seed(0)
+    teacher = create_model("vit_small_patch16", depth=2, embed_dim=32, num_heads=2, img_size=32)
+    save_checkpoint(teacher, root / "teacher.safetensors")
+    rng = np.random.default_rng(0)
+    for folder, names in (("infrared/setA/thermal", [f"img{i}.png" for i in range(4)]),
+                          ("odd/set\udcfeB/thermal", list(ODD_NAMES))):
+        os.makedirs(root / folder)
+        for name in names:
+            Image.fromarray(rng.integers(0, 256, (32, 40), dtype=np.uint8)).save(root / folder / name)
+    build_manifest(str(root / "manifest.jsonl"), infrared=str(root / "infrared"), workers=1)
+    build_manifest(str(root / "odd.jsonl"), infrared=str(root / "odd"), workers=1)
+    pack_manifest(str(root / "manifest.jsonl"), str(root / "pack"), short_side=32, workers=1)
+    return root
+
+
+class Inputs:
+    """What a row's ``argv`` sees: shared inputs, a scratch folder for its own files, and ``out``."""
+
+    def __init__(self, shared: Path, case_dir: Path, monkeypatch) -> None:
+        self.root = shared
+        self.teacher = str(shared / "teacher.safetensors")
+        self.images = str(shared / "infrared" / "setA" / "thermal")
+        self.infrared = str(shared / "infrared")
+        self.manifest = str(shared / "manifest.jsonl")
+        self.pack = str(shared / "pack")
+        self.odd_images = str(shared / "odd" / "set\udcfeB" / "thermal")
+        self.odd_manifest = str(shared / "odd.jsonl")
+        self.scratch = case_dir / "scratch"
+        self.out = case_dir / "out"
+        self.monkeypatch = monkeypatch
+        self.scratch.mkdir()
+        self.out.mkdir()
+
+    def file(self, name: str, content=b"") -> str:
+        """Write ``content`` (bytes or text) to ``scratch/name``; returns the path."""
+        path = self.scratch / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content)
+        return str(path)
+
+    def folder(self, name: str, files: Optional[Dict[str, object]] = None) -> str:
+        """Make ``scratch/name`` holding ``files`` (name → bytes or text); returns the path."""
+        path = self.scratch / name
+        path.mkdir(parents=True, exist_ok=True)
+        for inner, content in (files or {}).items():
+            self.file(f"{name}/{inner}", content)
+        return str(path)
+
+    def out_with(self, name: str, files: Dict[str, object]) -> str:
+        """A user's folder ``out/name`` holding ``files``: given as ``--out`` it must stay intact."""
+        path = self.out / name
+        for inner, content in files.items():
+            target = path / inner
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content.encode() if isinstance(content, str) else content)
+        return str(path)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def teacher_state(self) -> Dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.teacher)
+
+    def checkpoint(self, name: str, state: Optional[Dict[str, torch.Tensor]] = None,
+                   model: Optional[object] = None, raw_metadata: Optional[str] = None) -> str:
+        """A safetensors file with the teacher's tensors (or ``state``) and our metadata, where ``model``
+        replaces the architecture (a dict, or any JSON value) or ``raw_metadata`` the whole document."""
+        from safetensors import safe_open
+
+        with safe_open(self.teacher, framework="pt") as handle:
+            document = json.loads(handle.metadata()["unip.config"])
+        if model is not None:
+            document["model"] = model if not isinstance(model, dict) else {**document["model"], **model}
+        header = raw_metadata if raw_metadata is not None else json.dumps(document)
+        path = str(self.scratch / name)
+        save_file(state if state is not None else self.teacher_state(), path, metadata={"unip.config": header})
+        return path
+
+    def plain(self, name: str, state: Dict[str, torch.Tensor]) -> str:
+        """A safetensors file without metadata (the architecture is inferred from key names and shapes)."""
+        path = str(self.scratch / name)
+        save_file(state, path)
+        return path
+
+    def torch_file(self, name: str, content: object) -> str:
+        path = str(self.scratch / name)
+        torch.save(content, path)
+        return path
+
+    # ----------------------------------------------------------------------------- command lines
+    def pretrain(self, *extra: str, data: Optional[str] = None, out: Optional[str] = None) -> List[str]:
+        """A toy pre-training run on the shared inputs: 1-block student of width 32, batch 2."""
+        return ["pretrain", "toy", "--teacher", self.teacher, "--data", data or self.pack, "--out",
+                out or str(self.out / "run"), "--device", "cpu", "--batch-size", "2", "--set", "student.depth=1",
+                "--set", "student.embed_dim=32", "--set", "student.num_heads=2", "--set", "run.progress=false",
+                *extra]
+
+    def analyze(self, *extra: str, images: Optional[str] = None, out: Optional[str] = None) -> List[str]:
+        return ["analyze", "--model", self.teacher, "--images", images or self.images, "--out",
+                out or str(self.out / "analysis"), "--num-images", "2", "--no-progress", *extra]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _truncated(a: Inputs) -> str:
+    data = Path(a.teacher).read_bytes()
+    return a.file("truncated.safetensors", data[: len(data) // 2])
+
+
+def _with(state: Dict[str, torch.Tensor], **changes) -> Dict[str, torch.Tensor]:
+    state = dict(state)
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        if value is None:
+            state.pop(key)
+        else:
+            state[key] = value
+    return state
+
+
+def _damaged_pack(a: Inputs, damage: Callable[[Path], None]) -> str:
+    copy = a.scratch / "pack"
+    shutil.copytree(a.pack, copy)
+    damage(copy)
+    return str(copy)
+
+
+def _truncate_shard(pack: Path) -> None:
+    shard = pack / "shard-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+def _offline_hub(a: Inputs) -> None:
+    from huggingface_hub import constants
+
+    a.monkeypatch.setattr(constants, "ENDPOINT", "https://unip-offline-test.invalid")
+    a.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    a.monkeypatch.setattr("unip.checkpoint._hub_cached", lambda *args: False)
+
+
+# ============================================================================================ the table
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Inputs], List[str]]
+    code: int = 2
+    match: str = ""
+    setup: Optional[Callable[[Inputs], None]] = None
+
+
+IMAGE_PNG = b"\x89PNG\r\n\x1a\n broken"
+USER_FILES = {"notes.txt": "my notes", "photos/a.jpg": b"\xff\xd8 not really a jpeg"}
+
+CASES: List[Case] = [
+    # ------------------------------------------------------------------ top level
+    Case("no verb", lambda a: [], match="no verb"),
+    Case("unknown verb", lambda a: ["bogus"], match="invalid choice"),
+    Case("data without action", lambda a: ["data"], match="ACTION"),
+    # ------------------------------------------------------------------ info
+    Case("info: missing file", lambda a: ["info", str(a.scratch / "absent.pth")], match="absent.pth"),
+    Case("info: no argument", lambda a: ["info"], match="checkpoint"),
+    Case("info: a folder", lambda a: ["info", a.folder("ckpt_dir")], match="ckpt_dir.*folder"),
+    Case("info: empty .pth", lambda a: ["info", a.file("empty.pth")], match="empty.pth"),
+    Case("info: junk .pth", lambda a: ["info", a.file("junk.pth", b"not a checkpoint" * 10)], match="junk.pth"),
+    Case("info: junk .safetensors", lambda a: ["info", a.file("junk.safetensors", b"\x00" * 64)],
+         match="junk.safetensors"),
+    Case("info: truncated safetensors", lambda a: ["info", _truncated(a)], match="truncated.safetensors"),
+    Case("info: pickle that runs code", lambda a: ["info", a.torch_file("evil.pth", {"model": _RunsCode()})],
+         match="evil.pth.*refused"),
+    Case("info: no weights in file", lambda a: ["info", a.torch_file("epoch.pth", {"epoch": 3})],
+         match="epoch.pth.*no state dict"),
+    Case("info: metadata describes a huge ViT", lambda a: ["info", a.checkpoint("huge.safetensors",
+         model={"embed_dim": 8192, "num_heads": 64, "depth": 24})], match="huge.safetensors.*holds only"),
+    Case("info: metadata depth 100000", lambda a: ["info", a.checkpoint("deep.safetensors", model={"depth": 100000})],
+         match="deep.safetensors.*depth"),
+    Case("info: metadata not JSON", lambda a: ["info", a.checkpoint("badjson.safetensors", raw_metadata="{oops")],
+         match="badjson.safetensors.*corrupt"),
+    Case("info: metadata model is a list", lambda a: ["info", a.checkpoint("list.safetensors", model=[1, 2])],
+         match="list.safetensors"),
+    Case("info: heads do not divide width", lambda a: ["info", a.checkpoint("heads.safetensors",
+         model={"num_heads": 5})], match="heads.safetensors.*divide"),
+    Case("info: patch size 0", lambda a: ["info", a.checkpoint("patch0.safetensors", model={"patch_size": 0})],
+         match="patch0.safetensors.*patch_size"),
+    Case("info: negative image size", lambda a: ["info", a.checkpoint("img.safetensors", model={"img_size": -32})],
+         match="img.safetensors.*img_size"),
+    Case("info: depth as text", lambda a: ["info", a.checkpoint("text.safetensors", model={"depth": "2"})],
+         match="text.safetensors.*depth"),
+    Case("info: unknown architecture key", lambda a: ["info", a.checkpoint("key.safetensors", model={"wings": 2})],
+         match="key.safetensors.*wings"),
+    Case("info: key blocks.99999", lambda a: ["info", a.plain("keys.safetensors", _with(
+         a.teacher_state(), blocks__99999__norm1__weight=torch.zeros(32)))], match="keys.safetensors.*blocks"),
+    Case("info: key blocks.200 in a small file", lambda a: ["info", a.plain("keys200.safetensors", _with(
+         a.teacher_state(), blocks__200__norm1__weight=torch.zeros(32)))], match="keys200.safetensors.*holds only"),
+    Case("info: position table not square", lambda a: ["info", a.plain("pos.safetensors", _with(
+         a.teacher_state(), pos_embed=torch.zeros(1, 7, 32)))], match="pos.safetensors.*square"),
+    Case("info: position table of another width", lambda a: ["info", a.plain("posw.safetensors", _with(
+         a.teacher_state(), pos_embed=torch.zeros(1, 5, 31)))], match="posw.safetensors.*pos_embed"),
+    Case("info: patch embedding of 3 dimensions", lambda a: ["info", a.plain("pe.safetensors", _with(
+         a.teacher_state(), patch_embed__proj__weight=torch.zeros(32, 3, 16)))], match="pe.safetensors"),
+    Case("info: not a ViT", lambda a: ["info", a.plain("cnn.safetensors", {"conv1.weight": torch.zeros(8, 3, 3, 3)})],
+         match="cnn.safetensors.*not a ViT"),
+    Case("info: release args with a bad head count", lambda a: ["info", a.torch_file("release.pth", {
+         "model": create_model("unip_vit_tiny_patch16", depth=12).state_dict(),
+         "args": __import__("argparse").Namespace(model="unip_vit_tiny_patch16", last_heads=7)})],
+         match="release.pth.*last_heads"),
+    Case("info: timm model that does not exist", lambda a: ["info", "timm:no_such_model_xyz"],
+         match="no_such_model_xyz"),
+    Case("info: timm with a missing local file", lambda a: ["info", f"timm:vit_tiny_patch16_224@{a.scratch}/w.pth"],
+         match="w.pth"),
+    Case("info: timm with an empty file part", lambda a: ["info", "timm:vit_tiny_patch16_224@"],
+         match="timm:NAME@FILE"),
+    Case("info: timm offline", lambda a: ["info", "timm:vit_tiny_patch16_224"], setup=_offline_hub,
+         match="offline.*timm:vit_tiny_patch16_224@"),
+    # ------------------------------------------------------------------ analyze
+    Case("analyze: images folder missing", lambda a: a.analyze(images=str(a.scratch / "nowhere")), match="nowhere"),
+    Case("analyze: no images in folder", lambda a: a.analyze(images=a.folder("txt", {"a.txt": "x"})),
+         match="no images found"),
+    Case("analyze: every image broken", lambda a: a.analyze(images=a.folder("bad", {"a.png": IMAGE_PNG})),
+         match="could be read"),
+    Case("analyze: model missing", lambda a: ["analyze", "--model", str(a.scratch / "m.pth"), "--images", a.images,
+                                             "--out", str(a.out)], match="m.pth"),
+    Case("analyze: model with huge metadata", lambda a: ["analyze", "--model", a.checkpoint(
+         "huge.safetensors", model={"embed_dim": 8192, "num_heads": 64}), "--images", a.images, "--out", str(a.out)],
+         match="huge.safetensors"),
+    Case("analyze: --size 100000", lambda a: a.analyze("--size", "100000"), match="--size.*lower --size"),
+    Case("analyze: --size 0", lambda a: a.analyze("--size", "0"), match="--size"),
+    Case("analyze: --size not a multiple of the patch", lambda a: a.analyze("--size", "33"), match="multiples"),
+    Case("analyze: --size text", lambda a: a.analyze("--size", "big"), match="--size"),
+    Case("analyze: --batch-size 0", lambda a: a.analyze("--batch-size", "0"), match="--batch-size"),
+    Case("analyze: --batch-size -3", lambda a: a.analyze("--batch-size", "-3"), match="--batch-size"),
+    Case("analyze: --batch-size text", lambda a: a.analyze("--batch-size", "many"), match="--batch-size"),
+    Case("analyze: --num-images -1", lambda a: a.analyze("--num-images", "-1"), match="--num-images"),
+    Case("analyze: --nmi-local 2", lambda a: a.analyze("--nmi-local", "2"), match="--nmi-local"),
+    Case("analyze: global above local", lambda a: a.analyze("--nmi-global", "0.5", "--nmi-local", "0.3"),
+         match="--nmi-global"),
+    Case("analyze: --local-distance nan", lambda a: a.analyze("--local-distance", "nan"), match="--local-distance"),
+    Case("analyze: query outside the image", lambda a: a.analyze("--query", "9999,9999"), match="9999"),
+    Case("analyze: query text", lambda a: a.analyze("--query", "a,b"), match="--query"),
+    Case("analyze: zero std", lambda a: a.analyze("--norm", "0.5,0"), match="--norm"),
+    Case("analyze: unknown device", lambda a: a.analyze("--device", "toaster"), match="--device"),
+    Case("analyze: unknown precision", lambda a: a.analyze("--precision", "fp64"), match="--precision"),
+    Case("analyze: --out is a file", lambda a: a.analyze(out=a.file("out.txt", "mine")), match="out.txt.*is a file"),
+    Case("analyze: --out below a file", lambda a: a.analyze(out=a.file("f.txt", "mine") + "/sub"), match="f.txt"),
+    Case("analyze: --out holds the user's profile.json",
+         lambda a: a.analyze(out=a.out_with("mine", {"profile.json": '{"mine": 1}', **USER_FILES})),
+         match="profile.json.*not written by unip"),
+    Case("analyze: --out holds the user's nmi.png",
+         lambda a: a.analyze(out=a.out_with("mine", {"nmi.png": IMAGE_PNG})), match="nmi.png"),
+    Case("analyze: --out a user folder with other files", lambda a: a.analyze(out=a.out_with("mine", USER_FILES)),
+         code=0),
+    Case("analyze: odd file names", lambda a: a.analyze(images=a.odd_images, out=str(a.out / "odd")), code=0),
+    # ------------------------------------------------------------------ pretrain
+    Case("pretrain: --epochs -1", lambda a: a.pretrain("--epochs", "-1"), match="--epochs.*optim.epochs"),
+    Case("pretrain: --epochs 0", lambda a: a.pretrain("--epochs", "0"), match="optim.epochs"),
+    Case("pretrain: --batch-size 0", lambda a: a.pretrain("--batch-size", "0"), match="optim.batch_size"),
+    Case("pretrain: --accum-iter -2", lambda a: a.pretrain("--accum-iter", "-2"), match="optim.accum_iter"),
+    Case("pretrain: --blr -1", lambda a: a.pretrain("--blr", "-1"), match="optim.blr"),
+    Case("pretrain: --blr nan", lambda a: a.pretrain("--blr", "nan"), match="optim.blr"),
+    Case("pretrain: --blr 50", lambda a: a.pretrain("--blr", "50"), match="optim.blr"),
+    Case("pretrain: --workers -1", lambda a: a.pretrain("--workers", "-1"), match="data.num_workers"),
+    Case("pretrain: --seed -5", lambda a: a.pretrain("--seed", "-5"), match="run.seed"),
+    Case("pretrain: clip_grad -1", lambda a: a.pretrain("--set", "optim.clip_grad=-1"), match="optim.clip_grad"),
+    Case("pretrain: lr 0", lambda a: a.pretrain("--set", "optim.lr=0"), match="optim.lr"),
+    Case("pretrain: epochs null", lambda a: a.pretrain("--set", "optim.epochs=null"), match="optim.epochs.*null"),
+    Case("pretrain: epochs 2.5", lambda a: a.pretrain("--set", "optim.epochs=2.5"), match="optim.epochs"),
+    Case("pretrain: beta of 1.5", lambda a: a.pretrain("--set", "optim.betas=[0.9, 1.5]"), match="optim.betas"),
+    Case("pretrain: one beta", lambda a: a.pretrain("--set", "optim.betas=[0.9]"), match="optim.betas"),
+    Case("pretrain: std 0", lambda a: a.pretrain("--set", "data.std=0"), match="data.std"),
+    Case("pretrain: scale not increasing", lambda a: a.pretrain("--set", "data.scale=[0.9, 0.2]"),
+         match="data.scale"),
+    Case("pretrain: temperature 0", lambda a: a.pretrain("--set", "loss.temperature=0"), match="loss.temperature"),
+    Case("pretrain: unknown loss", lambda a: a.pretrain("--set", "loss.kind=mse"), match="loss.kind"),
+    Case("pretrain: drop path 1.5", lambda a: a.pretrain("--set", "student.drop_path=1.5"),
+         match="student.drop_path"),
+    Case("pretrain: student depth 100000", lambda a: a.pretrain("--set", "student.depth=100000"),
+         match="student.depth"),
+    Case("pretrain: keep no checkpoint", lambda a: a.pretrain("--set", "run.keep_checkpoints=0"),
+         match="run.keep_checkpoints"),
+    Case("pretrain: empty --set value", lambda a: a.pretrain("--set", "optim.blr="), match="no value"),
+    Case("pretrain: unknown setting", lambda a: a.pretrain("--set", "optim.bogus=1"), match="optim.bogus"),
+    Case("pretrain: unknown preset", lambda a: ["pretrain", "no-such-preset"], match="no-such-preset"),
+    Case("pretrain: preset file not UTF-8", lambda a: ["pretrain", a.file("p.yaml", b"optim:\n  blr: \xff\xfe\n")],
+         match="p.yaml"),
+    Case("pretrain: preset file not a mapping", lambda a: ["pretrain", a.file("l.yaml", "- 1\n- 2\n")],
+         match="l.yaml"),
+    Case("pretrain: teacher layer text", lambda a: a.pretrain("--teacher-layer", "last"), match="--teacher-layer"),
+    Case("pretrain: teacher layer 99", lambda a: a.pretrain("--teacher-layer", "99"), match="layer 99"),
+    Case("pretrain: teacher with a huge architecture", lambda a: a.pretrain("--teacher", a.checkpoint(
+         "huge.safetensors", model={"embed_dim": 8192, "num_heads": 64})), match="huge.safetensors"),
+    Case("pretrain: data missing", lambda a: a.pretrain(data=str(a.scratch / "no_data")), match="no_data"),
+    Case("pretrain: truncated pack", lambda a: a.pretrain(data=_damaged_pack(a, _truncate_shard)),
+         match="shard-00000.bin.*truncated"),
+    Case("pretrain: resume from a missing file", lambda a: a.pretrain("--resume", str(a.scratch / "s.pt")),
+         match="s.pt"),
+    Case("pretrain: --out is a file", lambda a: a.pretrain(out=a.file("run.txt", "mine")), match="run.txt.*is a file"),
+    Case("pretrain: --out holds the user's config.yaml",
+         lambda a: a.pretrain(out=a.out_with("mine", {"config.yaml": "my: settings\n", **USER_FILES})),
+         match="config.yaml.*not written by unip"),
+    Case("pretrain: unknown precision", lambda a: a.pretrain("--precision", "fp64"), match="--precision"),
+    # ------------------------------------------------------------------ data infmix
+    Case("infmix: no source", lambda a: ["data", "infmix", "--out", str(a.out / "m.jsonl")], match="no source"),
+    Case("infmix: missing root", lambda a: ["data", "infmix", "--infrared", str(a.scratch / "ir"),
+                                           "--out", str(a.out / "m.jsonl")], match="ir"),
+    Case("infmix: root without thermal folders", lambda a: ["data", "infmix", "--infrared", a.folder("ir", {
+         "x/a.png": IMAGE_PNG}), "--out", str(a.out / "m.jsonl")], match="thermal"),
+    Case("infmix: no images found", lambda a: ["data", "infmix", "--extra", a.folder("txt", {"a.txt": "x",
+         "b.png": IMAGE_PNG}), "--out", str(a.out / "m.jsonl")], match="no readable images"),
+    Case("infmix: --per-class 0", lambda a: ["data", "infmix", "--imagenet", a.infrared, "--per-class", "0",
+                                            "--out", str(a.out / "m.jsonl")], match="--per-class"),
+    Case("infmix: --workers 0", lambda a: ["data", "infmix", "--infrared", a.infrared, "--workers", "0",
+                                          "--out", str(a.out / "m.jsonl")], match="--workers"),
+    Case("infmix: --out is a folder", lambda a: ["data", "infmix", "--infrared", a.infrared, "--out", str(a.out)],
+         match="is a folder"),
+    Case("infmix: --out is the user's file", lambda a: ["data", "infmix", "--infrared", a.infrared, "--out",
+         a.out_with("mine", {"notes.jsonl": "my notes\n"}) + "/notes.jsonl"], match="not written by unip"),
+    Case("infmix: --out below a file", lambda a: ["data", "infmix", "--infrared", a.infrared, "--out",
+         a.file("f.txt", "x") + "/m.jsonl"], match="f.txt"),
+    Case("infmix: odd file names", lambda a: ["data", "infmix", "--extra", a.odd_images, "--out",
+                                             str(a.out / "m.jsonl")], code=0),
+    # ------------------------------------------------------------------ data stats
+    Case("stats: missing manifest", lambda a: ["data", "stats", str(a.scratch / "m.jsonl"), "--out",
+                                              str(a.out / "s")], match="m.jsonl"),
+    Case("stats: manifest not UTF-8", lambda a: ["data", "stats", a.file("m.jsonl", b'{"path": "\xff\xfe"}\n'),
+                                                "--out", str(a.out / "s")], match="m.jsonl:1.*UTF-8"),
+    Case("stats: manifest not JSON", lambda a: ["data", "stats", a.file("m.jsonl", "{oops\n"), "--out",
+                                               str(a.out / "s")], match="m.jsonl:1"),
+    Case("stats: manifest of lists", lambda a: ["data", "stats", a.file("m.jsonl", "[1, 2]\n"), "--out",
+                                               str(a.out / "s")], match="m.jsonl:1"),
+    Case("stats: record without path", lambda a: ["data", "stats", a.file("m.jsonl", '{"source": "x"}\n'),
+                                                 "--out", str(a.out / "s")], match="m.jsonl:1.*path"),
+    Case("stats: empty manifest", lambda a: ["data", "stats", a.file("m.jsonl", ""), "--out", str(a.out / "s")],
+         match="no images"),
+    Case("stats: only missing files", lambda a: ["data", "stats", a.file("m.jsonl", json.dumps(
+         {"path": str(a.scratch / "gone.png"), "source": "x"}) + "\n"), "--out", str(a.out / "s")],
+         match="could be read"),
+    Case("stats: --limit 0", lambda a: ["data", "stats", a.manifest, "--limit", "0", "--out", str(a.out / "s")],
+         match="--limit"),
+    Case("stats: --seed -1", lambda a: ["data", "stats", a.manifest, "--seed", "-1", "--out", str(a.out / "s")],
+         match="--seed"),
+    Case("stats: --workers -2", lambda a: ["data", "stats", a.manifest, "--workers", "-2", "--out",
+                                          str(a.out / "s")], match="--workers"),
+    Case("stats: truncated shard", lambda a: ["data", "stats", _damaged_pack(a, _truncate_shard), "--out",
+                                             str(a.out / "s")], match="shard-00000.bin.*truncated"),
+    Case("stats: index.json not JSON", lambda a: ["data", "stats", _damaged_pack(
+         a, lambda p: (p / "index.json").write_text("{oops")), "--out", str(a.out / "s")], match="index.json"),
+    Case("stats: index.npy garbage", lambda a: ["data", "stats", _damaged_pack(
+         a, lambda p: (p / "index.npy").write_bytes(b"garbage")), "--out", str(a.out / "s")], match="index.npy"),
+    Case("stats: index.npy of another count", lambda a: ["data", "stats", _damaged_pack(
+         a, lambda p: np.save(p / "index.npy", np.zeros((2, 5), np.int64))), "--out", str(a.out / "s")],
+         match="index.npy"),
+    Case("stats: index pointing past the shards", lambda a: ["data", "stats", _damaged_pack(
+         a, lambda p: np.save(p / "index.npy", np.full((4, 5), 7, np.int64))), "--out", str(a.out / "s")],
+         match="index.npy"),
+    Case("stats: folder without index", lambda a: ["data", "stats", a.folder("nopack", {"a.txt": "x"}), "--out",
+                                                  str(a.out / "s")], match="index.json"),
+    Case("stats: --out holds the user's JSON", lambda a: ["data", "stats", a.manifest, "--out",
+         a.out_with("mine", {"s.json": '{"mine": 1}'}) + "/s"], match="s.json.*not written by unip"),
+    Case("stats: odd file names", lambda a: ["data", "stats", a.odd_manifest, "--out", str(a.out / "s")], code=0),
+    # ------------------------------------------------------------------ data pack
+    Case("pack: missing manifest", lambda a: ["data", "pack", str(a.scratch / "m.jsonl"), "--out",
+                                             str(a.out / "p")], match="m.jsonl"),
+    Case("pack: --out a user folder with an index.json",
+         lambda a: ["data", "pack", a.manifest, "--out", a.out_with("mine", {"index.json": "{}", **USER_FILES})],
+         match="not a pack"),
+    Case("pack: --out a pack folder with the user's notes added",
+         lambda a: ["data", "pack", a.manifest, "--out", _damaged_pack(a, lambda p: (p / "notes.txt").write_text("x"))],
+         match="notes.txt"),
+    Case("pack: --out is a file", lambda a: ["data", "pack", a.manifest, "--out", a.file("p.bin", "x")],
+         match="p.bin.*is a file"),
+    Case("pack: --short-side 0", lambda a: ["data", "pack", a.manifest, "--short-side", "0", "--out",
+                                           str(a.out / "p")], match="--short-side"),
+    Case("pack: --shard-mb -1", lambda a: ["data", "pack", a.manifest, "--shard-mb", "-1", "--out",
+                                          str(a.out / "p")], match="--shard-mb"),
+    Case("pack: empty manifest", lambda a: ["data", "pack", a.file("m.jsonl", ""), "--out", str(a.out / "p")],
+         match="no images"),
+    Case("pack: only unreadable files", lambda a: ["data", "pack", a.file("m.jsonl", json.dumps(
+         {"path": a.file("x.png", IMAGE_PNG), "source": "x"}) + "\n"), "--out", str(a.out / "p")],
+         match="could be read"),
+    Case("pack: manifest not UTF-8", lambda a: ["data", "pack", a.file("m.jsonl", b"\xff\n"), "--out",
+                                               str(a.out / "p")], match="m.jsonl:1"),
+    Case("pack: odd file names", lambda a: ["data", "pack", a.odd_manifest, "--out", str(a.out / "p")], code=0),
+    # ------------------------------------------------------------------ data synth
+    Case("synth: --name ../../x", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--num", "1", "--name",
+                                            "../../x"], match="--name"),
+    Case("synth: --name a/b", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--num", "1", "--name", "a/b"],
+         match="--name"),
+    Case("synth: empty --name", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--num", "1", "--name", ""],
+         match="--name"),
+    Case("synth: second --name bad", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--num", "1",
+                                               "--name", "ok", "--name", ".."], match="--name"),
+    Case("synth: --size 100000x100000", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--size",
+                                                  "100000x100000"], match="--size"),
+    Case("synth: --size 10x10", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--size", "10x10"],
+         match="10x10"),
+    Case("synth: --size text", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--size", "big"], match="big"),
+    Case("synth: --num 0", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--num", "0"], match="--num"),
+    Case("synth: --num -5", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--num", "-5"], match="--num"),
+    Case("synth: --num-test above --num", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--labeled",
+                                                    "--num", "4", "--num-test", "10"], match="--num"),
+    Case("synth: --seed -1", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--seed", "-1"], match="--seed"),
+    Case("synth: --bit-depth 12", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--bit-depth", "12"],
+         match="--bit-depth"),
+    Case("synth: --out is a file", lambda a: ["data", "synth", "--out", a.file("s.txt", "x"), "--num", "1"],
+         match="s.txt.*is a file"),
+    Case("synth: into the user's thermal folder", lambda a: ["data", "synth", "--num", "1", "--name", "real",
+         "--out", a.out_with("mine", {"real/thermal/frame_0001.png": IMAGE_PNG})], match="frame_0001.png"),
+    Case("synth: labeled into the user's SODA folder", lambda a: ["data", "synth", "--labeled", "--num", "2",
+         "--out", a.out_with("soda", {"train_infrared.txt": "IMG_0001\n"})], match="train_infrared.txt"),
+    # ------------------------------------------------------------------ demo
+    Case("demo: --out is a file", lambda a: ["demo", "--out", a.file("demo.txt", "x")], match="demo.txt.*is a file"),
+    Case("demo: --out below a file", lambda a: ["demo", "--out", a.file("d.txt", "x") + "/sub"], match="d.txt"),
+    Case("demo: --out holds the user's teacher.safetensors", lambda a: ["demo", "--out", a.out_with(
+         "mine", {"teacher.safetensors": b"my weights"})], match="teacher.safetensors"),
+]
+
+
+# ============================================================================================ the check
+def _snapshot(*roots: Path) -> Dict[str, str]:
+    """Every file under ``roots`` → a hash of its bytes (folders → ``"dir"``)."""
+    found: Dict[str, str] = {}
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            for name in dirs:
+                found[os.path.join(folder, name)] = "dir"
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as handle:
+                    found[path] = hashlib.sha1(handle.read()).hexdigest()
+    return found
+
+
+def _inside(path: str, folder: Path) -> bool:
+    return path == str(folder) or path.startswith(str(folder) + os.sep)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input(case, shared, tmp_path, monkeypatch, capsys):
+    a = Inputs(shared, tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    if case.setup:
+        case.setup(a)
+    argv = case.argv(a)
+    before = _snapshot(shared, tmp_path)
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    after = _snapshot(shared, tmp_path)
+
+    assert code == case.code, f"exit {code}, stderr: {err}"
+    assert "Traceback" not in out + err
+    if case.code:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert lines[0].startswith("unip") and re.search(case.match, lines[0]), lines[0]
+    else:
+        assert err.strip() == ""
+    changed = [p for p, digest in before.items() if after.get(p) != digest]
+    assert not changed, f"changed or removed: {changed}"
+    stray = [p for p in after if p not in before and not _inside(p, a.out)]
+    assert not stray, f"written outside the output folder: {stray}"
+
+
+def test_the_table_covers_every_verb():
+    verbs = {case.id.split(":")[0] for case in CASES}
+    assert {"info", "analyze", "pretrain", "infmix", "stats", "pack", "synth", "demo"} <= verbs
+    assert len(CASES) >= 60 and len({case.id for case in CASES}) == len(CASES)
+
+
+# ============================================================================================ severe cases
+def test_pack_never_deletes_a_user_folder_that_looks_like_a_pack(shared, tmp_path):
+    """The data-loss case: a folder with a stray index.json next to the user's images and notes."""
+    user = tmp_path / "photos"
+    user.mkdir()
+    (user / "index.json").write_text('{"format": "unip-packed", "version": 2}')  # even our format line
+    (user / "holiday.jpg").write_bytes(b"\xff\xd8 precious")
+    (user / "notes").mkdir()
+    (user / "notes" / "todo.txt").write_text("keep me")
+    before = _snapshot(user)
+    assert main(["data", "pack", str(shared / "manifest.jsonl"), "--out", str(user)]) == 2
+    assert _snapshot(user) == before
+    # a stale partial folder of a killed pack that holds a user's file is left alone too
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"fresh.partial-{int(done.stdout)}"
+    stale.mkdir()
+    (stale / "mine.txt").write_text("not a shard")
+    assert main(["data", "pack", str(shared / "manifest.jsonl"), "--out", str(tmp_path / "fresh")]) == 0
+    assert (stale / "mine.txt").read_text() == "not a shard"
+    # our own pack is still replaced by a repack
+    assert main(["data", "pack", str(shared / "manifest.jsonl"), "--out", str(tmp_path / "fresh"),
+                 "--short-side", "16"]) == 0
+    assert json.loads((tmp_path / "fresh" / "index.json").read_text())["short_side"] == 16
+
+
+def test_odd_file_names_survive_pack_and_stats(shared, tmp_path):
+    from unip.data.packed import PackedImages
+
+    assert main(["data", "pack", str(shared / "odd.jsonl"), "--out", str(tmp_path / "p")]) == 0
+    names = sorted(os.path.basename(p) for p in PackedImages(str(tmp_path / "p"), transform=None).paths())
+    assert names == sorted(ODD_NAMES)
+    assert main(["data", "stats", str(tmp_path / "p"), "--out", str(tmp_path / "s")]) == 0
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert list(stats["sources"]) == ["set\udcfeB"] and stats["overall"]["images"] == 3
+
+
+_MEMORY_SCRIPT = r"""
+import contextlib, io, json, os, resource, sys
+import matplotlib.pyplot, torch, unip.analysis.run, unip.checkpoint, unip.data.synth
+from unip.cli import main
+mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+limit = mapped + (2 << 30)  # what torch and the imports mapped, plus 2 GiB
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS as on Linux")
+def test_memory_bound_under_an_address_space_limit(shared, tmp_path):
+    """Under ``ulimit -v`` a small file describing a huge ViT and sizes of 100000 px fail at once with a clear
+    line (exit 2), instead of an allocation failure or the machine swapping."""
+    a = Inputs(shared, tmp_path, None)
+    huge = a.checkpoint("huge.safetensors", model={"embed_dim": 8192, "num_heads": 64, "depth": 48})
+    deep = a.plain("deep.safetensors", _with(a.teacher_state(), blocks__99999__norm1__weight=torch.zeros(32)))
+    runs = [["info", huge], ["info", deep],
+            ["analyze", "--model", a.teacher, "--images", a.images, "--size", "100000", "--out", str(a.out / "an"),
+             "--no-progress"],
+            ["data", "synth", "--size", "100000x100000", "--num", "1", "--out", str(a.out / "s")]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, json.dumps(runs)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    patterns = ["huge.safetensors.*holds only", "deep.safetensors.*blocks", "--size.*lower --size", "--size"]
+    for (code, err), pattern in zip(results, patterns):
+        assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(pattern, err), err
+    assert "available" in results[2][1]
+
+
+def test_timm_offline_fails_within_seconds(monkeypatch, capsys):
+    a = Inputs.__new__(Inputs)
+    a.monkeypatch = monkeypatch
+    _offline_hub(a)
+    start = time.perf_counter()
+    assert main(["info", "timm:vit_tiny_patch16_224"]) == 2
+    assert time.perf_counter() - start < 10
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "timm:vit_tiny_patch16_224@" in err
+
+
+def test_timm_reads_its_cache_offline(monkeypatch):
+    """Cached weights and no network: timm is called with the hub in offline mode (no retries)."""
+    import timm
+    from huggingface_hub import constants
+
+    from unip.checkpoint import _create_timm
+
+    a = Inputs.__new__(Inputs)
+    a.monkeypatch = monkeypatch
+    _offline_hub(a)
+    monkeypatch.setattr("unip.checkpoint._hub_cached", lambda *args: True)
+    seen = []
+    monkeypatch.setattr(timm, "create_model", lambda *args, **kwargs: seen.append(constants.HF_HUB_OFFLINE) or "m")
+    assert _create_timm("vit_tiny_patch16_224", pretrained=True) == "m"
+    assert seen == [True] and constants.HF_HUB_OFFLINE is False
+
+
+def test_internal_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    def broken(args):
+        raise ValueError("surprise\nsecond line")
+
+    from unip import cli
+
+    parser_run = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser_run(), broken))
+    assert main(["info", "x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["unip info: internal error: ValueError: surprise second line; rerun with UNIP_DEBUG=1 for "
+                   "the traceback"]
+    monkeypatch.setenv("UNIP_DEBUG", "1")
+    assert main(["info", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("unip info: internal error")
+
+
+def test_memory_errors_are_one_line(monkeypatch, capsys):
+    from unip import cli
+
+    def exhausted(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 80000000000 bytes.")
+
+    parser_run = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser_run(), exhausted))
+    assert main(["info", "x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unip info: error: out of memory")
+
+
+def _with_func(parser, func):
+    """``parser`` whose ``info`` verb runs ``func``."""
+    for action in parser._subparsers._group_actions:
+        action.choices["info"].set_defaults(func=func)
+    return parser
+
+
+# ============================================================================================ building blocks
+def test_rules_accept_what_they_describe():
+    from unip.engine.config import integer, number, numbers, text
+
+    layer = integer(1, 24, words=("auto",))
+    assert [layer.accepts(v) for v in (1, 24, "auto", 0, 25, 2.0, True, "3", None)] == \
+        [True, True, True, False, False, False, False, False, False]
+    assert layer.describe() == "'auto' or an integer >= 1 and <= 24"
+    lr = number(gt=0, le=1, null=True)
+    assert [lr.accepts(v) for v in (None, 1e-4, 1, 0, float("nan"), float("inf"), "1e-4")] == \
+        [True, True, True, False, False, False, False]
+    scale = numbers(2, gt=0, le=1, ascending=True)
+    assert scale.accepts([0.2, 1.0]) and not scale.accepts([0.9, 0.2]) and not scale.accepts([0.5])
+    assert text("kl", "ce").accepts("kl") and not text("kl", "ce").accepts("mse") and not text().accepts("")
+    with pytest.raises(__import__("argparse").ArgumentTypeError, match="an integer >= 1"):
+        integer(1).option()("0")
+
+
+def test_every_pretrain_setting_has_a_rule_that_its_presets_meet():
+    from unip.distill.train import DEFAULTS, RULES, make_config
+    from unip.engine.config import PRESET_ROOTS, flatten
+
+    assert set(RULES) == set(flatten(DEFAULTS))
+    presets = sorted({p.stem for root in PRESET_ROOTS for p in (root / "pretrain").glob("*.yaml")})
+    assert len(presets) >= 6
+    for name in [None, *presets]:
+        make_config(name)  # raises ConfigError when a shipped default breaks its own rule
+
+
+def test_a_setting_without_a_rule_may_be_null_only_where_its_default_is():
+    from unip.engine.config import build_config
+    from unip.errors import ConfigError
+
+    defaults = {"a": {"n": 3, "m": None}}  # a task with a schema (rules), even an empty one
+    assert build_config(defaults, None, ["a.m=null"], rules={})["a"]["m"] is None
+    with pytest.raises(ConfigError, match=r"--set a\.n=null: a\.n must not be null"):
+        build_config(defaults, None, ["a.n=null"], rules={})
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"class_token": False, "embed_dim": 48, "num_heads": 3}, {"num_reg_tokens": 4, "no_embed_class": True},
+    {"layer_scale": 1e-5, "qkv_bias": False, "mlp_ratio": 2.5, "in_chans": 1}, {"img_size": [48, 80], "patch_size": 8},
+    {"last_heads": 4, "pos_embed_type": "sincos"}])
+def test_expected_shapes_are_the_models(config):
+    from unip.checkpoint import check_architecture, expected_shapes
+    from unip.models.vit import VisionTransformer
+
+    config = {"img_size": 32, "embed_dim": 32, "num_heads": 2, "depth": 2, **config}
+    check_architecture(config, "test")
+    model = VisionTransformer(**config)
+    assert expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_a_partial_file_loads_with_allow_partial_only_when_it_holds_most_weights(shared):
+    from unip.checkpoint import check_fits, open_model
+    from unip.errors import CheckpointError
+
+    a = Inputs.__new__(Inputs)
+    a.teacher = str(shared / "teacher.safetensors")
+    state = a.teacher_state()
+    config = open_model(a.teacher).model.config
+    without_norm = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    check_fits(config, without_norm, "f", allow_partial=True)
+    with pytest.raises(CheckpointError, match="f: does not fit .*missing norm.weight"):
+        check_fits(config, without_norm, "f")
+    with pytest.raises(CheckpointError, match="holds only"):
+        check_fits(config, {k: v for k, v in state.items() if k.startswith("blocks.0.")}, "f", allow_partial=True)
+
+
+def test_printable_text():
+    from unip.text import one_line, printable
+
+    assert printable("a\udcffb\nc") == "a\\xffb\\nc"
+    assert one_line("first\n  second\tthird \udcfe") == "first second third \\xfe"
