@@ -192,7 +192,7 @@ def _offline_hub(a: Inputs) -> None:
 
     a.monkeypatch.setattr(constants, "ENDPOINT", "https://unip-offline-test.invalid")
     a.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    a.monkeypatch.setattr("unip.checkpoint._hub_cached", lambda *args: False)
+    a.monkeypatch.setattr("unip.checkpoint.timm_hub._hub_cached", lambda *args: False)
 
 
 # ============================================================================================ the table
@@ -614,12 +614,12 @@ def test_timm_reads_its_cache_offline(monkeypatch):
     import timm
     from huggingface_hub import constants
 
-    from unip.checkpoint import _create_timm
+    from unip.checkpoint.timm_hub import _create_timm
 
     a = Inputs.__new__(Inputs)
     a.monkeypatch = monkeypatch
     _offline_hub(a)
-    monkeypatch.setattr("unip.checkpoint._hub_cached", lambda *args: True)
+    monkeypatch.setattr("unip.checkpoint.timm_hub._hub_cached", lambda *args: True)
     seen = []
     monkeypatch.setattr(timm, "create_model", lambda *args, **kwargs: seen.append(constants.HF_HUB_OFFLINE) or "m")
     assert _create_timm("vit_tiny_patch16_224", pretrained=True) == "m"

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
-from unip.data.transforms import normalize_batch
+from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, normalize_batch
 from unip.distill.data import build_transform, crop_transform, describe_skipped, open_pretrain_images, take
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
 from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, fit_to_grid
@@ -44,7 +44,7 @@ DEFAULTS: Config = {
     # depth / embed_dim / num_heads: null keeps the preset's (set them for toy-sized students)
     "student": {"model": "unip_vit_small_patch16", "drop_path": 0.1, "depth": None, "embed_dim": None,
                 "num_heads": None},
-    "data": {"path": None, "input_size": 224, "scale": [0.2, 1.0], "mean": 0.3801, "std": 0.1871,
+    "data": {"path": None, "input_size": 224, "scale": [0.2, 1.0], "mean": INFMIX_MEAN, "std": INFMIX_STD,
              "augment": True, "num_workers": 8},
     "optim": {"epochs": 100, "warmup_epochs": 5.0, "blr": 1.5e-4, "lr": None, "min_lr": 0.0,
               "batch_size": 256, "accum_iter": 1, "effective_batch": None, "weight_decay": 0.05,

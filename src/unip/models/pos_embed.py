@@ -31,12 +31,16 @@ def sincos_pos_embed_2d(dim: int, grid: Tuple[int, int]) -> Tensor:
     return table.to(torch.float32)
 
 
+def is_square_grid(count: int) -> bool:
+    """True when ``count`` tokens (or position rows) fill a square grid of side >= 1."""
+    return count > 0 and math.isqrt(count) ** 2 == count
+
+
 def square_grid_side(count: int, what: str = "tokens") -> int:
     """Side of the square grid that ``count`` tokens (or position rows) fill; ``ValueError`` if they do not."""
-    side = math.isqrt(count)
-    if count <= 0 or side * side != count:
+    if not is_square_grid(count):
         raise ValueError(f"{count} {what} do not form a square grid")
-    return side
+    return math.isqrt(count)
 
 
 def resample_pos_embed(pos_embed: Tensor, new_grid: Tuple[int, int], num_prefix_tokens: int = 1,

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
+from unip.data.seg_transforms import SEG_MEAN, SEG_STD
 from unip.checkpoint import open_model
 from unip.errors import CheckpointError, ConfigError
 from unip.models.heads import HEADS
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 #: std 47.8976 on 0-255, written on the 0-1 scale like pre-training checkpoints), sliding-window crop and stride
 #: (``build_segmentor`` sets them from its ``img_size``: the crop, and two thirds of it).
 DEFAULT_META: Dict[str, Any] = {
-    "normalization": {"mean": [96.9255 / 255] * 3, "std": [47.8976 / 255] * 3},
+    "normalization": {"mean": [SEG_MEAN / 255] * 3, "std": [SEG_STD / 255] * 3},
     "crop_size": 512,
     "stride": 341,
 }

@@ -23,7 +23,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from torch import Tensor
 
 from unip.atomic import atomic_path
-from unip.checkpoint import CONFIG_METADATA_KEY, infer_architecture, normalize_keys, read_checkpoint
+from unip.checkpoint import (CONFIG_METADATA_KEY, check_architecture, infer_architecture, normalize_keys,
+                             read_checkpoint)
 from unip.errors import CheckpointError, ConfigError
 from unip.models.segmentor import Segmentor
 from unip.seg.build import AUXILIARY_HEAD, DEFAULT_META, default_drop_path, fit_problems
@@ -75,6 +76,7 @@ def load_segmentor(path: PathLike) -> Segmentor:
                                   "or an mmsegmentation {'meta', 'state_dict'} file with decode_head.* weights)")
         release_meta = content.get("meta") if isinstance(content.get("meta"), Mapping) else {}
         config, state, meta = release_segmentor(state_dict, release_meta, source)
+    check_architecture(config["backbone"], source)  # bounded before anything is allocated
     try:
         segmentor = Segmentor(config, meta)
     except ConfigError as err:
@@ -178,9 +180,38 @@ def _release_meta(meta: Mapping[str, Any], num_classes: int, source: str) -> Dic
     them (``meta["CLASSES"]``, ``meta["PALETTE"]``) for that many classes."""
     out: Dict[str, Any] = {**DEFAULT_META, "source_format": "mmsegmentation (UNIP release)", "pretrained": source}
     classes, palette = meta.get("CLASSES"), meta.get("PALETTE")
+    palette = palette.tolist() if hasattr(palette, "tolist") else palette  # mmseg may keep a numpy array
     if isinstance(classes, (list, tuple)) and len(classes) == num_classes:
         out["class_names"] = [str(name) for name in classes]
     if isinstance(palette, (list, tuple)) and len(palette) == num_classes:
         out["palette"] = [[int(c) for c in colour] for colour in palette]
     return out
 
+
+
+# ============================================================================================ info
+def describe_segmentor(path: PathLike) -> str:
+    """A human-readable summary of a segmentor file (``unip info``): backbone, neck and heads, classes,
+    parameters of the backbone and of the rest, test settings and where the file came from."""
+    from unip.checkpoint import _backbone_lines
+
+    segmentor = load_segmentor(path)
+    config, meta = segmentor.config, segmentor.meta
+    head = config["decode_head"]
+    head_text = f"{head['type']}" + (f" ({head['channels']} channels)" if "channels" in head else "")
+    aux = config.get("auxiliary_head")
+    if aux:
+        head_text += f" + {aux['type']} auxiliary ({aux['channels']} channels, weight {aux['loss_weight']})"
+    names = meta.get("class_names")
+    backbone_params = sum(p.numel() for p in segmentor.backbone.parameters())
+    total = sum(p.numel() for p in segmentor.parameters())
+    lines = [f"source:        {path}", *_backbone_lines(segmentor.backbone)[:1],
+             f"segmentor:     neck {config.get('neck') or 'none'} on blocks {config['feature_layers']}, "
+             f"decode head {head_text}",
+             f"classes:       {segmentor.num_classes}" + (f" ({', '.join(names)})" if names else " (ids only)"),
+             f"parameters:    {total / 1e6:.2f} M (backbone {backbone_params / 1e6:.2f} M, "
+             f"neck and heads {(total - backbone_params) / 1e6:.2f} M)",
+             f"from:          {meta.get('source_format', 'unip metadata')}"]
+    shown = ("crop_size", "stride", "dataset", "pretrained", "train")
+    lines += [f"{key + ':':<14} {meta[key]}" for key in shown if key in meta]
+    return "\n".join(lines)

@@ -1,0 +1,224 @@
+"""ViT backbones from checkpoints: loading weights by name with a report, rebuilding a model from any
+supported source, and saving self-describing safetensors files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from unip.atomic import atomic_path
+from unip.checkpoint.architecture import _misfit, check_architecture, check_fits, infer_architecture
+from unip.checkpoint.reading import (CONFIG_METADATA_KEY, PathLike, _brief, _preview, extract_state_dict,
+                                     normalize_keys, read_checkpoint)
+from unip.data.transforms import INFMIX_MEAN, INFMIX_STD
+from unip.errors import CheckpointError, ConfigError
+from unip.models.pos_embed import is_square_grid, resample_pos_embed
+from unip.models.presets import PRESETS
+from unip.models.vit import VisionTransformer
+
+DEFAULT_NORMALIZATION = {"mean": [INFMIX_MEAN] * 3, "std": [INFMIX_STD] * 3}
+
+
+@dataclass
+class LoadReport:
+    """What ``load_weights`` did with each key of a checkpoint."""
+
+    source: str
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    reshaped: List[str] = field(default_factory=list)
+    ignored: List[str] = field(default_factory=list)
+    mismatched: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.mismatched
+
+    def summary(self) -> str:
+        parts = [f"{len(self.loaded)} loaded"]
+        for name in ("missing", "mismatched", "unexpected", "reshaped", "ignored"):
+            keys = getattr(self, name)
+            if keys:
+                parts.append(f"{len(keys)} {name} ({_preview(keys)})")
+        return ", ".join(parts)
+
+
+# ============================================================================================ loading
+def load_weights(model: VisionTransformer, source: Union[PathLike, Mapping[str, Tensor]],
+                 allow_partial: bool = False, name: Optional[str] = None) -> LoadReport:
+    """Load a checkpoint file (or a state dict) into ``model`` by name.
+
+    Position tables of another grid are resampled bicubically. Returns a ``LoadReport``. Raises
+    ``CheckpointError`` naming the file (``name`` for a state dict read from one) and the keys when a
+    backbone weight is missing or has another shape, unless ``allow_partial`` (then the model keeps its
+    own values for those)."""
+    if isinstance(source, Mapping):
+        name = name or "state dict"
+        state_dict = extract_state_dict(source, name)
+    else:
+        name = name or str(source)
+        state_dict = extract_state_dict(read_checkpoint(source)[0], name)
+    state_dict, ignored = normalize_keys(state_dict)
+    report = LoadReport(source=name, ignored=ignored)
+    own = model.state_dict()
+    params = dict(model.named_parameters())
+    to_load: Dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        if key == "pos_embed" and value.shape != own[key].shape:
+            value = _fit_pos_embed(value, model, name)
+            report.reshaped.append(key)
+        if value.shape != own[key].shape:
+            report.mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+            continue
+        to_load[key] = value
+    # A fixed (non-trainable) sin-cos table is rebuilt by the model: not required from the file.
+    required = [k for k in own if k not in params or params[k].requires_grad]
+    report.missing = [k for k in required if k not in state_dict]
+    report.loaded = sorted(to_load)
+    if not report.ok and not allow_partial:
+        raise CheckpointError(_misfit(name, "the model", report.missing, report.mismatched))
+    model.load_state_dict(to_load, strict=False)
+    return report
+
+
+def _fit_pos_embed(table: Tensor, model: VisionTransformer, source: str) -> Tensor:
+    """Resample a position table ``[1, rows, D]`` (or ``[rows, D]``) to the model's grid and prefix."""
+    if table.ndim not in (2, 3) or table.shape[-1] != model.embed_dim or (table.ndim == 3 and table.shape[0] != 1):
+        raise CheckpointError(f"{source}: pos_embed of shape {tuple(table.shape)} does not fit width "
+                              f"{model.embed_dim}; expected [1, rows, {model.embed_dim}]")
+    table = table.reshape(1, -1, table.shape[-1])
+    model_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    for prefix in dict.fromkeys((model_prefix, 1, 0, model.num_prefix_tokens)):
+        if is_square_grid(table.shape[1] - prefix):
+            break
+    else:
+        raise CheckpointError(f"{source}: pos_embed with {table.shape[1]} rows is not a square grid")
+    resampled = resample_pos_embed(table, model.grid_size, num_prefix_tokens=prefix)
+    grid_part = resampled[:, prefix:]
+    if prefix == model_prefix:
+        return resampled
+    if model_prefix == 0:
+        return grid_part
+    if prefix == 0:
+        return torch.cat([grid_part.new_zeros(1, model_prefix, grid_part.shape[-1]), grid_part], dim=1)
+    raise CheckpointError(f"{source}: pos_embed has {prefix} prefix rows, the model {model_prefix}")
+
+
+# ============================================================================================ models
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a source, how its architecture was determined, and the load report."""
+
+    model: VisionTransformer
+    report: LoadReport
+    architecture_from: str
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(source: PathLike, allow_partial: bool = False, **overrides: Any) -> VisionTransformer:
+    """Rebuild a backbone from ``source`` with its weights (see the module docstring for sources).
+
+    The architecture comes from our metadata, a release's ``args`` (``args.model``, ``args.last_heads``),
+    timm, or, failing those, the shapes of the weights (heads then assume 64 channels per head, or the
+    standard ViT size of that width). ``overrides`` are ``VisionTransformer`` arguments
+    (e.g. ``last_heads=16``, ``img_size=512``). Returns the model in eval mode."""
+    return open_model(source, allow_partial=allow_partial, **overrides).model
+
+
+def open_model(source: PathLike, allow_partial: bool = False, **overrides: Any) -> LoadedModel:
+    """Like ``load_model`` but returns a ``LoadedModel`` with the report and metadata.
+
+    The architecture a file describes is checked (``check_architecture``, ``check_fits``) before the model
+    is allocated, so a small file cannot make it allocate a huge one."""
+    text = str(source)
+    if text.startswith("timm:"):
+        from unip.checkpoint.timm_hub import _open_timm
+
+        loaded = _open_timm(text[len("timm:"):], allow_partial, overrides)
+    else:
+        content, metadata = read_checkpoint(source)
+        state_dict = extract_state_dict(content, text)
+        config, architecture_from, meta = _architecture(content, metadata, state_dict, text)
+        if meta.get("architecture") == "Segmentor":  # a fine-tuned segmentor: its backbone only
+            state_dict = {key: value for key, value in state_dict.items() if key.startswith("backbone.")}
+            architecture_from += " (the backbone of a segmentor)"
+        config.update(overrides)
+        check_architecture(config, text)
+        check_fits(config, normalize_keys(state_dict)[0], text, allow_partial)
+        model = build_backbone(config, text)
+        report = load_weights(model, state_dict, allow_partial=allow_partial, name=text)
+        loaded = LoadedModel(model, report, architecture_from, meta)
+    loaded.model.eval()
+    return loaded
+
+
+def build_backbone(config: Dict[str, Any], source: str) -> VisionTransformer:
+    try:
+        return VisionTransformer(**config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: cannot build the architecture {config}: {err}") from err
+
+
+def _architecture(content: Any, metadata: Mapping[str, str], state_dict: Mapping[str, Tensor],
+                  source: str) -> Tuple[Dict[str, Any], str, Dict[str, Any]]:
+    """Returns ``(VisionTransformer kwargs, where they came from, extra metadata)``."""
+    if CONFIG_METADATA_KEY in metadata:
+        try:
+            meta = json.loads(metadata[CONFIG_METADATA_KEY])
+            config = dict(meta.pop("model"))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{source}: corrupt '{CONFIG_METADATA_KEY}' metadata ({_brief(err)}); "
+                                  "the file was damaged after it was written") from err
+        config.pop("heads_per_block", None)
+        return config, "unip metadata", meta
+    args = content.get("args") if isinstance(content, Mapping) else None
+    if isinstance(args, argparse.Namespace) and getattr(args, "model", None) in PRESETS:
+        config = dict(PRESETS[args.model])
+        last_heads = getattr(args, "last_heads", None)
+        if last_heads:
+            if isinstance(last_heads, bool) or not isinstance(last_heads, (int, str)) or not str(last_heads).isdigit():
+                raise CheckpointError(f"{source}: args.last_heads={last_heads!r} is not a head count")
+            config["last_heads"] = int(last_heads)
+        config["drop_path_rate"] = 0.0
+        meta = {k: v for k, v in vars(args).items() if k in ("model", "last_heads", "teacher_model",
+                                                            "intermediate", "input_size")}
+        return config, f"release args (model={args.model}, last_heads={config.get('last_heads')})", meta
+    return infer_architecture(state_dict, source), "inferred from weight shapes", {}
+
+
+
+# ============================================================================================ saving
+def save_checkpoint(model: VisionTransformer, path: PathLike, meta: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``model``'s weights as safetensors with a JSON config in the header, atomically.
+
+    The config holds the architecture (``VisionTransformer`` kwargs plus ``heads_per_block``), patch and
+    image size, the input normalisation (default: InfMix mean/std) and any ``meta`` entries (JSON-able).
+    ``load_model(path)`` rebuilds the model from it. Returns the path written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: checkpoints are written as .safetensors; change the file name")
+    config = dict(model.config, heads_per_block=model.heads_per_block)
+    document = {"architecture": "VisionTransformer", "normalization": DEFAULT_NORMALIZATION,
+                **dict(meta or {}), "model": config}
+    try:
+        header = json.dumps(document)
+    except TypeError as err:
+        raise ConfigError(f"checkpoint metadata must be JSON-serialisable: {err}") from err
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: header})
+    return path
+
+

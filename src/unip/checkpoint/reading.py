@@ -1,0 +1,170 @@
+"""Reading checkpoint files without running code from them, and bringing release key names to ours.
+
+``read_checkpoint`` reads ``.safetensors`` (cannot hold code) and PyTorch pickles (``.pth/.pt/.bin``) with
+``torch.load(weights_only=True)`` and an explicit allow-list (``SAFE_GLOBALS``); anything else is refused
+with a ``CheckpointError``. ``extract_state_dict`` unwraps release containers; ``normalize_keys`` strips
+wrapper prefixes and renames release keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from unip.errors import CheckpointError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+def _numpy_globals() -> List[Any]:
+    """What a pickled numpy array or scalar needs (mmseg checkpoints may keep e.g. ``meta["PALETTE"]`` as one):
+    array/scalar reconstruction and dtypes, under numpy 2's names and the ``numpy.core`` names of files written
+    with numpy 1. They rebuild data only; any object inside still goes through this allow-list."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+    old = "numpy.core.multiarray"
+    dtypes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGUS"}  # numpy 2 pickles dtypes by class
+    return [np.ndarray, np.dtype, *sorted(dtypes, key=str), multiarray._reconstruct, multiarray.scalar,
+            (multiarray._reconstruct, f"{old}._reconstruct"), (multiarray.scalar, f"{old}.scalar")]
+
+
+#: Python objects a checkpoint may contain besides tensors and plain containers: the UNIP, MAE and DINO
+#: releases store their command line as an ``argparse.Namespace`` under ``args``; mmseg's fine-tuned files
+#: may hold numpy arrays in ``meta``.
+SAFE_GLOBALS: List[Any] = [argparse.Namespace, *_numpy_globals()]
+
+#: Containers that wrap a state dict, tried in this order (DINO: ``teacher`` before ``student``).
+CONTAINER_KEYS = ("model", "state_dict", "teacher", "student", "module")
+#: Key prefixes that training wrappers add (DDP ``module.``, DINO/iBOT ``backbone.``, ``encoder.``).
+STRIP_PREFIXES = ("module.", "backbone.", "encoder.")
+#: Keys that belong to pre-training heads or classifiers, never to the backbone.
+IGNORED_KEY = re.compile(r"^(decoder|mask_token|head\.|head_dist\.|fc_norm\.|dist_token)")
+CONFIG_METADATA_KEY = "unip.config"
+
+
+def _preview(keys: List[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def read_checkpoint(path: PathLike) -> Tuple[Any, Dict[str, str]]:
+    """Read a checkpoint file without executing code.
+
+    Returns ``(content, metadata)``: the unpickled object (or the safetensors state dict) and the
+    safetensors header metadata (``{}`` for PyTorch files)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; pass a checkpoint file (.pth/.pt/.bin/.safetensors)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_pickle(path), {}
+
+
+def _read_safetensors(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
+    except Exception as err:  # damaged files raise SafetensorError, OSError, ValueError, ...
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_brief(err)})") from err
+
+
+def _read_pickle(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+                       lines[0] if lines else type(err).__name__)
+        raise CheckpointError(
+            f"{path}: refused to load ({culprit[:200]}): not a PyTorch checkpoint, or one that needs Python "
+            "objects outside the allow-list, and loading those could run code from the file. If you trust "
+            "its origin, re-save only its state dict (torch.save(ckpt['model'], 'weights.pth')) and load "
+            "that") from err
+    except MemoryError:
+        raise
+    except Exception as err:  # damaged files raise RuntimeError, EOFError, BadZipFile, KeyError, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_brief(err)})") from err
+
+
+def _brief(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def extract_state_dict(content: Any, source: str = "checkpoint") -> Dict[str, Tensor]:
+    """Unwrap ``model`` / ``state_dict`` / ``teacher`` / ``student`` / ``module`` containers until a
+    mapping of tensors remains. Returns that state dict (keys unchanged)."""
+    for _ in range(4):
+        if _is_state_dict(content):
+            odd = [key for key in content if not isinstance(key, str)]
+            if odd:
+                raise CheckpointError(f"{source}: weight names must be text, found {_preview([repr(k) for k in odd])}")
+            return dict(content)
+        if not isinstance(content, Mapping):
+            break
+        inner = next((content[k] for k in CONTAINER_KEYS if isinstance(content.get(k), Mapping)), None)
+        if inner is None:
+            break
+        content = inner
+    found = _preview(sorted(map(str, content.keys()))) if isinstance(content, Mapping) else type(content).__name__
+    raise CheckpointError(f"{source}: no state dict found (top-level entries: {found}); expected tensors, "
+                          f"possibly inside one of {', '.join(CONTAINER_KEYS)}")
+
+
+def normalize_keys(state_dict: Mapping[str, Tensor]) -> Tuple[Dict[str, Tensor], List[str]]:
+    """Bring release key names to ours: strip wrapper prefixes, rename ``gamma_1/2`` (DeiT III, BEiT) to
+    ``ls1/ls2.gamma``, fuse BEiT's ``q_bias``/``v_bias`` into ``qkv.bias``, and set aside decoder,
+    mask-token and classifier keys. Returns ``(state_dict, ignored_keys)``."""
+    renamed: Dict[str, Tensor] = {}
+    ignored: List[str] = []
+    for key, value in state_dict.items():
+        key = _strip_prefixes(key)
+        key = re.sub(r"\.gamma_([12])$", r".ls\1.gamma", key)
+        if IGNORED_KEY.match(key):
+            ignored.append(key)
+        else:
+            renamed[key] = value
+    return _fuse_split_qkv_bias(renamed), ignored
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def _fuse_split_qkv_bias(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    for key in [k for k in state_dict if k.endswith(".attn.q_bias")]:
+        stem = key[: -len("q_bias")]
+        q_bias, v_bias = state_dict.pop(key), state_dict.pop(stem + "v_bias")
+        state_dict[stem + "qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+    return state_dict
+
+
