@@ -207,6 +207,9 @@ class Case:
 
 IMAGE_PNG = b"\x89PNG\r\n\x1a\n broken"
 USER_FILES = {"notes.txt": "my notes", "photos/a.jpg": b"\xff\xd8 not really a jpeg"}
+#: An MFNet download in name only: split files listing one frame, a broken 4-channel PNG.
+MFNET_RAW = {"train.txt": "00001D\n", "val.txt": "00001D\n", "test.txt": "00001D\n",
+             "images/00001D.png": IMAGE_PNG, "labels/00001D.png": IMAGE_PNG}
 
 CASES: List[Case] = [
     # ------------------------------------------------------------------ top level
@@ -463,6 +466,35 @@ CASES: List[Case] = [
          "--out", a.out_with("mine", {"real/thermal/frame_0001.png": IMAGE_PNG})], match="frame_0001.png"),
     Case("synth: labeled into the user's SODA folder", lambda a: ["data", "synth", "--labeled", "--num", "2",
          "--out", a.out_with("soda", {"train_infrared.txt": "IMG_0001\n"})], match="train_infrared.txt"),
+    # ------------------------------------------------------------------ data prepare / check-seg
+    Case("prepare: unknown data set", lambda a: ["data", "prepare", "cityscapes", a.folder("raw"), str(a.out / "p")],
+         match="cityscapes"),
+    Case("prepare: RAW missing", lambda a: ["data", "prepare", "mfnet", str(a.scratch / "nope"), str(a.out / "p")],
+         match="nope"),
+    Case("prepare: RAW without images", lambda a: ["data", "prepare", "mfnet", a.folder("raw", {"x.txt": "x"}),
+                                                   str(a.out / "p")], match="raw"),
+    Case("prepare: scut RAW without images", lambda a: ["data", "prepare", "scut", a.folder("raw"),
+                                                       str(a.out / "p")], match="raw"),
+    Case("prepare: OUT is a file", lambda a: ["data", "prepare", "mfnet", a.folder("raw", MFNET_RAW),
+                                              a.file("o.txt", "x")], match="o.txt"),
+    Case("prepare: OUT is the user's folder", lambda a: ["data", "prepare", "mfnet", a.folder("raw", MFNET_RAW),
+                                                        a.out_with("mine", USER_FILES)], match="mine"),
+    Case("prepare: --workers 0", lambda a: ["data", "prepare", "mfnet", a.folder("raw"), str(a.out / "p"),
+                                            "--workers", "0"], match="--workers"),
+    Case("check-seg: ROOT missing", lambda a: ["data", "check-seg", str(a.scratch / "nope")], match="nope"),
+    Case("check-seg: not a data set", lambda a: ["data", "check-seg", a.folder("plain", USER_FILES)],
+         match="plain"),
+    Case("check-seg: unknown layout", lambda a: ["data", "check-seg", a.folder("s"), "--dataset", "voc"],
+         match="voc"),
+    Case("check-seg: SODA without split files", lambda a: ["data", "check-seg", a.folder(
+         "soda", {"JPEGImages/a.jpg": IMAGE_PNG, "SegmentationClassPNG/a.png": IMAGE_PNG}), "--dataset", "soda"],
+         match="soda"),
+    Case("check-seg: broken image and label", lambda a: ["data", "check-seg", a.folder(
+         "soda", {"JPEGImages/a.jpg": IMAGE_PNG, "SegmentationClassPNG/a.png": IMAGE_PNG,
+                  "train_infrared.txt": "a\n", "test_infrared.txt": "a\n"}), "--dataset", "soda"],
+         match=r"problem\(s\)"),
+    Case("check-seg: --workers 0", lambda a: ["data", "check-seg", a.folder("s"), "--workers", "0"],
+         match="--workers"),
     # ------------------------------------------------------------------ demo
     Case("demo: --out is a file", lambda a: ["demo", "--out", a.file("demo.txt", "x")], match="demo.txt.*is a file"),
     Case("demo: --out below a file", lambda a: ["demo", "--out", a.file("d.txt", "x") + "/sub"], match="d.txt"),

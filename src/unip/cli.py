@@ -148,7 +148,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     q.add_argument("dataset", choices=("mfnet", "scut"), help="which download RAW is")
     q.add_argument("raw", metavar="RAW", help="the unpacked original download")
     q.add_argument("out", metavar="OUT", help="folder to write (new, empty, or an earlier output of this command)")
-    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
     q.set_defaults(func=_run_data_prepare)
 
     q = verbs.add_parser("check-seg", help="list every problem of a segmentation data set; per-class pixel counts",
@@ -161,7 +161,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                    help="layout of ROOT (default: detect it)")
     q.add_argument("--split", action="append", choices=("train", "val", "test"),
                    help="split to check, repeatable (default: all three)")
-    q.add_argument("--workers", type=int, default=None, help="reader threads (default min(8, CPUs))")
+    q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
     q.set_defaults(func=_run_data_check_seg)
 
 

@@ -144,7 +144,7 @@ class DropPath(nn.Module):
             return x
         keep = self.keep_prob.to(x.dtype)
         mask = torch.bernoulli(keep.expand((x.shape[0],) + (1,) * (x.ndim - 1)))
-        return x * mask / keep
+        return x * (mask / keep)  # scale the per-sample mask, not the activations: one pass over x
 
 
 class Block(nn.Module):
