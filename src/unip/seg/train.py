@@ -102,7 +102,7 @@ RULES: Dict[str, Rule] = {
     "model.last_block_heads": integer(1, MAX_WIDTH, words=("pretrained", "default")),
     "model.drop_path": number(ge=0, lt=1, null=True), "model.layer_decay": number(gt=0, le=1),
     "model.channels": integer(1, MAX_WIDTH, null=True), "model.auxiliary_head": flag(),
-    "data.path": text(null=True), "data.dataset": text("auto", *DATASETS), "data.crop_size": integer(16, 4096),
+    "data.path": text(null=True), "data.dataset": text("auto", *DATASETS), "data.crop_size": integer(32, 4096),
     "data.scale": numbers(2, ge=16, le=16384), "data.ratio_range": numbers(2, gt=0, le=16, ascending=True),
     "data.cat_max_ratio": number(gt=0, le=1), "data.flip": number(ge=0, le=1), "data.photometric": flag(),
     "data.mean": number(ge=0, le=255), "data.std": number(gt=0, le=255), "data.num_workers": integer(0, 256),
@@ -262,6 +262,10 @@ class SegmentationTask(Task):
         except ConfigError as err:
             where = f"model.probe_layer={model['probe_layer']} (--probe-layer) on " if model["probe_layer"] else ""
             raise ConfigError(f"{where}{self.backbone_source()}: {err}") from None
+        patch, crop = segmentor.backbone.patch_size, int(data["crop_size"])
+        if crop % patch:
+            raise ConfigError(f"data.crop_size={crop} is not a multiple of the backbone's patch size {patch} "
+                              f"({self.backbone_source()}); choose e.g. {max(crop // patch, 2) * patch}")
         if not probe and float(model["layer_decay"]) != 1.0:
             self.lr_scale_fn = layer_decay_lr_scale(segmentor.backbone.depth, float(model["layer_decay"]))
         self.loss_weights = segmentor.loss_weights
