@@ -223,8 +223,8 @@ def test_sigkill_and_resume_gives_bit_identical_weights(assets, tmp_path):
 
 def test_two_process_runs_equal_one_process(assets, tmp_path, one_thread):
     """A linear probe (no BatchNorm: exact) on 2 gloo ranks × batch 2 equals 1 process × batch 4; a 2-rank
-    fine-tuning run's test evaluation (confusion matrix all-reduced over uneven shares) equals a 1-process
-    `unip evaluate` of its best model."""
+    fine-tuning run's test evaluation and a 2-rank `unip evaluate` (confusion matrices all-reduced) equal a
+    1-process `unip evaluate` of its best model."""
     torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "unip.cli"]
     probe = ["--probe", "linear", "--iterations", "8", "--set", "run.eval_every=4", "--workers", "0"]
     ddp = subprocess.Popen(torchrun + _args(assets, tmp_path / "ddp", *probe, "--batch-size", "2"), env=_env(),
@@ -246,9 +246,16 @@ def test_two_process_runs_equal_one_process(assets, tmp_path, one_thread):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     metrics = read_metrics(tmp_path / "ddp_ft" / "metrics.json")
     assert metrics["images"] == 8
-    assert cli.main(["evaluate", "--checkpoint", metrics["checkpoint"], "--data", str(assets / "soda"), "--out",
-                     str(tmp_path / "eval"), "--device", "cpu", "--no-progress", "--overlays", "0"]) == 0
-    assert read_metrics(tmp_path / "eval" / "metrics.json")["confusion_matrix"] == metrics["confusion_matrix"]
+    evaluate = ["evaluate", "--checkpoint", metrics["checkpoint"], "--data", str(assets / "soda"), "--device", "cpu",
+                "--no-progress", "--overlays", "1", "--workers", "0"]
+    ddp = subprocess.run(torchrun + evaluate + ["--out", str(tmp_path / "eval_ddp")], env=_env(),
+                         capture_output=True, text=True, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("mIoU") == 1  # rank 0 prints the table
+    assert cli.main(evaluate + ["--out", str(tmp_path / "eval")]) == 0
+    one, two = read_metrics(tmp_path / "eval" / "metrics.json"), read_metrics(tmp_path / "eval_ddp" / "metrics.json")
+    assert one["confusion_matrix"] == two["confusion_matrix"] == metrics["confusion_matrix"]
+    assert one["images"] == two["images"] == 8
 
 
 # ----------------------------------------------------------------------------------------------- release files
