@@ -407,7 +407,8 @@ CASES: List[Case] = [
          match="no data.*--data"),
     Case("finetune: data missing", lambda a: a.finetune(data=str(a.scratch / "nowhere")), match="nowhere"),
     Case("finetune: not a segmentation set", lambda a: a.finetune(data=a.infrared), match="infrared"),
-    Case("finetune: layout of another data set", lambda a: a.finetune("--dataset", "mfnet"), match="thermal_imgs"),
+    Case("finetune: layout of another data set", lambda a: a.finetune("--dataset", "mfnet"),
+         match="looks like a soda data set.*--dataset soda"),
     Case("finetune: split file missing", lambda a: a.finetune(data=a.labeled_copy(
          lambda root: (root / "test_infrared.txt").unlink())), match="test_infrared.txt"),
     Case("finetune: unknown preset", lambda a: ["finetune", "no-such-preset"], match="no-such-preset"),

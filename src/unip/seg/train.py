@@ -18,6 +18,7 @@ Every number of ``DEFAULTS`` is the release's recipe for UNIP-S on SODA (DESIGN.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
-from unip.data.segmentation import DATASETS, SegmentationDataset, open_segmentation_dataset
+from unip.data.segmentation import DATASETS, SegmentationDataset, detect_dataset, open_segmentation_dataset
 from unip.data.seg_transforms import seg_test_transform, seg_train_transform
 from unip.engine import checkpointing
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
@@ -35,7 +36,7 @@ from unip.engine.distributed import cleanup, init_distributed, unwrap_model
 from unip.engine.loop import PRECISIONS
 from unip.engine.schedule import SCHEDULES
 from unip.engine.trainer import Task, TrainContext, Trainer, run_settings
-from unip.errors import ConfigError
+from unip.errors import ConfigError, DataError
 from unip.models import list_models
 from unip.models.heads import HEADS
 from unip.models.necks import NECKS
@@ -213,9 +214,25 @@ class SegmentationTask(Task):
             transform = seg_test_transform(scale=scale, mean=float(data["mean"]), std=float(data["std"]))  # type: ignore
         return open_segmentation_dataset(data["path"], data["dataset"], split, transform)
 
+    def check_layout(self) -> None:
+        """``ConfigError`` when ``data.dataset`` (e.g. from a preset) names another layout than the one ``--data``
+        has (a SODA preset on MFNet data), with the option that fixes it."""
+        data = self.config["data"]
+        wanted = str(data["dataset"]).lower()
+        if wanted == "auto":
+            return
+        try:
+            found = detect_dataset(os.path.abspath(os.path.expanduser(str(data["path"]))))
+        except DataError:  # not recognisable: opening it reports what is missing
+            return
+        if found != wanted and not (found == "folder" or wanted == "folder"):
+            raise ConfigError(f"{data['path']} looks like a {found} data set, but data.dataset={wanted} (the preset's "
+                              f"or --dataset); pass --dataset {found} (or auto), or use a {found}_* preset")
+
     def setup(self, ctx: TrainContext) -> None:
         """Open the train, val and test splits (every listed file must exist: a missing test file fails now,
         not after training)."""
+        self.check_layout()
         self.train_set = self.open_split("train")
         self.val_set = self.open_split("val")
         self.test_set = self.open_split("test")
