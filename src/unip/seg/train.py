@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
 from unip.data.segmentation import DATASETS, SegmentationDataset, detect_dataset, open_segmentation_dataset
-from unip.data.seg_transforms import seg_test_transform, seg_train_transform
+from unip.data.seg_transforms import seg_train_transform
 from unip.engine import checkpointing
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
 from unip.engine.distributed import cleanup, init_distributed, unwrap_model
@@ -46,7 +46,7 @@ from unip.seg.checkpoint import load_segmentor, save_segmentor
 from unip.seg.evaluation import EvalSettings, evaluate_split
 from unip.seg.layer_decay import layer_decay_lr_scale
 from unip.seg.loss import segmentation_losses
-from unip.seg.report import check_data_once, split_context
+from unip.seg.report import check_data_once, split_context, test_transform_of
 from unip.seg.results import METRICS_FILE, describe_model, metrics_document, metrics_table, write_metrics
 
 logger = logging.getLogger(__name__)
@@ -199,6 +199,11 @@ class SegmentationTask(Task):
                                           batch_windows=bool(config["eval"]["batch_windows"]),
                                           num_workers=int(data["num_workers"]))
         self.lr_scale_fn = None
+        #: what the segmentor files record about the test transform; the evaluations here read it back the way
+        #: ``unip evaluate`` does, so that both compute on identical inputs
+        self.test_meta: Dict[str, Any] = {
+            "normalization": {"mean": [data["mean"] / 255] * 3, "std": [data["std"] / 255] * 3},
+            "test_scale": [int(v) for v in data["scale"]], "crop_size": crop, "stride": self.eval_settings.stride}
 
     # ---------------------------------------------------------------------------- data
     def open_split(self, split: str) -> SegmentationDataset:
@@ -211,7 +216,7 @@ class SegmentationTask(Task):
                 cat_max_ratio=float(data["cat_max_ratio"]), flip_p=float(data["flip"]),
                 photometric=bool(data["photometric"]), mean=float(data["mean"]), std=float(data["std"]))
         else:
-            transform = seg_test_transform(scale=scale, mean=float(data["mean"]), std=float(data["std"]))  # type: ignore
+            transform = test_transform_of(self.test_meta)
         return open_segmentation_dataset(data["path"], data["dataset"], split, transform)
 
     def check_layout(self) -> None:
@@ -262,12 +267,10 @@ class SegmentationTask(Task):
                            "loaded; the result measures the architecture alone", self.backbone_source(),
                            model["pretrained"])
         classes = self.train_set
-        meta = {"class_names": list(classes.classes), "palette": [list(c) for c in classes.palette],
-                "dataset": classes.layout, "normalization": {"mean": [data["mean"] / 255] * 3,
-                                                             "std": [data["std"] / 255] * 3},
-                "test_scale": [int(v) for v in data["scale"]], "stride": self.eval_settings.stride,
-                "training": {"mode": self.mode, "data_root": classes.root, "iterations": self.config["optim"][
-                    "iterations"]}}
+        meta = {**self.test_meta, "class_names": list(classes.classes),
+                "palette": [list(c) for c in classes.palette], "dataset": classes.layout,
+                "training": {"mode": self.mode, "data_root": classes.root,
+                             "iterations": self.config["optim"]["iterations"]}}
         probe = model["head"] == "linear"
         try:
             segmentor = build_segmentor(
