@@ -41,7 +41,11 @@ from unip.checkpoint import save_checkpoint
 from unip.cli import main
 from unip.data.infmix import build_manifest
 from unip.data.packed import pack_manifest
+from unip.data.synth import write_soda
 from unip.models import create_model
+from unip.seg import build_segmentor, save_segmentor
+
+from test_seg_model import release_state_dict  # noqa: E402  (the release's fine-tuned layout, random weights)
 
 ODD_NAMES = ("odd\udcffbyte.png", "new\nline.png", "sp ace.png")  # a non-UTF-8 byte, a newline, a space
 
@@ -64,6 +68,11 @@ def shared(tmp_path_factory) -> Path:
     build_manifest(str(root / "manifest.jsonl"), infrared=str(root / "infrared"), workers=1)
     build_manifest(str(root / "odd.jsonl"), infrared=str(root / "odd"), workers=1)
     pack_manifest(str(root / "manifest.jsonl"), str(root / "pack"), short_side=32, workers=1)
+    write_soda(str(root / "soda"), 4, 2, size=(48, 40), seed=0)
+    save_segmentor(build_segmentor(21, str(root / "teacher.safetensors"), img_size=32, channels=16),
+                   root / "segmentor.safetensors")
+    torch.save({"meta": {}, "state_dict": release_state_dict(32, 2, 9, grid=2, channels=16, aux_channels=8)},
+               root / "release_mfnet.pth")
     return root
 
 
@@ -79,6 +88,9 @@ class Inputs:
         self.pack = str(shared / "pack")
         self.odd_images = str(shared / "odd" / "set\udcfeB" / "thermal")
         self.odd_manifest = str(shared / "odd.jsonl")
+        self.labeled = str(shared / "soda")
+        self.segmentor = str(shared / "segmentor.safetensors")
+        self.release_mfnet = str(shared / "release_mfnet.pth")
         self.scratch = case_dir / "scratch"
         self.out = case_dir / "out"
         self.monkeypatch = monkeypatch
@@ -149,6 +161,27 @@ class Inputs:
                 "--set", "student.embed_dim=32", "--set", "student.num_heads=2", "--set", "run.progress=false",
                 *extra]
 
+    def finetune(self, *extra: str, data: Optional[str] = None, out: Optional[str] = None,
+                 pretrained: Optional[str] = None) -> List[str]:
+        """A one-step toy fine-tuning run of the teacher (width 32) on the labeled set: 32 px crops, batch 2."""
+        return ["finetune", "toy", "--pretrained", pretrained or self.teacher, "--data", data or self.labeled,
+                "--out", out or str(self.out / "ft"), "--device", "cpu", "--iterations", "1", "--batch-size", "2",
+                "--set", "data.crop_size=32", "--set", "data.scale=[128, 32]", "--set", "model.channels=16",
+                "--set", "run.eval_every=0", "--set", "run.progress=false", *extra]
+
+    def evaluate(self, *extra: str, checkpoint: Optional[str] = None, data: Optional[str] = None,
+                 out: Optional[str] = None) -> List[str]:
+        return ["evaluate", "--checkpoint", checkpoint or self.segmentor, "--data", data or self.labeled, "--out",
+                out or str(self.out / "eval"), "--device", "cpu", "--no-progress", "--workers", "0", "--overlays",
+                "1", *extra]
+
+    def labeled_copy(self, damage: Callable[[Path], None]) -> str:
+        """A copy of the labeled set in the scratch folder, damaged by ``damage(root)``."""
+        copy = self.scratch / "soda"
+        shutil.copytree(self.labeled, copy)
+        damage(copy)
+        return str(copy)
+
     def analyze(self, *extra: str, images: Optional[str] = None, out: Optional[str] = None) -> List[str]:
         return ["analyze", "--model", self.teacher, "--images", images or self.images, "--out",
                 out or str(self.out / "analysis"), "--num-images", "2", "--no-progress", *extra]
@@ -185,6 +218,19 @@ def _damaged_pack(a: Inputs, damage: Callable[[Path], None]) -> str:
 def _truncate_shard(pack: Path) -> None:
     shard = pack / "shard-00000.bin"
     shard.write_bytes(shard.read_bytes()[:100])
+
+
+def _bad_label_values(root: Path) -> None:
+    """Every label gets a pixel of value 30 (SODA has ids 0..20 and 255)."""
+    for path in (root / "SegmentationClassPNG").glob("*.png"):
+        label = np.array(Image.open(path))
+        label[0, 0] = 30
+        Image.fromarray(label).save(path)
+
+
+def _label_of_another_size(root: Path) -> None:
+    path = sorted((root / "SegmentationClassPNG").glob("*.png"))[-1]  # a test image
+    Image.fromarray(np.zeros((7, 9), np.uint8)).save(path)
 
 
 def _offline_hub(a: Inputs) -> None:
@@ -357,6 +403,103 @@ CASES: List[Case] = [
          lambda a: a.pretrain(out=a.out_with("mine", {"config.yaml": "my: settings\n", **USER_FILES})),
          match="config.yaml.*not written by unip"),
     Case("pretrain: unknown precision", lambda a: a.pretrain("--precision", "fp64"), match="--precision"),
+    # ------------------------------------------------------------------ finetune
+    Case("finetune: no --pretrained", lambda a: ["finetune", "toy", "--data", a.labeled, "--out", str(a.out / "f")],
+         match="no backbone.*--pretrained"),
+    Case("finetune: no --data", lambda a: ["finetune", "toy", "--pretrained", a.teacher, "--out", str(a.out / "f")],
+         match="no data.*--data"),
+    Case("finetune: data missing", lambda a: a.finetune(data=str(a.scratch / "nowhere")), match="nowhere"),
+    Case("finetune: not a segmentation set", lambda a: a.finetune(data=a.infrared), match="infrared"),
+    Case("finetune: layout of another data set", lambda a: a.finetune("--dataset", "mfnet"),
+         match="looks like a soda data set.*--dataset soda"),
+    Case("finetune: split file missing", lambda a: a.finetune(data=a.labeled_copy(
+         lambda root: (root / "test_infrared.txt").unlink())), match="test_infrared.txt"),
+    Case("finetune: unknown preset", lambda a: ["finetune", "no-such-preset"], match="no-such-preset"),
+    Case("finetune: a pretrain preset", lambda a: ["finetune", "mae-l_unip-s"], match="finetune preset"),
+    Case("finetune: --probe-layer 0", lambda a: a.finetune("--probe-layer", "0"), match="--probe-layer"),
+    Case("finetune: --probe-layer past the backbone", lambda a: a.finetune("--probe-layer", "5"),
+         match="probe_layer=5.*blocks 1..2"),
+    Case("finetune: probe layer without a linear head", lambda a: a.finetune("--set", "model.probe_layer=1"),
+         match="--probe linear"),
+    Case("finetune: --probe mask", lambda a: a.finetune("--probe", "mask"), match="--probe"),
+    Case("finetune: --iterations 0", lambda a: a.finetune("--iterations", "0"), match="--iterations"),
+    Case("finetune: --batch-size -1", lambda a: a.finetune("--batch-size", "-1"), match="--batch-size"),
+    Case("finetune: --workers -1", lambda a: a.finetune("--workers", "-1"), match="--workers"),
+    Case("finetune: lr 0", lambda a: a.finetune("--set", "optim.lr=0"), match="optim.lr"),
+    Case("finetune: lr null", lambda a: a.finetune("--set", "optim.lr=null"), match="optim.lr"),
+    Case("finetune: layer decay 1.5", lambda a: a.finetune("--set", "model.layer_decay=1.5"),
+         match="model.layer_decay"),
+    Case("finetune: crop 8", lambda a: a.finetune("--set", "data.crop_size=8"), match="data.crop_size"),
+    Case("finetune: crop not a multiple of the patch", lambda a: a.finetune("--set", "data.crop_size=40"),
+         match="data.crop_size=40.*patch size 16"),
+    Case("finetune: stride above the crop", lambda a: a.finetune("--set", "eval.stride=100"), match="eval.stride"),
+    Case("finetune: ratio range decreasing", lambda a: a.finetune("--set", "data.ratio_range=[2.0, 0.5]"),
+         match="data.ratio_range"),
+    Case("finetune: unknown head", lambda a: a.finetune("--set", "model.head=mask2former"), match="model.head"),
+    Case("finetune: last-block heads not dividing the width", lambda a: a.finetune(
+         "--set", "model.last_block_heads=5"), match="last_block_heads=5.*divide"),
+    Case("finetune: unknown backbone preset", lambda a: a.finetune("--set", "model.backbone=resnet50"),
+         match="model.backbone"),
+    Case("finetune: --pretrained missing file", lambda a: a.finetune(pretrained=str(a.scratch / "w.pth")),
+         match="w.pth"),
+    Case("finetune: --pretrained junk", lambda a: a.finetune(pretrained=a.file("junk.safetensors", b"\x00" * 64)),
+         match="junk.safetensors"),
+    Case("finetune: --pretrained pickle that runs code", lambda a: a.finetune(
+         pretrained=a.torch_file("evil.pth", {"model": _RunsCode()})), match="evil.pth.*refused"),
+    Case("finetune: bad label values (read in a worker)", lambda a: a.finetune(
+         "--workers", "1", data=a.labeled_copy(_bad_label_values)), match=r"\.png.*30"),
+    Case("finetune: --check-data lists every problem", lambda a: a.finetune(
+         "--check-data", data=a.labeled_copy(_label_of_another_size)), match="1 data problem"),
+    Case("finetune: resume from a missing file", lambda a: a.finetune("--resume", str(a.scratch / "s.pt")),
+         match="s.pt"),
+    Case("finetune: unknown precision", lambda a: a.finetune("--precision", "fp64"), match="--precision"),
+    Case("finetune: --out is a file", lambda a: a.finetune(out=a.file("run.txt", "mine")), match="run.txt.*is a file"),
+    Case("finetune: --out holds the user's metrics.json",
+         lambda a: a.finetune(out=a.out_with("mine", {"metrics.json": '{"mine": 1}', **USER_FILES})),
+         match="metrics.json.*not written by unip"),
+    Case("finetune: --out holds the user's segmentor.safetensors",
+         lambda a: a.finetune(out=a.out_with("mine", {"segmentor.safetensors": b"weights"})),
+         match="segmentor.safetensors.*not written by unip"),
+    Case("finetune: --out a user folder with other files", lambda a: a.finetune(out=a.out_with("mine", USER_FILES)),
+         code=0),
+    # ------------------------------------------------------------------ evaluate
+    Case("evaluate: no --checkpoint", lambda a: ["evaluate", "--data", a.labeled], match="--checkpoint"),
+    Case("evaluate: missing checkpoint", lambda a: a.evaluate(checkpoint=str(a.scratch / "seg.pth")),
+         match="seg.pth"),
+    Case("evaluate: a backbone, not a segmentor", lambda a: a.evaluate(checkpoint=a.teacher),
+         match="teacher.safetensors.*not a segmentor"),
+    Case("evaluate: 9-class release checkpoint on SODA", lambda a: a.evaluate(checkpoint=a.release_mfnet),
+         match="release_mfnet.pth.*9 classes.*21"),
+    Case("evaluate: release checkpoint missing a key", lambda a: a.evaluate(checkpoint=a.torch_file("r.pth", {
+         "meta": {}, "state_dict": _with(release_state_dict(32, 2, 9, grid=2, channels=16, aux_channels=8),
+                                         decode_head__bottleneck__conv__weight=None)})), match="r.pth"),
+    Case("evaluate: junk .pth", lambda a: a.evaluate(checkpoint=a.file("junk.pth", b"not a checkpoint" * 10)),
+         match="junk.pth"),
+    Case("evaluate: pickle that runs code", lambda a: a.evaluate(checkpoint=a.torch_file(
+         "evil.pth", {"state_dict": _RunsCode()})), match="evil.pth.*refused"),
+    Case("evaluate: data missing", lambda a: a.evaluate(data=str(a.scratch / "nowhere")), match="nowhere"),
+    Case("evaluate: --split bogus", lambda a: a.evaluate("--split", "bogus"), match="--split"),
+    Case("evaluate: --scales 0", lambda a: a.evaluate("--scales", "0"), match="--scales"),
+    Case("evaluate: --scales text", lambda a: a.evaluate("--scales", "big,small"), match="--scales"),
+    Case("evaluate: --batch-size 0", lambda a: a.evaluate("--batch-size", "0"), match="--batch-size"),
+    Case("evaluate: --overlays -1", lambda a: a.evaluate("--overlays", "-1"), match="--overlays"),
+    Case("evaluate: unknown device", lambda a: a.evaluate("--device", "toaster"), match="toaster"),
+    Case("evaluate: bad label values", lambda a: a.evaluate(data=a.labeled_copy(_bad_label_values)),
+         match=r"\.png.*30"),
+    Case("evaluate: bad label values (read in a worker)", lambda a: a.evaluate(
+         "--workers", "1", data=a.labeled_copy(_bad_label_values)), match=r"\.png.*30"),
+    Case("evaluate: --check-data lists every problem", lambda a: a.evaluate(
+         "--check-data", data=a.labeled_copy(_label_of_another_size)), match="1 data problem"),
+    Case("evaluate: --out is a file", lambda a: a.evaluate(out=a.file("e.txt", "mine")), match="e.txt.*is a file"),
+    Case("evaluate: --out holds the user's metrics.json",
+         lambda a: a.evaluate(out=a.out_with("mine", {"metrics.json": '{"mine": 1}'})),
+         match="metrics.json.*not written by unip"),
+    Case("evaluate: --out holds the user's confusion.png",
+         lambda a: a.evaluate(out=a.out_with("mine", {"confusion.png": IMAGE_PNG})), match="confusion.png"),
+    Case("evaluate: the user's file in overlays/",
+         lambda a: a.evaluate(out=a.out_with("mine", {"overlays/holiday.jpg": b"\xff\xd8"})), match="holiday.jpg"),
+    Case("evaluate: --out a user folder with other files", lambda a: a.evaluate(out=a.out_with("mine", USER_FILES)),
+         code=0),
     # ------------------------------------------------------------------ data infmix
     Case("infmix: no source", lambda a: ["data", "infmix", "--out", str(a.out / "m.jsonl")], match="no source"),
     Case("infmix: missing root", lambda a: ["data", "infmix", "--infrared", str(a.scratch / "ir"),
@@ -551,7 +694,8 @@ def test_hostile_input(case, shared, tmp_path, monkeypatch, capsys):
 
 def test_the_table_covers_every_verb():
     verbs = {case.id.split(":")[0] for case in CASES}
-    assert {"info", "analyze", "pretrain", "infmix", "stats", "pack", "synth", "demo"} <= verbs
+    assert {"info", "analyze", "pretrain", "finetune", "evaluate", "infmix", "stats", "pack", "synth",
+            "demo"} <= verbs
     assert len(CASES) >= 60 and len({case.id for case in CASES}) == len(CASES)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -398,8 +399,159 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- finetune
+#: CLI options of ``unip finetune`` and the config keys they set (``--set`` reaches every other key).
+_FINETUNE_OPTIONS = {
+    "pretrained": "model.pretrained", "data": "data.path", "dataset": "data.dataset", "out": "run.output",
+    "probe_layer": "model.probe_layer", "iterations": "optim.iterations", "batch_size": "optim.batch_size",
+    "device": "run.device", "precision": "run.precision", "resume": "run.resume", "seed": "run.seed",
+    "workers": "data.num_workers",
+}
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a backbone for segmentation (LL-FPN + UperNet), or probe it",
+                       description="Fine-tune a pre-trained ViT with LL-FPN + UperNet (+ FCN auxiliary head) on a "
+                                   "segmentation data set with the release's recipe, or train a linear probe on "
+                                   "its frozen features (--probe linear, --probe-layer N). Evaluates every "
+                                   "run.eval_every steps by sliding windows, keeps checkpoints/best.safetensors by "
+                                   "val mIoU, writes segmentor.safetensors (final) and metrics.json (best model on "
+                                   "the test split). Settings: preset (configs/finetune/<name>.yaml, or "
+                                   "configs/linprobe/ with --probe; or a YAML file), then the options, then --set. "
+                                   "Multi-GPU: torchrun --nproc_per_node=N -m unip.cli finetune ...")
+    p.add_argument("preset", nargs="?", help="preset: {soda,mfnet,scut}_{tiny,small,base,large} or toy, or a YAML "
+                                             "file (default: the SODA / UNIP-S recipe)")
+    p.add_argument("--pretrained", metavar="SOURCE",
+                   help="backbone: our pretrain output, a release/MAE/DINO/iBOT/DeiT checkpoint, timm:NAME[@FILE], "
+                        "or none (random initialisation of the preset's model.backbone)")
+    p.add_argument("--data", metavar="ROOT", help="data set root (see unip data check-seg)")
+    p.add_argument("--dataset", choices=["auto", "soda", "mfnet", "scut", "folder"],
+                   help="layout of --data (default: the preset's)")
+    p.add_argument("--out", metavar="DIR", help="run folder: checkpoints/, log.jsonl, tb/, segmentor.safetensors, "
+                                                "metrics.json")
+    p.add_argument("--probe", choices=["linear"], help="linear probing: frozen backbone, blocks 4/6/8/12 → 1×1 conv "
+                                                       "(presets from configs/linprobe/)")
+    p.add_argument("--probe-layer", metavar="N", type=integer(1, 256).option(),
+                   help="layer-wise linear probing: block N alone (implies --probe linear)")
+    p.add_argument("--iterations", type=integer(1).option(), help="optimiser steps (optim.iterations)")
+    p.add_argument("--batch-size", type=integer(1).option(), help="images per GPU and micro-batch")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="AMP on CUDA (the recipe: fp16); CPU runs fp32")
+    p.add_argument("--resume", metavar="PATH|auto", help="training state to continue from; auto = latest in --out")
+    p.add_argument("--seed", type=SEED)
+    p.add_argument("--workers", type=integer(0, 256).option(), help="data-loader worker processes per rank")
+    p.add_argument("--check-data", action="store_true",
+                   help="decode every image and label of train/val/test first and list every problem")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting, e.g. --set model.last_block_heads=default (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    p.set_defaults(func=_run_finetune)
+
+
+def _check_finetune_folder(folder: str) -> None:
+    """The run folder may be new or one unip wrote: its config.yaml, segmentor and metrics.json are unip's."""
+    import os
+
+    from unip.outputs import claim, is_our_checkpoint, is_our_json, is_our_yaml, out_folder
+    from unip.seg.results import METRICS_FILE
+    from unip.seg.train import DEFAULTS, SEGMENTOR_FILE
+
+    out_folder(folder, "--out")
+    claim([os.path.join(folder, "config.yaml")], is_our_yaml(list(DEFAULTS)), "--out")
+    claim([os.path.join(folder, SEGMENTOR_FILE)], is_our_checkpoint, "--out")
+    claim([os.path.join(folder, METRICS_FILE)], is_our_json(["format", "mIoU"]), "--out")
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from unip.engine.config import dump_config
+    from unip.seg.train import finetune, make_config
+
+    values = {key: getattr(args, name) for name, key in _FINETUNE_OPTIONS.items()
+              if getattr(args, name) is not None}
+    origins = {key: "--" + name.replace("_", "-") for name, key in _FINETUNE_OPTIONS.items()}
+    probe = args.probe or ("linear" if args.probe_layer is not None else None)
+    if probe:
+        values["model.head"], origins["model.head"] = probe, "--probe"
+    if args.check_data:
+        values["data.check"], origins["data.check"] = True, "--check-data"
+    config = make_config(args.preset, tuple(args.overrides), values, origins=origins,
+                         kind="linprobe" if probe else "finetune")
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    _check_finetune_folder(config["run"]["output"])
+    result = finetune(config)
+    if result.is_main:
+        print(result.table)
+        best = f"best val {result.best['metric']} {result.best['value']:.2f} at step {result.best['step']}; " \
+            if result.best else ""
+        print(f"{config['model']['head'] == 'linear' and 'probing' or 'fine-tuning'} finished after {result.steps} "
+              f"steps; {best}final model: {result.segmentor}; test metrics of the best model: {result.metrics_file}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- evaluate
+def _scales_arg(text: str) -> List[float]:
+    try:
+        scales = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected scale factors like 0.75,1.0,1.25, got {text!r}") from None
+    if not scales or any(not 0 < s <= 8 for s in scales):
+        raise argparse.ArgumentTypeError(f"each scale must be in (0, 8], got {text!r}")
+    return scales
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="mIoU / mAcc / aAcc and per-class IoU / Acc of a segmentor on a split",
+                       description="Evaluate a segmentor checkpoint (unip finetune's, or the release's fine-tuned "
+                                   "mmsegmentation .pth) by sliding windows (crop/stride of the checkpoint, the "
+                                   "recipe's 512/341) on a split of a data set: prints a per-class table, writes "
+                                   "metrics.json, confusion.png (row-normalised) and overlays/ of a few images to "
+                                   "--out. Multi-GPU: torchrun --nproc_per_node=N -m unip.cli evaluate ...")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="segmentor .safetensors or release .pth")
+    p.add_argument("--data", required=True, metavar="ROOT", help="data set root")
+    p.add_argument("--dataset", choices=["auto", "soda", "mfnet", "scut", "folder"], default="auto",
+                   help="layout of --data; its class list names the classes")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
+    p.add_argument("--scales", type=_scales_arg, default=[1.0], metavar="S1,S2,...",
+                   help="test-time augmentation: average over these scale factors, e.g. 0.75,1.0,1.25")
+    p.add_argument("--out", default="eval_out", metavar="DIR",
+                   help="folder for metrics.json, confusion.png, overlays/ (default: eval_out)")
+    p.add_argument("--batch-windows", dest="batch_windows", action="store_true", default=True,
+                   help="run the windows of an image (and of same-sized images) as one batch (default)")
+    p.add_argument("--one-window-at-a-time", dest="batch_windows", action="store_false",
+                   help="run the windows one at a time, as the release does")
+    p.add_argument("--batch-size", type=integer(1, 1024).option(), default=1, help="images per evaluation batch")
+    p.add_argument("--overlays", type=integer(0, 10_000).option(), default=4,
+                   help="overlay figures of the first N images (0: none)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast on CUDA (auto: bf16, else fp16); CPU runs fp32")
+    p.add_argument("--workers", type=integer(0, 256).option(), default=2, help="data-loader workers per rank")
+    p.add_argument("--check-data", action="store_true", help="decode every image and label of the split first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from unip.seg.report import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.dataset, args.split, out=args.out, flip=args.flip,
+                                 scales=args.scales, batch_windows=args.batch_windows, batch_size=args.batch_size,
+                                 workers=args.workers, device=args.device, precision=args.precision,
+                                 overlays=args.overlays, check_data=args.check_data, progress=not args.no_progress)
+    if report.is_main:
+        print(report.table)
+        overlays = len(report.files) - 2
+        print(f"wrote {report.files[0]}, {report.files[1]}"
+              + (f" and {overlays} overlay(s) in {report.files[2].parent}" if overlays > 0 else ""))
+    return 0
+
+
 VERBS: List[Callable[[argparse._SubParsersAction], None]] = [
-    _add_info, _add_data, _add_analyze, _add_pretrain, _add_demo]
+    _add_info, _add_data, _add_analyze, _add_pretrain, _add_finetune, _add_evaluate, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -469,7 +621,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _describe_failure(err: BaseException) -> tuple:
     """``(exit code, one-line text)`` for an exception that ended a verb."""
     if isinstance(err, UnipError):
-        return 2, f"error: {one_line(err)}"
+        return 2, f"error: {one_line(_original_message(str(err)))}"
     if _is_out_of_memory(err):
         return 1, (f"error: out of memory ({one_line(err)[:200]}); lower the sizes or batch size "
                    "given on the command line")
@@ -479,6 +631,16 @@ def _describe_failure(err: BaseException) -> tuple:
         return 2, f"error: {one_line(f'{where}: {reason}' if where else reason)}"
     return 1, (f"internal error: {type(err).__name__}: {one_line(err)[:300]}; rerun with UNIP_DEBUG=1 "
                "for the traceback")
+
+
+def _original_message(text: str) -> str:
+    """The error's own message when ``text`` is a DataLoader worker's re-raise ("Caught DataError in DataLoader
+    worker process 0. Original Traceback (most recent call last): ... unip.errors.DataError: MESSAGE"):
+    MESSAGE, without the worker's traceback; ``text`` otherwise."""
+    if "Original Traceback" not in text:
+        return text
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), text)
+    return re.sub(r"^[\w.]+: ", "", last.strip(), count=1)
 
 
 def _print_warning(verb: str, message, category, filename, lineno, file=None, line=None) -> None:

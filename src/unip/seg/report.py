@@ -1,0 +1,201 @@
+"""``unip evaluate``: a segmentor checkpoint on a split of a data set, with its report.
+
+``evaluate_checkpoint`` reads our ``.safetensors`` segmentors and the release's fine-tuned mmseg checkpoints
+(``unip.seg.load_segmentor``), opens the split with the test transform the checkpoint records (resize scale,
+normalisation; the recipe's by default), evaluates it (``unip.seg.evaluation.evaluate_split``: every rank
+its share under torchrun, one all-reduce) and, on rank 0, writes into ``out``:
+
+* ``metrics.json`` (``unip.seg.results``: mIoU / mAcc / aAcc, per-class IoU / Acc with class names, the
+  confusion matrix, what was evaluated and how);
+* ``confusion.png``: the confusion matrix normalised per row;
+* ``overlays/NNNNN_<name>.png``: prediction and ground truth over the first images of the split, with a legend.
+
+The class names are the data set's (its layout's list, or ``classes.yaml``): the ids in its label files are
+what the metrics count. A checkpoint whose class count differs from the data set's is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from unip.data.seg_check import check_segmentation
+from unip.data.seg_transforms import SEG_MEAN, SEG_SCALE, SEG_STD, seg_test_transform
+from unip.data.segmentation import SegmentationDataset, open_segmentation_dataset
+from unip.engine.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from unip.engine.loop import Precision, resolve_precision
+from unip.errors import CheckpointError, DataError
+from unip.outputs import claim, claim_folder, is_our_json, is_our_png, out_folder
+from unip.seg.checkpoint import load_segmentor
+from unip.seg.evaluation import EvalResult, EvalSettings, evaluate_split, predict_labels
+from unip.seg.results import METRICS_FILE, describe_model, metrics_document, metrics_table, write_metrics
+
+logger = logging.getLogger(__name__)
+
+CONFUSION_FILE = "confusion.png"
+OVERLAY_DIR = "overlays"
+_OVERLAY_NAME = re.compile(r"^\d{5}_[A-Za-z0-9._-]*\.png$")
+
+
+@dataclass
+class EvaluationReport:
+    """The ``metrics.json`` document of an evaluation, its table, and the files written (rank 0 only)."""
+
+    document: Dict[str, Any]
+    table: str
+    files: List[Path] = field(default_factory=list)
+    is_main: bool = True
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def test_transform_of(meta: Dict[str, Any]):
+    """The test transform a segmentor's ``meta`` records: resize to fit ``test_scale`` (default (2048, 512)),
+    normalise with its ``normalization`` (0–1 scale in the file; default the recipe's 96.9255 / 47.8976 on 0–255)."""
+    scale = tuple(int(v) for v in meta.get("test_scale", SEG_SCALE))
+    norm = meta.get("normalization") or {}
+    mean = [float(v) * 255 for v in norm["mean"]] if norm.get("mean") else SEG_MEAN
+    std = [float(v) * 255 for v in norm["std"]] if norm.get("std") else SEG_STD
+    return seg_test_transform(scale=scale, mean=mean, std=std)  # type: ignore[arg-type]
+
+
+def check_classes(segmentor: nn.Module, dataset: SegmentationDataset, checkpoint: str) -> None:
+    """``CheckpointError`` when the segmentor predicts another number of classes than the data set has; a
+    warning when the checkpoint names its classes differently (the data set's names are used)."""
+    count = int(segmentor.num_classes)  # type: ignore[arg-type]
+    if count != dataset.num_classes:
+        raise CheckpointError(f"{checkpoint}: the segmentor predicts {count} classes, but {dataset.root} "
+                              f"({dataset.layout} layout) has {dataset.num_classes}; evaluate it on the data set it "
+                              "was trained for (or choose --dataset)")
+    names = getattr(segmentor, "meta", {}).get("class_names")
+    if names and list(names) != list(dataset.classes):
+        logger.warning("%s names its classes %s; the data set's names %s are used", checkpoint,
+                       ", ".join(names[:4]) + ", ...", ", ".join(dataset.classes[:4]) + ", ...")
+
+
+def check_data_once(root: str, dataset: str, splits: Sequence[str], dist: DistInfo, workers: Optional[int] = None,
+                    progress: bool = True) -> None:
+    """Decode every image and label of ``splits`` (``unip.data.check_segmentation``) on rank 0, log every problem
+    found (one line each) and raise ``DataError`` with their count on every rank (the count is shared by an
+    all-reduce, so no rank runs on alone)."""
+    problems = 0
+    if dist.is_main:
+        report = check_segmentation(root, dataset, list(splits), workers=workers, progress=progress)
+        for line in report.problem_lines():
+            logger.error(line)
+        problems = len(report.problems)
+        if not problems:
+            logger.info("data check: %s (%s layout) is clean: %s", report.root, report.layout,
+                        ", ".join(f"{s.split} {s.images} images" for s in report.splits))
+    problems = int(all_reduce_sum(torch.tensor([problems], device=dist.device)).item())
+    if problems:
+        raise DataError(f"{root}: {problems} data problem(s), listed above (unip data check-seg {root} lists "
+                        "them too); fix them and run again")
+
+
+def split_context(dataset: SegmentationDataset, settings: EvalSettings, precision: Precision) -> Dict[str, Any]:
+    """The keys of ``metrics.json`` that say what was evaluated and how."""
+    return {"split": dataset.split, "split_file": dataset.split_file, "dataset": dataset.layout,
+            "data_root": dataset.root, "test": {**settings.record(), "precision": precision.name}}
+
+
+def _overlay_name(index: int, name: str) -> str:
+    return f"{index:05d}_{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:80]}.png"
+
+
+def write_overlays(segmentor: nn.Module, dataset: SegmentationDataset, count: int, folder: Path,
+                   settings: EvalSettings, device: torch.device, precision: Optional[Precision] = None
+                   ) -> List[Path]:
+    """Prediction and ground truth over the first ``count`` images of ``dataset`` as
+    ``folder/NNNNN_<name>.png`` (``unip.seg.figures.save_overlay``); returns the paths written."""
+    from unip.seg.figures import save_overlay
+
+    paths = []
+    for index in range(min(count, len(dataset))):
+        item, raw = dataset[index], dataset.load(index)
+        with torch.no_grad():
+            pred = predict_labels(segmentor, item["image"][None].to(device), item["label"].shape, settings, precision)
+        path = folder / _overlay_name(index, str(item["name"]))
+        folder.mkdir(parents=True, exist_ok=True)
+        save_overlay(raw["image"].permute(1, 2, 0).numpy(), pred[0].cpu().numpy(), raw["label"].numpy(),
+                     dataset.classes, dataset.palette, str(path), title=f"{dataset.layout} {dataset.split}: "
+                     f"{item['name']}")
+        paths.append(path)
+    return paths
+
+
+def check_outputs(out: str) -> None:
+    """``ConfigError`` before any work when ``out`` cannot take the report or holds files of the same names
+    that unip did not write."""
+    out_folder(out, "--out")
+    claim([os.path.join(out, METRICS_FILE)], is_our_json(["format", "mIoU"]), "--out")
+    claim([os.path.join(out, CONFUSION_FILE)], is_our_png, "--out")
+    claim_folder(os.path.join(out, OVERLAY_DIR), _OVERLAY_NAME, "--out")
+
+
+def write_report(out: Path, document: Dict[str, Any], result: EvalResult, segmentor: nn.Module,
+                 dataset: SegmentationDataset, settings: EvalSettings, device: torch.device,
+                 precision: Precision, overlays: int) -> List[Path]:
+    """``metrics.json``, ``confusion.png`` and the overlays into ``out`` (rank 0); returns the paths."""
+    from unip.seg.figures import save_confusion
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_metrics(out / METRICS_FILE, document)]
+    title = f"{dataset.layout} {dataset.split} ({result.images} images): mIoU {result.metrics['mIoU']:.2f}"
+    files.append(Path(save_confusion(result.confusion, dataset.classes, str(out / CONFUSION_FILE), title)))
+    files += write_overlays(segmentor, dataset, overlays, out / OVERLAY_DIR, settings, device, precision)
+    return files
+
+
+# ------------------------------------------------------------------------------------------------ the verb
+def evaluate_checkpoint(checkpoint: str, data: str, dataset: str = "auto", split: str = "test", *,
+                        out: Optional[str] = None, flip: bool = False, scales: Sequence[float] = (1.0,),
+                        batch_windows: bool = True, batch_size: int = 1, workers: int = 2, device: str = "auto",
+                        precision: str = "auto", overlays: int = 4, check_data: bool = False,
+                        progress: bool = True) -> EvaluationReport:
+    """Evaluate ``checkpoint`` on ``split`` of the data set at ``data`` (module docstring); under torchrun on
+    every rank. Returns an ``EvaluationReport`` (the same document on every rank; files only on rank 0).
+    Raises ``CheckpointError`` / ``DataError`` / ``ConfigError`` on bad input, before any work where it can."""
+    if out is not None:
+        check_outputs(out)
+    dist = init_distributed(device)
+    try:
+        segmentor = load_segmentor(checkpoint)
+        data_set = open_segmentation_dataset(data, dataset, split, test_transform_of(segmentor.meta))
+        check_classes(segmentor, data_set, checkpoint)
+        if check_data:
+            check_data_once(data, data_set.layout, [split], dist, progress=progress)
+        settings = EvalSettings(crop=int(segmentor.meta.get("crop_size", 512)),
+                                stride=int(segmentor.meta.get("stride", 341)), flip=flip,
+                                scales=tuple(float(s) for s in scales), batch_windows=batch_windows,
+                                batch_size=batch_size, num_workers=workers)
+        run_precision = resolve_precision(precision, dist.device)
+        segmentor = segmentor.to(dist.device).eval()
+        if dist.is_main:
+            logger.info("evaluating %s on %s (%s, %d images, %d classes) with %s windows %d/%d on %s (%s)%s",
+                        checkpoint, data_set.split_file, data_set.layout, len(data_set), data_set.num_classes,
+                        "batched" if batch_windows else "one-at-a-time", settings.crop, settings.stride,
+                        dist.device, run_precision.name, f" over {dist.world_size} processes"
+                        if dist.world_size > 1 else "")
+        result = evaluate_split(segmentor, data_set, settings, dist.device, run_precision,
+                                progress=dist.is_main and progress, desc=f"evaluate {split}")
+        document = metrics_document(result, data_set.classes, **split_context(data_set, settings, run_precision),
+                                    checkpoint=str(checkpoint), step=segmentor.meta.get("step"),
+                                    model=describe_model(segmentor))
+        files = []
+        if dist.is_main and out is not None:
+            files = write_report(Path(out), document, result, segmentor, data_set, settings, dist.device,
+                                 run_precision, overlays)
+        return EvaluationReport(document, metrics_table(document), files, dist.is_main)
+    finally:
+        cleanup()
+
+
+__all__ = ["EvaluationReport", "check_classes", "check_data_once", "evaluate_checkpoint", "split_context",
+           "test_transform_of", "write_overlays", "write_report"]

@@ -1,0 +1,387 @@
+"""Segmentation fine-tuning and linear probing: the entry point ``finetune(config)`` behind ``unip finetune``.
+
+``SegmentationTask`` says only what is specific to segmentation — the segmentor (``build_segmentor`` on the
+pre-trained backbone), the mmseg 0.x loss (decode CE + 0.4 × auxiliary CE, 255 ignored), the data (the
+recipe's joint transforms), layer-wise lr decay, and the evaluation (sliding windows on the val split, the
+confusion matrix reduced over ranks). The loop — process group, AdamW groups, poly schedule with linear
+warm-up, fp16 AMP with a grad scaler, accumulation, SyncBN under multi-GPU DDP, evaluation every
+``run.eval_every`` steps keeping ``checkpoints/best.safetensors`` by mIoU, atomic states and exact resume,
+JSONL + TensorBoard logs, progress bar — is ``unip.engine.trainer.Trainer``.
+
+At the end ``finetune`` evaluates the best model on the test split and writes ``<out>/metrics.json``
+(``unip.seg.results``) next to the final ``<out>/segmentor.safetensors``.
+
+Every number of ``DEFAULTS`` is the release's recipe for UNIP-S on SODA (DESIGN.md §4); the presets under
+``configs/finetune/`` and ``configs/linprobe/`` state it for each data set and model size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
+from unip.data.segmentation import DATASETS, SegmentationDataset, detect_dataset, open_segmentation_dataset
+from unip.data.seg_transforms import seg_train_transform
+from unip.engine import checkpointing
+from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
+from unip.engine.distributed import cleanup, init_distributed, unwrap_model
+from unip.engine.loop import PRECISIONS
+from unip.engine.schedule import SCHEDULES
+from unip.engine.trainer import Task, TrainContext, Trainer, run_settings
+from unip.errors import ConfigError, DataError
+from unip.models import list_models
+from unip.models.heads import HEADS
+from unip.models.necks import NECKS
+from unip.models.segmentor import Segmentor
+from unip.seg.build import build_segmentor
+from unip.seg.checkpoint import load_segmentor, save_segmentor
+from unip.seg.evaluation import EvalSettings, evaluate_split
+from unip.seg.layer_decay import layer_decay_lr_scale
+from unip.seg.loss import segmentation_losses
+from unip.seg.report import check_data_once, split_context, test_transform_of
+from unip.seg.results import METRICS_FILE, describe_model, metrics_document, metrics_table, write_metrics
+
+logger = logging.getLogger(__name__)
+
+SEGMENTOR_FILE = "segmentor.safetensors"
+#: ``model.pretrained`` value that asks for a randomly initialised ``model.backbone``.
+RANDOM_INIT = "none"
+
+#: Every setting of a fine-tuning or probing run; presets and ``--set`` may only change these keys. The values
+#: are the release's recipe for UNIP-S on SODA (DESIGN.md §4).
+DEFAULTS: Config = {
+    "model": {
+        "pretrained": None,             # backbone source: our pretrain output, a release .pth, MAE/DINO/iBOT/DeiT
+                                        # file, timm:NAME[@FILE]; "none": random init of model.backbone
+        "backbone": "unip_vit_small_patch16",  # architecture for --pretrained none (and what presets are for)
+        "head": "upernet",              # upernet (fine-tuning) or linear (probing: frozen backbone)
+        "neck": "llfpn",                # llfpn (the paper's: last block → strides 4/8/16/32) or fpn (blocks 4/6/8/12)
+        "probe_layer": None,            # linear head on one block only (layer-wise probing, 1-based)
+        "last_block_heads": "pretrained",  # pretrained (keep the distilled count), default (the release), or N
+        "drop_path": None,              # null: 0.1 (T/S/B), 0.2 (ViT-L)
+        "layer_decay": 0.85,            # layer-wise lr decay (1.0: none)
+        "channels": None,               # UperNet width; null: the backbone's width
+        "auxiliary_head": True,         # FCN on the stride-16 map, loss weight 0.4
+    },
+    "data": {
+        "path": None, "dataset": "auto",
+        "crop_size": 512,               # training crop, backbone input size, sliding window
+        "scale": [2048, 512],           # resize scale (train: × ratio; test: fit keeping the aspect)
+        "ratio_range": [0.5, 2.0],
+        "cat_max_ratio": 0.75,          # crop retried until no class covers 75 % (up to 10 tries)
+        "flip": 0.5, "photometric": True,
+        "mean": 96.9255, "std": 47.8976,  # on 0-255, all three channels
+        "num_workers": 4,
+        "check": False,                 # decode every image and label of train/val/test first, list every problem
+    },
+    "eval": {"stride": None,            # sliding-window stride; null: 2/3 of the crop (512 → 341)
+             "batch_size": 1,           # images per evaluation batch (same-sized ones share one forward)
+             "batch_windows": True},    # the windows of a batch in one forward (false: one at a time, as the release)
+    "optim": {"epochs": None, "warmup_epochs": 0.0, "iterations": 14400, "warmup_iterations": 1500,
+              "schedule": "poly", "power": 1.0, "warmup_start_factor": 1e-6, "min_lr": 0.0, "lr": 1e-4,
+              "batch_size": 4, "accum_iter": 1, "effective_batch": 8, "weight_decay": 0.05,
+              "betas": [0.9, 0.999], "clip_grad": None},
+    "run": {"output": "runs/finetune", "seed": 0, "device": "auto", "precision": "fp16", "compile": "auto",
+            "save_every_epochs": 0, "save_every_steps": 800, "keep_checkpoints": 2, "log_every": 50,
+            "resume": None, "progress": True, "allow_changed_config": False, "eval_every": 800,
+            "best_metric": "mIoU", "best_mode": "max"},
+    "debug": {"nan_at_step": None, "step_delay": 0.0},
+}
+
+#: What each setting may hold; ``make_config`` checks the resolved settings against it.
+RULES: Dict[str, Rule] = {
+    "model.pretrained": text(null=True), "model.backbone": text(*list_models()), "model.head": text(*HEADS),
+    "model.neck": text(*NECKS), "model.probe_layer": integer(1, MAX_DEPTH, null=True),
+    "model.last_block_heads": integer(1, MAX_WIDTH, words=("pretrained", "default")),
+    "model.drop_path": number(ge=0, lt=1, null=True), "model.layer_decay": number(gt=0, le=1),
+    "model.channels": integer(1, MAX_WIDTH, null=True), "model.auxiliary_head": flag(),
+    "data.path": text(null=True), "data.dataset": text("auto", *DATASETS), "data.crop_size": integer(32, 4096),
+    "data.scale": numbers(2, ge=16, le=16384), "data.ratio_range": numbers(2, gt=0, le=16, ascending=True),
+    "data.cat_max_ratio": number(gt=0, le=1), "data.flip": number(ge=0, le=1), "data.photometric": flag(),
+    "data.mean": number(ge=0, le=255), "data.std": number(gt=0, le=255), "data.num_workers": integer(0, 256),
+    "data.check": flag(),
+    "eval.stride": integer(1, 4096, null=True), "eval.batch_size": integer(1, 1024), "eval.batch_windows": flag(),
+    "optim.epochs": integer(1, 100_000, null=True), "optim.warmup_epochs": number(ge=0, le=100_000),
+    "optim.iterations": integer(1, 100_000_000, null=True), "optim.warmup_iterations": integer(0, 100_000_000),
+    "optim.schedule": text(*SCHEDULES), "optim.power": number(gt=0, le=100),
+    "optim.warmup_start_factor": number(ge=0, le=1), "optim.min_lr": number(ge=0, lt=1),
+    "optim.lr": number(gt=0, le=1), "optim.batch_size": integer(1, 65_536), "optim.accum_iter": integer(1, 65_536),
+    "optim.effective_batch": integer(1, 2**24, null=True), "optim.weight_decay": number(ge=0, le=1),
+    "optim.betas": numbers(2, ge=0, lt=1), "optim.clip_grad": number(gt=0, null=True),
+    "run.output": text(), "run.seed": integer(0, 2**63 - 1), "run.device": text(), "run.precision": text(*PRECISIONS),
+    "run.compile": Rule("bool", words=("auto",)), "run.save_every_epochs": integer(0, 100_000),
+    "run.save_every_steps": integer(0), "run.keep_checkpoints": integer(1, 10_000), "run.log_every": integer(1),
+    "run.resume": text(null=True), "run.progress": flag(), "run.allow_changed_config": flag(),
+    "run.eval_every": integer(0), "run.best_metric": text("mIoU", "mAcc", "aAcc", null=True),
+    "run.best_mode": text("max", "min"),
+    "debug.nan_at_step": integer(1, null=True), "debug.step_delay": number(ge=0, le=3600),
+}
+
+
+def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
+                values: Optional[Dict[str, Any]] = None, origins: Optional[Dict[str, str]] = None,
+                kind: str = "finetune") -> Config:
+    """``DEFAULTS`` ← preset (a name under ``configs/<kind>/``, ``kind`` = ``finetune`` or ``linprobe``, or a
+    YAML path) ← ``values`` ← ``overrides``, checked against ``RULES`` and for consistency."""
+    config = build_config(DEFAULTS, preset, overrides, kind=kind, values=values, rules=RULES, origins=origins)
+    check_consistency(config)
+    return config
+
+
+def check_consistency(config: Config) -> None:
+    """``ConfigError`` for settings that are each valid but do not fit together."""
+    model = config["model"]
+    if model["probe_layer"] is not None and model["head"] != "linear":
+        raise ConfigError(f"model.probe_layer={model['probe_layer']} is a linear probe's setting; add --probe "
+                          "linear (model.head=linear) or drop --probe-layer")
+    stride = config["eval"]["stride"]
+    if stride is not None and stride > config["data"]["crop_size"]:
+        raise ConfigError(f"eval.stride={stride} is larger than data.crop_size={config['data']['crop_size']}: "
+                          "the windows would leave gaps")
+
+
+def training_mode(config: Config) -> str:
+    """``fine-tuning``, ``linear probe`` or ``layer-wise probe (block N)``."""
+    model = config["model"]
+    if model["head"] != "linear":
+        return "fine-tuning"
+    return f"layer-wise probe (block {model['probe_layer']})" if model["probe_layer"] else "linear probe"
+
+
+def stack_crops(items: Sequence[Dict[str, Any]]) -> Tuple[Tensor, Tensor]:
+    """Training collate: ``(images [B, 3, H, W] float32, labels [B, H, W] int64)`` of equal-sized crops."""
+    return torch.stack([item["image"] for item in items]), torch.stack([item["label"] for item in items])
+
+
+@dataclass
+class FinetuneResult:
+    """The final segmentor, ``metrics.json`` (best model on the test split) with its document and table, the
+    optimiser steps of the run, the best evaluation (``best.json``'s record) and whether this is rank 0."""
+
+    segmentor: Path
+    metrics_file: Path
+    metrics: Dict[str, Any]
+    table: str
+    steps: int
+    best: Optional[Dict[str, Any]]
+    is_main: bool = True
+
+
+# -------------------------------------------------------------------------------------------- the task
+class SegmentationTask(Task):
+    """Fine-tuning (LL-FPN + UperNet + FCN auxiliary head) or linear probing on ``unip.engine.trainer``."""
+
+    model_file = SEGMENTOR_FILE
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.mode = training_mode(config)
+        self.name = "finetune" if config["model"]["head"] != "linear" else "linprobe"
+        data = config["data"]
+        if not data["path"]:
+            raise ConfigError("no data: pass --data ROOT (a SODA, MFNet, SCUT-Seg or folder data set)")
+        if not config["model"]["pretrained"]:
+            raise ConfigError(f"no backbone: pass --pretrained SOURCE (our pretrain output, a release or MAE/DINO/"
+                              f"iBOT/DeiT checkpoint, timm:NAME[@FILE]) or --pretrained {RANDOM_INIT} for a randomly "
+                              f"initialised {config['model']['backbone']}")
+        crop = int(data["crop_size"])
+        stride = config["eval"]["stride"]
+        self.eval_settings = EvalSettings(crop=crop, stride=int(stride) if stride else crop * 2 // 3,
+                                          batch_size=int(config["eval"]["batch_size"]),
+                                          batch_windows=bool(config["eval"]["batch_windows"]),
+                                          num_workers=int(data["num_workers"]))
+        self.lr_scale_fn = None
+        #: what the segmentor files record about the test transform; the evaluations here read it back the way
+        #: ``unip evaluate`` does, so that both compute on identical inputs
+        self.test_meta: Dict[str, Any] = {
+            "normalization": {"mean": [data["mean"] / 255] * 3, "std": [data["std"] / 255] * 3},
+            "test_scale": [int(v) for v in data["scale"]], "crop_size": crop, "stride": self.eval_settings.stride}
+
+    # ---------------------------------------------------------------------------- data
+    def open_split(self, split: str) -> SegmentationDataset:
+        """Split ``split`` of the data set with the training (``train``) or test transform of the settings."""
+        data = self.config["data"]
+        scale = tuple(int(v) for v in data["scale"])
+        if split == "train":
+            transform = seg_train_transform(
+                scale=scale, ratio_range=tuple(data["ratio_range"]), crop_size=int(data["crop_size"]),  # type: ignore
+                cat_max_ratio=float(data["cat_max_ratio"]), flip_p=float(data["flip"]),
+                photometric=bool(data["photometric"]), mean=float(data["mean"]), std=float(data["std"]))
+        else:
+            transform = test_transform_of(self.test_meta)
+        return open_segmentation_dataset(data["path"], data["dataset"], split, transform)
+
+    def check_layout(self) -> None:
+        """``ConfigError`` when ``data.dataset`` (e.g. from a preset) names another layout than the one ``--data``
+        has (a SODA preset on MFNet data), with the option that fixes it."""
+        data = self.config["data"]
+        wanted = str(data["dataset"]).lower()
+        if wanted == "auto":
+            return
+        try:
+            found = detect_dataset(os.path.abspath(os.path.expanduser(str(data["path"]))))
+        except DataError:  # not recognisable: opening it reports what is missing
+            return
+        if found != wanted and not (found == "folder" or wanted == "folder"):
+            raise ConfigError(f"{data['path']} looks like a {found} data set, but data.dataset={wanted} (the preset's "
+                              f"or --dataset); pass --dataset {found} (or auto), or use a {found}_* preset")
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Open the train, val and test splits (every listed file must exist: a missing test file fails now,
+        not after training)."""
+        self.check_layout()
+        self.train_set = self.open_split("train")
+        self.val_set = self.open_split("val")
+        self.test_set = self.open_split("test")
+
+    def train_dataset(self, ctx: TrainContext) -> Dataset:
+        return self.train_set
+
+    def train_collate(self):
+        return stack_crops
+
+    def data_source(self, ctx: TrainContext) -> str:
+        return f"{self.train_set.split_file} ({self.train_set.layout} training split)"
+
+    # ---------------------------------------------------------------------------- model
+    def backbone_source(self) -> str:
+        """What ``build_segmentor`` reads: the pre-trained source, or the ``model.backbone`` preset for random init."""
+        source = str(self.config["model"]["pretrained"])
+        return self.config["model"]["backbone"] if source.lower() == RANDOM_INIT else source
+
+    def random_init(self) -> bool:
+        return self.backbone_source() in list_models() and not Path(self.backbone_source()).exists()
+
+    def build_model(self, ctx: TrainContext) -> Segmentor:
+        model, data = self.config["model"], self.config["data"]
+        if self.random_init() and ctx.dist.is_main:
+            logger.warning("backbone: RANDOM INITIALISATION of %s (--pretrained %s): no pre-trained weights are "
+                           "loaded; the result measures the architecture alone", self.backbone_source(),
+                           model["pretrained"])
+        classes = self.train_set
+        meta = {**self.test_meta, "class_names": list(classes.classes),
+                "palette": [list(c) for c in classes.palette], "dataset": classes.layout,
+                "training": {"mode": self.mode, "data_root": classes.root,
+                             "iterations": self.config["optim"]["iterations"]}}
+        probe = model["head"] == "linear"
+        try:
+            segmentor = build_segmentor(
+                classes.num_classes, self.backbone_source(), neck=model["neck"], head=model["head"],
+                probe_layers=[int(model["probe_layer"])] if model["probe_layer"] else None,
+                img_size=int(data["crop_size"]), drop_path_rate=model["drop_path"],
+                last_block_heads=model["last_block_heads"], auxiliary_head=bool(model["auxiliary_head"]),
+                channels=model["channels"], meta=meta)
+        except ConfigError as err:
+            where = f"model.probe_layer={model['probe_layer']} (--probe-layer) on " if model["probe_layer"] else ""
+            raise ConfigError(f"{where}{self.backbone_source()}: {err}") from None
+        patch, crop = segmentor.backbone.patch_size, int(data["crop_size"])
+        if crop % patch:
+            raise ConfigError(f"data.crop_size={crop} is not a multiple of the backbone's patch size {patch} "
+                              f"({self.backbone_source()}); choose e.g. {max(crop // patch, 2) * patch}")
+        if not probe and float(model["layer_decay"]) != 1.0:
+            self.lr_scale_fn = layer_decay_lr_scale(segmentor.backbone.depth, float(model["layer_decay"]))
+        self.loss_weights = segmentor.loss_weights
+        self.backbone_info = describe_model(segmentor)
+        return segmentor.to(ctx.device)
+
+    def lr_scale(self, name: str) -> float:
+        """Layer-wise lr decay (fine-tuning; DESIGN.md §4): ``rate ** (depth + 1 - layer_id(name))``; 1 for probes."""
+        return self.lr_scale_fn(name) if self.lr_scale_fn is not None else 1.0
+
+    def compile(self, module: nn.Module, model: nn.Module) -> nn.Module:
+        """Regional compilation of the backbone's blocks (one graph for all of them); neck and heads stay eager."""
+        model.backbone.compile_blocks()  # type: ignore[operator, union-attr]
+        return module
+
+    # ---------------------------------------------------------------------------- loss and evaluation
+    def loss(self, module: nn.Module, batch: Tuple[Tensor, Tensor], ctx: TrainContext):
+        images, labels = (t.to(ctx.device, non_blocking=True) for t in batch)
+        losses = segmentation_losses(module(images), labels, self.loss_weights)
+        return sum(losses.values()), losses
+
+    def evaluate(self, model: nn.Module, ctx: TrainContext) -> Dict[str, Any]:
+        """mIoU / mAcc / aAcc and per-class IoU / Acc of ``model`` on the val split (sliding windows)."""
+        result = evaluate_split(model, self.val_set, self.eval_settings, ctx.device, ctx.precision,
+                                progress=ctx.dist.is_main and bool(self.config["run"]["progress"]),
+                                desc=f"eval {self.val_set.split}")
+        return result.scalars_and_lists()
+
+    def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
+        """The segmentor with its config, classes, palette, normalisation and test window (``load_segmentor``)."""
+        record: Dict[str, Any] = {"step": ctx.step}
+        if ctx.last_eval:
+            record["val"] = {k: ctx.last_eval[k] for k in ("mIoU", "mAcc", "aAcc") if k in ctx.last_eval}
+        save_segmentor(model, path, record)  # type: ignore[arg-type]
+
+    def describe(self, ctx: TrainContext) -> str:
+        source = self.backbone_source() + (" (RANDOM INIT)" if self.random_init() else "")
+        return (f"{self.mode} of {source} on {self.train_set.root} ({self.train_set.layout}: "
+                f"{len(self.train_set)} train / {len(self.val_set)} val / {len(self.test_set)} test images, "
+                f"{self.train_set.num_classes} classes)")
+
+    def setup_record(self, ctx: TrainContext) -> Dict[str, Any]:
+        return {"mode": self.mode, "pretrained": self.config["model"]["pretrained"],
+                "random_init": self.random_init(), "dataset": self.train_set.layout,
+                "classes": list(self.train_set.classes), "train_images": len(self.train_set),
+                "val_images": len(self.val_set), "heads_per_block": self.backbone_info["backbone"]["heads_per_block"]}
+
+
+# -------------------------------------------------------------------------------------------- the run
+def finetune(config: Config) -> FinetuneResult:
+    """Run fine-tuning or linear probing as configured (see ``DEFAULTS``); under torchrun, on every rank.
+
+    Trains with ``SegmentationTask`` on the trainer, then evaluates the best model (by val mIoU; the final
+    model when nothing was evaluated) on the test split and writes ``<run.output>/metrics.json``. Returns a
+    ``FinetuneResult``; raises ``ConfigError``/``DataError``/``CheckpointError`` on bad input (before
+    training where it can) and the trainer's non-finite errors when the run diverges."""
+    run = run_settings(config)[0]
+    task = SegmentationTask(config)  # checks the settings before the process group starts
+    dist = init_distributed(run["device"])
+    try:
+        if config["data"]["check"]:
+            check_data_once(config["data"]["path"], config["data"]["dataset"], ["train", "val", "test"], dist,
+                            workers=None, progress=dist.is_main and bool(run["progress"]))
+        trainer = Trainer(task, config, dist)
+        fit = trainer.fit()
+        document = test_best_model(task, trainer, fit.best)
+        metrics_path = trainer.output / METRICS_FILE
+        if dist.is_main:
+            write_metrics(metrics_path, document)
+            logger.info("test split of the best model (step %s): mIoU %.2f; wrote %s", document["step"],
+                        document["mIoU"] if document["mIoU"] is not None else float("nan"), metrics_path)
+        return FinetuneResult(fit.model_path, metrics_path, document, metrics_table(document), fit.steps, fit.best,
+                              dist.is_main)
+    finally:
+        cleanup()
+
+
+def test_best_model(task: SegmentationTask, trainer: Trainer, best: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The ``metrics.json`` document of the best model (``checkpoints/best.safetensors``; the final model when
+    no evaluation chose one) on the test split; every rank evaluates its share."""
+    ctx = trainer.ctx
+    if best is not None:
+        path = trainer.ckpt_dir / checkpointing.BEST_WEIGHTS
+        model: nn.Module = load_segmentor(path).to(ctx.device)
+        step = int(best["step"])
+    else:
+        path, model, step = trainer.output / task.model_file, unwrap_model(trainer.model), ctx.step
+    if ctx.dist.is_main:
+        logger.info("evaluating %s (step %d) on the %s split", path, step, task.test_set.split)
+    result = evaluate_split(model, task.test_set, task.eval_settings, ctx.device, ctx.precision,
+                            progress=ctx.dist.is_main and bool(task.config["run"]["progress"]), desc="test")
+    best_record = {**best, "split": task.val_set.split} if best else None
+    return metrics_document(result, task.test_set.classes, **split_context(task.test_set, task.eval_settings,
+                                                                             ctx.precision),
+                            checkpoint=str(path), step=step, model=describe_model(model), best=best_record)
+
+
+__all__ = ["DEFAULTS", "FinetuneResult", "RANDOM_INIT", "RULES", "SEGMENTOR_FILE", "SegmentationTask", "finetune",
+           "make_config", "stack_crops", "test_best_model", "training_mode"]

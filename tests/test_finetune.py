@@ -1,0 +1,315 @@
+"""`unip finetune` and `unip evaluate` end to end on a tiny backbone and generated SODA-layout data (CPU):
+learning, metrics.json against `unip evaluate`, the optimiser groups the task builds, linear probing, exact
+resume after SIGKILL, 2-process (gloo) runs against one process, the release's fine-tuned layout, presets."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from unip import cli
+from unip.checkpoint import save_checkpoint
+from unip.data.synth import write_soda
+from unip.engine import checkpointing
+from unip.engine.config import PRESET_ROOTS, flatten
+from unip.engine.distributed import init_distributed
+from unip.engine.trainer import Trainer
+from unip.models import create_model
+from unip.seg import build_segmentor, layer_id, load_segmentor
+from unip.seg.evaluation import EvalSettings, evaluate_split
+from unip.seg.results import read_metrics
+from unip.seg.train import DEFAULTS, RULES, SegmentationTask, make_config
+
+BIN = Path(sys.executable).parent
+DEPTH, WIDTH = 4, 64
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A 4-block backbone of width 64 (64 px) and 24 generated SODA-layout images of 96×80 (16 train, 8 test)."""
+    root = tmp_path_factory.mktemp("finetune")
+    torch.manual_seed(0)
+    backbone = create_model("unip_vit_tiny_patch16", depth=DEPTH, embed_dim=WIDTH, num_heads=2, img_size=64)
+    save_checkpoint(backbone, root / "backbone.safetensors")
+    write_soda(str(root / "soda"), 16, 8, size=(96, 80), seed=0)
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and the CPU is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _args(assets, out, *extra, preset="toy"):
+    return ["finetune", preset, "--pretrained", str(assets / "backbone.safetensors"), "--data",
+            str(assets / "soda"), "--out", str(out), "--device", "cpu", "--set", "run.progress=false", *extra]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory):
+    """One toy fine-tuning run through the CLI (60 iterations, evaluation every 20)."""
+    out = tmp_path_factory.mktemp("run") / "ft"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(_args(assets, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- learning
+def test_short_fine_tune_raises_miou_well_above_its_start(assets, trained, one_thread):
+    config = make_config("toy", values={"model.pretrained": str(assets / "backbone.safetensors"),
+                                        "data.path": str(assets / "soda")})
+    task = SegmentationTask(config)
+    test_set = task.open_split("test")
+    torch.manual_seed(0)
+    untrained = build_segmentor(21, str(assets / "backbone.safetensors"), img_size=64, drop_path_rate=0.0)
+    settings = EvalSettings(crop=64, stride=42)
+    start = evaluate_split(untrained, test_set, settings, torch.device("cpu")).metrics["mIoU"]
+    metrics = read_metrics(trained / "metrics.json")
+    assert metrics["mIoU"] >= start + 15 and metrics["mIoU"] >= 2 * start, (start, metrics["mIoU"])
+    # the run folder: final model, best model and record, logs with both loss components and evaluations
+    assert load_segmentor(trained / "segmentor.safetensors").meta["step"] == 60
+    best = json.loads((trained / "checkpoints" / "best.json").read_text())
+    assert best["metric"] == "mIoU" and best["step"] in (20, 40, 60) and metrics["step"] == best["step"]
+    records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert all("loss_decode" in r and "loss_aux" in r for r in train)
+    assert [r["step"] for r in evals] == [20, 40, 60] and len(evals[0]["IoU"]) == 21
+    assert max(r["mIoU"] for r in evals) == pytest.approx(best["value"])
+    assert (trained / "tb").is_dir()
+
+
+def test_metrics_json_equals_what_evaluate_reports(assets, trained, tmp_path, one_thread, capsys):
+    metrics = read_metrics(trained / "metrics.json")
+    assert metrics["format"] == "unip-segmentation-metrics" and metrics["split"] == "test"
+    assert metrics["dataset"] == "soda" and metrics["images"] == 8 and len(metrics["classes"]) == 21
+    assert metrics["model"]["mode"] == "fine-tuning" and not metrics["model"]["backbone"]["random_init"]
+    assert metrics["model"]["backbone"]["pretrained"] == str(assets / "backbone.safetensors")
+    assert metrics["IoU"][5] is None and metrics["per_class"][18]["name"] == "sky"  # absent class: null
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", metrics["checkpoint"], "--data", str(assets / "soda"), "--out",
+                     str(out), "--device", "cpu", "--no-progress", "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "sky" in printed and f"mIoU {metrics['mIoU']:.2f}" in printed
+    evaluated = read_metrics(out / "metrics.json")
+    for key in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "per_class", "confusion_matrix", "images", "classes",
+                "step", "model", "test", "split", "split_file", "dataset", "checkpoint"):
+        assert evaluated[key] == metrics[key], key
+    assert "best" not in evaluated and metrics["best"]["split"] == "val"
+    for png in [out / "confusion.png", *sorted((out / "overlays").glob("*.png"))]:
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.info.get("Software") == "unip"
+    assert len(list((out / "overlays").glob("*.png"))) == 4
+    # test-time augmentation changes the numbers but keeps the document's shape
+    assert cli.main(["evaluate", "--checkpoint", metrics["checkpoint"], "--data", str(assets / "soda"), "--out",
+                     str(out), "--device", "cpu", "--no-progress", "--flip", "--scales", "0.75,1.0",
+                     "--one-window-at-a-time", "--overlays", "0"]) == 0
+    augmented = read_metrics(out / "metrics.json")
+    assert augmented["test"]["flip"] and augmented["test"]["scales"] == [0.75, 1.0]
+    assert not augmented["test"]["batch_windows"] and sum(map(sum, augmented["confusion_matrix"])) == \
+        sum(map(sum, metrics["confusion_matrix"]))
+
+
+# ----------------------------------------------------------------------------------------------- the task
+def _trainer(assets, tmp_path, **values):
+    config = make_config("toy", values={"model.pretrained": str(assets / "backbone.safetensors"),
+                                        "data.path": str(assets / "soda"), "run.output": str(tmp_path / "t"),
+                                        "run.device": "cpu", "run.progress": False, **values})
+    return Trainer(SegmentationTask(config), config, init_distributed("cpu"))
+
+
+def test_layer_decay_and_no_decay_groups_as_the_task_builds_them(assets, tmp_path):
+    trainer = _trainer(assets, tmp_path)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    seen = set()
+    for group in trainer.optimizer.param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            seen.add(name)
+            assert group["lr_scale"] == pytest.approx(0.85 ** (DEPTH + 1 - layer_id(name, DEPTH))), name
+            no_decay = param.ndim <= 1 or name.endswith(".bias") or name in ("backbone.pos_embed",
+                                                                              "backbone.cls_token")
+            assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+    expected_ids = {"backbone.cls_token": 0, "backbone.pos_embed": 0, "backbone.patch_embed.proj.weight": 0,
+                    "backbone.blocks.0.attn.qkv.weight": 1, "backbone.blocks.3.ls2.gamma": 4,
+                    "neck.fpn1.0.weight": 5, "decode_head.conv_seg.weight": 5, "auxiliary_head.conv_seg.bias": 5}
+    assert all(layer_id(name, DEPTH) == i and name in seen for name, i in expected_ids.items())
+    assert "backbone.norm.weight" not in seen  # the final norm is unused (no gradient): frozen
+    assert trainer.optimizer.defaults["betas"] == (0.9, 0.999)
+
+
+def test_linear_probe_trains_only_the_head_and_keeps_the_backbone(assets, tmp_path, one_thread):
+    trainer = _trainer(assets, tmp_path, **{"model.head": "linear"})
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    heads = {n for n, p in trainer.model.named_parameters() if id(p) in trained}
+    assert heads == {"decode_head.conv_seg.weight", "decode_head.conv_seg.bias"}
+    assert all(group["lr_scale"] == 1.0 for group in trainer.optimizer.param_groups)
+    trainer.model.train()
+    assert not trainer.model.backbone.training  # frozen backbone stays in eval mode (no drop path)
+    out = tmp_path / "probe"
+    assert cli.main(_args(assets, out, "--probe-layer", "3", "--iterations", "6", "--set", "run.eval_every=3")) == 0
+    weights, pretrained = load_file(str(out / "segmentor.safetensors")), load_file(str(assets / "backbone.safetensors"))
+    assert weights["decode_head.conv_seg.weight"].shape == (21, WIDTH, 1, 1)  # one block: width channels
+    for key, value in pretrained.items():
+        assert torch.equal(weights[f"backbone.{key}"], value), key
+    metrics = read_metrics(out / "metrics.json")
+    assert metrics["model"]["mode"] == "layer-wise probe" and metrics["model"]["feature_layers"] == [3]
+
+
+def test_random_initialisation_is_said_clearly(assets, tmp_path, one_thread, capsys):
+    out = tmp_path / "random"
+    argv = _args(assets, out, "--iterations", "2", "--set", "run.eval_every=0", "--set", "optim.warmup_iterations=1")
+    argv[argv.index("--pretrained") + 1] = "none"
+    assert cli.main(argv + ["--probe", "linear"]) == 0
+    assert "RANDOM INITIALISATION of unip_vit_tiny_patch16" in capsys.readouterr().out
+    metrics = read_metrics(out / "metrics.json")
+    assert metrics["model"]["backbone"]["random_init"] and metrics["model"]["backbone"]["depth"] == 12
+
+
+# ----------------------------------------------------------------------------------------------- resume and DDP
+def test_sigkill_and_resume_gives_bit_identical_weights(assets, tmp_path):
+    common = ["--iterations", "12", "--set", "run.eval_every=4", "--set", "run.save_every_steps=3",
+              "--set", "model.drop_path=0.2", "--set", "optim.warmup_iterations=3", "--workers", "0"]
+    unip = [sys.executable, "-m", "unip.cli"]
+    reference = subprocess.Popen(unip + _args(assets, tmp_path / "ref", *common), env=_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim_dir = tmp_path / "victim"
+    victim = subprocess.Popen(unip + _args(assets, victim_dir, *common, "--set", "debug.step_delay=0.5"),
+                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (victim_dir / "checkpoints" / "step-00000003.pt").exists():
+        assert victim.poll() is None and time.time() < deadline, victim.stderr.read() if victim.poll() else "timeout"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (victim_dir / "segmentor.safetensors").exists()
+    assert checkpointing.find_latest(victim_dir / "checkpoints").name in ("step-00000003.pt", "step-00000006.pt")
+    resumed = subprocess.run(unip + _args(assets, victim_dir, *common, "--resume", "auto"), env=_env(),
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    _, err = reference.communicate(timeout=180)
+    assert reference.returncode == 0, err[-3000:]
+    ref, res = load_file(str(tmp_path / "ref" / "segmentor.safetensors")), load_file(
+        str(victim_dir / "segmentor.safetensors"))
+    assert ref.keys() == res.keys()
+    assert all(torch.equal(ref[k], res[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], res[k])]
+    ref_metrics = read_metrics(tmp_path / "ref" / "metrics.json")
+    res_metrics = read_metrics(victim_dir / "metrics.json")
+    assert (ref_metrics["confusion_matrix"], ref_metrics["step"]) == (res_metrics["confusion_matrix"],
+                                                                      res_metrics["step"])
+
+
+def test_two_process_runs_equal_one_process(assets, tmp_path, one_thread):
+    """A linear probe (no BatchNorm: exact) on 2 gloo ranks × batch 2 equals 1 process × batch 4; a 2-rank
+    fine-tuning run's test evaluation and a 2-rank `unip evaluate` (confusion matrices all-reduced) equal a
+    1-process `unip evaluate` of its best model."""
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "unip.cli"]
+    probe = ["--probe", "linear", "--iterations", "8", "--set", "run.eval_every=4", "--workers", "0"]
+    ddp = subprocess.Popen(torchrun + _args(assets, tmp_path / "ddp", *probe, "--batch-size", "2"), env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert cli.main(_args(assets, tmp_path / "one", *probe, "--batch-size", "4")) == 0
+    output, _ = ddp.communicate(timeout=240)
+    assert ddp.returncode == 0, output[-3000:]
+    one, two = load_file(str(tmp_path / "one" / "segmentor.safetensors")), load_file(
+        str(tmp_path / "ddp" / "segmentor.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
+    assert output.count("probing finished") == 1  # rank 0 reports
+
+    finetune = ["--iterations", "4", "--set", "run.eval_every=2", "--set", "optim.warmup_iterations=1",
+                "--batch-size", "2", "--workers", "0"]
+    ddp = subprocess.run(torchrun + _args(assets, tmp_path / "ddp_ft", *finetune), env=_env(),
+                         capture_output=True, text=True, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "ddp_ft" / "metrics.json")
+    assert metrics["images"] == 8
+    evaluate = ["evaluate", "--checkpoint", metrics["checkpoint"], "--data", str(assets / "soda"), "--device", "cpu",
+                "--no-progress", "--overlays", "1", "--workers", "0"]
+    ddp = subprocess.run(torchrun + evaluate + ["--out", str(tmp_path / "eval_ddp")], env=_env(),
+                         capture_output=True, text=True, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("mIoU") == 1  # rank 0 prints the table
+    assert cli.main(evaluate + ["--out", str(tmp_path / "eval")]) == 0
+    one, two = read_metrics(tmp_path / "eval" / "metrics.json"), read_metrics(tmp_path / "eval_ddp" / "metrics.json")
+    assert one["confusion_matrix"] == two["confusion_matrix"] == metrics["confusion_matrix"]
+    assert one["images"] == two["images"] == 8
+
+
+# ----------------------------------------------------------------------------------------------- release files
+def test_evaluate_runs_a_random_weight_checkpoint_in_the_release_fine_tuned_layout(assets, tmp_path, one_thread):
+    from test_seg_model import release_state_dict, save_release
+
+    path = save_release(tmp_path / "iter_14400.pth", release_state_dict(48, 2, 21, grid=32, channels=32,
+                                                                         aux_channels=16))
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--checkpoint", str(path), "--data", str(assets / "soda"), "--dataset", "soda",
+                     "--out", str(out), "--device", "cpu", "--no-progress", "--overlays", "1", "--workers", "0"]) == 0
+    metrics = read_metrics(out / "metrics.json")
+    assert metrics["classes"][1] == "person" and metrics["images"] == 8 and metrics["step"] is None
+    assert metrics["test"]["crop"] == 512 and metrics["test"]["stride"] == 341
+    assert metrics["model"]["backbone"]["heads_per_block"] == [1, 1]  # width / 64, as the release built them
+    assert sum(map(sum, metrics["confusion_matrix"])) > 0 and len(list((out / "overlays").glob("*.png"))) == 1
+
+
+# ----------------------------------------------------------------------------------------------- presets
+RECIPE = {"soda": (14400, 1500, 800), "mfnet": (9800, 1000, 700), "scut": (16800, 1700, 800)}
+SIZES = {"tiny": ("unip_vit_tiny_patch16", 4, 0.1), "small": ("unip_vit_small_patch16", 4, 0.1),
+         "base": ("unip_vit_base_patch16", 4, 0.1), "large": ("vit_large_patch16", 2, 0.2)}
+
+
+@pytest.mark.parametrize("kind", ["finetune", "linprobe"])
+def test_presets_state_the_release_recipe(kind):
+    assert set(RULES) == set(flatten(DEFAULTS))
+    for dataset, (iterations, warmup, every) in RECIPE.items():
+        for size, (backbone, batch, drop_path) in SIZES.items():
+            config = make_config(f"{dataset}_{size}", kind=kind)
+            optim, run, model, data = config["optim"], config["run"], config["model"], config["data"]
+            assert (optim["iterations"], optim["warmup_iterations"], run["eval_every"]) == (iterations, warmup, every)
+            assert (optim["batch_size"], optim["effective_batch"]) == (batch, 8)
+            assert (optim["lr"], optim["weight_decay"], optim["betas"], optim["schedule"], optim["power"],
+                    optim["warmup_start_factor"], optim["min_lr"]) == (1e-4, 0.05, [0.9, 0.999], "poly", 1.0, 1e-6, 0)
+            assert (run["seed"], run["precision"], run["best_metric"]) == (0, "fp16", "mIoU")
+            assert (data["dataset"], data["crop_size"], data["scale"], data["ratio_range"]) == \
+                (dataset, 512, [2048, 512], [0.5, 2.0])
+            assert (data["mean"], data["std"], config["eval"]["stride"]) == (96.9255, 47.8976, 341)
+            assert model["backbone"] == backbone and model["last_block_heads"] == "pretrained"
+            if kind == "finetune":
+                assert (model["head"], model["neck"], model["layer_decay"], model["drop_path"]) == \
+                    ("upernet", "llfpn", 0.85, drop_path) and model["auxiliary_head"]
+            else:
+                assert (model["head"], model["layer_decay"]) == ("linear", 1.0)
+    shipped = {p.stem for p in (PRESET_ROOTS[0] / kind).glob("*.yaml")}
+    assert shipped == {f"{d}_{s}" for d in RECIPE for s in SIZES} | {"toy"}
+    make_config("toy", kind=kind)
+
+
+def test_print_config_and_probe_presets(capsys):
+    assert cli.main(["finetune", "mfnet_base", "--probe-layer", "7", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "head: linear" in printed and "probe_layer: 7" in printed and "iterations: 9800" in printed
+    assert cli.main(["finetune", "scut_large", "--print-config", "--set", "model.last_block_heads=default"]) == 0
+    printed = capsys.readouterr().out
+    assert "last_block_heads: default" in printed and "batch_size: 2" in printed and "drop_path: 0.2" in printed
