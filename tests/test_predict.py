@@ -323,3 +323,23 @@ def test_csv_quotes_odd_names():
                        "pixels": [2], "percent": [100.0]}], ClassInfo(("x",), ((0, 0, 0),)))
     rows = list(csv.reader(io.StringIO(text)))
     assert rows[1][:2] == ["a,b\\nc.png", ""] and rows[1][-3:] == ["x", "2", "100.0"]
+
+
+def test_windows_per_forward_follow_free_memory(monkeypatch):
+    from unip.seg.predict import Predictor, forward_bytes
+
+    segmentor = tiny_segmentor(meta={"crop_size": 64, "stride": 42})
+    predictor = Predictor(segmentor, "cpu", batch_size=2)
+    inputs, window = 2 * 2 * 3 * 512 * 2048 * 4, forward_bytes(segmentor, 64)
+    monkeypatch.setattr("unip.seg.predict.available_bytes", lambda device=None: inputs + 6 * window)
+    predictor.plan_memory()
+    assert predictor.max_windows == 3
+    batch = torch.stack([preprocess(np.repeat(scene(40, 56, s)[:, :, None], 3, axis=2), predictor.pipeline)
+                         for s in (1, 2)])
+    with torch.no_grad():
+        expected = slide_inference(segmentor, batch, crop=64, stride=42)
+    torch.testing.assert_close(predictor.logits(batch), expected, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr("unip.seg.predict.available_bytes", lambda device=None: inputs)
+    monkeypatch.setattr("unip.memory.available_bytes", lambda device=None: inputs)
+    with pytest.raises(ConfigError, match="--batch-size 2.*lower --batch-size"):
+        predictor.plan_memory()

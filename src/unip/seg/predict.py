@@ -24,7 +24,7 @@ from unip.data.seg_transforms import SEG_MEAN, SEG_SCALE, SEG_STD, KeepRatioResi
 from unip.engine.distributed import resolve_device
 from unip.engine.loop import resolve_precision
 from unip.errors import ConfigError
-from unip.memory import require_memory
+from unip.memory import available_bytes, require_memory
 from unip.models.heads import resize_bilinear
 from unip.models.segmentor import Segmentor
 from unip.seg.inference import slide_inference, window_spans
@@ -89,19 +89,25 @@ class Predictor:
         self.pipeline = pipeline or InferencePipeline.of(segmentor)
         self.batch_size = batch_size
         self.num_classes = segmentor.num_classes
+        self.max_windows: Optional[int] = None  # windows per forward; ``plan_memory`` sets it
 
-    def check_memory(self, height: int, width: int) -> None:
-        """Raise ``ConfigError`` when a batch of images of this size needs more memory than the device has."""
-        windows = self.batch_size * self.pipeline.windows(height, width)
-        needed = windows * forward_bytes(self.segmentor, self.pipeline.crop) + \
-            self.batch_size * 3 * self.num_classes * height * width * 4
-        require_memory(needed, f"--batch-size {self.batch_size} ({windows} windows of {self.pipeline.crop} px per "
-                               "forward)", "lower --batch-size", self.device)
+    def plan_memory(self) -> None:
+        """Check that a batch of the largest inputs the test resize makes (512 × 2048) and one window fit in
+        memory (``ConfigError`` naming ``--batch-size`` otherwise), and cap the windows per forward
+        (``max_windows``) so that their activations take at most half of what is free."""
+        height, width = self.pipeline.scale[::-1]
+        inputs = 2 * self.batch_size * 3 * height * width * 4
+        window = forward_bytes(self.segmentor, self.pipeline.crop)
+        require_memory(inputs + window, f"--batch-size {self.batch_size} (images of up to {height}x{width} pixels "
+                                        f"and windows of {self.pipeline.crop})", "lower --batch-size", self.device)
+        free = available_bytes(self.device)
+        self.max_windows = None if free is None else max(1, int((free - inputs) // 2 // window))
 
     def logits(self, batch: Tensor) -> Tensor:
         """Sliding-window logits ``[B, classes, h, w]`` of normalised inputs ``[B, 3, h, w]`` of one size."""
         with torch.no_grad(), self.precision.autocast():
-            return slide_inference(self.segmentor, batch.to(self.device), self.pipeline.crop, self.pipeline.stride)
+            return slide_inference(self.segmentor, batch.to(self.device), self.pipeline.crop, self.pipeline.stride,
+                                   max_batch=self.max_windows)
 
     def predict(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
         """Label maps (uint8, uint16 beyond 256 classes) ``[H, W]`` at each image's own size for RGB uint8

@@ -275,7 +275,7 @@ def predict_files(checkpoint: str, inputs: Sequence[str], options: Optional[Pred
     segmentor = load_segmentor(checkpoint)
     classes = ClassInfo.resolve(segmentor.num_classes, options.dataset, segmentor.meta)
     predictor = Predictor(segmentor, options.device, options.precision, options.batch_size)
-    predictor.check_memory(*predictor.pipeline.scale[::-1])  # the largest image the test resize makes
+    predictor.plan_memory()
     plan = OutputPlan(options.out, options.formats, options.every)
     plan.check(sources)
     run = _Run(plan, classes, predictor, options)
