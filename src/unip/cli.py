@@ -496,11 +496,13 @@ def _default_export_path(checkpoint: str, suffix: str) -> str:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from unip.errors import ConfigError
+
     if args.format == "timm":
         from unip.deploy.timm_export import export_timm
 
         if args.size or args.dynamic or args.opset is not None or args.batch != 1:
-            raise UnipError("--size, --dynamic, --batch and --opset are options of --format onnx")
+            raise ConfigError("--size, --dynamic, --batch and --opset are options of --format onnx")
         result = export_timm(args.checkpoint, args.out or _default_export_path(args.checkpoint, "-timm"),
                              last_block_heads=args.last_block_heads)
         checks = ", ".join(f"{route} {diff:.1e}" for route, diff in result.differences.items())
@@ -515,7 +517,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from unip.seg.checkpoint import load_segmentor
 
     if args.last_block_heads:
-        raise UnipError("--last-block-heads is an option of --format timm")
+        raise ConfigError("--last-block-heads is an option of --format timm")
     out = args.out or _default_export_path(args.checkpoint, ".onnx")
     segmentor = load_segmentor(args.checkpoint)
     result = export_onnx(segmentor, out, size=tuple(args.size) if args.size else None, batch=args.batch,

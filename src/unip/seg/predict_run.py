@@ -38,7 +38,7 @@ from unip.data.images import ImageReadError, read_rgb
 from unip.data.layouts import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from unip.data.parallel import default_workers, thread_map
 from unip.errors import ConfigError, DataError
-from unip.outputs import claim, is_our_json, is_our_png, out_folder, save_png, starts_with_line
+from unip.outputs import claim, is_our_json, is_our_png, out_file, out_folder, save_png, starts_with_line
 from unip.seg.predict import Predictor
 from unip.seg.render import ClassInfo, class_areas, colorize, overlay
 from unip.text import printable
@@ -193,7 +193,8 @@ def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure]) 
             try:
                 found.append(Source(kind, path, name, VideoReader(path)))
             except DataError as err:
-                failed.append(Failure(path, str(err)))
+                reason = str(err)
+                failed.append(Failure(path, reason[len(path) + 2:] if reason.startswith(path + ": ") else reason))
     if others:
         log.info("%s: skipped %d file(s) that are neither images nor videos", folder, others)
     return found
@@ -233,9 +234,10 @@ class OutputPlan:
                     raise ConfigError(f"{owners[name]} and {source.path} would both write {name}.png; give them "
                                       "separately, with another --out each")
                 owners[name] = source.path
-                claim([self.path(fmt, name) for fmt in self.image_formats], is_our_png, "--out")
+                for fmt in self.image_formats:
+                    out_file(self.path(fmt, name), "--out", is_ours=is_our_png)
             if source.video is not None and "video" in self.formats:
-                claim([self.path("video", source.name)], is_our_video, "--out")
+                out_file(self.path("video", source.name), "--out", is_ours=is_our_video)
         claim([os.path.join(self.out, CSV_FILE)], starts_with_line(",".join(CSV_HEADER)), "--out")
         claim([os.path.join(self.out, JSON_FILE)], is_our_json(["format", "images"]), "--out")
 
