@@ -229,7 +229,7 @@ def _trace(model: SegmentorLogits, segmentor: Segmentor, size: Tuple[int, int], 
     context = traceable_sizes(segmentor) if dynamic else contextlib.nullcontext()
     try:
         with context, torch.no_grad(), warnings.catch_warnings(record=True) as caught, \
-                contextlib.redirect_stdout(chatter):
+                contextlib.redirect_stdout(chatter), _silenced("torch.onnx", "onnxscript", "onnx_ir"):
             warnings.simplefilter("always")
             program = torch.onnx.export(model, (example,), None, dynamo=True, verbose=False, input_names=["image"],
                                         output_names=["logits"], opset_version=opset, dynamic_shapes=shapes)
@@ -240,6 +240,21 @@ def _trace(model: SegmentorLogits, segmentor: Segmentor, size: Tuple[int, int], 
     for warning in caught:
         log.debug("exporter warning: %s", warning.message)
     return program
+
+
+@contextlib.contextmanager
+def _silenced(*names: str) -> Iterator[None]:
+    """The exporter's libraries log progress and fallbacks (with tracebacks) on stderr; unip reports the
+    outcome itself, so they are muted for the block."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)  # their child loggers inherit it
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, before):
+            logger.setLevel(level)
 
 
 def model_metadata(segmentor: Segmentor, dynamic: bool) -> Dict[str, str]:
@@ -270,7 +285,11 @@ def check_parity(model: SegmentorLogits, path: str, size: Tuple[int, int], batch
     """Max-abs difference of onnxruntime's logits from PyTorch's for seeded random inputs (the export shape;
     with ``dynamic`` also a larger, non-square one with batch 2), keyed ``"BxHxW"``. Raises ``ExportError``
     naming the shape when one exceeds ``tolerance``."""
-    session = onnx_session(path)
+    try:
+        session = onnx_session(path)
+    except Exception as err:  # onnxruntime's errors are of its own types
+        raise ExportError(f"onnxruntime cannot load the exported model: {str(err).strip().splitlines()[0][:300]}; "
+                          "the export was removed (another --opset may help)") from err
     patch = model.segmentor.backbone.patch_size
     shapes = [(batch if not dynamic else 1, *size)]
     if dynamic:
