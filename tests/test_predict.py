@@ -328,16 +328,17 @@ def test_csv_quotes_odd_names():
 def test_windows_per_forward_follow_free_memory(monkeypatch):
     from unip.seg.predict import Predictor, forward_bytes
 
-    segmentor = tiny_segmentor(meta={"crop_size": 64, "stride": 42})
-    predictor = Predictor(segmentor, "cpu", batch_size=2)
-    inputs, window = 2 * 2 * 3 * 512 * 2048 * 4, forward_bytes(segmentor, 64)
+    segmentor = tiny_segmentor()
+    small = InferencePipeline(scale=(128, 64), crop=64, stride=32)  # 40 x 56 → 64 x 90: 2 windows an image
+    predictor = Predictor(segmentor, "cpu", batch_size=2, pipeline=small)
+    inputs, window = 2 * 2 * 3 * 64 * 128 * 4, forward_bytes(segmentor, 64)
     monkeypatch.setattr("unip.seg.predict.available_bytes", lambda device=None: inputs + 6 * window)
     predictor.plan_memory()
     assert predictor.max_windows == 3
     batch = torch.stack([preprocess(np.repeat(scene(40, 56, s)[:, :, None], 3, axis=2), predictor.pipeline)
                          for s in (1, 2)])
     with torch.no_grad():
-        expected = slide_inference(segmentor, batch, crop=64, stride=42)
+        expected = slide_inference(segmentor, batch, crop=64, stride=32)
     torch.testing.assert_close(predictor.logits(batch), expected, atol=1e-5, rtol=1e-5)
     monkeypatch.setattr("unip.seg.predict.available_bytes", lambda device=None: inputs)
     monkeypatch.setattr("unip.memory.available_bytes", lambda device=None: inputs)
