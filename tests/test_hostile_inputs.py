@@ -42,7 +42,7 @@ from unip.cli import main
 from unip.data.infmix import build_manifest
 from unip.data.packed import pack_manifest
 from unip.data.synth import write_soda
-from unip.models import create_model
+from unip.models import Segmentor, create_model
 from unip.seg import build_segmentor, save_segmentor
 
 from test_seg_model import release_state_dict  # noqa: E402  (the release's fine-tuned layout, random weights)
@@ -73,6 +73,10 @@ def shared(tmp_path_factory) -> Path:
                    root / "segmentor.safetensors")
     torch.save({"meta": {}, "state_dict": release_state_dict(32, 2, 9, grid=2, channels=16, aux_channels=8)},
                root / "release_mfnet.pth")
+    save_segmentor(Segmentor({"backbone": dict(img_size=64, embed_dim=32, depth=1, num_heads=2, layer_scale=1.0),
+                              "feature_layers": [1], "neck": "llfpn", "num_classes": 3, "auxiliary_head": None,
+                              "decode_head": {"type": "upernet", "channels": 8, "pool_scales": [1, 2, 3, 6]}},
+                             {"crop_size": 64, "stride": 42}), root / "tiny_segmentor.safetensors")
     return root
 
 
@@ -91,6 +95,7 @@ class Inputs:
         self.labeled = str(shared / "soda")
         self.segmentor = str(shared / "segmentor.safetensors")
         self.release_mfnet = str(shared / "release_mfnet.pth")
+        self.tiny_segmentor = str(shared / "tiny_segmentor.safetensors")
         self.scratch = case_dir / "scratch"
         self.out = case_dir / "out"
         self.monkeypatch = monkeypatch
@@ -181,6 +186,19 @@ class Inputs:
         shutil.copytree(self.labeled, copy)
         damage(copy)
         return str(copy)
+
+    def predict(self, *extra: str, inputs: Optional[List[str]] = None, out: Optional[str] = None,
+                checkpoint: Optional[str] = None) -> List[str]:
+        """A prediction on one shared image (``inputs`` replaces it) with the tiny segmentor."""
+        return ["predict", "--checkpoint", checkpoint or self.tiny_segmentor, *(inputs or [self.images + "/img0.png"]),
+                "--out", out or str(self.out / "pred"), "--no-progress", *extra]
+
+    def export(self, *extra: str, checkpoint: Optional[str] = None, out: Optional[str] = None) -> List[str]:
+        return ["export", "--checkpoint", checkpoint or self.tiny_segmentor, "--out", out or str(self.out / "seg.onnx"),
+                *extra]
+
+    def bench(self, *extra: str, checkpoint: Optional[str] = None) -> List[str]:
+        return ["bench", "--checkpoint", checkpoint or self.tiny_segmentor, "--no-compile", "--iters", "1", *extra]
 
     def analyze(self, *extra: str, images: Optional[str] = None, out: Optional[str] = None) -> List[str]:
         return ["analyze", "--model", self.teacher, "--images", images or self.images, "--out",
@@ -643,6 +661,89 @@ CASES: List[Case] = [
     Case("demo: --out below a file", lambda a: ["demo", "--out", a.file("d.txt", "x") + "/sub"], match="d.txt"),
     Case("demo: --out holds the user's teacher.safetensors", lambda a: ["demo", "--out", a.out_with(
          "mine", {"teacher.safetensors": b"my weights"})], match="teacher.safetensors"),
+    # ------------------------------------------------------------------ predict
+    Case("predict: no input", lambda a: ["predict", "--checkpoint", a.tiny_segmentor], match="INPUT"),
+    Case("predict: checkpoint missing", lambda a: a.predict(checkpoint=str(a.scratch / "absent.safetensors")),
+         match="absent.safetensors"),
+    Case("predict: checkpoint is a backbone", lambda a: a.predict(checkpoint=a.teacher),
+         match="teacher.safetensors.*not a segmentor"),
+    Case("predict: checkpoint is junk", lambda a: a.predict(checkpoint=a.file("junk.pth", b"junk" * 10)),
+         match="junk.pth"),
+    Case("predict: checkpoint is an image", lambda a: a.predict(checkpoint=a.images + "/img1.png"), match="img1.png"),
+    Case("predict: input missing", lambda a: a.predict(inputs=[str(a.scratch / "nowhere.png")]),
+         match="nowhere.png: no such file"),
+    Case("predict: input of another type", lambda a: a.predict(inputs=[a.file("notes.txt", "x")]),
+         match="notes.txt: not an image"),
+    Case("predict: folder without images", lambda a: a.predict(inputs=[a.folder("txt", {"a.txt": "x"})]),
+         match="no images"),
+    Case("predict: unreadable video", lambda a: a.predict(inputs=[a.file("clip.mp4", b"\x00\x00\x00 ftyp" * 20)]),
+         match="clip.mp4: OpenCV cannot read"),
+    Case("predict: empty video", lambda a: a.predict(inputs=[a.file("empty.avi")]), match="empty.avi"),
+    Case("predict: --every 0", lambda a: a.predict("--every", "0"), match="--every"),
+    Case("predict: --every -3", lambda a: a.predict("--every", "-3"), match="--every"),
+    Case("predict: --every text", lambda a: a.predict("--every", "often"), match="--every"),
+    Case("predict: --batch-size 0", lambda a: a.predict("--batch-size", "0"), match="--batch-size"),
+    Case("predict: --batch-size 100000", lambda a: a.predict("--batch-size", "100000"), match="--batch-size"),
+    Case("predict: --format gif", lambda a: a.predict("--format", "label,gif"), match="--format"),
+    Case("predict: --format empty", lambda a: a.predict("--format", ","), match="--format"),
+    Case("predict: --alpha 2", lambda a: a.predict("--alpha", "2"), match="--alpha"),
+    Case("predict: --dataset of another class count", lambda a: a.predict("--dataset", "soda"),
+         match="--dataset soda: 21 classes"),
+    Case("predict: unknown --dataset", lambda a: a.predict("--dataset", "coco"), match="--dataset"),
+    Case("predict: unknown device", lambda a: a.predict("--device", "toaster"), match="--device"),
+    Case("predict: --workers 0", lambda a: a.predict("--workers", "0"), match="--workers"),
+    Case("predict: --out is a file", lambda a: a.predict(out=a.file("pred.txt", "mine")), match="pred.txt.*is a file"),
+    Case("predict: --out below a file", lambda a: a.predict(out=a.file("p.txt", "mine") + "/sub"), match="p.txt"),
+    Case("predict: --out holds the user's label PNG", lambda a: a.predict(out=a.out_with(
+         "mine", {"label/img0.png": IMAGE_PNG, **USER_FILES})), match="img0.png.*not written by unip"),
+    Case("predict: --out holds the user's areas.csv", lambda a: a.predict(out=a.out_with(
+         "mine", {"areas.csv": "my,table\n"})), match="areas.csv.*not written by unip"),
+    Case("predict: --out holds a file where a folder goes", lambda a: a.predict(out=a.out_with(
+         "mine", {"overlay": "a file"})), match="overlay.*is a file"),
+    Case("predict: --out a user folder with other files", lambda a: a.predict(out=a.out_with("mine", USER_FILES)),
+         code=0),
+    Case("predict: odd file names", lambda a: a.predict(inputs=[a.odd_images], out=str(a.out / "odd")), code=0),
+    # ------------------------------------------------------------------ export
+    Case("export: no --format", lambda a: a.export(), match="--format"),
+    Case("export: --format pdf", lambda a: a.export("--format", "pdf"), match="--format"),
+    Case("export: checkpoint missing", lambda a: a.export("--format", "onnx", checkpoint=str(a.scratch / "no.pth")),
+         match="no.pth"),
+    Case("export: onnx of a backbone", lambda a: a.export("--format", "onnx", checkpoint=a.teacher),
+         match="not a segmentor"),
+    Case("export: timm of junk", lambda a: a.export("--format", "timm", checkpoint=a.file("j.safetensors", b"\0" * 9),
+                                                    out=str(a.out / "t")), match="j.safetensors"),
+    Case("export: --size 0 0", lambda a: a.export("--format", "onnx", "--size", "0", "0"), match="--size"),
+    Case("export: --size 33 33", lambda a: a.export("--format", "onnx", "--size", "33", "33"), match="multiples"),
+    Case("export: --size 60000 60000", lambda a: a.export("--format", "onnx", "--size", "60000", "60000"),
+         match="--size 60000 60000.*lower --size"),
+    Case("export: --size of one number", lambda a: a.export("--format", "onnx", "--size", "64"), match="--size"),
+    Case("export: --opset 7", lambda a: a.export("--format", "onnx", "--opset", "7"), match="--opset 7"),
+    Case("export: --batch 0", lambda a: a.export("--format", "onnx", "--batch", "0"), match="--batch"),
+    Case("export: --out is a folder", lambda a: a.export("--format", "onnx", out=a.folder("model.onnx")),
+         match="model.onnx.*is a folder"),
+    Case("export: --out is the user's file", lambda a: a.export("--format", "onnx", out=a.out_with(
+         "mine", {"model.onnx": b"my model"}) + "/model.onnx"), match="model.onnx.*not written by unip"),
+    Case("export: timm of a student with a 4-head last block", lambda a: a.export(
+         "--format", "timm", checkpoint=a.checkpoint("student.safetensors", model={"last_heads": 4}),
+         out=str(a.out / "t")), match="last block has 4 heads.*--last-block-heads default"),
+    Case("export: --last-block-heads 7", lambda a: a.export("--format", "timm", "--last-block-heads", "7"),
+         match="--last-block-heads"),
+    Case("export: timm with --dynamic", lambda a: a.export("--format", "timm", "--dynamic", out=str(a.out / "t")),
+         match="--format onnx"),
+    Case("export: timm into the user's folder", lambda a: a.export("--format", "timm", out=a.out_with(
+         "mine", {"config.json": '{"mine": 1}'})), match="config.json.*not written by unip"),
+    # ------------------------------------------------------------------ bench
+    Case("bench: checkpoint missing", lambda a: a.bench(checkpoint=str(a.scratch / "gone.safetensors")),
+         match="gone.safetensors"),
+    Case("bench: a backbone", lambda a: a.bench(checkpoint=a.teacher), match="not a segmentor"),
+    Case("bench: --batch 0", lambda a: a.bench("--batch", "0"), match="--batch"),
+    Case("bench: --iters 0", lambda a: a.bench("--iters", "0"), match="--iters"),
+    Case("bench: --warmup -1", lambda a: a.bench("--warmup", "-1"), match="--warmup"),
+    Case("bench: --size 33 33", lambda a: a.bench("--size", "33", "33"), match="multiples"),
+    Case("bench: --size 60000 60000", lambda a: a.bench("--size", "60000", "60000"), match="lower --size"),
+    Case("bench: unknown device", lambda a: a.bench("--device", "toaster"), match="--device"),
+    Case("bench: --out the user's file", lambda a: a.bench("--out", a.out_with("mine", {"b.json": '{"mine": 1}'})
+                                                           + "/b.json"), match="b.json.*not written by unip"),
 ]
 
 
@@ -695,7 +796,7 @@ def test_hostile_input(case, shared, tmp_path, monkeypatch, capsys):
 def test_the_table_covers_every_verb():
     verbs = {case.id.split(":")[0] for case in CASES}
     assert {"info", "analyze", "pretrain", "finetune", "evaluate", "infmix", "stats", "pack", "synth",
-            "demo"} <= verbs
+            "demo", "predict", "export", "bench"} <= verbs
     assert len(CASES) >= 60 and len({case.id for case in CASES}) == len(CASES)
 
 

@@ -547,11 +547,186 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         overlays = len(report.files) - 2
         print(f"wrote {report.files[0]}, {report.files[1]}"
               + (f" and {overlays} overlay(s) in {report.files[2].parent}" if overlays > 0 else ""))
+
+# -------------------------------------------------------------------------------------- predict
+def _formats(text: str) -> List[str]:
+    from unip.seg.predict_run import FORMATS
+
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    if not chosen or any(part not in FORMATS for part in chosen):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {','.join(FORMATS)}, got {text!r}")
+    return chosen
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="label maps, colour masks, overlays and class areas for images, folders "
+                                       "and videos",
+                       description="Run a fine-tuned segmentor (ours or the release's mmseg checkpoint) with the "
+                                   "recipe's test pipeline (fit into 2048x512, normalise, sliding window) on "
+                                   "images, folders (recursive) and videos. Writes under --out: label/ (class "
+                                   "ids), color/, overlay/ (with a legend), video/ (annotated videos), areas.csv "
+                                   "and areas.json. Unreadable inputs are listed at the end (exit code 1).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder of images/videos, or video file")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="our fine-tuned .safetensors segmentor or the release's fine-tuned mmseg .pth")
+    p.add_argument("--out", default="predictions", metavar="DIR", help="output folder (default predictions)")
+    p.add_argument("--dataset", choices=("soda", "mfnet", "scut"),
+                   help="class names and palette of this data set (default: the checkpoint's, else ids)")
+    p.add_argument("--format", dest="formats", type=_formats, default=None, metavar="LIST",
+                   help="what to write, comma-separated: label,color,overlay,video (default: all)")
+    p.add_argument("--every", type=integer(1).option(), default=1, metavar="N",
+                   help="videos: predict every N-th frame (default 1)")
+    p.add_argument("--batch-size", type=integer(1, 4096).option(), default=4,
+                   help="images per forward (all their windows at once; default 4)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                   help="autocast dtype on CUDA (CPU runs fp32)")
+    p.add_argument("--alpha", type=number(ge=0, le=1).option(float), default=0.5,
+                   help="weight of the colour mask in overlays (default 0.5)")
+    p.add_argument("--workers", type=WORKERS, default=None, help="image reading/writing threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from unip.seg.predict_run import FORMATS, PredictOptions, predict_files
+    from unip.text import printable
+
+    options = PredictOptions(out=args.out, dataset=args.dataset, formats=args.formats or list(FORMATS),
+                             every=args.every, batch_size=args.batch_size, device=args.device,
+                             precision=args.precision, alpha=args.alpha, workers=args.workers,
+                             progress=not args.no_progress)
+    result = predict_files(args.checkpoint, args.inputs, options)
+    print(result.summary())
+    if not result.failed:
+        return 0
+    for failure in result.failed:
+        where = printable(failure.input) + ("" if failure.frame is None else f" (frame {failure.frame})")
+        print(f"  failed {where}: {printable(failure.reason)}")
+    print(f"unip predict: error: {len(result.failed)} input(s) could not be read (listed above); the rest were "
+          "done", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------------------- export
+_SIDE = integer(1, 65_536).option()
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a segmentor as ONNX (checked with onnxruntime), a backbone for timm",
+                       description="--format onnx: the whole segmentor as one ONNX graph, normalised image "
+                                   "[B, 3, H, W] -> logits [B, classes, H, W] (the decode head's, resized to the "
+                                   "input), run through onnxruntime right after export: the logits must match "
+                                   "PyTorch's within 1e-4 or the export fails and nothing is written. "
+                                   "--format timm: the backbone of a pre-trained student or of a segmentor as "
+                                   "model.safetensors + config.json that timm loads (checked in timm).")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="onnx: a fine-tuned segmentor (ours or the release's); timm: any backbone unip info reads, "
+                        "or a segmentor")
+    p.add_argument("--format", required=True, choices=("onnx", "timm"), help="what to write")
+    p.add_argument("--out", metavar="PATH", help="onnx: the .onnx file (default <checkpoint stem>.onnx); timm: a "
+                                                 "folder (default <checkpoint stem>-timm)")
+    p.add_argument("--size", nargs=2, type=_SIDE, metavar=("H", "W"),
+                   help="onnx: input height and width, multiples of 16 (default the crop size, 512 512)")
+    p.add_argument("--dynamic", action="store_true", help="onnx: batch, height and width free (default fixed)")
+    p.add_argument("--batch", type=integer(1, 4096).option(), default=1, help="onnx: the fixed batch (default 1)")
+    p.add_argument("--opset", type=integer(1, 1000).option(), default=None,
+                   help="onnx: ONNX opset (default 18)")
+    p.add_argument("--last-block-heads", choices=("default",), default=None,
+                   help="timm: export a UNIP student whose last block has more heads than the others with the "
+                        "default count there too (its attention changes; see docs/inference.md)")
+    p.set_defaults(func=_run_export)
+
+
+def _default_export_path(checkpoint: str, suffix: str) -> str:
+    import os
+
+    stem = os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0] or "model"
+    return stem + suffix
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from unip.errors import ConfigError
+
+    if args.format == "timm":
+        from unip.deploy.timm_export import export_timm
+
+        if args.size or args.dynamic or args.opset is not None or args.batch != 1:
+            raise ConfigError("--size, --dynamic, --batch and --opset are options of --format onnx")
+        result = export_timm(args.checkpoint, args.out or _default_export_path(args.checkpoint, "-timm"),
+                             last_block_heads=args.last_block_heads)
+        checks = ", ".join(f"{route} {diff:.1e}" for route, diff in result.differences.items())
+        what = "a segmentor's backbone" if result.source_kind == "segmentor" else "a pre-trained backbone"
+        print(f"wrote {result.folder}/model.safetensors and config.json ({what} as timm's {result.architecture}); "
+              f"timm loads it and its features match unip's (max abs diff: {checks})")
+        for note in result.notes:
+            print(f"note: {note}")
+        print("load it with:\n  import timm\n  " + result.usage().replace("\n", "\n  "))
+        return 0
+    from unip.deploy.onnx_export import export_onnx
+    from unip.seg.checkpoint import load_segmentor
+
+    if args.last_block_heads:
+        raise ConfigError("--last-block-heads is an option of --format timm")
+    out = args.out or _default_export_path(args.checkpoint, ".onnx")
+    segmentor = load_segmentor(args.checkpoint)
+    result = export_onnx(segmentor, out, size=tuple(args.size) if args.size else None, batch=args.batch,
+                         dynamic=args.dynamic, opset=args.opset)
+    print(result.summary())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- bench
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency, throughput, parameters and GFLOPs of a segmentor on this machine",
+                       description="Time a segmentor (one forward: normalised image -> logits at the input size) "
+                                   "in PyTorch eager, torch.compile and ONNX Runtime on this machine, and count "
+                                   "its parameters and GFLOPs per part (backbone, neck, decode head). Prints a "
+                                   "table; --out also writes it as JSON.")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="a fine-tuned segmentor (ours or the release's)")
+    p.add_argument("--size", nargs=2, type=_SIDE, metavar=("H", "W"),
+                   help="input height and width, multiples of 16 (default the crop size, 512 512)")
+    p.add_argument("--batch", type=integer(1, 4096).option(), default=1, help="images per call (default 1)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                   help="autocast dtype of the PyTorch rows on CUDA (CPU runs fp32)")
+    p.add_argument("--warmup", type=integer(0, 10_000).option(), default=1,
+                   help="untimed calls after the first (default 1)")
+    p.add_argument("--iters", type=integer(1, 100_000).option(), default=5, help="timed calls (default 5)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile on a CPU)")
+    p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    p.add_argument("--compile-backend", default="inductor", metavar="NAME",
+                   help="torch.compile backend (default inductor)")
+    p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from unip.deploy.bench import RUNTIMES, benchmark, write_json
+    from unip.outputs import is_our_json, out_file
+    from unip.seg.checkpoint import load_segmentor
+
+    if args.out:
+        out_file(args.out, "--out", is_ours=is_our_json(["format", "rows", "parts"]))
+    skip = {"compile": args.no_compile, "onnx": args.no_onnx}
+    runtimes = [r for r in RUNTIMES if not skip.get(r, False)]
+    segmentor = load_segmentor(args.checkpoint)
+    result = benchmark(segmentor, args.checkpoint, size=tuple(args.size) if args.size else None, batch=args.batch,
+                       device=args.device, precision=args.precision, warmup=args.warmup, iters=args.iters,
+                       runtimes=runtimes, compile_backend=args.compile_backend)
+    print(result.table())
+    if args.out:
+        print(f"wrote {write_json(result, args.out)}")
+    if result.failed:
+        print(f"unip bench: error: {', '.join(r.label for r in result.failed)} failed on this machine (reason in "
+              "the table)", file=sys.stderr)
+        return 1
     return 0
 
 
 VERBS: List[Callable[[argparse._SubParsersAction], None]] = [
-    _add_info, _add_data, _add_analyze, _add_pretrain, _add_finetune, _add_evaluate, _add_demo]
+    _add_info, _add_data, _add_analyze, _add_pretrain, _add_finetune, _add_evaluate, _add_predict, _add_export,
+    _add_bench, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

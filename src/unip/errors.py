@@ -19,3 +19,7 @@ class DataError(UnipError):
 
 class ConfigError(UnipError):
     """A configuration value, preset name or command-line option is invalid."""
+
+
+class ExportError(UnipError):
+    """An exported model does not compute what the PyTorch model computes (checked right after export)."""

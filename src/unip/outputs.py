@@ -5,7 +5,8 @@
 * ``claim``: a verb may replace an existing file only when it recognises the file as its own earlier
   output (``is_ours``); anything else is the user's and the verb stops instead.
 * ``plain_name``: a name taken from the command line becomes exactly one folder inside ``--out``.
-* ``save_figure``: PNG figures carry ``Software: unip`` so that a later run recognises them (``is_our_png``).
+* ``save_figure`` / ``save_png``: PNG figures and images carry ``Software: unip`` so that a later run recognises
+  them (``is_our_png``).
 """
 
 from __future__ import annotations
@@ -170,6 +171,21 @@ def starts_with_line(line: str) -> Recogniser:
         with open(path, "r", encoding="utf-8") as handle:
             return handle.readline().rstrip("\r\n") == line
     return recognise
+
+
+def save_png(pixels, path: str, compress_level: int = 6) -> str:
+    """Write an image array (uint8 ``[H, W]`` or ``[H, W, 3]``, uint16 ``[H, W]``) as PNG marked
+    ``Software: unip`` (so that ``is_our_png`` recognises it), atomically; returns ``path``."""
+    from PIL import Image, PngImagePlugin
+
+    from unip.atomic import atomic_path
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", FIGURE_SOFTWARE)
+    image = Image.fromarray(pixels)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
+    return path
 
 
 def save_figure(figure, path: str, dpi: int = 100) -> str:

@@ -11,6 +11,9 @@ from typing import Tuple
 #: File suffixes treated as images (lower case, with the dot).
 IMAGE_SUFFIXES: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
+#: File suffixes treated as videos by ``unip predict`` (read with OpenCV).
+VIDEO_SUFFIXES: Tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+
 #: In the InfMix release every infrared data set keeps its unlabeled frames in ``<root>/<name>/thermal/``.
 THERMAL_DIR = "thermal"
 

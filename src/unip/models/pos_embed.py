@@ -44,18 +44,21 @@ def square_grid_side(count: int, what: str = "tokens") -> int:
 
 
 def resample_pos_embed(pos_embed: Tensor, new_grid: Tuple[int, int], num_prefix_tokens: int = 1,
-                       old_grid: Optional[Tuple[int, int]] = None, antialias: bool = True) -> Tensor:
+                       old_grid: Optional[Tuple[int, int]] = None, antialias: bool = True,
+                       always: bool = False) -> Tensor:
     """Bicubically resample the grid part of ``pos_embed [1, prefix + h*w, D]`` to ``new_grid``.
 
     Prefix rows (CLS, registers) are kept as they are. ``old_grid`` defaults to a square grid.
     ``antialias=True`` is timm's resampling; ``antialias=False`` is plain bicubic (the MAE/BEiT
     ``interpolate_pos_embed`` that the release's fine-tuning uses: the two differ even when enlarging).
+    ``always``: resample even when the grids are equal (the identity, up to rounding), so that a graph
+    traced with a symbolic ``new_grid`` (ONNX export with a dynamic input size) does not branch on it.
     Returns ``[1, prefix + H*W, D]`` in the input's dtype."""
     prefix, table = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     if old_grid is None:
         side = square_grid_side(table.shape[1], "position rows")
         old_grid = (side, side)
-    if tuple(old_grid) == tuple(new_grid):
+    if not always and tuple(old_grid) == tuple(new_grid):
         return pos_embed
     dim = table.shape[-1]
     image = table.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()

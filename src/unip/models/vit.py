@@ -256,12 +256,19 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token", "reg_token"}
 
     # ------------------------------------------------------------------------------ embedding
+    #: ``True`` resamples the position table for every input, even at the training grid (where bicubic
+    #: resampling is the identity), so that a graph traced with a dynamic input size (ONNX export) holds the
+    #: resampling instead of the table of the traced size. ``unip.deploy.onnx_export`` sets it while tracing.
+    always_resample_pos_embed: bool = False
+
     def _pos_embed_for(self, grid: Tuple[int, int]) -> Tensor:
         """The position table for a token grid, interpolated bicubically when it differs from training."""
-        if grid == self.grid_size:
+        always = self.always_resample_pos_embed
+        if not always and grid == self.grid_size:
             return self.pos_embed
         prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-        return resample_pos_embed(self.pos_embed, grid, num_prefix_tokens=prefix)
+        return resample_pos_embed(self.pos_embed, grid, num_prefix_tokens=prefix, old_grid=self.grid_size,
+                                  always=always)
 
     def embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Image ``[B, C, H, W]`` → tokens ``[B, prefix + h*w, D]`` (CLS first, then registers) and grid."""

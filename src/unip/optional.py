@@ -1,0 +1,32 @@
+"""Optional dependencies, imported when a feature needs them.
+
+OpenCV (videos), onnx / onnxscript / onnxruntime (ONNX export and benchmarks) are in the ``export`` extra
+(``pip install 'unip[export]'``); the rest of unip works without them. ``require`` imports one and, when it
+is missing, raises a ``ConfigError`` that says which feature needs it and how to install it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+#: Import name → the pip package that provides it.
+PACKAGES = {
+    "cv2": "opencv-python-headless",
+    "onnx": "onnx",
+    "onnxscript": "onnxscript",
+    "onnxruntime": "onnxruntime",
+}
+
+
+def require(module: str, feature: str) -> ModuleType:
+    """Import ``module`` (one of :data:`PACKAGES`); raises ``ConfigError`` naming ``feature`` when it is not
+    installed."""
+    from unip.errors import ConfigError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = PACKAGES.get(module, module)
+        raise ConfigError(f"{feature} needs the Python package {package} ({err}); install it with "
+                          f"pip install {package} or pip install 'unip[export]'") from None

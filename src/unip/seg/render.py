@@ -1,0 +1,135 @@
+"""What a person looks at: colour masks, overlays with a legend, and per-class areas of label maps.
+
+Palettes are lists of ``(r, g, b)`` per class id. ``ClassInfo`` resolves names and colours from a data set
+name (SODA, MFNet, SCUT-Seg), a segmentor's meta, or, with neither, ids with the PASCAL VOC colour map
+(deterministic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from unip.data.layouts import voc_palette
+from unip.errors import ConfigError
+
+Colour = Tuple[int, int, int]
+
+#: Data sets whose class names and palettes ``--dataset`` supplies.
+DATASET_CLASSES = ("soda", "mfnet", "scut")
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """Class names (``None``: ids only) and one colour per class id."""
+
+    names: Optional[Tuple[str, ...]]
+    palette: Tuple[Colour, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.palette)
+
+    def name(self, class_id: int) -> str:
+        """The class's name, or ``class <id>`` without names."""
+        return self.names[class_id] if self.names else f"class {class_id}"
+
+    @classmethod
+    def resolve(cls, num_classes: int, dataset: Optional[str] = None,
+                meta: Optional[Mapping[str, Any]] = None) -> "ClassInfo":
+        """Names and palette for a segmentor with ``num_classes`` outputs: those of ``dataset`` (``soda``,
+        ``mfnet``, ``scut``; its class count must match), else the ones stored in ``meta`` (our checkpoints,
+        mmseg's ``CLASSES``/``PALETTE``), else ids with the VOC colour map. Raises ``ConfigError``."""
+        if dataset is not None:
+            from unip.data.segmentation import LAYOUTS
+
+            if dataset not in DATASET_CLASSES:
+                raise ConfigError(f"--dataset {dataset!r}: choose one of {', '.join(DATASET_CLASSES)}")
+            layout = LAYOUTS[dataset]
+            if len(layout.classes) != num_classes:
+                raise ConfigError(f"--dataset {dataset}: {len(layout.classes)} classes, but the checkpoint predicts "
+                                  f"{num_classes}; pick the data set it was fine-tuned on, or leave --dataset out")
+            return cls(tuple(layout.classes), tuple(tuple(c) for c in layout.palette))
+        meta = meta or {}
+        names = meta.get("class_names")
+        names = tuple(str(n) for n in names) if isinstance(names, (list, tuple)) and len(names) == num_classes else None
+        palette = _palette(meta.get("palette"), num_classes) or voc_palette(num_classes)
+        return cls(names, tuple(palette))
+
+
+def _palette(value: Any, num_classes: int) -> Optional[List[Colour]]:
+    """``value`` as one ``(r, g, b)`` per class, or ``None`` when it is not such a list."""
+    if not isinstance(value, (list, tuple)) or len(value) != num_classes:
+        return None
+    try:
+        colours = [tuple(int(c) for c in colour) for colour in value]
+    except (TypeError, ValueError):
+        return None
+    if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colours):
+        return None
+    return colours  # type: ignore[return-value]
+
+
+def colorize(labels: np.ndarray, palette: Sequence[Colour]) -> np.ndarray:
+    """Label map ``[H, W]`` → RGB uint8 ``[H, W, 3]`` with each id's palette colour."""
+    table = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    return table[np.minimum(labels, len(table) - 1)]
+
+
+def class_areas(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels per class id of a label map: int64 ``[num_classes]``."""
+    return np.bincount(labels.reshape(-1).astype(np.int64), minlength=num_classes)[:num_classes]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, classes: ClassInfo, alpha: float = 0.5,
+            legend: bool = True) -> np.ndarray:
+    """The image (RGB uint8 ``[H, W, 3]``) blended with the colour mask (``alpha`` = mask weight, mmseg's
+    ``opacity``), with a legend of the classes present (largest first, with their share of the image) in the
+    top-left corner. Returns RGB uint8 ``[H, W, 3]``, the image's size."""
+    mask = colorize(labels, classes.palette).astype(np.float32)
+    blended = image.astype(np.float32) * (1.0 - alpha) + mask * alpha
+    out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    if not legend:
+        return out
+    areas = class_areas(labels, classes.num_classes)
+    present = [int(i) for i in np.argsort(-areas, kind="stable") if areas[i] > 0]
+    total = max(int(labels.size), 1)
+    entries = [(classes.palette[i], f"{classes.name(i)} {100.0 * areas[i] / total:.1f}%") for i in present]
+    return draw_legend(out, entries)
+
+
+@lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def draw_legend(image: np.ndarray, entries: Sequence[Tuple[Colour, str]]) -> np.ndarray:
+    """``image`` (RGB uint8 ``[H, W, 3]``) with a legend box in its top-left corner: one row per
+    ``(colour, text)`` entry, as many as fit (then ``+N more``), font scaled to the image height."""
+    height, width = image.shape[:2]
+    size = max(8, min(24, height // 28))
+    font = _font(size)
+    row = size + 4
+    fits = max(1, (height - 8) // row)
+    if len(entries) > fits:
+        entries = list(entries[: fits - 1]) + [((0, 0, 0), f"+{len(entries) - fits + 1} more")]
+    if not entries:
+        return image
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas, "RGBA")
+    text_width = max(int(draw.textlength(text, font=font)) for _, text in entries)
+    box_w = min(width, size + 12 + text_width)
+    box_h = min(height, 4 + row * len(entries))
+    draw.rectangle([0, 0, box_w, box_h], fill=(0, 0, 0, 150))
+    for i, (colour, text) in enumerate(entries):
+        top = 4 + i * row
+        draw.rectangle([4, top, 4 + size, top + size], fill=tuple(colour), outline=(255, 255, 255))
+        draw.text((size + 9, top), text, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)

@@ -1,0 +1,91 @@
+"""``unip bench`` on a tiny segmentor: every runtime row is printed (ONNX Runtime timed, torch.compile through a
+quick backend), the JSON file, and the parameters and FLOPs per part against counts made another way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from unip.cli import main
+from unip.deploy.bench import benchmark, model_costs
+from unip.seg import save_segmentor
+
+from test_predict import tiny_segmentor
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def test_bench_prints_every_row_and_writes_json(tmp_path, capsys):
+    path = save_segmentor(tiny_segmentor(meta={"crop_size": 64, "stride": 42}), tmp_path / "seg.safetensors")
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--checkpoint", str(path), "--no-compile", "--iters", "2", "--warmup", "0",
+                 "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0 and err == "", err
+    lines = stdout.splitlines()
+    assert lines[0].endswith("input 1x3x64x64, cpu (%d CPU threads), fp32" % torch.get_num_threads())
+    for part in ("backbone", "neck", "decode head", "auxiliary head (training only)", "total (inference)"):
+        assert any(line.startswith(part) for line in lines), part
+    eager = next(line for line in lines if line.startswith("PyTorch eager")).split()
+    onnx = next(line for line in lines if line.startswith("ONNX Runtime")).split()
+    assert float(eager[-1]) > 0 and float(onnx[-1]) > 0 and "CPUExecutionProvider" in onnx
+    assert next(line for line in lines if line.startswith("torch.compile")).endswith("skipped: --no-compile")
+    report = json.loads(out.read_text())
+    assert report["format"] == "unip-bench" and [r["runtime"] for r in report["rows"]] == ["eager", "compile", "onnx"]
+    assert [r["status"] for r in report["rows"]] == ["ok", "skipped", "ok"]
+    assert report["rows"][2]["latency_ms"] > 0 and report["size"] == [64, 64]
+
+
+def test_compile_row_and_a_runtime_that_fails_here(monkeypatch):
+    segmentor = tiny_segmentor()
+    result = benchmark(segmentor, size=(64, 64), runtimes=("eager", "compile"), compile_backend="eager", iters=1)
+    rows = {row.runtime: row for row in result.rows}
+    assert rows["compile"].status == "ok" and rows["compile"].where == "cpu (eager)" and rows["compile"].latency_ms > 0
+    assert rows["onnx"].status == "skipped"
+
+    import unip.deploy.bench as bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ONNX here\nsecond line")
+    monkeypatch.setattr(bench, "export_onnx", broken)
+    result = benchmark(segmentor, size=(64, 64), runtimes=("eager", "onnx"), iters=1)
+    assert [r.status for r in result.rows] == ["ok", "skipped", "failed"]
+    assert result.rows[2].detail == "RuntimeError: no ONNX here second line"
+    assert "failed: RuntimeError" in result.table()
+
+
+def test_parameters_and_flops_per_part():
+    segmentor = tiny_segmentor()
+    parts = {p.part: p for p in model_costs(segmentor, (96, 64))}
+    x = torch.zeros(1, 3, 96, 64)
+
+    def count(fn) -> float:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+            fn()
+        return counter.get_total_flops() / 1e9
+
+    maps = segmentor.block_maps(x)
+    pyramid = segmentor.neck(maps)
+    assert parts["backbone"].gflops == pytest.approx(count(lambda: segmentor.backbone.forward_intermediates(x, [1])))
+    assert parts["neck"].gflops == pytest.approx(count(lambda: segmentor.neck(maps)))
+    assert parts["decode head"].gflops == pytest.approx(count(lambda: segmentor.decode_head(pyramid)))
+    assert parts["auxiliary head (training only)"].gflops is None
+    # by hand: the qkv projection of one block is 2·tokens·width·3·width FLOPs (tokens = 1 + 6·4 patches)
+    assert parts["backbone"].gflops * 1e9 > 2 * 2 * 25 * 32 * 96
+    total = sum(p.params_m for p in parts.values())
+    assert total == pytest.approx(sum(p.numel() for p in segmentor.parameters()) / 1e6)
+
+
+def test_bad_bench_options(tmp_path, capsys):
+    path = save_segmentor(tiny_segmentor(), tmp_path / "seg.safetensors")
+    for argv, message in [(["--size", "50", "64"], "multiples of the patch size"), (["--iters", "0"], "--iters"),
+                          (["--batch", "0"], "--batch"), (["--device", "toaster"], "--device")]:
+        code = main(["bench", "--checkpoint", str(path), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err

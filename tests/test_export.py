@@ -1,0 +1,202 @@
+"""``unip export``: ONNX graphs of tiny segmentors against PyTorch in onnxruntime (fixed size, and dynamic at
+sizes other than the traced one), a failed check leaves no file; timm folders that timm itself loads (offline)
+and that give unip's features; the head-count rule for UNIP students; the rewrites that make sizes traceable."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from unip.checkpoint import save_checkpoint
+from unip.cli import main
+from unip.models import create_model
+from unip.seg import save_segmentor
+
+from test_predict import tiny_segmentor
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="module")
+def segmentor_file(tmp_path_factory) -> str:
+    meta = {"crop_size": 64, "stride": 42, "class_names": ["a", "b", "c"]}
+    return str(save_segmentor(tiny_segmentor(meta=meta), tmp_path_factory.mktemp("seg") / "seg.safetensors"))
+
+
+def export(capsys, *argv):
+    code = main(["export", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def torch_logits(segmentor_file, image: np.ndarray) -> np.ndarray:
+    from unip.deploy.onnx_export import SegmentorLogits
+    from unip.seg import load_segmentor
+
+    with torch.no_grad():
+        return SegmentorLogits(load_segmentor(segmentor_file)).eval()(torch.from_numpy(image)).numpy()
+
+
+# ============================================================================================ ONNX
+def test_dynamic_onnx_matches_pytorch_at_other_sizes(segmentor_file, tmp_path, capsys):
+    path = tmp_path / "seg.onnx"
+    code, stdout, err = export(capsys, "--checkpoint", segmentor_file, "--format", "onnx", "--dynamic",
+                               "--out", str(path))
+    assert code == 0 and err == "", err
+    assert "1x64x64" in stdout and "2x96x128" in stdout and os.listdir(tmp_path) == ["seg.onnx"]
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["unip.classes"]) == ["a", "b", "c"] and json.loads(meta["unip.mean"]) == [96.9255] * 3
+    assert (meta["unip.crop"], meta["unip.stride"]) == ("64", "42")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for shape in [(1, 3, 64, 64), (3, 3, 48, 112), (2, 3, 192, 80)]:  # 192 px: the stride-32 map is 6 x 2
+        image = rng.standard_normal(shape).astype(np.float32)
+        logits = session.run(["logits"], {"image": image})[0]
+        assert logits.shape == (shape[0], 3, *shape[2:])
+        assert np.abs(logits - torch_logits(segmentor_file, image)).max() <= 1e-4
+
+
+def test_fixed_onnx_and_a_failed_check_leaves_nothing(segmentor_file, tmp_path, capsys, monkeypatch):
+    from unip.deploy import onnx_export
+
+    path = tmp_path / "fixed.onnx"
+    code, stdout, _ = export(capsys, "--checkpoint", segmentor_file, "--format", "onnx", "--size", "48", "80",
+                             "--out", str(path))
+    assert code == 0 and "1 x 3 x 48 x 80" in stdout
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, 48, 80]
+
+    real_session = onnx_export.onnx_session
+
+    class Drifting:  # onnxruntime that is off by 1e-3
+        def __init__(self, path):
+            self.session = real_session(path)
+
+        def run(self, names, feed):
+            return [out + 1e-3 for out in self.session.run(names, feed)]
+    monkeypatch.setattr(onnx_export, "onnx_session", Drifting)
+    again = tmp_path / "drift.onnx"
+    code, _, err = export(capsys, "--checkpoint", segmentor_file, "--format", "onnx", "--size", "48", "80",
+                          "--out", str(again))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "differ from PyTorch's by 0.001" in err and "removed" in err
+    assert sorted(os.listdir(tmp_path)) == ["fixed.onnx"]  # no file, no temporary folder
+
+
+def test_averaging_pool_is_adaptive_average_pooling():
+    from unip.deploy.onnx_export import AveragingPool2d
+
+    x = torch.randn(2, 3, 13, 7)
+    for bins in (1, 2, 3, 6):
+        torch.testing.assert_close(AveragingPool2d(bins)(x), nn.AdaptiveAvgPool2d(bins)(x))
+
+
+def test_traceable_sizes_computes_the_same_and_restores_the_model():
+    from unip.deploy.onnx_export import SegmentorLogits, traceable_sizes
+
+    segmentor = tiny_segmentor()
+    before = [type(m).__name__ for m in segmentor.modules()]
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        expected = SegmentorLogits(segmentor)(x)
+        with traceable_sizes(segmentor):
+            assert segmentor.backbone.always_resample_pos_embed
+            rewritten = SegmentorLogits(segmentor)(x)
+    torch.testing.assert_close(rewritten, expected, atol=1e-5, rtol=1e-5)
+    assert [type(m).__name__ for m in segmentor.modules()] == before
+    assert not segmentor.backbone.always_resample_pos_embed
+
+
+def test_onnx_export_refuses_backbones_and_bad_sizes(segmentor_file, tmp_path, capsys):
+    backbone = save_checkpoint(create_model("vit_tiny_patch16", depth=1, embed_dim=32, num_heads=2, img_size=32),
+                               tmp_path / "backbone.safetensors")
+    cases = [(["--checkpoint", str(backbone)], "not a segmentor"),
+             (["--checkpoint", segmentor_file, "--size", "40", "64"], "multiples of the patch size 16"),
+             (["--checkpoint", segmentor_file, "--opset", "9"], "--opset 9"),
+             (["--checkpoint", segmentor_file, "--last-block-heads", "default"], "--format timm")]
+    for argv, message in cases:
+        code, _, err = export(capsys, *argv, "--format", "onnx", "--out", str(tmp_path / "x.onnx"))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# ============================================================================================ timm
+def _timm_from(folder: str, **overrides):
+    import timm
+
+    config = json.loads(open(os.path.join(folder, "config.json")).read())
+    by_file = timm.create_model(config["architecture"], pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(
+        file=os.path.join(folder, "model.safetensors"), num_classes=0), **config["model_args"], **overrides)
+    by_folder = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
+    return by_file.eval(), by_folder.eval()
+
+
+def test_timm_loads_a_student_and_gives_the_same_features(tmp_path, capsys):
+    torch.manual_seed(0)
+    student = create_model("unip_vit_tiny_patch16", depth=2, img_size=64)  # width 192, 3 heads: vit_tiny
+    path = save_checkpoint(student, tmp_path / "student.safetensors", {"teacher": "mae-l"})
+    out = tmp_path / "student-timm"
+    code, stdout, err = export(capsys, "--checkpoint", str(path), "--format", "timm", "--out", str(out))
+    assert code == 0 and err == "", err
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert "vit_tiny_patch16_224" in stdout and "pretrained_cfg_overlay" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_classes"] == 0 and config["pretrained_cfg"]["mean"] == [0.3801] * 3
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = student.eval().forward_features(x)
+        for model in _timm_from(str(out)):
+            torch.testing.assert_close(model.forward_features(x), expected, atol=1e-5, rtol=1e-5)
+            assert torch.equal(model.pos_embed.detach(), student.pos_embed.detach())  # the sin-cos table, as values
+    # exporting again replaces its own files; a user's config.json is left alone
+    assert export(capsys, "--checkpoint", str(path), "--format", "timm", "--out", str(out))[0] == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    code, _, err = export(capsys, "--checkpoint", str(path), "--format", "timm", "--out", str(mine))
+    assert code == 2 and "config.json: exists and was not written by unip" in err
+    assert (mine / "config.json").read_text() == '{"my": "settings"}' and os.listdir(mine) == ["config.json"]
+
+
+def test_timm_export_of_a_unip_student_with_a_16_head_last_block(tmp_path, capsys):
+    torch.manual_seed(0)
+    student = create_model("unip_vit_tiny_patch16", depth=2, img_size=64, last_heads=16)
+    path = save_checkpoint(student, tmp_path / "unip_t.safetensors")
+    code, _, err = export(capsys, "--checkpoint", str(path), "--format", "timm", "--out", str(tmp_path / "t"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "last block has 16 heads, the others 3" in err and "--last-block-heads default" in err
+    assert not (tmp_path / "t").exists()
+    code, stdout, _ = export(capsys, "--checkpoint", str(path), "--format", "timm", "--out", str(tmp_path / "t"),
+                             "--last-block-heads", "default")
+    assert code == 0 and "note: the last block has 3 heads in the export, 16 in unip_t.safetensors" in stdout
+    uniform = create_model("unip_vit_tiny_patch16", depth=2, img_size=64)
+    uniform.load_state_dict(student.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = _timm_from(str(tmp_path / "t"))[1].forward_features(x)
+        torch.testing.assert_close(features, uniform.eval().forward_features(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(features, student.eval().forward_features(x), atol=1e-3)  # what changes
+
+
+def test_timm_loads_the_backbone_of_a_segmentor(segmentor_file, tmp_path, capsys):
+    from unip.seg import load_segmentor
+
+    out = tmp_path / "seg-timm"
+    code, stdout, _ = export(capsys, "--checkpoint", segmentor_file, "--format", "timm", "--out", str(out))
+    assert code == 0 and "a segmentor's backbone" in stdout and "init_values=1.0" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_args"]["img_size"] == [128, 128] and config["model_args"]["init_values"] == 1.0
+    assert config["pretrained_cfg"]["mean"] == [pytest.approx(96.9255 / 255)] * 3
+    backbone = load_segmentor(segmentor_file).backbone
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        for model in _timm_from(str(out)):
+            torch.testing.assert_close(model.forward_features(x), backbone.forward_features(x), atol=1e-5, rtol=1e-5)

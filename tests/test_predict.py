@@ -1,0 +1,346 @@
+"""``unip predict`` end to end on tiny random-weight segmentors (ours and the release's mmseg layout) and
+generated images and videos: files written, labels equal to ``slide_inference`` on the same preprocessed
+image, skipped inputs, videos, outputs never written over; and its building blocks (test pipeline, colours,
+legend, areas)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from unip.cli import main
+from unip.data.layouts import MFNET_CLASSES, MFNET_PALETTE, voc_palette
+from unip.errors import ConfigError
+from unip.models import Segmentor
+from unip.models.heads import resize_bilinear
+from unip.seg import fit_size, load_segmentor, save_segmentor, slide_inference
+from unip.seg.predict import InferencePipeline, preprocess
+from unip.seg.render import ClassInfo, class_areas, colorize, overlay
+
+from test_seg_model import release_state_dict, save_release
+
+cv2 = pytest.importorskip("cv2")
+
+CLASSES = ["background", "person", "car"]
+
+
+def tiny_segmentor(classes=3, seed=0, meta=None) -> Segmentor:
+    """Width 32, 2 blocks, UperNet of 16 channels; crop 128 / stride 85 (the recipe's 2/3)."""
+    torch.manual_seed(seed)
+    config = {"backbone": dict(img_size=128, embed_dim=32, depth=2, num_heads=2, layer_scale=1.0),
+              "feature_layers": [2], "neck": "llfpn",
+              "decode_head": {"type": "upernet", "channels": 16, "pool_scales": [1, 2, 3, 6], "dropout": 0.1},
+              "auxiliary_head": {"type": "fcn", "channels": 16, "in_index": 2, "dropout": 0.1, "loss_weight": 0.4},
+              "num_classes": classes}
+    segmentor = Segmentor(config, {"crop_size": 128, "stride": 85, **(meta or {})}).eval()
+    for module in segmentor.modules():  # non-trivial BN statistics so that classes vary over the image
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+    return segmentor
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("ckpt") / "seg.safetensors"
+    return str(save_segmentor(tiny_segmentor(meta={"class_names": CLASSES}), path))
+
+
+def scene(height, width, seed=0) -> np.ndarray:
+    """A smooth gray scene with a few warm blobs (uint8)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    image = 60 + 40 * np.sin(x / 9.0) + 30 * np.cos(y / 7.0)
+    for _ in range(3):
+        cy, cx = rng.integers(0, height), rng.integers(0, width)
+        image += 120 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 60.0)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("frames") / "frames"
+    os.makedirs(root / "night")
+    Image.fromarray(scene(48, 64, 1)).save(root / "a.png")
+    Image.fromarray(np.stack([scene(40, 72, 2)] * 3, axis=2)).save(root / "b.jpg", quality=95)
+    raw = scene(36, 52, 3).astype(np.uint16) * 40 + 7000  # a 16-bit radiometric frame
+    Image.fromarray(raw).save(root / "night" / "c.png")
+    (root / "notes.txt").write_text("not an image")
+    return str(root)
+
+
+def write_video(path, frames=10, size=(48, 64)) -> str:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (size[1], size[0]))
+    assert writer.isOpened()
+    for i in range(frames):
+        frame = np.roll(scene(*size, seed=4), 3 * i, axis=1)
+        writer.write(np.repeat(frame[:, :, None], 3, axis=2))
+    writer.release()
+    return str(path)
+
+
+def predict(capsys, *argv):
+    code = main(["predict", "--no-progress", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ============================================================================================ end to end
+def test_folder_gives_one_file_of_each_kind_per_image(checkpoint, folder, tmp_path, capsys):
+    out = tmp_path / "pred"
+    code, stdout, err = predict(capsys, "--checkpoint", checkpoint, folder, "--out", str(out), "--batch-size", "2")
+    assert code == 0 and err == "", err
+    assert "predicted 3 image(s)" in stdout
+    sizes = {"frames/a": (48, 64), "frames/b": (40, 72), "frames/night/c": (36, 52)}
+    for name, size in sizes.items():
+        label = np.array(Image.open(out / "label" / f"{name}.png"))
+        assert label.shape == size and label.dtype == np.uint8 and label.max() < 3
+        color = Image.open(out / "color" / f"{name}.png")
+        shown = Image.open(out / "overlay" / f"{name}.png")
+        assert color.size == shown.size == (size[1], size[0]) and color.mode == shown.mode == "RGB"
+        assert np.array_equal(np.array(color), colorize(label, voc_palette(3)))  # ids → the palette's colours
+    assert sorted(os.listdir(out)) == ["areas.csv", "areas.json", "color", "label", "overlay"]  # no video dir
+    rows = read_csv(out / "areas.csv")
+    assert len(rows) == 3 * 3 and {r["class_name"] for r in rows} == set(CLASSES)
+    report = json.loads((out / "areas.json").read_text())
+    assert report["format"] == "unip-predict" and report["classes"] == CLASSES and report["failed"] == []
+    assert report["test_pipeline"] == {"scale": [2048, 512], "mean": [pytest.approx(96.9255)] * 3,
+                                       "std": [pytest.approx(47.8976)] * 3, "crop": 128, "stride": 85}
+    for record in report["images"]:
+        label = np.array(Image.open(out / record["files"]["label"]))
+        assert record["pixels"] == np.bincount(label.ravel(), minlength=3).tolist()
+        assert sum(record["percent"]) == pytest.approx(100.0, abs=1e-3)
+
+
+def test_a_broken_image_is_reported_and_the_rest_are_done(checkpoint, folder, tmp_path, capsys):
+    broken = tmp_path / "in"
+    os.makedirs(broken)
+    Image.fromarray(scene(32, 48)).save(broken / "good.png")
+    (broken / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (broken / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "pred"
+    code, stdout, err = predict(capsys, "--checkpoint", checkpoint, str(broken), folder, "--out", str(out),
+                                "--format", "label")
+    assert code == 1
+    assert err.strip().splitlines() == ["unip predict: error: 2 input(s) could not be read (listed above); the "
+                                        "rest were done"]
+    assert "bad.png" in stdout and "empty.jpg" in stdout and "predicted 4 image(s)" in stdout
+    assert sorted(os.listdir(out / "label" / "in")) == ["good.png"] and os.listdir(out) != []
+    report = json.loads((out / "areas.json").read_text())
+    assert sorted(os.path.basename(f["input"]) for f in report["failed"]) == ["bad.png", "empty.jpg"]
+    assert len(report["images"]) == 4
+
+
+def test_a_video_gives_a_result_per_frame_and_an_annotated_video(checkpoint, tmp_path, capsys):
+    from unip.data.video import VideoReader, is_our_video
+
+    video = write_video(tmp_path / "clip.mp4", frames=10)
+    out = tmp_path / "pred"
+    code, stdout, err = predict(capsys, "--checkpoint", checkpoint, video, "--out", str(out), "--batch-size", "3")
+    assert code == 0 and err == "", err
+    assert "10 frame(s) of 1 video(s)" in stdout
+    for kind in ("label", "color", "overlay"):
+        assert sorted(os.listdir(out / kind / "clip")) == [f"frame_{i:06d}.png" for i in range(10)]
+    annotated = str(out / "video" / "clip.mp4")
+    assert is_our_video(annotated) and not is_our_video(video)
+    reader = VideoReader(annotated)
+    frames = list(reader.frames())
+    assert len(frames) == 10 and reader.size == (48, 64) and reader.fps == pytest.approx(10.0)
+    first_overlay = np.array(Image.open(out / "overlay" / "clip" / "frame_000000.png"))
+    assert np.abs(frames[0][1].astype(int) - first_overlay).mean() < 12  # the same picture, through a codec
+    report = json.loads((out / "areas.json").read_text())
+    assert [r["frame"] for r in report["images"]] == list(range(10))
+    assert report["images"][3]["time_s"] == pytest.approx(0.3) and report["videos"] == ["video/clip.mp4"]
+    assert len(read_csv(out / "areas.csv")) == 10 * 3
+
+    # --every 4: frames 0, 4, 8 and a video at a quarter of the frame rate
+    out4 = tmp_path / "every4"
+    assert predict(capsys, "--checkpoint", checkpoint, video, "--out", str(out4), "--every", "4",
+                   "--format", "label,video")[0] == 0
+    assert sorted(os.listdir(out4 / "label" / "clip")) == ["frame_000000.png", "frame_000004.png", "frame_000008.png"]
+    reader = VideoReader(str(out4 / "video" / "clip.mp4"))
+    assert len(list(reader.frames())) == 3 and reader.fps == pytest.approx(2.5)
+
+
+def test_release_checkpoint_gives_the_labels_of_slide_inference(tmp_path, capsys):
+    """A random-weight file in the release's fine-tuned mmseg layout: the labels ``unip predict`` writes equal
+    the arg-max of ``slide_inference`` (512 / 341) on the same preprocessed image, resized back; and the
+    preprocessing is the recipe's resize + normalisation, recomputed here with torch."""
+    sd = release_state_dict(64, 2, 5, grid=4)
+    path = str(save_release(tmp_path / "iter_100.pth", sd))
+    image = scene(96, 128, seed=5)
+    Image.fromarray(image).save(tmp_path / "frame.png")
+    out = tmp_path / "pred"
+    code, _, err = predict(capsys, "--checkpoint", path, str(tmp_path / "frame.png"), "--out", str(out),
+                           "--format", "label", "--batch-size", "1")
+    assert code == 0, err
+    written = np.array(Image.open(out / "label" / "frame.png"))
+
+    segmentor = load_segmentor(path)
+    pipeline = InferencePipeline.of(segmentor)
+    assert (pipeline.crop, pipeline.stride, pipeline.scale) == (512, 341, (2048, 512))
+    x = preprocess(np.repeat(image[:, :, None], 3, axis=2), pipeline)[None]
+    assert tuple(x.shape[-2:]) == fit_size(96, 128) == (512, 683)
+    with torch.no_grad():
+        logits = slide_inference(segmentor, x, crop=512, stride=341)
+    expected = resize_bilinear(logits, (96, 128)).argmax(1)[0].numpy()
+    assert np.array_equal(written, expected)
+    assert len(np.unique(written)) > 1
+
+    # the preprocessing, recomputed: bilinear resize of the uint8 image (no antialiasing, rounded to uint8
+    # as mmcv's cv2.resize), then (x - 96.9255) / 47.8976
+    gray = torch.from_numpy(image).float()[None, None]
+    resized = F.interpolate(gray, size=(512, 683), mode="bilinear", align_corners=False).round().clamp(0, 255)
+    reference = ((resized - 96.9255) / 47.8976).expand(1, 3, -1, -1)
+    difference = (x - reference).abs() * 47.8976  # in gray levels
+    assert difference.max() <= 1 + 1e-4 and difference.mean() < 0.3  # the uint8 resize's fixed-point rounding
+
+
+def test_dataset_names_and_palette(tmp_path, capsys):
+    segmentor = tiny_segmentor(classes=len(MFNET_CLASSES))
+    path = str(save_segmentor(segmentor, tmp_path / "mfnet.safetensors"))
+    Image.fromarray(scene(32, 48)).save(tmp_path / "a.png")
+    out = tmp_path / "pred"
+    assert predict(capsys, "--checkpoint", path, str(tmp_path / "a.png"), "--out", str(out), "--dataset",
+                   "mfnet", "--format", "label,color")[0] == 0
+    label = np.array(Image.open(out / "label" / "a.png"))
+    assert np.array_equal(np.array(Image.open(out / "color" / "a.png")), colorize(label, MFNET_PALETTE))
+    assert json.loads((out / "areas.json").read_text())["classes"] == list(MFNET_CLASSES)
+    code, _, err = predict(capsys, "--checkpoint", path, str(tmp_path / "a.png"), "--out", str(out), "--dataset",
+                           "soda")
+    assert code == 2 and "21 classes" in err and "predicts 9" in err
+
+
+def test_outputs_of_others_are_never_written_over(checkpoint, tmp_path, capsys):
+    Image.fromarray(scene(32, 48)).save(tmp_path / "a.png")
+    out = tmp_path / "pred"
+    os.makedirs(out / "overlay")
+    Image.fromarray(scene(8, 8)).save(out / "overlay" / "a.png")  # the user's own picture
+    before = (out / "overlay" / "a.png").read_bytes()
+    code, _, err = predict(capsys, "--checkpoint", checkpoint, str(tmp_path / "a.png"), "--out", str(out))
+    assert code == 2 and "a.png: exists and was not written by unip" in err
+    assert (out / "overlay" / "a.png").read_bytes() == before and not (out / "label").exists()
+    # two inputs that would write the same files
+    os.makedirs(tmp_path / "x")
+    Image.fromarray(scene(32, 48)).save(tmp_path / "x" / "a.png")
+    Image.fromarray(scene(32, 48)).save(tmp_path / "x" / "a.jpg")
+    code, _, err = predict(capsys, "--checkpoint", checkpoint, str(tmp_path / "x"), "--out", str(tmp_path / "p2"))
+    assert code == 2 and "would both write x/a.png" in err
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_back(checkpoint, tmp_path, capsys):
+    """... and a second run replaces its own earlier files."""
+    Image.fromarray(scene(32, 48)).save(tmp_path / "a.png")
+    out = tmp_path / "pred"
+    for _ in range(2):
+        code, stdout, _ = predict(capsys, "--checkpoint", checkpoint, str(tmp_path), "--out", str(out))
+        assert code == 0 and "predicted 1 image(s)" in stdout
+
+
+# ============================================================================================ pieces
+def test_class_info_sources():
+    assert ClassInfo.resolve(9, "mfnet").names == tuple(MFNET_CLASSES)
+    meta = {"class_names": ["a", "b"], "palette": [[1, 2, 3], [4, 5, 6]]}
+    info = ClassInfo.resolve(2, None, meta)
+    assert info.names == ("a", "b") and info.palette == ((1, 2, 3), (4, 5, 6))
+    ids_only = ClassInfo.resolve(4, None, {"class_names": ["too", "few"], "palette": "nonsense"})
+    assert ids_only.names is None and ids_only.palette == voc_palette(4) and ids_only.name(3) == "class 3"
+    with pytest.raises(ConfigError, match="10 classes"):
+        ClassInfo.resolve(4, "scut")
+
+
+def test_colours_areas_and_overlay():
+    labels = np.array([[0, 1], [2, 2]], dtype=np.uint8)
+    palette = ((0, 0, 0), (255, 0, 0), (0, 0, 255))
+    assert colorize(labels, palette).tolist() == [[[0, 0, 0], [255, 0, 0]], [[0, 0, 255], [0, 0, 255]]]
+    assert class_areas(labels, 4).tolist() == [1, 1, 2, 0]
+    image = np.full((2, 2, 3), 100, np.uint8)
+    blended = overlay(image, labels, ClassInfo(None, palette), alpha=0.25, legend=False)
+    assert blended[0, 1].tolist() == [139, 75, 75]  # 0.75·100 + 0.25·255 = 138.75
+    big = np.full((120, 160, 3), 100, np.uint8)
+    big_labels = np.zeros((120, 160), np.uint8)
+    big_labels[:, 100:] = 2
+    shown = overlay(big, big_labels, ClassInfo(("bg", "a", "road"), palette))
+    assert shown.shape == big.shape
+    assert (shown[:10, :40] != overlay(big, big_labels, ClassInfo(None, palette), legend=False)[:10, :40]).any()
+    assert np.array_equal(shown[100:, 120:], np.full((20, 40, 3), [50, 50, 178], np.uint8))  # no legend there
+
+
+def test_preprocess_keeps_16_bit_and_colour_frames_in_range():
+    pipeline = InferencePipeline()
+    x = preprocess(np.full((240, 320, 3), 255, np.uint8), pipeline)
+    assert x.shape == (3, 512, 683) and torch.allclose(x, torch.full_like(x, (255 - 96.9255) / 47.8976))
+    assert pipeline.windows(480, 640) == 2 and pipeline.windows(512, 2048) == 6
+
+
+def test_unreadable_video_and_bad_options_stop_before_any_work(checkpoint, tmp_path, capsys):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video" * 50)
+    Image.fromarray(scene(32, 48)).save(tmp_path / "a.png")
+    cases = [([str(junk)], "junk.mp4: OpenCV cannot read"),
+             ([str(tmp_path / "a.png"), "--every", "0"], "--every"),
+             ([str(tmp_path / "missing.png")], "missing.png: no such file"),
+             ([str(tmp_path / "a.png"), "--format", "label,gif"], "--format")]
+    for argv, message in cases:
+        code, _, err = predict(capsys, "--checkpoint", checkpoint, *argv, "--out", str(tmp_path / "o"))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+    code, _, err = predict(capsys, "--checkpoint", str(tmp_path / "a.png"), str(tmp_path / "a.png"))
+    assert code == 2 and "a.png" in err
+
+
+def test_video_bytes_written_by_others_are_not_ours(tmp_path):
+    from unip.data.video import VideoWriter, is_our_video
+
+    with VideoWriter(str(tmp_path / "v.mp4"), 5.0, (32, 48)) as writer:
+        for _ in range(3):
+            writer.write(np.zeros((32, 48, 3), np.uint8))
+    assert is_our_video(str(tmp_path / "v.mp4")) and os.listdir(tmp_path) == ["v.mp4"]
+    (tmp_path / "tiny.mp4").write_bytes(b"x")
+    assert not is_our_video(str(tmp_path / "tiny.mp4"))
+    with pytest.raises(RuntimeError):
+        with VideoWriter(str(tmp_path / "w.mp4"), 5.0, (32, 48)):
+            raise RuntimeError("stop")
+    assert sorted(os.listdir(tmp_path)) == ["tiny.mp4", "v.mp4"]  # the partial video is gone
+
+
+def test_csv_quotes_odd_names():
+    from unip.seg.predict_run import areas_csv
+
+    text = areas_csv([{"input": "a,b\nc.png", "frame": None, "time_s": None, "width": 2, "height": 1,
+                       "pixels": [2], "percent": [100.0]}], ClassInfo(("x",), ((0, 0, 0),)))
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[1][:2] == ["a,b\\nc.png", ""] and rows[1][-3:] == ["x", "2", "100.0"]
+
+
+def test_windows_per_forward_follow_free_memory(monkeypatch):
+    from unip.seg.predict import Predictor, forward_bytes
+
+    segmentor = tiny_segmentor()
+    small = InferencePipeline(scale=(128, 64), crop=64, stride=32)  # 40 x 56 → 64 x 90: 2 windows an image
+    predictor = Predictor(segmentor, "cpu", batch_size=2, pipeline=small)
+    inputs, window = 2 * 2 * 3 * 64 * 128 * 4, forward_bytes(segmentor, 64)
+    monkeypatch.setattr("unip.seg.predict.available_bytes", lambda device=None: inputs + 6 * window)
+    predictor.plan_memory()
+    assert predictor.max_windows == 3
+    batch = torch.stack([preprocess(np.repeat(scene(40, 56, s)[:, :, None], 3, axis=2), predictor.pipeline)
+                         for s in (1, 2)])
+    with torch.no_grad():
+        expected = slide_inference(segmentor, batch, crop=64, stride=32)
+    torch.testing.assert_close(predictor.logits(batch), expected, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr("unip.seg.predict.available_bytes", lambda device=None: inputs)
+    monkeypatch.setattr("unip.memory.available_bytes", lambda device=None: inputs)
+    with pytest.raises(ConfigError, match="--batch-size 2.*lower --batch-size"):
+        predictor.plan_memory()
