@@ -1,4 +1,5 @@
-"""Figures of an evaluation (matplotlib, Agg backend): colour masks, overlays with a legend, the confusion matrix.
+"""Figures of an evaluation (matplotlib, Agg backend): prediction / ground-truth overlays with a legend, the
+confusion matrix. (Colour masks and blending: ``unip.seg.render``.)
 
 Every figure is written through ``unip.outputs.save_figure`` (marked as unip's, atomically), so a later run
 recognises and may replace it.
@@ -16,29 +17,11 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from unip.data.layouts import IGNORE_INDEX  # noqa: E402
 from unip.outputs import save_figure  # noqa: E402
+from unip.seg.render import blend  # noqa: E402
 from unip.text import printable  # noqa: E402
 
 Colour = Tuple[int, int, int]
-
-
-def colorize(label: np.ndarray, palette: Sequence[Colour], ignore_colour: Colour = (0, 0, 0)) -> np.ndarray:
-    """``[H, W]`` class ids → ``[H, W, 3]`` uint8 colours of ``palette`` (id = position); 255 and ids past the
-    palette get ``ignore_colour``."""
-    table = np.zeros((256, 3), np.uint8)
-    table[:] = ignore_colour
-    table[:len(palette)] = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
-    return table[np.asarray(label, np.int64).clip(0, 255)]
-
-
-def overlay(image: np.ndarray, label: np.ndarray, palette: Sequence[Colour], alpha: float = 0.5) -> np.ndarray:
-    """``image [H, W, 3]`` uint8 with the colour mask of ``label [H, W]`` blended in (weight ``alpha``);
-    ignored pixels (255) keep the image."""
-    colours = colorize(label, palette).astype(np.float32)
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
-    keep = (np.asarray(label) == IGNORE_INDEX)[..., None]
-    return np.where(keep, image, blended.round()).astype(np.uint8)
 
 
 def save_overlay(image: np.ndarray, prediction: np.ndarray, label: Optional[np.ndarray],
@@ -50,7 +33,7 @@ def save_overlay(image: np.ndarray, prediction: np.ndarray, label: Optional[np.n
     fig, axes = plt.subplots(1, len(panels), squeeze=False,
                              figsize=(min(16.0, 4.2 * len(panels) * max(width / height, 0.5)), 4.2))
     for ax, (name, ids) in zip(axes[0], panels):
-        ax.imshow(overlay(image, ids, palette))
+        ax.imshow(blend(image, ids, palette))
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     present = sorted({int(v) for ids in (prediction, label) if ids is not None for v in np.unique(ids)
@@ -97,4 +80,4 @@ def save_confusion(confusion: Tensor, class_names: Sequence[str], path: str, tit
     return path
 
 
-__all__ = ["colorize", "overlay", "save_confusion", "save_overlay"]
+__all__ = ["save_confusion", "save_overlay"]

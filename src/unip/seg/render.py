@@ -14,7 +14,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from unip.data.layouts import voc_palette
+from unip.data.layouts import IGNORE_INDEX, voc_palette
 from unip.errors import ConfigError
 
 Colour = Tuple[int, int, int]
@@ -74,10 +74,21 @@ def _palette(value: Any, num_classes: int) -> Optional[List[Colour]]:
     return colours  # type: ignore[return-value]
 
 
-def colorize(labels: np.ndarray, palette: Sequence[Colour]) -> np.ndarray:
-    """Label map ``[H, W]`` → RGB uint8 ``[H, W, 3]`` with each id's palette colour."""
-    table = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-    return table[np.minimum(labels, len(table) - 1)]
+def colorize(labels: np.ndarray, palette: Sequence[Colour], ignore_colour: Colour = (0, 0, 0)) -> np.ndarray:
+    """Label map ``[H, W]`` → RGB uint8 ``[H, W, 3]`` with each id's palette colour; ids past the palette
+    (255 = ignore) get ``ignore_colour``."""
+    table = np.zeros((256, 3), np.uint8)
+    table[:] = ignore_colour
+    table[:len(palette)] = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
+    return table[np.asarray(labels, np.int64).clip(0, 255)]
+
+
+def blend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Colour], alpha: float = 0.5) -> np.ndarray:
+    """``image [H, W, 3]`` uint8 with the colour mask of ``labels [H, W]`` blended in (weight ``alpha``, mmseg's
+    ``opacity``); ignored pixels (255) keep the image. Returns RGB uint8 ``[H, W, 3]``."""
+    mask = colorize(labels, palette).astype(np.float32)
+    blended = np.clip(np.rint(image.astype(np.float32) * (1.0 - alpha) + mask * alpha), 0, 255).astype(np.uint8)
+    return np.where((np.asarray(labels) == IGNORE_INDEX)[..., None], image, blended)
 
 
 def class_areas(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -90,9 +101,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, classes: ClassInfo, alpha: fl
     """The image (RGB uint8 ``[H, W, 3]``) blended with the colour mask (``alpha`` = mask weight, mmseg's
     ``opacity``), with a legend of the classes present (largest first, with their share of the image) in the
     top-left corner. Returns RGB uint8 ``[H, W, 3]``, the image's size."""
-    mask = colorize(labels, classes.palette).astype(np.float32)
-    blended = image.astype(np.float32) * (1.0 - alpha) + mask * alpha
-    out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    out = blend(image, labels, classes.palette, alpha)
     if not legend:
         return out
     areas = class_areas(labels, classes.num_classes)
