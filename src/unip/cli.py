@@ -22,7 +22,7 @@ import sys
 import traceback
 import warnings
 from functools import partial
-from typing import Callable, List, NoReturn, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 from unip import __version__
 from unip.engine.config import integer, number
@@ -341,32 +341,45 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="images per process and micro-batch")
     p.add_argument("--accum-iter", type=int, help="micro-batches per optimiser step")
     p.add_argument("--blr", type=float, help="base lr; lr = blr × effective batch / 256")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="AMP on CUDA; CPU runs fp32")
     p.add_argument("--compile", dest="compile", action="store_const", const=True,
                    help="torch.compile teacher, student and loss (default: on CUDA only)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="run eagerly")
     p.add_argument("--teacher-precision", choices=["auto", "fp32", "bf16", "fp8"],
                    help="teacher weights: auto (bf16 in bf16 runs), fp32, bf16, or fp8 (torchao, Ada/Hopper GPUs)")
-    p.add_argument("--resume", metavar="PATH|auto", help="training state to continue from; auto = latest in --out")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int, help="data-loader worker processes per rank")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any setting, e.g. --set optim.clip_grad=1.0 (repeatable)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    _add_training_options(p, "AMP on CUDA; CPU runs fp32", "optim.clip_grad=1.0")
     p.set_defaults(func=_run_pretrain)
 
 
-def _check_run_folder(folder: str) -> None:
-    """The run folder may be new or a run folder unip wrote: its config.yaml and student are unip's."""
+def _add_training_options(p: argparse.ArgumentParser, precision_help: str, set_example: str) -> None:
+    """Options every training verb has: device, precision, resume, seed, workers, --set, --print-config."""
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help=precision_help)
+    p.add_argument("--resume", metavar="PATH|auto", help="training state to continue from; auto = latest in --out")
+    p.add_argument("--seed", type=SEED)
+    p.add_argument("--workers", type=integer(0, 256).option(), help="data-loader worker processes per rank")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"any setting, e.g. --set {set_example} (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+
+
+def _option_values(args: argparse.Namespace, options: Dict[str, str]) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """``(config values, where each came from)`` of the CLI options in ``options`` (option → dotted key)."""
+    values = {key: getattr(args, name) for name, key in options.items() if getattr(args, name) is not None}
+    origins = {key: "--" + name.replace("_", "-") for name, key in options.items()}
+    return values, origins
+
+
+def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Callable[[str], bool]]) -> None:
+    """A training run folder may be new or one unip wrote: its config.yaml and ``files`` (name → recogniser)
+    must be unip's, so a rerun never overwrites a user's file."""
     import os
 
-    from unip.distill.train import DEFAULTS, STUDENT_FILE
-    from unip.outputs import claim, is_our_checkpoint, is_our_yaml, out_folder
+    from unip.outputs import claim, is_our_yaml, out_folder
 
     out_folder(folder, "--out")
-    claim([os.path.join(folder, "config.yaml")], is_our_yaml(list(DEFAULTS)), "--out")
-    claim([os.path.join(folder, STUDENT_FILE)], is_our_checkpoint, "--out")
+    claim([os.path.join(folder, "config.yaml")], is_our_yaml(list(defaults)), "--out")
+    for name, recognise in files.items():
+        claim([os.path.join(folder, name)], recognise, "--out")
 
 
 def _layer_arg(text: str):
@@ -379,20 +392,19 @@ def _layer_arg(text: str):
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from unip.distill.train import make_config, train
+    from unip.distill.train import DEFAULTS, STUDENT_FILE, make_config, train
     from unip.engine.config import dump_config
+    from unip.outputs import is_our_checkpoint
 
-    values = {key: getattr(args, name) for name, key in _PRETRAIN_OPTIONS.items()
-              if getattr(args, name) is not None}
+    values, origins = _option_values(args, _PRETRAIN_OPTIONS)
     if args.compile is not None:
         values["run.compile"] = args.compile
-    origins = {key: "--" + name.replace("_", "-") for name, key in _PRETRAIN_OPTIONS.items()}
     origins["run.compile"] = "--compile/--no-compile"
     config = make_config(args.preset, tuple(args.overrides), values, origins=origins)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    _check_run_folder(config["run"]["output"])
+    _check_run_folder(config["run"]["output"], DEFAULTS, {STUDENT_FILE: is_our_checkpoint})
     result = train(config)
     print(f"pre-training finished after {result.steps} steps (loss {result.last_loss:.4g}); "
           f"student: {result.student}")
@@ -435,41 +447,19 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                    help="layer-wise linear probing: block N alone (implies --probe linear)")
     p.add_argument("--iterations", type=integer(1).option(), help="optimiser steps (optim.iterations)")
     p.add_argument("--batch-size", type=integer(1).option(), help="images per GPU and micro-batch")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="AMP on CUDA (the recipe: fp16); CPU runs fp32")
-    p.add_argument("--resume", metavar="PATH|auto", help="training state to continue from; auto = latest in --out")
-    p.add_argument("--seed", type=SEED)
-    p.add_argument("--workers", type=integer(0, 256).option(), help="data-loader worker processes per rank")
     p.add_argument("--check-data", action="store_true",
                    help="decode every image and label of train/val/test first and list every problem")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any setting, e.g. --set model.last_block_heads=default (repeatable)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    _add_training_options(p, "AMP on CUDA (the recipe: fp16); CPU runs fp32", "model.last_block_heads=default")
     p.set_defaults(func=_run_finetune)
-
-
-def _check_finetune_folder(folder: str) -> None:
-    """The run folder may be new or one unip wrote: its config.yaml, segmentor and metrics.json are unip's."""
-    import os
-
-    from unip.outputs import claim, is_our_checkpoint, is_our_json, is_our_yaml, out_folder
-    from unip.seg.results import METRICS_FILE
-    from unip.seg.train import DEFAULTS, SEGMENTOR_FILE
-
-    out_folder(folder, "--out")
-    claim([os.path.join(folder, "config.yaml")], is_our_yaml(list(DEFAULTS)), "--out")
-    claim([os.path.join(folder, SEGMENTOR_FILE)], is_our_checkpoint, "--out")
-    claim([os.path.join(folder, METRICS_FILE)], is_our_json(["format", "mIoU"]), "--out")
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
     from unip.engine.config import dump_config
-    from unip.seg.train import finetune, make_config
+    from unip.outputs import is_our_checkpoint, is_our_json
+    from unip.seg.results import METRICS_FILE
+    from unip.seg.train import DEFAULTS, SEGMENTOR_FILE, finetune, make_config
 
-    values = {key: getattr(args, name) for name, key in _FINETUNE_OPTIONS.items()
-              if getattr(args, name) is not None}
-    origins = {key: "--" + name.replace("_", "-") for name, key in _FINETUNE_OPTIONS.items()}
+    values, origins = _option_values(args, _FINETUNE_OPTIONS)
     probe = args.probe or ("linear" if args.probe_layer is not None else None)
     if probe:
         values["model.head"], origins["model.head"] = probe, "--probe"
@@ -480,7 +470,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    _check_finetune_folder(config["run"]["output"])
+    _check_run_folder(config["run"]["output"], DEFAULTS, {SEGMENTOR_FILE: is_our_checkpoint,
+                                                           METRICS_FILE: is_our_json(["format", "mIoU"])})
     result = finetune(config)
     if result.is_main:
         print(result.table)
