@@ -25,6 +25,7 @@ import fnmatch
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -164,23 +165,32 @@ def plan_table(planned: Sequence[PlannedJob]) -> str:
     """The dry run's table: one line per job (preset, iterations, training images, GFLOPs per image,
     PFLOPs), then the totals of what is left to run."""
     width = max([4] + [len(p.job.id) for p in planned])
-    lines = [f"{'job':<{width}}  {'status':<8}  {'preset':<14} {'iters':>7} {'images':>9} {'GFLOP/img':>10} "
-             f"{'PFLOP':>9}"]
+    lines = [f"{'job':<{width}}  {'status':<8}  {'preset':<14} {'iters':>7} {'images':>10} {'GFLOP/img':>10} "
+             f"{'training':>11}"]
     for p in planned:
-        status = "done" if p.finished else ("blocked" if p.job.blocked else "to run")
+        # a random-init backbone's analysis reads a probe cell's file: it waits for the cells
+        status = "done" if p.finished else ("waits" if p.job.blocked else "to run")
         if p.cost is None:
             lines.append(f"{p.job.id:<{width}}  {status:<8}  {'(unip analyze)':<14}")
             continue
-        lines.append(f"{p.job.id:<{width}}  {status:<8}  {p.preset:<14} {p.cost.iterations:>7,} {p.cost.images:>9,} "
-                     f"{p.cost.gflops_per_image:>10.1f} {p.cost.pflops:>9.2f}")
+        lines.append(f"{p.job.id:<{width}}  {status:<8}  {p.preset:<14} {p.cost.iterations:>7,} {p.cost.images:>10,} "
+                     f"{p.cost.gflops_per_image:>10.1f} {flop_text(p.cost.pflops * 1e15):>11}")
     todo = [p for p in planned if not p.finished]
     cells = [p for p in todo if p.cost is not None]
     total = sum(p.cost.pflops for p in cells if p.cost)
     images = sum(p.cost.images for p in cells if p.cost)
     lines.append(f"{len(planned)} job(s), {len(planned) - len(todo)} done; to run: {len(cells)} cell(s) "
-                 f"({images:,} training images, {total:,.1f} PFLOP estimated, evaluations not counted) and "
-                 f"{len(todo) - len(cells)} analysis job(s)")
+                 f"({images:,} training images, {flop_text(total * 1e15)} estimated for training, evaluations not "
+                 f"counted) and {len(todo) - len(cells)} analysis job(s)")
     return "\n".join(lines)
+
+
+def flop_text(flops: float) -> str:
+    """``2.3e16`` → ``"23.0 PFLOP"``: FLOPs with an SI prefix (G, T, P, E)."""
+    for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12)):
+        if flops >= scale:
+            return f"{flops / scale:.1f} {prefix}FLOP"
+    return f"{flops / 1e9:.1f} GFLOP"
 
 
 # ============================================================================================ the run
@@ -310,7 +320,7 @@ class _Scheduler:
         self.state.write()
         stderr_path = job.folder / STDERR_LOG
         offset = stderr_path.stat().st_size if stderr_path.exists() else 0
-        header = f"# unip sweep, run {record['runs']} at {record['started']} on {device}: {' '.join(command)}\n"
+        header = f"# unip sweep, run {record['runs']} at {record['started']} on {device}: {shlex.join(command)}\n"
         with open(job.folder / STDOUT_LOG, "a", encoding="utf-8") as stdout, \
                 open(stderr_path, "a", encoding="utf-8") as stderr:
             stdout.write(header)
