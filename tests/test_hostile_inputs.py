@@ -716,6 +716,8 @@ CASES: List[Case] = [
     Case("sweep run: --gpus and --devices", lambda a: a.sweep("--gpus", "1", "--devices", "cpu"),
          match="give one of them"),
     Case("sweep run: --devices gpu0", lambda a: a.sweep("--devices", "gpu0"), match="--devices.*gpu0"),
+    Case("sweep run: --only matching no job", lambda a: a.sweep("--only", "*/soda/*"),
+         match="--only '\\*/soda/\\*' matches none of the 1 jobs"),
     Case("sweep run: --out is a file", lambda a: a.sweep(out=a.file("s.txt", "mine")), match="s.txt.*is a file"),
     Case("sweep run: --out below a file", lambda a: a.sweep(out=a.file("f.txt", "mine") + "/sub"), match="f.txt"),
     Case("sweep run: --out is the user's folder", lambda a: a.sweep(out=a.out_with("mine", USER_FILES)),

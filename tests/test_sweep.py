@@ -99,6 +99,7 @@ def swept(data, tmp_path_factory):
     killed_state = json.loads((out / "sweep.json").read_text())
     finished = {str(p.parent.relative_to(out / "cells")): p.stat().st_mtime_ns
                 for p in out.glob("cells/*/*/*/metrics.json")}
+    states = {str(p.parent.parent.relative_to(out / "cells")) for p in out.glob("cells/*/*/*/checkpoints/step-*.pt")}
     orphans = []
     if sys.platform.startswith("linux"):  # its cells die with it (PR_SET_PDEATHSIG)
         for _ in range(50):
@@ -107,7 +108,8 @@ def swept(data, tmp_path_factory):
                 break
             time.sleep(0.2)
     code, stdout, stderr = _run_cli(argv)
-    return {"out": out, "data": data, "killed_state": killed_state, "finished": finished, "orphans": orphans,
+    return {"out": out, "data": data, "killed_state": killed_state, "finished": finished, "states": states,
+            "orphans": orphans,
             "code": code, "stdout": stdout, "stderr": stderr, "seconds": time.perf_counter() - start}
 
 
@@ -130,6 +132,8 @@ def test_a_killed_sweep_resumes_without_redoing_finished_cells(swept):
         assert state["jobs"][cell]["runs"] == 2
         log = (out / "cells" / cell / "sweep-stdout.log").read_text()
         assert log.count("# unip sweep, run ") == 2 and "--resume auto" in log
+        if cell in swept["states"]:  # it had saved a training state: it continued from it
+            assert re.search(r"resumed from .*step-0+([36])\.pt at step \1\b", log), log[-3000:]
     for cell in CELLS:
         metrics = read_metrics(out / "cells" / cell / "metrics.json")
         assert metrics["split"] == "test" and metrics["step"] == 6 and metrics["model"]["backbone"]["random_init"]
@@ -140,7 +144,8 @@ def test_a_killed_sweep_resumes_without_redoing_finished_cells(swept):
     for analysis in ANALYSES:
         profile = json.loads((out / analysis / "profile.json").read_text())
         assert len(profile["models"][0]["layers"]) == 12  # the probed (frozen) backbone's blocks
-    print(f"tiny sweep with a kill and a resume: {swept['seconds']:.0f} s")
+    print(f"tiny sweep with a kill and a resume: {swept['seconds']:.0f} s; interrupted {interrupted}, with a "
+          f"training state {sorted(set(interrupted) & swept['states'])}")
 
 
 def test_rerun_of_a_finished_sweep_runs_nothing(swept):

@@ -95,9 +95,13 @@ def collect(sweep_dir: PathLike) -> Collected:
     state = read_state(folder)
     if state is None or not isinstance(state.get("sweep"), dict):
         raise ConfigError(f"{folder}: not a sweep folder (no sweep.json); pass the --out of unip sweep run")
+    backbones = {b["name"] for b in state["sweep"]["backbones"]}
+    datasets = {d["name"] for d in state["sweep"]["datasets"]}
     cells = []
     for job_id, record in sorted(state["jobs"].items()):
-        if record.get("kind") != "cell":
+        # records of backbones or data sets since removed from the sweep file stay in the state, not in the report
+        if record.get("kind") != "cell" or record.get("backbone") not in backbones or \
+                record.get("dataset") not in datasets:
             continue
         cell_folder = folder / record["folder"]
         metrics = read_json(cell_folder / METRICS_FILE) if cell_finished(cell_folder) else None

@@ -119,6 +119,15 @@ def select(jobs: Sequence[Job], only: Sequence[str]) -> List[Job]:
     return [job for job in jobs if not only or any(fnmatch.fnmatchcase(job.id, pattern) for pattern in only)]
 
 
+def check_selection(jobs: Sequence[Job], only: Sequence[str]) -> None:
+    """``ConfigError`` when a pattern of ``--only`` matches none of ``jobs`` (a typo would run nothing)."""
+    for pattern in only:
+        if not any(fnmatch.fnmatchcase(job.id, pattern) for job in jobs):
+            shown = ", ".join(job.id for job in jobs[:2])
+            raise ConfigError(f"--only {pattern!r} matches none of the {len(jobs)} jobs (ids like {shown}); quote "
+                              "the pattern, e.g. --only '*/soda/ft-*'")
+
+
 def parse_devices(gpus: Optional[int] = None, devices: Optional[str] = None) -> List[str]:
     """The device slots: ``--gpus N`` → ``cuda:0`` … ``cuda:N-1``; ``--devices cuda:0,cuda:2`` (or ``cpu,cpu``:
     two CPU cells side by side); neither → one slot, ``auto``. Raises ``ConfigError``."""
@@ -153,6 +162,7 @@ def plan_sweep(sweep: Sweep, out: Path, only: Sequence[str] = ()) -> List[Planne
     """The selected jobs of ``sweep`` in ``out`` with their status and estimated cost; writes nothing."""
     model = CostModel()
     cells = cell_jobs(sweep, out)
+    check_selection(cells + analysis_jobs(sweep, out, cells), only)
     planned = []
     for job in select(cells, only):
         assert job.cell is not None
@@ -220,6 +230,7 @@ def run_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only:
         raise ConfigError(f"{sweep.file}: no value for {', '.join('${' + n + '}' for n in sweep.unset)}; pass "
                           + " ".join(f"--var {n}=VALUE" for n in sweep.unset))
     cells = cell_jobs(sweep, out)
+    check_selection(cells + analysis_jobs(sweep, out, cells), only)
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out):
         state = _State(out, sweep, read_state(out))
@@ -454,5 +465,5 @@ def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-__all__ = ["Job", "PlannedJob", "SweepRun", "analysis_jobs", "cell_jobs", "parse_devices", "plan_sweep",
-           "plan_table", "run_sweep", "select"]
+__all__ = ["Job", "PlannedJob", "SweepRun", "analysis_jobs", "cell_jobs", "check_selection", "flop_text",
+           "parse_devices", "plan_sweep", "plan_table", "run_sweep", "select"]
