@@ -162,7 +162,8 @@ def test_changed_settings_of_finished_cells_are_refused(swept, tmp_path):
     code, _, stderr = _run_cli(["sweep", "run", str(changed), "--out", str(swept["out"]), "--var",
                                 f"data={swept['data']}"])
     assert code == 2 and len(stderr.strip().splitlines()) == 1
-    assert "8 finished cell(s) ran with other settings" in stderr and "optim.iterations=7" in stderr
+    assert "8 finished cell(s) ran with other settings" in stderr
+    assert "ran with: optim.iterations=6; now: optim.iterations=7" in stderr
     assert (swept["out"] / "sweep.json").read_bytes() == before
 
 
@@ -312,8 +313,9 @@ def test_dry_run_lists_cells_with_their_cost_and_writes_nothing(data, tmp_path, 
     code, stdout, _ = _run_cli(["sweep", "run", "tiny", "--out", str(swept["out"]), "--var", f"data={data}",
                                 "--dry-run"])
     assert code == 0 and "10 job(s), 10 done" in stdout
-    code, stdout, _ = _run_cli(["sweep", "run", "tiny", "--out", str(out), "--dry-run"])
+    code, stdout, _ = _run_cli(["sweep", "run", "tiny", "--out", str(out), "--dry-run", "--only", "*/lp-layer*"])
     assert code == 0 and "not set yet: --var data=..." in stdout and not out.exists()
+    assert "4 job(s), 0 done; to run: 4 cell(s)" in stdout and "lp-layer12" in stdout and "ft-seed0" not in stdout
 
 
 def test_a_failing_cell_is_listed_and_the_others_complete(data, tmp_path):

@@ -261,11 +261,13 @@ class _State:
         changed = [job for job in cells if job.finished() and "args" in self.document["jobs"].get(job.id, {})
                    and _comparable(self.document["jobs"][job.id]["args"]) != _comparable(job.args)]
         if changed:
-            before = self.document["jobs"][changed[0].id]["args"]
-            difference = sorted(set(_comparable(before)) ^ set(_comparable(changed[0].args)))
+            before = _comparable(self.document["jobs"][changed[0].id]["args"])
+            now = _comparable(changed[0].args)
+            was = " ".join(arg for arg in before if arg not in now) or "-"
+            becomes = " ".join(arg for arg in now if arg not in before) or "-"
             raise ConfigError(f"{self.out}: {len(changed)} finished cell(s) ran with other settings than the sweep "
-                              f"file gives now, e.g. {changed[0].id} ({' '.join(difference)[:200]}); use a new --out, "
-                              "or remove those cell folders to run them again")
+                              f"file gives now, e.g. {changed[0].id} (ran with: {was[:150]}; now: {becomes[:150]}); "
+                              "use a new --out, or remove those cell folders to run them again")
 
     def write(self) -> None:
         self.document["updated"] = _now()
