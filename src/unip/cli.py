@@ -590,25 +590,13 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_run_sweep_report)
 
 
-def _variables(pairs: List[str]) -> dict:
-    from unip.errors import ConfigError
-
-    values = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise ConfigError(f"--var {pair!r}: expected NAME=VALUE, e.g. --var data=/data")
-        values[name.strip()] = value
-    return values
-
-
 def _run_sweep_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from unip.sweep import parse_devices, plan_sweep, plan_table, read_sweep, run_sweep
+    from unip.sweep import parse_devices, parse_variables, plan_sweep, plan_table, read_sweep, run_sweep
 
     devices = parse_devices(args.gpus, args.devices)
-    sweep = read_sweep(args.sweep, _variables(args.var), allow_unset=args.dry_run)
+    sweep = read_sweep(args.sweep, parse_variables(args.var), allow_unset=args.dry_run)
     if args.dry_run:
         print(plan_table(plan_sweep(sweep, Path(args.out), args.only)))
         if sweep.unset:

@@ -7,7 +7,7 @@ into the paper's table and figures (docs/sweep.md).
 """
 
 from unip.sweep.run import SweepRun, parse_devices, plan_sweep, plan_table, run_sweep
-from unip.sweep.spec import Backbone, Cell, Dataset, Protocol, Sweep, plan_cells, read_sweep
+from unip.sweep.spec import Backbone, Cell, Dataset, Protocol, Sweep, parse_variables, plan_cells, read_sweep
 
-__all__ = ["Backbone", "Cell", "Dataset", "Protocol", "Sweep", "SweepRun", "parse_devices", "plan_cells",
-           "plan_sweep", "plan_table", "read_sweep", "run_sweep"]
+__all__ = ["Backbone", "Cell", "Dataset", "Protocol", "Sweep", "SweepRun", "parse_devices", "parse_variables",
+           "plan_cells", "plan_sweep", "plan_table", "read_sweep", "run_sweep"]

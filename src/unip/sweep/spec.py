@@ -248,6 +248,18 @@ def read_sweep(source: str, variables: Optional[Mapping[str, str]] = None, allow
     return sweep
 
 
+def parse_variables(pairs: Sequence[str]) -> Dict[str, str]:
+    """``["data=/d", "weights=/w"]`` (the CLI's ``--var``) → ``{"data": "/d", "weights": "/w"}``; raises
+    ``ConfigError`` for a pair without ``=``."""
+    values = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--var {printable(pair)!r}: expected NAME=VALUE, e.g. --var data=/data")
+        values[name.strip()] = value
+    return values
+
+
 def plan_cells(sweep: Sweep) -> List[Cell]:
     """Every cell of the sweep, in a fixed order: backbone, data set, protocol (ft, lp, layers), seed."""
     from unip.models.presets import preset_config
@@ -510,4 +522,4 @@ def _check_references(sweep: Sweep) -> None:
 
 
 __all__ = ["Analysis", "Backbone", "Cell", "Dataset", "PROTOCOLS", "Protocol", "SIZES", "Sweep", "find_sweep",
-           "plan_cells", "read_sweep", "slug"]
+           "parse_variables", "plan_cells", "read_sweep", "slug"]

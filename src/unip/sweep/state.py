@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Union
 from unip import __version__
 from unip.atomic import atomic_write_text
 from unip.errors import ConfigError
-from unip.outputs import is_our_json, out_folder
+from unip.outputs import out_folder
 
 STATE_FILE = "sweep.json"
 STATE_FORMAT = "unip-sweep-state"
@@ -58,7 +58,7 @@ def claim_sweep_folder(out: PathLike, option: str = "--out") -> Path:
 
 def _is_state(path: Path) -> bool:
     try:
-        return is_our_json(["format", "jobs"])(str(path)) and read_json(path).get("format") == STATE_FORMAT
+        return read_json(path).get("format") == STATE_FORMAT
     except (OSError, ValueError):
         return False
 
