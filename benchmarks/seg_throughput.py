@@ -11,10 +11,10 @@ The model is what ``unip finetune soda_small`` trains: ViT-S/16 at 512 px (layer
   (default 512×683: a 640×480 frame after the test resize; two windows each), the windows of all images in one
   forward (ours) against one window at a time (the release), timed alternately in this process.
 
-Model FLOPs (``torch.utils.flop_counter``, with the CPU flash-attention kernel counted like the CUDA ones) are
-given per 512² window for the backbone, the neck, the decode head and the auxiliary head separately, and per
-training image (forward + backward). On CUDA every row also shows its share of ``--peak-tflops`` (the card's
-dense bf16/fp16 peak; H100 SXM 989) counted with these model FLOPs.
+Model FLOPs (``unip.seg.flops``: ``torch.utils.flop_counter``, with the CPU flash-attention kernel counted like
+the CUDA ones) are given per 512² window for the backbone, the neck, the decode head and the auxiliary head
+separately, and per training image (forward + backward). On CUDA every row also shows its share of
+``--peak-tflops`` (the card's dense bf16/fp16 peak; H100 SXM 989) counted with these model FLOPs.
 
 Usage: ``python benchmarks/seg_throughput.py [--device cpu|cuda] [--batch-size 2|8] [--steps 3]
 [--precisions fp16,bf16] [--compile] [--eval-batch 1] [--image 512x683] [--peak-tflops 989] [--json FILE]``
@@ -31,45 +31,18 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from unip.engine.loop import Precision, train_step
 from unip.engine.optim import build_adamw
 from unip.models.segmentor import Segmentor
 from unip.seg import build_segmentor, layer_decay_lr_scale, segmentation_losses, slide_inference
+from unip.seg.flops import PARTS, flop_counter, part_flops
 from unip.seg.inference import window_spans
 
-PARTS = ("backbone", "neck", "decode_head", "auxiliary_head")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def flop_counter() -> FlopCounterMode:
-    """A counter that also counts the CPU flash-attention kernels (torch counts only the CUDA ones)."""
-    aten = torch.ops.aten
-    return FlopCounterMode(display=False, depth=2, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops})
-
-
-def part_flops(counter: FlopCounterMode) -> Dict[str, int]:
-    """FLOPs per top-level part of the segmentor (``PARTS``) and in total, from a finished count."""
-    counts = counter.get_flop_counts()
-    flops = {part: sum(counts.get(f"Segmentor.{part}", {}).values()) for part in PARTS[1:]}
-    flops["total"] = sum(counts.get("Global", {}).values())
-    # the segmentor calls backbone.forward_intermediates, not backbone(): no module hook; it is the rest
-    flops["backbone"] = flops["total"] - sum(flops[part] for part in PARTS[1:])
-    return flops
-
-
 def model_flops(segmentor: Segmentor, size: int, device: torch.device, batch: int) -> Dict[str, float]:
     """GFLOPs per ``size``² window of each part and of the whole segmentor (forward in training mode, so that
     the auxiliary head runs; it is not part of inference), and per training image (forward + backward)."""

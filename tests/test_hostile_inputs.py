@@ -200,6 +200,31 @@ class Inputs:
     def bench(self, *extra: str, checkpoint: Optional[str] = None) -> List[str]:
         return ["bench", "--checkpoint", checkpoint or self.tiny_segmentor, "--no-compile", "--iters", "1", *extra]
 
+    def sweep_file(self, name: str = "s.yaml", **changes) -> str:
+        """A small sweep file (a random-init ViT-T on the labeled set, fine-tuning) with ``changes`` to its
+        top-level entries; returns its path."""
+        import yaml
+
+        document = {"name": "t", "preset": "toy", "backbones": [{"name": "A", "size": "tiny", "source": "none"}],
+                    "datasets": [{"name": "D", "root": self.labeled, "layout": "soda"}], "protocols": {"ft": {}},
+                    **changes}
+        return self.file(name, yaml.safe_dump(document))
+
+    def sweep(self, *extra: str, sweep: Optional[str] = None, out: Optional[str] = None) -> List[str]:
+        return ["sweep", "run", sweep or self.sweep_file(), "--out", out or str(self.out / "sweep"), *extra]
+
+    def sweep_folder(self, name: str = "sweep_dir") -> str:
+        """A sweep folder whose one cell failed (its ``sweep.json`` as ``unip sweep run`` writes it)."""
+        from unip.sweep import read_sweep
+        from unip.sweep.state import write_state
+
+        folder = self.scratch / name
+        job = {"kind": "cell", "folder": "cells/a/d/ft-seed0", "backbone": "A", "dataset": "D", "protocol": "ft",
+               "layer": None, "seed": 0, "status": "failed", "error": "unip finetune: error: boom", "runs": 1}
+        write_state(folder, {"sweep": read_sweep(self.sweep_file("state.yaml")).to_dict(),
+                             "jobs": {"a/d/ft-seed0": job}})
+        return str(folder)
+
     def analyze(self, *extra: str, images: Optional[str] = None, out: Optional[str] = None) -> List[str]:
         return ["analyze", "--model", self.teacher, "--images", images or self.images, "--out",
                 out or str(self.out / "analysis"), "--num-images", "2", "--no-progress", *extra]
@@ -656,6 +681,82 @@ CASES: List[Case] = [
          match=r"problem\(s\)"),
     Case("check-seg: --workers 0", lambda a: ["data", "check-seg", a.folder("s"), "--workers", "0"],
          match="--workers"),
+    # ------------------------------------------------------------------ sweep
+    Case("sweep: no action", lambda a: ["sweep"], match="ACTION"),
+    Case("sweep run: no --out", lambda a: ["sweep", "run", "tiny"], match="--out"),
+    Case("sweep run: file missing", lambda a: a.sweep(sweep=str(a.scratch / "none.yaml")), match="none.yaml"),
+    Case("sweep run: unknown shipped sweep", lambda a: a.sweep(sweep="no-such-sweep"),
+         match="no-such-sweep.*paper, tiny"),
+    Case("sweep run: not YAML", lambda a: a.sweep(sweep=a.file("bad.yaml", "{oops")), match="bad.yaml.*YAML"),
+    Case("sweep run: not UTF-8", lambda a: a.sweep(sweep=a.file("u.yaml", b"name: \xff\xfe\n")), match="u.yaml"),
+    Case("sweep run: a list, not a mapping", lambda a: a.sweep(sweep=a.file("l.yaml", "- 1\n")),
+         match="l.yaml.*mapping"),
+    Case("sweep run: unknown key", lambda a: a.sweep(sweep=a.sweep_file(colour="red")), match="unknown key 'colour'"),
+    Case("sweep run: no backbones", lambda a: a.sweep(sweep=a.sweep_file(backbones=[])),
+         match="backbones.*non-empty list"),
+    Case("sweep run: backbone without source", lambda a: a.sweep(sweep=a.sweep_file(
+         backbones=[{"name": "A", "size": "tiny"}])), match=r"backbones\[0\]: source"),
+    Case("sweep run: backbone of size huge", lambda a: a.sweep(sweep=a.sweep_file(
+         backbones=[{"name": "A", "size": "huge", "source": "none"}])), match="size 'huge' must be one of"),
+    Case("sweep run: two backbones, one folder", lambda a: a.sweep(sweep=a.sweep_file(backbones=[
+         {"name": "A b", "size": "tiny", "source": "none"}, {"name": "a-B", "size": "tiny", "source": "none"}])),
+         match="two backbones named 'A b' and 'a-B'"),
+    Case("sweep run: a name without letters", lambda a: a.sweep(sweep=a.sweep_file(
+         backbones=[{"name": "***", "size": "tiny", "source": "none"}])), match="needs a letter or digit"),
+    Case("sweep run: layout voc", lambda a: a.sweep(sweep=a.sweep_file(
+         datasets=[{"name": "D", "root": a.labeled, "layout": "voc"}])), match="layout 'voc'"),
+    Case("sweep run: unknown protocol", lambda a: a.sweep(sweep=a.sweep_file(protocols={"zeroshot": {}})),
+         match="unknown protocol"),
+    Case("sweep run: block 0", lambda a: a.sweep(sweep=a.sweep_file(protocols={"layerwise": {"layers": [0]}},
+                                                                      analysis={"images": a.images})),
+         match="layers must be 'all' or a list"),
+    Case("sweep run: layer-wise without analysis", lambda a: a.sweep(sweep=a.sweep_file(
+         protocols={"layerwise": {"layers": [2]}})), match="needs an 'analysis:'"),
+    Case("sweep run: protocol names an unknown backbone", lambda a: a.sweep(sweep=a.sweep_file(
+         protocols={"ft": {"backbones": ["Z"]}})), match="'Z', which is not in"),
+    Case("sweep run: seeds of text", lambda a: a.sweep(sweep=a.sweep_file(seeds=["a"])), match="seeds"),
+    Case("sweep run: unknown preset", lambda a: a.sweep(sweep=a.sweep_file(preset="nope")),
+         match="cell a/d/ft-seed0: unknown finetune preset 'nope'"),
+    Case("sweep run: preset template with {model}", lambda a: a.sweep(sweep=a.sweep_file(preset="{model}")),
+         match="only {dataset} and {size}"),
+    Case("sweep run: unknown setting", lambda a: a.sweep(sweep=a.sweep_file(set={"optim.bogus": 1})),
+         match="optim.bogus"),
+    Case("sweep run: lr out of range", lambda a: a.sweep(sweep=a.sweep_file(set={"optim.lr": -1})),
+         match="optim.lr must be"),
+    Case("sweep run: variable without value", lambda a: a.sweep(sweep=a.sweep_file(
+         vars={"root": None}, datasets=[{"name": "D", "root": "${root}", "layout": "soda"}])),
+         match="has no value; pass --var root=VALUE"),
+    Case("sweep run: variable not declared", lambda a: a.sweep(sweep=a.sweep_file(
+         datasets=[{"name": "D", "root": "${nope}", "layout": "soda"}])), match="nope.*not declared"),
+    Case("sweep run: --var of an unknown variable", lambda a: a.sweep("--var", "x=1"), match="--var x.*no such"),
+    Case("sweep run: --var without =", lambda a: a.sweep("--var", "x"), match="NAME=VALUE"),
+    Case("sweep run: --gpus 0", lambda a: a.sweep("--gpus", "0"), match="--gpus"),
+    Case("sweep run: --gpus and --devices", lambda a: a.sweep("--gpus", "1", "--devices", "cpu"),
+         match="give one of them"),
+    Case("sweep run: --devices gpu0", lambda a: a.sweep("--devices", "gpu0"), match="--devices.*gpu0"),
+    Case("sweep run: --only matching no job", lambda a: a.sweep("--only", "*/soda/*"),
+         match="--only '\\*/soda/\\*' matches none of the 1 jobs"),
+    Case("sweep run: --out is a file", lambda a: a.sweep(out=a.file("s.txt", "mine")), match="s.txt.*is a file"),
+    Case("sweep run: --out below a file", lambda a: a.sweep(out=a.file("f.txt", "mine") + "/sub"), match="f.txt"),
+    Case("sweep run: --out is the user's folder", lambda a: a.sweep(out=a.out_with("mine", USER_FILES)),
+         match="mine: holds files that are not a sweep's"),
+    Case("sweep run: --out holds the user's sweep.json", lambda a: a.sweep(out=a.out_with(
+         "mine", {"sweep.json": '{"mine": 1}', **USER_FILES})), match="sweep.json.*not written by unip sweep"),
+    Case("sweep run: dry run", lambda a: a.sweep("--dry-run"), code=0),
+    Case("sweep report: no folder", lambda a: ["sweep", "report", str(a.scratch / "nowhere")],
+         match="nowhere: no such sweep folder"),
+    Case("sweep report: a user folder", lambda a: ["sweep", "report", a.folder("mine", USER_FILES)],
+         match="not a sweep folder"),
+    Case("sweep report: damaged sweep.json", lambda a: ["sweep", "report", a.folder("sw", {"sweep.json": "{"})],
+         match="sweep.json: not a readable sweep state"),
+    Case("sweep report: --out is a file", lambda a: ["sweep", "report", a.sweep_folder(), "--out",
+                                                     a.file("r.txt", "x")], match="r.txt.*is a file"),
+    Case("sweep report: --out holds the user's table.csv", lambda a: ["sweep", "report", a.sweep_folder(), "--out",
+         a.out_with("mine", {"table.csv": "a,b\n1,2\n", **USER_FILES})], match="table.csv.*not written by unip"),
+    Case("sweep report: --out holds the user's report.html", lambda a: ["sweep", "report", a.sweep_folder(),
+         "--out", a.out_with("mine", {"report.html": "<html></html>"})], match="report.html.*not written by unip"),
+    Case("sweep report: nothing finished", lambda a: ["sweep", "report", a.sweep_folder(), "--out",
+                                                      str(a.out / "report")], code=0),
     # ------------------------------------------------------------------ demo
     Case("demo: --out is a file", lambda a: ["demo", "--out", a.file("demo.txt", "x")], match="demo.txt.*is a file"),
     Case("demo: --out below a file", lambda a: ["demo", "--out", a.file("d.txt", "x") + "/sub"], match="d.txt"),
@@ -796,7 +897,7 @@ def test_hostile_input(case, shared, tmp_path, monkeypatch, capsys):
 def test_the_table_covers_every_verb():
     verbs = {case.id.split(":")[0] for case in CASES}
     assert {"info", "analyze", "pretrain", "finetune", "evaluate", "infmix", "stats", "pack", "synth",
-            "demo", "predict", "export", "bench"} <= verbs
+            "demo", "predict", "export", "bench", "sweep run", "sweep report"} <= verbs
     assert len(CASES) >= 60 and len({case.id for case in CASES}) == len(CASES)
 
 

@@ -213,7 +213,7 @@ class VisionTransformer(nn.Module):
         heads = [num_heads] * depth
         if last_heads:
             heads[-1] = last_heads
-        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
             Block(embed_dim, heads[i], mlp_ratio, qkv_bias, layer_scale, drop_rates[i], norm_eps)
             for i in range(depth))

@@ -109,14 +109,31 @@ def build_segmentor(num_classes: int, backbone: str, *, neck: str = "llfpn", hea
     if not probe and neck not in NECKS:
         raise ConfigError(f"unknown neck {neck!r}; choose one of: {', '.join(NECKS)}")
     source, source_meta = open_pretrained(backbone, img_size, allow_partial)
-    backbone_config = segmentation_backbone_config(source.config, img_size, probe, drop_path_rate, last_block_heads)
+    config = segmentor_config(num_classes, source.config, neck=neck, head=head, probe_layers=probe_layers,
+                              img_size=img_size, drop_path_rate=drop_path_rate, last_block_heads=last_block_heads,
+                              auxiliary_head=auxiliary_head, channels=channels)
+    test_window = {"crop_size": img_size, "stride": img_size * 2 // 3}  # 512 → 341
+    segmentor = Segmentor(config, {**DEFAULT_META, **test_window, **source_meta, **dict(meta or {})})
+    load_pretrained_backbone(segmentor.backbone, source, str(backbone))
+    segmentor.train()
+    return segmentor
+
+
+def segmentor_config(num_classes: int, pretrained: Mapping[str, Any], *, neck: str = "llfpn", head: str = "upernet",
+                     probe_layers: Optional[Sequence[int]] = None, img_size: int = 512,
+                     drop_path_rate: Optional[float] = None, last_block_heads: LastBlockHeads = None,
+                     auxiliary_head: bool = True, channels: Optional[int] = None) -> Dict[str, Any]:
+    """The ``Segmentor`` config that ``build_segmentor`` builds on a backbone whose ``VisionTransformer`` kwargs
+    are ``pretrained`` (same options; no weights are read: e.g. to count a model's FLOPs from a preset)."""
+    probe = head == "linear"
+    backbone_config = segmentation_backbone_config(pretrained, img_size, probe, drop_path_rate, last_block_heads)
     depth = int(backbone_config["depth"])
     if probe:
         layers = [int(layer) for layer in probe_layers] if probe_layers else pyramid_layers(depth)
     else:
         layers = [depth] if neck == "llfpn" else pyramid_layers(depth)
     width = int(backbone_config["embed_dim"])
-    config = {
+    return {
         "backbone": backbone_config,
         "feature_layers": layers,
         "neck": None if probe else neck,
@@ -126,11 +143,6 @@ def build_segmentor(num_classes: int, backbone: str, *, neck: str = "llfpn", hea
         "num_classes": int(num_classes),
         "frozen_backbone": probe,
     }
-    test_window = {"crop_size": img_size, "stride": img_size * 2 // 3}  # 512 → 341
-    segmentor = Segmentor(config, {**DEFAULT_META, **test_window, **source_meta, **dict(meta or {})})
-    load_pretrained_backbone(segmentor.backbone, source, str(backbone))
-    segmentor.train()
-    return segmentor
 
 
 def open_pretrained(source: str, img_size: int, allow_partial: bool = False

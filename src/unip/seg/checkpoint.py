@@ -28,6 +28,7 @@ from unip.checkpoint import (CONFIG_METADATA_KEY, check_architecture, infer_arch
 from unip.errors import CheckpointError, ConfigError
 from unip.models.segmentor import Segmentor
 from unip.seg.build import AUXILIARY_HEAD, DEFAULT_META, default_drop_path, fit_problems
+from unip.text import one_line
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,22 @@ def load_segmentor(path: PathLike) -> Segmentor:
         raise CheckpointError(f"{source}: cannot rebuild the segmentor: {err}") from err
     load_exact(segmentor, state, source)
     return segmentor.eval()
+
+
+def read_segmentor_header(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(config, meta)`` of our segmentor file from its header alone (no tensor is read): the ``Segmentor``
+    config and what ``segmentor.meta`` holds. Raises ``CheckpointError`` when it is not our segmentor file."""
+    from safetensors import safe_open
+
+    source = str(path)
+    try:
+        with safe_open(source, framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as err:  # missing or damaged files raise SafetensorError, OSError, ...
+        raise CheckpointError(f"{source}: not a readable safetensors file ({one_line(err)[:200]})") from err
+    if CONFIG_METADATA_KEY not in metadata:
+        raise CheckpointError(f"{source}: not a unip segmentor file (no '{CONFIG_METADATA_KEY}' header)")
+    return _config_from_header(metadata[CONFIG_METADATA_KEY], source)
 
 
 def _config_from_header(header: str, source: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:

@@ -1,0 +1,457 @@
+"""``unip sweep report``: the paper's table and figures from a sweep folder's cells.
+
+Reads ``sweep.json`` (which cells exist and what they stand for), every finished cell's ``metrics.json``
+(mIoU, the only source of the numbers) and each backbone's ``profile.json`` (NMI per layer), and writes to the
+report folder (default ``<sweep>/report``):
+
+* ``table.csv`` / ``table.md``: one row per backbone: family, size, parameters, backbone GFLOPs and head GFLOPs
+  (fine-tuning: LL-FPN + UperNet; linear probing: the 1×1 conv) per 512×512 input, test mIoU per data set and
+  their average for FT and LP (mean over the finished seeds), and average mIoU per GFLOP of the whole model;
+* ``cells.csv``: every cell with its mIoU / mAcc / aAcc or its error; ``layerwise.csv``: mIoU per block with
+  the block's NMI and pattern;
+* ``benchmark.png``: average mIoU against backbone GFLOPs per family, with the paper's points
+  (``unip.sweep.paper``); ``layerwise.png``: each backbone's layer-wise LP curve next to its NMI profile;
+* ``report.md`` and ``report.html`` (everything in one file, figures embedded: opens in any browser);
+* ``flops.json``: the FLOP counts (``unip.seg.flops``, on the meta device), cached by model config.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from unip.atomic import atomic_write_text
+from unip.errors import ConfigError
+from unip.outputs import claim, is_our_json, is_our_png, out_folder
+from unip.sweep.state import ANALYSIS_DIR, REPORT_DIR, analysis_finished, cell_finished, read_json, read_state
+from unip.text import printable
+
+PathLike = Union[str, Path]
+#: Input size of the FLOP and parameter counts (the recipe's crop and sliding window).
+COST_SIZE = 512
+TABLE_CSV, CELLS_CSV, LAYERWISE_CSV = "table.csv", "cells.csv", "layerwise.csv"
+REPORT_MD, REPORT_HTML, FLOPS_CACHE = "report.md", "report.html", "flops.json"
+BENCHMARK_PNG, LAYERWISE_PNG = "benchmark.png", "layerwise.png"
+HTML_FIRST_LINE = "<!DOCTYPE html><!-- unip sweep report -->"
+MD_FIRST_LINE = "# unip sweep report"
+CACHE_FORMAT = "unip-flops-cache"
+PROTOCOL_LABELS = {"ft": "FT", "lp": "LP"}
+
+
+# ============================================================================================ collecting
+@dataclass
+class CellResult:
+    """One cell of the sweep: its coordinates, status and (when finished) its ``metrics.json``."""
+
+    id: str
+    backbone: str
+    dataset: str
+    protocol: str
+    layer: Optional[int]
+    seed: int
+    folder: Path
+    metrics: Optional[Dict[str, Any]]
+    error: Optional[str]
+
+    @property
+    def miou(self) -> Optional[float]:
+        return self.metrics.get("mIoU") if self.metrics else None
+
+    @property
+    def status(self) -> str:
+        return "done" if self.metrics is not None else ("failed" if self.error else "not run")
+
+
+@dataclass
+class Collected:
+    """What a sweep folder holds: the sweep as read (``sweep.json``), its cells and NMI profiles."""
+
+    folder: Path
+    sweep: Dict[str, Any]
+    cells: List[CellResult]
+    profiles: Dict[str, Dict[str, Any]]
+
+    @property
+    def datasets(self) -> List[str]:
+        return [d["name"] for d in self.sweep["datasets"]]
+
+    def backbone(self, name: str) -> Dict[str, Any]:
+        return next(b for b in self.sweep["backbones"] if b["name"] == name)
+
+
+def collect(sweep_dir: PathLike) -> Collected:
+    """Read the sweep folder ``sweep_dir``; raises ``ConfigError`` when it is not one."""
+    from unip.seg.results import METRICS_FILE
+
+    folder = Path(sweep_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such sweep folder (the --out of unip sweep run)")
+    state = read_state(folder)
+    if state is None or not isinstance(state.get("sweep"), dict):
+        raise ConfigError(f"{folder}: not a sweep folder (no sweep.json); pass the --out of unip sweep run")
+    backbones = {b["name"] for b in state["sweep"]["backbones"]}
+    datasets = {d["name"] for d in state["sweep"]["datasets"]}
+    cells = []
+    for job_id, record in sorted(state["jobs"].items()):
+        # records of backbones or data sets since removed from the sweep file stay in the state, not in the report
+        if record.get("kind") != "cell" or record.get("backbone") not in backbones or \
+                record.get("dataset") not in datasets:
+            continue
+        cell_folder = folder / record["folder"]
+        metrics = read_json(cell_folder / METRICS_FILE) if cell_finished(cell_folder) else None
+        cells.append(CellResult(job_id, record["backbone"], record["dataset"], record["protocol"], record.get("layer"),
+                                int(record["seed"]), cell_folder, metrics,
+                                None if metrics else record.get("error")))
+    order = {(b["name"]): i for i, b in enumerate(state["sweep"]["backbones"])}
+    cells.sort(key=lambda c: (order.get(c.backbone, len(order)), c.id))
+    profiles = {}
+    for backbone in state["sweep"]["backbones"]:
+        analysis = folder / ANALYSIS_DIR / backbone["slug"]
+        if analysis_finished(analysis):
+            profiles[backbone["name"]] = read_json(analysis / "profile.json")["models"][0]
+    return Collected(folder, state["sweep"], cells, profiles)
+
+
+def mean(values: Sequence[float]) -> Optional[float]:
+    """The mean of ``values`` (``None`` when empty; the value itself for one, so that it equals metrics.json)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else sum(values) / len(values)
+
+
+# ============================================================================================ costs
+class FlopsCache:
+    """``unip.seg.flops.segmentor_cost`` at ``COST_SIZE`` px, remembered in ``flops.json`` by model config."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: Dict[str, Any] = {}
+        if path.is_file():
+            try:
+                document = read_json(path)
+                if document.get("format") == CACHE_FORMAT and isinstance(document.get("entries"), dict):
+                    self.entries = document["entries"]
+            except (OSError, ValueError):
+                pass
+        self.changed = False
+
+    def cost(self, config: Mapping[str, Any]) -> Dict[str, Dict[str, float]]:
+        from unip.seg.flops import segmentor_cost
+
+        key = hashlib.sha1(json.dumps([config, COST_SIZE], sort_keys=True).encode()).hexdigest()
+        if key not in self.entries:
+            self.entries[key] = segmentor_cost(config, COST_SIZE)
+            self.changed = True
+        return self.entries[key]
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"format": CACHE_FORMAT, "version": 1, "size": COST_SIZE,
+                                                 "entries": self.entries}, indent=1) + "\n")
+
+
+def backbone_only(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """A segmentor config that runs ``config``'s whole backbone and a negligible head: for its backbone cost."""
+    depth = int(config["backbone"]["depth"])
+    return {**config, "feature_layers": [depth], "neck": None, "decode_head": {"type": "linear"},
+            "auxiliary_head": None, "frozen_backbone": True}
+
+
+@dataclass
+class ModelCost:
+    """Per backbone: parameters (M) and GFLOPs of the backbone at 512 px, and of the FT / LP heads."""
+
+    params_m: Optional[float] = None
+    backbone_gflops: Optional[float] = None
+    head_gflops: Dict[str, Optional[float]] = field(default_factory=lambda: {"ft": None, "lp": None})
+
+
+def model_costs(collected: Collected, cache: FlopsCache) -> Dict[str, ModelCost]:
+    """The ``ModelCost`` of every backbone, from the configs stored in its finished cells' segmentor files."""
+    from unip.errors import UnipError
+    from unip.seg.checkpoint import read_segmentor_header
+    from unip.seg.train import SEGMENTOR_FILE
+
+    costs = {b["name"]: ModelCost() for b in collected.sweep["backbones"]}
+    for cell in collected.cells:
+        cost = costs[cell.backbone]
+        wanted = cell.protocol if cell.protocol in ("ft", "lp") else None
+        if cell.metrics is None or (cost.backbone_gflops is not None and (wanted is None
+                                                                           or cost.head_gflops[wanted] is not None)):
+            continue
+        try:
+            config, _ = read_segmentor_header(cell.folder / SEGMENTOR_FILE)
+        except UnipError:
+            continue
+        if cost.backbone_gflops is None:
+            whole = cache.cost(backbone_only(config))
+            cost.backbone_gflops, cost.params_m = whole["gflops"]["backbone"], whole["params_m"]["backbone"]
+        if wanted is not None and cost.head_gflops[wanted] is None:
+            gflops = cache.cost(config)["gflops"]
+            cost.head_gflops[wanted] = gflops["neck"] + gflops["decode_head"]
+    return costs
+
+
+def paper_backbone_gflops(cache: FlopsCache) -> Dict[str, float]:
+    """Backbone GFLOPs at 512 px of each size's architecture (where the paper's points are drawn)."""
+    from unip.models.presets import preset_config
+    from unip.seg.build import segmentor_config
+    from unip.sweep.spec import SIZES
+
+    return {size: cache.cost(backbone_only(segmentor_config(1, preset_config(arch), head="linear",
+                                                            img_size=COST_SIZE)))["gflops"]["backbone"]
+            for size, arch in SIZES.items()}
+
+
+# ============================================================================================ tables
+@dataclass
+class BackboneRow:
+    """One row of the paper's table: mIoU per data set (mean over seeds) and average, for FT and LP."""
+
+    name: str
+    family: str
+    size: str
+    cost: ModelCost
+    miou: Dict[str, Dict[str, Optional[float]]]   # protocol → data set → mIoU
+    average: Dict[str, Optional[float]]           # protocol → average over the data sets
+
+    def per_gflop(self, protocol: str) -> Optional[float]:
+        """Average mIoU per GFLOP of the whole inference model (backbone + that protocol's head)."""
+        head, average = self.cost.head_gflops[protocol], self.average[protocol]
+        if average is None or head is None or self.cost.backbone_gflops is None:
+            return None
+        return average / (self.cost.backbone_gflops + head)
+
+
+def benchmark_rows(collected: Collected, costs: Mapping[str, ModelCost]) -> List[BackboneRow]:
+    """One ``BackboneRow`` per backbone of the sweep, in the sweep file's order."""
+    rows = []
+    for backbone in collected.sweep["backbones"]:
+        miou: Dict[str, Dict[str, Optional[float]]] = {}
+        average: Dict[str, Optional[float]] = {}
+        for protocol in PROTOCOL_LABELS:
+            cells = [c for c in collected.cells if c.backbone == backbone["name"] and c.protocol == protocol]
+            planned = [d for d in collected.datasets if any(c.dataset == d for c in cells)]
+            miou[protocol] = {d: mean([c.miou for c in cells if c.dataset == d and c.miou is not None])
+                              for d in collected.datasets}
+            values = [miou[protocol][d] for d in planned]
+            average[protocol] = mean(values) if planned and all(v is not None for v in values) else None
+        rows.append(BackboneRow(backbone["name"], backbone["family"], backbone["size"], costs[backbone["name"]],
+                                miou, average))
+    return rows
+
+
+@dataclass
+class LayerwiseCurve:
+    """A backbone's layer-wise linear probe on one data set: block → mIoU (mean over seeds)."""
+
+    backbone: str
+    dataset: str
+    miou: Dict[int, float]
+
+
+def layerwise_curves(collected: Collected) -> List[LayerwiseCurve]:
+    curves = []
+    for backbone in collected.sweep["backbones"]:
+        for dataset in collected.datasets:
+            cells = [c for c in collected.cells if c.backbone == backbone["name"] and c.dataset == dataset
+                     and c.protocol == "layerwise" and c.miou is not None]
+            layers = sorted({int(c.layer) for c in cells if c.layer is not None})
+            if layers:
+                curves.append(LayerwiseCurve(backbone["name"], dataset, {
+                    layer: mean([c.miou for c in cells if c.layer == layer]) for layer in layers}))
+    return curves
+
+
+def nmi_by_layer(profile: Mapping[str, Any]) -> Dict[int, Tuple[float, str]]:
+    """``{block: (NMI, pattern)}`` of an ``unip analyze`` profile entry."""
+    return {int(entry["layer"]): (float(entry["nmi"]), str(entry.get("pattern"))) for entry in profile["layers"]}
+
+
+TABLE_PREFIX = "backbone,family,size,params_M,backbone_GFLOPs,ft_head_GFLOPs,lp_head_GFLOPs"
+
+
+def table_columns(datasets: Sequence[str]) -> List[str]:
+    columns = TABLE_PREFIX.split(",")
+    for protocol in PROTOCOL_LABELS:
+        columns += [f"{protocol}_{d}" for d in datasets] + [f"{protocol}_average"]
+    return columns + ["ft_mIoU_per_GFLOP", "lp_mIoU_per_GFLOP"]
+
+
+def table_values(row: BackboneRow, datasets: Sequence[str]) -> List[Any]:
+    values: List[Any] = [row.name, row.family, row.size, row.cost.params_m, row.cost.backbone_gflops,
+                         row.cost.head_gflops["ft"], row.cost.head_gflops["lp"]]
+    for protocol in PROTOCOL_LABELS:
+        values += [row.miou[protocol][d] for d in datasets] + [row.average[protocol]]
+    return values + [row.per_gflop("ft"), row.per_gflop("lp")]
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """A CSV file (numbers at full precision: ``repr`` reads back to the same float; ``None`` → empty)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in row])
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def _number(value: Optional[float], digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def clean(text: str) -> str:
+        return printable(text).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(clean(h) for h in header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(clean(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def benchmark_table(rows: Sequence[BackboneRow], datasets: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
+    """The paper's table as text cells (mIoU with 2 decimals, GFLOPs with 1, parameters with 1)."""
+    header = ["backbone", "family", "size", "params (M)", "backbone GFLOPs", "FT head GFLOPs", "LP head GFLOPs"]
+    for protocol, label in PROTOCOL_LABELS.items():
+        header += [f"{label} {d}" for d in datasets] + [f"{label} avg"]
+    header += ["FT mIoU/GFLOP", "LP mIoU/GFLOP"]
+    cells = []
+    for row in rows:
+        values = table_values(row, datasets)
+        text = [str(v) for v in values[:3]] + [_number(v, 1) for v in values[3:7]]
+        text += [_number(v) for v in values[7:-2]] + [_number(v, 3) for v in values[-2:]]
+        cells.append(text)
+    return header, cells
+
+
+def layerwise_table(curves: Sequence[LayerwiseCurve], profiles: Mapping[str, Mapping[str, Any]]
+                    ) -> Tuple[List[str], List[List[str]]]:
+    """Block × (mIoU per backbone and data set, NMI and pattern per backbone)."""
+    layers = sorted({layer for curve in curves for layer in curve.miou})
+    backbones = list(dict.fromkeys(curve.backbone for curve in curves))
+    header = ["block"] + [f"{c.backbone} · {c.dataset} mIoU" for c in curves] + [f"{b} NMI" for b in backbones]
+    rows = []
+    for layer in layers:
+        row = [str(layer)] + [_number(c.miou.get(layer)) for c in curves]
+        for backbone in backbones:
+            nmi = nmi_by_layer(profiles[backbone]).get(layer) if backbone in profiles else None
+            row.append(f"{nmi[0]:.3f} ({nmi[1]})" if nmi else "-")
+        rows.append(row)
+    return header, rows
+
+
+# ============================================================================================ writing
+@dataclass
+class Report:
+    """The report folder, the files written and the Markdown text (also printed by the CLI)."""
+
+    out: Path
+    files: List[Path]
+    markdown: str
+    rows: List[BackboneRow]
+
+
+def _starts_with(prefix: str) -> Callable[[str], bool]:
+    def recognise(path: str) -> bool:
+        with open(path, "r", encoding="utf-8") as handle:
+            return handle.readline().startswith(prefix)
+    return recognise
+
+
+def claim_report_folder(out: Path) -> None:
+    """The report folder may be new or hold this command's earlier files; raises ``ConfigError``."""
+    out_folder(str(out), "--out")
+    claim([str(out / name) for name in (TABLE_CSV,)], _starts_with(TABLE_PREFIX))
+    claim([str(out / CELLS_CSV)], _starts_with("job,backbone,"))
+    claim([str(out / LAYERWISE_CSV)], _starts_with("backbone,dataset,block,"))
+    claim([str(out / REPORT_MD)], _starts_with(MD_FIRST_LINE))
+    claim([str(out / REPORT_HTML)], _starts_with(HTML_FIRST_LINE))
+    claim([str(out / BENCHMARK_PNG), str(out / LAYERWISE_PNG)], is_our_png)
+    claim([str(out / FLOPS_CACHE)], is_our_json(["format", "entries"]))
+
+
+def write_report(sweep_dir: PathLike, out: Optional[PathLike] = None) -> Report:
+    """Write the report of the sweep folder ``sweep_dir`` to ``out`` (default ``<sweep_dir>/report``); returns
+    a ``Report``. Raises ``ConfigError`` (not a sweep folder, an output that is not ours) before writing."""
+    from unip.sweep.figures import benchmark_figure, layerwise_figure
+    from unip.sweep.html import html_report
+
+    collected = collect(sweep_dir)
+    out = Path(out) if out is not None else collected.folder / REPORT_DIR
+    claim_report_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = FlopsCache(out / FLOPS_CACHE)
+    costs = model_costs(collected, cache)
+    paper_gflops = paper_backbone_gflops(cache)
+    rows = benchmark_rows(collected, costs)
+    curves = layerwise_curves(collected)
+    datasets = collected.datasets
+    files = [write_csv(out / TABLE_CSV, table_columns(datasets), [table_values(r, datasets) for r in rows]),
+             write_csv(out / CELLS_CSV, ["job", "backbone", "family", "size", "dataset", "protocol", "block", "seed",
+                                         "status", "mIoU", "mAcc", "aAcc", "folder", "error"],
+                       [_cell_row(collected, c) for c in collected.cells])]
+    if curves:
+        files.append(write_csv(out / LAYERWISE_CSV, ["backbone", "dataset", "block", "mIoU", "NMI", "pattern"],
+                               _layerwise_rows(curves, collected.profiles)))
+    figures = [benchmark_figure(rows, paper_gflops, out / BENCHMARK_PNG)]
+    if curves:
+        figures.append(layerwise_figure(curves, collected.profiles, out / LAYERWISE_PNG))
+    files += figures
+    markdown = report_markdown(collected, rows, curves)
+    atomic_write_text(out / REPORT_MD, markdown + "\n")
+    files.append(out / REPORT_MD)
+    atomic_write_text(out / REPORT_HTML, html_report(collected, rows, curves, figures))
+    files.append(out / REPORT_HTML)
+    cache.save()
+    files.append(out / FLOPS_CACHE)
+    return Report(out, files, markdown, rows)
+
+
+def _cell_row(collected: Collected, cell: CellResult) -> List[Any]:
+    backbone = collected.backbone(cell.backbone)
+    metrics = cell.metrics or {}
+    return [cell.id, cell.backbone, backbone["family"], backbone["size"], cell.dataset, cell.protocol, cell.layer,
+            cell.seed, cell.status, metrics.get("mIoU"), metrics.get("mAcc"), metrics.get("aAcc"),
+            str(cell.folder), cell.error]
+
+
+def _layerwise_rows(curves: Sequence[LayerwiseCurve], profiles: Mapping[str, Mapping[str, Any]]) -> List[List[Any]]:
+    rows = []
+    for curve in curves:
+        nmi = nmi_by_layer(profiles[curve.backbone]) if curve.backbone in profiles else {}
+        for layer, miou in curve.miou.items():
+            value, pattern = nmi.get(layer, (None, None))
+            rows.append([curve.backbone, curve.dataset, layer, miou, value, pattern])
+    return rows
+
+
+def report_markdown(collected: Collected, rows: Sequence[BackboneRow], curves: Sequence[LayerwiseCurve]) -> str:
+    """The report as Markdown: the paper's table, the layer-wise table, and the cells that did not finish."""
+    sweep = collected.sweep
+    header, cells = benchmark_table(rows, collected.datasets)
+    parts = [f"{MD_FIRST_LINE}: {printable(sweep['name'])}", "",
+             f"Sweep folder `{printable(collected.folder)}` (sweep file `{printable(sweep['file'])}`). Test mIoU (%) "
+             f"of the best model of each cell; mean over the finished seeds ({', '.join(map(str, sweep['seeds']))}). "
+             f"GFLOPs and parameters per {COST_SIZE}×{COST_SIZE} input; head = LL-FPN + UperNet (FT) or the linear "
+             "probe (LP); mIoU/GFLOP = average mIoU / (backbone + head GFLOPs).", "",
+             markdown_table(header, cells)]
+    if curves:
+        header, cells = layerwise_table(curves, collected.profiles)
+        parts += ["", "## Layer-wise linear probing", "", markdown_table(header, cells)]
+    unfinished = [c for c in collected.cells if c.metrics is None]
+    if unfinished:
+        parts += ["", f"## Cells without results ({len(unfinished)})", ""]
+        parts += [f"- `{printable(c.id)}`: {c.status}" + (f": {printable(c.error)}" if c.error else "")
+                  for c in unfinished]
+    return "\n".join(parts)
+
+
+__all__ = ["BackboneRow", "CellResult", "Collected", "FlopsCache", "LayerwiseCurve", "ModelCost", "Report",
+           "benchmark_rows", "collect", "layerwise_curves", "model_costs", "write_report"]

@@ -1,0 +1,410 @@
+"""`unip sweep run` / `unip sweep report` end to end on the shipped tiny sweep (configs/sweeps/tiny.yaml: two
+randomly initialised ViT-T × one generated SODA-layout set × fine-tuning, linear probing and layer-wise probing
+of blocks 4 and 12, 6 steps each at 64 px), two CPU cells at a time: SIGKILL of the sweep half-way and resume
+without redoing finished cells, the report's numbers against every cell's metrics.json, the FLOP counts against
+the ViT's formula, the HTML in a headless browser, the dry run, a failing cell, changed settings, the lock, and
+the paper's sweep file."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import unip
+from unip.cli import main
+from unip.data.synth import write_soda
+from unip.errors import ConfigError
+from unip.seg.results import read_metrics
+from unip.sweep import plan_cells, read_sweep
+from unip.sweep.run import Job, _command, parse_devices
+from unip.sweep.spec import find_sweep
+
+CELLS = ["vit-t-sin-cos-random/synth/ft-seed0", "vit-t-sin-cos-random/synth/lp-seed0",
+         "vit-t-sin-cos-random/synth/lp-layer04-seed0", "vit-t-sin-cos-random/synth/lp-layer12-seed0",
+         "vit-t-learned-random/synth/ft-seed0", "vit-t-learned-random/synth/lp-seed0",
+         "vit-t-learned-random/synth/lp-layer04-seed0", "vit-t-learned-random/synth/lp-layer12-seed0"]
+ANALYSES = ["analysis/vit-t-sin-cos-random", "analysis/vit-t-learned-random"]
+BACKBONES = {"ViT-T sin-cos (random)": "vit-t-sin-cos-random", "ViT-T learned (random)": "vit-t-learned-random"}
+
+
+def _env():
+    src = str(Path(unip.__file__).resolve().parents[1])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+                PYTHONUNBUFFERED="1")
+
+
+def _run_cli(argv):
+    """``unip.cli.main(argv)`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _processes_mentioning(text):
+    """PIDs whose command line contains ``text`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if text.encode() in handle.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep_data") / "synth"
+    write_soda(str(root), 8, 4, size=(96, 64), seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def swept(data, tmp_path_factory):
+    """The tiny sweep run as `unip sweep run tiny --devices cpu,cpu`, SIGKILLed when its first cell has finished,
+    then resumed by the same command line (in this process). Returns what the test functions check."""
+    out = tmp_path_factory.mktemp("sweep") / "tiny"
+    argv = ["sweep", "run", "tiny", "--out", str(out), "--var", f"data={data}", "--devices", "cpu,cpu"]
+    log = out.parent / "first-run.log"
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "unip.cli", *argv], stdout=handle, stderr=subprocess.STDOUT,
+                                   env=_env())
+    deadline = time.monotonic() + 300
+    while not list(out.glob("cells/*/*/*/metrics.json")):
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "no cell finished in 300 s: " + log.read_text()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_state = json.loads((out / "sweep.json").read_text())
+    finished = {str(p.parent.relative_to(out / "cells")): p.stat().st_mtime_ns
+                for p in out.glob("cells/*/*/*/metrics.json")}
+    states = {str(p.parent.parent.relative_to(out / "cells")) for p in out.glob("cells/*/*/*/checkpoints/step-*.pt")}
+    orphans = []
+    if sys.platform.startswith("linux"):  # its cells die with it (PR_SET_PDEATHSIG)
+        for _ in range(50):
+            orphans = _processes_mentioning(str(out / "cells"))
+            if not orphans:
+                break
+            time.sleep(0.2)
+    code, stdout, stderr = _run_cli(argv)
+    return {"out": out, "data": data, "killed_state": killed_state, "finished": finished, "states": states,
+            "orphans": orphans,
+            "code": code, "stdout": stdout, "stderr": stderr, "seconds": time.perf_counter() - start}
+
+
+# ============================================================================================ run and resume
+def test_a_killed_sweep_resumes_without_redoing_finished_cells(swept):
+    out, state = swept["out"], json.loads((swept["out"] / "sweep.json").read_text())
+    assert swept["code"] == 0, swept["stdout"] + swept["stderr"]
+    assert not swept["orphans"], "cells outlived the killed sweep"
+    assert sorted(state["jobs"]) == sorted(CELLS + ANALYSES)
+    assert all(job["status"] == "done" for job in state["jobs"].values()), state["jobs"]
+    assert f"{len(swept['finished'])} finished before" in swept["stdout"]
+    for cell, mtime in swept["finished"].items():  # finished before the kill: untouched, launched once
+        assert (out / "cells" / cell / "metrics.json").stat().st_mtime_ns == mtime
+        assert state["jobs"][cell]["runs"] == 1
+        assert (out / "cells" / cell / "sweep-stdout.log").read_text().count("# unip sweep, run ") == 1
+    interrupted = [cell for cell, job in swept["killed_state"]["jobs"].items()
+                   if job["status"] == "running" and cell not in swept["finished"]]
+    assert interrupted, "the kill should have caught a cell running"
+    for cell in interrupted:  # run again, in the same folder, with --resume auto
+        assert state["jobs"][cell]["runs"] == 2
+        log = (out / "cells" / cell / "sweep-stdout.log").read_text()
+        assert log.count("# unip sweep, run ") == 2 and "--resume auto" in log
+        if cell in swept["states"]:  # it had saved a training state: it continued from it
+            assert re.search(r"resumed from .*step-0+([36])\.pt at step \1\b", log), log[-3000:]
+    for cell in CELLS:
+        metrics = read_metrics(out / "cells" / cell / "metrics.json")
+        assert metrics["split"] == "test" and metrics["step"] == 6 and metrics["model"]["backbone"]["random_init"]
+        assert metrics["model"]["mode"] == {"ft": "fine-tuning", "lp": "linear probe"}.get(
+            cell.split("/")[-1].split("-seed")[0], "layer-wise probe")
+    layer4 = read_metrics(out / "cells" / CELLS[2] / "metrics.json")
+    assert layer4["model"]["feature_layers"] == [4]
+    for analysis in ANALYSES:
+        profile = json.loads((out / analysis / "profile.json").read_text())
+        assert len(profile["models"][0]["layers"]) == 12  # the probed (frozen) backbone's blocks
+    print(f"tiny sweep with a kill and a resume: {swept['seconds']:.0f} s; interrupted {interrupted}, with a "
+          f"training state {sorted(set(interrupted) & swept['states'])}")
+
+
+def test_rerun_of_a_finished_sweep_runs_nothing(swept):
+    code, stdout, _ = _run_cli(["sweep", "run", "tiny", "--out", str(swept["out"]), "--var", f"data={swept['data']}"])
+    assert code == 0 and "0 run now, 10 before" in stdout
+
+
+def test_changed_settings_of_finished_cells_are_refused(swept, tmp_path):
+    document = yaml.safe_load(find_sweep("tiny").read_text())
+    document["set"]["optim.iterations"] = 7
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(document))
+    before = (swept["out"] / "sweep.json").read_bytes()
+    code, _, stderr = _run_cli(["sweep", "run", str(changed), "--out", str(swept["out"]), "--var",
+                                f"data={swept['data']}"])
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "8 finished cell(s) ran with other settings" in stderr
+    assert "ran with: optim.iterations=6; now: optim.iterations=7" in stderr
+    assert (swept["out"] / "sweep.json").read_bytes() == before
+
+
+def test_a_second_sweep_on_a_busy_folder_stops(swept):
+    with open(swept["out"] / ".sweep.lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        code, _, stderr = _run_cli(["sweep", "run", "tiny", "--out", str(swept["out"]), "--var",
+                                    f"data={swept['data']}"])
+    assert code == 2 and "another unip sweep run is working in this folder" in stderr
+
+
+# ============================================================================================ report
+@pytest.fixture(scope="module")
+def report(swept):
+    code, stdout, stderr = _run_cli(["sweep", "report", str(swept["out"])])
+    assert code == 0, stderr
+    return swept["out"] / "report", stdout
+
+
+def _metrics(out, backbone, protocol):
+    return read_metrics(out / "cells" / BACKBONES[backbone] / "synth" / f"{protocol}-seed0" / "metrics.json")
+
+
+def test_report_table_equals_the_cells_metrics(swept, report):
+    folder, printed = report
+    out = swept["out"]
+    rows = list(csv.DictReader(open(folder / "table.csv")))
+    assert [row["backbone"] for row in rows] == list(BACKBONES)
+    markdown = (folder / "report.md").read_text()
+    html = (folder / "report.html").read_text()
+    for row in rows:
+        for protocol in ("ft", "lp"):
+            miou = _metrics(out, row["backbone"], protocol)["mIoU"]
+            assert float(row[f"{protocol}_synth"]) == miou and float(row[f"{protocol}_average"]) == miou
+            total = float(row["backbone_GFLOPs"]) + float(row[f"{protocol}_head_GFLOPs"])
+            assert float(row[f"{protocol}_mIoU_per_GFLOP"]) == pytest.approx(miou / total, rel=1e-12)
+            line = next(line for line in markdown.splitlines() if line.startswith(f"| {row['backbone']} |"))
+            assert f"| {miou:.2f} |" in line and f"<td>{miou:.2f}</td>" in html
+        assert row["family"].startswith("random init") and row["size"] == "tiny"
+    assert printed.startswith("# unip sweep report: tiny")
+    cells = {row["job"]: row for row in csv.DictReader(open(folder / "cells.csv"))}
+    assert sorted(cells) == sorted(CELLS)
+    for cell, row in cells.items():
+        metrics = read_metrics(out / "cells" / cell / "metrics.json")
+        assert row["status"] == "done"
+        assert [float(row[k]) for k in ("mIoU", "mAcc", "aAcc")] == [metrics[k] for k in ("mIoU", "mAcc", "aAcc")]
+    layerwise = list(csv.DictReader(open(folder / "layerwise.csv")))
+    assert len(layerwise) == 4
+    for row in layerwise:
+        cell = f"{BACKBONES[row['backbone']]}/synth/lp-layer{int(row['block']):02d}-seed0"
+        assert float(row["mIoU"]) == read_metrics(out / "cells" / cell / "metrics.json")["mIoU"]
+        profile = json.loads((out / "analysis" / BACKBONES[row["backbone"]] / "profile.json").read_text())
+        layer = profile["models"][0]["layers"][int(row["block"]) - 1]
+        assert float(row["NMI"]) == layer["nmi"] and row["pattern"] == layer["pattern"]
+
+
+def test_report_flops_follow_the_vit_formula(report):
+    """Backbone GFLOPs at 512 px against the ViT's multiply-adds counted by hand (ViT-T: width 192, 12 blocks,
+    1024 patches + CLS); the FT head (LL-FPN + UperNet of 32 channels) and the probe against a direct count."""
+    folder, _ = report
+    rows = list(csv.DictReader(open(folder / "table.csv")))
+    tokens, width, depth = 1025, 192, 12
+    per_block = 2 * tokens * width * (3 * width + width + 8 * width) + 2 * 2 * tokens * tokens * width
+    patch_embed = 2 * 1024 * (3 * 16 * 16) * width
+    expected = (depth * per_block + patch_embed) / 1e9
+    for row in rows:
+        assert float(row["backbone_GFLOPs"]) == pytest.approx(expected, rel=1e-9)
+        assert 5.5 < float(row["params_M"]) < 5.8  # ViT-T with a 32×32 position table
+        # the linear probe: one 1×1 conv from 4 × 192 channels to 21 classes on the 32×32 map
+        assert float(row["lp_head_GFLOPs"]) == pytest.approx(2 * 32 * 32 * 4 * 192 * 21 / 1e9, rel=1e-9)
+        assert 1.0 < float(row["ft_head_GFLOPs"]) < 10.0
+
+
+def test_report_figures_and_html(report):
+    folder, _ = report
+    for name in ("benchmark.png", "layerwise.png"):
+        with Image.open(folder / name) as image:
+            assert image.format == "PNG" and image.info.get("Software") == "unip" and image.width > 500
+            assert len(np.unique(np.asarray(image.convert("L")))) > 20  # not blank
+    html = (folder / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.count('src="data:image/png;base64,') == 2
+    assert not re.search(r'(src|href)="(http|//|file:)', html)  # no external asset
+    assert 'id="benchmark"' in html and 'id="layerwise"' in html
+
+
+def test_report_is_rewritten_in_place_and_keeps_user_files(report):
+    folder, _ = report
+    (folder / "notes.txt").write_text("mine")
+    (folder / "table.csv").write_text("my own table\n")
+    code, _, stderr = _run_cli(["sweep", "report", str(folder.parent)])
+    assert code == 2 and "table.csv" in stderr and "not written by unip" in stderr
+    (folder / "table.csv").unlink()
+    code, _, _ = _run_cli(["sweep", "report", str(folder.parent)])
+    assert code == 0 and (folder / "notes.txt").read_text() == "mine" and (folder / "table.csv").is_file()
+
+
+def _browser():
+    return next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(name)), None)
+
+
+def test_html_report_renders_in_a_headless_browser(report, tmp_path):
+    """Chromium loads the page from a file, offline: both tables render with their rows, both embedded
+    figures decode to their PNG sizes."""
+    browser = _browser()
+    if browser is None:
+        if os.environ.get("UNIP_REQUIRE_BROWSER"):
+            pytest.fail("UNIP_REQUIRE_BROWSER is set but no chromium is installed")
+        pytest.skip("no Chromium installed (apt-get install chromium; .ci/run installs it)")
+    folder, _ = report
+    probe = ('<script>window.addEventListener("load", () => { document.body.dataset.images = [...document.images]'
+             '.map(i => i.complete + ":" + i.naturalWidth + "x" + i.naturalHeight).join(","); '
+             'document.body.dataset.tables = [...document.querySelectorAll("table")].map(t => t.id + ":" + '
+             't.rows.length + ":" + Math.round(t.getBoundingClientRect().width)).join(","); });</script>')
+    page = tmp_path / "report.html"
+    page.write_text((folder / "report.html").read_text().replace("</body>", probe + "</body>"))
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = done.stdout
+    images = re.search(r'data-images="([^"]*)"', dom).group(1).split(",")
+    sizes = []
+    for name in ("benchmark.png", "layerwise.png"):
+        with Image.open(folder / name) as image:
+            sizes.append(f"true:{image.width}x{image.height}")
+    assert images == sizes
+    tables = dict((t.split(":")[0], t.split(":")[1:]) for t in re.search(r'data-tables="([^"]*)"', dom).group(1)
+                  .split(","))
+    assert int(tables["benchmark"][0]) == 3 and int(tables["benchmark"][1]) > 300  # header + 2 backbones
+    assert int(tables["layerwise"][0]) == 3  # header + blocks 4 and 12
+    assert "ViT-T learned (random)" in dom
+
+
+# ============================================================================================ dry run, failures
+def test_dry_run_lists_cells_with_their_cost_and_writes_nothing(data, tmp_path, swept):
+    out = tmp_path / "dry"
+    code, stdout, stderr = _run_cli(["sweep", "run", "tiny", "--out", str(out), "--var", f"data={data}", "--dry-run"])
+    assert code == 0 and stderr == "" and not out.exists()
+    lines = stdout.splitlines()
+    for job in CELLS + ANALYSES:
+        assert any(line.startswith(job + " ") for line in lines), job
+    ft = next(line for line in lines if line.startswith(CELLS[0]))
+    assert re.search(r"to run\s+toy\s+6\s+12\s+[\d.]+\s+[\d.]+ GFLOP", ft)  # 6 steps × batch 2
+    assert "10 job(s), 0 done; to run: 8 cell(s) (96 training images" in stdout
+    # the finished sweep: everything done; without --var the dry run still shows the cells
+    code, stdout, _ = _run_cli(["sweep", "run", "tiny", "--out", str(swept["out"]), "--var", f"data={data}",
+                                "--dry-run"])
+    assert code == 0 and "10 job(s), 10 done" in stdout
+    code, stdout, _ = _run_cli(["sweep", "run", "tiny", "--out", str(out), "--dry-run", "--only", "*/lp-layer*"])
+    assert code == 0 and "not set yet: --var data=..." in stdout and not out.exists()
+    assert "4 job(s), 0 done; to run: 4 cell(s)" in stdout and "lp-layer12" in stdout and "ft-seed0" not in stdout
+
+
+def test_a_failing_cell_is_listed_and_the_others_complete(data, tmp_path):
+    sweep = {"name": "failing", "preset": "toy",
+             "set": {"optim.iterations": 2, "optim.warmup_iterations": 1, "optim.batch_size": 2, "data.crop_size": 64,
+                     "data.scale": [256, 64], "model.channels": 32, "run.eval_every": 0, "run.save_every_steps": 0},
+             "backbones": [{"name": "random", "size": "tiny", "source": "none"},
+                           {"name": "missing", "size": "tiny", "source": str(tmp_path / "missing.pth")}],
+             "datasets": [{"name": "synth", "root": str(data), "layout": "soda"}],
+             "protocols": {"ft": {}}}
+    path = tmp_path / "failing.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    out = tmp_path / "out"
+    code, stdout, stderr = _run_cli(["sweep", "run", str(path), "--out", str(out), "--devices", "cpu,cpu"])
+    assert code == 1, stdout + stderr
+    assert stderr.strip() == ("unip sweep run: 1 job(s) failed (listed above; logs in their folders); run the same "
+                              "command again to retry them")
+    failed = [line for line in stdout.splitlines() if line.startswith("  FAILED ")]  # the summary at the end
+    assert len(failed) == 1 and "missing.pth: no such checkpoint file" in failed[0]
+    assert failed[0].startswith("  FAILED missing/synth/ft-seed0: unip finetune: error: ")
+    assert read_metrics(out / "cells" / "random" / "synth" / "ft-seed0" / "metrics.json")["step"] == 2
+    state = json.loads((out / "sweep.json").read_text())
+    assert state["jobs"]["missing/synth/ft-seed0"]["status"] == "failed"
+    assert "missing.pth" in state["jobs"]["missing/synth/ft-seed0"]["error"]
+    assert state["jobs"]["random/synth/ft-seed0"]["status"] == "done"
+    # the report lists it
+    code, _, _ = _run_cli(["sweep", "report", str(out)])
+    assert code == 0
+    assert "missing/synth/ft-seed0" in (out / "report" / "report.md").read_text()
+    assert "missing.pth" in (out / "report" / "report.html").read_text()
+
+
+# ============================================================================================ the sweep files
+def test_the_paper_sweep_file_reads_and_every_cell_has_a_preset():
+    sweep = read_sweep("paper", allow_unset=True)
+    assert sweep.unset == ["data", "weights"]
+    assert len(sweep.backbones) == 22 and [d.name for d in sweep.datasets] == ["SODA", "MFNet", "SCUT-Seg"]
+    families = {b.family for b in sweep.backbones}
+    assert families == {"UNIP (MAE-L)", "UNIP (iBOT-L)", "MAE", "CrossMAE", "DeiT", "DeiT III", "DINO", "iBOT"}
+    assert sweep.backbone("UNIP-S (MAE-L)").source == "${weights}/mae_large_layer18_distill_unip_small_100ep_infmix.pth"
+    cells = plan_cells(sweep)
+    assert len(cells) == 22 * 3 * 2 + 4 * 12  # ft + lp everywhere, every block of four ViT-B on SODA
+    for preset in sorted({(c.preset, c.protocol) for c in cells}):
+        cell = next(c for c in cells if (c.preset, c.protocol) == preset)
+        config = cell.config()
+        assert config["optim"]["effective_batch"] == 8 and config["model"]["head"] == (
+            "upernet" if cell.protocol == "ft" else "linear")
+    unip_s = next(c for c in cells if c.backbone.name == "UNIP-S (MAE-L)" and c.protocol == "ft")
+    assert unip_s.config()["model"]["last_block_heads"] == "default" and unip_s.preset == "soda_small"
+    mae_l = next(c for c in cells if c.backbone.name == "MAE-L" and c.dataset.name == "SCUT-Seg")
+    assert mae_l.preset == "scut_large" and mae_l.config()["optim"]["iterations"] == 16800
+
+
+def test_variables_settings_and_names(tmp_path):
+    document = {"vars": {"root": None, "tag": "x"}, "preset": "toy", "set": {"data.scale": [256, 64],
+                "model.last_block_heads": "default", "optim.lr": 1e-3},
+                "backbones": [{"name": "A (1)", "size": "small", "source": "none", "set": ["optim.iterations=3"]}],
+                "datasets": [{"name": "D", "root": "${root}/d-${tag}", "layout": "soda"}],
+                "protocols": {"layerwise": {"layers": "all"}}, "analysis": {"images": "${root}/img"}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(document))
+    sweep = read_sweep(str(path), {"root": "/data"})
+    cells = plan_cells(sweep)
+    assert [c.layer for c in cells] == list(range(1, 13)) and cells[0].id == "a-1/d/lp-layer01-seed0"
+    assert sweep.datasets[0].root == "/data/d-x" and sweep.analysis.images == "/data/img"
+    config = cells[0].config()
+    assert config["data"]["scale"] == [256, 64] and config["model"]["last_block_heads"] == "default"
+    assert config["optim"]["lr"] == 1e-3 and config["optim"]["iterations"] == 3
+    assert config["model"]["backbone"] == "unip_vit_small_patch16"  # source none: the size's architecture
+    args = cells[0].finetune_args("/o")
+    assert args[:4] == ["finetune", "toy", "--probe-layer", "1"] and "--resume" in args and "auto" in args
+    with pytest.raises(ConfigError, match=r"\$\{root\} has no value; pass --var root=VALUE"):
+        read_sweep(str(path))
+    with pytest.raises(ConfigError, match="--var nope: .* has no such variable"):
+        read_sweep(str(path), {"root": "/d", "nope": "1"})
+    document["backbones"].append({"name": "a-1", "size": "tiny", "source": "none"})
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match="two backbones named 'A \\(1\\)' and 'a-1'"):
+        read_sweep(str(path), {"root": "/d"})
+
+
+def test_devices_become_slots_and_cuda_visible_devices(tmp_path):
+    assert parse_devices() == ["auto"] and parse_devices(gpus=2) == ["cuda:0", "cuda:1"]
+    assert parse_devices(devices="cuda:3,cpu") == ["cuda:3", "cpu"]
+    with pytest.raises(ConfigError, match="--devices"):
+        parse_devices(devices="gpu0")
+    job = Job("x", "cell", tmp_path, ["finetune", "toy"], {})
+    command, env = _command(job, "cuda:3", ["cuda:1", "cuda:3"])
+    assert command[-4:] == ["finetune", "toy", "--device", "cuda"] and env["CUDA_VISIBLE_DEVICES"] == "3"
+    command, env = _command(job, "cpu", ["cpu"])
+    assert command[-2:] == ["--device", "cpu"] and env.get("CUDA_VISIBLE_DEVICES") == os.environ.get(
+        "CUDA_VISIBLE_DEVICES")
