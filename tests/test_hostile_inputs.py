@@ -446,6 +446,10 @@ CASES: List[Case] = [
          lambda a: a.pretrain(out=a.out_with("mine", {"config.yaml": "my: settings\n", **USER_FILES})),
          match="config.yaml.*not written by unip"),
     Case("pretrain: unknown precision", lambda a: a.pretrain("--precision", "fp64"), match="--precision"),
+    Case("pretrain: student.init of another depth", lambda a: a.pretrain("--set", f"student.init={a.teacher}"),
+         match="student.init=.*teacher.safetensors: width 32, depth 2.*depth 1"),
+    Case("pretrain: student.init missing", lambda a: a.pretrain("--set", f"student.init={a.scratch}/none.pt"),
+         match="none.pt"),
     # ------------------------------------------------------------------ finetune
     Case("finetune: no --pretrained", lambda a: ["finetune", "toy", "--data", a.labeled, "--out", str(a.out / "f")],
          match="no backbone.*--pretrained"),
@@ -760,8 +764,22 @@ CASES: List[Case] = [
     # ------------------------------------------------------------------ demo
     Case("demo: --out is a file", lambda a: ["demo", "--out", a.file("demo.txt", "x")], match="demo.txt.*is a file"),
     Case("demo: --out below a file", lambda a: ["demo", "--out", a.file("d.txt", "x") + "/sub"], match="d.txt"),
-    Case("demo: --out holds the user's teacher.safetensors", lambda a: ["demo", "--out", a.out_with(
-         "mine", {"teacher.safetensors": b"my weights"})], match="teacher.safetensors"),
+    Case("demo: --out holds the user's student_random.safetensors", lambda a: ["demo", "--fast", "--out", a.out_with(
+         "mine", {"student_random.safetensors": b"my weights"})], match="student_random.safetensors.*not written"),
+    Case("demo: --out holds the user's summary.md", lambda a: ["demo", "--out", a.out_with(
+         "mine", {"summary.md": "# my notes\n"})], match="summary.md.*not written by unip"),
+    Case("demo: --out holds the user's summary.png", lambda a: ["demo", "--out", a.out_with(
+         "mine", {"summary.png": IMAGE_PNG})], match="summary.png.*not written by unip"),
+    Case("demo: summary.json is a folder", lambda a: ["demo", "--out", a.out_with(
+         "mine", {"summary.json/x": "x"})], match="summary.json.*is a folder"),
+    Case("demo: UNIP_CACHE is a file", lambda a: ["demo", "--fast", "--out", str(a.out / "demo")],
+         setup=lambda a: a.monkeypatch.setenv("UNIP_CACHE", a.file("cache.txt", "x")), match="UNIP_CACHE.*is a file"),
+    Case("demo: XDG_CACHE_HOME below a file", lambda a: ["demo", "--fast", "--out", str(a.out / "demo")],
+         setup=lambda a: (a.monkeypatch.delenv("UNIP_CACHE", raising=False),
+                          a.monkeypatch.setenv("XDG_CACHE_HOME", a.file("xdg.txt", "x") + "/sub")),
+         match="xdg.txt"),
+    Case("demo: --seed -1", lambda a: ["demo", "--seed", "-1"], match="--seed"),
+    Case("demo: an unknown option", lambda a: ["demo", "--epochs", "3"], match="unrecognized arguments"),
     # ------------------------------------------------------------------ predict
     Case("predict: no input", lambda a: ["predict", "--checkpoint", a.tiny_segmentor], match="INPUT"),
     Case("predict: checkpoint missing", lambda a: a.predict(checkpoint=str(a.scratch / "absent.safetensors")),

@@ -42,8 +42,9 @@ logger = logging.getLogger(__name__)
 DEFAULTS: Config = {
     "teacher": {"source": None, "layer": "auto", "auto_images": 256},
     # depth / embed_dim / num_heads: null keeps the preset's (set them for toy-sized students)
+    # init: a checkpoint of the same architecture to start from (null: random weights drawn from run.seed)
     "student": {"model": "unip_vit_small_patch16", "drop_path": 0.1, "depth": None, "embed_dim": None,
-                "num_heads": None},
+                "num_heads": None, "init": None},
     "data": {"path": None, "input_size": 224, "scale": [0.2, 1.0], "mean": INFMIX_MEAN, "std": INFMIX_STD,
              "augment": True, "num_workers": 8},
     "optim": {"epochs": 100, "warmup_epochs": 5.0, "blr": 1.5e-4, "lr": None, "min_lr": 0.0,
@@ -64,6 +65,7 @@ RULES: Dict[str, Rule] = {
     "teacher.auto_images": integer(1, 100_000), "student.model": text(*list_models()),
     "student.drop_path": number(ge=0, lt=1), "student.depth": integer(1, MAX_DEPTH, null=True),
     "student.embed_dim": integer(1, MAX_WIDTH, null=True), "student.num_heads": integer(1, MAX_WIDTH, null=True),
+    "student.init": text(null=True),
     "data.path": text(null=True), "data.input_size": integer(16, 4096),
     "data.scale": numbers(2, gt=0, le=1, ascending=True), "data.mean": number(ge=0, le=1),
     "data.std": number(gt=0, le=1), "data.augment": flag(), "data.num_workers": integer(0, 256),
@@ -207,10 +209,29 @@ def build_student(config: Config, heads: int, device: torch.device) -> VisionTra
                            drop_path_rate=float(spec["drop_path"]), **shape)
     if size % student.patch_size:
         raise ConfigError(f"data.input_size={size} is not a multiple of the student's patch {student.patch_size}")
+    if spec["init"]:
+        start_from(student, str(spec["init"]))
     freeze_unused(student)
     student = student.to(device)
     mask_key_bias_grads(student)
     return student
+
+
+def start_from(student: VisionTransformer, path: str) -> None:
+    """Load ``student.init``'s weights into ``student`` (e.g. the random student a baseline is fine-tuned from,
+    so that distilled and baseline start alike). ``ConfigError`` when the file's width, depth or heads per block
+    differ from the student's; ``CheckpointError`` when it lacks a weight."""
+    from unip.checkpoint import load_weights, open_model
+
+    init = open_model(path).model
+    ours = (student.embed_dim, student.depth, list(student.heads_per_block))
+    theirs = (init.embed_dim, init.depth, list(init.heads_per_block))
+    if ours != theirs:
+        raise ConfigError(f"student.init={path}: width {theirs[0]}, depth {theirs[1]}, heads per block {theirs[2]}, "
+                          f"but the student is width {ours[0]}, depth {ours[1]}, heads per block {ours[2]} "
+                          "(the last block takes the teacher block's heads); save a matching model or drop "
+                          "student.init")
+    load_weights(student, init.state_dict(), name=path)
 
 
 # -------------------------------------------------------------------------------------------- the task
