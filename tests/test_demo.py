@@ -185,3 +185,18 @@ def test_rerun_logs_are_read_from_the_last_setup_record(tmp_path):
         {"kind": "setup", "step": 0}, {"kind": "train", "step": 5, "loss": 9.0},
         {"kind": "setup", "step": 0}, {"kind": "train", "step": 5, "loss": 1.0})) + "\n")
     assert [r.get("loss") for r in last_run_records(log)] == [None, 1.0]
+
+
+def test_library_callers_get_the_tour_as_log_records(caplog):
+    """Only the CLI prints (it passes ``say=print``); the library's default is the ``unip.demo`` logger."""
+    from unip.demo.pipeline import Tour
+
+    with caplog.at_level("INFO", logger="unip.demo"):
+        tour = Tour()
+        tour.stage("a stage")
+        tour.note("a note")
+    assert [r.name for r in caplog.records] == ["unip.demo", "unip.demo"]
+    assert "[1/9] a stage" in caplog.records[0].getMessage() and caplog.records[1].getMessage() == "# a note"
+    heard = []
+    Tour(heard.append).python("x = 1")
+    assert heard == [">>> x = 1"]

@@ -84,7 +84,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from unip.demo import run_demo
 
-    run_demo(args.out, fast=args.fast, seed=args.seed)
+    run_demo(args.out, fast=args.fast, seed=args.seed, say=lambda text: print(text, flush=True))
     return 0
 
 

@@ -6,17 +6,19 @@ student (``unip pretrain --teacher-layer auto``) → LL-FPN + UperNet fine-tunin
 the same schedule and seed, of the same student from its random initial weights (``unip finetune``) → evaluation
 (``unip evaluate``) → predictions (``unip predict``) → one summary (table, JSON, Markdown, figure).
 
-Every stage prints the command it runs (the demo doubles as a tour) and its time. A stage's failure stops the
+Every stage reports the command it runs (the demo doubles as a tour) and its time through ``say``: the CLI passes
+``print``; called as a library without one, the demo logs (logger ``unip.demo``). A stage's failure stops the
 demo with that stage's error (``UnipError``); the CLI turns it into one line.
 """
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -24,6 +26,8 @@ from unip.demo.cache import CachedTeacher, cache_root, find_teacher, store_teach
 from unip.demo.settings import FAST, FULL, DemoSettings
 from unip.errors import UnipError
 from unip.outputs import claim, is_our_checkpoint, is_our_json, is_our_png, out_folder, starts_with_line
+
+logger = logging.getLogger("unip.demo")
 
 SUMMARY_TITLE = "# unip demo summary"
 STAGES = 9
@@ -55,8 +59,10 @@ class Layout:
 
 @dataclass
 class Tour:
-    """Prints and runs the stages: a numbered heading per stage, each command as a user would type it, its time."""
+    """Runs the stages and reports them through ``say``: a numbered heading per stage, each command as a user would
+    type it, its time."""
 
+    say: Callable[[str], None] = logger.info
     stage_seconds: Dict[str, float] = field(default_factory=dict)
     number: int = 0
     current: str = ""
@@ -67,24 +73,24 @@ class Tour:
         self.number += 1
         self.current = title
         self._stage_start = time.perf_counter()
-        print(f"\n[{self.number}/{STAGES}] {title}  ({self.elapsed():.0f} s so far)", flush=True)
+        self.say(f"\n[{self.number}/{STAGES}] {title}  ({self.elapsed():.0f} s so far)")
 
     def unip(self, *argv: object) -> None:
         """Run ``unip ARGV`` through the CLI; its errors propagate (the demo's boundary reports them once)."""
         from unip.cli import run
 
         args = [str(a) for a in argv]
-        print(f"$ unip {' '.join(shlex.quote(a) for a in args)}", flush=True)
+        self.say(f"$ unip {' '.join(shlex.quote(a) for a in args)}")
         start = time.perf_counter()
         if run(args) != 0:
             raise UnipError(f"demo stage failed: unip {' '.join(args)}")
-        print(f"({time.perf_counter() - start:.1f} s)", flush=True)
+        self.say(f"({time.perf_counter() - start:.1f} s)")
 
     def python(self, line: str) -> None:
-        print(f">>> {line}", flush=True)
+        self.say(f">>> {line}")
 
     def note(self, text: str) -> None:
-        print(f"# {text}", flush=True)
+        self.say(f"# {text}")
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -98,9 +104,10 @@ class Tour:
             self.stage_seconds[self.current] = round(time.perf_counter() - self._stage_start, 1)
 
 
-def run_demo(out: str = "demo_out", fast: bool = False, seed: int = 0, settings: Optional[DemoSettings] = None) -> Path:
-    """Run every stage into ``out`` with ``settings`` (default ``FAST`` if ``fast`` else ``FULL``); returns the path
-    of ``summary.json``.
+def run_demo(out: str = "demo_out", fast: bool = False, seed: int = 0, settings: Optional[DemoSettings] = None,
+             say: Optional[Callable[[str], None]] = None) -> Path:
+    """Run every stage into ``out`` with ``settings`` (default ``FAST`` if ``fast`` else ``FULL``), reporting each
+    stage, command and the summary table through ``say`` (default: log them); returns the path of ``summary.json``.
 
     Raises ``UnipError`` (e.g. a ``ConfigError`` when ``out`` is a file or holds files of the demo's names that
     unip did not write, or when ``UNIP_CACHE`` is a file) before any work, or a stage's error."""
@@ -114,10 +121,9 @@ def run_demo(out: str = "demo_out", fast: bool = False, seed: int = 0, settings:
     claim([str(paths.summary_png)], is_our_png)
     cache = cache_root()
     paths.root.mkdir(parents=True, exist_ok=True)
-    tour = Tour()
-    print(f"unip demo ({settings.name}{', seed ' + str(seed) if seed else ''}): the UNIP pipeline at toy scale on "
-          f"generated infrared scenes, CPU only ({torch.get_num_threads()} threads); everything goes to {paths.root}/",
-          flush=True)
+    tour = Tour(say or logger.info)
+    tour.say(f"unip demo ({settings.name}{', seed ' + str(seed) if seed else ''}): the UNIP pipeline at toy scale on "
+          f"generated infrared scenes, CPU only ({torch.get_num_threads()} threads); everything goes to {paths.root}/")
 
     make_data(tour, paths, settings)
     teacher = get_teacher(tour, paths, settings, cache)
@@ -129,9 +135,9 @@ def run_demo(out: str = "demo_out", fast: bool = False, seed: int = 0, settings:
 
     tour.stage("summary")
     summary = build_summary(paths, settings, teacher, seed, tour)
-    write_summary(summary, paths)
-    print(f"\ndemo finished in {tour.elapsed():.0f} s: everything it wrote is in {paths.root}/ "
-          f"(summary: {paths.summary_md}, {paths.summary_png})", flush=True)
+    tour.say("\n" + write_summary(summary, paths))
+    tour.say(f"\ndemo finished in {tour.elapsed():.0f} s: everything it wrote is in {paths.root}/ "
+          f"(summary: {paths.summary_md}, {paths.summary_png})")
     return paths.summary_json
 
 
@@ -252,7 +258,7 @@ class TeacherInfo:
 
 
 def save_random_model(tour: Tour, preset: str, shape: Dict[str, int], seed: int, path: Path) -> None:
-    """Write a randomly initialised ``preset`` (seeded) as a self-describing checkpoint, printing the Python."""
+    """Write a randomly initialised ``preset`` (seeded) as a self-describing checkpoint, reporting the Python."""
     from unip.checkpoint import save_checkpoint
     from unip.models import create_model
 

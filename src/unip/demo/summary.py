@@ -205,15 +205,15 @@ def _cell(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def write_summary(summary: Dict[str, Any], paths: "Layout") -> None:
-    """Print the table and write ``summary.json``, ``summary.md`` and ``summary.png`` (atomically)."""
+def write_summary(summary: Dict[str, Any], paths: "Layout") -> str:
+    """Write ``summary.json``, ``summary.md`` and ``summary.png`` (atomically); returns the table (``format_table``)."""
     from unip.demo.pipeline import SUMMARY_TITLE
 
     table = format_table(summary)
-    print("\n" + table, flush=True)
     atomic_write_text(paths.summary_json, json.dumps(summary, indent=2) + "\n")
     atomic_write_text(paths.summary_md, f"{SUMMARY_TITLE}\n\n```\n{table}\n```\n\n![summary](summary.png)\n")
     write_figure(summary, paths.summary_png, overlay=_first_overlay(paths.predictions))
+    return table
 
 
 def _first_overlay(folder: Path) -> Optional[Path]:
