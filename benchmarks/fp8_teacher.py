@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from common import write_json
 from pretrain_throughput import our_step
 from unip.data.synth import render_scene
 from unip.data.transforms import normalize_batch
@@ -155,9 +155,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
               f"{row['bf16']['kl']:>11.2e}{row['fp8']['kl']:>11.2e}")
     for name, values in run.items():
         print(f"short run, {name} teacher: " + ", ".join(f"{k} {v:.5f}" for k, v in values.items()))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=1)
+    write_json(result, args.json)
     return result
 
 

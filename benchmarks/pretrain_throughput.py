@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import add_common_options, apply_threads, write_json
 from unip.distill.loss import attention_distill_loss
 from unip.distill.teacher import Teacher
 from unip.distill.train import StudentLogits, freeze_unused, mask_key_bias_grads
@@ -223,14 +223,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--layer", type=int, default=18)
     parser.add_argument("--student", default="unip_vit_small_patch16")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="the card's dense bf16 peak (H100 SXM / H200: 989; A100: 312)")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
+    add_common_options(parser, peak="bf16")
     args = parser.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.batch_size = args.batch_size or (256 if cuda else 8)
@@ -269,9 +265,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         ratio = f"{row['vs_release']:.2f}x" if "vs_release" in row else "-"
         print(f"{name:<20}{row['images_per_s']:>10.1f}{row['ms_per_step']:>10.1f}{row['tflops']:>10.1f}"
               f"{mfu:>8}{ratio:>12}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=1)
+    write_json(result, args.json)
     return result
 
 

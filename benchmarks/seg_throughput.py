@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -32,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from common import add_common_options, apply_threads, write_json
 from unip.engine.loop import Precision, train_step
 from unip.engine.optim import build_adamw
 from unip.models.segmentor import Segmentor
@@ -124,14 +124,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--size", type=int, default=512, help="crop and window size (the recipe: 512)")
     parser.add_argument("--backbone", default="unip_vit_small_patch16")
     parser.add_argument("--classes", type=int, default=21)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="the card's dense bf16/fp16 peak (H100 SXM / H200: 989; A100: 312)")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
+    add_common_options(parser, peak="bf16/fp16")
     args = parser.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch_size or (8 if cuda else 2)
@@ -205,9 +201,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         ratio = f"{row['vs_one_at_a_time']:.2f}x" if "vs_one_at_a_time" in row else "-"
         print(f"{name:<32}{row['images_per_s']:>10.2f}{row['ms_per_call']:>11.1f}{row['tflops']:>10.3f}{mfu:>8}"
               f"{ratio:>16}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=1)
+    write_json(result, args.json)
     return result
 
 
