@@ -4,10 +4,8 @@ resume after SIGKILL, 2-process (gloo) runs against one process, the release's f
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ from safetensors.torch import load_file
 from unip import cli
 from unip.checkpoint import save_checkpoint
 from unip.data.synth import write_soda
-from unip.engine import checkpointing
 from unip.engine.config import PRESET_ROOTS, flatten
 from unip.engine.distributed import init_distributed
 from unip.engine.trainer import Trainer
@@ -27,6 +24,8 @@ from unip.seg import build_segmentor, layer_id, load_segmentor
 from unip.seg.evaluation import EvalSettings, evaluate_split
 from unip.seg.results import read_metrics
 from unip.seg.train import DEFAULTS, RULES, SegmentationTask, make_config
+
+from killed_runs import kill_and_resume
 
 BIN = Path(sys.executable).parent
 DEPTH, WIDTH = 4, 64
@@ -191,26 +190,10 @@ def test_random_initialisation_is_said_clearly(assets, tmp_path, one_thread, cap
 def test_sigkill_and_resume_gives_bit_identical_weights(assets, tmp_path):
     common = ["--iterations", "12", "--set", "run.eval_every=4", "--set", "run.save_every_steps=3",
               "--set", "model.drop_path=0.2", "--set", "optim.warmup_iterations=3", "--workers", "0"]
-    unip = [sys.executable, "-m", "unip.cli"]
-    reference = subprocess.Popen(unip + _args(assets, tmp_path / "ref", *common), env=_env(),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     victim_dir = tmp_path / "victim"
-    victim = subprocess.Popen(unip + _args(assets, victim_dir, *common, "--set", "debug.step_delay=0.5"),
-                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (victim_dir / "checkpoints" / "step-00000003.pt").exists():
-        assert victim.poll() is None and time.time() < deadline, victim.stderr.read() if victim.poll() else "timeout"
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (victim_dir / "segmentor.safetensors").exists()
-    assert checkpointing.find_latest(victim_dir / "checkpoints").name in ("step-00000003.pt", "step-00000006.pt")
-    resumed = subprocess.run(unip + _args(assets, victim_dir, *common, "--resume", "auto"), env=_env(),
-                             capture_output=True, text=True, timeout=180)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    _, err = reference.communicate(timeout=180)
-    assert reference.returncode == 0, err[-3000:]
+    latest = kill_and_resume(lambda out, *extra: _args(assets, out, *common, *extra), tmp_path / "ref", victim_dir,
+                             final="segmentor.safetensors")
+    assert latest in ("step-00000003.pt", "step-00000006.pt")
     ref, res = load_file(str(tmp_path / "ref" / "segmentor.safetensors")), load_file(
         str(victim_dir / "segmentor.safetensors"))
     assert ref.keys() == res.keys()

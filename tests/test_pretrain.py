@@ -3,10 +3,8 @@ exact resume after SIGKILL, the stop on a non-finite loss, the CLI surface."""
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,8 @@ from unip.distill.data import build_transform, open_pretrain_images
 from unip.distill.train import build_student, make_config, train
 from unip.engine import checkpointing
 from unip.models import create_model
+
+from killed_runs import kill_and_resume
 
 BIN = Path(sys.executable).parent
 TEACHER_LAYER, TEACHER_HEADS = 2, 4
@@ -114,27 +114,10 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(assets, 
 def test_sigkill_and_resume_gives_bit_identical_weights(assets, tmp_path):
     common = ["--teacher-layer", "2", "--epochs", "2", "--set", "run.save_every_steps=3",
               "--set", "run.save_every_epochs=1", "--set", "student.drop_path=0.2", "--set", "student.depth=3"]
-    unip = [sys.executable, "-m", "unip.cli"]
-    reference = subprocess.Popen(unip + _args(assets, tmp_path / "ref", *common), env=_env(),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     victim_dir = tmp_path / "victim"
-    victim = subprocess.Popen(unip + _args(assets, victim_dir, *common, "--set", "debug.step_delay=0.5"),
-                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (victim_dir / "checkpoints" / "step-00000003.pt").exists():
-        assert victim.poll() is None and time.time() < deadline, victim.stderr.read() if victim.poll() else "timeout"
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (victim_dir / "student.safetensors").exists()
-    latest = checkpointing.find_latest(victim_dir / "checkpoints")
-    assert latest.name in ("step-00000003.pt", "step-00000004.pt")
-    resumed = subprocess.run(unip + _args(assets, victim_dir, *common, "--resume", "auto"), env=_env(),
-                             capture_output=True, text=True, timeout=180)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    _, err = reference.communicate(timeout=180)
-    assert reference.returncode == 0, err[-3000:]
+    latest = kill_and_resume(lambda out, *extra: _args(assets, out, *common, *extra), tmp_path / "ref", victim_dir,
+                             final="student.safetensors")
+    assert latest in ("step-00000003.pt", "step-00000004.pt")
     ref, res = _weights(tmp_path / "ref" / "student.safetensors"), _weights(victim_dir / "student.safetensors")
     assert ref.keys() == res.keys()
     assert all(torch.equal(ref[k], res[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], res[k])]
