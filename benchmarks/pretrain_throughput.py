@@ -12,6 +12,8 @@ Rows (each with its own copy of the same weights, timed alternately after warm-u
                  weight precision, ``StudentLogits`` with the unused parts frozen, ``build_adamw`` (fused on
                  CUDA), ``engine.loop.train_step`` with its non-finite check): bf16 autocast and a bf16 teacher
                  on CUDA, fp32 on CPU; only the q/k rows of the last blocks are projected.
+* ``ours+bf16`` – ours under bf16 autocast with a bf16 teacher also on a CPU (``--precision bf16``; the
+                 default CPU rows include it where the CPU has bf16 instructions: AVX512-BF16 or AMX).
 * ``ours+compile`` – the same with ``torch.compile`` of teacher, student and loss (``run.compile``).
 * ``ours+compile+fp8`` – and the teacher's linear layers in FP8 (torchao; Ada/Hopper GPUs only).
 * ``naive`` (``--naive``) – both models through every block with the attention matrix materialised.
@@ -22,7 +24,7 @@ forward to block L, student forward and backward, loss); on CUDA the achieved TF
 FLOPs (the release's extra value-row work is not credited).
 
 Usage: ``python benchmarks/pretrain_throughput.py [--device cpu|cuda] [--batch-size 8|256] [--steps 5]
-[--rows release,ours,ours+compile,ours+compile+fp8] [--naive] [--teacher vit_large_patch16] [--layer 18]
+[--rows release,ours,ours+bf16,ours+compile,ours+compile+fp8] [--naive] [--teacher vit_large_patch16] [--layer 18]
 [--student unip_vit_small_patch16] [--img-size 224] [--peak-tflops 989] [--json FILE]``
 """
 
@@ -42,7 +44,7 @@ from common import add_common_options, apply_threads, write_json
 from unip.distill.loss import attention_distill_loss
 from unip.distill.teacher import Teacher
 from unip.distill.train import StudentLogits, freeze_unused, mask_key_bias_grads
-from unip.engine.loop import Precision, train_step
+from unip.engine.loop import Precision, cpu_has_native_bf16, train_step
 from unip.engine.optim import build_adamw
 from unip.models import create_model
 from unip.models.quantize import fp8_unavailable_reason
@@ -203,10 +205,11 @@ def build_rows(args: argparse.Namespace, device: torch.device) -> Dict[str, Step
             if fp8 and fp8_unavailable_reason(device):
                 print(f"  skipping {row}: {fp8_unavailable_reason(device)}")
                 continue
-            weights = "fp8" if fp8 else ("bf16" if ours_precision.dtype is torch.bfloat16 else "fp32")
-            steps[row] = our_step(fresh_student(), fresh_teacher(weights), ours_precision, "compile" in row)
+            precision = Precision(device.type, torch.bfloat16) if row.endswith("+bf16") else ours_precision
+            weights = "fp8" if fp8 else ("bf16" if precision.dtype is torch.bfloat16 else "fp32")
+            steps[row] = our_step(fresh_student(), fresh_teacher(weights), precision, "compile" in row)
         else:
-            raise SystemExit(f"unknown row {row!r}; choose from {', '.join(ALL_ROWS + ('naive',))}")
+            raise SystemExit(f"unknown row {row!r}; choose from {', '.join(ALL_ROWS + ('ours+bf16', 'naive'))}")
     return steps
 
 
@@ -217,7 +220,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row (compilation happens here)")
     parser.add_argument("--rows", default=None, help="comma-separated rows (default: release,ours,ours+compile "
-                                                     "and, where FP8 runs, ours+compile+fp8; CPU: release,ours)")
+                                                     "and, where FP8 runs, ours+compile+fp8; CPU: release,ours and, "
+                                                     "with bf16 instructions, ours+bf16)")
     parser.add_argument("--naive", action="store_true", help="add the every-block-materialised row")
     parser.add_argument("--teacher", default="vit_large_patch16")
     parser.add_argument("--layer", type=int, default=18)
@@ -230,7 +234,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.batch_size = args.batch_size or (256 if cuda else 8)
-    args.rows = args.rows.split(",") if args.rows else (list(ALL_ROWS) if cuda else ["release", "ours"])
+    cpu_rows = ["release", "ours"] + (["ours+bf16"] if cpu_has_native_bf16() else [])
+    args.rows = args.rows.split(",") if args.rows else (list(ALL_ROWS) if cuda else cpu_rows)
     if args.naive:
         args.rows.append("naive")
     if cuda:

@@ -207,7 +207,9 @@ def test_non_finite_loss_stops_before_the_update():
         train_step(model, lambda b: (model(b[0]) * math.nan).mean(), [(x, y)], optimizer,
                    precision.grad_scaler(), precision, where="at step 3")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert resolve_precision("bf16", torch.device("cpu")).dtype is None
+    assert resolve_precision("bf16", torch.device("cpu")).dtype is torch.bfloat16  # asked for: CPU bf16 autocast
+    assert resolve_precision("auto", torch.device("cpu")).dtype is None
+    assert resolve_precision("fp16", torch.device("cpu")).dtype is None
     with pytest.raises(ConfigError):
         resolve_precision("fp8", torch.device("cpu"))
 

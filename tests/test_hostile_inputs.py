@@ -446,6 +446,8 @@ CASES: List[Case] = [
          lambda a: a.pretrain(out=a.out_with("mine", {"config.yaml": "my: settings\n", **USER_FILES})),
          match="config.yaml.*not written by unip"),
     Case("pretrain: unknown precision", lambda a: a.pretrain("--precision", "fp64"), match="--precision"),
+    Case("pretrain: bf16 teacher in an fp32 run", lambda a: a.pretrain("--teacher-precision", "bf16"),
+         match="teacher-precision bf16 needs a mixed-precision run.*--precision bf16"),
     Case("pretrain: student.init of another depth", lambda a: a.pretrain("--set", f"student.init={a.teacher}"),
          match="student.init=.*teacher.safetensors: width 32, depth 2.*depth 1"),
     Case("pretrain: student.init missing", lambda a: a.pretrain("--set", f"student.init={a.scratch}/none.pt"),

@@ -156,8 +156,8 @@ def teacher_precision(name: str, precision: Precision) -> str:
             raise ConfigError(f"--teacher-precision fp8 needs a bf16 run; this run is {precision.name} "
                               "(use --precision bf16)")
     if name == "bf16" and precision.dtype is None:
-        raise ConfigError(f"--teacher-precision bf16 needs a mixed-precision run on a GPU; this run is fp32 "
-                          f"on {precision.device_type} (use --teacher-precision fp32 or auto)")
+        raise ConfigError(f"--teacher-precision bf16 needs a mixed-precision run; this run is fp32 on "
+                          f"{precision.device_type} (use --precision bf16, or --teacher-precision fp32 or auto)")
     return name
 
 
@@ -295,7 +295,8 @@ class NmiHadTask(Task):
                 f"{self.teacher.num_heads} heads)")
 
     def setup_record(self, ctx: TrainContext) -> Dict[str, Any]:
-        return {"teacher_layer": self.teacher.layer, "teacher_layer_reason": self.teacher_why}
+        return {"teacher_layer": self.teacher.layer, "teacher_layer_reason": self.teacher_why,
+                "teacher_precision": self.teacher.precision}
 
     def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
         """The distilled student as a self-describing safetensors file (``unip finetune --pretrained``)."""

@@ -2,8 +2,8 @@
 does the rest.
 
 What the trainer does, in order: seed the process (``run.seed`` + rank), choose the precision (bf16/fp16
-autocast on CUDA with a grad scaler for fp16, fp32 on CPU), plan the steps (batch × accumulation ×
-processes, epoch- or iteration-based length, warm-up), let the task build its model, turn BatchNorm into
+autocast on CUDA with a grad scaler for fp16; fp32 on CPU unless bf16 is asked for), plan the steps (batch ×
+accumulation × processes, epoch- or iteration-based length, warm-up), let the task build its model, turn BatchNorm into
 SyncBatchNorm under multi-GPU DDP, wrap for DDP (and ``torch.compile``), build AdamW over the task's
 parameter groups (weight decay and per-parameter lr scale, e.g. layer decay), load the task's training
 set through a seeded, resumable loader, and then loop: lr from the schedule every step, accumulation,
@@ -84,7 +84,7 @@ RUN_DEFAULTS: Config = {
     "output": "runs/train",       # run folder
     "seed": 0,                    # process seed = seed + rank; data order and augmentations derive from it
     "device": "auto",             # auto, cpu, cuda, cuda:N
-    "precision": "auto",          # auto (bf16, else fp16, on CUDA), fp32, bf16, fp16; CPU runs fp32
+    "precision": "auto",          # auto (bf16, else fp16, on CUDA; fp32 on CPU), fp32, bf16 (also on CPU), fp16
     "compile": "auto",            # torch.compile (Task.compile): true, false, or auto = on CUDA only
     "save_every_epochs": 1,       # training state at the end of every N-th epoch (0: never)
     "save_every_steps": 0,        # training state every N optimiser steps (0: never); always at the end
