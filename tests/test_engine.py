@@ -232,3 +232,16 @@ def test_device_names_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_cpu_bf16_without_bf16_instructions_is_honoured_with_a_warning(monkeypatch, caplog):
+    from unip.engine import loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="unip.engine.loop"):
+        assert resolve_precision("bf16", torch.device("cpu")).dtype is torch.bfloat16
+    assert "emulated" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    resolve_precision("bf16", torch.device("cpu"))
+    assert caplog.text == ""
