@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/pretrain.md, in two short parts that each write everything to $OUT:
+# The GPU measurements of docs/pretrain.md and docs/segmentation.md, in short parts (each under 10 minutes on
+# an H100, each writing everything to $OUT, each runnable on a bare machine):
 #   step: environment, generated packed data set (20,480 thermal scenes), FP8 teacher accuracy
 #         (benchmarks/fp8_teacher.py), NMI-HAD step throughput against the release's step
 #         (benchmarks/pretrain_throughput.py: release, ours, ours+compile, ours+compile+fp8)
-#   e2e:  CUDA tests, then `unip pretrain` end to end on the generated pack (batch 256, 14 workers,
-#         bf16 and FP8 teacher), images/s read from its own log.jsonl
+#   e2e:  CUDA tests, then `unip pretrain` end to end on the generated pack (made first if missing; batch 256,
+#         14 workers, bf16 and FP8 teacher), images/s read from its own log.jsonl
+#   seg:  UNIP-S segmentation at 512 px (benchmarks/seg_throughput.py): fine-tuning step images/s and bf16/fp16
+#         MFU (eager and compiled), batched sliding windows against one at a time
 # Usage (repo root, a python3 with torch, timm, safetensors, pyyaml, tqdm, tensorboard; torchao wheels in
-# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e
+# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e|seg
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
@@ -16,6 +19,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+
+make_data() {  # 20,480 generated 320x256 thermal scenes, packed at short side 256 (skipped when present)
+  [ -f "$W/pack/index.json" ] && return
+  for i in $(seq 0 15); do
+    python3 -m unip.cli data synth --out "$W/ir" --num 1280 --name "s$i" --size 320x256 --seed "$i" >/dev/null 2>&1 &
+  done
+  wait
+  python3 -m unip.cli data infmix --infrared "$W/ir" --out "$W/infmix.jsonl" --workers 16
+  python3 -m unip.cli data pack "$W/infmix.jsonl" --out "$W/pack" --short-side 256 --workers 16
+}
 
 step() {
   python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
@@ -29,14 +42,7 @@ except ImportError as err:
 print("fp8:", fp8_unavailable_reason(torch.device("cuda")) or "available")
 PY
   nproc >> "$OUT/env.txt"
-  (
-    for i in $(seq 0 15); do
-      python3 -m unip.cli data synth --out "$W/ir" --num 1280 --name "s$i" --size 320x256 --seed "$i" >/dev/null 2>&1 &
-    done
-    wait
-    python3 -m unip.cli data infmix --infrared "$W/ir" --out "$W/infmix.jsonl" --workers 16
-    python3 -m unip.cli data pack "$W/infmix.jsonl" --out "$W/pack" --short-side 256 --workers 16
-  ) > "$OUT/data.txt" 2>&1 &
+  make_data > "$OUT/data.txt" 2>&1 &
   data=$!
   timeout 150 python3 benchmarks/fp8_teacher.py --json "$OUT/fp8.json" 2>&1 | grep -v Warning | tee "$OUT/fp8.txt"
   wait $data
@@ -46,11 +52,14 @@ PY
 }
 
 e2e() {
+  make_data > "$OUT/data.txt" 2>&1 &
+  data=$!
   timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_analysis.py -k "fp8 or cuda" \
     2>&1 | tail -3 | tee "$OUT/cuda_tests.txt"
   [ -f "$W/vitl.safetensors" ] || python3 -c "
 from unip.checkpoint import save_checkpoint; from unip.models import create_model
 save_checkpoint(create_model('vit_large_patch16'), '$W/vitl.safetensors', {'note': 'random ViT-L'})"
+  wait $data
   for teacher in bf16 fp8; do
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 1000 > "$OUT/smi_$teacher.csv" &
     smi=$!
@@ -68,6 +77,11 @@ print(sys.argv[1], "windows", len(rows), "median images/s after warm-up",
       round(statistics.median(rates), 1) if rates else None, "last loss", rows[-1]["loss"] if rows else None)
 PY
   done
+}
+
+seg() {
+  timeout 560 python3 benchmarks/seg_throughput.py --device cuda --compile --json "$OUT/seg.json" 2>&1 \
+    | grep -v Warning | tee "$OUT/seg.txt"
 }
 
 "${1:-step}"
