@@ -344,3 +344,17 @@ def test_windows_per_forward_follow_free_memory(monkeypatch):
     monkeypatch.setattr("unip.memory.available_bytes", lambda device=None: inputs)
     with pytest.raises(ConfigError, match="--batch-size 2.*lower --batch-size"):
         predictor.plan_memory()
+
+
+def test_predict_and_export_use_the_test_scale_the_model_was_evaluated_at():
+    """A model fine-tuned with another ``data.scale`` (the toy and demo presets) records ``test_scale``; predict,
+    export and evaluate all resize to it (and to the recipe's (2048, 512) without one)."""
+    from unip.seg.report import test_transform_of
+
+    meta = {"test_scale": [512, 128], "crop_size": 128, "stride": 85}
+    pipeline = InferencePipeline.of(tiny_segmentor(meta=meta))
+    assert pipeline.scale == (512, 128) and pipeline.input_size(128, 160) == (128, 160)
+    sample = test_transform_of(meta)({"image": torch.zeros(3, 128, 160, dtype=torch.uint8),
+                                      "label": torch.zeros(128, 160, dtype=torch.uint8)})
+    assert tuple(sample["image"].shape[-2:]) == pipeline.input_size(128, 160)
+    assert InferencePipeline.from_meta({}).input_size(128, 160) == (512, 640)  # the recipe's scale

@@ -44,16 +44,21 @@ class InferencePipeline:
     stride: int = 341
 
     @classmethod
-    def of(cls, segmentor: Segmentor, scale: Tuple[int, int] = SEG_SCALE) -> "InferencePipeline":
-        """The pipeline a segmentor was trained for: normalisation and window from its ``meta`` (stored on the
-        0–1 scale, like pre-training checkpoints), the recipe's values where the meta has none."""
-        meta: Mapping[str, Any] = segmentor.meta
+    def of(cls, segmentor: Segmentor) -> "InferencePipeline":
+        """The pipeline a segmentor was trained for (``from_meta`` of its ``meta``)."""
+        return cls.from_meta(segmentor.meta)
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> "InferencePipeline":
+        """The pipeline a segmentor file's ``meta`` records: test scale, normalisation (stored on the 0–1 scale,
+        like pre-training checkpoints) and window; the recipe's values where the meta has none."""
+        scale = tuple(int(v) for v in meta.get("test_scale", SEG_SCALE))
         norm = meta.get("normalization") or {}
         mean = tuple(255.0 * float(v) for v in norm.get("mean", [SEG_MEAN / 255] * 3))
         std = tuple(255.0 * float(v) for v in norm.get("std", [SEG_STD / 255] * 3))
         crop = int(meta.get("crop_size", 512))
         stride = int(meta.get("stride", crop * 2 // 3))
-        return cls(tuple(int(s) for s in scale), mean, std, crop, stride)  # type: ignore[arg-type]
+        return cls(scale, mean, std, crop, stride)  # type: ignore[arg-type]
 
     def input_size(self, height: int, width: int) -> Tuple[int, int]:
         """Size ``(h, w)`` the model sees for an image of ``height`` × ``width``."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from unip.data.seg_check import check_segmentation
-from unip.data.seg_transforms import SEG_MEAN, SEG_SCALE, SEG_STD, seg_test_transform
+from unip.data.seg_transforms import seg_test_transform
 from unip.data.segmentation import SegmentationDataset, open_segmentation_dataset
 from unip.engine.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from unip.engine.loop import Precision, resolve_precision
@@ -35,6 +35,7 @@ from unip.errors import CheckpointError, DataError
 from unip.outputs import claim, claim_folder, is_our_json, is_our_png, out_folder
 from unip.seg.checkpoint import load_segmentor
 from unip.seg.evaluation import EvalResult, EvalSettings, evaluate_split, predict_labels
+from unip.seg.predict import InferencePipeline
 from unip.seg.results import METRICS_FILE, describe_model, metrics_document, metrics_table, write_metrics
 
 logger = logging.getLogger(__name__)
@@ -56,13 +57,10 @@ class EvaluationReport:
 
 # ------------------------------------------------------------------------------------------------ pieces
 def test_transform_of(meta: Dict[str, Any]):
-    """The test transform a segmentor's ``meta`` records: resize to fit ``test_scale`` (default (2048, 512)),
-    normalise with its ``normalization`` (0–1 scale in the file; default the recipe's 96.9255 / 47.8976 on 0–255)."""
-    scale = tuple(int(v) for v in meta.get("test_scale", SEG_SCALE))
-    norm = meta.get("normalization") or {}
-    mean = [float(v) * 255 for v in norm["mean"]] if norm.get("mean") else SEG_MEAN
-    std = [float(v) * 255 for v in norm["std"]] if norm.get("std") else SEG_STD
-    return seg_test_transform(scale=scale, mean=mean, std=std)  # type: ignore[arg-type]
+    """The test transform a segmentor's ``meta`` records (``InferencePipeline.from_meta``: resize to fit
+    ``test_scale``, default (2048, 512); normalise with its ``normalization``, default 96.9255 / 47.8976 on 0–255)."""
+    pipeline = InferencePipeline.from_meta(meta)
+    return seg_test_transform(scale=pipeline.scale, mean=list(pipeline.mean), std=list(pipeline.std))
 
 
 def check_classes(segmentor: nn.Module, dataset: SegmentationDataset, checkpoint: str) -> None:
