@@ -348,6 +348,132 @@ def test_a_failing_cell_is_listed_and_the_others_complete(data, tmp_path):
     assert "missing.pth" in (out / "report" / "report.html").read_text()
 
 
+# ============================================================================================ what the report averages
+def _hand_made_sweep(tmp_path, data, **changes):
+    """A sweep file of one random-init ViT-T × data sets D1 and D2 (the same generated folder) × ft and lp, seed 0,
+    with ``changes`` to its top-level entries; returns its path."""
+    document = {"name": "hand", "preset": "toy", "seeds": [0],
+                "backbones": [{"name": "A", "size": "tiny", "source": "none"}],
+                "datasets": [{"name": "D1", "root": str(data), "layout": "soda"},
+                             {"name": "D2", "root": str(data), "layout": "soda"}],
+                "protocols": {"ft": {}, "lp": {}}, **changes}
+    path = tmp_path / "hand.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def _hand_made_folder(out, sweep_file, results):
+    """A sweep folder as `unip sweep run` leaves it, made by hand: ``sweep.json`` records the sweep of
+    ``sweep_file`` and a done cell per entry of ``results`` ({cell id: mIoU}), whose metrics.json holds it."""
+    from unip.sweep.state import write_state
+
+    jobs = {}
+    for cell, miou in results.items():
+        _finish(out, cell, miou)
+        backbone, dataset, label = cell.split("/")
+        jobs[cell] = {"kind": "cell", "folder": f"cells/{cell}", "backbone": backbone.upper(),
+                      "dataset": dataset.upper(), "protocol": label.split("-")[0], "layer": None,
+                      "seed": int(label.split("seed")[1]), "status": "done", "runs": 1}
+    write_state(out, {"sweep": read_sweep(str(sweep_file)).to_dict(), "jobs": jobs})
+
+
+def _finish(out, cell, miou):
+    """A finished cell: a metrics.json (the report's only source of numbers) with mIoU ``miou``."""
+    from unip.seg.results import METRICS_FORMAT, write_metrics
+
+    write_metrics(out / "cells" / cell / "metrics.json", {"format": METRICS_FORMAT, "version": 1, "mIoU": miou,
+                                                          "mAcc": miou + 1, "aAcc": miou + 2})
+
+
+def _table(out):
+    """`unip sweep report out`: (table.csv's first row, report.md, report.html, cells.csv's job ids)."""
+    code, _, stderr = _run_cli(["sweep", "report", str(out)])
+    assert code == 0, stderr
+    folder = out / "report"
+    row = next(csv.DictReader(open(folder / "table.csv")))
+    cells = [r["job"] for r in csv.DictReader(open(folder / "cells.csv"))]
+    return row, (folder / "report.md").read_text(), (folder / "report.html").read_text(), cells
+
+
+def test_report_leaves_out_records_of_seeds_the_sweep_file_no_longer_asks_for(data, tmp_path):
+    """The reviewer's folder: `seeds: [0]`, cells D1 seed 0 = 50 and D1 seed 1 = 70 recorded (an older file's
+    seeds), D2 seed 0 = 40: D1 is 50 (seed 1 is left out, and the report says so), the FT average 45."""
+    out = tmp_path / "out"
+    _hand_made_folder(out, _hand_made_sweep(tmp_path, data),
+                      {"a/d1/ft-seed0": 50.0, "a/d1/ft-seed1": 70.0, "a/d2/ft-seed0": 40.0})
+    row, markdown, html, cells = _table(out)
+    assert float(row["ft_D1"]) == 50.0 and float(row["ft_D2"]) == 40.0 and float(row["ft_average"]) == 45.0
+    assert "a/d1/ft-seed1" not in cells and sorted(cells) == ["a/d1/ft-seed0", "a/d1/lp-seed0", "a/d2/ft-seed0",
+                                                               "a/d2/lp-seed0"]
+    assert "Left out: 1 recorded cell(s) that the sweep file no longer asks for" in markdown
+    assert "`a/d1/ft-seed1`" in markdown and "<code>a/d1/ft-seed1</code>" in html
+    assert "finished ones of the sweep file's seeds (0)" in markdown
+    # with both seeds in the file, D1 is their mean and nothing is left out
+    _hand_made_folder(out, _hand_made_sweep(tmp_path, data, seeds=[0, 1]), {"a/d1/ft-seed0": 50.0,
+                                                                            "a/d1/ft-seed1": 70.0,
+                                                                            "a/d2/ft-seed0": 40.0})
+    row, markdown, _, cells = _table(out)
+    assert float(row["ft_D1"]) == 60.0 and float(row["ft_D2"]) == 40.0 and float(row["ft_average"]) == 50.0
+    assert "a/d1/ft-seed1" in cells and "Left out" not in markdown
+
+
+def test_report_shows_no_average_while_a_planned_data_set_has_no_result(data, tmp_path):
+    from unip.sweep.report import write_report
+
+    out = tmp_path / "out"
+    sweep_file = _hand_made_sweep(tmp_path, data, protocols={"ft": {}, "lp": {"datasets": ["D1"]}})
+    _hand_made_folder(out, sweep_file, {"a/d1/ft-seed0": 50.0, "a/d1/lp-seed0": 30.0})
+    row, markdown, html, cells = _table(out)
+    assert float(row["ft_D1"]) == 50.0 and row["ft_D2"] == "" and row["ft_average"] == ""
+    assert row["ft_mIoU_per_GFLOP"] == ""
+    line = next(line for line in markdown.splitlines() if line.startswith("| A |"))
+    assert line.split(" | ")[7:10] == ["50.00", "-", "-"]  # FT D1, FT D2, FT avg
+    assert "`a/d2/ft-seed0`: not run" in markdown and "a/d2/ft-seed0" in html
+    # LP is limited to D1 by the sweep file: its one planned data set has a result, so it has an average
+    assert float(row["lp_D1"]) == 30.0 and float(row["lp_average"]) == 30.0 and "a/d2/lp-seed0" not in cells
+    report = write_report(out)  # what the benchmark figure draws: the same averages
+    assert report.rows[0].average == {"ft": None, "lp": 30.0}
+
+
+def test_an_only_run_records_what_it_ran_and_the_average_waits_for_the_rest(data, tmp_path):
+    """`unip sweep run --only '*/d1/*'` (its cells finished: metrics.json written by hand rather than trained, so
+    that the run only finds them) records D1's cells; the report still plans D2, so there is no average until a
+    second `--only '*/d2/*'` run has D2's results."""
+    from unip.sweep.state import write_state
+
+    out = tmp_path / "out"
+    sweep_file = _hand_made_sweep(tmp_path, data)
+    write_state(out, {"sweep": read_sweep(str(sweep_file)).to_dict(), "jobs": {}})
+    _finish(out, "a/d1/ft-seed0", 50.0)
+    _finish(out, "a/d1/lp-seed0", 30.0)
+    code, stdout, stderr = _run_cli(["sweep", "run", str(sweep_file), "--out", str(out), "--only", "*/d1/*"])
+    assert code == 0 and "2 of 2 job(s) finished (0 run now, 2 before)" in stdout, stdout + stderr
+    assert sorted(json.loads((out / "sweep.json").read_text())["jobs"]) == ["a/d1/ft-seed0", "a/d1/lp-seed0"]
+    row, markdown, _, cells = _table(out)
+    assert float(row["ft_D1"]) == 50.0 and row["ft_average"] == "" and row["lp_average"] == ""
+    assert sorted(cells) == ["a/d1/ft-seed0", "a/d1/lp-seed0", "a/d2/ft-seed0", "a/d2/lp-seed0"]
+    assert "Cells without results (2)" in markdown
+    _finish(out, "a/d2/ft-seed0", 40.0)
+    _finish(out, "a/d2/lp-seed0", 20.0)
+    code, stdout, _ = _run_cli(["sweep", "run", str(sweep_file), "--out", str(out), "--only", "*/d2/*"])
+    assert code == 0 and "(0 run now, 2 before)" in stdout
+    row, markdown, _, _ = _table(out)
+    assert [float(row[k]) for k in ("ft_D1", "ft_D2", "ft_average", "lp_D1", "lp_D2", "lp_average")] == [
+        50.0, 40.0, 45.0, 30.0, 20.0, 25.0]
+    assert "Cells without results" not in markdown
+
+
+def test_the_recorded_sweep_plans_the_same_cells_as_its_file():
+    """The report plans from sweep.json's record of the sweep file (Sweep.from_dict): the same cells, protocol
+    limits and `layers: all` included."""
+    from unip.sweep.spec import Sweep
+
+    for name, variables in (("tiny", {"data": "/d"}), ("paper", {"data": "/d", "weights": "/w"})):
+        sweep = read_sweep(name, variables)
+        recorded = Sweep.from_dict(json.loads(json.dumps(sweep.to_dict())))
+        assert [c.id for c in plan_cells(recorded)] == [c.id for c in plan_cells(sweep)]
+
+
 # ============================================================================================ the sweep files
 def test_the_paper_sweep_file_reads_and_every_cell_has_a_preset():
     sweep = read_sweep("paper", allow_unset=True)

@@ -11,7 +11,7 @@ from typing import List, Sequence
 
 from unip import __version__
 from unip.sweep.report import (COST_SIZE, HTML_FIRST_LINE, BackboneRow, Collected, LayerwiseCurve, benchmark_table,
-                               layerwise_table)
+                               layerwise_table, left_out_note, seeds_note)
 from unip.text import printable
 
 STYLE = """
@@ -56,12 +56,15 @@ def html_report(collected: Collected, rows: Sequence[BackboneRow], curves: Seque
         f"<code>{_escape(sweep['file'])}</code>; {done} of {len(collected.cells)} cells finished; written "
         f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} by unip {__version__}.</p>",
         "<h2>Benchmark</h2>",
-        f'<p class="note">Test mIoU (%) of the best model of each cell (its <code>metrics.json</code>), mean over the '
-        f"finished seeds; averages over the data sets. GFLOPs and parameters per {COST_SIZE}×{COST_SIZE} input "
+        f'<p class="note">Test mIoU (%) of the best model of each cell (its <code>metrics.json</code>): '
+        f"{_escape(seeds_note(sweep))}. GFLOPs and parameters per {COST_SIZE}×{COST_SIZE} input "
         "(torch.utils.flop_counter); head = LL-FPN + UperNet (FT) or the linear probe (LP); mIoU/GFLOP = average "
         "mIoU / (backbone + head GFLOPs).</p>",
         html_table(header, cells, "benchmark"),
     ]
+    note = left_out_note(collected, lambda job: f"<code>{_escape(job)}</code>")
+    if note:
+        parts.append(f'<p class="note" id="left-out">{note}</p>')
     for figure in figures:
         parts.append(f"<figure>{embedded_image(figure, figure.stem)}<figcaption class=\"note\">{figure.name}"
                      "</figcaption></figure>")

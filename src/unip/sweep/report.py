@@ -1,12 +1,14 @@
 """``unip sweep report``: the paper's table and figures from a sweep folder's cells.
 
-Reads ``sweep.json`` (which cells exist and what they stand for), every finished cell's ``metrics.json``
+Reads ``sweep.json`` (the sweep file as last run: the cells it plans and what they stand for; records of cells
+it no longer plans are left out, and the report says so), every finished cell's ``metrics.json``
 (mIoU, the only source of the numbers) and each backbone's ``profile.json`` (NMI per layer), and writes to the
 report folder (default ``<sweep>/report``):
 
 * ``table.csv`` / ``table.md``: one row per backbone: family, size, parameters, backbone GFLOPs and head GFLOPs
   (fine-tuning: LL-FPN + UperNet; linear probing: the 1×1 conv) per 512×512 input, test mIoU per data set and
-  their average for FT and LP (mean over the finished seeds), and average mIoU per GFLOP of the whole model;
+  their average for FT and LP (mean over the finished seeds; the average only when every planned data set has a
+  result), and average mIoU per GFLOP of the whole model;
 * ``cells.csv``: every cell with its mIoU / mAcc / aAcc or its error; ``layerwise.csv``: mIoU per block with
   the block's NMI and pattern;
 * ``benchmark.png``: average mIoU against backbone GFLOPs per family, with the paper's points
@@ -29,7 +31,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from unip.atomic import atomic_write_text
 from unip.errors import ConfigError
 from unip.outputs import claim, is_our_json, is_our_png, out_folder
-from unip.sweep.state import ANALYSIS_DIR, REPORT_DIR, analysis_finished, cell_finished, read_json, read_state
+from unip.sweep.spec import Cell, Sweep, plan_cells
+from unip.sweep.state import (ANALYSIS_DIR, CELLS_DIR, REPORT_DIR, STATE_FILE, analysis_finished, cell_finished,
+                              read_json, read_state)
 from unip.text import printable
 
 PathLike = Union[str, Path]
@@ -70,12 +74,14 @@ class CellResult:
 
 @dataclass
 class Collected:
-    """What a sweep folder holds: the sweep as read (``sweep.json``), its cells and NMI profiles."""
+    """What a sweep folder holds: the sweep as read (``sweep.json``), the cells its sweep file asks for (with
+    their results), its NMI profiles, and the ids of recorded cells that the sweep file no longer asks for."""
 
     folder: Path
     sweep: Dict[str, Any]
     cells: List[CellResult]
     profiles: Dict[str, Dict[str, Any]]
+    left_out: List[str] = field(default_factory=list)
 
     @property
     def datasets(self) -> List[str]:
@@ -85,8 +91,21 @@ class Collected:
         return next(b for b in self.sweep["backbones"] if b["name"] == name)
 
 
+def planned_cells(state: Mapping[str, Any], where: Path) -> List[Cell]:
+    """The cells of the sweep recorded in the state document ``state`` (``plan_cells`` of the sweep file as the
+    last ``unip sweep run`` read it, whatever ``--only`` selected); raises ``ConfigError`` naming ``where``."""
+    try:
+        return plan_cells(Sweep.from_dict(state["sweep"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ConfigError(f"{where}: its 'sweep' entry is damaged ({type(err).__name__}: {err}); run unip sweep run "
+                          "on this folder again to rewrite it (finished cells are skipped)") from None
+
+
 def collect(sweep_dir: PathLike) -> Collected:
-    """Read the sweep folder ``sweep_dir``; raises ``ConfigError`` when it is not one."""
+    """Read the sweep folder ``sweep_dir``: the cells come from the sweep file (``planned_cells``), their results
+    from their folders, their errors from the state; recorded cells the sweep file no longer asks for (other
+    seeds, protocols, blocks, backbones or data sets) are left out. Raises ``ConfigError`` when it is not a
+    sweep folder."""
     from unip.seg.results import METRICS_FILE
 
     folder = Path(sweep_dir)
@@ -95,27 +114,23 @@ def collect(sweep_dir: PathLike) -> Collected:
     state = read_state(folder)
     if state is None or not isinstance(state.get("sweep"), dict):
         raise ConfigError(f"{folder}: not a sweep folder (no sweep.json); pass the --out of unip sweep run")
-    backbones = {b["name"] for b in state["sweep"]["backbones"]}
-    datasets = {d["name"] for d in state["sweep"]["datasets"]}
+    records = state["jobs"]
     cells = []
-    for job_id, record in sorted(state["jobs"].items()):
-        # records of backbones or data sets since removed from the sweep file stay in the state, not in the report
-        if record.get("kind") != "cell" or record.get("backbone") not in backbones or \
-                record.get("dataset") not in datasets:
-            continue
-        cell_folder = folder / record["folder"]
+    for cell in planned_cells(state, folder / STATE_FILE):
+        record = records.get(cell.id) if isinstance(records.get(cell.id), dict) else {}
+        cell_folder = folder / CELLS_DIR / cell.id
         metrics = read_json(cell_folder / METRICS_FILE) if cell_finished(cell_folder) else None
-        cells.append(CellResult(job_id, record["backbone"], record["dataset"], record["protocol"], record.get("layer"),
-                                int(record["seed"]), cell_folder, metrics,
-                                None if metrics else record.get("error")))
-    order = {(b["name"]): i for i, b in enumerate(state["sweep"]["backbones"])}
-    cells.sort(key=lambda c: (order.get(c.backbone, len(order)), c.id))
+        cells.append(CellResult(cell.id, cell.backbone.name, cell.dataset.name, cell.protocol, cell.layer, cell.seed,
+                                cell_folder, metrics, None if metrics else record.get("error")))
+    planned = {cell.id for cell in cells}
+    left_out = sorted(job_id for job_id, record in records.items()
+                      if isinstance(record, dict) and record.get("kind") == "cell" and job_id not in planned)
     profiles = {}
     for backbone in state["sweep"]["backbones"]:
         analysis = folder / ANALYSIS_DIR / backbone["slug"]
         if analysis_finished(analysis):
             profiles[backbone["name"]] = read_json(analysis / "profile.json")["models"][0]
-    return Collected(folder, state["sweep"], cells, profiles)
+    return Collected(folder, state["sweep"], cells, profiles, left_out)
 
 
 def mean(values: Sequence[float]) -> Optional[float]:
@@ -230,7 +245,9 @@ class BackboneRow:
 
 
 def benchmark_rows(collected: Collected, costs: Mapping[str, ModelCost]) -> List[BackboneRow]:
-    """One ``BackboneRow`` per backbone of the sweep, in the sweep file's order."""
+    """One ``BackboneRow`` per backbone of the sweep, in the sweep file's order. ``collected.cells`` are the
+    planned cells: a data set's mIoU is the mean over its finished seeds, a protocol's average exists only when
+    every data set the sweep file plans for that backbone and protocol has one."""
     rows = []
     for backbone in collected.sweep["backbones"]:
         miou: Dict[str, Dict[str, Optional[float]]] = {}
@@ -432,16 +449,38 @@ def _layerwise_rows(curves: Sequence[LayerwiseCurve], profiles: Mapping[str, Map
     return rows
 
 
+def seeds_note(sweep: Mapping[str, Any]) -> str:
+    """How the table's numbers are formed, for the report's text."""
+    seeds = ", ".join(map(str, sweep["seeds"]))
+    return (f"per data set the mean over the finished ones of the sweep file's seeds ({seeds}); the average over the "
+            "data sets only when every data set of that protocol has a result")
+
+
+def left_out_note(collected: Collected, code: Callable[[str], str] = lambda job: f"`{printable(job)}`"
+                  ) -> Optional[str]:
+    """The line that says which recorded cells the report leaves out (``None`` when none); ``code`` formats a
+    job id (Markdown by default)."""
+    if not collected.left_out:
+        return None
+    shown = ", ".join(code(job) for job in collected.left_out[:3])
+    more = f" and {len(collected.left_out) - 3} more" if len(collected.left_out) > 3 else ""
+    return (f"Left out: {len(collected.left_out)} recorded cell(s) that the sweep file no longer asks for (other "
+            f"seeds, protocols, blocks, backbones or data sets): {shown}{more}.")
+
+
 def report_markdown(collected: Collected, rows: Sequence[BackboneRow], curves: Sequence[LayerwiseCurve]) -> str:
     """The report as Markdown: the paper's table, the layer-wise table, and the cells that did not finish."""
     sweep = collected.sweep
     header, cells = benchmark_table(rows, collected.datasets)
     parts = [f"{MD_FIRST_LINE}: {printable(sweep['name'])}", "",
              f"Sweep folder `{printable(collected.folder)}` (sweep file `{printable(sweep['file'])}`). Test mIoU (%) "
-             f"of the best model of each cell; mean over the finished seeds ({', '.join(map(str, sweep['seeds']))}). "
-             f"GFLOPs and parameters per {COST_SIZE}×{COST_SIZE} input; head = LL-FPN + UperNet (FT) or the linear "
-             "probe (LP); mIoU/GFLOP = average mIoU / (backbone + head GFLOPs).", "",
+             f"of the best model of each cell; {seeds_note(sweep)}. GFLOPs and parameters per {COST_SIZE}×{COST_SIZE} "
+             "input; head = LL-FPN + UperNet (FT) or the linear probe (LP); mIoU/GFLOP = average mIoU / (backbone + "
+             "head GFLOPs).", "",
              markdown_table(header, cells)]
+    note = left_out_note(collected)
+    if note:
+        parts += ["", note]
     if curves:
         header, cells = layerwise_table(curves, collected.profiles)
         parts += ["", "## Layer-wise linear probing", "", markdown_table(header, cells)]

@@ -224,7 +224,10 @@ class SweepRun:
 def run_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only: Sequence[str] = ()) -> SweepRun:
     """Run the selected jobs of ``sweep`` in the sweep folder ``out`` (module docstring) on the device slots
     ``devices`` (``parse_devices``); returns a ``SweepRun``. Raises ``ConfigError`` before anything runs when
-    ``out`` is not a sweep folder, is in use, or holds finished cells of other settings."""
+    ``out`` is not a sweep folder, is in use, or holds finished cells of other settings.
+
+    ``sweep.json`` records the whole sweep (the report plans its cells from it) and a record per job that ran
+    or was found finished: ``only`` narrows what runs, not what the sweep is."""
     out = claim_sweep_folder(out)
     if sweep.unset:
         raise ConfigError(f"{sweep.file}: no value for {', '.join('${' + n + '}' for n in sweep.unset)}; pass "

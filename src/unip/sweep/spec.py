@@ -147,12 +147,31 @@ class Sweep:
             "seeds": list(self.seeds), "variables": dict(self.variables),
             "backbones": [{"name": b.name, "slug": b.slug, "family": b.family, "size": b.size, "source": b.source,
                            "random_init": b.random_init, "set": list(b.settings)} for b in self.backbones],
-            "datasets": [{"name": d.name, "slug": d.slug, "root": d.root, "layout": d.layout, "set": list(d.settings)}
-                         for d in self.datasets],
+            "datasets": [{"name": d.name, "slug": d.slug, "root": d.root, "layout": d.layout, "preset": d.preset_stem,
+                          "set": list(d.settings)} for d in self.datasets],
             "protocols": [{"kind": p.kind, "layers": list(p.layers) if p.layers else p.layers,
-                           "set": list(p.settings)} for p in self.protocols],
+                           "set": list(p.settings), "backbones": _listed(p.backbones), "datasets": _listed(p.datasets)}
+                          for p in self.protocols],
             "analysis": None if self.analysis is None else vars(self.analysis),
         }
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any]) -> "Sweep":
+        """The sweep as ``to_dict`` recorded it (what ``plan_cells`` plans again for the report). A record
+        written before protocol limits were recorded reads as unlimited. Raises ``KeyError``, ``TypeError`` or
+        ``ValueError`` on a damaged record."""
+        backbones = [Backbone(b["name"], b["slug"], b["family"], b["size"], b["source"], tuple(b.get("set", ())))
+                     for b in document["backbones"]]
+        datasets = [Dataset(d["name"], d["slug"], d["root"], d["layout"], d.get("preset", d["layout"]),
+                            tuple(d.get("set", ()))) for d in document["datasets"]]
+        protocols = [Protocol(p["kind"], _tuple(p.get("layers")), tuple(p.get("set", ())), _tuple(p.get("backbones")),
+                              _tuple(p.get("datasets"))) for p in document["protocols"]]
+        analysis = document.get("analysis")
+        return cls(name=document["name"], file=document["file"], preset=document["preset"],
+                   settings=tuple(document.get("set", ())), seeds=tuple(int(s) for s in document["seeds"]),
+                   backbones=backbones, datasets=datasets, protocols=protocols,
+                   analysis=None if analysis is None else Analysis(**analysis),
+                   variables=dict(document.get("variables", {})))
 
 
 @dataclass(frozen=True)
@@ -291,6 +310,14 @@ def slug(name: str) -> str:
 
 
 # ============================================================================================ helpers
+def _listed(values: Optional[Tuple[Any, ...]]) -> Optional[List[Any]]:
+    return None if values is None else list(values)
+
+
+def _tuple(values: Optional[Sequence[Any]]) -> Optional[Tuple[Any, ...]]:
+    return None if values is None else tuple(values)
+
+
 def _preset_name(sweep: Sweep, backbone: Backbone, dataset: Dataset) -> str:
     try:
         return sweep.preset.format(dataset=dataset.preset_stem, size=backbone.size)
