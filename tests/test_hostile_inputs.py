@@ -20,6 +20,7 @@ option at fault); ``code`` 0 rows must succeed with an empty stderr. ``setup(a)`
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -276,6 +277,24 @@ def _label_of_another_size(root: Path) -> None:
     Image.fromarray(np.zeros((7, 9), np.uint8)).save(path)
 
 
+def _folder_set(a: Inputs) -> str:
+    """A generic folder data set (images/ + labels/ + classes.yaml, 3 classes) that SCUT's layout also reads."""
+    rng = np.random.default_rng(0)
+    files: Dict[str, object] = {"classes.yaml": "classes: [background, wall, floor]\n"}
+    for split, names in (("train", ["a", "b"]), ("val", ["c"]), ("test", ["c"])):
+        files[f"{split}.txt"] = "".join(f"{name}\n" for name in names)
+        for name in names:
+            files[f"images/{name}.png"] = _png(rng.integers(0, 256, (40, 48), dtype=np.uint8))
+            files[f"labels/{name}.png"] = _png(rng.integers(0, 3, (40, 48), dtype=np.uint8))
+    return a.folder("folder_set", files)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _offline_hub(a: Inputs) -> None:
     from huggingface_hub import constants
 
@@ -461,6 +480,8 @@ CASES: List[Case] = [
     Case("finetune: not a segmentation set", lambda a: a.finetune(data=a.infrared), match="infrared"),
     Case("finetune: layout of another data set", lambda a: a.finetune("--dataset", "mfnet"),
          match="looks like a soda data set.*--dataset soda"),
+    Case("finetune: a folder set (classes.yaml) with a scut preset's layout", lambda a: a.finetune(
+         "--dataset", "scut", data=_folder_set(a)), match="looks like a folder data set.*--dataset folder"),
     Case("finetune: split file missing", lambda a: a.finetune(data=a.labeled_copy(
          lambda root: (root / "test_infrared.txt").unlink())), match="test_infrared.txt"),
     Case("finetune: unknown preset", lambda a: ["finetune", "no-such-preset"], match="no-such-preset"),
