@@ -277,6 +277,21 @@ def _label_of_another_size(root: Path) -> None:
     Image.fromarray(np.zeros((7, 9), np.uint8)).save(path)
 
 
+def _segmentor_with(a: Inputs, name: str, **changes) -> str:
+    """The tiny segmentor's weights under a header whose ``segmentor`` entries are changed (``None`` drops one)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(a.tiny_segmentor, framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    document = json.loads(metadata["unip.config"])
+    document["segmentor"].update(changes)
+    document["segmentor"] = {key: value for key, value in document["segmentor"].items() if value is not None}
+    path = str(a.scratch / name)
+    save_file(load_file(a.tiny_segmentor), path, metadata={**metadata, "unip.config": json.dumps(document)})
+    return path
+
+
 def _folder_set(a: Inputs) -> str:
     """A generic folder data set (images/ + labels/ + classes.yaml, 3 classes) that SCUT's layout also reads."""
     rng = np.random.default_rng(0)
@@ -845,6 +860,15 @@ CASES: List[Case] = [
     Case("predict: --out a user folder with other files", lambda a: a.predict(out=a.out_with("mine", USER_FILES)),
          code=0),
     Case("predict: odd file names", lambda a: a.predict(inputs=[a.odd_images], out=str(a.out / "odd")), code=0),
+    Case("predict: segmentor header without feature_layers", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "nolayers.safetensors", feature_layers=None)), match="nolayers.safetensors.*feature_layers"),
+    Case("predict: segmentor header with feature_layers as text", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "textlayers.safetensors", feature_layers="1")), match="textlayers.safetensors.*feature_layers"),
+    Case("predict: segmentor header with num_classes text", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "classes.safetensors", num_classes="x")), match="classes.safetensors.*num_classes"),
+    Case("predict: segmentor header with an UperNet head without channels", lambda a: a.predict(
+         checkpoint=_segmentor_with(a, "head.safetensors", decode_head={"type": "upernet"})),
+         match="head.safetensors.*channels"),
     # ------------------------------------------------------------------ export
     Case("export: no --format", lambda a: a.export(), match="--format"),
     Case("export: --format pdf", lambda a: a.export("--format", "pdf"), match="--format"),

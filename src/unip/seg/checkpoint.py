@@ -82,6 +82,9 @@ def load_segmentor(path: PathLike) -> Segmentor:
         segmentor = Segmentor(config, meta)
     except ConfigError as err:
         raise CheckpointError(f"{source}: cannot rebuild the segmentor: {err}") from err
+    except (KeyError, TypeError, ValueError) as err:  # an entry missing from the header, or of the wrong type
+        problem = f"no entry {err}" if isinstance(err, KeyError) else one_line(err)[:200]
+        raise CheckpointError(f"{source}: cannot rebuild the segmentor from its header ({problem})") from err
     load_exact(segmentor, state, source)
     return segmentor.eval()
 
