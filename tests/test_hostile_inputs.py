@@ -703,6 +703,9 @@ CASES: List[Case] = [
                                                    str(a.out / "p")], match="raw"),
     Case("prepare: scut RAW without images", lambda a: ["data", "prepare", "scut", a.folder("raw"),
                                                        str(a.out / "p")], match="raw"),
+    Case("prepare: scut split file not UTF-8", lambda a: ["data", "prepare", "scut", a.folder("raw", {
+         "scut_train.txt": b"images/\xff\xfe.jpg\n", "scut_val.txt": b"\xff\n"}), str(a.out / "p")],
+         match="scut_(train|val).txt.*UTF-8"),
     Case("prepare: OUT is a file", lambda a: ["data", "prepare", "mfnet", a.folder("raw", MFNET_RAW),
                                               a.file("o.txt", "x")], match="o.txt"),
     Case("prepare: OUT is the user's folder", lambda a: ["data", "prepare", "mfnet", a.folder("raw", MFNET_RAW),
