@@ -277,14 +277,16 @@ def _label_of_another_size(root: Path) -> None:
     Image.fromarray(np.zeros((7, 9), np.uint8)).save(path)
 
 
-def _segmentor_with(a: Inputs, name: str, **changes) -> str:
-    """The tiny segmentor's weights under a header whose ``segmentor`` entries are changed (``None`` drops one)."""
+def _segmentor_with(a: Inputs, name: str, meta: Optional[dict] = None, **changes) -> str:
+    """The tiny segmentor's weights under a header whose ``segmentor`` entries are changed (``None`` drops one)
+    and whose top-level (meta) entries are updated with ``meta``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     with safe_open(a.tiny_segmentor, framework="pt") as handle:
         metadata = dict(handle.metadata())
     document = json.loads(metadata["unip.config"])
+    document.update(meta or {})
     document["segmentor"].update(changes)
     document["segmentor"] = {key: value for key, value in document["segmentor"].items() if value is not None}
     path = str(a.scratch / name)
@@ -872,6 +874,8 @@ CASES: List[Case] = [
     Case("predict: segmentor header with an UperNet head without channels", lambda a: a.predict(
          checkpoint=_segmentor_with(a, "head.safetensors", decode_head={"type": "upernet"})),
          match="head.safetensors.*channels"),
+    Case("predict: segmentor header with a stride above the crop", lambda a: a.predict(
+         checkpoint=_segmentor_with(a, "gaps.safetensors", meta={"stride": 100})), match="gaps.safetensors.*stride"),
     # ------------------------------------------------------------------ export
     Case("export: no --format", lambda a: a.export(), match="--format"),
     Case("export: --format pdf", lambda a: a.export("--format", "pdf"), match="--format"),

@@ -129,3 +129,10 @@ def test_fit_size_is_mmcv_rescale():
     assert fit_size(1024, 4096) == (512, 2048)  # long side limited to 2048
     assert fit_size(300, 300) == (512, 512)
     assert fit_size(640, 480, scale=(512, 2048)) == (683, 512)
+
+
+def test_window_spans_refuse_a_stride_above_the_crop():
+    """Windows further apart than their size would leave pixels no window covers (NaN after averaging)."""
+    assert window_spans(100, 48, 48)[-1] == (52, 100)
+    with pytest.raises(ValueError, match="stride"):
+        window_spans(100, 48, 49)

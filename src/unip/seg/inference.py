@@ -46,8 +46,9 @@ def fit_size(height: int, width: int, scale: Tuple[int, int] = (2048, 512)) -> T
 
 def window_spans(size: int, crop: int, stride: int) -> List[Tuple[int, int]]:
     """``(start, end)`` of the windows along one side of ``size`` pixels (mmseg's placement rule)."""
-    if crop < 1 or stride < 1:
-        raise ValueError(f"crop and stride must be positive, got crop={crop}, stride={stride}")
+    if crop < 1 or stride < 1 or stride > crop:
+        raise ValueError(f"crop and stride must be positive and the stride at most the crop (else the windows "
+                         f"leave gaps), got crop={crop}, stride={stride}")
     grids = max(size - crop + stride - 1, 0) // stride + 1
     spans = []
     for index in range(grids):
