@@ -136,3 +136,22 @@ def test_window_spans_refuse_a_stride_above_the_crop():
     assert window_spans(100, 48, 48)[-1] == (52, 100)
     with pytest.raises(ValueError, match="stride"):
         window_spans(100, 48, 49)
+
+
+def test_write_overlays_decodes_each_image_once(tmp_path, monkeypatch):
+    import unip.data.segmentation as segmentation
+    from unip.data import open_segmentation_dataset, seg_test_transform
+    from unip.data.synth import write_soda
+    from unip.seg.evaluation import EvalSettings
+    from unip.seg.report import write_overlays
+
+    write_soda(str(tmp_path / "soda"), 2, 2, size=(48, 40), seed=0)
+    dataset = open_segmentation_dataset(str(tmp_path / "soda"), "soda", "test", seg_test_transform(scale=(128, 64)))
+    decoded = []
+    real = segmentation.load_sample
+    monkeypatch.setattr(segmentation, "load_sample", lambda sample, *args: decoded.append(sample.name) or
+                        real(sample, *args))
+    paths = write_overlays(_segmentor(classes=21), dataset, 2, tmp_path / "overlays", EvalSettings(crop=64, stride=42),
+                           torch.device("cpu"))
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    assert sorted(decoded) == sorted(s.name for s in dataset.samples)
