@@ -129,6 +129,11 @@ def test_fit_size_is_mmcv_rescale():
     assert fit_size(1024, 4096) == (512, 2048)  # long side limited to 2048
     assert fit_size(300, 300) == (512, 512)
     assert fit_size(640, 480, scale=(512, 2048)) == (683, 512)
+    # one rule: the test transform's resize (what evaluation and prediction feed the model)
+    from unip.data.seg_transforms import rescale_size
+
+    for size in [(3, 500), (500, 3), (7, 7), (1023, 97), (2049, 511)]:
+        assert fit_size(*size) == rescale_size(*size, (2048, 512))
 
 
 def test_window_spans_refuse_a_stride_above_the_crop():

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unip.data.seg_transforms import SEG_SCALE, rescale_size
 from unip.models.heads import resize_bilinear
 
 Size = Union[int, Tuple[int, int]]
@@ -37,11 +38,11 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def fit_size(height: int, width: int, scale: Tuple[int, int] = (2048, 512)) -> Tuple[int, int]:
-    """Size ``(h, w)`` of an image resized to fit ``scale`` keeping its aspect ratio (mmcv's ``rescale_size``:
-    the long side ≤ max(scale), the short side ≤ min(scale), rounded half up). A 640×480 thermal frame → 512×683."""
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+def fit_size(height: int, width: int, scale: Tuple[int, int] = SEG_SCALE) -> Tuple[int, int]:
+    """Size ``(h, w)`` of an image resized to fit ``scale`` keeping its aspect ratio (the test resize,
+    :func:`unip.data.seg_transforms.rescale_size`: the long side ≤ max(scale), the short side ≤ min(scale),
+    rounded half up). A 640×480 thermal frame → 512×683."""
+    return rescale_size(height, width, scale)
 
 
 def window_spans(size: int, crop: int, stride: int) -> List[Tuple[int, int]]:
