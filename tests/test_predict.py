@@ -249,6 +249,20 @@ def test_output_folder_inside_the_input_folder_is_not_read_back(checkpoint, tmp_
         assert code == 0 and "predicted 1 image(s)" in stdout
 
 
+def test_output_folder_that_is_the_input_folder_is_not_read_back(checkpoint, tmp_path, capsys):
+    """``--out`` = an input folder: its label/, color/, overlay/ outputs are not inputs of the next run (the
+    user's other subfolders still are)."""
+    frames = tmp_path / "frames"
+    os.makedirs(frames / "night")
+    Image.fromarray(scene(32, 48)).save(frames / "a.png")
+    Image.fromarray(scene(32, 48, 1)).save(frames / "night" / "b.png")
+    for _ in range(2):
+        code, stdout, _ = predict(capsys, "--checkpoint", checkpoint, str(frames), "--out", str(frames))
+        assert code == 0 and "predicted 2 image(s)" in stdout, stdout
+    assert sorted(p.relative_to(frames / "label").as_posix() for p in (frames / "label").rglob("*.png")) == \
+        ["frames/a.png", "frames/night/b.png"]
+
+
 # ============================================================================================ pieces
 def test_class_info_sources():
     assert ClassInfo.resolve(9, "mfnet").names == tuple(MFNET_CLASSES)
