@@ -263,6 +263,15 @@ def test_output_folder_that_is_the_input_folder_is_not_read_back(checkpoint, tmp
         ["frames/a.png", "frames/night/b.png"]
 
 
+def test_an_image_of_extreme_aspect_ratio_is_predicted(checkpoint, tmp_path, capsys):
+    """3 × 500 px → 12 × 2048 after the test resize: fewer rows than two patches, predicted normally."""
+    Image.fromarray(scene(3, 500)).save(tmp_path / "strip.png")
+    code, stdout, err = predict(capsys, "--checkpoint", checkpoint, str(tmp_path / "strip.png"), "--out",
+                                str(tmp_path / "pred"), "--format", "label")
+    assert code == 0, err
+    assert np.asarray(Image.open(tmp_path / "pred" / "label" / "strip.png")).shape == (3, 500)
+
+
 # ============================================================================================ pieces
 def test_class_info_sources():
     assert ClassInfo.resolve(9, "mfnet").names == tuple(MFNET_CLASSES)

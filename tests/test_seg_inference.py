@@ -160,3 +160,15 @@ def test_write_overlays_decodes_each_image_once(tmp_path, monkeypatch):
                            torch.device("cpu"))
     assert len(paths) == 2 and all(p.is_file() for p in paths)
     assert sorted(decoded) == sorted(s.name for s in dataset.samples)
+
+
+def test_sides_shorter_than_two_patches_are_padded():
+    """A 12-px side (a 3 × 500 image after the test resize) would leave the LL-FPN's max-pool a 1 × 1 map:
+    the input is padded to two patches (zeros) and the padding cropped off."""
+    segmentor = _segmentor()
+    x = torch.randn(1, 3, 12, 80)
+    with torch.no_grad():
+        padded = F.pad(x, (0, 0, 0, 20))
+        expected = F.interpolate(segmentor(padded), size=(32, 80), mode="bilinear", align_corners=False)[..., :12, :]
+    assert torch.equal(whole_inference(segmentor, x), expected)
+    assert slide_inference(segmentor, x, crop=64, stride=42).isfinite().all()

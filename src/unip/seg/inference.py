@@ -61,11 +61,13 @@ def window_spans(size: int, crop: int, stride: int) -> List[Tuple[int, int]]:
 def whole_inference(segmentor: nn.Module, x: Tensor) -> Tensor:
     """Logits of the whole image: the segmentor's logits resized (bilinear) to the input, ``[B, classes, H, W]``.
 
-    An input whose sides are not multiples of the patch size is padded with zeros (the normalised mean)
-    at the bottom/right for the forward and the padding cropped off the resized logits."""
+    An input whose sides are not multiples of the patch size, or shorter than two patches (the LL-FPN's
+    stride-32 max-pool needs two), is padded with zeros (the normalised mean) at the bottom/right for the
+    forward and the padding cropped off the resized logits: a 12 × 2048 input (a 3 × 500 image after the test
+    resize) runs on 32 × 2048."""
     height, width = x.shape[-2:]
     patch = getattr(getattr(segmentor, "backbone", None), "patch_size", 1)
-    pad_h, pad_w = -height % patch, -width % patch
+    pad_h, pad_w = max(-height % patch, 2 * patch - height), max(-width % patch, 2 * patch - width)
     with _evaluating(segmentor):
         padded = F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
         logits = resize_bilinear(segmentor(padded), padded.shape[-2:])
