@@ -272,6 +272,15 @@ def test_an_image_of_extreme_aspect_ratio_is_predicted(checkpoint, tmp_path, cap
     assert np.asarray(Image.open(tmp_path / "pred" / "label" / "strip.png")).shape == (3, 500)
 
 
+@pytest.mark.parametrize("verb", ["predict", "bench", "evaluate"])
+def test_precision_help_says_what_a_cpu_runs(verb, capsys):
+    """``resolve_precision`` honours bf16 on CPUs (fp16 and auto give fp32 there): the help says so."""
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "CPU runs fp32" not in text and "on a CPU bf16 runs bf16 autocast, fp16 and auto fp32" in text
+
+
 # ============================================================================================ pieces
 def test_class_info_sources():
     assert ClassInfo.resolve(9, "mfnet").names == tuple(MFNET_CLASSES)
