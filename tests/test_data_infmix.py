@@ -183,6 +183,26 @@ def test_read_gray_stretches_16bit_files_and_lumas_colour(tmp_path, suffix):
     np.testing.assert_array_equal(read_gray(str(tmp_path / "c.png")), expected)
 
 
+def test_float_frames_with_nan_pixels_are_stretched_over_the_finite_ones(tmp_path):
+    from unip.data.images import ImageReadError, read_rgb
+
+    frame = np.linspace(20.0, 40.0, 48 * 64, dtype=np.float32).reshape(48, 64)  # degrees Celsius, say
+    holed = frame.copy()
+    holed[0, :5], holed[1, 0], holed[1, 1] = np.nan, np.inf, -np.inf
+    out = stretch_to_uint8(holed)
+    finite = np.isfinite(holed)
+    lo, hi = np.percentile(holed[finite], [1, 99])
+    expected = np.clip(np.rint((holed[finite] - lo) * 255 / (hi - lo)), 0, 255)
+    np.testing.assert_array_equal(out[finite], expected)
+    assert out[2:].std() > 50 and not out[0, :5].any() and out[1, 0] == 255 and out[1, 1] == 0
+    Image.fromarray(holed).save(tmp_path / "holed.tif")
+    np.testing.assert_array_equal(read_gray(str(tmp_path / "holed.tif")), out)
+    Image.fromarray(np.full((8, 8), np.nan, np.float32)).save(tmp_path / "dead.tif")
+    for read in (read_gray, read_rgb):
+        with pytest.raises(ImageReadError, match="dead.tif.*finite"):
+            read(str(tmp_path / "dead.tif"))
+
+
 def test_resized_shape_keeps_aspect_and_never_upscales():
     assert resized_shape(1024, 2048, 512) == (512, 1024)
     assert resized_shape(2000, 1000, 512) == (1024, 512)

@@ -200,3 +200,26 @@ def test_timm_loads_the_backbone_of_a_segmentor(segmentor_file, tmp_path, capsys
     with torch.no_grad():
         for model in _timm_from(str(out)):
             torch.testing.assert_close(model.forward_features(x), backbone.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_documented_onnxruntime_snippet_gives_unip_predicts_labels(tmp_path, capsys, monkeypatch):
+    """docs/inference.md's onnxruntime code, run as written on a dynamic export, labels a frame as
+    ``unip predict`` does (a 20 × 90 frame: windows placed on the unpadded width, each padded to two patches)."""
+    from PIL import Image
+
+    from test_predict import scene
+
+    meta = {"crop_size": 64, "stride": 42, "class_names": ["a", "b", "c"], "test_scale": [200, 20]}
+    checkpoint = str(save_segmentor(tiny_segmentor(meta=meta), tmp_path / "seg.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    assert export(capsys, "--checkpoint", checkpoint, "--format", "onnx", "--dynamic", "--out", "seg.onnx")[0] == 0
+    Image.fromarray(scene(20, 90, 4)).save("frame.png")
+    assert main(["predict", "--checkpoint", checkpoint, "frame.png", "--out", "pred", "--format", "label",
+                 "--no-progress"]) == 0
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "inference.md"), encoding="utf-8").read()
+    snippet = doc.split("**Running it**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(snippet, "docs/inference.md", "exec"), namespace)
+    predicted = np.asarray(Image.open("pred/label/frame.png"))
+    assert namespace["labels"].shape == predicted.shape == (20, 90)
+    assert len(np.unique(predicted)) > 1 and np.array_equal(namespace["labels"], predicted)

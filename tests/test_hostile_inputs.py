@@ -20,6 +20,7 @@ option at fault); ``code`` 0 rows must succeed with an empty stderr. ``setup(a)`
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -276,6 +277,41 @@ def _label_of_another_size(root: Path) -> None:
     Image.fromarray(np.zeros((7, 9), np.uint8)).save(path)
 
 
+def _segmentor_with(a: Inputs, name: str, meta: Optional[dict] = None, **changes) -> str:
+    """The tiny segmentor's weights under a header whose ``segmentor`` entries are changed (``None`` drops one)
+    and whose top-level (meta) entries are updated with ``meta``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(a.tiny_segmentor, framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    document = json.loads(metadata["unip.config"])
+    document.update(meta or {})
+    document["segmentor"].update(changes)
+    document["segmentor"] = {key: value for key, value in document["segmentor"].items() if value is not None}
+    path = str(a.scratch / name)
+    save_file(load_file(a.tiny_segmentor), path, metadata={**metadata, "unip.config": json.dumps(document)})
+    return path
+
+
+def _folder_set(a: Inputs) -> str:
+    """A generic folder data set (images/ + labels/ + classes.yaml, 3 classes) that SCUT's layout also reads."""
+    rng = np.random.default_rng(0)
+    files: Dict[str, object] = {"classes.yaml": "classes: [background, wall, floor]\n"}
+    for split, names in (("train", ["a", "b"]), ("val", ["c"]), ("test", ["c"])):
+        files[f"{split}.txt"] = "".join(f"{name}\n" for name in names)
+        for name in names:
+            files[f"images/{name}.png"] = _png(rng.integers(0, 256, (40, 48), dtype=np.uint8))
+            files[f"labels/{name}.png"] = _png(rng.integers(0, 3, (40, 48), dtype=np.uint8))
+    return a.folder("folder_set", files)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _offline_hub(a: Inputs) -> None:
     from huggingface_hub import constants
 
@@ -461,6 +497,8 @@ CASES: List[Case] = [
     Case("finetune: not a segmentation set", lambda a: a.finetune(data=a.infrared), match="infrared"),
     Case("finetune: layout of another data set", lambda a: a.finetune("--dataset", "mfnet"),
          match="looks like a soda data set.*--dataset soda"),
+    Case("finetune: a folder set (classes.yaml) with a scut preset's layout", lambda a: a.finetune(
+         "--dataset", "scut", data=_folder_set(a)), match="looks like a folder data set.*--dataset folder"),
     Case("finetune: split file missing", lambda a: a.finetune(data=a.labeled_copy(
          lambda root: (root / "test_infrared.txt").unlink())), match="test_infrared.txt"),
     Case("finetune: unknown preset", lambda a: ["finetune", "no-such-preset"], match="no-such-preset"),
@@ -667,6 +705,9 @@ CASES: List[Case] = [
                                                    str(a.out / "p")], match="raw"),
     Case("prepare: scut RAW without images", lambda a: ["data", "prepare", "scut", a.folder("raw"),
                                                        str(a.out / "p")], match="raw"),
+    Case("prepare: scut split file not UTF-8", lambda a: ["data", "prepare", "scut", a.folder("raw", {
+         "scut_train.txt": b"images/\xff\xfe.jpg\n", "scut_val.txt": b"\xff\n"}), str(a.out / "p")],
+         match="scut_(train|val).txt.*UTF-8"),
     Case("prepare: OUT is a file", lambda a: ["data", "prepare", "mfnet", a.folder("raw", MFNET_RAW),
                                               a.file("o.txt", "x")], match="o.txt"),
     Case("prepare: OUT is the user's folder", lambda a: ["data", "prepare", "mfnet", a.folder("raw", MFNET_RAW),
@@ -824,6 +865,17 @@ CASES: List[Case] = [
     Case("predict: --out a user folder with other files", lambda a: a.predict(out=a.out_with("mine", USER_FILES)),
          code=0),
     Case("predict: odd file names", lambda a: a.predict(inputs=[a.odd_images], out=str(a.out / "odd")), code=0),
+    Case("predict: segmentor header without feature_layers", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "nolayers.safetensors", feature_layers=None)), match="nolayers.safetensors.*feature_layers"),
+    Case("predict: segmentor header with feature_layers as text", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "textlayers.safetensors", feature_layers="1")), match="textlayers.safetensors.*feature_layers"),
+    Case("predict: segmentor header with num_classes text", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "classes.safetensors", num_classes="x")), match="classes.safetensors.*num_classes"),
+    Case("predict: segmentor header with an UperNet head without channels", lambda a: a.predict(
+         checkpoint=_segmentor_with(a, "head.safetensors", decode_head={"type": "upernet"})),
+         match="head.safetensors.*channels"),
+    Case("predict: segmentor header with a stride above the crop", lambda a: a.predict(
+         checkpoint=_segmentor_with(a, "gaps.safetensors", meta={"stride": 100})), match="gaps.safetensors.*stride"),
     # ------------------------------------------------------------------ export
     Case("export: no --format", lambda a: a.export(), match="--format"),
     Case("export: --format pdf", lambda a: a.export("--format", "pdf"), match="--format"),

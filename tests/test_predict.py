@@ -249,6 +249,38 @@ def test_output_folder_inside_the_input_folder_is_not_read_back(checkpoint, tmp_
         assert code == 0 and "predicted 1 image(s)" in stdout
 
 
+def test_output_folder_that_is_the_input_folder_is_not_read_back(checkpoint, tmp_path, capsys):
+    """``--out`` = an input folder: its label/, color/, overlay/ outputs are not inputs of the next run (the
+    user's other subfolders still are)."""
+    frames = tmp_path / "frames"
+    os.makedirs(frames / "night")
+    Image.fromarray(scene(32, 48)).save(frames / "a.png")
+    Image.fromarray(scene(32, 48, 1)).save(frames / "night" / "b.png")
+    for _ in range(2):
+        code, stdout, _ = predict(capsys, "--checkpoint", checkpoint, str(frames), "--out", str(frames))
+        assert code == 0 and "predicted 2 image(s)" in stdout, stdout
+    assert sorted(p.relative_to(frames / "label").as_posix() for p in (frames / "label").rglob("*.png")) == \
+        ["frames/a.png", "frames/night/b.png"]
+
+
+def test_an_image_of_extreme_aspect_ratio_is_predicted(checkpoint, tmp_path, capsys):
+    """3 × 500 px → 12 × 2048 after the test resize: fewer rows than two patches, predicted normally."""
+    Image.fromarray(scene(3, 500)).save(tmp_path / "strip.png")
+    code, stdout, err = predict(capsys, "--checkpoint", checkpoint, str(tmp_path / "strip.png"), "--out",
+                                str(tmp_path / "pred"), "--format", "label")
+    assert code == 0, err
+    assert np.asarray(Image.open(tmp_path / "pred" / "label" / "strip.png")).shape == (3, 500)
+
+
+@pytest.mark.parametrize("verb", ["predict", "bench", "evaluate"])
+def test_precision_help_says_what_a_cpu_runs(verb, capsys):
+    """``resolve_precision`` honours bf16 on CPUs (fp16 and auto give fp32 there): the help says so."""
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "CPU runs fp32" not in text and "on a CPU bf16 runs bf16 autocast, fp16 and auto fp32" in text
+
+
 # ============================================================================================ pieces
 def test_class_info_sources():
     assert ClassInfo.resolve(9, "mfnet").names == tuple(MFNET_CLASSES)

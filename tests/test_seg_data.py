@@ -476,6 +476,24 @@ def test_prepare_mfnet_extracts_the_thermal_channel_and_resumes(tmp_path):
     assert os.path.isfile(f"{raw}/images/e.png")  # nothing of the user's is touched
 
 
+def test_prepare_treats_damaged_state_lines_as_absent(tmp_path):
+    """Valid JSON lines of another shape in .prepare-state.jsonl (a list, a number, an entry without its
+    outputs, a non-UTF-8 byte) are ignored: those images are converted again, the others reused."""
+    raw, out = _fake_mfnet_download(tmp_path / "raw"), str(tmp_path / "MFNet")
+    assert prepare_dataset("mfnet", raw, out).converted == 3
+    state = f"{out}/.prepare-state.jsonl"
+    entries = [json.loads(line) for line in open(state)]
+    assert sorted(e["name"] for e in entries) == ["a", "c", "d"]
+    by_name = {e["name"]: e for e in entries}
+    damaged = [json.dumps(by_name["a"]), "[1, 2]", "7", json.dumps({"name": "c", "sources": 3}), '"d"',
+               json.dumps({**by_name["d"], "ignored_ids": ["x"]})]
+    with open(state, "wb") as fh:
+        fh.write(("\n".join(damaged) + "\n").encode() + b'{"name": "\xff"}\n')
+    again = prepare_dataset("mfnet", raw, out)
+    assert again.reused == 1 and again.converted == 2
+    assert sorted(json.loads(line)["name"] for line in open(state)) == ["a", "c", "d"]
+
+
 def test_prepare_refuses_unsafe_output_folders(tmp_path):
     raw = _fake_mfnet_download(tmp_path / "raw")
     with pytest.raises(DataError, match="differ"):

@@ -129,3 +129,46 @@ def test_fit_size_is_mmcv_rescale():
     assert fit_size(1024, 4096) == (512, 2048)  # long side limited to 2048
     assert fit_size(300, 300) == (512, 512)
     assert fit_size(640, 480, scale=(512, 2048)) == (683, 512)
+    # one rule: the test transform's resize (what evaluation and prediction feed the model)
+    from unip.data.seg_transforms import rescale_size
+
+    for size in [(3, 500), (500, 3), (7, 7), (1023, 97), (2049, 511)]:
+        assert fit_size(*size) == rescale_size(*size, (2048, 512))
+
+
+def test_window_spans_refuse_a_stride_above_the_crop():
+    """Windows further apart than their size would leave pixels no window covers (NaN after averaging)."""
+    assert window_spans(100, 48, 48)[-1] == (52, 100)
+    with pytest.raises(ValueError, match="stride"):
+        window_spans(100, 48, 49)
+
+
+def test_write_overlays_decodes_each_image_once(tmp_path, monkeypatch):
+    import unip.data.segmentation as segmentation
+    from unip.data import open_segmentation_dataset, seg_test_transform
+    from unip.data.synth import write_soda
+    from unip.seg.evaluation import EvalSettings
+    from unip.seg.report import write_overlays
+
+    write_soda(str(tmp_path / "soda"), 2, 2, size=(48, 40), seed=0)
+    dataset = open_segmentation_dataset(str(tmp_path / "soda"), "soda", "test", seg_test_transform(scale=(128, 64)))
+    decoded = []
+    real = segmentation.load_sample
+    monkeypatch.setattr(segmentation, "load_sample", lambda sample, *args: decoded.append(sample.name) or
+                        real(sample, *args))
+    paths = write_overlays(_segmentor(classes=21), dataset, 2, tmp_path / "overlays", EvalSettings(crop=64, stride=42),
+                           torch.device("cpu"))
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    assert sorted(decoded) == sorted(s.name for s in dataset.samples)
+
+
+def test_sides_shorter_than_two_patches_are_padded():
+    """A 12-px side (a 3 × 500 image after the test resize) would leave the LL-FPN's max-pool a 1 × 1 map:
+    the input is padded to two patches (zeros) and the padding cropped off."""
+    segmentor = _segmentor()
+    x = torch.randn(1, 3, 12, 80)
+    with torch.no_grad():
+        padded = F.pad(x, (0, 0, 0, 20))
+        expected = F.interpolate(segmentor(padded), size=(32, 80), mode="bilinear", align_corners=False)[..., :12, :]
+    assert torch.equal(whole_inference(segmentor, x), expected)
+    assert slide_inference(segmentor, x, crop=64, stride=42).isfinite().all()

@@ -127,6 +127,11 @@ def test_loss_is_mmseg_cross_entropy_over_all_pixels():
         logits = F.interpolate(outputs[name], size=(32, 32), mode="bilinear", align_corners=False)
         per_pixel = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
         assert losses[name].item() == pytest.approx(weight * per_pixel.sum().item() / target.numel(), rel=1e-5)
+    # half-precision logits (autocast) are cast to fp32 before the resize, as mmseg's force_fp32 loss
+    half = {"decode": outputs["decode"].bfloat16()}
+    resized = F.interpolate(half["decode"].float(), size=(32, 32), mode="bilinear", align_corners=False)
+    expected = F.cross_entropy(resized, target, ignore_index=255, reduction="none").mean()
+    assert torch.equal(segmentation_losses(half, target, {"decode": 1.0})["decode"], expected)
     valid = segmentation_losses(outputs, target, {"decode": 1.0, "aux": 0.4}, average="valid")
     logits = F.interpolate(outputs["decode"], size=(32, 32), mode="bilinear", align_corners=False)
     assert valid["decode"].item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=255).item(), rel=1e-5)

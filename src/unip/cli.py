@@ -531,7 +531,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="overlay figures of the first N images (0: none)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast on CUDA (auto: bf16, else fp16); CPU runs fp32")
+                   help="autocast on CUDA (auto: bf16, else fp16); on a CPU bf16 runs bf16 autocast, fp16 and "
+                        "auto fp32")
     p.add_argument("--workers", type=integer(0, 256).option(), default=2, help="data-loader workers per rank")
     p.add_argument("--check-data", action="store_true", help="decode every image and label of the split first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -583,7 +584,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="images per forward (all their windows at once; default 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
-                   help="autocast dtype on CUDA (CPU runs fp32)")
+                   help="autocast dtype (auto: bf16 on CUDA, else fp16); on a CPU bf16 runs bf16 autocast, "
+                        "fp16 and auto fp32")
     p.add_argument("--alpha", type=number(ge=0, le=1).option(float), default=0.5,
                    help="weight of the colour mask in overlays (default 0.5)")
     p.add_argument("--workers", type=WORKERS, default=None, help="image reading/writing threads")
@@ -692,7 +694,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=integer(1, 4096).option(), default=1, help="images per call (default 1)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
-                   help="autocast dtype of the PyTorch rows on CUDA (CPU runs fp32)")
+                   help="autocast dtype of the PyTorch rows (auto: bf16 on CUDA, else fp16); on a CPU bf16 runs bf16 "
+                        "autocast, fp16 and auto fp32")
     p.add_argument("--warmup", type=integer(0, 10_000).option(), default=1,
                    help="untimed calls after the first (default 1)")
     p.add_argument("--iters", type=integer(1, 100_000).option(), default=5, help="timed calls (default 5)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Tuple
+from typing import Callable, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -88,15 +88,20 @@ def stretch_to_uint8(pixels: np.ndarray,
                      percentiles: Tuple[float, float] = STRETCH_PERCENTILES) -> np.ndarray:
     """Map a high-bit-depth frame to uint8 by the percentile stretch described in the module docstring.
 
-    Returns an array of the same shape, dtype uint8.
+    Returns an array of the same shape, dtype uint8. The percentiles are taken over the finite values
+    (a float frame's NaN pixels, e.g. dead pixels, become 0, ±inf 255 / 0); raises :class:`DataError` when no
+    value is finite.
     """
     values = pixels.astype(np.float64, copy=False)
-    lo, hi = np.percentile(values, percentiles)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise DataError("no finite pixel value (every pixel NaN or infinite)")
+    lo, hi = np.percentile(finite, percentiles)
     if hi <= lo:
-        lo, hi = float(values.min()), float(values.max())
+        lo, hi = float(finite.min()), float(finite.max())
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values - lo) * (255.0 / (hi - lo))
+    scaled = np.nan_to_num((values - lo) * (255.0 / (hi - lo)), nan=0.0, posinf=255.0, neginf=0.0)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
@@ -116,7 +121,7 @@ def to_gray(img: Image.Image) -> np.ndarray:
 def read_gray(path: str) -> np.ndarray:
     """Read, fully decode and convert ``path`` to grayscale; returns uint8 ``[H, W]``."""
     check_suffix(path)
-    return to_gray(decode(read_bytes(path), path))
+    return _pixels(to_gray, path)
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
@@ -133,7 +138,18 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 def read_rgb(path: str) -> np.ndarray:
     """Read and fully decode ``path``; returns uint8 ``[H, W, 3]`` (see :func:`to_rgb`)."""
     check_suffix(path)
-    return to_rgb(decode(read_bytes(path), path))
+    return _pixels(to_rgb, path)
+
+
+def _pixels(convert: Callable[[Image.Image], np.ndarray], path: str) -> np.ndarray:
+    """``convert`` of the decoded ``path``; a frame without a finite value is an ``ImageReadError`` naming it."""
+    image = decode(read_bytes(path), path)
+    try:
+        return convert(image)
+    except ImageReadError:
+        raise
+    except DataError as err:
+        raise ImageReadError(path, "no-finite-pixels", str(err)) from None
 
 
 def to_label(img: Image.Image, path: str) -> np.ndarray:

@@ -115,15 +115,26 @@ def _signature(path: str) -> List[object]:
 def _load_state(out: str) -> Dict[str, dict]:
     state: Dict[str, dict] = {}
     path = os.path.join(out, STATE_FILE)
-    if os.path.isfile(path):
-        with open(path, "r", encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    break  # a half-written last line after a kill
+    if not os.path.isfile(path):
+        return state
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break  # a half-written last line after a kill
+            if _valid_entry(entry):  # any other damage: that image is converted again
                 state[entry["name"]] = entry
     return state
+
+
+def _valid_entry(entry: object) -> bool:
+    """Whether a state line has the shape ``_run_job`` writes (name, sources, outputs)."""
+    return (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("sources"), list) and isinstance(entry.get("outputs"), list)
+            and all(isinstance(p, str) for p in entry["outputs"])
+            and isinstance(entry.get("ignored_ids", {}), dict)
+            and all(str(k).isdigit() and isinstance(v, int) for k, v in entry.get("ignored_ids", {}).items()))
 
 
 def _reusable(job: Job, entry: Optional[dict]) -> bool:
@@ -291,8 +302,12 @@ def _scut_jobs(raw: str, out: str) -> Tuple[Dict[str, List[str]], Dict[str, Job]
         if not os.path.isfile(path):
             raise DataError(f"{path}: not found; is {raw} the SCUT-Seg download (images/, *_labelIds.png, "
                             "scut_train.txt, scut_val.txt)?")
-        with open(path, "r", encoding="utf-8-sig") as fh:
-            pairs = [line.split() for line in fh.read().splitlines() if line.strip()]
+        try:
+            with open(path, "r", encoding="utf-8-sig") as fh:
+                pairs = [line.split() for line in fh.read().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: cannot read the split file ({err}); it should list 'image [label]' paths, "
+                            "one per line, in UTF-8") from None
         entries[L.SCUT_SPLITS[split]] = [(p[0], p[1] if len(p) > 1 else None) for p in pairs]
     images = _index_files(raw, out, _image_key)
     labels = _index_files(raw, out, _label_key)

@@ -62,6 +62,8 @@ class Segmentor(nn.Module):
             raise ConfigError(f"decode head {head.get('type')!r} with neck {neck!r}: UperNet needs a neck "
                               "(llfpn or fpn), the linear probe none")
         in_channels = [width] * (4 if self.neck is not None else len(self.feature_layers))
+        if not _is_int(self.config["num_classes"]):
+            raise ConfigError(f"num_classes must be a whole number, not {self.config['num_classes']!r}")
         self.num_classes = int(self.config["num_classes"])
         if self.num_classes < 1:
             raise ConfigError(f"num_classes must be at least 1, not {self.num_classes}")
@@ -84,6 +86,9 @@ class Segmentor(nn.Module):
             block.requires_grad_(False)
 
     def _check_layers(self, layers: List[int]) -> List[int]:
+        # a list of ints only: int("12") would pass, and "12" iterates as the layers [1, 2]
+        if not isinstance(layers, (list, tuple)) or not all(_is_int(layer) for layer in layers):
+            raise ConfigError(f"feature_layers must be a list of block numbers, not {layers!r}")
         layers = [int(layer) for layer in layers]
         depth = self.backbone.depth
         if not layers or any(not 1 <= layer <= depth for layer in layers):
@@ -137,3 +142,7 @@ class Segmentor(nn.Module):
         if self.auxiliary_head is not None:
             outputs["aux"] = self.auxiliary_head(maps)
         return outputs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

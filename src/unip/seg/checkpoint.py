@@ -82,8 +82,22 @@ def load_segmentor(path: PathLike) -> Segmentor:
         segmentor = Segmentor(config, meta)
     except ConfigError as err:
         raise CheckpointError(f"{source}: cannot rebuild the segmentor: {err}") from err
+    except (KeyError, TypeError, ValueError) as err:  # an entry missing from the header, or of the wrong type
+        problem = f"no entry {err}" if isinstance(err, KeyError) else one_line(err)[:200]
+        raise CheckpointError(f"{source}: cannot rebuild the segmentor from its header ({problem})") from err
+    _check_window(segmentor.meta, source)
     load_exact(segmentor, state, source)
     return segmentor.eval()
+
+
+def _check_window(meta: Mapping[str, Any], source: str) -> None:
+    """``CheckpointError`` unless the sliding window the file records (``crop_size``, ``stride``) covers images."""
+    crop = meta.get("crop_size", 512)
+    stride = meta.get("stride", crop * 2 // 3 if isinstance(crop, int) else None)  # InferencePipeline's default
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (crop, stride))
+    if not whole or crop < 1 or stride < 1 or stride > crop:
+        raise CheckpointError(f"{source}: the header's sliding window (crop_size {crop!r}, stride {stride!r}) must be "
+                              "positive whole numbers with the stride at most the crop")
 
 
 def read_segmentor_header(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unip.data.seg_transforms import SEG_SCALE, rescale_size
 from unip.models.heads import resize_bilinear
 
 Size = Union[int, Tuple[int, int]]
@@ -37,17 +38,18 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def fit_size(height: int, width: int, scale: Tuple[int, int] = (2048, 512)) -> Tuple[int, int]:
-    """Size ``(h, w)`` of an image resized to fit ``scale`` keeping its aspect ratio (mmcv's ``rescale_size``:
-    the long side ≤ max(scale), the short side ≤ min(scale), rounded half up). A 640×480 thermal frame → 512×683."""
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+def fit_size(height: int, width: int, scale: Tuple[int, int] = SEG_SCALE) -> Tuple[int, int]:
+    """Size ``(h, w)`` of an image resized to fit ``scale`` keeping its aspect ratio (the test resize,
+    :func:`unip.data.seg_transforms.rescale_size`: the long side ≤ max(scale), the short side ≤ min(scale),
+    rounded half up). A 640×480 thermal frame → 512×683."""
+    return rescale_size(height, width, scale)
 
 
 def window_spans(size: int, crop: int, stride: int) -> List[Tuple[int, int]]:
     """``(start, end)`` of the windows along one side of ``size`` pixels (mmseg's placement rule)."""
-    if crop < 1 or stride < 1:
-        raise ValueError(f"crop and stride must be positive, got crop={crop}, stride={stride}")
+    if crop < 1 or stride < 1 or stride > crop:
+        raise ValueError(f"crop and stride must be positive and the stride at most the crop (else the windows "
+                         f"leave gaps), got crop={crop}, stride={stride}")
     grids = max(size - crop + stride - 1, 0) // stride + 1
     spans = []
     for index in range(grids):
@@ -59,11 +61,13 @@ def window_spans(size: int, crop: int, stride: int) -> List[Tuple[int, int]]:
 def whole_inference(segmentor: nn.Module, x: Tensor) -> Tensor:
     """Logits of the whole image: the segmentor's logits resized (bilinear) to the input, ``[B, classes, H, W]``.
 
-    An input whose sides are not multiples of the patch size is padded with zeros (the normalised mean)
-    at the bottom/right for the forward and the padding cropped off the resized logits."""
+    An input whose sides are not multiples of the patch size, or shorter than two patches (the LL-FPN's
+    stride-32 max-pool needs two), is padded with zeros (the normalised mean) at the bottom/right for the
+    forward and the padding cropped off the resized logits: a 12 × 2048 input (a 3 × 500 image after the test
+    resize) runs on 32 × 2048."""
     height, width = x.shape[-2:]
     patch = getattr(getattr(segmentor, "backbone", None), "patch_size", 1)
-    pad_h, pad_w = -height % patch, -width % patch
+    pad_h, pad_w = max(-height % patch, 2 * patch - height), max(-width % patch, 2 * patch - width)
     with _evaluating(segmentor):
         padded = F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
         logits = resize_bilinear(segmentor(padded), padded.shape[-2:])

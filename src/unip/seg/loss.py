@@ -24,8 +24,9 @@ def segmentation_losses(outputs: Mapping[str, Tensor], target: Tensor, loss_weig
         raise ValueError(f"average must be 'all' (mmseg 0.x) or 'valid', not {average!r}")
     losses = {}
     for name, logits in outputs.items():
-        logits = resize_bilinear(logits, target.shape[-2:])
-        per_pixel = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+        # fp32 before the resize, as mmseg's force_fp32 loss: half-precision logits are not interpolated in half
+        logits = resize_bilinear(logits.float(), target.shape[-2:])
+        per_pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
         if average == "all":
             loss = per_pixel.mean()
         else:

@@ -81,7 +81,8 @@ def preprocess(image: np.ndarray, pipeline: InferencePipeline) -> Tensor:
 class Predictor:
     """A segmentor on a device, ready to turn decoded images into label maps.
 
-    ``precision``: ``fp32`` (default), ``bf16``, ``fp16`` or ``auto`` (autocast on CUDA; CPU runs fp32).
+    ``precision``: ``fp32`` (default), ``bf16``, ``fp16`` or ``auto`` (``resolve_precision``: autocast on CUDA,
+    auto → bf16 or fp16; on a CPU bf16 runs bf16 autocast, fp16 and auto fp32).
     ``batch_size``: images per forward (all their windows at once), for images of one size."""
 
     def __init__(self, segmentor: Segmentor, device: str = "auto", precision: str = "fp32", batch_size: int = 4,

@@ -140,7 +140,8 @@ def kind_of(path: str) -> Optional[str]:
 
 def find_sources(inputs: Sequence[str], exclude: Optional[str] = None) -> Tuple[List[Source], List[Failure]]:
     """The images and videos that ``inputs`` name (files, or folders searched recursively, in sorted order,
-    skipping ``exclude`` (the output folder) and files that are neither), with output names (module docstring).
+    skipping ``exclude`` (the output folder), its output subfolders (``label/``, ``color/``, ... when it is
+    an input itself) and files that are neither), with output names (module docstring).
 
     Videos are opened: one named on the command line that cannot be read raises ``DataError``, one found in a
     folder becomes a ``Failure``. A missing input, an input of another type or a folder without images or
@@ -174,11 +175,13 @@ def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure]) 
     from unip.data.video import VideoReader
 
     prefix = os.path.basename(os.path.normpath(os.path.abspath(folder))) or "input"
-    skip = os.path.realpath(exclude) if exclude else None
+    # the output folder and its outputs (label/, color/, ... of an --out that is also an input) are never read
+    skip = {os.path.realpath(p) for p in [exclude, *(os.path.join(exclude, fmt) for fmt in FORMATS)]} \
+        if exclude else set()
     found: List[Source] = []
     others = 0
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != skip)
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skip)
         for filename in sorted(files):
             path = os.path.join(root, filename)
             kind = kind_of(path)

@@ -116,7 +116,8 @@ def write_overlays(segmentor: nn.Module, dataset: SegmentationDataset, count: in
 
     paths = []
     for index in range(min(count, len(dataset))):
-        item, raw = dataset[index], dataset.load(index)
+        raw = dataset.load(index)  # decoded once: the overlay shows it, the transform feeds the model
+        item = dataset.transform(dict(raw)) if dataset.transform is not None else raw
         with torch.no_grad():
             pred = predict_labels(segmentor, item["image"][None].to(device), item["label"].shape, settings, precision)
         path = folder / _overlay_name(index, str(item["name"]))

@@ -230,9 +230,12 @@ class SegmentationTask(Task):
             found = detect_dataset(os.path.abspath(os.path.expanduser(str(data["path"]))))
         except DataError:  # not recognisable: opening it reports what is missing
             return
-        if found != wanted and not (found == "folder" or wanted == "folder"):
+        # reading another layout as "folder" is fine (its classes.yaml names the classes); the reverse is not: a
+        # folder set opened as SODA/MFNet/SCUT would silently train on that data set's class list
+        if found != wanted and wanted != "folder":
+            fix = "" if found == "folder" else f", or use a {found}_* preset"
             raise ConfigError(f"{data['path']} looks like a {found} data set, but data.dataset={wanted} (the preset's "
-                              f"or --dataset); pass --dataset {found} (or auto), or use a {found}_* preset")
+                              f"or --dataset); pass --dataset {found} (or auto){fix}")
 
     def setup(self, ctx: TrainContext) -> None:
         """Open the train, val and test splits (every listed file must exist: a missing test file fails now,
