@@ -382,16 +382,26 @@ def _option_values(args: argparse.Namespace, options: Dict[str, str]) -> Tuple[D
 
 
 def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Callable[[str], bool]]) -> None:
-    """A training run folder may be new or one unip wrote: its config.yaml and ``files`` (name → recogniser)
-    must be unip's, so a rerun never overwrites a user's file."""
+    """A training run folder may be new or one unip wrote: its config.yaml, log.jsonl and ``files`` (name →
+    recogniser) must be unip's, so a rerun never overwrites or appends to a user's file, and its checkpoints/ and
+    tb/ must be folders (or absent), so that the run does not fail once training has started."""
     import os
 
-    from unip.outputs import claim, is_our_yaml, out_folder
+    from unip.engine.logging import LOG_FILE, RECORD_KEYS
+    from unip.engine.trainer import CONFIG_FILE, RUN_FOLDERS
+    from unip.errors import ConfigError
+    from unip.outputs import claim, is_our_jsonl, is_our_yaml, out_folder
 
     out_folder(folder, "--out")
-    claim([os.path.join(folder, "config.yaml")], is_our_yaml(list(defaults)), "--out")
+    claim([os.path.join(folder, CONFIG_FILE)], is_our_yaml(list(defaults)), "--out")
+    claim([os.path.join(folder, LOG_FILE)], is_our_jsonl(RECORD_KEYS), "--out")
     for name, recognise in files.items():
         claim([os.path.join(folder, name)], recognise, "--out")
+    for name in RUN_FOLDERS:
+        path = os.path.join(folder, name)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{path}: is a file where unip keeps the run's {name}/ folder; move it away or "
+                              "choose another --out")
 
 
 def _layer_arg(text: str):
