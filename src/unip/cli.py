@@ -358,7 +358,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="run eagerly")
     p.add_argument("--teacher-precision", choices=["auto", "fp32", "bf16", "fp8"],
                    help="teacher weights: auto (bf16 in bf16 runs), fp32, bf16, or fp8 (torchao, Ada/Hopper GPUs)")
-    _add_training_options(p, "AMP on CUDA; CPU runs fp32", "optim.clip_grad=1.0")
+    _add_training_options(p, "auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU; bf16 is honoured on CPUs too "
+                             "(fast with AVX512-BF16/AMX)", "optim.clip_grad=1.0")
     p.set_defaults(func=_run_pretrain)
 
 
@@ -471,7 +472,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=integer(1).option(), help="images per GPU and micro-batch")
     p.add_argument("--check-data", action="store_true",
                    help="decode every image and label of train/val/test first and list every problem")
-    _add_training_options(p, "AMP on CUDA (the recipe: fp16); CPU runs fp32", "model.last_block_heads=default")
+    _add_training_options(p, "auto: bf16 (else fp16) autocast on CUDA (the recipe: fp16), fp32 on CPU; bf16 is "
+                             "honoured on CPUs too", "model.last_block_heads=default")
     p.set_defaults(func=_run_finetune)
 
 
