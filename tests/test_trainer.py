@@ -335,7 +335,7 @@ def test_a_new_run_into_another_runs_folder_is_refused_naming_the_fixes(tmp_path
     train_task(ToySegmentation(), _config(out, **{"optim.iterations": 4, "run.save_every_steps": 2}))
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     with pytest.raises(ConfigError, match=r"run already holds another run \(training states up to step 4 .*"
-                                          r"--resume auto to continue it, choose another --out, or delete .*checkpoints"):
+                       r"--resume auto to continue it, choose another --out, or delete .*checkpoints"):
         train_task(ToySegmentation(), _config(out, **{"optim.iterations": 4}))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing deleted
     for state in checkpointing.list_states(out / "checkpoints"):
