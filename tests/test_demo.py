@@ -200,3 +200,32 @@ def test_library_callers_get_the_tour_as_log_records(caplog):
     heard = []
     Tour(heard.append).python("x = 1")
     assert heard == [">>> x = 1"]
+
+
+def test_a_rerun_into_the_same_folder_starts_its_training_stages_anew(fast_demo, tmp_path, monkeypatch, capsys):
+    """`make demo` twice, or another --seed into the same --out: the stages' earlier runs are cleared (not refused
+    as another run's states); a folder the demo does not recognise as a run of that verb is left alone."""
+    import shutil
+
+    from unip.demo.pipeline import Tour, clear_earlier_run
+
+    out, cache, _ = fast_demo
+    again = tmp_path / "out"
+    shutil.copytree(out, again)
+    monkeypatch.setenv("UNIP_CACHE", str(cache))
+    assert main(["demo", "--fast", "--out", str(again), "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("pretrain", "finetune_distilled", "finetune_random"):
+        assert f"clearing the earlier run in {again / stage}/" in printed, stage
+        records = [json.loads(line) for line in (again / stage / "log.jsonl").read_text().splitlines()]
+        assert [r["kind"] for r in records].count("setup") == 1  # one run in the log, not two
+    assert _json(again / "summary.json")["seed"] == 1
+
+    user = tmp_path / "user_run"
+    (user / "checkpoints").mkdir(parents=True)
+    (user / "config.yaml").write_text("my: settings\n")
+    (user / "checkpoints" / "step-00000001.pt").write_bytes(b"mine")
+    shutil.copytree(out / "pretrain", tmp_path / "pretrain")
+    for folder, verb in ((user, "finetune"), (tmp_path / "pretrain", "finetune")):  # not that verb's run: kept
+        clear_earlier_run(Tour(), folder, verb)
+        assert (folder / "checkpoints").is_dir()

@@ -78,6 +78,9 @@ def shared(tmp_path_factory) -> Path:
                               "feature_layers": [1], "neck": "llfpn", "num_classes": 3, "auxiliary_head": None,
                               "decode_head": {"type": "upernet", "channels": 8, "pool_scales": [1, 2, 3, 6]}},
                              {"crop_size": 64, "stride": 42}), root / "tiny_segmentor.safetensors")
+    (root / "state_run").mkdir()
+    inputs = Inputs(root, root / "state_run", None)
+    assert main(inputs.pretrain("--epochs", "1", "--teacher-layer", "2")) == 0  # a real training state to damage
     return root
 
 
@@ -147,6 +150,16 @@ class Inputs:
         path = str(self.scratch / name)
         save_file(state if state is not None else self.teacher_state(), path, metadata={"unip.config": header})
         return path
+
+    def damaged_state(self, name: str, **changes: object) -> str:
+        """The shared pre-training run's training state with ``changes`` (key → value; ``rng_torch`` replaces
+        ``rng["torch"]``), saved as ``scratch/name``; returns the path."""
+        state = torch.load(sorted((self.root / "state_run" / "out" / "run" / "checkpoints").glob("step-*.pt"))[-1],
+                           weights_only=True)
+        if "rng_torch" in changes:
+            state["rng"]["torch"] = changes.pop("rng_torch")
+        state.update(changes)
+        return self.torch_file(name, state)
 
     def plain(self, name: str, state: Dict[str, torch.Tensor]) -> str:
         """A safetensors file without metadata (the architecture is inferred from key names and shapes)."""
@@ -481,6 +494,28 @@ CASES: List[Case] = [
     Case("pretrain: --out holds the user's config.yaml",
          lambda a: a.pretrain(out=a.out_with("mine", {"config.yaml": "my: settings\n", **USER_FILES})),
          match="config.yaml.*not written by unip"),
+    Case("pretrain: resume from a state without RNG entries", lambda a: a.pretrain(
+         "--teacher-layer", "2", "--resume", a.damaged_state("rng.pt", rng={})),
+         match=r"rng\.pt: damaged training state \(rng has no python, numpy, torch state\)"),
+    Case("pretrain: resume from a state with a float torch RNG", lambda a: a.pretrain(
+         "--teacher-layer", "2", "--resume", a.damaged_state("rngt.pt", rng_torch=torch.zeros(5))),
+         match=r"rngt\.pt: damaged training state \(rng\.torch"),
+    Case("pretrain: resume from a state whose step is text", lambda a: a.pretrain(
+         "--teacher-layer", "2", "--resume", a.damaged_state("text.pt", step="8")), match=r"text\.pt.*step is '8'"),
+    Case("pretrain: resume from a state at step -5", lambda a: a.pretrain(
+         "--teacher-layer", "2", "--resume", a.damaged_state("neg.pt", step=-5)), match=r"neg\.pt.*step is -5"),
+    Case("pretrain: resume from a state whose extra is a list", lambda a: a.pretrain(
+         "--teacher-layer", "2", "--resume", a.damaged_state("extra.pt", extra=[1])),
+         match=r"extra\.pt.*extra is a list, not a dict"),
+    Case("pretrain: resume from a state without an optimiser", lambda a: a.pretrain(
+         "--teacher-layer", "2", "--resume", a.damaged_state("opt.pt", optimizer=None)),
+         match=r"opt\.pt.*optimizer is a NoneType, not a dict"),
+    Case("pretrain: --out holds the user's log.jsonl",
+         lambda a: a.pretrain(out=a.out_with("mine", {"log.jsonl": '{"my": "log"}\n', **USER_FILES})),
+         match="log.jsonl.*not written by unip"),
+    Case("pretrain: --out holds a file named checkpoints",
+         lambda a: a.pretrain(out=a.out_with("mine", {"checkpoints": "mine", **USER_FILES})),
+         match="checkpoints: is a file where unip keeps the run's checkpoints/ folder"),
     Case("pretrain: unknown precision", lambda a: a.pretrain("--precision", "fp64"), match="--precision"),
     Case("pretrain: bf16 teacher in an fp32 run", lambda a: a.pretrain("--teacher-precision", "bf16"),
          match="teacher-precision bf16 needs a mixed-precision run.*--precision bf16"),
@@ -540,6 +575,11 @@ CASES: List[Case] = [
     Case("finetune: resume from a missing file", lambda a: a.finetune("--resume", str(a.scratch / "s.pt")),
          match="s.pt"),
     Case("finetune: unknown precision", lambda a: a.finetune("--precision", "fp64"), match="--precision"),
+    Case("finetune: --out holds a file named tb", lambda a: a.finetune(out=a.out_with("mine", {"tb": "mine"})),
+         match="tb: is a file where unip keeps the run's tb/ folder"),
+    Case("finetune: --out holds the user's log.jsonl",
+         lambda a: a.finetune(out=a.out_with("mine", {"log.jsonl": "not json\n"})),
+         match="log.jsonl.*not written by unip"),
     Case("finetune: --out is a file", lambda a: a.finetune(out=a.file("run.txt", "mine")), match="run.txt.*is a file"),
     Case("finetune: --out holds the user's metrics.json",
          lambda a: a.finetune(out=a.out_with("mine", {"metrics.json": '{"mine": 1}', **USER_FILES})),

@@ -6,6 +6,7 @@ resume with changed settings refused unless allowed; and `unip pretrain` divergi
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -329,6 +330,104 @@ def test_resume_with_changed_schedule_settings_is_refused_unless_allowed(tmp_pat
     assert same.steps == 8  # the lr is not part of the step plan: a lower lr after a divergence is fine
 
 
+def test_a_new_run_into_another_runs_folder_is_refused_naming_the_fixes(tmp_path):
+    out = tmp_path / "run"
+    train_task(ToySegmentation(), _config(out, **{"optim.iterations": 4, "run.save_every_steps": 2}))
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=r"run already holds another run \(training states up to step 4 .*"
+                       r"--resume auto to continue it, choose another --out, or delete .*checkpoints"):
+        train_task(ToySegmentation(), _config(out, **{"optim.iterations": 4}))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing deleted
+    for state in checkpointing.list_states(out / "checkpoints"):
+        state.unlink()
+    with pytest.raises(ConfigError, match=r"a best model \(best.json, best.safetensors\)"):
+        train_task(ToySegmentation(), _config(out, **{"optim.iterations": 4}))
+
+
+class Recorded(Scripted):
+    """``Scripted`` that also remembers the steps it evaluated, in order."""
+
+    def evaluate(self, model, ctx):
+        self.steps = getattr(self, "steps", []) + [ctx.step]
+        return super().evaluate(model, ctx)
+
+
+def _scalars(out, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_resume_from_an_explicit_earlier_state_drops_what_came_after_it_and_its_logs(tmp_path):
+    """Backing off a divergence: --resume step-4 with another lr; states and best past 4 go, auto then continues
+    the new trajectory; log readers and TensorBoard see one trajectory."""
+    from unip.engine.logging import records_of_last_run
+
+    out, values = tmp_path / "run", {"run.save_every_steps": 4, "run.keep_checkpoints": 10}
+    train_task(Scripted({4: 1.0, 8: 2.0, 12: 3.0}), _config(out, **values))
+    folder = out / "checkpoints"
+    assert json.loads((folder / "best.json").read_text())["step"] == 12
+    with pytest.raises(NonFiniteLossError):  # killed (here: a NaN) at step 6 of the new trajectory
+        train_task(Scripted({4: 1.0, 8: 0.5, 12: 0.2}), _config(out, **values, **{
+            "run.resume": str(folder / "step-00000004.pt"), "optim.lr": 0.01, "debug.nan_at_step": 6}))
+    assert [p.name for p in checkpointing.list_states(folder)] == ["step-00000004.pt"]
+    assert not (folder / "best.json").exists() and not (folder / "best.safetensors").exists()
+    resumed = Recorded({4: 1.0, 8: 0.5, 12: 0.2})
+    result = train_task(resumed, _config(out, **values, **{"run.resume": "auto", "optim.lr": 0.01}))
+    assert resumed.steps == [8, 12] and result.best["step"] == 8  # not the old trajectory's 3.0 at step 12
+
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "resume"] == [4, 4]
+    assert [r["kind"] for r in records].count("setup") == 0  # the toy task has no setup values
+    last = records_of_last_run(records)
+    assert [r["step"] for r in last if r["kind"] == "train"] == list(range(1, 13))
+    assert [(r["step"], r["mIoU"]) for r in last if r["kind"] == "eval"] == [(4, 1.0), (8, 0.5), (12, 0.2)]
+    assert [step for step, _ in _scalars(out, "eval/mIoU")] == [4, 8, 12]  # purged: no step twice
+    assert [value for _, value in _scalars(out, "eval/mIoU")] == pytest.approx([1.0, 0.5, 0.2])
+    assert [step for step, _ in _scalars(out, "train/loss")] == list(range(1, 13))
+
+
+class DivergingEvaluated(Bounded):
+    def evaluate(self, model, ctx):
+        self.steps = getattr(self, "steps", []) + [ctx.step]
+        return {"mIoU": 1.0}
+
+
+def test_a_diverged_model_is_not_evaluated_at_a_step_that_also_saves(tmp_path):
+    task = DivergingEvaluated()
+    values = {"run.save_every_steps": 1, "run.eval_every": 1, "optim.lr": 1e38}
+    with pytest.raises(checkpointing.NonFiniteStateError, match="non-finite by step 2"):
+        train_task(task, _config(tmp_path / "run", **values))
+    assert task.steps == [1] and [r["step"] for r in _records(tmp_path / "run", "eval")] == [1]
+
+
+class Described(ToySegmentation):
+    """``ToySegmentation`` whose ``resume_record`` names a data set."""
+
+    def __init__(self, data: str) -> None:
+        super().__init__()
+        self.data = data
+
+    def resume_record(self, ctx):
+        return {"data set": self.data}
+
+
+def test_resume_compares_what_the_task_trains_on(tmp_path, caplog):
+    out = tmp_path / "run"
+    train_task(Described("soda"), _config(out, **{"optim.iterations": 4}))
+    assert torch.load(out / "checkpoints" / "step-00000004.pt", weights_only=True)["extra"]["plan"]["data set"] \
+        == "soda"
+    with pytest.raises(ConfigError, match=r"data set soda → mfnet.*run\.allow_changed_config=true"):
+        train_task(Described("mfnet"), _config(out, **{"optim.iterations": 8, "run.resume": "auto",
+                                                       "run.allow_changed_config": False}))
+    with caplog.at_level("WARNING"):
+        result = train_task(Described("mfnet"), _config(out, **{"optim.iterations": 4, "run.resume": "auto",
+                                                                "run.allow_changed_config": True}))
+    assert result.steps == 4 and "data set soda → mfnet" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------ unip pretrain
 @pytest.fixture(scope="module")
 def pretrain_assets(tmp_path_factory):
@@ -392,3 +491,20 @@ def test_cli_shows_library_log_lines_on_stdout(pretrain_assets, tmp_path, capsys
     assert "teacher layer 2 (given)" in captured.out and "saved the model to" in captured.out
     assert captured.err == ""
 
+
+
+def test_pretrain_resume_with_another_teacher_layer_exits_2_naming_it(pretrain_assets, tmp_path, capsys):
+    from unip import cli
+
+    args = ["pretrain", "toy", "--teacher", str(pretrain_assets / "teacher.safetensors"), "--data",
+            str(pretrain_assets / "images"), "--out", str(tmp_path / "r"), "--device", "cpu", "--epochs", "1",
+            "--set", "student.depth=2", "--set", "student.embed_dim=64", "--set", "student.num_heads=2",
+            "--set", "run.progress=false"]
+    assert cli.main(args + ["--teacher-layer", "2"]) == 0
+    capsys.readouterr()
+    assert cli.main(args + ["--teacher-layer", "1", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(r"teacher layer 2 → 1.*allow_changed_config", err), err
+    assert cli.main(args + ["--teacher-layer", "2"]) == 2  # a new run over the finished one: refused
+    assert "--resume auto to continue it" in capsys.readouterr().err
+    assert cli.main(args + ["--teacher-layer", "2", "--resume", "auto"]) == 0  # the same settings continue

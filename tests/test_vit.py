@@ -233,3 +233,22 @@ def test_intermediates_stop_after_deepest_block_and_reject_bad_indices():
     for bad in ([4], [-5], 0, 5, []):
         with pytest.raises(ValueError, match="out of range"):
             model.forward_intermediates(torch.randn(1, 3, 32, 32), bad)
+
+
+def test_drop_path_rate_and_scale_under_bf16_autocast_are_the_fp32_ones():
+    """The mask is drawn from the fp32 keep probability whatever the activations' dtype: the same draws, the rate
+    asked for (not bf16's 0.8984 for 0.9), and the fp32 scale to bf16's precision."""
+    from unip.models.vit import DropPath
+
+    layer = DropPath(0.1).train()
+    x = torch.ones(200_000, 1, 1)
+    torch.manual_seed(3)
+    full = layer(x)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = layer(x.bfloat16())
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(full == 0, half == 0)  # the same samples dropped
+    assert (full == 0).float().mean().item() == pytest.approx(0.1, abs=0.003)
+    assert torch.unique(full[full != 0]).tolist() == pytest.approx([1 / 0.9])
+    assert torch.unique(half[half != 0].float()).tolist() == pytest.approx([1 / 0.9], rel=2 ** -8)

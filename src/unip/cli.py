@@ -358,7 +358,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="run eagerly")
     p.add_argument("--teacher-precision", choices=["auto", "fp32", "bf16", "fp8"],
                    help="teacher weights: auto (bf16 in bf16 runs), fp32, bf16, or fp8 (torchao, Ada/Hopper GPUs)")
-    _add_training_options(p, "AMP on CUDA; CPU runs fp32", "optim.clip_grad=1.0")
+    _add_training_options(p, "auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU; bf16 is honoured on CPUs too "
+                             "(fast with AVX512-BF16/AMX)", "optim.clip_grad=1.0")
     p.set_defaults(func=_run_pretrain)
 
 
@@ -382,16 +383,26 @@ def _option_values(args: argparse.Namespace, options: Dict[str, str]) -> Tuple[D
 
 
 def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Callable[[str], bool]]) -> None:
-    """A training run folder may be new or one unip wrote: its config.yaml and ``files`` (name → recogniser)
-    must be unip's, so a rerun never overwrites a user's file."""
+    """A training run folder may be new or one unip wrote: its config.yaml, log.jsonl and ``files`` (name →
+    recogniser) must be unip's, so a rerun never overwrites or appends to a user's file, and its checkpoints/ and
+    tb/ must be folders (or absent), so that the run does not fail once training has started."""
     import os
 
-    from unip.outputs import claim, is_our_yaml, out_folder
+    from unip.engine.logging import LOG_FILE, RECORD_KEYS
+    from unip.engine.trainer import CONFIG_FILE, RUN_FOLDERS
+    from unip.errors import ConfigError
+    from unip.outputs import claim, is_our_jsonl, is_our_yaml, out_folder
 
     out_folder(folder, "--out")
-    claim([os.path.join(folder, "config.yaml")], is_our_yaml(list(defaults)), "--out")
+    claim([os.path.join(folder, CONFIG_FILE)], is_our_yaml(list(defaults)), "--out")
+    claim([os.path.join(folder, LOG_FILE)], is_our_jsonl(RECORD_KEYS), "--out")
     for name, recognise in files.items():
         claim([os.path.join(folder, name)], recognise, "--out")
+    for name in RUN_FOLDERS:
+        path = os.path.join(folder, name)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{path}: is a file where unip keeps the run's {name}/ folder; move it away or "
+                              "choose another --out")
 
 
 def _layer_arg(text: str):
@@ -461,7 +472,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=integer(1).option(), help="images per GPU and micro-batch")
     p.add_argument("--check-data", action="store_true",
                    help="decode every image and label of train/val/test first and list every problem")
-    _add_training_options(p, "AMP on CUDA (the recipe: fp16); CPU runs fp32", "model.last_block_heads=default")
+    _add_training_options(p, "auto: bf16 (else fp16) autocast on CUDA (the recipe: fp16), fp32 on CPU; bf16 is "
+                             "honoured on CPUs too", "model.last_block_heads=default")
     p.set_defaults(func=_run_finetune)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,9 @@ import torch
 
 from unip.demo.cache import CachedTeacher, cache_root, find_teacher, store_teacher
 from unip.demo.settings import FAST, FULL, DemoSettings
-from unip.errors import UnipError
-from unip.outputs import claim, is_our_checkpoint, is_our_json, is_our_png, out_folder, starts_with_line
+from unip.errors import ConfigError, UnipError
+from unip.outputs import (claim, is_our_checkpoint, is_our_json, is_our_jsonl, is_our_png, is_our_yaml, out_folder,
+                          starts_with_line)
 
 logger = logging.getLogger("unip.demo")
 
@@ -173,6 +175,7 @@ def get_teacher(tour: Tour, paths: Layout, settings: DemoSettings, cache: Path) 
         shape = dict(depth=recipe.depth, embed_dim=recipe.embed_dim, num_heads=recipe.num_heads,
                      img_size=settings.input_size)
         save_random_model(tour, "vit_small_patch16", shape, recipe.init_seed, paths.teacher_init)
+        clear_earlier_run(tour, paths.teacher_run, "finetune")
         tour.unip("finetune", "demo", "--pretrained", paths.teacher_init, "--data", paths.teacher_data, "--out",
                   paths.teacher_run, "--iterations", recipe.iterations, "--set", f"optim.lr={recipe.lr}", "--seed",
                   recipe.init_seed)
@@ -210,6 +213,7 @@ def distil(tour: Tour, paths: Layout, settings: DemoSettings, teacher: "TeacherI
     shape = dict(depth=settings.student_depth, embed_dim=settings.student_width, num_heads=settings.student_heads,
                  last_heads=heads, img_size=settings.input_size)
     save_random_model(tour, "unip_vit_tiny_patch16", shape, seed, paths.student_random)
+    clear_earlier_run(tour, paths.pretrain, "pretrain")
     tour.unip("pretrain", "demo", "--teacher", teacher.file, "--teacher-layer", "auto", "--data", paths.pack,
               "--out", paths.pretrain, "--epochs", settings.pretrain_epochs, "--seed", seed, "--set",
               f"student.init={paths.student_random}")
@@ -229,6 +233,7 @@ def finetune_both(tour: Tour, paths: Layout, settings: DemoSettings, seed: int) 
             ("fine-tune the same student from its random initial weights: same schedule, same seed",
              paths.student_random, paths.finetune_random)):
         tour.stage(title)
+        clear_earlier_run(tour, run, "finetune")
         tour.unip("finetune", "demo", "--pretrained", source, "--data", paths.labeled, "--out", run, "--iterations",
                   settings.finetune_iterations, "--seed", seed)
 
@@ -266,6 +271,33 @@ def save_random_model(tour: Tour, preset: str, shape: Dict[str, int], seed: int,
     tour.python(f"torch.manual_seed({seed}); save_checkpoint(create_model({preset!r}, {arguments}), '{path}')")
     torch.manual_seed(seed)
     save_checkpoint(create_model(preset, **shape), path, {"note": "random initial weights (unip demo)"})
+
+
+def clear_earlier_run(tour: Tour, run: Path, verb: str) -> None:
+    """Before the demo reruns ``unip VERB`` into ``run`` (``make demo`` twice, another ``--seed``): delete the
+    earlier run's training states, best model and logs, which a new run refuses to start over. Only when ``run`` is
+    recognisably that verb's run folder (its config.yaml is ours); otherwise the verb's own error stands."""
+    from unip.engine.logging import LOG_FILE, RECORD_KEYS
+    from unip.engine.trainer import CONFIG_FILE, RUN_FOLDERS
+
+    if verb == "pretrain":
+        from unip.distill.train import DEFAULTS
+    else:
+        from unip.seg.train import DEFAULTS
+    config = run / CONFIG_FILE
+    if not config.is_file():
+        return
+    try:
+        claim([str(config)], is_our_yaml(list(DEFAULTS)))
+        claim([str(run / LOG_FILE)], is_our_jsonl(RECORD_KEYS))
+    except ConfigError:
+        return
+    tour.note(f"clearing the earlier run in {run}/ ({', '.join(RUN_FOLDERS)}, {LOG_FILE})")
+    for name in RUN_FOLDERS:
+        folder = run / name
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+    (run / LOG_FILE).unlink(missing_ok=True)
 
 
 def analysis_images(paths: Layout) -> Path:

@@ -26,6 +26,7 @@ import torch
 from unip import __version__
 from unip.atomic import atomic_write_text
 from unip.demo.settings import DemoSettings
+from unip.engine.logging import records_of_last_run
 from unip.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,14 +52,13 @@ def read_profile(folder: Path) -> List[Dict[str, Any]]:
 
 
 def last_run_records(log: Path) -> List[Dict[str, Any]]:
-    """The records of the newest run in a ``log.jsonl`` (a rerun into the same folder appends after a ``setup``
-    record)."""
+    """The records of the newest run in a ``log.jsonl`` (``unip.engine.logging.records_of_last_run``: from the last
+    ``setup`` record on, without those a resume superseded)."""
     try:
         records = [json.loads(line) for line in Path(log).read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, ValueError) as err:
         raise DataError(f"{log}: cannot read the training log ({err})") from err
-    starts = [i for i, record in enumerate(records) if record.get("kind") == "setup"]
-    return records[starts[-1]:] if starts else records
+    return records_of_last_run(records)
 
 
 def _metrics(path: Path) -> Dict[str, Any]:

@@ -265,7 +265,10 @@ class NmiHadTask(Task):
         return module
 
     def build_model(self, ctx: TrainContext) -> VisionTransformer:
-        return build_student(self.config, self.teacher.num_heads, ctx.device)
+        student = build_student(self.config, self.teacher.num_heads, ctx.device)
+        self.student_shape = {"width": student.embed_dim, "depth": student.depth,
+                              "heads per block": list(student.heads_per_block)}
+        return student
 
     def training_module(self, model: nn.Module) -> nn.Module:
         return StudentLogits(model)  # type: ignore[arg-type]
@@ -297,6 +300,15 @@ class NmiHadTask(Task):
     def setup_record(self, ctx: TrainContext) -> Dict[str, Any]:
         return {"teacher_layer": self.teacher.layer, "teacher_layer_reason": self.teacher_why,
                 "teacher_precision": self.teacher.precision}
+
+    def resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
+        """What the saved student's metadata describes: teacher, distilled layer and heads, loss, student, data."""
+        teacher, loss, data = self.config["teacher"], self.config["loss"], self.config["data"]
+        return {"teacher.source": str(teacher["source"]), "teacher layer": self.teacher.layer,
+                "teacher heads": self.teacher.num_heads, "loss.kind": loss["kind"],
+                "loss.temperature": float(loss["temperature"]), "student.model": self.config["student"]["model"],
+                "student shape": self.student_shape, "data.path": str(data["path"]),
+                "data.input_size": int(data["input_size"])}
 
     def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
         """The distilled student as a self-describing safetensors file (``unip finetune --pretrained``)."""

@@ -145,6 +145,24 @@ def prune(folder: PathLike, keep: int) -> None:
             old.unlink(missing_ok=True)
 
 
+def state_step(path: PathLike) -> int:
+    """The step in a state file's name (``step-00001234.pt`` → 1234)."""
+    return int(STATE_PATTERN.match(Path(path).name).group(1))  # type: ignore[union-attr]
+
+
+def remove_after(folder: PathLike, step: int) -> List[Path]:
+    """Delete the state files of ``folder`` past ``step``, and the best model (``best.*``) when it was chosen
+    after ``step``: what a run continued from ``step`` on another trajectory must not be outranked by.
+    Returns the paths removed."""
+    removed = [path for path in list_states(folder) if state_step(path) > step]
+    best = read_best(folder)
+    if best is not None and int(best["step"]) > step:
+        removed += [Path(folder) / name for name in (BEST_JSON, BEST_WEIGHTS) if (Path(folder) / name).exists()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def find_latest(folder: PathLike) -> Optional[Path]:
     """The state file with the highest step in ``folder``, or ``None`` when there is none."""
     states = list_states(folder)
@@ -207,7 +225,52 @@ def read_state(path: PathLike) -> Dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: not a training state (no {', '.join(missing)}); pass a step-*.pt file "
                               "written by a unip training run")
+    problem = _state_problem(state)
+    if problem:
+        raise CheckpointError(f"{path}: damaged training state ({problem}); delete it to resume from the previous "
+                              "one, or pass another step-*.pt file")
     return state
+
+
+def _state_problem(state: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with the entries of a training state that has every key, or ``None``."""
+    for key in ("step", "epoch", "step_in_epoch"):
+        value = state[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{key} is {value!r}, not a whole number >= 0"
+    for key in ("model", "optimizer", "extra"):
+        if key in state and not isinstance(state[key], dict):
+            return f"{key} is a {type(state[key]).__name__}, not a dict"
+    scaler = state.get("scaler")
+    if scaler is not None and not isinstance(scaler, dict):
+        return f"scaler is a {type(scaler).__name__}, not a dict"
+    extra = state.get("extra", {})
+    if "plan" in extra and not isinstance(extra["plan"], dict):
+        return f"extra.plan is a {type(extra['plan']).__name__}, not a dict"
+    loss = extra.get("loss")
+    if loss is not None and (not isinstance(loss, (int, float)) or isinstance(loss, bool)):
+        return f"extra.loss is {loss!r}, not a number"
+    return _rng_problem(state["rng"])
+
+
+def _rng_problem(rng: Any) -> Optional[str]:
+    if not isinstance(rng, dict):
+        return f"rng is a {type(rng).__name__}, not a dict"
+    missing = [key for key in ("python", "numpy", "torch") if key not in rng]
+    if missing:
+        return f"rng has no {', '.join(missing)} state"
+    torch_state = rng["torch"]
+    if not (isinstance(torch_state, torch.Tensor) and torch_state.dtype == torch.uint8 and torch_state.dim() == 1
+            and torch_state.device.type == "cpu"):
+        return "rng.torch is not a CPU uint8 tensor (torch.get_rng_state())"
+    python = rng["python"]
+    if not (isinstance(python, (tuple, list)) and len(python) == 3 and isinstance(python[1], (tuple, list))):
+        return "rng.python is not a random.getstate() tuple"
+    npy = rng["numpy"]
+    if not (isinstance(npy, dict) and all(k in npy for k in ("name", "keys", "pos", "has_gauss", "cached"))
+            and isinstance(npy["keys"], torch.Tensor)):
+        return "rng.numpy is not a numpy.random.get_state() record"
+    return None
 
 
 def load_state(path: PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -228,11 +291,15 @@ def apply_state(state: Dict[str, Any], path: PathLike, model: torch.nn.Module,
             optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
-    except (KeyError, RuntimeError, ValueError) as err:
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as err:
         raise CheckpointError(f"{path}: training state does not fit this run ({str(err)[:300]}); "
                               "resume with the configuration that wrote it") from err
     if restore_rng_states:
-        restore_rng(state["rng"])
+        try:
+            restore_rng(state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: damaged RNG state ({type(err).__name__}: {str(err)[:200]}); delete it "
+                                  "to resume from the previous one") from err
     return {"step": state["step"], "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"],
             "extra": state.get("extra", {})}
 

@@ -9,16 +9,26 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+LOG_FILE = "log.jsonl"
+TB_DIR = "tb"
+#: keys of every record of ``LOG_FILE``
+RECORD_KEYS = ("step", "time", "kind")
 
 
 class MetricLogger:
     """``log(step, metrics, prefix)`` appends ``{"step", "time", "kind": prefix, **metrics}`` to
     ``<folder>/log.jsonl`` and writes every numeric metric as a TensorBoard scalar ``<prefix>/<name>`` under
     ``<folder>/tb``. ``prefix`` says what a record is: ``train``, ``eval``, ``setup``. Lists (e.g. per-class
-    IoU) go to the JSONL file only. Disabled when ``enabled`` is False."""
+    IoU) go to the JSONL file only. Disabled when ``enabled`` is False.
 
-    def __init__(self, folder: Union[str, Path], enabled: bool = True, tensorboard: bool = True) -> None:
+    ``purge_step``: a run resumed from step S passes S + 1, so that TensorBoard drops the events of the old
+    trajectory from that step on (the trainer marks the JSONL file with a ``resume`` record instead; readers
+    take ``records_of_last_run``)."""
+
+    def __init__(self, folder: Union[str, Path], enabled: bool = True, tensorboard: bool = True,
+                 purge_step: Optional[int] = None) -> None:
         self.enabled = enabled
         self.writer = None
         self.handle = None
@@ -26,11 +36,11 @@ class MetricLogger:
             return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.handle = open(folder / "log.jsonl", "a", encoding="utf-8")
+        self.handle = open(folder / LOG_FILE, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(folder / "tb"))
+            self.writer = SummaryWriter(log_dir=str(folder / TB_DIR), purge_step=purge_step)
 
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
@@ -41,7 +51,7 @@ class MetricLogger:
         self.handle.flush()
         if self.writer is not None:
             for key, value in record.items():
-                if key in ("step", "time", "kind") or isinstance(value, bool):
+                if key in RECORD_KEYS or isinstance(value, bool):
                     continue
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(f"{prefix}/{key}", value, step)
@@ -59,6 +69,21 @@ class MetricLogger:
 
     def __exit__(self, *exc: Optional[object]) -> None:
         self.close()
+
+
+def records_of_last_run(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The records of the newest run in a ``log.jsonl`` (as parsed, in file order): those from its last ``setup``
+    record on (a new run into the same folder starts with one), without the records a resume superseded (at a
+    ``resume`` record of step S, the earlier ``train``/``eval`` records past S belong to the abandoned
+    trajectory)."""
+    starts = [i for i, record in enumerate(records) if record.get("kind") == "setup"]
+    kept: List[Dict[str, Any]] = []
+    for record in records[starts[-1]:] if starts else records:
+        if record.get("kind") == "resume":
+            step = int(record.get("step", 0))
+            kept = [r for r in kept if r.get("kind") not in ("train", "eval") or int(r.get("step", 0)) <= step]
+        kept.append(record)
+    return kept
 
 
 def _plain(value: Any) -> Any:

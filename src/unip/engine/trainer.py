@@ -66,7 +66,7 @@ from unip.engine.config import Config, dump_config
 from unip.engine.data import batches_per_epoch, build_loader, set_loader_epoch
 from unip.engine.distributed import (DistInfo, barrier, cleanup, init_distributed, sync_batchnorm,
                                      unwrap_model)
-from unip.engine.logging import MetricLogger
+from unip.engine.logging import TB_DIR, MetricLogger
 from unip.engine.loop import LossOutput, Precision, StepResult, resolve_precision, split_loss, train_step
 from unip.engine.optim import adamw, param_groups
 from unip.engine.progress import postfix, progress_bar
@@ -78,6 +78,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.yaml"
+#: sub-folders of a run folder
+RUN_FOLDERS = (CHECKPOINT_DIR, TB_DIR)
 
 #: ``run`` settings the trainer reads, and their values when a task's config leaves them out.
 RUN_DEFAULTS: Config = {
@@ -276,7 +278,14 @@ class Task:
         return self.name
 
     def setup_record(self, ctx: TrainContext) -> Dict[str, Any]:
-        """Values logged once as a ``setup`` record of ``log.jsonl`` (e.g. a chosen layer)."""
+        """Values logged once as a ``setup`` record of ``log.jsonl`` (e.g. a chosen layer); a resumed run logs
+        them in its ``resume`` record."""
+        return {}
+
+    def resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
+        """What the task trains and on what (setting name → plain value: teacher, model shape, data set, ...),
+        stored in training states and compared on resume like the step plan: a change is refused unless
+        ``run.allow_changed_config``. Called after ``build_model`` and ``train_dataset``. Default: nothing."""
         return {}
 
     def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
@@ -339,10 +348,7 @@ class Trainer:
                                    float(self.optim["warmup_start_factor"]))
         self.evaluates = type(task).evaluate is not Task.evaluate
         self.best: Optional[Dict[str, Any]] = None
-        self.log = MetricLogger(self.output, enabled=dist.is_main)  # only once the set-up has succeeded
-        record = task.setup_record(ctx)
-        if record:
-            self.log.log(0, record, prefix="setup")
+        self.log = MetricLogger(self.output, enabled=False)  # opened by ``_start`` once resuming is settled
 
     # ------------------------------------------------------------------------------------ set-up
     def _check_settings(self) -> None:
@@ -376,14 +382,16 @@ class Trainer:
         return StepPlan(accum, effective, peak_lr, steps_per_epoch, total, int(warmup))
 
     def plan_record(self) -> Dict[str, Any]:
-        """The settings that shape the step schedule, as stored in training states and compared on resume."""
+        """The settings that shape the step schedule and what the task trains on (``Task.resume_record``), as
+        stored in training states and compared on resume."""
         plan, optim = self.ctx.plan, self.optim
         assert plan is not None
         return {"run.seed": int(self.run["seed"]), "optim.batch_size": int(optim["batch_size"]),
                 "accumulation steps": plan.accum, "processes": self.ctx.dist.world_size,
                 "optim.epochs": optim["epochs"], "optim.iterations": optim["iterations"],
                 "warm-up steps": plan.warmup_steps, "optim.schedule": optim["schedule"],
-                "steps per epoch (data set size / batch)": plan.steps_per_epoch}
+                "steps per epoch (data set size / batch)": plan.steps_per_epoch,
+                **self.task.resume_record(self.ctx)}
 
     # ------------------------------------------------------------------------------------ run
     def fit(self) -> FitResult:
@@ -408,23 +416,62 @@ class Trainer:
         return FitResult(self._save_model(), ctx.step, ctx.last_loss, self.best)
 
     def _start(self) -> None:
-        """Remove what killed saves left, resume, write ``config.yaml``."""
-        if self.ctx.dist.is_main:
+        """Remove what killed saves left, resume (or refuse to start over another run's states), write
+        ``config.yaml``, open the logs and write the ``setup`` (or ``resume``) record."""
+        ctx = self.ctx
+        if ctx.dist.is_main:
             removed = checkpointing.remove_stale_temporaries(self.ckpt_dir)
             removed += remove_temporaries(self.output, lambda name: name in (self.task.model_file, CONFIG_FILE))
             if removed:
                 self._info(f"removed {len(removed)} temporary file(s) left by an interrupted save: "
                            f"{checkpointing.describe_names([str(p) for p in removed])}")
         barrier()
-        self._resume()
-        if self.ctx.dist.is_main:
+        resumed = self._resume()
+        explicit = resumed is not None and self.run["resume"] != "auto"
+        if explicit and self.best is not None and int(self.best["step"]) > ctx.step:
+            self.best = None  # chosen on the abandoned trajectory; every rank forgets it
+        if ctx.dist.is_main:
+            if explicit:
+                self._drop_later_states()
             self.output.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.output / CONFIG_FILE, dump_config(self.config))
+            self.log = MetricLogger(self.output, purge_step=ctx.step + 1 if resumed is not None else None)
+            record = self.task.setup_record(ctx)
+            if resumed is not None:
+                self.log.log(ctx.step, {"from": str(resumed), **record}, prefix="resume")
+            elif record:
+                self.log.log(0, record, prefix="setup")
+        barrier()
 
-    def _resume(self) -> None:
+    def _refuse_other_run(self) -> None:
+        """``ConfigError`` when a new run (no ``run.resume``) would start over another run's training states or
+        best model: pruning would delete the new run's states and ``--resume auto`` would continue the old one."""
+        latest = checkpointing.find_latest(self.ckpt_dir)
+        best = [name for name in (checkpointing.BEST_JSON, checkpointing.BEST_WEIGHTS)
+                if (self.ckpt_dir / name).exists()]
+        if latest is None and not best:
+            return
+        found = f"training states up to step {checkpointing.state_step(latest)}" if latest is not None \
+            else f"a best model ({', '.join(best)})"
+        raise ConfigError(f"{self.output} already holds another run ({found} in {self.ckpt_dir}); pass --resume "
+                          f"auto to continue it, choose another --out, or delete {self.ckpt_dir}")
+
+    def _drop_later_states(self) -> None:
+        """After resuming from an explicit state at step S: delete this run's states past S and a best model
+        chosen after S (the run goes on from S on another trajectory; they must not outrank it)."""
+        removed = checkpointing.remove_after(self.ckpt_dir, self.ctx.step)
+        if removed:
+            self._info(f"resuming from step {self.ctx.step}: removed what the run wrote after it: "
+                       f"{checkpointing.describe_names([p.name for p in removed], limit=6)}")
+
+    def _resume(self) -> Optional[Path]:
+        """Load the state ``run.resume`` names (``None`` for a new run); returns its path."""
+        if not self.run["resume"]:
+            self._refuse_other_run()
+            return None
         found = checkpointing.find_resume_state(self.run["resume"], self.ckpt_dir)
         if found is None:
-            return
+            return None
         path, state = found
         self._check_unchanged(path, state.get("extra", {}).get("plan"))
         position = checkpointing.apply_state(state, path, self.model, self.optimizer, self.scaler)
@@ -436,6 +483,7 @@ class Trainer:
         if self.run["best_metric"]:
             self.best = self._read_best()
         self._info(f"resumed from {path} at step {ctx.step} (epoch {ctx.epoch}, step {ctx.step_in_epoch})")
+        return path
 
     def _check_unchanged(self, path: Path, saved: Optional[Dict[str, Any]]) -> None:
         """``ConfigError`` when the state was written with settings that shape the schedule differently
@@ -506,12 +554,16 @@ class Trainer:
             self._log_train(lr, result, bar)
         if epoch_end:
             ctx.epoch, ctx.step_in_epoch = ctx.epoch + 1, 0
-        every_eval = int(run["eval_every"])
-        if self.evaluates and (final or (every_eval > 0 and ctx.step % every_eval == 0)):
+        every_eval, every_steps, every_epochs = (int(run["eval_every"]), int(run["save_every_steps"]),
+                                                 int(run["save_every_epochs"]))
+        evaluate = self.evaluates and (final or (every_eval > 0 and ctx.step % every_eval == 0))
+        save = final or (every_steps > 0 and ctx.step % every_steps == 0) or (
+            epoch_end and every_epochs > 0 and ctx.epoch % every_epochs == 0)
+        if evaluate and save:  # a diverged model is neither evaluated nor logged
+            self._check_finite("before saving the training state")
+        if evaluate:
             self._evaluate()
-        every_steps, every_epochs = int(run["save_every_steps"]), int(run["save_every_epochs"])
-        if final or (every_steps > 0 and ctx.step % every_steps == 0) or (
-                epoch_end and every_epochs > 0 and ctx.epoch % every_epochs == 0):
+        if save:
             self._save_state()
         if self.debug["step_delay"]:
             time.sleep(float(self.debug["step_delay"]))

@@ -330,6 +330,12 @@ class SegmentationTask(Task):
                 f"{len(self.train_set)} train / {len(self.val_set)} val / {len(self.test_set)} test images, "
                 f"{self.train_set.num_classes} classes)")
 
+    def resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
+        """What the segmentor file describes: backbone source, data set, crop, classes, training mode."""
+        return {"model.pretrained": str(self.config["model"]["pretrained"]), "data set root": self.train_set.root,
+                "data set layout": self.train_set.layout, "data.crop_size": int(self.config["data"]["crop_size"]),
+                "classes": self.train_set.num_classes, "mode": self.mode}
+
     def setup_record(self, ctx: TrainContext) -> Dict[str, Any]:
         return {"mode": self.mode, "pretrained": self.config["model"]["pretrained"],
                 "random_init": self.random_init(), "dataset": self.train_set.layout,
