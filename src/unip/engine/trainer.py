@@ -318,7 +318,8 @@ class Trainer:
         self.ckpt_dir = self.output / CHECKPOINT_DIR
         seed_everything(int(self.run["seed"]) + dist.rank)
         precision = resolve_precision(self.run["precision"], dist.device)
-        if dist.device.type == "cuda":
+        if dist.device.type == "cuda" and precision.dtype is not None:
+            # the few fp32 matmuls of a mixed-precision run may use TF32; ``--precision fp32`` stays true fp32
             torch.set_float32_matmul_precision("high")
         self.ctx = ctx = TrainContext(config, dist, precision, self.output)
         self._check_settings()
