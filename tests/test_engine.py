@@ -245,3 +245,15 @@ def test_cpu_bf16_without_bf16_instructions_is_honoured_with_a_warning(monkeypat
     monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
     resolve_precision("bf16", torch.device("cpu"))
     assert caplog.text == ""
+
+
+def test_an_option_may_set_a_word_where_the_preset_set_a_number():
+    """The release presets fix ``teacher.layer: 18``; ``--teacher-layer auto`` must still be accepted (the kind of
+    a setting comes from the defaults and its rule, not from the preset's value)."""
+    from unip.distill.train import make_config
+
+    config = make_config("mae-l_unip-s", values={"teacher.layer": "auto"}, origins={"teacher.layer": "--teacher-layer"})
+    assert config["teacher"]["layer"] == "auto"
+    assert make_config("mae-l_unip-s", ["teacher.layer=auto"])["teacher"]["layer"] == "auto"
+    with pytest.raises(ConfigError, match="teacher.layer must be 'auto' or an integer"):
+        make_config("mae-l_unip-s", ["teacher.layer=banana"])

@@ -1,4 +1,4 @@
-"""Every command in README.md is run or checked here, so none goes stale.
+"""Every command in README.md and docs/*.md is run or checked here, so none goes stale.
 
 The rule (keep README.md to it):
 
@@ -11,7 +11,10 @@ The rule (keep README.md to it):
   checked against the rules). ``torchrun ... -m unip.cli VERB ...`` is checked as ``unip VERB ...``.
 * ``make TARGET`` must name a target of the Makefile (``make demo`` runs the demo; ``make test`` runs this).
 * Blocks tagged ``text`` are output (e.g. the demo's summary) and ``python`` / ``bibtex`` ones are not commands; no
-  other commands appear in code blocks (``pip`` and the like go in the prose).
+  other commands appear in README code blocks (``pip`` and the like go in the prose).
+* docs/*.md follow the same rules for ``unip`` / ``torchrun`` lines (parsed, settings resolved); their other
+  command lines may only run a script of ``benchmarks/`` (``python benchmarks/X.py ...``,
+  ``OUT=... bash benchmarks/X.sh ...``), which must exist.
 """
 
 import contextlib
@@ -65,10 +68,10 @@ def commands(block: List[str], transcript: bool) -> List[List[str]]:
     return found
 
 
-def readme_commands() -> Tuple[List[List[str]], List[List[str]]]:
-    """``(literal session commands, other commands)`` of README.md."""
+def readme_commands(page: Path = ROOT / "README.md") -> Tuple[List[List[str]], List[List[str]]]:
+    """``(literal session commands, other commands)`` of a Markdown page (README.md by default)."""
     session, others = [], []
-    for runs, block in code_blocks((ROOT / "README.md").read_text(encoding="utf-8")):
+    for runs, block in code_blocks(page.read_text(encoding="utf-8")):
         transcript = any(line.startswith("$ ") for line in block)
         found = commands(block, transcript)
         (session if runs else others).extend(found)
@@ -102,7 +105,25 @@ def test_make_targets_exist():
             assert words[1] in targets, words
 
 
-@pytest.mark.parametrize("words", [w for w in readme_commands()[1] if w[0] != "make"],
+def docs_commands() -> List[List[str]]:
+    """Every command line of docs/*.md (none of them is a literal session)."""
+    found = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        session, others = readme_commands(page)
+        assert not session, f"{page.name}: literal sessions belong in README.md"
+        found.extend(others)
+    return found
+
+
+def test_docs_run_only_unip_and_benchmark_scripts():
+    for words in docs_commands():
+        if words[0] in ("unip", "torchrun"):
+            continue
+        script = next((w for w in words if w.startswith("benchmarks/")), None)
+        assert script and (ROOT / script).is_file(), f"unchecked command in docs: {' '.join(words)}"
+
+
+@pytest.mark.parametrize("words", [w for w in readme_commands()[1] + docs_commands() if w[0] in ("unip", "torchrun")],
                          ids=lambda w: " ".join(w)[:80])
 def test_user_path_commands_parse_and_resolve(words):
     argv = unip_argv(words)

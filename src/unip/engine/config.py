@@ -109,11 +109,14 @@ def _number(value: Any) -> Any:
 
 
 def set_key(config: Config, key: str, value: Any, origin: str,
-            origins: Optional[Dict[str, str]] = None) -> None:
+            origins: Optional[Dict[str, str]] = None, kinds: Optional[Config] = None) -> None:
     """Set the dotted ``key`` in ``config`` in place; it must already exist (a known setting). ``origins``,
-    when given, records ``origin`` for every key set."""
+    when given, records ``origin`` for every key set. The value must be of the kind of the key's value in
+    ``kinds`` (the defaults; default: ``config`` itself), not of what a preset put there (``teacher.layer: 18``
+    in a preset must not stop ``--teacher-layer auto``)."""
     parts = key.split(".")
     node = config
+    reference = kinds if kinds is not None else config
     for depth, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
             known = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a section)"
@@ -124,13 +127,15 @@ def set_key(config: Config, key: str, value: Any, origin: str,
                 if not isinstance(value, dict):
                     raise ConfigError(f"{origin}: {key} is a section; set its keys, e.g. {key}.<name>=...")
                 for sub, sub_value in value.items():
-                    set_key(config, f"{key}.{sub}", sub_value, origin, origins)
+                    set_key(config, f"{key}.{sub}", sub_value, origin, origins, kinds)
             else:
-                node[part] = _coerce(key, value, node[part], origin)
+                kind = reference.get(part, node[part]) if isinstance(reference, dict) else node[part]
+                node[part] = _coerce(key, value, kind, origin)
                 if origins is not None:
                     origins[key] = origin
         else:
             node = node[part]
+            reference = reference.get(part) if isinstance(reference, dict) else None
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -158,12 +163,12 @@ def build_config(defaults: Config, preset: Optional[Union[str, Path]] = None, ov
     if preset:
         path = find_preset(str(preset), kind)
         for key, value in flatten(read_yaml(path)).items():
-            set_key(config, key, value, str(path), where)
+            set_key(config, key, value, str(path), where, defaults)
     for key, value in (values or {}).items():
-        set_key(config, key, value, (origins or {}).get(key, "config"), where)
+        set_key(config, key, value, (origins or {}).get(key, "config"), where, defaults)
     for text in overrides:
         key, value = parse_override(text)
-        set_key(config, key, value, f"--set {text}", where)
+        set_key(config, key, value, f"--set {text}", where, defaults)
     if rules is not None:
         _numbers_from_text(config, rules)
         check_config(config, defaults, rules, where)
