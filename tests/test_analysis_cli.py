@@ -186,3 +186,17 @@ def test_cuda_device_without_cuda_is_exit_2(vit_s, image_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "--model", vit_s, "--images", image_dir, "--out", str(tmp_path / "o"),
                            "--device", "cuda")
     assert code == 2 and "CUDA is not available" in _one_error_line(err)
+
+
+def test_a_single_patch_input_is_refused_with_one_line(tmp_path):
+    """One patch has no attention pattern (its uniform-attention distance is 0): refused before any work."""
+    import torch
+
+    from unip.analysis.run import check_input_size
+    from unip.errors import ConfigError
+    from unip.models import create_model
+
+    model = create_model("vit_small_patch16", depth=1, embed_dim=32, num_heads=2, img_size=32)
+    with pytest.raises(ConfigError, match="at least two patches"):
+        check_input_size(model, (16, 16), 1, torch.device("cpu"))
+    check_input_size(model, (16, 32), 1, torch.device("cpu"))

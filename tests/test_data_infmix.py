@@ -207,3 +207,57 @@ def test_resized_shape_keeps_aspect_and_never_upscales():
     assert resized_shape(1024, 2048, 512) == (512, 1024)
     assert resized_shape(2000, 1000, 512) == (1024, 512)
     assert resized_shape(480, 640, 512) == (480, 640)
+
+
+def test_scan_skips_what_the_readers_would_refuse_and_survives_its_own_damaged_manifest(tmp_path):
+    """An all-NaN float frame decodes but has no pixel to read: the scan skips it (``no-finite-pixels``) instead
+    of passing it on to pack or to training; a damaged earlier manifest is only a cache (the rescan reads all)."""
+    root = tmp_path / "ir"
+    write_unlabeled(str(root), 3, name="A", size=SIZE, seed=1)
+    Image.fromarray(np.full((8, 8), np.nan, np.float32)).save(root / "A" / "thermal" / "dead.tif")
+    manifest = str(tmp_path / "m.jsonl")
+    build_manifest(manifest, infrared=str(root), workers=1)
+    assert len(read_manifest(manifest)) == 3
+    skipped = json.loads(open(report_path(manifest)).read())["skipped"]
+    assert [(os.path.basename(e["path"]), e["reason"]) for e in skipped] == [("dead.tif", "no-finite-pixels")]
+
+    lines = open(manifest).read().splitlines()
+    open(manifest, "w").write("\n".join(lines[:-1] + [lines[-1][:10]]) + "\n")  # a half-written last record
+    with pytest.raises(DataError):
+        read_manifest(manifest)
+    build_manifest(manifest, infrared=str(root), workers=1)
+    assert len(read_manifest(manifest)) == 3
+
+
+def test_a_read_error_in_a_loader_worker_stays_a_data_error(tmp_path):
+    """torch re-raises a worker's exception as ``type(msg)``: the error keeps its kind (exit 2, one line)."""
+    from torch.utils.data import DataLoader
+
+    from unip.data.images import ImageReadError
+    from unip.data.packed import ManifestImages
+
+    rebuilt = ImageReadError("x.jpg: cannot read (io-error)")
+    assert isinstance(rebuilt, DataError) and str(rebuilt) == "x.jpg: cannot read (io-error)"
+    root = tmp_path / "ir"
+    paths = write_unlabeled(str(root), 2, name="A", size=SIZE, seed=1)
+    manifest = str(tmp_path / "m.jsonl")
+    build_manifest(manifest, infrared=str(root), workers=1)
+    os.remove(paths[0])
+    with pytest.raises(DataError, match=os.path.basename(paths[0])):
+        list(DataLoader(ManifestImages(manifest), batch_size=2, num_workers=1))
+
+
+def test_a_header_far_beyond_the_pixel_limit_is_too_large(tmp_path):
+    import struct
+    import zlib
+
+    from unip.data.images import ImageReadError, decode
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+    with pytest.raises(ImageReadError) as caught:
+        decode(data, "huge.png")
+    assert caught.value.reason == "too-large"

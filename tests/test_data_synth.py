@@ -71,3 +71,15 @@ def test_parse_size_and_bad_arguments(tmp_path):
             parse_size(bad)
     with pytest.raises(DataError):
         write_unlabeled(str(tmp_path), 1, bit_depth=12)
+
+
+def test_a_rerun_leaves_only_the_new_set(tmp_path):
+    """A smaller or other-depth rerun into the same folder removes the earlier frames (all unip's), so a scan
+    never mixes two sets."""
+    from unip.data.synth import write_unlabeled
+
+    write_unlabeled(str(tmp_path), 5, name="s", size=(32, 32), seed=0)
+    write_unlabeled(str(tmp_path), 2, name="s", size=(32, 32), seed=7)
+    assert sorted(os.listdir(tmp_path / "s" / "thermal")) == ["s_000000.jpg", "s_000001.jpg"]
+    write_unlabeled(str(tmp_path), 1, name="s", size=(32, 32), seed=7, bit_depth=16)
+    assert sorted(os.listdir(tmp_path / "s" / "thermal")) == ["s_000000.png"]

@@ -50,7 +50,8 @@ def query_attention(model: VisionTransformer, image: Tensor, points: Sequence[Po
         maps = model.attention_maps(image.unsqueeze(0).to(device), layers)
     out = []
     for layer in layers:
-        patches = maps[layer][0, :, prefix:, prefix:].float().mean(dim=0)[tokens]
-        patches = patches / patches.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        heads = maps[layer][0, :, prefix:, prefix:].float()[:, tokens]  # [heads, queries, patches]
+        heads = heads / heads.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # each head over the patches, as the metrics
+        patches = heads.mean(dim=0)
         out.append(patches.reshape(len(tokens), rows, cols))
     return torch.stack(out, dim=1).cpu()

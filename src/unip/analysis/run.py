@@ -98,6 +98,9 @@ def check_input_size(model: VisionTransformer, size: Tuple[int, int], batch: int
     if height % patch or width % patch:
         raise ConfigError(f"{what} {height},{width}: height and width must be multiples of the patch size "
                           f"{patch}, e.g. {max(patch, height // patch * patch)},{max(patch, width // patch * patch)}")
+    if (height // patch) * (width // patch) < 2:
+        raise ConfigError(f"{what} {height},{width}: one patch of {patch} px gives no attention pattern to "
+                          f"measure; use at least two patches, e.g. {patch},{2 * patch}")
     tokens = (height // patch) * (width // patch) + model.num_prefix_tokens
     copies = MAP_COPIES.get(device.type, MAP_COPIES_ACCELERATOR)
     needed = batch * (max(model.heads_per_block) * tokens ** 2 * 4 * copies + 4 * tokens * model.embed_dim * 4

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -34,11 +34,12 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 class ImageReadError(DataError):
     """An image file cannot be used; ``reason`` is one short code (``empty``, ``truncated``, ...)."""
 
-    def __init__(self, path: str, reason: str, detail: str) -> None:
-        super().__init__(f"{path}: {detail} ({reason}); fix or remove the file")
+    def __init__(self, path: str, reason: Optional[str] = None, detail: Optional[str] = None) -> None:
+        # one argument: the finished message (how torch re-raises an error from a DataLoader worker)
+        super().__init__(path if reason is None else f"{path}: {detail} ({reason}); fix or remove the file")
         self.path = path
-        self.reason = reason
-        self.detail = detail
+        self.reason = reason or "unreadable"
+        self.detail = detail or path
 
 
 def check_suffix(path: str) -> None:
@@ -61,6 +62,8 @@ def decode(data: bytes, path: str) -> Image.Image:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageReadError(path, "not-an-image", "content is not a recognised image format") from None
+    except Image.DecompressionBombError as err:  # raised by open() beyond twice the pixel limit
+        raise ImageReadError(path, "too-large", str(err)) from None
     except Exception as err:  # PIL raises many types on malformed headers
         raise ImageReadError(path, "decode-error", f"cannot read the header: {err}") from None
     if img.format not in ACCEPTED_FORMATS:
@@ -143,7 +146,11 @@ def read_rgb(path: str) -> np.ndarray:
 
 def _pixels(convert: Callable[[Image.Image], np.ndarray], path: str) -> np.ndarray:
     """``convert`` of the decoded ``path``; a frame without a finite value is an ``ImageReadError`` naming it."""
-    image = decode(read_bytes(path), path)
+    return convert_checked(convert, decode(read_bytes(path), path), path)
+
+
+def convert_checked(convert: Callable[[Image.Image], np.ndarray], image: Image.Image, path: str) -> np.ndarray:
+    """``convert(image)``; a frame without a finite value is an ``ImageReadError`` (``no-finite-pixels``)."""
     try:
         return convert(image)
     except ImageReadError:

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from unip.data.images import ImageReadError, check_suffix, decode, read_bytes
+from unip.data.images import ImageReadError, check_suffix, convert_checked, decode, read_bytes, to_gray
 from unip.data.layouts import COCO_TRAIN_DIR, IMAGE_SUFFIXES, THERMAL_DIR
 from unip.data.parallel import thread_map
 from unip.errors import DataError
 from unip.outputs import claim, is_our_json, is_our_jsonl, out_file
+
+logger = logging.getLogger(__name__)
 
 Entry = Dict[str, object]
 
@@ -194,6 +197,7 @@ def inspect_file(cand: Candidate) -> Entry:
         data = read_bytes(cand.path)
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
         img = decode(data, cand.path)
+        convert_checked(to_gray, img, cand.path)  # what every reader does next (e.g. an all-NaN float frame)
     except ImageReadError as err:
         return {**base, "reason": err.reason, "detail": err.detail}
     return {**base, "width": img.width, "height": img.height, "mode": img.mode, "hash": digest}
@@ -276,7 +280,10 @@ def _write_atomic(path: str, text: str) -> None:
 def _load_cache(manifest: str) -> Dict[str, Entry]:
     cache: Dict[str, Entry] = {}
     if os.path.isfile(manifest):
-        cache.update((str(r["path"]), r) for r in read_manifest(manifest))
+        try:
+            cache.update((str(r["path"]), r) for r in read_manifest(manifest))
+        except DataError as err:  # a damaged earlier manifest is only a cache: rescan what it listed
+            logger.warning("ignoring the earlier manifest, every file is read again: %s", err)
     report = report_path(manifest)
     if os.path.isfile(report):
         for entry in _read_report(report).get("skipped", []):

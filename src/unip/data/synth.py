@@ -274,12 +274,17 @@ def write_unlabeled(root: str, num: int, name: str = "synth", size: Tuple[int, i
     _check_counts(num, seed)
     width, height = check_size(size)
     folder = os.path.join(out_folder(root), plain_name(name, "--name"), THERMAL_DIR)
-    claim_folder(folder, re.compile(rf"^{re.escape(name)}_\d{{6}}\.(jpg|png)$"))
+    ours = re.compile(rf"^{re.escape(name)}_\d{{6}}\.(jpg|png)$")
+    claim_folder(folder, ours)
     os.makedirs(folder, exist_ok=True)
+    suffix = ".jpg" if bit_depth == 8 else ".png"
+    wanted = {f"{name}_{i:06d}{suffix}" for i in range(num)}
+    for stale in sorted(set(os.listdir(folder)) - wanted):  # an earlier, larger or other-depth set (all ours)
+        if ours.match(stale):
+            os.remove(os.path.join(folder, stale))
     paths = []
     for i in tqdm(range(num), desc=f"synth {name}", unit="img", disable=None):
         temp, _ = render_scene(seed, i, height, width, name)
-        suffix = ".jpg" if bit_depth == 8 else ".png"
         path = os.path.join(folder, f"{name}_{i:06d}{suffix}")
         _save(to_uint8(temp) if bit_depth == 8 else to_raw16(temp), path)
         paths.append(path)
