@@ -358,6 +358,8 @@ CASES: List[Case] = [
     Case("info: missing file", lambda a: ["info", str(a.scratch / "absent.pth")], match="absent.pth"),
     Case("info: no argument", lambda a: ["info"], match="checkpoint"),
     Case("info: a folder", lambda a: ["info", a.folder("ckpt_dir")], match="ckpt_dir.*folder"),
+    Case("info: an ONNX graph", lambda a: ["info", a.file("seg.onnx", b"\x08\x08\x12\x07pytorch")],
+         match="seg.onnx: an ONNX graph .*not a checkpoint"),
     Case("info: empty .pth", lambda a: ["info", a.file("empty.pth")], match="empty.pth"),
     Case("info: junk .pth", lambda a: ["info", a.file("junk.pth", b"not a checkpoint" * 10)], match="junk.pth"),
     Case("info: junk .safetensors", lambda a: ["info", a.file("junk.safetensors", b"\x00" * 64)],

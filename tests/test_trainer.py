@@ -493,7 +493,8 @@ def test_cli_shows_library_log_lines_on_stdout(pretrain_assets, tmp_path, capsys
 
 
 
-def test_pretrain_resume_with_another_teacher_layer_exits_2_naming_it(pretrain_assets, tmp_path, capsys):
+def test_pretrain_resume_with_another_teacher_layer_exits_2_naming_it(pretrain_assets, tmp_path, capsys,
+                                                                      monkeypatch):
     from unip import cli
 
     args = ["pretrain", "toy", "--teacher", str(pretrain_assets / "teacher.safetensors"), "--data",
@@ -505,6 +506,8 @@ def test_pretrain_resume_with_another_teacher_layer_exits_2_naming_it(pretrain_a
     assert cli.main(args + ["--teacher-layer", "1", "--resume", "auto"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and re.search(r"teacher layer 2 → 1.*allow_changed_config", err), err
-    assert cli.main(args + ["--teacher-layer", "2"]) == 2  # a new run over the finished one: refused
+    with monkeypatch.context() as patch:  # a new run over the finished one: refused before any work
+        patch.setattr("unip.distill.train.train", lambda config: pytest.fail("training started"))
+        assert cli.main(args + ["--teacher-layer", "2"]) == 2
     assert "--resume auto to continue it" in capsys.readouterr().err
     assert cli.main(args + ["--teacher-layer", "2", "--resume", "auto"]) == 0  # the same settings continue

@@ -382,14 +382,16 @@ def _option_values(args: argparse.Namespace, options: Dict[str, str]) -> Tuple[D
     return values, origins
 
 
-def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Callable[[str], bool]]) -> None:
+def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Callable[[str], bool]],
+                      resume: Optional[str]) -> None:
     """A training run folder may be new or one unip wrote: its config.yaml, log.jsonl and ``files`` (name →
     recogniser) must be unip's, so a rerun never overwrites or appends to a user's file, and its checkpoints/ and
-    tb/ must be folders (or absent), so that the run does not fail once training has started."""
+    tb/ must be folders (or absent), so that the run does not fail once training has started. A new run (no
+    ``resume``) may not start over another run's training states (``refuse_other_run``)."""
     import os
 
     from unip.engine.logging import LOG_FILE, RECORD_KEYS
-    from unip.engine.trainer import CONFIG_FILE, RUN_FOLDERS
+    from unip.engine.trainer import CONFIG_FILE, RUN_FOLDERS, refuse_other_run
     from unip.errors import ConfigError
     from unip.outputs import claim, is_our_jsonl, is_our_yaml, out_folder
 
@@ -403,6 +405,8 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
         if os.path.lexists(path) and not os.path.isdir(path):
             raise ConfigError(f"{path}: is a file where unip keeps the run's {name}/ folder; move it away or "
                               "choose another --out")
+    if not resume:
+        refuse_other_run(folder)
 
 
 def _layer_arg(text: str):
@@ -427,7 +431,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    _check_run_folder(config["run"]["output"], DEFAULTS, {STUDENT_FILE: is_our_checkpoint})
+    _check_run_folder(config["run"]["output"], DEFAULTS, {STUDENT_FILE: is_our_checkpoint}, config["run"]["resume"])
     result = train(config)
     print(f"pre-training finished after {result.steps} steps (loss {result.last_loss:.4g}); "
           f"student: {result.student}")
@@ -495,7 +499,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
         print(dump_config(config), end="")
         return 0
     _check_run_folder(config["run"]["output"], DEFAULTS, {SEGMENTOR_FILE: is_our_checkpoint,
-                                                           METRICS_FILE: is_our_json(["format", "mIoU"])})
+                                                           METRICS_FILE: is_our_json(["format", "mIoU"])},
+                      config["run"]["resume"])
     result = finetune(config)
     if result.is_main:
         print(result.table)

@@ -8,6 +8,7 @@ is missing, raises a ``ConfigError`` that says which feature needs it and how to
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 #: Import name → the pip package that provides it.
@@ -24,6 +25,8 @@ def require(module: str, feature: str) -> ModuleType:
     installed."""
     from unip.errors import ConfigError
 
+    if module == "cv2":  # OpenCV's own log lines would break the one-line errors (a video it cannot open)
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     try:
         return importlib.import_module(module)
     except ImportError as err:

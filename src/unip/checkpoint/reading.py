@@ -69,6 +69,9 @@ def read_checkpoint(path: PathLike) -> Tuple[Any, Dict[str, str]]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path}: an ONNX graph (what unip export writes), not a checkpoint: run it with "
+                              "onnxruntime (docs/inference.md); pass the .safetensors file it was exported from")
     return _read_pickle(path), {}
 
 

@@ -53,7 +53,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -308,6 +308,21 @@ class FitResult:
     best: Optional[Dict[str, Any]] = None
 
 
+def refuse_other_run(output: Union[str, Path]) -> None:
+    """``ConfigError`` when a new run (no ``run.resume``) would start in a folder holding another run's training
+    states or best model: pruning would delete the new run's states and ``--resume auto`` would continue the old
+    one."""
+    ckpt_dir = Path(output) / CHECKPOINT_DIR
+    latest = checkpointing.find_latest(ckpt_dir)
+    best = [name for name in (checkpointing.BEST_JSON, checkpointing.BEST_WEIGHTS) if (ckpt_dir / name).exists()]
+    if latest is None and not best:
+        return
+    found = f"training states up to step {checkpointing.state_step(latest)}" if latest is not None \
+        else f"a best model ({', '.join(best)})"
+    raise ConfigError(f"{output} already holds another run ({found} in {ckpt_dir}); pass --resume auto to "
+                      f"continue it, choose another --out, or delete {ckpt_dir}")
+
+
 class Trainer:
     """One training run of ``task`` as ``config`` says, in this process (``dist``). ``fit()`` runs it."""
 
@@ -444,19 +459,6 @@ class Trainer:
                 self.log.log(0, record, prefix="setup")
         barrier()
 
-    def _refuse_other_run(self) -> None:
-        """``ConfigError`` when a new run (no ``run.resume``) would start over another run's training states or
-        best model: pruning would delete the new run's states and ``--resume auto`` would continue the old one."""
-        latest = checkpointing.find_latest(self.ckpt_dir)
-        best = [name for name in (checkpointing.BEST_JSON, checkpointing.BEST_WEIGHTS)
-                if (self.ckpt_dir / name).exists()]
-        if latest is None and not best:
-            return
-        found = f"training states up to step {checkpointing.state_step(latest)}" if latest is not None \
-            else f"a best model ({', '.join(best)})"
-        raise ConfigError(f"{self.output} already holds another run ({found} in {self.ckpt_dir}); pass --resume "
-                          f"auto to continue it, choose another --out, or delete {self.ckpt_dir}")
-
     def _drop_later_states(self) -> None:
         """After resuming from an explicit state at step S: delete this run's states past S and a best model
         chosen after S (the run goes on from S on another trajectory; they must not outrank it)."""
@@ -468,7 +470,7 @@ class Trainer:
     def _resume(self) -> Optional[Path]:
         """Load the state ``run.resume`` names (``None`` for a new run); returns its path."""
         if not self.run["resume"]:
-            self._refuse_other_run()
+            refuse_other_run(self.output)  # the CLI checked before any work; a library caller is checked here
             return None
         found = checkpointing.find_resume_state(self.run["resume"], self.ckpt_dir)
         if found is None:
