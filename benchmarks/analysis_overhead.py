@@ -7,6 +7,10 @@ Times, over the same in-memory batches (median of interleaved rounds, after a wa
                   looking at attention at all);
 * ``profile``   – ``unip.analysis.profile_model``: maps plus NMI / distance / entropy and the streaming
                   statistics.
+* ``profile_default_linear`` – on a CPU where ``profile_model`` chose oneDNN's fp32 linear kernel
+                  (``unip.models.cpu_linear``): the profile again with PyTorch's default kernel
+                  (``UNIP_CPU_LINEAR=default``), the ratio the kernel choice buys. The three rows above all run
+                  with the chosen kernel.
 
 Usage: ``python benchmarks/analysis_overhead.py [--model vit_small_patch16] [--num-images 64]
 [--batch-size 16] [--img-size 224] [--device auto] [--rounds 3] [--threads N] [--layer-group K]``
@@ -16,14 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Callable, Dict, List
+from unittest import mock
 
 import torch
 
 from unip.analysis.profile import attention_by_layer, profile_model
 from unip.models import create_model
+from unip.models.cpu_linear import ENV_VAR, onednn_linears, use_onednn_linears
 
 
 def _sync(device: torch.device) -> None:
@@ -76,7 +83,14 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
         profile_model(model, (img for b in batches for img in b), args.batch_size, device, progress=False,
                       layer_group=args.layer_group)
 
+    def profile_default_linear() -> None:
+        with mock.patch.dict(os.environ, {ENV_VAR: "default"}), onednn_linears(model, "default"):
+            profile()
+
+    switched = use_onednn_linears(model)  # the kernels profile_model chooses, for every row
     runs = {"forward": forward, "maps": maps, "profile": profile}
+    if switched:
+        runs["profile_default_linear"] = profile_default_linear
     for fn in runs.values():  # warm-up (allocator, kernels, distance table)
         fn()
     times: Dict[str, List[float]] = {name: [] for name in runs}
@@ -94,7 +108,10 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
         "maps_over_forward": round(median["maps"] / median["forward"], 3),
         "profile_over_forward": round(median["profile"] / median["forward"], 3),
         "profile_over_maps": round(median["profile"] / median["maps"], 3),
+        "cpu_linear": "oneDNN" if switched else "default",
     }
+    if switched:
+        result["default_linear_over_onednn"] = round(median["profile_default_linear"] / median["profile"], 3)
     print(json.dumps(result, indent=1))
     return result
 

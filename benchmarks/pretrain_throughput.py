@@ -11,7 +11,9 @@ Rows (each with its own copy of the same weights, timed alternately after warm-u
 * ``ours``     – ``unip pretrain``'s step, assembled from the same pieces it uses (``Teacher`` with its
                  weight precision, ``StudentLogits`` with the unused parts frozen, ``build_adamw`` (fused on
                  CUDA), ``engine.loop.train_step`` with its non-finite check): bf16 autocast and a bf16 teacher
-                 on CUDA, fp32 on CPU; only the q/k rows of the last blocks are projected.
+                 on CUDA, fp32 on CPU (the teacher's linears through oneDNN where that kernel times faster,
+                 ``unip.models.cpu_linear``; ``UNIP_CPU_LINEAR=default`` turns that off); only the q/k rows
+                 of the last blocks are projected.
 * ``ours+bf16`` – ours under bf16 autocast with a bf16 teacher also on a CPU (``--precision bf16``; the
                  default CPU rows include it where the CPU has bf16 instructions: AVX512-BF16 or AMX).
 * ``ours+compile`` – the same with ``torch.compile`` of teacher, student and loss (``run.compile``).

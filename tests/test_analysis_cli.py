@@ -200,3 +200,23 @@ def test_a_single_patch_input_is_refused_with_one_line(tmp_path):
     with pytest.raises(ConfigError, match="at least two patches"):
         check_input_size(model, (16, 16), 1, torch.device("cpu"))
     check_input_size(model, (16, 32), 1, torch.device("cpu"))
+
+
+def test_cpu_linear_kernel_choice_keeps_the_profile(vit_s, image_dir, tmp_path, capsys, monkeypatch):
+    """``UNIP_CPU_LINEAR=onednn`` (the oneDNN fp32 kernel, chosen automatically where faster) profiles the same
+    numbers as PyTorch's default kernel; a wrong value is one line, exit 2."""
+    documents = []
+    for choice in ("default", "onednn"):
+        monkeypatch.setenv("UNIP_CPU_LINEAR", choice)
+        out = tmp_path / choice
+        code, _, _ = run_cli(capsys, "--model", vit_s, "--images", image_dir, "--out", str(out), "--no-progress")
+        assert code == 0
+        documents.append(json.loads((out / "profile.json").read_text())["models"][0])
+    default, onednn = documents
+    assert onednn["selected_layer"] == default["selected_layer"]
+    for ours, reference in zip(onednn["layers"], default["layers"]):
+        assert ours["pattern"] == reference["pattern"]
+        assert ours["nmi"] == pytest.approx(reference["nmi"], rel=1e-4, abs=1e-6)
+    monkeypatch.setenv("UNIP_CPU_LINEAR", "fastest")
+    code, _, err = run_cli(capsys, "--model", vit_s, "--images", image_dir, "--out", str(tmp_path / "bad"))
+    assert code == 2 and "UNIP_CPU_LINEAR='fastest': choose one of auto, onednn, default" in _one_error_line(err)

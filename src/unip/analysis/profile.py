@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from unip.analysis.metrics import METRICS, Grid, attention_metrics, uniform_distance
 from unip.errors import ConfigError, DataError
+from unip.models.cpu_linear import onednn_linears
 from unip.models.vit import VisionTransformer
 
 
@@ -214,12 +215,13 @@ def profile_model(model: VisionTransformer, images: Iterable[Tensor], batch_size
     acc = ProfileAccumulator()
     acc_device = _accumulator_device(device)
     total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
-    bar = tqdm(total=total, unit="img", desc=f"profiling {source}", disable=not progress, leave=False)
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
+    kernels = onednn_linears(model) if autocast_dtype is None else contextlib.nullcontext()
     grid: Grid = (0, 0)
     scratch: Dict[Tuple, Tensor] = {}
-    with torch.inference_mode(), amp, bar:
+    with kernels, torch.inference_mode(), amp, tqdm(total=total, unit="img", desc=f"profiling {source}",
+                                                    disable=not progress, leave=False) as bar:
         for x in _batches(images, batch_size):
             metrics, grid = batch_metrics(model, x.to(device, non_blocking=True), layers, scratch, group)
             acc.update({layer: values.to(acc_device) for layer, values in metrics.items()})

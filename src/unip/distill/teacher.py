@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unip.errors import ConfigError
+from unip.models.cpu_linear import use_onednn_linears
 from unip.models.vit import VisionTransformer
 
 
@@ -51,7 +52,8 @@ class Teacher(nn.Module):
         return super().train(False)  # always eval: no drop path, whatever the caller sets
 
     def set_precision(self, precision: str) -> "Teacher":
-        """Store the frozen weights as ``fp32``, ``bf16`` (no per-step casts under bf16 autocast, half the
+        """Store the frozen weights as ``fp32`` (on a CPU, through oneDNN where that is faster: see
+        ``unip.models.cpu_linear``), ``bf16`` (no per-step casts under bf16 autocast, half the
         memory) or ``fp8`` (torchao dynamic FP8 linears on Ada/Hopper GPUs; ``ConfigError`` elsewhere).
         Returns ``self``."""
         if precision not in TEACHER_PRECISIONS:
@@ -62,6 +64,8 @@ class Teacher(nn.Module):
             quantize_linear_fp8(self.model)
         else:
             self.model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
+            if precision == "fp32":
+                use_onednn_linears(self.model)  # on CPUs where oneDNN's fp32 kernel is the faster one
         self.precision = precision
         return self
 

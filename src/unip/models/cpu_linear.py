@@ -1,0 +1,151 @@
+"""fp32 linear layers of frozen models on a CPU through oneDNN, where that kernel is the faster one.
+
+PyTorch runs an fp32 ``nn.Linear`` on a CPU as a BLAS sgemm (MKL in the PyPI wheels). On some CPUs oneDNN's fp32
+matmul, which the same wheels ship for their mixed-precision paths, computes the same product faster: measured
+1.12–1.24× on the ViT-L layers of the NMI-HAD teacher (1,576 rows; about 210 against 170–190 GFLOP/s) on a
+2-core AMD EPYC with AVX-512, torch 2.14.1. The arithmetic is the same (fp32 products and sums; only the summation order
+differs, ~1e-6 relative).
+
+oneDNN's op has no backward, so this serves frozen models: the NMI-HAD teacher (``Teacher.set_precision``) and
+the attention profiles of ``unip analyze`` and ``--teacher-layer auto`` (``profile_model``). A switched layer
+still takes the usual path whenever a call is not a plain fp32 CPU product without gradients (autocast,
+autograd, another device, ``torch.compile``/export tracing). Which kernel wins depends on
+the CPU, so ``use_onednn_linears`` first times both on the model's largest layer and switches only when oneDNN is
+clearly faster; small layers (where a timing would be noise) never switch. ``UNIP_CPU_LINEAR=default`` keeps
+PyTorch's kernel everywhere (``onednn`` forces oneDNN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import statistics
+import time
+from typing import Callable, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unip.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: The environment variable that overrides the choice (``auto``, ``onednn`` or ``default``).
+ENV_VAR = "UNIP_CPU_LINEAR"
+CHOICES = ("auto", "onednn", "default")
+#: Layers with fewer weights than this keep the default kernel (timings of small products are noise).
+MIN_WEIGHTS = 1 << 20
+#: oneDNN is chosen only when it takes at most this share of the default kernel's time.
+MAX_TIME_SHARE = 0.95
+
+
+def onednn_linear_available() -> bool:
+    """True when this torch has oneDNN's fp32 linear op for dense CPU tensors."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: "Tensor | None") -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _register_flop_formula() -> None:
+    """Let ``torch.utils.flop_counter`` count the op like the ``addmm`` it replaces (MFU figures stay right)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def linear_flops(input_shape, weight_shape, *args, **kwargs) -> int:
+        return 2 * math.prod(input_shape[:-1]) * weight_shape[0] * weight_shape[1]
+
+
+if onednn_linear_available():
+    _register_flop_formula()
+
+
+class OneDnnLinear(nn.Linear):
+    """An ``nn.Linear`` whose plain fp32 CPU calls without gradients run oneDNN's kernel; every other call is
+    ``F.linear``. It adds no state: layers switch by changing their class (``use_onednn_linears``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._plain_cpu_call(x):
+            return _onednn_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def _plain_cpu_call(self, x: Tensor) -> bool:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return False
+        return not (torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def _median_seconds(run: Callable[[], Tensor], repeats: int) -> float:
+    run()  # warm-up: kernel creation, first-touch of the output
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_is_faster(in_features: int, out_features: int, threads: int, rows: int = 1024, repeats: int = 5) -> bool:
+    """Time ``rows × in_features`` through an ``out_features × in_features`` fp32 layer with both kernels
+    (interleaved, median); True when oneDNN takes at most ``MAX_TIME_SHARE`` of the default kernel's time.
+    Cached per shape and thread count (``threads`` is part of the key only)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.zeros(out_features)
+    with torch.no_grad():
+        default = _median_seconds(lambda: F.linear(x, weight, bias), repeats)
+        onednn = _median_seconds(lambda: _onednn_linear(x, weight, bias), repeats)
+    logger.info("fp32 CPU linear %dx%d (%d rows, %d threads): default %.1f ms, oneDNN %.1f ms", out_features,
+                in_features, rows, threads, 1e3 * default, 1e3 * onednn)
+    return onednn <= MAX_TIME_SHARE * default
+
+
+def use_onednn_linears(model: nn.Module, choice: Optional[str] = None) -> List[nn.Linear]:
+    """Switch the fp32 CPU ``nn.Linear`` layers of ``model`` to ``OneDnnLinear``, in place (calls that need
+    gradients still take the usual path, so a trainable layer stays correct, just not faster).
+
+    ``choice``: ``auto`` (when oneDNN is faster on the model's largest layer, timed once per process),
+    ``onednn`` (always, where the op exists) or ``default`` (never; layers already switched go back);
+    ``None`` reads ``$UNIP_CPU_LINEAR`` (default ``auto``). Returns the layers this call switched to oneDNN."""
+    choice = choice or os.environ.get(ENV_VAR) or "auto"
+    if choice not in CHOICES:
+        raise ConfigError(f"{ENV_VAR}={choice!r}: choose one of {', '.join(CHOICES)}")
+    layers = [m for m in model.modules() if type(m) in (nn.Linear, OneDnnLinear) and _fp32_cpu(m)]
+    switch = bool(layers) and choice != "default" and onednn_linear_available()
+    if switch and choice == "auto":
+        largest = max(layers, key=lambda m: m.weight.numel())
+        switch = largest.weight.numel() >= MIN_WEIGHTS and onednn_is_faster(
+            largest.in_features, largest.out_features, torch.get_num_threads())
+    kind = OneDnnLinear if switch else nn.Linear
+    changed = [layer for layer in layers if type(layer) is not kind]
+    for layer in changed:
+        layer.__class__ = kind
+    if switch and changed:
+        logger.info("%d fp32 linear layers run through oneDNN on this CPU", len(changed))
+    return changed if switch else []
+
+
+@contextlib.contextmanager
+def onednn_linears(model: nn.Module, choice: Optional[str] = None) -> Iterator[int]:
+    """``use_onednn_linears`` for the duration of a ``with`` block: every linear layer has its earlier kind
+    again afterwards. Yields how many layers it switched to oneDNN."""
+    before = [(m, type(m)) for m in model.modules() if type(m) in (nn.Linear, OneDnnLinear)]
+    switched = use_onednn_linears(model, choice)
+    try:
+        yield len(switched)
+    finally:
+        for layer, kind in before:
+            layer.__class__ = kind
+
+
+def _fp32_cpu(layer: nn.Linear) -> bool:
+    return layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32
