@@ -24,3 +24,34 @@ def test_a_folder_without_readable_images_is_an_error(tmp_path):
     (tmp_path / "a.png").write_text("text")
     with pytest.raises(DataError, match="no readable images"):
         open_pretrain_images(str(tmp_path), crop_transform(32, augment=False))
+
+
+def test_teacher_layer_auto_sees_the_frames_unip_analyze_sees(tmp_path):
+    """``--teacher-layer auto`` prepares its images as ``unip analyze`` does (the whole non-square frame
+    resized, not a centre crop), so both profile the same inputs and pick the same layer."""
+    import torch
+
+    from unip.analysis.images import ImageFolder, list_images
+    from unip.analysis.run import AnalyzeOptions, analyze
+    from unip.checkpoint import save_checkpoint
+    from unip.distill.data import frame_transform
+    from unip.distill.train import auto_layer, make_config
+    from unip.engine.loop import Precision
+    from unip.models import create_model
+
+    write_unlabeled(str(tmp_path / "data"), 6, size=(64, 32), seed=0, bit_depth=16)
+    folder = str(tmp_path / "data")
+    frames = open_pretrain_images(folder, frame_transform(32, 0.3801, 0.1871))
+    analysed = ImageFolder(list_images(folder), (32, 32))
+    by_path = dict(zip(analysed.paths, analysed))
+    for index, path in enumerate(frames.files):
+        torch.testing.assert_close(frames[index], by_path[path], rtol=0, atol=0)
+
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch16", depth=3, embed_dim=64, num_heads=4, img_size=32)
+    save_checkpoint(model, tmp_path / "teacher.safetensors")
+    config = make_config("toy", values={"teacher.auto_images": 6})
+    layer, why = auto_layer(model, config, folder, Precision("cpu", None), progress=False)
+    result = analyze([str(tmp_path / "teacher.safetensors")], folder,
+                     AnalyzeOptions(out=str(tmp_path / "analysis"), progress=False))
+    assert layer == result.models[0].selection.layer and "over 6 images" in why

@@ -74,10 +74,16 @@ def list_images(folder: str, limit: Optional[int] = None) -> List[str]:
 def load_image(path: str, size: Tuple[int, int], norm: Normalization = NORMALIZATIONS["infmix"]) -> Tensor:
     """Read ``path`` and return the normalised model input, float32 ``[3, height, width]`` for
     ``size = (height, width)``. Raises ``ImageReadError`` (a ``DataError``) when the file is unusable."""
-    gray = read_gray(path)
+    return frame_input(read_gray(path), size, norm)
+
+
+def frame_input(gray: np.ndarray, size: Tuple[int, int], norm: Normalization = NORMALIZATIONS["infmix"]) -> Tensor:
+    """A uint8 grayscale frame ``[H, W]`` as the normalised model input, float32 ``[3, height, width]``: the
+    whole frame resized to ``size = (height, width)`` (PIL bicubic, aspect not kept), scaled to [0, 1],
+    normalised, repeated to 3 channels."""
     if gray.shape != tuple(size):
         gray = np.asarray(Image.fromarray(gray).resize((size[1], size[0]), Image.Resampling.BICUBIC))
-    pixels = torch.from_numpy(np.ascontiguousarray(gray)).float().div_(255.0)
+    pixels = torch.from_numpy(np.asarray(gray, dtype=np.float32)).div_(255.0)  # a new, writable array
     mean = torch.tensor(norm.mean).view(3, 1, 1)
     std = torch.tensor(norm.std).view(3, 1, 1)
     return (pixels.expand(3, -1, -1) - mean) / std

@@ -1,7 +1,7 @@
 """Pre-training images for ``unip pretrain``: a pack folder, a manifest, or a plain folder of images.
 
-Uses ``unip.data``'s data sets (uint8 grayscale → transform); adds the plain-folder case and the
-deterministic (no-augmentation) crop used for layer selection and exact-equivalence tests.
+Uses ``unip.data``'s data sets (uint8 grayscale → transform); adds the plain-folder case, the
+deterministic (no-augmentation) crop of exact-equivalence tests and the full-frame input of layer selection.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from unip.analysis.images import Normalization, frame_input
 from unip.data.packed import INDEX_JSON, GrayImages, ManifestImages, PackedImages
 from unip.data.transforms import Transform, normalize_batch, pretrain_transform
 from unip.errors import DataError
@@ -33,6 +34,17 @@ def build_transform(size: int, mean: float, std: float, augment: bool = True,
                     scale: Sequence[float] = (0.2, 1.0)) -> Transform:
     """``crop_transform`` followed by normalisation: uint8 ``[1, H, W]`` → float32 ``[3, size, size]``."""
     return v2.Compose([crop_transform(size, augment, scale), partial(normalize_batch, mean=mean, std=std)])
+
+
+def frame_transform(size: int, mean: float, std: float) -> Transform:
+    """uint8 ``[1, H, W]`` → float32 ``[3, size, size]`` as ``unip analyze`` prepares an image (the whole frame
+    resized, aspect not kept; ``unip.analysis.images.frame_input``), so that ``--teacher-layer auto`` chooses
+    what ``unip analyze`` chooses on the same frames."""
+    return partial(_frame_input, size=(size, size), norm=Normalization((mean,) * 3, (std,) * 3))
+
+
+def _frame_input(x: torch.Tensor, size: Tuple[int, int], norm: Normalization) -> torch.Tensor:
+    return frame_input(x[0].numpy(), size, norm)
 
 
 def open_pretrain_images(path: str, transform: Transform) -> GrayImages:

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
 from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, normalize_batch
-from unip.distill.data import build_transform, crop_transform, describe_skipped, open_pretrain_images, take
+from unip.distill.data import crop_transform, describe_skipped, frame_transform, open_pretrain_images, take
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
 from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, fit_to_grid
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
@@ -192,7 +192,7 @@ def auto_layer(model: VisionTransformer, config: Config, dataset_path: str, prec
 
     data = config["data"]
     size = model.config["img_size"][0]
-    dataset = open_pretrain_images(dataset_path, build_transform(size, data["mean"], data["std"], augment=False))
+    dataset = open_pretrain_images(dataset_path, frame_transform(size, data["mean"], data["std"]))
     images = take(dataset, int(config["teacher"]["auto_images"]), seed=int(config["run"]["seed"]))
     profile = profile_model(model, images, batch_size=16, autocast_dtype=precision.dtype, progress=progress,
                             source="teacher")
