@@ -348,6 +348,25 @@ def test_video_bytes_written_by_others_are_not_ours(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["tiny.mp4", "v.mp4"]  # the partial video is gone
 
 
+@pytest.mark.parametrize("size", [(33, 47), (32, 48)])
+def test_videos_of_odd_sizes_keep_every_pixel(tmp_path, size):
+    import cv2
+
+    from unip.data.video import VideoWriter
+
+    frame = np.zeros(size + (3,), np.uint8)
+    frame[-8:, :] = 255  # bright bottom rows and right columns: what an odd-size writer used to cut
+    frame[:, -8:] = 255
+    with VideoWriter(str(tmp_path / "v.mp4"), 5.0, size) as writer:
+        writer.write(frame)
+    capture = cv2.VideoCapture(str(tmp_path / "v.mp4"))
+    ok, read = capture.read()
+    capture.release()
+    assert ok and read.shape[:2] == (size[0] + size[0] % 2, size[1] + size[1] % 2)
+    assert np.abs(read[: size[0], : size[1]].astype(int) - frame[:, :, ::-1]).mean() < 8  # mp4v is lossy
+    assert read[-1, -1].min() > 200 and read[0, 0].max() < 50
+
+
 def test_csv_quotes_odd_names():
     from unip.seg.predict_run import areas_csv
 

@@ -86,7 +86,10 @@ class VideoReader:
 
 class VideoWriter:
     """Writes RGB uint8 frames of one size to an MP4 file; ``close()`` completes it (rename into place,
-    :data:`VIDEO_MARK` appended), ``abort()`` removes the partial file. Use as a context manager."""
+    :data:`VIDEO_MARK` appended), ``abort()`` removes the partial file. Use as a context manager.
+
+    An odd height or width is padded by one copy of the last row/column (mp4v stores even sizes only), so the
+    video is at most one pixel larger than the frames and no pixel is lost."""
 
     def __init__(self, path: str, fps: float, size: Tuple[int, int]) -> None:
         cv2 = _cv2()
@@ -94,18 +97,21 @@ class VideoWriter:
         folder, name = os.path.split(path)
         self.tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}.mp4")  # OpenCV picks the container by suffix
         os.makedirs(folder or ".", exist_ok=True)
-        height, width = size
-        self._writer: Optional[object] = cv2.VideoWriter(self.tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps),
-                                                         (int(width), int(height)))
+        self.size = (int(size[0]), int(size[1]))
+        # mp4v drops the last row/column of an odd size: pad to even with copies of the edge, keeping every pixel
+        self._pad = ((0, self.size[0] % 2), (0, self.size[1] % 2), (0, 0))
+        even = (self.size[1] + self._pad[1][1], self.size[0] + self._pad[0][1])
+        self._writer: Optional[object] = cv2.VideoWriter(self.tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), even)
         if not self._writer.isOpened():
             self.abort()
             raise DataError(f"{path}: OpenCV cannot write an MP4 video here (no FFmpeg/mp4v support?)")
-        self.size = (int(height), int(width))
 
     def write(self, rgb: np.ndarray) -> None:
         if tuple(rgb.shape[:2]) != self.size:
             raise DataError(f"{self.path}: frame of size {rgb.shape[0]}x{rgb.shape[1]} in a video of "
                             f"{self.size[0]}x{self.size[1]}")
+        if self._pad[0][1] or self._pad[1][1]:
+            rgb = np.pad(rgb, self._pad, mode="edge")
         self._writer.write(np.ascontiguousarray(rgb[:, :, ::-1]))
 
     def close(self) -> str:
