@@ -96,6 +96,26 @@ def test_tiny_run_halves_the_loss_and_moves_nmi_towards_the_teacher(assets, tmp_
     assert (tmp_path / "run" / "tb").is_dir()
 
 
+def test_onednn_teacher_linears_give_the_same_run(assets, tmp_path, monkeypatch):
+    """The teacher's fp32 linears through oneDNN (``UNIP_CPU_LINEAR``, docs/pretrain.md#throughput): the same
+    losses as PyTorch's kernel up to summation order, and the run's record says which kernel ran."""
+    losses = {}
+    for kernel in ("default", "onednn"):
+        monkeypatch.setenv("UNIP_CPU_LINEAR", kernel)
+        out = tmp_path / kernel
+        train(make_config("toy", values={
+            "teacher.source": str(assets / "teacher.safetensors"), "teacher.layer": 2,
+            "data.path": str(assets / "images"), "run.output": str(out), "run.progress": False,
+            "student.depth": 2, "student.embed_dim": 64, "student.num_heads": 2, "optim.epochs": 1,
+            "data.augment": False, "run.log_every": 1}))
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        setup = next(r for r in records if "teacher_layer" in r)
+        assert setup["teacher_linear_kernel"] == {"default": "default", "onednn": "oneDNN"}[kernel]
+        losses[kernel] = [r["loss"] for r in records if r.get("kind") == "train"]
+    assert len(losses["onednn"]) == 4
+    assert losses["onednn"] == pytest.approx(losses["default"], rel=1e-4)
+
+
 def test_bf16_on_a_cpu_follows_the_fp32_run(assets, tmp_path):
     """``--precision bf16`` on a CPU: bf16 autocast and a bf16 teacher (about 2x faster where the CPU has bf16
     instructions, docs/pretrain.md); the per-step losses stay close to the fp32 run's."""

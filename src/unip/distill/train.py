@@ -33,6 +33,7 @@ from unip.engine.loop import PRECISIONS, Precision
 from unip.engine.trainer import Task, TrainContext, batch_plan, train_task
 from unip.errors import ConfigError
 from unip.models import create_model, list_models, preset_config
+from unip.models.cpu_linear import linear_kernel
 from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import VisionTransformer
 
@@ -299,7 +300,7 @@ class NmiHadTask(Task):
 
     def setup_record(self, ctx: TrainContext) -> Dict[str, Any]:
         return {"teacher_layer": self.teacher.layer, "teacher_layer_reason": self.teacher_why,
-                "teacher_precision": self.teacher.precision}
+                "teacher_precision": self.teacher.precision, "teacher_linear_kernel": linear_kernel(self.teacher)}
 
     def resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
         """What the saved student's metadata describes: teacher, distilled layer and heads, loss, student, data."""

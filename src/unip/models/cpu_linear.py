@@ -147,5 +147,10 @@ def onednn_linears(model: nn.Module, choice: Optional[str] = None) -> Iterator[i
             layer.__class__ = kind
 
 
+def linear_kernel(model: nn.Module) -> str:
+    """``oneDNN`` when some linear layer of ``model`` runs through oneDNN, else ``default`` (for run records)."""
+    return "oneDNN" if any(type(m) is OneDnnLinear for m in model.modules()) else "default"
+
+
 def _fp32_cpu(layer: nn.Linear) -> bool:
     return layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32
