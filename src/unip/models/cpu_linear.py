@@ -1,18 +1,18 @@
 """fp32 linear layers of frozen models on a CPU through oneDNN, where that kernel is the faster one.
 
-PyTorch runs an fp32 ``nn.Linear`` on a CPU as a BLAS sgemm (MKL in the PyPI wheels). On some CPUs oneDNN's fp32
-matmul, which the same wheels ship for their mixed-precision paths, computes the same product faster: measured
-1.12–1.24× on the ViT-L layers of the NMI-HAD teacher (1,576 rows; about 210 against 170–190 GFLOP/s) on a
-2-core AMD EPYC with AVX-512, torch 2.14.1. The arithmetic is the same (fp32 products and sums; only the summation order
-differs, ~1e-6 relative).
+PyTorch runs an fp32 ``nn.Linear`` on a CPU as a BLAS sgemm (MKL in the PyPI wheels). On some CPUs oneDNN's
+fp32 matmul, which the same wheels ship for their mixed-precision paths, computes the same product faster:
+measured 1.12–1.24× on the ViT-L layers of the NMI-HAD teacher (1,576 rows; about 210 against 170–190 GFLOP/s)
+on a 2-core AMD EPYC with AVX-512, torch 2.14.1. The arithmetic is the same (fp32 products and sums; only the
+summation order differs, ~1e-6 relative).
 
 oneDNN's op has no backward, so this serves frozen models: the NMI-HAD teacher (``Teacher.set_precision``) and
 the attention profiles of ``unip analyze`` and ``--teacher-layer auto`` (``profile_model``). A switched layer
 still takes the usual path whenever a call is not a plain fp32 CPU product without gradients (autocast,
-autograd, another device, ``torch.compile``/export tracing). Which kernel wins depends on
-the CPU, so ``use_onednn_linears`` first times both on the model's largest layer and switches only when oneDNN is
-clearly faster; small layers (where a timing would be noise) never switch. ``UNIP_CPU_LINEAR=default`` keeps
-PyTorch's kernel everywhere (``onednn`` forces oneDNN).
+autograd, another device, ``torch.compile``/export tracing). Which kernel wins depends on the CPU, so
+``use_onednn_linears`` first times both on the model's largest layer and switches only when oneDNN is clearly
+faster; small layers (where a timing would be noise) never switch. ``UNIP_CPU_LINEAR=default`` keeps PyTorch's
+kernel everywhere (``onednn`` forces oneDNN).
 """
 
 from __future__ import annotations
@@ -82,28 +82,31 @@ class OneDnnLinear(nn.Linear):
         return not (torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
-def _median_seconds(run: Callable[[], Tensor], repeats: int) -> float:
-    run()  # warm-up: kernel creation, first-touch of the output
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _median_seconds(runs: List[Callable[[], Tensor]], repeats: int) -> List[float]:
+    """Median seconds per call of each of ``runs``, timed in turn (one call of each per round) after a warm-up
+    call of each, so that a change of machine load hits all alike."""
+    times: List[List[float]] = [[] for _ in runs]
+    for round_ in range(repeats + 1):
+        for run, spent in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            if round_:  # round 0 warms up: kernel creation, first touch of the output
+                spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 @functools.lru_cache(maxsize=None)
 def onednn_is_faster(in_features: int, out_features: int, threads: int, rows: int = 1024, repeats: int = 5) -> bool:
     """Time ``rows × in_features`` through an ``out_features × in_features`` fp32 layer with both kernels
-    (interleaved, median); True when oneDNN takes at most ``MAX_TIME_SHARE`` of the default kernel's time.
+    (in turn, median); True when oneDNN takes at most ``MAX_TIME_SHARE`` of the default kernel's time.
     Cached per shape and thread count (``threads`` is part of the key only)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, in_features, generator=generator)
     weight = torch.randn(out_features, in_features, generator=generator)
     bias = torch.zeros(out_features)
     with torch.no_grad():
-        default = _median_seconds(lambda: F.linear(x, weight, bias), repeats)
-        onednn = _median_seconds(lambda: _onednn_linear(x, weight, bias), repeats)
+        default, onednn = _median_seconds([lambda: F.linear(x, weight, bias),
+                                           lambda: _onednn_linear(x, weight, bias)], repeats)
     logger.info("fp32 CPU linear %dx%d (%d rows, %d threads): default %.1f ms, oneDNN %.1f ms", out_features,
                 in_features, rows, threads, 1e3 * default, 1e3 * onednn)
     return onednn <= MAX_TIME_SHARE * default
