@@ -116,6 +116,35 @@ def test_onednn_teacher_linears_give_the_same_run(assets, tmp_path, monkeypatch)
     assert losses["onednn"] == pytest.approx(losses["default"], rel=1e-4)
 
 
+def test_a_resumed_run_keeps_the_teacher_kernel_its_first_process_chose(assets, tmp_path, monkeypatch):
+    """``UNIP_CPU_LINEAR`` unset: a resumed process reads the kernel from the run's log instead of timing anew,
+    so its targets, and the weights it ends with, are those of the uninterrupted run."""
+    from unip.models import cpu_linear
+
+    monkeypatch.delenv("UNIP_CPU_LINEAR", raising=False)
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHTS", 1)
+    monkeypatch.setattr(cpu_linear, "onednn_is_faster", lambda *shape: True)
+    out = tmp_path / "run"
+    values = {"teacher.source": str(assets / "teacher.safetensors"), "teacher.layer": 2,
+              "data.path": str(assets / "images"), "run.output": str(out), "run.progress": False,
+              "student.depth": 2, "student.embed_dim": 64, "student.num_heads": 2, "optim.epochs": 2,
+              "run.save_every_steps": 2, "run.keep_checkpoints": 4, "run.log_every": 1}
+    train(make_config("toy", values=values))
+    uninterrupted = _weights(out / "student.safetensors")
+    monkeypatch.setattr(cpu_linear, "onednn_is_faster", lambda *shape: False)  # a timing that now says otherwise
+    state = out / "checkpoints" / "step-00000004.pt"
+    train(make_config("toy", values={**values, "run.resume": str(state)}))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    resume = next(r for r in records if r.get("kind") == "resume")
+    assert resume["step"] == 4 and resume["teacher_linear_kernel"] == "oneDNN"
+    resumed = _weights(out / "student.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    monkeypatch.setenv("UNIP_CPU_LINEAR", "default")  # an explicit choice wins over the log
+    train(make_config("toy", values={**values, "run.resume": str(state)}))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r for r in records if r.get("kind") == "resume"][-1]["teacher_linear_kernel"] == "default"
+
+
 def test_bf16_on_a_cpu_follows_the_fp32_run(assets, tmp_path):
     """``--precision bf16`` on a CPU: bf16 autocast and a bf16 teacher (about 2x faster where the CPU has bf16
     instructions, docs/pretrain.md); the per-step losses stay close to the fp32 run's."""

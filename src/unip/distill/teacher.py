@@ -51,9 +51,9 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # always eval: no drop path, whatever the caller sets
 
-    def set_precision(self, precision: str) -> "Teacher":
-        """Store the frozen weights as ``fp32`` (on a CPU, through oneDNN where that is faster: see
-        ``unip.models.cpu_linear``), ``bf16`` (no per-step casts under bf16 autocast, half the
+    def set_precision(self, precision: str, cpu_linear: Optional[str] = None) -> "Teacher":
+        """Store the frozen weights as ``fp32`` (on a CPU, through oneDNN where that is faster, or as
+        ``cpu_linear`` says: see ``unip.models.cpu_linear``), ``bf16`` (no per-step casts under bf16 autocast, half the
         memory) or ``fp8`` (torchao dynamic FP8 linears on Ada/Hopper GPUs; ``ConfigError`` elsewhere).
         Returns ``self``."""
         if precision not in TEACHER_PRECISIONS:
@@ -65,7 +65,7 @@ class Teacher(nn.Module):
         else:
             self.model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
             if precision == "fp32":
-                use_onednn_linears(self.model)  # on CPUs where oneDNN's fp32 kernel is the faster one
+                use_onednn_linears(self.model, cpu_linear)  # on CPUs where oneDNN's fp32 kernel is the faster one
         self.precision = precision
         return self
 

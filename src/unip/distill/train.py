@@ -14,6 +14,7 @@ batch / 256 unless ``optim.lr`` is given.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -29,10 +30,12 @@ from unip.distill.loss import LOSS_KINDS, attention_distill_loss
 from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, fit_to_grid
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
 from unip.engine.distributed import DistInfo
+from unip.engine.logging import last_logged
 from unip.engine.loop import PRECISIONS, Precision
 from unip.engine.trainer import Task, TrainContext, batch_plan, train_task
 from unip.errors import ConfigError
 from unip.models import create_model, list_models, preset_config
+from unip.models.cpu_linear import ENV_VAR as CPU_LINEAR_ENV
 from unip.models.cpu_linear import linear_kernel
 from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import VisionTransformer
@@ -253,8 +256,15 @@ class NmiHadTask(Task):
         patch = int(preset_config(self.config["student"]["model"])["patch_size"])
         self.teacher, self.teacher_why = build_teacher(self.config, patch, self.config["data"]["path"], ctx.dist,
                                                        ctx.precision)
-        self.teacher.set_precision(weights)  # bf16: no per-step weight casts, half the memory
+        self.teacher.set_precision(weights, cpu_linear=self._resumed_linear_kernel(ctx))  # bf16: half the memory
         self.distill_loss = attention_distill_loss
+
+    def _resumed_linear_kernel(self, ctx: TrainContext) -> Optional[str]:
+        """On a resume (``UNIP_CPU_LINEAR`` unset): the CPU linear kernel the run's teacher last used, so that the
+        resumed process computes the same targets instead of timing the kernels anew (``None`` otherwise)."""
+        if not self.config["run"]["resume"] or os.environ.get(CPU_LINEAR_ENV):
+            return None
+        return {"oneDNN": "onednn", "default": "default"}.get(last_logged(ctx.output, "teacher_linear_kernel"))
 
     def compile(self, module: nn.Module, model: nn.Module) -> nn.Module:
         """Regional compilation: the student's and the teacher's blocks (one graph per distinct block) and the

@@ -86,6 +86,18 @@ def records_of_last_run(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any
     return kept
 
 
+def last_logged(folder: Union[str, Path], key: str) -> Optional[Any]:
+    """The newest value of ``key`` in the newest run's records of ``<folder>/log.jsonl`` (``None`` when the log
+    is missing, unreadable or has no such record): what an earlier process of a resumed run chose."""
+    try:
+        lines = (Path(folder) / LOG_FILE).read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError):
+        return None
+    values = [r[key] for r in records_of_last_run([r for r in records if isinstance(r, dict)]) if key in r]
+    return values[-1] if values else None
+
+
 def _plain(value: Any) -> Any:
     """Tensors and numpy scalars → Python numbers (lists and dicts element-wise); NaN/inf → ``None``
     (strict JSON has no such numbers)."""
