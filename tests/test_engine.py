@@ -257,3 +257,20 @@ def test_an_option_may_set_a_word_where_the_preset_set_a_number():
     assert make_config("mae-l_unip-s", ["teacher.layer=auto"])["teacher"]["layer"] == "auto"
     with pytest.raises(ConfigError, match="teacher.layer must be 'auto' or an integer"):
         make_config("mae-l_unip-s", ["teacher.layer=banana"])
+
+
+def test_last_logged_reads_the_newest_runs_records(tmp_path):
+    import json
+
+    from unip.engine.logging import LOG_FILE, last_logged
+
+    assert last_logged(tmp_path, "kernel") is None  # no log
+    records = [{"step": 0, "time": 0, "kind": "setup", "kernel": "a"},
+               {"step": 4, "time": 1, "kind": "resume", "kernel": "b"},
+               {"step": 0, "time": 2, "kind": "setup", "other": 1}]  # a new run into the folder: no kernel
+    (tmp_path / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    assert last_logged(tmp_path, "kernel") == "b"
+    (tmp_path / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert last_logged(tmp_path, "kernel") is None
+    (tmp_path / LOG_FILE).write_bytes(b"\xff{not json")
+    assert last_logged(tmp_path, "kernel") is None
