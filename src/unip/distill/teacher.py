@@ -53,9 +53,9 @@ class Teacher(nn.Module):
 
     def set_precision(self, precision: str, cpu_linear: Optional[str] = None) -> "Teacher":
         """Store the frozen weights as ``fp32`` (on a CPU, through oneDNN where that is faster, or as
-        ``cpu_linear`` says: see ``unip.models.cpu_linear``), ``bf16`` (no per-step casts under bf16 autocast, half the
-        memory) or ``fp8`` (torchao dynamic FP8 linears on Ada/Hopper GPUs; ``ConfigError`` elsewhere).
-        Returns ``self``."""
+        ``cpu_linear`` says: see ``unip.models.cpu_linear``), ``bf16`` (no per-step casts under bf16
+        autocast, half the memory) or ``fp8`` (torchao dynamic FP8 linears on Ada/Hopper GPUs; ``ConfigError``
+        elsewhere). Returns ``self``."""
         if precision not in TEACHER_PRECISIONS:
             raise ConfigError(f"teacher precision {precision!r}: choose one of {', '.join(TEACHER_PRECISIONS)}")
         if precision == "fp8":

@@ -264,7 +264,8 @@ class NmiHadTask(Task):
         resumed process computes the same targets instead of timing the kernels anew (``None`` otherwise)."""
         if not self.config["run"]["resume"] or os.environ.get(CPU_LINEAR_ENV):
             return None
-        return {"oneDNN": "onednn", "default": "default"}.get(last_logged(ctx.output, "teacher_linear_kernel"))
+        kernel = last_logged(ctx.output, "teacher_linear_kernel")
+        return kernel if kernel in ("onednn", "default") else None
 
     def compile(self, module: nn.Module, model: nn.Module) -> nn.Module:
         """Regional compilation: the student's and the teacher's blocks (one graph per distinct block) and the

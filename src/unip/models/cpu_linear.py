@@ -151,8 +151,9 @@ def onednn_linears(model: nn.Module, choice: Optional[str] = None) -> Iterator[i
 
 
 def linear_kernel(model: nn.Module) -> str:
-    """``oneDNN`` when some linear layer of ``model`` runs through oneDNN, else ``default`` (for run records)."""
-    return "oneDNN" if any(type(m) is OneDnnLinear for m in model.modules()) else "default"
+    """The choice that gives ``model``'s linear layers their kernels again: ``onednn`` when some layer runs
+    through oneDNN, else ``default`` (for run records)."""
+    return "onednn" if any(type(m) is OneDnnLinear for m in model.modules()) else "default"
 
 
 def _fp32_cpu(layer: nn.Linear) -> bool:
