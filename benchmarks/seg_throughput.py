@@ -5,7 +5,8 @@ The model is what ``unip finetune soda_small`` trains: ViT-S/16 at 512 px (layer
 
 * **train**: one optimiser step as ``unip finetune`` takes it (``engine.loop.train_step``: AdamW over the task's
   layer-decay groups, fused on CUDA; decode + 0.4 × aux cross-entropy; fp16 autocast with a GradScaler or bf16
-  autocast on CUDA, fp32 on CPU), on ``--batch-size`` random 512² crops. ``+compile`` rows compile the backbone's
+  autocast on CUDA; fp32 and, where the CPU has bf16 instructions, bf16 autocast on a CPU, as ``--precision bf16``
+  gives), on ``--batch-size`` random 512² crops. ``+compile`` rows compile the backbone's
   blocks as ``run.compile`` does (CUDA).
 * **slide**: ``unip.seg.slide_inference`` (crop 512, stride 341) on ``--eval-batch`` images of ``--image`` pixels
   (default 512×683: a 640×480 frame after the test resize; two windows each), the windows of all images in one
@@ -17,7 +18,7 @@ separately, and per training image (forward + backward). On CUDA every row also 
 ``--peak-tflops`` (the card's dense bf16/fp16 peak; H100 SXM 989) counted with these model FLOPs.
 
 Usage: ``python benchmarks/seg_throughput.py [--device cpu|cuda] [--batch-size 2|8] [--steps 3]
-[--precisions fp16,bf16] [--compile] [--eval-batch 1] [--image 512x683] [--peak-tflops 989] [--json FILE]``
+[--precisions fp32,bf16,fp16] [--compile] [--eval-batch 1] [--image 512x683] [--peak-tflops 989] [--json FILE]``
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from common import add_common_options, apply_threads, write_json
-from unip.engine.loop import Precision, train_step
+from unip.engine.loop import Precision, cpu_has_native_bf16, train_step
 from unip.engine.optim import build_adamw
 from unip.models.segmentor import Segmentor
 from unip.seg import build_segmentor, layer_decay_lr_scale, segmentation_losses, slide_inference
@@ -117,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--steps", type=int, default=3, help="timed calls per row")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per row (compilation happens here)")
     parser.add_argument("--precisions", default=None, help="comma-separated: fp32, bf16, fp16 (default: fp16,bf16 "
-                                                           "on CUDA, fp32 on CPU)")
+                                                           "on CUDA; fp32 and, with bf16 instructions, bf16 on CPU)")
     parser.add_argument("--compile", action="store_true", help="also time training with compiled blocks")
     parser.add_argument("--eval-batch", type=int, default=1, help="images per sliding-window call")
     parser.add_argument("--image", default="512x683", help="HxW of the evaluated images (after the test resize)")
@@ -131,7 +132,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch_size or (8 if cuda else 2)
-    precisions = args.precisions.split(",") if args.precisions else (["fp16", "bf16"] if cuda else ["fp32"])
+    cpu_default = ["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])
+    precisions = args.precisions.split(",") if args.precisions else (["fp16", "bf16"] if cuda else cpu_default)
     height, width = (int(v) for v in args.image.lower().split("x"))
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -159,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     slide_rows: Dict[str, Callable[[], object]] = {}
     eval_model = copy.deepcopy(segmentor).eval()
     for name in precisions:
-        precision = Precision(device.type, DTYPES[name] if cuda else None)
+        precision = Precision(device.type, DTYPES[name])  # on a CPU too: bf16 autocast as --precision bf16 gives
         for compiled in ([False, True] if args.compile else [False]):
             step = train_row(segmentor, precision, compiled)
             train_rows[f"train {name}{'+compile' if compiled else ''}"] = synced(lambda s=step: s(images, labels))
