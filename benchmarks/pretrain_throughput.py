@@ -246,7 +246,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
     steps = build_rows(args, device)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    flops_row = next(row for row in ("ours", "ours+compile") if row in steps)
+    eager_ours = [row for row in steps if row.startswith("ours") and "compile" not in row and "fp8" not in row]
+    flops_row = (eager_ours or [row for row in steps if row.startswith("ours")] or list(steps))[0]
     flops = count_flops(steps[flops_row], images) / args.batch_size
     times = time_steps(steps, images, args.warmup, args.steps)
 
