@@ -9,8 +9,8 @@ Times, over the same in-memory batches (median of interleaved rounds, after a wa
                   statistics.
 * ``profile_default_linear`` – on a CPU where ``profile_model`` chose oneDNN's fp32 linear kernel
                   (``unip.models.cpu_linear``): the profile again with PyTorch's default kernel
-                  (``UNIP_CPU_LINEAR=default``), the ratio the kernel choice buys. The three rows above all run
-                  with the chosen kernel.
+                  (``profile_model(cpu_linear="default")``), the ratio the kernel choice buys. The three rows
+                  above all run with the chosen kernel.
 
 Usage: ``python benchmarks/analysis_overhead.py [--model vit_small_patch16] [--num-images 64]
 [--batch-size 16] [--img-size 224] [--device auto] [--rounds 3] [--threads N] [--layer-group K]``
@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
-from typing import Callable, Dict, List
-from unittest import mock
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from unip.analysis.profile import attention_by_layer, profile_model
 from unip.models import create_model
-from unip.models.cpu_linear import ENV_VAR, linear_kernel, use_onednn_linears
+from unip.models.cpu_linear import linear_kernel, use_onednn_linears
 
 
 def _sync(device: torch.device) -> None:
@@ -78,14 +76,13 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
                 for _ in attention_by_layer(model, x, layers):
                     pass
 
-    def profile() -> None:
+    def profile(cpu_linear: Optional[str] = None) -> None:
         # the same device-resident images, so that host→device copies are not counted against the profile
         profile_model(model, (img for b in batches for img in b), args.batch_size, device, progress=False,
-                      layer_group=args.layer_group)
+                      layer_group=args.layer_group, cpu_linear=cpu_linear)
 
     def profile_default_linear() -> None:
-        with mock.patch.dict(os.environ, {ENV_VAR: "default"}):  # profile_model's own choice, undone after it
-            profile()
+        profile("default")  # profile_model's choice lasts for the call; the model's kernels are restored after it
 
     switched = use_onednn_linears(model)  # the kernels profile_model chooses, for every row
     runs = {"forward": forward, "maps": maps, "profile": profile}

@@ -33,15 +33,12 @@ import torch
 from torch import Tensor
 
 from common import add_common_options, apply_threads, write_json
-from unip.engine.loop import Precision, cpu_has_native_bf16, train_step
+from unip.engine.loop import Precision, cpu_has_native_bf16, resolve_precision, train_step
 from unip.engine.optim import build_adamw
 from unip.models.segmentor import Segmentor
 from unip.seg import build_segmentor, layer_decay_lr_scale, segmentation_losses, slide_inference
 from unip.seg.flops import PARTS, flop_counter, part_flops
 from unip.seg.inference import window_spans
-
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 # ------------------------------------------------------------------------------------------ FLOPs
 def model_flops(segmentor: Segmentor, size: int, device: torch.device, batch: int) -> Dict[str, float]:
@@ -161,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     slide_rows: Dict[str, Callable[[], object]] = {}
     eval_model = copy.deepcopy(segmentor).eval()
     for name in precisions:
-        precision = Precision(device.type, DTYPES[name])  # on a CPU too: bf16 autocast as --precision bf16 gives
+        precision = resolve_precision(name, device)  # as --precision NAME runs (on a CPU: fp16 gives fp32)
         for compiled in ([False, True] if args.compile else [False]):
             step = train_row(segmentor, precision, compiled)
             train_rows[f"train {name}{'+compile' if compiled else ''}"] = synced(lambda s=step: s(images, labels))

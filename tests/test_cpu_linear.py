@@ -60,6 +60,31 @@ def test_calls_that_need_more_than_a_plain_product_take_the_usual_path(monkeypat
     assert calls == [1]
 
 
+def test_a_trainable_bias_alone_still_gets_its_gradient():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    layer.weight.requires_grad_(False)
+    layer.__class__ = OneDnnLinear
+    layer(torch.randn(4, 16)).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((8,), 4.0))
+
+
+def test_the_decision_follows_the_timing_rule(monkeypatch):
+    cpu_linear.onednn_is_faster.cache_clear()
+    monkeypatch.setattr(cpu_linear, "_median_seconds", lambda runs, repeats: [1.0, 0.94])
+    assert cpu_linear.onednn_is_faster(32, 48, 1, rows=4, repeats=1)
+    monkeypatch.setattr(cpu_linear, "_median_seconds", lambda runs, repeats: [1.0, 0.97])
+    assert not cpu_linear.onednn_is_faster(32, 48, 2, rows=4, repeats=1)  # within 5 %: keep the default
+    cpu_linear.onednn_is_faster.cache_clear()
+
+
+def test_forcing_onednn_without_the_op_says_so(monkeypatch, caplog):
+    model = _vit()
+    monkeypatch.setattr(cpu_linear, "onednn_linear_available", lambda: False)
+    assert use_onednn_linears(model, "onednn") == [] and set(_classes(model)) == {nn.Linear}
+    assert "no oneDNN linear op" in caplog.text
+
+
 def test_choice_switches_and_restores_keeping_the_weights():
     model = _vit()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -98,16 +123,25 @@ def test_auto_leaves_small_layers_alone_and_follows_the_timing(monkeypatch):
     assert set(_classes(model)) == {nn.Linear}
 
 
-def test_bf16_and_trainable_models_are_left_alone_where_they_cannot_switch():
+def test_bf16_models_are_left_alone():
     model = _vit().to(torch.bfloat16)
     assert use_onednn_linears(model, "onednn") == []
 
 
-def test_timing_decision_is_cached_per_shape():
+def test_timing_decision_is_cached_per_shape(monkeypatch):
     cpu_linear.onednn_is_faster.cache_clear()
-    first = cpu_linear.onednn_is_faster(32, 48, 1, rows=16, repeats=1)
-    assert cpu_linear.onednn_is_faster(32, 48, 1, rows=16, repeats=1) is first
-    assert cpu_linear.onednn_is_faster.cache_info().hits == 1
+    timings = []
+    monkeypatch.setattr(cpu_linear, "_median_seconds", lambda runs, repeats: timings.append(1) or [1.0, 0.5])
+    assert cpu_linear.onednn_is_faster(32, 48, 1, rows=16, repeats=1)
+    assert cpu_linear.onednn_is_faster(32, 48, 1, rows=16, repeats=1) and len(timings) == 1
+    assert cpu_linear.onednn_is_faster(32, 48, 2, rows=16, repeats=1) and len(timings) == 2  # other thread count
+    cpu_linear.onednn_is_faster.cache_clear()
+
+
+def test_both_kernels_are_timed_in_turn():
+    calls = []
+    medians = cpu_linear._median_seconds([lambda: calls.append("a"), lambda: calls.append("b")], repeats=3)
+    assert calls == ["a", "b"] * 4 and len(medians) == 2  # one warm-up round, then three timed rounds
 
 
 def test_context_restores_the_callers_model_and_profiles_give_the_same_numbers(monkeypatch):

@@ -21,6 +21,7 @@ from unip.distill.data import build_transform, open_pretrain_images
 from unip.distill.train import build_student, make_config, train
 from unip.engine import checkpointing
 from unip.models import create_model
+from unip.models.cpu_linear import onednn_linear_available
 
 from killed_runs import kill_and_resume
 
@@ -96,6 +97,10 @@ def test_tiny_run_halves_the_loss_and_moves_nmi_towards_the_teacher(assets, tmp_
     assert (tmp_path / "run" / "tb").is_dir()
 
 
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
+
+
+@needs_onednn
 def test_onednn_teacher_linears_give_the_same_run(assets, tmp_path, monkeypatch):
     """The teacher's fp32 linears through oneDNN (``UNIP_CPU_LINEAR``, docs/pretrain.md#throughput): the same
     losses as PyTorch's kernel up to summation order, and the run's record says which kernel ran."""
@@ -116,6 +121,7 @@ def test_onednn_teacher_linears_give_the_same_run(assets, tmp_path, monkeypatch)
     assert losses["onednn"] == pytest.approx(losses["default"], rel=1e-4)
 
 
+@needs_onednn
 def test_a_resumed_run_keeps_the_teacher_kernel_its_first_process_chose(assets, tmp_path, monkeypatch):
     """``UNIP_CPU_LINEAR`` unset: a resumed process reads the kernel from the run's log instead of timing anew,
     so its targets, and the weights it ends with, are those of the uninterrupted run."""
@@ -143,6 +149,33 @@ def test_a_resumed_run_keeps_the_teacher_kernel_its_first_process_chose(assets, 
     train(make_config("toy", values={**values, "run.resume": str(state)}))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r for r in records if r.get("kind") == "resume"][-1]["teacher_linear_kernel"] == "default"
+
+
+def test_every_rank_takes_rank_0s_kernel_choice(assets, monkeypatch):
+    """Several processes on CPUs: only rank 0 times the kernels, the others take its choice through one
+    all-reduce, so all ranks compute the same targets; a set ``UNIP_CPU_LINEAR`` needs no collective."""
+    from unip.distill import train as distill_train
+    from unip.engine.distributed import DistInfo
+    from unip.engine.loop import Precision
+
+    monkeypatch.delenv("UNIP_CPU_LINEAR", raising=False)
+    model = create_model("vit_small_patch16", depth=3, embed_dim=64, num_heads=TEACHER_HEADS, img_size=64)
+    config = make_config("toy")
+    timed, reduced = [], []
+    monkeypatch.setattr(distill_train, "decide", lambda m, choice: timed.append(choice) or "onednn")
+    monkeypatch.setattr(distill_train, "all_reduce_sum", lambda t: reduced.append(float(t)) or t + 1)  # rank 0: 1
+    worker = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    fp32 = Precision("cpu", None)
+    assert distill_train.teacher_linear_kernel(model, config, worker, fp32) == "onednn"
+    assert timed == [] and reduced == [0.0]  # rank 1 did not time, it contributed 0 and took rank 0's 1
+    main = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    monkeypatch.setattr(distill_train, "all_reduce_sum", lambda t: reduced.append(float(t)) or t)
+    assert distill_train.teacher_linear_kernel(model, config, main, fp32) == "onednn"
+    assert timed == ["auto"] and reduced == [0.0, 1.0]
+    monkeypatch.setenv("UNIP_CPU_LINEAR", "default")
+    assert distill_train.teacher_linear_kernel(model, config, worker, fp32) == "onednn"  # decide() is faked
+    assert timed == ["auto", "default"] and len(reduced) == 2  # no collective
+    assert distill_train.teacher_linear_kernel(model, config, worker, Precision("cpu", torch.bfloat16)) == "default"
 
 
 def test_bf16_on_a_cpu_follows_the_fp32_run(assets, tmp_path):

@@ -198,14 +198,17 @@ def _accumulator_device(device: torch.device) -> torch.device:
 def profile_model(model: VisionTransformer, images: Iterable[Tensor], batch_size: int = 16,
                   device: Optional[torch.device | str] = None, layers: Optional[Sequence[int]] = None,
                   autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
-                  source: str = "model", layer_group: Optional[int] = None) -> AttentionProfile:
+                  source: str = "model", layer_group: Optional[int] = None,
+                  cpu_linear: Optional[str] = None) -> AttentionProfile:
     """Profile ``model``'s attention over ``images`` (an iterable of normalised ``[C, H, W]`` tensors of one
     size, e.g. ``unip.analysis.images.ImageFolder``). Moves the model to ``device`` (default: where it is)
     and puts it in eval mode. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the model under autocast;
     the metrics are computed in float32/64 regardless. ``layer_group``: how many layers' maps are reduced
     together (default 1 on CPU, keeping one map alive; 4 on accelerators, where fewer kernel launches
-    matter more than memory). Returns an ``AttentionProfile``; raises ``DataError`` when ``images`` is
-    empty."""
+    matter more than memory). Without autocast on a CPU, the fp32 linear layers run through oneDNN for the
+    duration where that kernel is faster (``cpu_linear``: ``auto``/``onednn``/``default``, ``None`` reads
+    ``$UNIP_CPU_LINEAR``; ``unip.models.cpu_linear``; ``ConfigError`` for another value). Returns an
+    ``AttentionProfile``; raises ``DataError`` when ``images`` is empty."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}; change --batch-size")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -217,7 +220,7 @@ def profile_model(model: VisionTransformer, images: Iterable[Tensor], batch_size
     total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    kernels = onednn_linears(model) if autocast_dtype is None else contextlib.nullcontext()
+    kernels = onednn_linears(model, cpu_linear) if autocast_dtype is None else contextlib.nullcontext()
     grid: Grid = (0, 0)
     scratch: Dict[Tuple, Tensor] = {}
     with kernels, torch.inference_mode(), amp, tqdm(total=total, unit="img", desc=f"profiling {source}",

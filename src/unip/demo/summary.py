@@ -26,7 +26,7 @@ import torch
 from unip import __version__
 from unip.atomic import atomic_write_text
 from unip.demo.settings import DemoSettings
-from unip.engine.logging import records_of_last_run
+from unip.engine.logging import read_records, records_of_last_run
 from unip.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +55,7 @@ def last_run_records(log: Path) -> List[Dict[str, Any]]:
     """The records of the newest run in a ``log.jsonl`` (``unip.engine.logging.records_of_last_run``: from the last
     ``setup`` record on, without those a resume superseded)."""
     try:
-        records = [json.loads(line) for line in Path(log).read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = read_records(log)
     except (OSError, ValueError) as err:
         raise DataError(f"{log}: cannot read the training log ({err})") from err
     return records_of_last_run(records)

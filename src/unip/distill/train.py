@@ -14,7 +14,6 @@ batch / 256 unless ``optim.lr`` is given.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -29,14 +28,13 @@ from unip.distill.data import crop_transform, describe_skipped, frame_transform,
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
 from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, fit_to_grid
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
-from unip.engine.distributed import DistInfo
+from unip.engine.distributed import DistInfo, all_reduce_sum
 from unip.engine.logging import last_logged
 from unip.engine.loop import PRECISIONS, Precision
 from unip.engine.trainer import Task, TrainContext, batch_plan, train_task
 from unip.errors import ConfigError
 from unip.models import create_model, list_models, preset_config
-from unip.models.cpu_linear import ENV_VAR as CPU_LINEAR_ENV
-from unip.models.cpu_linear import linear_kernel
+from unip.models.cpu_linear import decide, linear_kernel, requested_choice
 from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import VisionTransformer
 
@@ -165,9 +163,11 @@ def teacher_precision(name: str, precision: Precision) -> str:
     return name
 
 
-def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
-                  precision: Precision) -> Tuple[Teacher, str]:
-    """Load the teacher, choose its layer (``auto``: NMI profile of the training images), cut it there.
+def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo, precision: Precision,
+                  weights: str = "fp32") -> Tuple[Teacher, str]:
+    """Load the teacher, choose its layer (``auto``: NMI profile of the training images), cut it there and
+    store its weights as ``weights`` (``Teacher.set_precision``; fp32 on a CPU with the linear kernel of
+    ``teacher_linear_kernel``).
 
     Returns the teacher and a line describing the choice."""
     from unip.checkpoint import load_model
@@ -176,21 +176,39 @@ def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
     if not teach["source"]:
         raise ConfigError("no teacher: pass --teacher SOURCE (a checkpoint file or timm:<name>)")
     model = fit_to_grid(load_model(teach["source"]), int(config["data"]["input_size"]), patch).to(dist.device)
+    kernel = teacher_linear_kernel(model, config, dist, precision)
     layer = teach["layer"]
     if layer == "auto":
         layer, why = auto_layer(model, config, dataset_path, precision,
-                                progress=dist.is_main and bool(config["run"]["progress"]))
+                                progress=dist.is_main and bool(config["run"]["progress"]), cpu_linear=kernel)
     elif isinstance(layer, int) and not isinstance(layer, bool):
         why = f"teacher layer {layer} (given)"
     else:
         raise ConfigError(f"teacher.layer must be a layer number or 'auto', got {layer!r}")
-    return Teacher(model, layer, patch).to(dist.device), why
+    return Teacher(model, layer, patch).to(dist.device).set_precision(weights, cpu_linear=kernel), why
+
+
+def teacher_linear_kernel(model: VisionTransformer, config: Config, dist: DistInfo, precision: Precision) -> str:
+    """``onednn`` or ``default``: the kernel of the teacher's fp32 CPU linear layers (``unip.models.cpu_linear``),
+    the same on every rank and across a resume. ``UNIP_CPU_LINEAR`` when set; on a resume the kernel the run's
+    log names (so that the resumed process computes the same targets); else timed, by rank 0 alone when several
+    processes share the run."""
+    if precision.dtype is not None:
+        return "default"  # autocast: the fp32 kernels do not run
+    requested = requested_choice()  # checked on every rank before any collective
+    if requested == "auto" and config["run"]["resume"]:
+        logged = last_logged(config["run"]["output"], "teacher_linear_kernel")
+        requested = logged if logged in ("onednn", "default") else "auto"
+    if requested != "auto" or dist.world_size == 1 or dist.device.type != "cpu":
+        return decide(model, requested)
+    mine = float(dist.is_main and decide(model, "auto") == "onednn")
+    return "onednn" if all_reduce_sum(torch.tensor(mine)).item() > 0 else "default"
 
 
 def auto_layer(model: VisionTransformer, config: Config, dataset_path: str, precision: Precision,
-               progress: bool) -> Tuple[int, str]:
+               progress: bool, cpu_linear: Optional[str] = None) -> Tuple[int, str]:
     """The analysis module's NMI-guided choice over ``teacher.auto_images`` training images (on the
-    model's device, under the run's autocast)."""
+    model's device, under the run's autocast; ``cpu_linear``: ``profile_model``'s)."""
     from unip.analysis.patterns import explain_distill_layer
     from unip.analysis.profile import profile_model
 
@@ -199,7 +217,7 @@ def auto_layer(model: VisionTransformer, config: Config, dataset_path: str, prec
     dataset = open_pretrain_images(dataset_path, frame_transform(size, data["mean"], data["std"]))
     images = take(dataset, int(config["teacher"]["auto_images"]), seed=int(config["run"]["seed"]))
     profile = profile_model(model, images, batch_size=16, autocast_dtype=precision.dtype, progress=progress,
-                            source="teacher")
+                            source="teacher", cpu_linear=cpu_linear)
     choice = explain_distill_layer(profile)
     return choice.layer, f"teacher {choice}, chosen by NMI over {len(images)} images"
 
@@ -255,17 +273,8 @@ class NmiHadTask(Task):
         weights = teacher_precision(self.config["run"]["teacher_precision"], ctx.precision)  # refuse early
         patch = int(preset_config(self.config["student"]["model"])["patch_size"])
         self.teacher, self.teacher_why = build_teacher(self.config, patch, self.config["data"]["path"], ctx.dist,
-                                                       ctx.precision)
-        self.teacher.set_precision(weights, cpu_linear=self._resumed_linear_kernel(ctx))  # bf16: half the memory
+                                                       ctx.precision, weights)  # bf16: half the memory
         self.distill_loss = attention_distill_loss
-
-    def _resumed_linear_kernel(self, ctx: TrainContext) -> Optional[str]:
-        """On a resume (``UNIP_CPU_LINEAR`` unset): the CPU linear kernel the run's teacher last used, so that the
-        resumed process computes the same targets instead of timing the kernels anew (``None`` otherwise)."""
-        if not self.config["run"]["resume"] or os.environ.get(CPU_LINEAR_ENV):
-            return None
-        kernel = last_logged(ctx.output, "teacher_linear_kernel")
-        return kernel if kernel in ("onednn", "default") else None
 
     def compile(self, module: nn.Module, model: nn.Module) -> nn.Module:
         """Regional compilation: the student's and the teacher's blocks (one graph per distinct block) and the

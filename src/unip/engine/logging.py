@@ -86,15 +86,28 @@ def records_of_last_run(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any
     return kept
 
 
+def read_records(path: Union[str, Path]) -> List[Dict[str, Any]]:
+    """The records of a ``log.jsonl`` file in file order, skipping lines that are not JSON objects (a partial last
+    line of a killed process). ``OSError`` (``UnicodeDecodeError``: ``ValueError``) when it cannot be read."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def last_logged(folder: Union[str, Path], key: str) -> Optional[Any]:
     """The newest value of ``key`` in the newest run's records of ``<folder>/log.jsonl`` (``None`` when the log
     is missing, unreadable or has no such record): what an earlier process of a resumed run chose."""
     try:
-        lines = (Path(folder) / LOG_FILE).read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
+        records = read_records(Path(folder) / LOG_FILE)
     except (OSError, ValueError):
         return None
-    values = [r[key] for r in records_of_last_run([r for r in records if isinstance(r, dict)]) if key in r]
+    values = [r[key] for r in records_of_last_run(records) if key in r]
     return values[-1] if values else None
 
 

@@ -11,8 +11,8 @@ the attention profiles of ``unip analyze`` and ``--teacher-layer auto`` (``profi
 still takes the usual path whenever a call is not a plain fp32 CPU product without gradients (autocast,
 autograd, another device, ``torch.compile``/export tracing). Which kernel wins depends on the CPU, so
 ``use_onednn_linears`` first times both on the model's largest layer and switches only when oneDNN is clearly
-faster; small layers (where a timing would be noise) never switch. ``UNIP_CPU_LINEAR=default`` keeps PyTorch's
-kernel everywhere (``onednn`` forces oneDNN).
+faster; models whose largest layer has under 1 M weights (where a timing would be noise) never switch.
+``UNIP_CPU_LINEAR=default`` keeps PyTorch's kernel everywhere (``onednn`` forces oneDNN).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 #: The environment variable that overrides the choice (``auto``, ``onednn`` or ``default``).
 ENV_VAR = "UNIP_CPU_LINEAR"
 CHOICES = ("auto", "onednn", "default")
-#: Layers with fewer weights than this keep the default kernel (timings of small products are noise).
+#: Models whose largest linear layer has fewer weights than this keep the default kernel (timings of small
+#: products are noise).
 MIN_WEIGHTS = 1 << 20
 #: oneDNN is chosen only when it takes at most this share of the default kernel's time.
 MAX_TIME_SHARE = 0.95
@@ -62,7 +63,10 @@ def _register_flop_formula() -> None:
 
 
 if onednn_linear_available():
-    _register_flop_formula()
+    try:
+        _register_flop_formula()
+    except ValueError:  # already registered (the module was reloaded)
+        pass
 
 
 class OneDnnLinear(nn.Linear):
@@ -77,7 +81,7 @@ class OneDnnLinear(nn.Linear):
     def _plain_cpu_call(self, x: Tensor) -> bool:
         if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)):
             return False
         return not (torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or torch.jit.is_tracing())
 
@@ -112,6 +116,34 @@ def onednn_is_faster(in_features: int, out_features: int, threads: int, rows: in
     return onednn <= MAX_TIME_SHARE * default
 
 
+def requested_choice(choice: Optional[str] = None) -> str:
+    """``choice``, or ``$UNIP_CPU_LINEAR`` when it is ``None``, or ``auto``; ``ConfigError`` for anything but
+    ``auto``, ``onednn`` or ``default``."""
+    choice = choice or os.environ.get(ENV_VAR) or "auto"
+    if choice not in CHOICES:
+        raise ConfigError(f"{ENV_VAR}={choice!r}: choose one of {', '.join(CHOICES)}")
+    return choice
+
+
+def decide(model: nn.Module, choice: Optional[str] = None) -> str:
+    """``onednn`` or ``default``: the kernel ``use_onednn_linears(model, choice)`` gives the model's fp32 CPU
+    linear layers (``auto`` times the kernels on the largest of them)."""
+    choice = requested_choice(choice)
+    layers = _switchable(model)
+    if not layers or choice == "default":
+        return "default"
+    if not onednn_linear_available():
+        if choice == "onednn":
+            logger.warning("%s=onednn: this torch has no oneDNN linear op; PyTorch's kernel is used", ENV_VAR)
+        return "default"
+    if choice == "onednn":
+        return "onednn"
+    largest = max(layers, key=lambda m: m.weight.numel())
+    faster = largest.weight.numel() >= MIN_WEIGHTS and onednn_is_faster(
+        largest.in_features, largest.out_features, torch.get_num_threads())
+    return "onednn" if faster else "default"
+
+
 def use_onednn_linears(model: nn.Module, choice: Optional[str] = None) -> List[nn.Linear]:
     """Switch the fp32 CPU ``nn.Linear`` layers of ``model`` to ``OneDnnLinear``, in place (calls that need
     gradients still take the usual path, so a trainable layer stays correct, just not faster).
@@ -119,22 +151,13 @@ def use_onednn_linears(model: nn.Module, choice: Optional[str] = None) -> List[n
     ``choice``: ``auto`` (when oneDNN is faster on the model's largest layer, timed once per process),
     ``onednn`` (always, where the op exists) or ``default`` (never; layers already switched go back);
     ``None`` reads ``$UNIP_CPU_LINEAR`` (default ``auto``). Returns the layers this call switched to oneDNN."""
-    choice = choice or os.environ.get(ENV_VAR) or "auto"
-    if choice not in CHOICES:
-        raise ConfigError(f"{ENV_VAR}={choice!r}: choose one of {', '.join(CHOICES)}")
-    layers = [m for m in model.modules() if type(m) in (nn.Linear, OneDnnLinear) and _fp32_cpu(m)]
-    switch = bool(layers) and choice != "default" and onednn_linear_available()
-    if switch and choice == "auto":
-        largest = max(layers, key=lambda m: m.weight.numel())
-        switch = largest.weight.numel() >= MIN_WEIGHTS and onednn_is_faster(
-            largest.in_features, largest.out_features, torch.get_num_threads())
-    kind = OneDnnLinear if switch else nn.Linear
-    changed = [layer for layer in layers if type(layer) is not kind]
+    kind = OneDnnLinear if decide(model, choice) == "onednn" else nn.Linear
+    changed = [layer for layer in _switchable(model) if type(layer) is not kind]
     for layer in changed:
         layer.__class__ = kind
-    if switch and changed:
+    if kind is OneDnnLinear and changed:
         logger.info("%d fp32 linear layers run through oneDNN on this CPU", len(changed))
-    return changed if switch else []
+    return changed if kind is OneDnnLinear else []
 
 
 @contextlib.contextmanager
@@ -156,5 +179,7 @@ def linear_kernel(model: nn.Module) -> str:
     return "onednn" if any(type(m) is OneDnnLinear for m in model.modules()) else "default"
 
 
-def _fp32_cpu(layer: nn.Linear) -> bool:
-    return layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32
+def _switchable(model: nn.Module) -> List[nn.Linear]:
+    """The plain or switched linear layers of ``model`` with fp32 weights on a CPU."""
+    return [m for m in model.modules() if type(m) in (nn.Linear, OneDnnLinear)
+            and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
