@@ -178,6 +178,24 @@ def test_every_rank_takes_rank_0s_kernel_choice(assets, monkeypatch):
     assert distill_train.teacher_linear_kernel(model, config, worker, Precision("cpu", torch.bfloat16)) == "default"
 
 
+@needs_onednn
+def test_a_compiled_teacher_is_recorded_with_pytorchs_kernel(monkeypatch):
+    """``run.compile`` traces ``F.linear`` (inductor picks its own kernels): the teacher's layers go back to
+    ``nn.Linear`` so that the record, and a resume reading it, say what ran."""
+    from unip.distill import Teacher
+    from unip.distill.train import NmiHadTask, StudentLogits
+    from unip.models.cpu_linear import linear_kernel, use_onednn_linears
+    from unip.models.vit import VisionTransformer
+
+    monkeypatch.setattr(VisionTransformer, "compile_blocks", lambda self, **options: None)
+    task = NmiHadTask(make_config("toy"))
+    task.teacher = Teacher(create_model("vit_small_patch16", depth=3, embed_dim=64, num_heads=4, img_size=64), 2)
+    use_onednn_linears(task.teacher.model, "onednn")
+    student = create_model("vit_small_patch16", depth=2, embed_dim=64, num_heads=2, img_size=64)
+    task.compile(StudentLogits(student), student)
+    assert linear_kernel(task.teacher) == "default"
+
+
 def test_bf16_on_a_cpu_follows_the_fp32_run(assets, tmp_path):
     """``--precision bf16`` on a CPU: bf16 autocast and a bf16 teacher (about 2x faster where the CPU has bf16
     instructions, docs/pretrain.md); the per-step losses stay close to the fp32 run's."""

@@ -34,7 +34,7 @@ from unip.engine.loop import PRECISIONS, Precision
 from unip.engine.trainer import Task, TrainContext, batch_plan, train_task
 from unip.errors import ConfigError
 from unip.models import create_model, list_models, preset_config
-from unip.models.cpu_linear import decide, linear_kernel, requested_choice
+from unip.models.cpu_linear import decide, linear_kernel, requested_choice, use_onednn_linears
 from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import VisionTransformer
 
@@ -281,6 +281,7 @@ class NmiHadTask(Task):
         loss. An FP8 teacher stays eager (dynamo fails on torchao's FP8 tensors with torch 2.11 / ao 0.18)."""
         model.compile_blocks()  # type: ignore[operator]
         if self.teacher.precision != "fp8":
+            use_onednn_linears(self.teacher.model, "default")  # compiled graphs pick their own kernels
             self.teacher.model.compile_blocks()
         self.distill_loss = torch.compile(attention_distill_loss)
         return module
