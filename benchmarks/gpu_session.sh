@@ -6,10 +6,13 @@
 #         (benchmarks/pretrain_throughput.py: release, ours, ours+compile, ours+compile+fp8)
 #   e2e:  CUDA tests, then `unip pretrain` end to end on the generated pack (made first if missing; batch 256,
 #         14 workers, bf16 and FP8 teacher), images/s read from its own log.jsonl
+#   next: what a 15-minute device session should run first (< 9 min): the end-to-end `unip pretrain` run
+#         (bf16 teacher only), then the step (release against ours+compile) with a profile of ours+compile
+#         (profile_ours_compile.txt: device-busy share, top kernels, products by shape) to find the lost MFU
 #   seg:  UNIP-S segmentation at 512 px (benchmarks/seg_throughput.py): fine-tuning step images/s and bf16/fp16
 #         MFU (eager and compiled), batched sliding windows against one at a time
 # Usage (repo root, a python3 with torch, timm, safetensors, pyyaml, tqdm, tensorboard; torchao wheels in
-# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e|seg
+# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e|next|seg
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
@@ -51,7 +54,7 @@ PY
     | grep -v Warning | tee "$OUT/step.txt"
 }
 
-e2e() {
+e2e() {  # e2e [teachers...]: default bf16 and fp8
   make_data > "$OUT/data.txt" 2>&1 &
   data=$!
   timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_analysis.py -k "fp8 or cuda" \
@@ -60,7 +63,9 @@ e2e() {
 from unip.checkpoint import save_checkpoint; from unip.models import create_model
 save_checkpoint(create_model('vit_large_patch16'), '$W/vitl.safetensors', {'note': 'random ViT-L'})"
   wait $data
-  for teacher in bf16 fp8; do
+  local teachers=("$@")
+  [ $# -eq 0 ] && teachers=(bf16 fp8)
+  for teacher in "${teachers[@]}"; do
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 1000 > "$OUT/smi_$teacher.csv" &
     smi=$!
     timeout 170 python3 -m unip.cli pretrain mae-l_unip-s --teacher "$W/vitl.safetensors" --data "$W/pack" \
@@ -79,9 +84,15 @@ PY
   done
 }
 
+next() {
+  e2e bf16
+  timeout 240 python3 benchmarks/pretrain_throughput.py --batch-size 256 --rows release,ours+compile \
+    --profile ours+compile --profile-out "$OUT" --json "$OUT/step.json" 2>&1 | grep -v Warning | tee "$OUT/step.txt"
+}
+
 seg() {
   timeout 560 python3 benchmarks/seg_throughput.py --device cuda --compile --json "$OUT/seg.json" 2>&1 \
     | grep -v Warning | tee "$OUT/seg.txt"
 }
 
-"${1:-step}"
+"${@:-step}"

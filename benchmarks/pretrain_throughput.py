@@ -25,15 +25,23 @@ forward to block L, student forward and backward, loss); on CUDA the achieved TF
 ``--peak-tflops`` (the card's dense bf16 peak) are printed for every row, counted with these same model
 FLOPs (the release's extra value-row work is not credited).
 
+``--profile ROW`` then runs ``torch.profiler`` over a few more steps of that row and writes where the time
+goes to ``--profile-out`` (``profile_<row>.txt``: the share of wall time the device was busy — low means the
+host is the bottleneck, where CUDA graphs help — and the top operators and kernels by self device/CPU time,
+matrix products grouped by input shape so the teacher's (width 1024) and the student's (384) can be told apart;
+with ``--profile-trace``, ``trace_<row>.json``: a Chrome/Perfetto trace).
+
 Usage: ``python benchmarks/pretrain_throughput.py [--device cpu|cuda] [--batch-size 8|256] [--steps 5]
 [--rows release,ours,ours+bf16,ours+compile,ours+compile+fp8] [--naive] [--teacher vit_large_patch16] [--layer 18]
-[--student unip_vit_small_patch16] [--img-size 224] [--peak-tflops 989] [--json FILE]``
+[--student unip_vit_small_patch16] [--img-size 224] [--peak-tflops 989] [--json FILE]
+[--profile ROW] [--profile-steps 3] [--profile-out DIR] [--profile-trace]``
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -181,6 +189,39 @@ def time_steps(steps: Dict[str, Step], images: Tensor, warmup: int, rounds: int)
     return times
 
 
+def profile_step(name: str, step: Step, images: Tensor, steps: int, out: str, trace: bool = False) -> float:
+    """Profile ``steps`` calls of ``step`` (already warmed up); write ``profile_<name>.txt`` and
+    (with ``trace``) ``trace_<name>.json`` to ``out``. Returns the share of wall time the device was busy (CPU: 0)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = images.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(images)  # ends with a host read of the loss: the device is idle after each call
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+    busy = sum(event.self_device_time_total for event in kernels) / 1e6 / wall
+    name_safe = name.replace("+", "_")
+    os.makedirs(out, exist_ok=True)
+    report = os.path.join(out, f"profile_{name_safe}.txt")
+    with open(report, "w", encoding="utf-8") as handle:
+        handle.write(f"{name}: {steps} steps, batch {images.shape[0]}, {wall / steps * 1e3:.1f} ms/step wall, "
+                     f"device busy {100 * busy:.1f}% of wall\n\n")
+        handle.write(events.table(sort_by=sort, row_limit=40, max_name_column_width=90) + "\n\n")
+        handle.write("by input shape (matrix products first):\n")
+        handle.write(prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort, row_limit=40, max_name_column_width=60, max_shapes_column_width=70) + "\n")
+    if trace:
+        prof.export_chrome_trace(os.path.join(out, f"trace_{name_safe}.json"))
+    print(f"  profile of {name}: {wall / steps * 1e3:.1f} ms/step, device busy {100 * busy:.1f}% -> {report}")
+    return busy
+
+
 def build_rows(args: argparse.Namespace, device: torch.device) -> Dict[str, Step]:
     torch.manual_seed(0)
     teacher_ref = create_model(args.teacher, img_size=args.img_size).eval().requires_grad_(False)
@@ -229,6 +270,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--layer", type=int, default=18)
     parser.add_argument("--student", default="unip_vit_small_patch16")
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--profile", default=None, metavar="ROW", help="profile this row after timing")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-out", default="profile", help="folder for the profile's table and trace")
+    parser.add_argument("--profile-trace", action="store_true", help="also write a Chrome trace (large)")
     add_common_options(parser, peak="bf16")
     args = parser.parse_args(argv)
 
@@ -240,6 +285,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args.rows = args.rows.split(",") if args.rows else (list(ALL_ROWS) if cuda else cpu_rows)
     if args.naive:
         args.rows.append("naive")
+    if args.profile and args.profile not in args.rows:
+        raise SystemExit(f"--profile {args.profile}: not among --rows ({', '.join(args.rows)})")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -273,6 +320,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         ratio = f"{row['vs_release']:.2f}x" if "vs_release" in row else "-"
         print(f"{name:<20}{row['images_per_s']:>10.1f}{row['ms_per_step']:>10.1f}{row['tflops']:>10.1f}"
               f"{mfu:>8}{ratio:>12}")
+    if args.profile:
+        if args.profile not in steps:
+            raise SystemExit(f"--profile {args.profile}: not a row of this run ({', '.join(steps)})")
+        result["profile"] = {"row": args.profile, "device_busy_share": profile_step(
+            args.profile, steps[args.profile], images, args.profile_steps, args.profile_out,
+            args.profile_trace)}
     write_json(result, args.json)
     return result
 
