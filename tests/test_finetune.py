@@ -4,6 +4,7 @@ resume after SIGKILL, 2-process (gloo) runs against one process, the release's f
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -219,6 +220,26 @@ def test_sigkill_and_resume_gives_bit_identical_weights(assets, tmp_path):
     res_metrics = read_metrics(victim_dir / "metrics.json")
     assert (ref_metrics["confusion_matrix"], ref_metrics["step"]) == (res_metrics["confusion_matrix"],
                                                                       res_metrics["step"])
+
+
+def test_resume_after_the_files_moved_but_not_with_another_backbone(assets, tmp_path, one_thread, capsys):
+    """Backbone and images are compared by content, not path: moved files resume, other weights are refused."""
+    moved = tmp_path / "moved"
+    shutil.copytree(assets / "soda", moved / "soda")
+    shutil.copy(assets / "backbone.safetensors", moved / "renamed.safetensors")
+    common = ["--iterations", "2", "--set", "run.eval_every=0", "--set", "optim.warmup_iterations=1"]
+    assert cli.main(_args(assets, tmp_path / "r", *common)) == 0
+    argv = _args(assets, tmp_path / "r", *common, "--resume", "auto")
+    argv[argv.index("--pretrained") + 1] = str(moved / "renamed.safetensors")
+    argv[argv.index("--data") + 1] = str(moved / "soda")
+    capsys.readouterr()
+    assert cli.main(argv) == 0 and "resumed from" in capsys.readouterr().out
+    torch.manual_seed(1)
+    other = create_model("unip_vit_tiny_patch16", depth=DEPTH, embed_dim=WIDTH, num_heads=2, img_size=64)
+    save_checkpoint(other, moved / "renamed.safetensors")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "backbone weights (digest)" in err and "allow_changed_config" in err, err
 
 
 def test_two_process_runs_equal_one_process(assets, tmp_path, one_thread):

@@ -511,3 +511,38 @@ def test_pretrain_resume_with_another_teacher_layer_exits_2_naming_it(pretrain_a
         assert cli.main(args + ["--teacher-layer", "2"]) == 2
     assert "--resume auto to continue it" in capsys.readouterr().err
     assert cli.main(args + ["--teacher-layer", "2", "--resume", "auto"]) == 0  # the same settings continue
+
+
+def test_pretrain_resumes_after_its_files_moved_but_not_with_other_weights(pretrain_assets, tmp_path, capsys):
+    """Teacher and data are compared by content: a run whose files were moved (another disk, another node's
+    mount) resumes without run.allow_changed_config; another teacher at the same path is refused."""
+    import shutil
+
+    from unip import cli
+    from unip.checkpoint import save_checkpoint
+    from unip.models import create_model
+
+    moved = tmp_path / "moved disk"
+    shutil.copytree(pretrain_assets / "images", moved / "images")
+    shutil.copy(pretrain_assets / "teacher.safetensors", moved / "renamed_teacher.safetensors")
+
+    def args(teacher, data):
+        return ["pretrain", "toy", "--teacher", str(teacher), "--teacher-layer", "2", "--data", str(data),
+                "--out", str(tmp_path / "r"), "--device", "cpu", "--epochs", "1", "--set", "student.depth=2",
+                "--set", "student.embed_dim=64", "--set", "student.num_heads=2", "--set", "run.progress=false"]
+
+    assert cli.main(args(pretrain_assets / "teacher.safetensors", pretrain_assets / "images")) == 0
+    capsys.readouterr()
+    assert cli.main(args(moved / "renamed_teacher.safetensors", moved / "images") + ["--resume", "auto"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    torch.manual_seed(1)
+    save_checkpoint(create_model("vit_small_patch16", depth=3, embed_dim=64, num_heads=4, img_size=64),
+                    moved / "renamed_teacher.safetensors")  # other weights, same architecture and path
+    assert cli.main(args(moved / "renamed_teacher.safetensors", moved / "images") + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(r"teacher weights \(digest\) \w+ → \w+.*allow_changed_config", err), err
+    first = sorted((moved / "images").rglob("*.jpg"))[0]
+    first.rename(first.with_name("renamed_" + first.name))  # same count, another file list: another data set
+    shutil.copy(pretrain_assets / "teacher.safetensors", moved / "renamed_teacher.safetensors")
+    assert cli.main(args(moved / "renamed_teacher.safetensors", moved / "images") + ["--resume", "auto"]) == 2
+    assert "training images (file list digest) 16 images" in capsys.readouterr().err

@@ -61,9 +61,27 @@ def open_pretrain_images(path: str, transform: Transform) -> GrayImages:
     raise DataError(f"{path}: training data not found; pass a pack folder, a manifest file or an image folder")
 
 
-@lru_cache(maxsize=4)
 def _scan_folder(path: str) -> Tuple[list, list]:
-    """``unip.data.infmix.scan_folder``, once per folder per process (layer choice and training share it)."""
+    """``unip.data.infmix.scan_folder``, once per folder and content per process (layer choice and training
+    share it; a file added, removed or rewritten since means a new scan)."""
+    return _scan_folder_as_of(path, _folder_state(path))
+
+
+def _folder_state(path: str) -> int:
+    """A hash of every file's relative path, size and modification time under ``path``."""
+    state = []
+    for folder, _, names in os.walk(path):
+        for name in names:
+            try:
+                info = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            state.append((os.path.relpath(os.path.join(folder, name), path), info.st_size, info.st_mtime_ns))
+    return hash(tuple(sorted(state)))
+
+
+@lru_cache(maxsize=4)
+def _scan_folder_as_of(path: str, state: int) -> Tuple[list, list]:
     from unip.data.infmix import scan_folder
 
     return scan_folder(path)
@@ -89,6 +107,12 @@ def describe_skipped(dataset: Dataset, limit: int = 3) -> str:
     shown = "; ".join(f"{e['path']}: {e['reason']}" for e in skipped[:limit])
     more = f"; … {len(skipped) - limit} more" if len(skipped) > limit else ""
     return f"skipped {len(skipped)} file(s) of the data folder: {shown}{more}"
+
+
+def image_files(dataset: GrayImages) -> Sequence[str]:
+    """The original file of every image of a pre-training data set, in index order (a pack lists the files it
+    was packed from)."""
+    return dataset.paths() if isinstance(dataset, PackedImages) else dataset.files  # type: ignore[attr-defined]
 
 
 def take(dataset: Dataset, count: int, seed: int = 0) -> list:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unip.errors import ConfigError
+from unip.fingerprint import weights_fingerprint
 from unip.models.cpu_linear import use_onednn_linears
 from unip.models.vit import VisionTransformer
 
@@ -47,6 +48,8 @@ class Teacher(nn.Module):
         self.student_patch = student_patch
         self.num_heads = model.heads_per_block[layer - 1]
         self.precision = "fp32"
+        #: the weights it computes with (before any precision change): what a resumed run compares
+        self.weights_fingerprint = weights_fingerprint(model.state_dict())
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # always eval: no drop path, whatever the caller sets

@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 
 from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
 from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, normalize_batch
-from unip.distill.data import crop_transform, describe_skipped, frame_transform, open_pretrain_images, take
+from unip.distill.data import (crop_transform, describe_skipped, frame_transform, image_files, open_pretrain_images,
+                              take)
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
 from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, fit_to_grid
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
@@ -33,6 +34,7 @@ from unip.engine.logging import last_logged
 from unip.engine.loop import PRECISIONS, Precision
 from unip.engine.trainer import Task, TrainContext, batch_plan, train_task
 from unip.errors import ConfigError
+from unip.fingerprint import listing_fingerprint
 from unip.models import create_model, list_models, preset_config
 from unip.models.cpu_linear import decide, linear_kernel, requested_choice, use_onednn_linears
 from unip.models.quantize import fp8_unavailable_reason
@@ -302,6 +304,7 @@ class NmiHadTask(Task):
         skipped = describe_skipped(dataset)
         if skipped and ctx.dist.is_main:
             logger.info(skipped)
+        self.images_fingerprint = f"{len(dataset)} images, {listing_fingerprint(image_files(dataset))}"
         return dataset
 
     def data_source(self, ctx: TrainContext) -> str:
@@ -324,12 +327,13 @@ class NmiHadTask(Task):
                 "teacher_precision": self.teacher.precision, "teacher_linear_kernel": linear_kernel(self.teacher)}
 
     def resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
-        """What the saved student's metadata describes: teacher, distilled layer and heads, loss, student, data."""
-        teacher, loss, data = self.config["teacher"], self.config["loss"], self.config["data"]
-        return {"teacher.source": str(teacher["source"]), "teacher layer": self.teacher.layer,
+        """What the saved student's metadata describes: teacher, distilled layer and heads, loss, student, data.
+        Teacher and data by content (``unip.fingerprint``), so a run resumes after its files moved."""
+        loss, data = self.config["loss"], self.config["data"]
+        return {"teacher weights (digest)": self.teacher.weights_fingerprint, "teacher layer": self.teacher.layer,
                 "teacher heads": self.teacher.num_heads, "loss.kind": loss["kind"],
                 "loss.temperature": float(loss["temperature"]), "student.model": self.config["student"]["model"],
-                "student shape": self.student_shape, "data.path": str(data["path"]),
+                "student shape": self.student_shape, "training images (file list digest)": self.images_fingerprint,
                 "data.input_size": int(data["input_size"])}
 
     def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:

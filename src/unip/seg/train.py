@@ -37,6 +37,7 @@ from unip.engine.loop import PRECISIONS
 from unip.engine.schedule import SCHEDULES
 from unip.engine.trainer import Task, TrainContext, Trainer, run_settings
 from unip.errors import ConfigError, DataError
+from unip.fingerprint import listing_fingerprint, weights_fingerprint
 from unip.models import list_models
 from unip.models.heads import HEADS
 from unip.models.necks import NECKS
@@ -292,6 +293,7 @@ class SegmentationTask(Task):
         if not probe and float(model["layer_decay"]) != 1.0:
             self.lr_scale_fn = layer_decay_lr_scale(segmentor.backbone.depth, float(model["layer_decay"]))
         self.loss_weights = segmentor.loss_weights
+        self.backbone_fingerprint = weights_fingerprint(segmentor.backbone.state_dict())  # as loaded, before training
         self.backbone_info = describe_model(segmentor)
         return segmentor.to(ctx.device)
 
@@ -331,8 +333,11 @@ class SegmentationTask(Task):
                 f"{self.train_set.num_classes} classes)")
 
     def resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
-        """What the segmentor file describes: backbone source, data set, crop, classes, training mode."""
-        return {"model.pretrained": str(self.config["model"]["pretrained"]), "data set root": self.train_set.root,
+        """What the segmentor file describes: backbone, data set, crop, classes, training mode; the backbone and
+        the images by content (``unip.fingerprint``), so a run resumes after its files moved."""
+        files = [path for sample in self.train_set.samples for path in (sample.image, sample.label) if path]
+        return {"backbone weights (digest)": self.backbone_fingerprint,
+                "training images (file list digest)": f"{len(self.train_set)} images, {listing_fingerprint(files)}",
                 "data set layout": self.train_set.layout, "data.crop_size": int(self.config["data"]["crop_size"]),
                 "classes": self.train_set.num_classes, "mode": self.mode}
 
