@@ -8,6 +8,7 @@ half-written file. A writer killed mid-write leaves its temporary file (``.<name
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 from pathlib import Path
@@ -22,11 +23,27 @@ def temporary_path(target: Union[str, os.PathLike]) -> Path:
     return target.with_name(f".{target.name}.tmp-{os.getpid()}")
 
 
+@functools.lru_cache(maxsize=1)
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file here: ``0o666`` less the process's umask."""
+    try:  # Linux states it; reading it avoids setting the umask, which is process-wide
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
     """Yields a temporary path in ``path``'s folder; on success it is fsynced and renamed to ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left as it was."""
+    The file gets the mode a plain write would give it (some writers, e.g. safetensors', create their files
+    readable by the owner only). On an exception the temporary file is removed and ``path`` is left as it was."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(target)
@@ -34,6 +51,7 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, target)
     finally:
         if tmp.exists():
