@@ -506,6 +506,10 @@ def test_pretrain_resume_with_another_teacher_layer_exits_2_naming_it(pretrain_a
     assert cli.main(args + ["--teacher-layer", "1", "--resume", "auto"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and re.search(r"teacher layer 2 → 1.*allow_changed_config", err), err
+    assert "teacher weights" not in err  # the same file: its digest does not depend on the layer or input size
+    assert cli.main(args + ["--teacher-layer", "2", "--resume", "auto", "--set", "data.input_size=48"]) == 2
+    err = capsys.readouterr().err
+    assert "data.input_size 64 → 48" in err and "teacher weights" not in err, err
     with monkeypatch.context() as patch:  # a new run over the finished one: refused before any work
         patch.setattr("unip.distill.train.train", lambda config: pytest.fail("training started"))
         assert cli.main(args + ["--teacher-layer", "2"]) == 2

@@ -33,12 +33,16 @@ class Teacher(nn.Module):
 
     ``images`` are the student's input ``[B, C, H, W]``; ``student_patch`` is the student's patch size."""
 
-    def __init__(self, model: VisionTransformer, layer: int, student_patch: int = 16) -> None:
+    def __init__(self, model: VisionTransformer, layer: int, student_patch: int = 16,
+                 weights_digest: Optional[str] = None) -> None:
         super().__init__()
         if not 1 <= layer <= model.depth:
             raise ConfigError(f"teacher layer {layer} is out of range: the teacher has layers 1..{model.depth}")
         if model.cls_token is None:
             raise ConfigError("the teacher has no CLS token; NMI-HAD distils CLS + patch tokens")
+        #: the weights as loaded (``weights_digest``: of the file before ``fit_to_grid``), before the cut and any
+        #: precision change, so that it names the teacher whatever layer or input size a run chooses
+        self.weights_fingerprint = weights_digest or weights_fingerprint(model.state_dict())
         model.blocks = model.blocks[:layer]  # later blocks never run
         model.norm = nn.Identity()
         model.blocks[layer - 1].attn.drop_value_rows()  # block ``layer`` only gives q·kᵀ
@@ -48,8 +52,6 @@ class Teacher(nn.Module):
         self.student_patch = student_patch
         self.num_heads = model.heads_per_block[layer - 1]
         self.precision = "fp32"
-        #: the weights it computes with (before any precision change): what a resumed run compares
-        self.weights_fingerprint = weights_fingerprint(model.state_dict())
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # always eval: no drop path, whatever the caller sets
@@ -103,9 +105,10 @@ def load_teacher(source: str, layer: int, student_patch: int = 16, img_size: Opt
     from unip.checkpoint import load_model
 
     model = load_model(source)
+    digest = weights_fingerprint(model.state_dict())
     if img_size:
         model = fit_to_grid(model, img_size, student_patch)
-    return Teacher(model, layer, student_patch)
+    return Teacher(model, layer, student_patch, digest)
 
 
 def fit_to_grid(model: VisionTransformer, student_size: int, student_patch: int = 16) -> VisionTransformer:

@@ -34,7 +34,7 @@ from unip.engine.logging import last_logged
 from unip.engine.loop import PRECISIONS, Precision
 from unip.engine.trainer import Task, TrainContext, batch_plan, train_task
 from unip.errors import ConfigError
-from unip.fingerprint import listing_fingerprint
+from unip.fingerprint import listing_fingerprint, weights_fingerprint
 from unip.models import create_model, list_models, preset_config
 from unip.models.cpu_linear import decide, linear_kernel, requested_choice, use_onednn_linears
 from unip.models.quantize import fp8_unavailable_reason
@@ -177,7 +177,9 @@ def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
     teach = config["teacher"]
     if not teach["source"]:
         raise ConfigError("no teacher: pass --teacher SOURCE (a checkpoint file or timm:<name>)")
-    model = fit_to_grid(load_model(teach["source"]), int(config["data"]["input_size"]), patch).to(dist.device)
+    loaded = load_model(teach["source"])
+    digest = weights_fingerprint(loaded.state_dict())  # of the file: independent of input size and layer
+    model = fit_to_grid(loaded, int(config["data"]["input_size"]), patch).to(dist.device)
     kernel = teacher_linear_kernel(model, config, dist, precision)
     layer = teach["layer"]
     if layer == "auto":
@@ -187,7 +189,7 @@ def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
         why = f"teacher layer {layer} (given)"
     else:
         raise ConfigError(f"teacher.layer must be a layer number or 'auto', got {layer!r}")
-    return Teacher(model, layer, patch).to(dist.device).set_precision(weights, cpu_linear=kernel), why
+    return Teacher(model, layer, patch, digest).to(dist.device).set_precision(weights, cpu_linear=kernel), why
 
 
 def teacher_linear_kernel(model: VisionTransformer, config: Config, dist: DistInfo, precision: Precision) -> str:
