@@ -165,6 +165,18 @@ def test_iteration_schedule_evaluates_every_n_steps_and_logs_named_components(tm
     assert set(load_file(str(result.model_path))) == set(ToyNet().state_dict())
 
 
+def test_progress_off_a_terminal_is_a_line_per_logged_step_not_a_bar(tmp_path, caplog, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    with caplog.at_level("INFO", logger="unip"):
+        train_task(ToySegmentation(), _config(tmp_path / "run", **{"run.progress": True, "run.log_every": 4}))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ") and "/12" in r.getMessage()]
+    logged = [r["step"] for r in _records(tmp_path / "run", "train")]  # every 4 steps and each epoch end (2)
+    assert [line.split(":")[0] for line in lines] == [f"step {s}/12 ({100 * s // 12}%)" for s in logged]
+    assert all(re.search(r"loss=[\d.]+ lr=\S+ images_per_s=[\d.]+", line) for line in lines), lines
+    assert re.search(r"ETA \d+:\d\d:\d\d$", lines[0]) and "ETA" not in lines[-1]
+    assert "it/s" not in capsys.readouterr().err and "step/s" not in capsys.readouterr().err  # no tqdm bar
+
+
 def test_epoch_based_run_and_settings_errors(tmp_path):
     config = _config(tmp_path / "run", **{"optim.iterations": None, "optim.epochs": 3, "optim.warmup_epochs": 1.0,
                                           "optim.schedule": "cosine", "run.eval_every": 0})

@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from unip.analysis.metrics import METRICS, Grid, attention_metrics, uniform_distance
+from unip.engine.progress import shown
 from unip.errors import ConfigError, DataError
 from unip.models.cpu_linear import onednn_linears
 from unip.models.vit import VisionTransformer
@@ -224,7 +225,7 @@ def profile_model(model: VisionTransformer, images: Iterable[Tensor], batch_size
     grid: Grid = (0, 0)
     scratch: Dict[Tuple, Tensor] = {}
     with kernels, torch.inference_mode(), amp, tqdm(total=total, unit="img", desc=f"profiling {source}",
-                                                    disable=not progress, leave=False) as bar:
+                                                    disable=shown(progress), leave=False) as bar:
         for x in _batches(images, batch_size):
             metrics, grid = batch_metrics(model, x.to(device, non_blocking=True), layers, scratch, group)
             acc.update({layer: values.to(acc_device) for layer, values in metrics.items()})

@@ -69,7 +69,7 @@ from unip.engine.distributed import (DistInfo, barrier, cleanup, init_distribute
 from unip.engine.logging import TB_DIR, MetricLogger
 from unip.engine.loop import LossOutput, Precision, StepResult, resolve_precision, split_loss, train_step
 from unip.engine.optim import adamw, param_groups
-from unip.engine.progress import postfix, progress_bar
+from unip.engine.progress import postfix, progress_bar, progress_line
 from unip.engine.schedule import SCHEDULES, LrSchedule, set_lr
 from unip.engine.seeding import preserved_rng, seed_everything, step_seed
 from unip.errors import ConfigError
@@ -329,6 +329,7 @@ class Trainer:
     def __init__(self, task: Task, config: Config, dist: DistInfo) -> None:
         self.task, self.config = task, config
         self.run, self.optim, self.debug = run_settings(config)
+        self._text_progress: Optional[Tuple[float, int]] = None  # (start time, start step) when lines replace the bar
         self.output = Path(self.run["output"])
         self.ckpt_dir = self.output / CHECKPOINT_DIR
         seed_everything(int(self.run["seed"]) + dist.rank)
@@ -420,8 +421,9 @@ class Trainer:
             self._info(f"{self.task.describe(ctx)}; effective batch {plan.effective_batch} = "
                        f"{self.optim['batch_size']} × {plan.accum} × {ctx.dist.world_size}; peak lr "
                        f"{plan.peak_lr:.3g}; {plan.total_steps} steps; {ctx.precision.name} on {ctx.device}")
-            bar = progress_bar(plan.total_steps, ctx.step, self.task.name,
-                               enabled=ctx.dist.is_main and bool(self.run["progress"]))
+            wanted = ctx.dist.is_main and bool(self.run["progress"])
+            bar = progress_bar(plan.total_steps, ctx.step, self.task.name, enabled=wanted)
+            self._text_progress = (time.perf_counter(), ctx.step) if wanted and bar.disable else None
             try:
                 self.wrapped.train()
                 self._train(bar)
@@ -579,7 +581,12 @@ class Trainer:
                    "images_per_s": steps * self.ctx.plan.effective_batch / max(elapsed, 1e-9),  # type: ignore
                    "epoch": self.ctx.epoch}
         self.log.log(self.ctx.step, metrics)
-        bar.set_postfix_str(postfix({k: metrics[k] for k in ("loss", "lr", "images_per_s")}))
+        shown = {k: metrics[k] for k in ("loss", "lr", "images_per_s")}
+        bar.set_postfix_str(postfix(shown))
+        if self._text_progress:  # no bar (not a terminal): a line per logged step instead
+            began, first_step = self._text_progress
+            self._info(progress_line(self.ctx.step, self.ctx.plan.total_steps,  # type: ignore[union-attr]
+                                     self.ctx.step - first_step, time.perf_counter() - began, shown))
         self._window = (time.perf_counter(), 0)
 
     # ------------------------------------------------------------------------------------ evaluation

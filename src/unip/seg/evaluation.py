@@ -27,6 +27,7 @@ from tqdm import tqdm
 from unip.engine.data import build_eval_loader
 from unip.engine.distributed import all_reduce_sum
 from unip.engine.loop import Precision
+from unip.engine.progress import shown
 from unip.errors import ConfigError
 from unip.seg.inference import predict_probabilities
 from unip.seg.metrics import confusion_matrix, segmentation_metrics
@@ -119,7 +120,7 @@ def evaluate_split(segmentor: nn.Module, dataset: Dataset, settings: EvalSetting
     segmentor.eval()
     try:
         with torch.no_grad(), tqdm(total=len(loader), desc=desc, unit="batch", leave=False,
-                                   disable=not progress, dynamic_ncols=True) as bar:
+                                   disable=shown(progress), dynamic_ncols=True) as bar:
             for batch in loader:
                 for inputs, labels in _same_size_groups(batch):
                     preds = predict_labels(segmentor, inputs.to(device, non_blocking=True), labels[0].shape,
