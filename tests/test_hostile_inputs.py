@@ -831,6 +831,17 @@ CASES: List[Case] = [
          match="mine: holds files that are not a sweep's"),
     Case("sweep run: --out holds the user's sweep.json", lambda a: a.sweep(out=a.out_with(
          "mine", {"sweep.json": '{"mine": 1}', **USER_FILES})), match="sweep.json.*not written by unip sweep"),
+    Case("sweep run: data set folder missing", lambda a: a.sweep(sweep=a.sweep_file(
+         datasets=[{"name": "D", "root": str(a.scratch / "nodata"), "layout": "soda"}])),
+         match="data set 'D' \\(layout soda\\): .*nodata: data set folder not found; fix its root"),
+    Case("sweep run: data set root is the user's folder", lambda a: a.sweep(sweep=a.sweep_file(
+         datasets=[{"name": "D", "root": a.folder("mine", USER_FILES), "layout": "auto", "preset": "soda"}])),
+         match="data set 'D' \\(layout auto\\): .*mine: not a known segmentation layout"),
+    Case("sweep run: dry run, data set folder missing", lambda a: a.sweep("--dry-run", sweep=a.sweep_file(
+         datasets=[{"name": "D", "root": str(a.scratch / "nodata"), "layout": "soda"}])),
+         match="nodata: data set folder not found"),
+    Case("sweep run: a CUDA device that is not there", lambda a: a.sweep("--devices", "cuda:4095"),
+         match="--devices cuda:4095: (CUDA is not available|there is no cuda:4095)"),
     Case("sweep run: dry run", lambda a: a.sweep("--dry-run"), code=0),
     Case("sweep report: no folder", lambda a: ["sweep", "report", str(a.scratch / "nowhere")],
          match="nowhere: no such sweep folder"),

@@ -19,7 +19,7 @@ from unip.data.seg_prepare import prepare_dataset, scut_lookup
 from unip.data.seg_transforms import (CatMaxRatioCrop, KeepRatioResize, PadToSize, PhotoMetricDistortion,
                                       SegmentationTransform, crop_is_acceptable, hsv_to_rgb_u8, normalize_steps,
                                       rescale_size, rgb_to_hsv_u8, seg_test_transform, seg_train_transform)
-from unip.data.segmentation import detect_dataset, open_segmentation_dataset
+from unip.data.segmentation import check_structure, detect_dataset, open_segmentation_dataset
 from unip.data.synth import write_soda
 from unip.engine.data import SeededDataset
 from unip.errors import DataError
@@ -191,6 +191,29 @@ def test_unknown_layout_and_raw_downloads_are_refused_with_a_hint(tmp_path):
         open_segmentation_dataset(raw, "mfnet")
     with pytest.raises(DataError, match="must be one of"):
         open_segmentation_dataset(raw, "cityscapes")
+
+
+def test_check_structure_looks_at_folders_and_split_files_only(tmp_path):
+    """The quick look before a long job (unip sweep run): the layout resolves, its folders and split files are
+    there; a missing image is not looked for (opening the split finds it)."""
+    root = tmp_path / "soda"
+    write_soda(str(root), 3, 2, size=(32, 24), seed=0)
+    assert check_structure(str(root), "soda")[1].name == "soda" and check_structure(str(root))[1].name == "soda"
+    first = (root / "train_infrared.txt").read_text().split()[0]
+    next((root / "JPEGImages").glob(first + ".*")).unlink()
+    check_structure(str(root), "soda")
+    with pytest.raises(DataError, match="image listed in .* not found"):
+        open_segmentation_dataset(str(root), "soda", "train")
+    (root / "test_infrared.txt").unlink()
+    with pytest.raises(DataError, match="test_infrared.txt: split file of 'val' not found \\(not a soda data set\\?"):
+        check_structure(str(root), "soda")
+    check_structure(str(root), "soda", ["train"])
+    with pytest.raises(DataError, match="JPEGImages/JPEGImages: folder not found"):
+        check_structure(str(tmp_path / "soda" / "JPEGImages"), "soda")
+    with pytest.raises(DataError, match="data set folder not found"):
+        check_structure(str(tmp_path / "nothing"), "soda")
+    with pytest.raises(DataError, match="not a known segmentation layout"):
+        check_structure(str(tmp_path / "soda" / "JPEGImages"))
 
 
 def test_check_seg_lists_every_problem_at_once(tmp_path):

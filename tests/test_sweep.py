@@ -162,7 +162,7 @@ def test_changed_settings_of_finished_cells_are_refused(swept, tmp_path):
     code, _, stderr = _run_cli(["sweep", "run", str(changed), "--out", str(swept["out"]), "--var",
                                 f"data={swept['data']}"])
     assert code == 2 and len(stderr.strip().splitlines()) == 1
-    assert "8 finished cell(s) ran with other settings" in stderr
+    assert "8 cell(s) ran with other settings than the sweep file gives now (8 finished, 0 stopped" in stderr
     assert "ran with: optim.iterations=6; now: optim.iterations=7" in stderr
     assert (swept["out"] / "sweep.json").read_bytes() == before
 
@@ -474,6 +474,132 @@ def test_the_recorded_sweep_plans_the_same_cells_as_its_file():
         assert [c.id for c in plan_cells(recorded)] == [c.id for c in plan_cells(sweep)]
 
 
+# ========================================================================================= checks before anything runs
+def _recorded_folder(out, sweep_file, cells):
+    """A sweep folder as an earlier `unip sweep run` of ``sweep_file`` left it: per entry of ``cells`` ({cell id:
+    "finished" | "stopped" | "killed early"}) the job's record with the command line it ran with and, in its
+    folder, a metrics.json (finished), a training state (stopped part-way) or nothing (killed before its first
+    save)."""
+    from unip.sweep.run import cell_jobs
+    from unip.sweep.state import write_state
+
+    jobs = {job.id: job for job in cell_jobs(read_sweep(str(sweep_file)), out)}
+    records = {}
+    for cell, how in cells.items():
+        job = jobs[cell]
+        if how == "finished":
+            _finish(out, cell, 50.0)
+        elif how == "stopped":
+            (job.folder / "checkpoints").mkdir(parents=True)
+            (job.folder / "checkpoints" / "step-00000003.pt").write_bytes(b"a training state")
+        records[cell] = {"kind": "cell", "folder": f"cells/{cell}", **job.coordinates, "args": job.args, "runs": 1,
+                         "status": "done" if how == "finished" else "interrupted"}
+    write_state(out, {"sweep": read_sweep(str(sweep_file)).to_dict(), "jobs": records})
+
+
+@pytest.mark.parametrize("how", ["finished", "stopped"])
+def test_cells_that_ran_with_other_settings_stop_the_run_and_the_dry_run_alike(data, tmp_path, how):
+    """A cell that holds a result or a training state (here a/d1/ft-seed0) and ran with optim.iterations 6 stops a
+    sweep file that now says 7 before anything starts, in the dry run (which shows it as changed) and in the run,
+    with the same one line (exit 2): retrying could never help (the cell is skipped, or its resume is refused).
+    A cell killed before its first save (a/d2/ft-seed0) starts afresh with the new settings; with the old settings
+    back, nothing is refused."""
+    out = tmp_path / "out"
+    _recorded_folder(out, _hand_made_sweep(tmp_path, data, set={"optim.iterations": 6}),
+                     {"a/d1/ft-seed0": how, "a/d2/ft-seed0": "killed early"})
+    changed = _hand_made_sweep(tmp_path, data, set={"optim.iterations": 7})
+    before = (out / "sweep.json").read_bytes()
+    dry = _run_cli(["sweep", "run", str(changed), "--out", str(out), "--dry-run"])
+    run = _run_cli(["sweep", "run", str(changed), "--out", str(out)])
+    assert dry[0] == run[0] == 2 and dry[2] == run[2], (dry, run)
+    error = run[2].strip()
+    assert len(error.splitlines()) == 1 and error.startswith("unip sweep: error: ")
+    stopped = 0 if how == "finished" else 1
+    assert (f"1 cell(s) ran with other settings than the sweep file gives now ({1 - stopped} finished, {stopped} "
+            "stopped part-way with a training state), e.g. a/d1/ft-seed0 (ran with: optim.iterations=6; now: "
+            "optim.iterations=7); restore those settings, use a new --out, or delete those cells' folders (e.g. "
+            f"{out / 'cells' / 'a' / 'd1' / 'ft-seed0'})") in error
+    lines = dry[1].splitlines()
+    assert re.match(r"a/d1/ft-seed0\s+changed\s+toy\s+7\b", next(line for line in lines if line.startswith("a/d1/ft")))
+    assert re.match(r"a/d2/ft-seed0\s+to run\b", next(line for line in lines if line.startswith("a/d2/ft")))
+    assert "4 job(s), 0 done, 1 changed; to run: 3 cell(s)" in dry[1]
+    assert (out / "sweep.json").read_bytes() == before  # nothing started
+    assert not list(out.glob("cells/*/*/*/sweep-stdout.log"))
+    # the settings it ran with: a finished cell is done, a stopped one continues
+    code, stdout, stderr = _run_cli(["sweep", "run", str(_hand_made_sweep(tmp_path, data, set={"optim.iterations": 6})),
+                                     "--out", str(out), "--dry-run"])
+    assert code == 0 and stderr == "" and "changed" not in stdout
+    assert re.match(r"a/d1/ft-seed0\s+" + ("done" if how == "finished" else "to run"),
+                    next(line for line in stdout.splitlines() if line.startswith("a/d1/ft")))
+
+
+def test_a_missing_or_foreign_data_set_stops_the_sweep_before_any_cell(data, tmp_path):
+    """A data set folder that is missing, or is not a data set of its layout, and an analysis images folder that
+    is missing: one line naming the sweep file's entry and the fix, exit 2, before any folder is created (not
+    a failing `unip finetune` per cell). The dry run shows the table, then stops alike."""
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    for root, expected in ((tmp_path / "nodata", f"{tmp_path / 'nodata'}: data set folder not found"),
+                           (tmp_path / "empty", f"{tmp_path / 'empty' / 'JPEGImages'}: folder not found (not a soda "
+                                                 "data set?")):
+        code, stdout, stderr = _run_cli(["sweep", "run", "tiny", "--out", str(out), "--var", f"data={root}"])
+        assert code == 2 and len(stderr.strip().splitlines()) == 1, stdout + stderr
+        assert f"tiny.yaml: data set 'synth' (layout soda): {expected}" in stderr
+        assert stderr.strip().endswith(f"; pass the right folder with --var data=DIR (now {root})")
+        assert not out.exists()
+        code, stdout, dry = _run_cli(["sweep", "run", "tiny", "--out", str(out), "--var", f"data={root}", "--dry-run"])
+        assert code == 2 and dry == stderr and "8 cell(s)" in stdout and not out.exists()
+    # no variable: the entry of the file is named
+    sweep_file = _hand_made_sweep(tmp_path, data, datasets=[{"name": "D1", "root": str(tmp_path / "nodata"),
+                                                             "layout": "soda"}])
+    code, _, stderr = _run_cli(["sweep", "run", str(sweep_file), "--out", str(out)])
+    assert code == 2 and "data set 'D1' (layout soda)" in stderr and stderr.strip().endswith("fix its root in the "
+                                                                                            "sweep file")
+    # the data set is there, the images unip analyze profiles are not
+    sweep_file = _hand_made_sweep(tmp_path, data, protocols={"layerwise": {"layers": [2]}},
+                                  analysis={"images": str(tmp_path / "noimages")})
+    code, _, stderr = _run_cli(["sweep", "run", str(sweep_file), "--out", str(out)])
+    assert code == 2 and f"analysis.images {tmp_path / 'noimages'}: image folder not found" in stderr
+    assert not out.exists()
+    # a finished cell does not read its data set again: only what is left to run is checked
+    _recorded_folder(out, _hand_made_sweep(tmp_path, data), {"a/d1/ft-seed0": "finished"})
+    moved = _hand_made_sweep(tmp_path, data, datasets=[{"name": "D1", "root": str(data), "layout": "soda"},
+                                                       {"name": "D2", "root": str(tmp_path / "nodata"),
+                                                        "layout": "soda"}])
+    code, stdout, stderr = _run_cli(["sweep", "run", str(moved), "--out", str(out), "--only", "*/d1/ft-*"])
+    assert code == 0 and "(0 run now, 1 before)" in stdout, stderr
+
+
+def test_devices_this_machine_lacks_stop_the_sweep_before_any_cell(data, tmp_path, monkeypatch):
+    """--gpus / --devices naming CUDA devices that are not there: one line naming the option and the fix, exit
+    2, nothing created; the dry run shows the table first. CUDA is faked away (or to one device)."""
+    import torch
+
+    out = tmp_path / "out"
+    argv = ["sweep", "run", "tiny", "--out", str(out), "--var", f"data={data}"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for option, value in (("--gpus", "2"), ("--devices", "cpu,cuda:0"), ("--devices", "cuda")):
+        code, stdout, stderr = _run_cli(argv + [option, value])
+        assert code == 2 and stderr.strip() == (f"unip sweep: error: {option} {value}: CUDA is not available on this "
+                                                "machine; run the cells on the CPU with --devices cpu (or cpu,cpu: "
+                                                "two at a time)"), stdout + stderr
+        assert not out.exists()
+    code, stdout, dry = _run_cli(argv + ["--gpus", "2", "--dry-run"])
+    assert code == 2 and dry == stderr.replace("--devices cuda", "--gpus 2") and "8 cell(s)" in stdout
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, _, stderr = _run_cli(argv + ["--gpus", "2"])
+    assert code == 2 and stderr.strip() == ("unip sweep: error: --gpus 2: there is no cuda:1 on this machine, it has "
+                                            "1 CUDA device(s) (cuda:0); use --gpus 1 or fewer, or --devices with "
+                                            "indices below 1")
+    assert not out.exists()
+    from unip.sweep.run import check_devices
+
+    check_devices(["cuda:0", "cuda", "cpu", "auto"])  # what there is passes
+    with pytest.raises(ConfigError, match="devices cuda:0,cuda:3: there is no cuda:3"):
+        check_devices(["cuda:0", "cuda:3"])
+
+
 # ============================================================================================ the sweep files
 def test_the_paper_sweep_file_reads_and_every_cell_has_a_preset():
     sweep = read_sweep("paper", allow_unset=True)
@@ -523,7 +649,8 @@ def test_variables_settings_and_names(tmp_path):
         read_sweep(str(path), {"root": "/d"})
 
 
-def test_devices_become_slots_and_cuda_visible_devices(tmp_path):
+def test_devices_become_slots_and_cuda_visible_devices(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert parse_devices() == ["auto"] and parse_devices(gpus=2) == ["cuda:0", "cuda:1"]
     assert parse_devices(devices="cuda:3,cpu") == ["cuda:3", "cpu"]
     with pytest.raises(ConfigError, match="--devices"):
@@ -534,3 +661,6 @@ def test_devices_become_slots_and_cuda_visible_devices(tmp_path):
     command, env = _command(job, "cpu", ["cpu"])
     assert command[-2:] == ["--device", "cpu"] and env.get("CUDA_VISIBLE_DEVICES") == os.environ.get(
         "CUDA_VISIBLE_DEVICES")
+    # cuda:N is the device this process calls cuda:N: the N-th of its own CUDA_VISIBLE_DEVICES
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert _command(job, "cuda:1", ["cuda:0", "cuda:1"])[1]["CUDA_VISIBLE_DEVICES"] == "6"

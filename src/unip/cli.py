@@ -766,7 +766,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     q.add_argument("sweep", metavar="SWEEP", help="sweep file (.yaml) or the name of a shipped one: paper, tiny")
     q.add_argument("--out", required=True, metavar="DIR", help="sweep folder (new, empty, or an earlier sweep's)")
     q.add_argument("--dry-run", action="store_true",
-                   help="list the cells, what is finished and the estimated cost; run nothing")
+                   help="list the cells, what is finished or changed and the estimated cost, then make the run's "
+                        "checks (exit 2 where it would stop); run nothing")
     q.add_argument("--gpus", type=integer(1, 4096).option(), metavar="N",
                    help="run N cells at a time, one per GPU (cuda:0 ... cuda:N-1)")
     q.add_argument("--devices", metavar="LIST", help="device slots, comma-separated: cuda:0,cuda:3 or cpu,cpu "
@@ -791,13 +792,20 @@ def _run_sweep_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from unip.sweep import parse_devices, parse_variables, plan_sweep, plan_table, read_sweep, run_sweep
+    from unip.sweep.run import cell_jobs, check_devices, check_sweep
 
     devices = parse_devices(args.gpus, args.devices)
+    given = f"--gpus {args.gpus}" if args.gpus is not None else f"--devices {args.devices}"
+    if not args.dry_run:
+        check_devices(devices, given)
     sweep = read_sweep(args.sweep, parse_variables(args.var), allow_unset=args.dry_run)
     if args.dry_run:
-        print(plan_table(plan_sweep(sweep, Path(args.out), args.only)))
+        cells = cell_jobs(sweep, Path(args.out))
+        print(plan_table(plan_sweep(sweep, Path(args.out), args.only, cells)))
         if sweep.unset:
             print("not set yet: " + ", ".join(f"--var {name}=..." for name in sweep.unset))
+        check_devices(devices, given)  # then the run's checks: the dry run stops (exit 2) where the run would
+        check_sweep(sweep, Path(args.out), devices, args.only, cells)
         return 0
     result = run_sweep(sweep, Path(args.out), devices, args.only)
     done = sum(1 for status in result.status.values() if status == "done")

@@ -286,21 +286,44 @@ class _Folder:
         return None
 
 
+def structure_problems(root: str, layout: SegLayout, split: str) -> List[Problem]:
+    """What is wrong with ``split`` of the data set at ``root`` that shows without reading a file: the
+    layout's image or label folder missing (``missing-folder``), the split file missing
+    (``missing-split-file``). Raises :class:`DataError` for a split the layout does not have."""
+    if split not in layout.splits:
+        raise DataError(f"split '{split}': must be one of {', '.join(layout.splits)}")
+    problems = [Problem(os.path.join(root, folder), "missing-folder", "folder not found")
+                for folder in (layout.image_dir, layout.label_dir) if not _isdir(root, folder)]
+    split_path = os.path.join(root, layout.splits[split])
+    if not os.path.isfile(split_path):
+        problems.append(Problem(split_path, "missing-split-file", f"split file of '{split}' not found"))
+    return problems
+
+
+def check_structure(root: str, dataset: str = "auto", splits: Sequence[str] = L.SPLIT_NAMES) -> Tuple[str, SegLayout]:
+    """The quick look before a long job reads the data set at ``root`` as ``dataset`` (``auto`` detects it):
+    the layout resolves (:func:`resolve_layout`) and its folders and the split files of ``splits`` exist.
+    No image is read and no split is listed. Returns ``(data_root, layout)``; raises :class:`DataError`
+    naming the first problem."""
+    data_root, layout = resolve_layout(root, dataset)
+    for split in splits:
+        problems = structure_problems(data_root, layout, split)
+        if problems:
+            raise DataError(f"{problems[0].message} (not a {layout.name} data set? `unip data check-seg {root}` "
+                            "lists every problem)")
+    return data_root, layout
+
+
 def scan_split(root: str, layout: SegLayout, split: str) -> Tuple[List[Sample], List[Problem]]:
     """Return the samples of ``split`` whose image and label files exist, and the problems found.
 
     Problems: the split file is missing or empty, or a listed image or label file is missing. Files are
     not opened here (see :func:`inspect_pair`).
     """
-    if split not in layout.splits:
-        raise DataError(f"split '{split}': must be one of {', '.join(layout.splits)}")
+    problems = structure_problems(root, layout, split)
+    if any(p.code == "missing-split-file" for p in problems):
+        return [], problems
     split_path = os.path.join(root, layout.splits[split])
-    problems: List[Problem] = []
-    for folder in (layout.image_dir, layout.label_dir):
-        if not _isdir(root, folder):
-            problems.append(Problem(os.path.join(root, folder), "missing-folder", "folder not found"))
-    if not os.path.isfile(split_path):
-        return [], problems + [Problem(split_path, "missing-split-file", f"split file of '{split}' not found")]
     try:
         names = read_split_file(split_path)
     except DataError as err:

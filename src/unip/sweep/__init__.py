@@ -6,8 +6,8 @@ into the paper's table and figures (docs/sweep.md).
 ``sweep.json``. ``run``: running the cells (resumable, one per device slot). ``report``: tables, figures, HTML.
 """
 
-from unip.sweep.run import SweepRun, parse_devices, plan_sweep, plan_table, run_sweep
+from unip.sweep.run import SweepRun, check_sweep, parse_devices, plan_sweep, plan_table, run_sweep
 from unip.sweep.spec import Backbone, Cell, Dataset, Protocol, Sweep, parse_variables, plan_cells, read_sweep
 
-__all__ = ["Backbone", "Cell", "Dataset", "Protocol", "Sweep", "SweepRun", "parse_devices", "parse_variables",
-           "plan_cells", "plan_sweep", "plan_table", "read_sweep", "run_sweep"]
+__all__ = ["Backbone", "Cell", "Dataset", "Protocol", "Sweep", "SweepRun", "check_sweep", "parse_devices",
+           "parse_variables", "plan_cells", "plan_sweep", "plan_table", "read_sweep", "run_sweep"]

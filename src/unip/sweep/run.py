@@ -7,7 +7,10 @@ cells run side by side, one per GPU (``CUDA_VISIBLE_DEVICES``). The sweep:
 * skips a finished job (``state.cell_finished``: a valid ``metrics.json``; ``state.analysis_finished``);
 * runs every cell with ``--resume auto``, so a cell killed half-way continues from its newest state;
 * goes on past a failed job and lists it at the end with the last line it printed (its one-line error);
-* refuses to reuse a finished cell whose command line has changed since (another ``--out`` is needed);
+* checks before it starts anything or creates a folder (``check_sweep``, which the dry run shares): the
+  devices exist, the data sets of the cells to run are there, and no cell that holds a result or a training
+  state was run with another command line than the sweep file gives now (a finished one would mix settings in
+  the table, an interrupted one could never resume);
 * records every job, its status, device, time and error in ``<out>/sweep.json`` (atomic writes);
 * holds ``<out>/.sweep.lock`` while it runs (a second sweep on the same folder stops at once); its children
   die with it (Linux: ``PR_SET_PDEATHSIG``), so a killed sweep leaves no cell writing behind its back.
@@ -33,14 +36,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import unip
-from unip.errors import ConfigError
+from unip.errors import ConfigError, DataError
 from unip.sweep.cost import CellCost, CostModel
 from unip.sweep.spec import Cell, Sweep, plan_cells
 from unip.sweep.state import (ANALYSIS_DIR, CELLS_DIR, LOCK_FILE, STDERR_LOG, STDOUT_LOG, analysis_finished,
-                              cell_finished, claim_sweep_folder, read_state, relative, write_state)
+                              cell_finished, cell_has_training_state, claim_sweep_folder, read_state, relative,
+                              write_state)
 from unip.text import one_line
 
 logger = logging.getLogger(__name__)
@@ -130,21 +134,44 @@ def check_selection(jobs: Sequence[Job], only: Sequence[str]) -> None:
 
 def parse_devices(gpus: Optional[int] = None, devices: Optional[str] = None) -> List[str]:
     """The device slots: ``--gpus N`` → ``cuda:0`` … ``cuda:N-1``; ``--devices cuda:0,cuda:2`` (or ``cpu,cpu``:
-    two CPU cells side by side); neither → one slot, ``auto``. Raises ``ConfigError``."""
+    two CPU cells side by side); neither → one slot, ``auto``. Raises ``ConfigError`` naming the option
+    (``check_devices`` says whether this machine has them)."""
     if gpus is not None and devices is not None:
         raise ConfigError("--gpus and --devices: give one of them")
     if gpus is not None:
         if gpus < 1:
             raise ConfigError(f"--gpus {gpus}: must be at least 1")
-        return [f"cuda:{i}" for i in range(gpus)]
-    if devices is None:
-        return ["auto"]
-    slots = [part.strip() for part in devices.split(",")]
-    bad = next((slot for slot in slots if not _DEVICE.match(slot)), None)
-    if bad is not None:
-        raise ConfigError(f"--devices {devices!r}: {bad!r} is not a device; use cpu, cuda, cuda:N or auto, comma-"
-                          "separated (one cell runs on each at a time)")
+        slots = [f"cuda:{i}" for i in range(gpus)]
+    elif devices is None:
+        slots = ["auto"]
+    else:
+        slots = [part.strip() for part in devices.split(",")]
+        bad = next((slot for slot in slots if not _DEVICE.match(slot)), None)
+        if bad is not None:
+            raise ConfigError(f"--devices {devices!r}: {bad!r} is not a device; use cpu, cuda, cuda:N or auto, comma-"
+                              "separated (one cell runs on each at a time)")
     return slots
+
+
+def check_devices(slots: Sequence[str], option: Optional[str] = None) -> None:
+    """``ConfigError`` when a slot is a CUDA device this machine does not have: ``cuda`` or ``cuda:N`` without
+    CUDA, or ``N`` past the last CUDA device this process sees (``CUDA_VISIBLE_DEVICES`` counts: ``_command``
+    hands a cell the same device). ``option`` is how the slots were given (``--gpus 2``), for the message."""
+    cuda = [slot for slot in slots if slot.startswith("cuda")]
+    if not cuda:
+        return
+    import torch
+
+    given = option or f"devices {','.join(slots)}"
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"{given}: CUDA is not available on this machine; run the cells on the CPU with --devices "
+                          "cpu (or cpu,cpu: two at a time)")
+    beyond = next((slot for slot in cuda if ":" in slot and int(slot.split(":", 1)[1]) >= count), None)
+    if beyond is not None:
+        last = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ConfigError(f"{given}: there is no {beyond} on this machine, it has {count} CUDA device(s) ({last}); "
+                          f"use --gpus {count} or fewer, or --devices with indices below {count}")
 
 
 # ============================================================================================ dry run
@@ -156,17 +183,24 @@ class PlannedJob:
     finished: bool
     preset: str = "-"
     cost: Optional[CellCost] = None
+    changed: bool = False
 
 
-def plan_sweep(sweep: Sweep, out: Path, only: Sequence[str] = ()) -> List[PlannedJob]:
-    """The selected jobs of ``sweep`` in ``out`` with their status and estimated cost; writes nothing."""
+def plan_sweep(sweep: Sweep, out: Path, only: Sequence[str] = (), cells: Optional[List[Job]] = None
+               ) -> List[PlannedJob]:
+    """The selected jobs of ``sweep`` in ``out`` with their status (a cell that ``run_sweep`` would refuse as
+    changed is ``changed``: ``changed_cells``) and estimated cost; writes nothing. ``cells``: ``cell_jobs(sweep,
+    out)`` when the caller has them. The dry run then calls ``check_sweep``, as ``run_sweep`` does."""
     model = CostModel()
-    cells = cell_jobs(sweep, out)
+    out = claim_sweep_folder(out)
+    cells = cell_jobs(sweep, out) if cells is None else cells
     check_selection(cells + analysis_jobs(sweep, out, cells), only)
+    changed = set() if sweep.unset else {job.id for job in changed_cells(cells, recorded_jobs(out))}
     planned = []
     for job in select(cells, only):
         assert job.cell is not None
-        planned.append(PlannedJob(job, job.finished(), job.cell.preset, model.cell(job.cell, job.cell.config())))
+        planned.append(PlannedJob(job, job.finished(), job.cell.preset, model.cell(job.cell, job.cell.config()),
+                                  changed=job.id in changed))
     planned += [PlannedJob(job, job.finished()) for job in select(analysis_jobs(sweep, out, cells), only)]
     return planned
 
@@ -179,20 +213,114 @@ def plan_table(planned: Sequence[PlannedJob]) -> str:
              f"{'training':>11}"]
     for p in planned:
         # a random-init backbone's analysis reads a probe cell's file: it waits for the cells
-        status = "done" if p.finished else ("waits" if p.job.blocked else "to run")
+        status = "changed" if p.changed else "done" if p.finished else ("waits" if p.job.blocked else "to run")
         if p.cost is None:
             lines.append(f"{p.job.id:<{width}}  {status:<8}  {'(unip analyze)':<14}")
             continue
         lines.append(f"{p.job.id:<{width}}  {status:<8}  {p.preset:<14} {p.cost.iterations:>7,} {p.cost.images:>10,} "
                      f"{p.cost.gflops_per_image:>10.1f} {flop_text(p.cost.pflops * 1e15):>11}")
-    todo = [p for p in planned if not p.finished]
+    changed = sum(1 for p in planned if p.changed)
+    todo = [p for p in planned if not p.finished and not p.changed]
     cells = [p for p in todo if p.cost is not None]
     total = sum(p.cost.pflops for p in cells if p.cost)
     images = sum(p.cost.images for p in cells if p.cost)
-    lines.append(f"{len(planned)} job(s), {len(planned) - len(todo)} done; to run: {len(cells)} cell(s) "
-                 f"({images:,} training images, {flop_text(total * 1e15)} estimated for training, evaluations not "
-                 f"counted) and {len(todo) - len(cells)} analysis job(s)")
+    done = len(planned) - len(todo) - changed
+    lines.append(f"{len(planned)} job(s), {done} done{f', {changed} changed' if changed else ''}; to run: "
+                 f"{len(cells)} cell(s) ({images:,} training images, {flop_text(total * 1e15)} estimated for "
+                 f"training, evaluations not counted) and {len(todo) - len(cells)} analysis job(s)")
     return "\n".join(lines)
+
+
+# ============================================================================================ checks
+def check_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only: Sequence[str] = (),
+                cells: Optional[List[Job]] = None) -> List[Job]:
+    """What ``run_sweep`` checks before it starts a job or creates a folder, and the dry run after its table
+    (so that both stop alike): ``out`` is a sweep folder, every ``--only`` pattern matches, the ``devices``
+    exist, no cell ran with other settings (``check_unchanged``), and the data sets and analysis images that
+    the selected unfinished jobs read are there (``check_data``). With variables unset (a dry run), the checks
+    that need their values are skipped. ``cells``: ``cell_jobs(sweep, out)`` when the caller has them.
+
+    Returns the cell jobs; raises ``ConfigError`` or ``DataError`` with one line naming what to fix."""
+    out = claim_sweep_folder(out)
+    cells = cell_jobs(sweep, out) if cells is None else cells
+    jobs = cells + analysis_jobs(sweep, out, cells)
+    check_selection(jobs, only)
+    check_devices(devices)
+    if not sweep.unset:
+        check_unchanged(out, cells, recorded_jobs(out))
+        check_data(sweep, [job for job in select(jobs, only) if not job.finished()])
+    return cells
+
+
+def recorded_jobs(out: Path) -> Dict[str, Any]:
+    """``sweep.json``'s record per job id (empty for a new folder); ``ConfigError`` when it is damaged."""
+    return dict((read_state(out) or {}).get("jobs", {}))
+
+
+def changed_cells(cells: Sequence[Job], records: Mapping[str, Any]) -> List[Job]:
+    """The cells that were run with another command line than they would run with now (``records``: the
+    recorded jobs of ``sweep.json``) and hold what a rerun would not redo: a result (the sweep skips it) or a
+    training state (``--resume auto`` continues it, and ``unip finetune`` refuses other settings)."""
+    changed = []
+    for job in cells:
+        record = records.get(job.id)
+        args = record.get("args") if isinstance(record, dict) else None
+        if isinstance(args, list) and _comparable(args) != _comparable(job.args) and (
+                job.finished() or cell_has_training_state(job.folder)):
+            changed.append(job)
+    return changed
+
+
+def check_unchanged(out: Path, cells: Sequence[Job], records: Mapping[str, Any]) -> None:
+    """``ConfigError`` when some of ``cells`` are ``changed_cells``: one line with how many, the first with its
+    old and new arguments, and what to do."""
+    changed = changed_cells(cells, records)
+    if not changed:
+        return
+    first = changed[0]
+    before, now = _comparable(records[first.id]["args"]), _comparable(first.args)
+    was = " ".join(arg for arg in before if arg not in now) or "-"
+    becomes = " ".join(arg for arg in now if arg not in before) or "-"
+    finished = sum(1 for job in changed if job.finished())
+    raise ConfigError(
+        f"{out}: {len(changed)} cell(s) ran with other settings than the sweep file gives now ({finished} "
+        f"finished, {len(changed) - finished} stopped part-way with a training state), e.g. {first.id} (ran with: "
+        f"{was[:150]}; now: {becomes[:150]}); restore those settings, use a new --out, or delete those cells' "
+        f"folders (e.g. {first.folder}) to run them again from the start")
+
+
+def check_data(sweep: Sweep, jobs: Sequence[Job]) -> None:
+    """``DataError`` when a data set that a cell of ``jobs`` trains on is missing or not a segmentation data set
+    of its layout, or when an analysis job of ``jobs`` has no ``analysis.images`` folder. Quick: folders and
+    split files (``unip.data.segmentation.check_structure``), no image is read."""
+    from unip.data.segmentation import check_structure
+
+    checked = set()
+    for job in jobs:
+        if job.cell is None or job.cell.dataset.root in checked:
+            continue
+        dataset = job.cell.dataset
+        checked.add(dataset.root)
+        try:
+            check_structure(dataset.root, dataset.layout)
+        except DataError as err:
+            raise DataError(f"{sweep.file}: data set {dataset.name!r} (layout {dataset.layout}): {one_line(str(err))}"
+                            f"; {_path_fix(sweep, dataset.root, 'its root')}") from None
+    analysis = sweep.analysis
+    if analysis is not None and any(job.kind == "analysis" for job in jobs) and not os.path.isdir(analysis.images):
+        raise DataError(f"{sweep.file}: analysis.images {analysis.images}: image folder not found (unip analyze "
+                        f"profiles the backbones on it); {_path_fix(sweep, analysis.images, 'analysis.images')}")
+
+
+def _path_fix(sweep: Sweep, path: str, entry: str) -> str:
+    """How to point the sweep at the right folder: the ``--var`` that ``path`` comes from, else the entry."""
+    sources = [(len(folder), name, value) for name, value in sweep.variables.items() if value
+               for folder in [os.path.abspath(os.path.expanduser(value))]
+               if os.path.commonpath([path, folder]) == folder]
+    if sources:
+        _, name, value = max(sources)
+        return f"pass the right folder with --var {name}=DIR (now {value})"
+    return f"fix {entry} in the sweep file"
 
 
 def flop_text(flops: float) -> str:
@@ -223,8 +351,9 @@ class SweepRun:
 
 def run_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only: Sequence[str] = ()) -> SweepRun:
     """Run the selected jobs of ``sweep`` in the sweep folder ``out`` (module docstring) on the device slots
-    ``devices`` (``parse_devices``); returns a ``SweepRun``. Raises ``ConfigError`` before anything runs when
-    ``out`` is not a sweep folder, is in use, or holds finished cells of other settings.
+    ``devices`` (``parse_devices``); returns a ``SweepRun``. Raises ``ConfigError`` or ``DataError`` before
+    anything runs or any folder is created when a check of ``check_sweep`` fails, and ``ConfigError`` when
+    ``out`` is in use.
 
     ``sweep.json`` records the whole sweep (the report plans its cells from it) and a record per job that ran
     or was found finished: ``only`` narrows what runs, not what the sweep is."""
@@ -232,12 +361,10 @@ def run_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only:
     if sweep.unset:
         raise ConfigError(f"{sweep.file}: no value for {', '.join('${' + n + '}' for n in sweep.unset)}; pass "
                           + " ".join(f"--var {n}=VALUE" for n in sweep.unset))
-    cells = cell_jobs(sweep, out)
-    check_selection(cells + analysis_jobs(sweep, out, cells), only)
+    cells = check_sweep(sweep, out, devices, only)
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out):
         state = _State(out, sweep, read_state(out))
-        state.check_unchanged(cells)
         result = SweepRun(out, [], {})
         selected = select(cells, only)
         _Scheduler(state, list(devices), result).run(selected)
@@ -258,19 +385,6 @@ class _State:
         entry = self.document["jobs"].setdefault(job.id, {"runs": 0})
         entry.update(kind=job.kind, folder=relative(job.folder, self.out), **job.coordinates)
         return entry
-
-    def check_unchanged(self, cells: Sequence[Job]) -> None:
-        """``ConfigError`` when a finished cell was run with another command line than the sweep asks now."""
-        changed = [job for job in cells if job.finished() and "args" in self.document["jobs"].get(job.id, {})
-                   and _comparable(self.document["jobs"][job.id]["args"]) != _comparable(job.args)]
-        if changed:
-            before = _comparable(self.document["jobs"][changed[0].id]["args"])
-            now = _comparable(changed[0].args)
-            was = " ".join(arg for arg in before if arg not in now) or "-"
-            becomes = " ".join(arg for arg in now if arg not in before) or "-"
-            raise ConfigError(f"{self.out}: {len(changed)} finished cell(s) ran with other settings than the sweep "
-                              f"file gives now, e.g. {changed[0].id} (ran with: {was[:150]}; now: {becomes[:150]}); "
-                              "use a new --out, or remove those cell folders to run them again")
 
     def write(self) -> None:
         self.document["updated"] = _now()
@@ -395,12 +509,21 @@ def _command(job: Job, device: str, slots: Sequence[str]) -> Tuple[List[str], Di
     env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     flag = device
     if device.startswith("cuda:"):
-        env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        env["CUDA_VISIBLE_DEVICES"] = _physical_device(int(device.split(":", 1)[1]))
         flag = "cuda"
     cpu_slots = sum(1 for slot in slots if slot == "cpu")
     if device == "cpu" and cpu_slots > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_slots))
     return [sys.executable, "-m", "unip.cli", *job.args, "--device", flag], env
+
+
+def _physical_device(index: int) -> str:
+    """What ``CUDA_VISIBLE_DEVICES`` gives a cell for the slot ``cuda:index``: the device that this process
+    calls ``cuda:index`` (the index-th entry of its own ``CUDA_VISIBLE_DEVICES``, when that is set)."""
+    visible = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    if "CUDA_VISIBLE_DEVICES" in os.environ and index < len(visible):
+        return visible[index]
+    return str(index)
 
 
 def _die_with_parent() -> Optional[Callable[[], None]]:
@@ -470,5 +593,6 @@ def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-__all__ = ["Job", "PlannedJob", "SweepRun", "analysis_jobs", "cell_jobs", "check_selection", "flop_text",
-           "parse_devices", "plan_sweep", "plan_table", "run_sweep", "select"]
+__all__ = ["Job", "PlannedJob", "SweepRun", "analysis_jobs", "cell_jobs", "changed_cells", "check_data",
+           "check_devices", "check_selection", "check_sweep", "check_unchanged", "flop_text", "parse_devices",
+           "plan_sweep", "plan_table", "recorded_jobs", "run_sweep", "select"]

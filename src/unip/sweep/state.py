@@ -9,8 +9,9 @@
     <out>/analysis/<backbone>/            unip analyze of the backbone (profile.json: per-layer NMI)
     <out>/report/                         unip sweep report (default)
 
-A cell is finished when its ``metrics.json`` is a readable ``unip-segmentation-metrics`` document; an analysis
-when its ``profile.json`` lists the model. The files are the truth: the state file records what was run,
+A cell is finished when its ``metrics.json`` is a readable ``unip-segmentation-metrics`` document, and started
+(it continues with ``--resume auto``) when ``checkpoints/`` holds a training state; an analysis is finished when
+its ``profile.json`` lists the model. The files are the truth: the state file records what was run,
 where, how long and why it failed, but a job is never skipped on the state file's word alone.
 """
 
@@ -105,6 +106,15 @@ def cell_finished(folder: PathLike) -> bool:
         return False
 
 
+def cell_has_training_state(folder: PathLike) -> bool:
+    """True when ``folder/checkpoints/`` holds a ``step-*.pt`` training state: a run that stopped part-way,
+    which ``--resume auto`` continues from."""
+    from unip.engine.checkpointing import find_latest
+    from unip.engine.trainer import CHECKPOINT_DIR
+
+    return find_latest(Path(folder) / CHECKPOINT_DIR) is not None
+
+
 def analysis_finished(folder: PathLike) -> bool:
     """True when ``folder/profile.json`` (``unip analyze``) is readable and profiles a model."""
     try:
@@ -120,5 +130,5 @@ def relative(path: PathLike, out: PathLike) -> str:
 
 
 __all__ = ["ANALYSIS_DIR", "CELLS_DIR", "REPORT_DIR", "STATE_FILE", "STATE_FORMAT", "STATE_VERSION",
-           "analysis_finished", "cell_finished", "claim_sweep_folder", "read_json", "read_state", "relative",
-           "write_state"]
+           "analysis_finished", "cell_finished", "cell_has_training_state", "claim_sweep_folder", "read_json",
+           "read_state", "relative", "write_state"]
