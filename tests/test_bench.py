@@ -85,7 +85,11 @@ def test_parameters_and_flops_per_part():
 def test_bad_bench_options(tmp_path, capsys):
     path = save_segmentor(tiny_segmentor(), tmp_path / "seg.safetensors")
     for argv, message in [(["--size", "50", "64"], "multiples of the patch size"), (["--iters", "0"], "--iters"),
-                          (["--batch", "0"], "--batch"), (["--device", "toaster"], "--device")]:
+                          (["--batch", "0"], "--batch"), (["--device", "toaster"], "--device"),
+                          (["--no-onnx", "--compile-backend", "bogus"], "--compile-backend bogus: torch.compile has "
+                                                                        "no such backend; choose one of")]:
         code = main(["bench", "--checkpoint", str(path), *argv])
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+        assert "PyTorch eager" not in out  # stopped before any timing
+    assert "inductor" in err

@@ -204,22 +204,42 @@ def test_timm_loads_the_backbone_of_a_segmentor(segmentor_file, tmp_path, capsys
 
 def test_the_documented_onnxruntime_snippet_gives_unip_predicts_labels(tmp_path, capsys, monkeypatch):
     """docs/inference.md's onnxruntime code, run as written on a dynamic export, labels a frame as
-    ``unip predict`` does (a 20 × 90 frame: windows placed on the unpadded width, each padded to two patches)."""
+    ``unip predict`` does: exactly for a frame that is not resized (20 × 90: windows placed on the unpadded width,
+    each padded to two patches); for frames the test scale shrinks (30 × 100 → 20 × 67) or enlarges (10 × 40 →
+    20 × 80) its resize is unip's within one grey level (unlike PIL's antialiasing one) and the labels agree."""
     from PIL import Image
 
     from test_predict import scene
+    from unip.data.images import read_rgb
+    from unip.seg import load_segmentor
+    from unip.seg.predict import InferencePipeline, preprocess
 
     meta = {"crop_size": 64, "stride": 42, "class_names": ["a", "b", "c"], "test_scale": [200, 20]}
     checkpoint = str(save_segmentor(tiny_segmentor(meta=meta), tmp_path / "seg.safetensors"))
     monkeypatch.chdir(tmp_path)
     assert export(capsys, "--checkpoint", checkpoint, "--format", "onnx", "--dynamic", "--out", "seg.onnx")[0] == 0
-    Image.fromarray(scene(20, 90, 4)).save("frame.png")
-    assert main(["predict", "--checkpoint", checkpoint, "frame.png", "--out", "pred", "--format", "label",
-                 "--no-progress"]) == 0
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "inference.md"), encoding="utf-8").read()
     snippet = doc.split("**Running it**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    namespace: dict = {}
-    exec(compile(snippet, "docs/inference.md", "exec"), namespace)
-    predicted = np.asarray(Image.open("pred/label/frame.png"))
-    assert namespace["labels"].shape == predicted.shape == (20, 90)
-    assert len(np.unique(predicted)) > 1 and np.array_equal(namespace["labels"], predicted)
+    pipeline = InferencePipeline.of(load_segmentor(checkpoint))
+    rng = np.random.default_rng(0)
+    for size, resized in [((20, 90), (20, 90)), ((30, 100), (20, 67)), ((10, 40), (20, 80))]:
+        noise = rng.integers(-20, 21, size)  # fine texture: where antialiasing would show
+        Image.fromarray(np.clip(scene(*size, 4).astype(int) + noise, 0, 255).astype(np.uint8)).save("frame.png")
+        assert main(["predict", "--checkpoint", checkpoint, "frame.png", "--out", "pred", "--format", "label",
+                     "--no-progress"]) == 0
+        namespace: dict = {}
+        exec(compile(snippet, "docs/inference.md", "exec"), namespace)
+        predicted = np.asarray(Image.open("pred/label/frame.png"))
+        assert namespace["labels"].shape == predicted.shape == size and len(np.unique(predicted)) > 1
+        unip_input = preprocess(read_rgb("frame.png"), pipeline).numpy()
+        assert namespace["x"].shape[2:] == unip_input.shape[1:] == resized
+        grey_levels = np.abs(namespace["x"][0] - unip_input) * np.array(pipeline.std)[:, None, None]
+        assert grey_levels.max() < 1 + 1e-3 and (grey_levels > 0.5).mean() < 0.05
+        if size == resized:
+            assert np.array_equal(namespace["labels"], predicted) and grey_levels.max() < 1e-3
+        else:
+            assert (namespace["labels"] == predicted).mean() > 0.99
+            shrunk = np.asarray(Image.open("frame.png").convert("RGB").resize(resized[::-1], Image.BILINEAR))
+            unip_pixels = unip_input * np.array(pipeline.std)[:, None, None] + np.array(pipeline.mean)[:, None, None]
+            pil_levels = np.abs(shrunk.transpose(2, 0, 1) - unip_pixels)
+            assert size[0] < resized[0] or pil_levels.max() > 4  # PIL's bilinear antialiases when it shrinks

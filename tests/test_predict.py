@@ -172,6 +172,10 @@ def test_a_video_gives_a_result_per_frame_and_an_annotated_video(checkpoint, tmp
     assert sorted(os.listdir(out4 / "label" / "clip")) == ["frame_000000.png", "frame_000004.png", "frame_000008.png"]
     reader = VideoReader(str(out4 / "video" / "clip.mp4"))
     assert len(list(reader.frames())) == 3 and reader.fps == pytest.approx(2.5)
+    # without annotated videos the summary still counts the video
+    code, stdout, _ = predict(capsys, "--checkpoint", checkpoint, video, "--out", str(tmp_path / "labels"), "--every",
+                              "4", "--format", "label")
+    assert code == 0 and "predicted 0 image(s) and 3 frame(s) of 1 video(s)" in stdout
 
 
 def test_release_checkpoint_gives_the_labels_of_slide_inference(tmp_path, capsys):
@@ -198,6 +202,10 @@ def test_release_checkpoint_gives_the_labels_of_slide_inference(tmp_path, capsys
     expected = resize_bilinear(logits, (96, 128)).argmax(1)[0].numpy()
     assert np.array_equal(written, expected)
     assert len(np.unique(written)) > 1
+    # no class names in the file: areas.csv and areas.json name the ids as the overlay legends do
+    ids = [f"class {i}" for i in range(5)]
+    assert json.loads((out / "areas.json").read_text())["classes"] == ids
+    assert [row["class_name"] for row in read_csv(out / "areas.csv")] == ids
 
     # the preprocessing, recomputed: bilinear resize of the uint8 image (no antialiasing, rounded to uint8
     # as mmcv's cv2.resize), then (x - 96.9255) / 47.8976
@@ -272,6 +280,103 @@ def test_an_image_of_extreme_aspect_ratio_is_predicted(checkpoint, tmp_path, cap
     assert np.asarray(Image.open(tmp_path / "pred" / "label" / "strip.png")).shape == (3, 500)
 
 
+def test_label_maps_read_back_with_read_label_8_and_16_bit(checkpoint, tmp_path, capsys):
+    """8-bit maps (up to 256 classes) read back with ``read_label``; 16-bit ones (beyond 256 classes) with
+    ``read_label(path, max_id=65535)``, while plain ``read_label`` keeps refusing ids above 255 (training labels)
+    and says how to read them."""
+    from unip.data.images import ImageReadError, read_label, read_rgb
+    from unip.seg.predict import Predictor
+
+    Image.fromarray(scene(32, 48)).save(tmp_path / "a.png")
+    wide = tiny_segmentor(classes=300)
+    with torch.no_grad():  # ids 260 and 270 win everywhere; which of the two varies over the image
+        wide.decode_head.conv_seg.bias[[260, 270]] += 50.0
+    wide_path = str(save_segmentor(wide, tmp_path / "wide.safetensors"))
+    for path, out, dtype in [(checkpoint, tmp_path / "p8", np.uint8), (wide_path, tmp_path / "p16", np.uint16)]:
+        assert predict(capsys, "--checkpoint", path, str(tmp_path / "a.png"), "--out", str(out), "--format",
+                       "label")[0] == 0
+        expected = Predictor(load_segmentor(path), "cpu").predict([read_rgb(str(tmp_path / "a.png"))])[0]
+        assert expected.dtype == dtype
+        wide_read = read_label(str(out / "label" / "a.png"), max_id=65535)
+        assert wide_read.dtype == np.uint16 and np.array_equal(wide_read, expected)
+        if dtype == np.uint8:
+            narrow = read_label(str(out / "label" / "a.png"))
+            assert narrow.dtype == np.uint8 and np.array_equal(narrow, expected)
+    assert set(np.unique(expected)) == {260, 270}
+    with pytest.raises(ImageReadError, match=r"260\.\.270 are not ids in 0\.\.255.*max_id=65535"):
+        read_label(str(tmp_path / "p16" / "label" / "a.png"))
+    with pytest.raises(ImageReadError, match="not ids in 0..269"):
+        read_label(str(tmp_path / "p16" / "label" / "a.png"), max_id=269)
+
+
+def test_an_input_given_twice_is_predicted_once(checkpoint, tmp_path, capsys):
+    """The same file named twice, by another spelling, or inside a folder given too (overlapping globs): one
+    prediction, under the name of its first mention; different files with one output name still stop the run."""
+    os.makedirs(tmp_path / "in")
+    Image.fromarray(scene(32, 48)).save(tmp_path / "in" / "a.png")
+    Image.fromarray(scene(32, 48, 1)).save(tmp_path / "in" / "b.png")
+    a = str(tmp_path / "in" / "a.png")
+    out = tmp_path / "pred"
+    code, stdout, err = predict(capsys, "--checkpoint", checkpoint, a, a, str(tmp_path / "in" / ".." / "in" / "a.png"),
+                                str(tmp_path / "in"), "--out", str(out), "--format", "label")
+    assert code == 0 and err == "", err
+    assert "3 input file(s) given more than once" in stdout and "predicted 2 image(s)" in stdout
+    report = json.loads((out / "areas.json").read_text())
+    assert [r["name"] for r in report["images"]] == ["a", "in/b"]
+    assert sorted(p.relative_to(out / "label").as_posix() for p in (out / "label").rglob("*.png")) == \
+        ["a.png", "in/b.png"]
+    Image.fromarray(scene(32, 48)).save(tmp_path / "a.png")  # another file named a.png
+    code, _, err = predict(capsys, "--checkpoint", checkpoint, a, str(tmp_path / "a.png"), "--out",
+                           str(tmp_path / "p2"))
+    assert code == 2 and "would both write a.png" in err
+
+
+def test_an_interrupted_run_lists_what_it_wrote_and_a_rerun_says_what_it_leaves(checkpoint, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Ctrl-C after the first image: areas.csv / areas.json list exactly the files on disk (``complete``
+    false); Ctrl-C before any image leaves an earlier report as it is; a rerun with fewer inputs into the same
+    --out keeps the earlier files, says so, and lists its own."""
+    from unip.seg.predict import Predictor
+
+    for name, seed in [("a", 0), ("b", 1), ("c", 2)]:
+        Image.fromarray(scene(32, 48, seed)).save(tmp_path / f"{name}.png")
+    inputs = [str(tmp_path / f"{name}.png") for name in "abc"]
+    out = tmp_path / "pred"
+    real_predict = Predictor.predict
+    calls = []
+
+    def interrupted(self, images):
+        calls.append(1)
+        if len(calls) > stop_after:
+            raise KeyboardInterrupt
+        return real_predict(self, images)
+
+    monkeypatch.setattr(Predictor, "predict", interrupted)
+    stop_after = 1
+    code, stdout, err = predict(capsys, "--checkpoint", checkpoint, *inputs, "--out", str(out), "--batch-size", "1")
+    assert code == 130 and "interrupted" in err and "stopped (KeyboardInterrupt) after 1 image(s)" in stdout
+    report = json.loads((out / "areas.json").read_text())
+    assert report["complete"] is False and [r["name"] for r in report["images"]] == ["a"]
+    listed = sorted(path for r in report["images"] for path in r["files"].values())
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert on_disk == listed == ["color/a.png", "label/a.png", "overlay/a.png"]
+    assert [row["input"] for row in read_csv(out / "areas.csv")] == [inputs[0]] * 3
+
+    before = (out / "areas.json").read_bytes()
+    calls.clear()
+    stop_after = 0  # interrupted before any image: nothing replaced, the earlier report still describes the folder
+    assert predict(capsys, "--checkpoint", checkpoint, *inputs, "--out", str(out))[0] == 130
+    assert (out / "areas.json").read_bytes() == before
+
+    monkeypatch.setattr(Predictor, "predict", real_predict)
+    assert predict(capsys, "--checkpoint", checkpoint, *inputs, "--out", str(out))[0] == 0
+    assert json.loads((out / "areas.json").read_text())["complete"] is True
+    code, stdout, _ = predict(capsys, "--checkpoint", checkpoint, inputs[1], "--out", str(out))
+    assert code == 0 and "holds 6 file(s) of an earlier run that this run does not write" in stdout
+    report = json.loads((out / "areas.json").read_text())
+    assert [r["name"] for r in report["images"]] == ["b"] and (out / "label" / "a.png").exists()
+
+
 @pytest.mark.parametrize("verb", ["predict", "bench", "evaluate"])
 def test_precision_help_says_what_a_cpu_runs(verb, capsys):
     """``resolve_precision`` honours bf16 on CPUs (fp16 and auto give fp32 there): the help says so."""
@@ -291,6 +396,24 @@ def test_class_info_sources():
     assert ids_only.names is None and ids_only.palette == voc_palette(4) and ids_only.name(3) == "class 3"
     with pytest.raises(ConfigError, match="10 classes"):
         ClassInfo.resolve(4, "scut")
+
+
+def test_classes_without_names_have_one_name_everywhere():
+    """Legends, areas.csv and areas.json all name an unnamed class ``class <id>`` (``ClassInfo.name``)."""
+    from unip.seg.predict_run import areas_csv
+
+    palette = ((0, 0, 0), (255, 0, 0), (0, 0, 255))
+    unnamed = ClassInfo(None, palette)
+    assert unnamed.all_names == ("class 0", "class 1", "class 2")
+    assert ClassInfo(("x", "y", "z"), palette).all_names == ("x", "y", "z")
+    labels = np.zeros((120, 160), np.uint8)
+    labels[:, 100:] = 2
+    image = np.full((120, 160, 3), 100, np.uint8)
+    named = ClassInfo(unnamed.all_names, palette)
+    assert np.array_equal(overlay(image, labels, unnamed), overlay(image, labels, named))
+    text = areas_csv([{"input": "a.png", "frame": None, "time_s": None, "width": 160, "height": 120,
+                       "pixels": [12000, 0, 7200], "percent": [62.5, 0.0, 37.5]}], unnamed)
+    assert [row[6] for row in csv.reader(io.StringIO(text))][1:] == ["class 0", "class 1", "class 2"]
 
 
 def test_colours_areas_and_overlay():

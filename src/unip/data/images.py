@@ -159,33 +159,42 @@ def convert_checked(convert: Callable[[Image.Image], np.ndarray], image: Image.I
         raise ImageReadError(path, "no-finite-pixels", str(err)) from None
 
 
-def to_label(img: Image.Image, path: str) -> np.ndarray:
-    """Return the class ids of a decoded label image as uint8 ``[H, W]``.
+def to_label(img: Image.Image, path: str, max_id: int = 255) -> np.ndarray:
+    """Return the class ids of a decoded label image: uint8 ``[H, W]`` (uint16 when ``max_id`` > 255).
 
     Accepted: 8-bit gray (``L``) or palette (``P``, the ids are the palette indices) images, 16/32-bit
-    ones whose values fit in 0..255, and RGB(A) images whose three colour channels are equal. A colour
-    mask raises :class:`ImageReadError` (``not-ids``): labels must hold class ids, not colours.
+    ones whose values are integers in 0..``max_id``, and RGB(A) images whose three colour channels are equal.
+    A colour mask raises :class:`ImageReadError` (``not-ids``): labels must hold class ids, not colours.
+    Training labels keep the default ``max_id`` 255; ``unip predict``'s label maps of more than 256 classes
+    (16-bit PNGs) read back with ``max_id=65535``.
     """
+    if not 0 < max_id <= 65535:
+        raise ValueError(f"max_id {max_id}: label ids are read as uint8 (up to 255) or uint16 (up to 65535)")
+    dtype = np.uint8 if max_id <= 255 else np.uint16
     if img.mode in ("L", "P", "1"):
-        return np.array(img, dtype=np.uint8)
+        return np.array(img, dtype=dtype)
     if img.mode in _HIGH_DEPTH_MODES:
         values = np.asarray(img)
-        if values.min() < 0 or values.max() > 255 or not np.array_equal(values, np.round(values)):
+        if values.min() < 0 or values.max() > max_id or not np.array_equal(values, np.round(values)):
+            fix = ("save class ids as an 8-bit PNG (label maps of more than 256 classes: "
+                   "read_label(path, max_id=65535))") if max_id == 255 else f"ids must be integers up to {max_id}"
             raise ImageReadError(path, "not-ids", f"label values {values.min()}..{values.max()} are not "
-                                 "ids in 0..255; save class ids as an 8-bit PNG")
-        return values.astype(np.uint8)
+                                 f"ids in 0..{max_id}; {fix}")
+        return values.astype(dtype)
     if img.mode in ("RGB", "RGBA"):
         rgb = np.asarray(img)[:, :, :3]
         if np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 1], rgb[:, :, 2]):
-            return np.ascontiguousarray(rgb[:, :, 0])
+            return np.ascontiguousarray(rgb[:, :, 0], dtype=dtype)
     raise ImageReadError(path, "not-ids", f"a {img.mode} label image holds colours, not class ids; save "
                          "one id per pixel as an 8-bit gray or palette PNG")
 
 
-def read_label(path: str) -> np.ndarray:
-    """Read and fully decode the label image ``path``; returns its class ids, uint8 ``[H, W]``."""
+def read_label(path: str, max_id: int = 255) -> np.ndarray:
+    """Read and fully decode the label image ``path``; returns its class ids, uint8 ``[H, W]`` (uint16 when
+    ``max_id`` > 255: ``max_id=65535`` reads any label map ``unip predict`` writes, 8- or 16-bit).
+    Ids above ``max_id`` raise :class:`ImageReadError` (``not-ids``)."""
     check_suffix(path)
-    return to_label(decode(read_bytes(path), path), path)
+    return to_label(decode(read_bytes(path), path), path, max_id)
 
 
 def resized_shape(height: int, width: int, short_side: int) -> Tuple[int, int]:

@@ -149,12 +149,15 @@ def benchmark(segmentor: Segmentor, checkpoint: str = "segmentor", size: Optiona
               runtimes: Sequence[str] = RUNTIMES, compile_backend: str = "inductor") -> BenchResult:
     """Time ``segmentor`` in each of ``runtimes`` (module docstring); every runtime of ``RUNTIMES`` gets a row,
     those not asked for are ``skipped``, those that raise are ``failed`` (with the reason), the rest ``ok``.
-    Raises ``ConfigError`` for bad options (size, batch, counts, device) before any timing."""
+    Raises ``ConfigError`` for bad options (size, batch, counts, device, a compile backend torch does not know)
+    before any timing."""
     if warmup < 0 or iters < 1:
         raise ConfigError(f"--warmup {warmup} / --iters {iters}: use --warmup 0 or more and --iters 1 or more")
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise ConfigError(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
+    if "compile" in runtimes:
+        check_compile_backend(compile_backend)
     torch_device = resolve_device(device)
     amp = resolve_precision(precision, torch_device)
     size = check_size(segmentor, size or default_size(segmentor), batch)
@@ -187,6 +190,16 @@ def benchmark(segmentor: Segmentor, checkpoint: str = "segmentor", size: Optiona
         for runtime in RUNTIMES:
             result.rows.append(_run_row(runtime, runtimes, makers, warmup, iters, batch, torch_device))
     return result
+
+
+def check_compile_backend(backend: str) -> None:
+    """Raise ``ConfigError`` unless ``backend`` is a ``torch.compile`` backend of this torch (any that
+    ``torch._dynamo.list_backends`` knows, debug ones such as ``eager`` and ``aot_eager`` included)."""
+    from torch._dynamo import list_backends
+
+    if backend not in list_backends(exclude_tags=()):
+        raise ConfigError(f"--compile-backend {backend}: torch.compile has no such backend; choose one of "
+                          f"{', '.join(list_backends())} (or a debug backend: eager, aot_eager)")
 
 
 def _compiled(model: torch.nn.Module, backend: str) -> Callable[[torch.Tensor], Any]:
@@ -277,4 +290,5 @@ def write_json(result: BenchResult, path: str) -> str:
     return path
 
 
-__all__ = ["RUNTIMES", "BenchResult", "PartCost", "RuntimeRow", "benchmark", "model_costs", "write_json"]
+__all__ = ["RUNTIMES", "BenchResult", "PartCost", "RuntimeRow", "benchmark", "check_compile_backend", "model_costs",
+           "write_json"]

@@ -13,8 +13,11 @@ What it writes under ``out`` (``formats`` chooses the first four)::
 inside it without suffix>``; a video's frames → ``<video stem>/frame_<index, 6 digits>``.
 
 Inputs named on the command line must exist and be images, videos or folders (``DataError`` otherwise); a
-video is opened before any work. An image or video that cannot be read is skipped, listed in the result (and
-in areas.json) and the rest are done. Nothing is written over a file unip did not write.
+video is opened before any work; a file reached twice is predicted once. An image or video that cannot be read
+is skipped, listed in the result (and in areas.json) and the rest are done. Nothing is written over a file unip
+did not write. areas.csv / areas.json list every file the run wrote, also when it is interrupted (areas.json's
+``complete`` is then false); files of an earlier run into the same ``out`` that this run does not replace stay,
+unlisted (a warning says how many).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -116,17 +119,19 @@ class Frame:
 
 @dataclass
 class PredictResult:
-    """What ``predict_files`` did: counts, the files of the report, annotated videos, failed inputs."""
+    """What ``predict_files`` did: counts (``video_inputs``: videos that gave frames), the files of the report,
+    annotated videos written (``videos``, with ``--format video``), failed inputs."""
 
     out: str
     images: int = 0
     frames: int = 0
+    video_inputs: int = 0
     videos: List[str] = field(default_factory=list)
     failed: List[Failure] = field(default_factory=list)
     reports: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        parts = [f"{self.images} image(s)"] + ([f"{self.frames} frame(s) of {len(self.videos)} video(s)"]
+        parts = [f"{self.images} image(s)"] + ([f"{self.frames} frame(s) of {self.video_inputs} video(s)"]
                                                if self.frames else [])
         return f"predicted {' and '.join(parts)}; wrote {self.out} ({', '.join(self.reports)})"
 
@@ -143,19 +148,23 @@ def find_sources(inputs: Sequence[str], exclude: Optional[str] = None) -> Tuple[
     skipping ``exclude`` (the output folder), its output subfolders (``label/``, ``color/``, ... when it is
     an input itself) and files that are neither), with output names (module docstring).
 
-    Videos are opened: one named on the command line that cannot be read raises ``DataError``, one found in a
-    folder becomes a ``Failure``. A missing input, an input of another type or a folder without images or
-    videos raises ``DataError``."""
+    A file reached more than once (the same file named twice, overlapping globs or folders: one resolved path)
+    is predicted once, under the name of its first mention. Videos are opened: one named on the command line
+    that cannot be read raises ``DataError``, one found in a folder becomes a ``Failure``. A missing input, an
+    input of another type or a folder without images or videos raises ``DataError``."""
     from unip.data.video import VideoReader
 
     if not inputs:
         raise DataError("no INPUT given: name image files, folders or video files")
     sources: List[Source] = []
     failed: List[Failure] = []
+    seen: Dict[str, str] = {}  # resolved path → the path it was first given as
+    repeated: List[str] = []
     for given in inputs:
         if os.path.isdir(given):
-            found = _folder_sources(given, exclude, failed)
-            if not found and not any(f.input.startswith(os.path.join(given, "")) for f in failed):
+            found = _folder_sources(given, exclude, failed, seen, repeated)
+            if not found and not any(f.input.startswith(os.path.join(given, "")) for f in failed) \
+                    and not any(r.startswith(os.path.join(given, "")) for r in repeated):
                 raise DataError(f"{given}: no images ({' '.join(IMAGE_SUFFIXES)}) or videos "
                                 f"({' '.join(VIDEO_SUFFIXES)}) in this folder or below it")
             sources += found
@@ -164,14 +173,31 @@ def find_sources(inputs: Sequence[str], exclude: Optional[str] = None) -> Tuple[
             if kind is None:
                 raise DataError(f"{given}: not an image ({' '.join(IMAGE_SUFFIXES)}) nor a video "
                                 f"({' '.join(VIDEO_SUFFIXES)})")
+            if _repeated(given, seen, repeated):
+                continue
             name = os.path.splitext(os.path.basename(given))[0]
             sources.append(Source(kind, given, name, VideoReader(given) if kind == "video" else None))
         else:
             raise DataError(f"{given}: no such file or folder")
+    if repeated:
+        log.info("%d input file(s) given more than once (e.g. %s, first as %s): each is predicted once",
+                 len(repeated), printable(repeated[0]), printable(seen[os.path.realpath(repeated[0])]))
     return sources, failed
 
 
-def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure]) -> List[Source]:
+def _repeated(path: str, seen: Dict[str, str], repeated: List[str]) -> bool:
+    """True (and ``path`` added to ``repeated``) when ``path`` resolves to a file already in ``seen``; else
+    records it there."""
+    resolved = os.path.realpath(path)
+    if resolved in seen:
+        repeated.append(path)
+        return True
+    seen[resolved] = path
+    return False
+
+
+def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure], seen: Dict[str, str],
+                    repeated: List[str]) -> List[Source]:
     from unip.data.video import VideoReader
 
     prefix = os.path.basename(os.path.normpath(os.path.abspath(folder))) or "input"
@@ -187,6 +213,8 @@ def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure]) 
             kind = kind_of(path)
             if kind is None:
                 others += 1
+                continue
+            if _repeated(path, seen, repeated):
                 continue
             inner = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
             name = f"{prefix}/{inner}"
@@ -222,13 +250,15 @@ class OutputPlan:
         return source.name if index is None else f"{source.name}/frame_{index:06d}"
 
     def check(self, sources: Sequence[Source]) -> None:
-        """Raise ``ConfigError`` for two inputs with one output name or an output path that is not ours."""
+        """Raise ``ConfigError`` for two inputs with one output name or an output path that is not ours; log
+        a note when ``out`` holds outputs of an earlier run that this one does not replace."""
         from unip.data.video import is_our_video
 
         out_folder(self.out, "--out")
         for fmt in self.formats:
             out_folder(os.path.join(self.out, fmt), "--out")
         owners: Dict[str, str] = {}
+        planned: Set[str] = set()
         for source in sources:
             indices: Iterable[Optional[int]] = [None] if source.video is None else source.frame_indices(self.every)
             for index in indices:
@@ -238,11 +268,27 @@ class OutputPlan:
                                       "separately, with another --out each")
                 owners[name] = source.path
                 for fmt in self.image_formats:
-                    out_file(self.path(fmt, name), "--out", is_ours=is_our_png)
+                    planned.add(out_file(self.path(fmt, name), "--out", is_ours=is_our_png))
             if source.video is not None and "video" in self.formats:
-                out_file(self.path("video", source.name), "--out", is_ours=is_our_video)
+                planned.add(out_file(self.path("video", source.name), "--out", is_ours=is_our_video))
         claim([os.path.join(self.out, CSV_FILE)], starts_with_line(",".join(CSV_HEADER)), "--out")
         claim([os.path.join(self.out, JSON_FILE)], is_our_json(["format", "images"]), "--out")
+        earlier = self.earlier_files(planned)
+        if earlier:
+            log.warning("%s holds %d file(s) of an earlier run that this run does not write (e.g. %s): they stay, "
+                        "and this run's %s and %s do not list them", printable(self.out), len(earlier),
+                        printable(earlier[0]), CSV_FILE, JSON_FILE)
+
+    def earlier_files(self, planned: Set[str]) -> List[str]:
+        """Files in ``out``'s ``label/``, ``color/``, ``overlay/`` and ``video/`` folders that are not in
+        ``planned`` (sorted): outputs of an earlier run into the same folder."""
+        found = []
+        for fmt in FORMATS:
+            for root, dirs, files in os.walk(os.path.join(self.out, fmt)):
+                dirs.sort()
+                found += [path for path in (os.path.join(root, f) for f in sorted(files))
+                          if path not in planned and os.path.splitext(path)[1] in (".png", ".mp4")]
+        return found
 
 
 class _Writes:
@@ -254,7 +300,6 @@ class _Writes:
         self.limit = 4 * workers
 
     def png(self, pixels: np.ndarray, path: str) -> None:
-        claim([path], is_our_png, "--out")  # a frame beyond the count the video announced was not checked yet
         self.pending.append(self.pool.submit(save_png, pixels, path))
         while len(self.pending) > self.limit:
             self.pending.popleft().result()
@@ -316,10 +361,13 @@ class _Run:
                 bar.update(len(batch))
             self._close_video()
             writes.close()
-        except BaseException:
+        except BaseException as err:
             if self.video_writer is not None:
                 self.video_writer.abort()
-            writes.close()
+            try:
+                writes.close()
+            finally:
+                self._write_partial_reports(checkpoint, err)
             raise
         finally:
             bar.close()
@@ -347,6 +395,8 @@ class _Run:
         count = 0
         for index, rgb in source.video.frames(every):
             count += 1
+            if count == 1:
+                self.result.video_inputs += 1
             yield Frame(source, self.plan.frame_name(source, index), index, index / source.video.fps, rgb)
         if count < len(source.frame_indices(every)):
             log.info("%s: ended after %d of the %d frames its header announces", source.path, count,
@@ -371,27 +421,25 @@ class _Run:
 
     # ------------------------------------------------------------------------------ outputs
     def _write(self, frame: Frame, labels: np.ndarray, writes: _Writes) -> None:
-        plan, formats = self.plan, self.plan.formats
-        files: Dict[str, str] = {}
-        if "label" in formats:
-            files["label"] = plan.path("label", frame.name)
-            writes.png(labels, files["label"])
-        if "color" in formats:
-            files["color"] = plan.path("color", frame.name)
-            writes.png(colorize(labels, self.classes.palette), files["color"])
-        in_video = frame.index is not None and "video" in formats
-        if "overlay" in formats or in_video:
-            shown = overlay(frame.image, labels, self.classes, self.options.alpha)
-            if "overlay" in formats:
-                files["overlay"] = plan.path("overlay", frame.name)
-                writes.png(shown, files["overlay"])
-            if in_video:
-                self._video_for(frame.source).write(shown)
+        files = {fmt: self.plan.path(fmt, frame.name) for fmt in self.plan.image_formats}
+        claim(files.values(), is_our_png, "--out")  # a frame beyond the count the video announced was not checked
+        # recorded before its files are written: the report of an interrupted run lists every file it began
+        self.records.append(self._record(frame, labels, files))
         if frame.index is None:
             self.result.images += 1
         else:
             self.result.frames += 1
-        self.records.append(self._record(frame, labels, files))
+        if "label" in files:
+            writes.png(labels, files["label"])
+        if "color" in files:
+            writes.png(colorize(labels, self.classes.palette), files["color"])
+        in_video = frame.index is not None and "video" in self.plan.formats
+        if "overlay" in files or in_video:
+            shown = overlay(frame.image, labels, self.classes, self.options.alpha)
+            if "overlay" in files:
+                writes.png(shown, files["overlay"])
+            if in_video:
+                self._video_for(frame.source).write(shown)
 
     def _video_for(self, source: Source) -> Any:
         """The annotated video of ``source``, opened at its first frame (the previous one is completed)."""
@@ -419,14 +467,24 @@ class _Run:
                 "pixels": [int(p) for p in pixels],
                 "percent": [round(100.0 * int(p) / total, 4) for p in pixels]}
 
-    def _write_reports(self, checkpoint: str) -> None:
+    def _write_partial_reports(self, checkpoint: str, err: BaseException) -> None:
+        """After an interruption or error: the reports of the images and frames done so far (``"complete":
+        false``), so that they list every file this run wrote; none when nothing was written (an earlier
+        run's reports then still describe the folder)."""
+        if not self.records:
+            return
+        self._write_reports(checkpoint, complete=False)
+        log.warning("stopped (%s) after %d image(s) and frame(s): %s and %s list those", type(err).__name__,
+                    len(self.records), CSV_FILE, JSON_FILE)
+
+    def _write_reports(self, checkpoint: str, complete: bool = True) -> None:
         out = self.plan.out
         csv_path, json_path = os.path.join(out, CSV_FILE), os.path.join(out, JSON_FILE)
         atomic_write_text(csv_path, areas_csv(self.records, self.classes))
         pipeline = self.predictor.pipeline
         document = {
-            "format": REPORT_FORMAT, "version": 1, "checkpoint": checkpoint,
-            "classes": list(self.classes.names) if self.classes.names else None,
+            "format": REPORT_FORMAT, "version": 1, "checkpoint": checkpoint, "complete": complete,
+            "classes": list(self.classes.all_names),
             "palette": [list(c) for c in self.classes.palette],
             "test_pipeline": {"scale": list(pipeline.scale), "mean": list(pipeline.mean), "std": list(pipeline.std),
                               "crop": pipeline.crop, "stride": pipeline.stride},
@@ -460,5 +518,5 @@ def areas_csv(records: Sequence[Dict[str, Any]], classes: ClassInfo) -> str:
         for class_id, (pixels, percent) in enumerate(zip(record["pixels"], record["percent"])):
             writer.writerow([printable(record["input"]), "" if record["frame"] is None else record["frame"],
                              "" if record["time_s"] is None else record["time_s"], record["width"], record["height"],
-                             class_id, classes.names[class_id] if classes.names else "", pixels, percent])
+                             class_id, classes.name(class_id), pixels, percent])
     return buffer.getvalue()

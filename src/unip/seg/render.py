@@ -35,8 +35,13 @@ class ClassInfo:
         return len(self.palette)
 
     def name(self, class_id: int) -> str:
-        """The class's name, or ``class <id>`` without names."""
+        """The class's name, or ``class <id>`` without names (what legends, areas.csv and areas.json show)."""
         return self.names[class_id] if self.names else f"class {class_id}"
+
+    @property
+    def all_names(self) -> Tuple[str, ...]:
+        """``name`` of every class id, in id order."""
+        return tuple(self.name(i) for i in range(self.num_classes))
 
     @classmethod
     def resolve(cls, num_classes: int, dataset: Optional[str] = None,
