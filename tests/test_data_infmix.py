@@ -261,3 +261,43 @@ def test_a_header_far_beyond_the_pixel_limit_is_too_large(tmp_path):
     with pytest.raises(ImageReadError) as caught:
         decode(data, "huge.png")
     assert caught.value.reason == "too-large"
+
+
+def _images(folder, n: int = 2) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((16, 16), 40 * i + 10, np.uint8)).save(folder / f"{folder.name}_{i}.png")
+
+
+def test_coco_root_without_train2017_is_refused_and_its_train_folder_or_a_plain_folder_is_read(tmp_path):
+    coco = tmp_path / "coco"
+    _images(coco / "val2017")
+    (coco / "annotations").mkdir()
+    out = str(tmp_path / "m.jsonl")
+    with pytest.raises(DataError, match=r"coco: a COCO root without train2017/ \(it holds annotations/, val2017/\)"):
+        build_manifest(out, coco=str(coco))
+    assert not os.path.exists(out)
+    _images(coco / "train2017", 3)
+    assert build_manifest(out, coco=str(coco)).counts["COCO"]["images"] == 3  # the root, now with train2017/
+    assert build_manifest(out, coco=str(coco / "train2017")).counts["COCO"]["images"] == 3  # train2017 itself
+    assert build_manifest(out, coco=str(coco / "val2017")).counts["COCO"]["images"] == 2  # a plain folder
+
+
+def test_imagenet_and_infrared_roots_of_another_shape_are_refused(tmp_path, caplog):
+    imagenet = tmp_path / "imagenet"
+    _images(imagenet / "train" / "n01440764")
+    _images(imagenet / "val")
+    out = str(tmp_path / "m.jsonl")
+    with pytest.raises(DataError, match=r"holds train/, val/: an ImageNet root.* --imagenet .*imagenet/train$"):
+        build_manifest(out, imagenet=str(imagenet))
+    with pytest.raises(DataError, match="val: no class folder"):
+        build_manifest(out, imagenet=str(imagenet / "val"))
+    assert build_manifest(out, imagenet=str(imagenet / "train")).counts["ImageNet"]["images"] == 2
+    ir = tmp_path / "ir"
+    _images(ir / "SODA" / "thermal")
+    (ir / "MFNet" / "images").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"SODA: is one data set's folder .*--infrared .*ir$"):
+        build_manifest(out, infrared=str(ir / "SODA"))
+    with caplog.at_level("WARNING", logger="unip"):
+        assert build_manifest(out, infrared=str(ir)).counts["SODA"]["images"] == 2
+    assert "skipped 1 folder(s) without a thermal/ subfolder: MFNet" in caplog.text

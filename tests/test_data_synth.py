@@ -9,7 +9,7 @@ from PIL import Image
 from unip.data.layouts import IGNORE_INDEX
 from unip.data.synth import (CAR, PERSON, SKY, SYNTH_CLASSES, parse_size, render_scene, to_uint8, write_soda,
                              write_unlabeled)
-from unip.errors import DataError
+from unip.errors import ConfigError, DataError
 
 
 def test_scenes_are_deterministic_by_seed_name_and_index():
@@ -83,3 +83,55 @@ def test_a_rerun_leaves_only_the_new_set(tmp_path):
     assert sorted(os.listdir(tmp_path / "s" / "thermal")) == ["s_000000.jpg", "s_000001.jpg"]
     write_unlabeled(str(tmp_path), 1, name="s", size=(32, 32), seed=7, bit_depth=16)
     assert sorted(os.listdir(tmp_path / "s" / "thermal")) == ["s_000000.png"]
+
+
+def _snapshot(root) -> dict:
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_real_soda_set_in_out_is_refused_and_left_as_it_was(tmp_path):
+    """SODA names its files like the generator does (JPEGImages/00000.jpg): only content marks tell them apart."""
+    real = tmp_path / "real"
+    (real / "JPEGImages").mkdir(parents=True)
+    (real / "SegmentationClassPNG").mkdir()
+    Image.fromarray(np.full((32, 48), 90, np.uint8)).save(real / "JPEGImages" / "00000.jpg")
+    Image.fromarray(np.zeros((32, 48), np.uint8)).save(real / "SegmentationClassPNG" / "00000.png")
+    (real / "train_infrared.txt").write_text("00000\n")
+    before = _snapshot(real)
+    with pytest.raises(ConfigError, match="JPEGImages: holds files unip did not write .*00000.jpg.*nothing was"):
+        write_soda(str(real), 3, 1, size=(48, 32))
+    (real / "JPEGImages" / "00000.jpg").unlink()  # a label folder alone, or a split file alone, is refused too
+    del before[str(real / "JPEGImages" / "00000.jpg")]
+    with pytest.raises(ConfigError, match="SegmentationClassPNG: holds files unip did not write"):
+        write_soda(str(real), 3, 1, size=(48, 32))
+    (real / "SegmentationClassPNG" / "00000.png").unlink()
+    del before[str(real / "SegmentationClassPNG" / "00000.png")]
+    with pytest.raises(ConfigError, match="train_infrared.txt: exists and was not written by unip"):
+        write_soda(str(real), 3, 1, size=(48, 32))
+    assert _snapshot(real) == before
+
+
+def test_a_labeled_rerun_replaces_its_own_set_only(tmp_path):
+    write_soda(str(tmp_path), 3, 2, size=(48, 32), seed=0)
+    labeled = write_soda(str(tmp_path), 1, 1, size=(48, 32), seed=1)
+    assert labeled.splits == {"train": ["00000"], "test": ["00001"]}
+    assert sorted(os.listdir(tmp_path / "JPEGImages")) == ["00000.jpg", "00001.jpg"]
+    assert sorted(os.listdir(tmp_path / "SegmentationClassPNG")) == ["00000.png", "00001.png"]
+    with Image.open(tmp_path / "SegmentationClassPNG" / "00001.png") as lab:
+        assert np.array_equal(np.asarray(lab), render_scene(1, 1, 32, 48, name="soda-synth")[1])
+
+
+def test_unlabeled_frames_named_like_ours_but_not_ours_are_refused(tmp_path):
+    folder = tmp_path / "synth" / "thermal"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(folder / "synth_000000.jpg")
+    before = _snapshot(tmp_path)
+    with pytest.raises(ConfigError, match="synth_000000.jpg"):
+        write_unlabeled(str(tmp_path), 2, size=(32, 32))
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_labeled_set_needs_a_test_image(tmp_path):
+    with pytest.raises(DataError, match="one training and one test image"):
+        write_soda(str(tmp_path), 3, 0, size=(48, 32))
+    assert not os.listdir(tmp_path)

@@ -649,6 +649,14 @@ CASES: List[Case] = [
          a.file("f.txt", "x") + "/m.jsonl"], match="f.txt"),
     Case("infmix: odd file names", lambda a: ["data", "infmix", "--extra", a.odd_images, "--out",
                                              str(a.out / "m.jsonl")], code=0),
+    Case("infmix: --coco root without train2017", lambda a: ["data", "infmix", "--coco", a.folder("coco", {
+         "val2017/x.png": IMAGE_PNG, "annotations/a.json": "{}"}), "--out", str(a.out / "m.jsonl")],
+         match="without train2017.*point --coco at the train2017 folder"),
+    Case("infmix: --imagenet root, not its train folder", lambda a: ["data", "infmix", "--imagenet", a.folder(
+         "imnet", {"train/n01/x.png": IMAGE_PNG, "val/x.png": IMAGE_PNG}), "--out", str(a.out / "m.jsonl")],
+         match="ImageNet root.*imnet/train"),
+    Case("infmix: --infrared one data set's folder", lambda a: ["data", "infmix", "--infrared",
+         os.path.dirname(a.images), "--out", str(a.out / "m.jsonl")], match="one data set's folder"),
     # ------------------------------------------------------------------ data stats
     Case("stats: missing manifest", lambda a: ["data", "stats", str(a.scratch / "m.jsonl"), "--out",
                                               str(a.out / "s")], match="m.jsonl"),
@@ -711,6 +719,10 @@ CASES: List[Case] = [
     Case("pack: manifest not UTF-8", lambda a: ["data", "pack", a.file("m.jsonl", b"\xff\n"), "--out",
                                                str(a.out / "p")], match="m.jsonl:1"),
     Case("pack: odd file names", lambda a: ["data", "pack", a.odd_manifest, "--out", str(a.out / "p")], code=0),
+    Case("pack: a pack folder as the manifest", lambda a: ["data", "pack", a.pack, "--out", str(a.out / "p")],
+         match="is a pack folder.*manifest.jsonl"),
+    Case("pack: a pack's index.json as the manifest", lambda a: ["data", "pack", os.path.join(a.pack, "index.json"),
+                                                                 "--out", str(a.out / "p")], match="pack's index"),
     # ------------------------------------------------------------------ data synth
     Case("synth: --name ../../x", lambda a: ["data", "synth", "--out", str(a.out / "s"), "--num", "1", "--name",
                                             "../../x"], match="--name"),
@@ -738,6 +750,11 @@ CASES: List[Case] = [
          "--out", a.out_with("mine", {"real/thermal/frame_0001.png": IMAGE_PNG})], match="frame_0001.png"),
     Case("synth: labeled into the user's SODA folder", lambda a: ["data", "synth", "--labeled", "--num", "2",
          "--out", a.out_with("soda", {"train_infrared.txt": "IMG_0001\n"})], match="train_infrared.txt"),
+    Case("synth: labeled into a real SODA set named like its output", lambda a: ["data", "synth", "--labeled",
+         "--num", "2", "--out", a.out_with("soda", {"JPEGImages/00000.jpg": IMAGE_PNG,
+                                                    "train_infrared.txt": "00000\n"})], match="00000.jpg"),
+    Case("synth: --labeled --bit-depth 16", lambda a: ["data", "synth", "--labeled", "--bit-depth", "16", "--out",
+                                                      str(a.out / "s")], match="--bit-depth"),
     # ------------------------------------------------------------------ data prepare / check-seg
     Case("prepare: unknown data set", lambda a: ["data", "prepare", "cityscapes", a.folder("raw"), str(a.out / "p")],
          match="cityscapes"),

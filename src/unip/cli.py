@@ -7,7 +7,11 @@ Each verb has an ``_add_<verb>(subparsers)`` function that declares its options 
   be read or written — ends with exit code 2 and one line ``unip VERB: error: ...``;
 * memory that runs out ends with exit code 1 and one line ``unip VERB: error: out of memory ...``;
 * anything else is a bug: exit code 1 and one line ``unip VERB: internal error: ...``; with
-  ``UNIP_DEBUG=1`` in the environment the traceback is printed too.
+  ``UNIP_DEBUG=1`` in the environment the traceback is printed too;
+* a reader that goes away (``unip ... | head -1``) is not an error: the rest of the output is discarded and the
+  verb finishes with its own exit code.
+
+``VERB`` includes the action of verbs that have one (``unip data pack: error: ...``), as argparse's own lines do.
 
 Nothing here holds logic that the Python API does not offer.
 """
@@ -15,6 +19,7 @@ Nothing here holds logic that the Python API does not offer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -141,14 +146,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, metavar="ROOT", help="folder to write into")
     q.add_argument("--num", type=integer(1, 10_000_000).option(), default=100, help="images per set (default 100)")
     q.add_argument("--name", action="append", default=None,
-                   help="unlabeled set name, repeatable (default: synth)")
+                   help="unlabeled: set name, repeatable (default: synth)")
     q.add_argument("--labeled", action="store_true", help="write a labeled set in SODA's layout instead")
-    q.add_argument("--num-test", type=integer(0, 10_000_000).option(), default=None,
-                   help="labeled: test images out of --num (default num/4)")
+    q.add_argument("--num-test", type=integer(1, 10_000_000).option(), default=None,
+                   help="labeled: test images out of --num (default num/4, at least 1)")
     q.add_argument("--size", default="640x512", help="WIDTHxHEIGHT (default 640x512)")
     q.add_argument("--seed", type=SEED, default=0, help="random seed (same seed, same images)")
-    q.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
-                   help="unlabeled: 8 (JPEG) or 16 (raw-count PNG)")
+    q.add_argument("--bit-depth", type=int, choices=(8, 16), default=None,
+                   help="unlabeled: 8 (JPEG, default) or 16 (raw-count PNG)")
     q.set_defaults(func=_run_data_synth)
 
     q = verbs.add_parser("prepare", help="turn the MFNet or SCUT-Seg download into the layout fine-tuning reads",
@@ -192,8 +197,7 @@ def _run_data_infmix(args: argparse.Namespace) -> int:
 def _run_data_stats(args: argparse.Namespace) -> int:
     import os
 
-    from unip.data.stats import compute_stats, output_paths, write_stats
-    from unip.text import printable
+    from unip.data.stats import compute_stats, format_summary, output_paths, write_stats
 
     stem = os.path.normpath(args.input) if os.path.isdir(args.input) else os.path.splitext(args.input)[0]
     prefix = args.out or stem + ".stats"
@@ -201,8 +205,7 @@ def _run_data_stats(args: argparse.Namespace) -> int:
         prefix = os.path.join(prefix, os.path.basename(stem) + ".stats")
     output_paths(prefix)  # before reading any image
     stats = compute_stats(args.input, limit=args.limit, seed=args.seed, workers=args.workers)
-    for name, s in [("overall", stats["overall"]), *stats["sources"].items()]:
-        print(f"{printable(name):<20} images {s['images']:>9,}  mean {s['mean']:.4f}  std {s['std']:.4f}")
+    print(format_summary(stats))
     json_path, png_path = write_stats(stats, prefix)
     print(f"wrote {json_path} and {png_path}")
     return 0
@@ -220,13 +223,27 @@ def _run_data_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth_options_apply(args: argparse.Namespace) -> None:
+    """Refuse the options that the chosen kind of set (labeled or not) would otherwise ignore."""
+    from unip.errors import ConfigError
+
+    ignored = ([("--name", args.name, "a labeled set is written straight into --out"),
+                ("--bit-depth", args.bit_depth, "SODA's layout holds 8-bit JPEGs")] if args.labeled else
+               [("--num-test", args.num_test, "only a labeled set has a test split")])
+    for option, value, why in ignored:
+        if value is not None:
+            kind = "with" if args.labeled else "without"
+            raise ConfigError(f"{option} does not apply {kind} --labeled ({why}); drop {option}")
+
+
 def _run_data_synth(args: argparse.Namespace) -> int:
     from unip.data.synth import parse_size, write_soda, write_unlabeled
     from unip.outputs import plain_name
 
+    _synth_options_apply(args)
     size = parse_size(args.size)
     if args.labeled:
-        num_test = args.num // 4 if args.num_test is None else args.num_test
+        num_test = max(1, args.num // 4) if args.num_test is None else args.num_test
         labeled = write_soda(args.out, args.num - num_test, num_test, size=size, seed=args.seed)
         print(f"wrote {args.num} labeled images in SODA layout to {args.out} "
               f"(train {len(labeled.splits['train'])}, test {len(labeled.splits['test'])})")
@@ -234,7 +251,7 @@ def _run_data_synth(args: argparse.Namespace) -> int:
         return 0
     names = [plain_name(name, "--name") for name in args.name or ["synth"]]  # all checked before writing
     for name in names:
-        write_unlabeled(args.out, args.num, name=name, size=size, seed=args.seed, bit_depth=args.bit_depth)
+        write_unlabeled(args.out, args.num, name=name, size=size, seed=args.seed, bit_depth=args.bit_depth or 8)
         print(f"wrote {args.num} images to {args.out}/{name}/thermal")
     return 0
 
@@ -883,9 +900,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         print("unip: error: no verb given (see unip --help for the list)", file=sys.stderr)
         return 2
-    verb = args.verb
+    verb = " ".join(filter(None, [args.verb, getattr(args, f"{args.verb}_verb", None)]))  # e.g. "data pack"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _closed_pipes_are_not_errors():
             warnings.showwarning = partial(_print_warning, verb)
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -897,6 +914,52 @@ def main(argv: Optional[List[str]] = None) -> int:
             traceback.print_exc()
         print(f"unip {verb}: {line}", file=sys.stderr)
         return code
+
+
+class _PipeSafeStream:
+    """A text stream whose reader may go away (``unip ... | head -1``): once a write or flush meets a closed
+    pipe, the file descriptor is pointed at the null device and the verb goes on, its output discarded."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        try:
+            fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file (e.g. a test's capture)
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)  # what is still buffered, and later output, goes nowhere instead of failing
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _closed_pipes_are_not_errors():
+    """While a verb runs, stdout and stderr are :class:`_PipeSafeStream`; the last flush is checked too."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (_PipeSafeStream(stream) for stream in streams)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
 
 
 def _describe_failure(err: BaseException) -> tuple:

@@ -6,7 +6,9 @@
   output (``is_ours``); anything else is the user's and the verb stops instead.
 * ``plain_name``: a name taken from the command line becomes exactly one folder inside ``--out``.
 * ``save_figure`` / ``save_png``: PNG figures and images carry ``Software: unip`` so that a later run recognises
-  them (``is_our_png``).
+  them (``is_our_png``); ``save_jpeg`` writes JPEGs with the comment ``unip`` (``is_our_jpeg``). Files are
+  recognised by what they hold, not by their names: a real data set named like unip's output (SODA's
+  ``JPEGImages/00000.jpg``) is never taken for it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from unip.errors import ConfigError
 
 #: The ``Software`` text of every PNG figure unip writes.
 FIGURE_SOFTWARE = "unip"
+#: The comment (COM segment) of every JPEG unip writes.
+JPEG_COMMENT = b"unip"
 
 Recogniser = Callable[[str], bool]
 
@@ -86,11 +90,14 @@ def foreign_names(folder: str, ours: Pattern[str]) -> List[str]:
                   or not os.path.isfile(os.path.join(folder, name)))
 
 
-def claim_folder(folder: str, ours: Pattern[str], option: str = "--out") -> None:
+def claim_folder(folder: str, ours: Pattern[str], option: str = "--out", is_ours: Optional[Recogniser] = None) -> None:
     """Allow writing files into ``folder``: it must be new or hold only files named like ``ours`` (earlier
-    output of the same verb). Raises ``ConfigError`` naming a few of the other entries."""
+    output of the same verb) and, with ``is_ours``, recognised by it too (each file is opened). Raises
+    ``ConfigError`` naming a few of the other entries."""
     out_folder(folder, option)
     foreign = foreign_names(folder, ours)
+    if is_ours is not None and not foreign and os.path.isdir(folder):
+        foreign = sorted(name for name in os.listdir(folder) if not _safely(is_ours, os.path.join(folder, name)))
     if foreign:
         shown = ", ".join(repr(name) for name in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ConfigError(f"{folder}: holds files unip did not write ({shown}); nothing was changed: "
@@ -165,6 +172,14 @@ def is_our_png(path: str) -> bool:
         return image.format == "PNG" and str(image.info.get("Software", "")).startswith(FIGURE_SOFTWARE)
 
 
+def is_our_jpeg(path: str) -> bool:
+    """True for a JPEG that ``save_jpeg`` wrote (its comment is ``unip``)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.format == "JPEG" and image.info.get("comment") == JPEG_COMMENT
+
+
 def starts_with_line(line: str) -> Recogniser:
     """A recogniser of text files whose first line is ``line`` (e.g. a CSV header)."""
     def recognise(path: str) -> bool:
@@ -185,6 +200,15 @@ def save_png(pixels, path: str, compress_level: int = 6) -> str:
     image = Image.fromarray(pixels)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
+    return path
+
+
+def save_jpeg(pixels, path: str, quality: int = 92) -> str:
+    """Write an image array (uint8 ``[H, W]`` or ``[H, W, 3]``) as a JPEG with the comment ``unip`` (so that
+    ``is_our_jpeg`` recognises it); returns ``path``."""
+    from PIL import Image
+
+    Image.fromarray(pixels).save(path, format="JPEG", quality=quality, comment=JPEG_COMMENT)
     return path
 
 

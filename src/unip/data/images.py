@@ -34,9 +34,10 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 class ImageReadError(DataError):
     """An image file cannot be used; ``reason`` is one short code (``empty``, ``truncated``, ...)."""
 
-    def __init__(self, path: str, reason: Optional[str] = None, detail: Optional[str] = None) -> None:
+    def __init__(self, path: str, reason: Optional[str] = None, detail: Optional[str] = None,
+                 fix: str = "fix or remove the file") -> None:
         # one argument: the finished message (how torch re-raises an error from a DataLoader worker)
-        super().__init__(path if reason is None else f"{path}: {detail} ({reason}); fix or remove the file")
+        super().__init__(path if reason is None else f"{path}: {detail} ({reason}); {fix}")
         self.path = path
         self.reason = reason or "unreadable"
         self.detail = detail or path

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from tqdm import tqdm
 
 from unip.data.images import ImageReadError, check_suffix, convert_checked, decode, read_bytes, to_gray
-from unip.data.layouts import COCO_TRAIN_DIR, IMAGE_SUFFIXES, THERMAL_DIR
+from unip.data.layouts import COCO_OTHER_DIRS, COCO_TRAIN_DIR, IMAGE_SUFFIXES, IMAGENET_SPLIT_DIRS, THERMAL_DIR
 from unip.data.parallel import thread_map
 from unip.errors import DataError
 from unip.outputs import claim, is_our_json, is_our_jsonl, out_file
@@ -124,31 +124,65 @@ def _require_dir(path: str, what: str) -> str:
     return os.path.abspath(path)
 
 
+def _subfolders(root: str) -> List[str]:
+    """Sorted names of the folders directly inside ``root``."""
+    return [name for name in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, name))]
+
+
 def infrared_candidates(root: str) -> Iterator[Candidate]:
-    """Candidates from ``root/<dataset>/thermal/`` (source = data set name, kind ``infrared``)."""
+    """Candidates from ``root/<dataset>/thermal/`` (source = data set name, kind ``infrared``).
+
+    Raises ``DataError`` when ``root`` is one data set's folder (it holds ``thermal/``) or holds no data set;
+    folders without ``thermal/`` are skipped with a warning naming them."""
     root = _require_dir(root, "infrared root")
-    datasets = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d, THERMAL_DIR))]
+    if os.path.isdir(os.path.join(root, THERMAL_DIR)):
+        raise DataError(f"{root}: is one data set's folder (it holds {THERMAL_DIR}/); --infrared takes the folder "
+                        f"above it, which holds one folder per data set: --infrared {os.path.dirname(root)}")
+    folders = _subfolders(root)
+    datasets = [d for d in folders if os.path.isdir(os.path.join(root, d, THERMAL_DIR))]
     if not datasets:
         raise DataError(f"{root}: no <dataset>/{THERMAL_DIR}/ folder found; the infrared root must hold "
                         f"one folder per data set, each with a '{THERMAL_DIR}' subfolder")
+    others = [d for d in folders if d not in datasets]
+    if others:
+        logger.warning("%s: skipped %d folder(s) without a %s/ subfolder: %s", root, len(others), THERMAL_DIR,
+                       ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
     for name in datasets:
         yield from _folder_candidates(os.path.join(root, name, THERMAL_DIR), root, name, "infrared")
 
 
 def imagenet_candidates(root: str, per_class: int) -> Iterator[Candidate]:
-    """Candidates from the first ``per_class`` image files (sorted) of each class folder of ``root``."""
+    """Candidates from the first ``per_class`` image files (sorted) of each class folder of ``root``.
+
+    Raises ``DataError`` when ``root`` is the download's root (it holds ``train/``, ``val/``...) rather than
+    its train folder, or holds no class folder."""
     root = _require_dir(root, "ImageNet")
-    for name in sorted(os.listdir(root)):
-        folder = os.path.join(root, name)
-        if os.path.isdir(folder):
-            yield from _folder_candidates(folder, root, "ImageNet", "imagenet", limit=per_class)
+    classes = _subfolders(root)
+    splits = [name for name in classes if name in IMAGENET_SPLIT_DIRS]
+    if splits:
+        raise DataError(f"{root}: holds {', '.join(f'{name}/' for name in splits)}: an ImageNet root, not its "
+                        f"train folder; pass the folder of class folders: --imagenet {os.path.join(root, 'train')}")
+    if not classes:
+        raise DataError(f"{root}: no class folder; --imagenet takes ImageNet's train folder, one folder per "
+                        "class (pass a plain folder of images with --extra)")
+    for name in classes:
+        yield from _folder_candidates(os.path.join(root, name), root, "ImageNet", "imagenet", limit=per_class)
 
 
 def coco_candidates(root: str) -> Iterator[Candidate]:
-    """Candidates from ``root/train2017`` (or ``root`` itself when it is the train2017 folder)."""
+    """Candidates from ``root/train2017`` (or ``root`` itself when it is that folder, or a folder of images).
+
+    Raises ``DataError`` when ``root`` is a COCO root without ``train2017/`` (it holds ``val2017/``,
+    ``annotations/``...): scanning it would take those images and files in as training images."""
     root = _require_dir(root, "COCO")
     top = os.path.join(root, COCO_TRAIN_DIR)
-    top = top if os.path.isdir(top) else root
+    if not os.path.isdir(top):
+        others = [name for name in _subfolders(root) if name in COCO_OTHER_DIRS]
+        if others:
+            raise DataError(f"{root}: a COCO root without {COCO_TRAIN_DIR}/ (it holds "
+                            f"{', '.join(f'{name}/' for name in others)}); InfMix takes COCO's training images: "
+                            f"unpack {COCO_TRAIN_DIR} into it, or point --coco at the {COCO_TRAIN_DIR} folder")
+        top = root
     yield from _folder_candidates(top, top, "COCO", "coco")
 
 
@@ -258,14 +292,42 @@ def _read_jsonl(path: str) -> List[Entry]:
 
 def read_manifest(path: str) -> List[Entry]:
     """Return the records of a JSONL manifest (one dict per image, in file order)."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a manifest file; pass the .jsonl file written by "
+                        "`unip data infmix`")
     if not os.path.isfile(path):
         raise DataError(f"{path}: manifest not found; build it with `unip data infmix`")
-    records = _read_jsonl(path)
+    try:
+        records = _read_jsonl(path)
+    except DataError:
+        _refuse_json_document(path)
+        raise
     for i, rec in enumerate(records, 1):
         if not isinstance(rec.get("path"), str) or not rec["path"] or "source" not in rec:
             raise DataError(f"{path}:{i}: record lacks a 'path' text or a 'source'; "
                             "rebuild it with `unip data infmix`")
     return records
+
+
+def _refuse_json_document(path: str) -> None:
+    """Raise ``DataError`` saying so when ``path`` holds one JSON document over several lines (e.g. a scan
+    report) rather than JSONL; return otherwise (a one-line file's line error says it better) and for files too
+    large to be such a document."""
+    try:
+        if os.path.getsize(path) > 64 << 20:
+            return
+        with open(path, "r", encoding="utf-8") as fh:
+            text = fh.read().strip()
+        document = json.loads(text)
+    except (OSError, ValueError):
+        return
+    if "\n" not in text:
+        return
+    if isinstance(document, dict) and {"manifest", "counts", "skipped"} <= set(document):
+        raise DataError(f"{path}: is the scan report of `unip data infmix`, not its manifest; pass the manifest "
+                        f"({document['manifest']})") from None
+    raise DataError(f"{path}: is one JSON document, not a manifest (JSONL: one JSON object per line); pass the "
+                    ".jsonl file written by `unip data infmix`") from None
 
 
 def _write_atomic(path: str, text: str) -> None:

@@ -19,6 +19,11 @@ THERMAL_DIR = "thermal"
 
 #: COCO's training images live in ``<coco>/train2017/``.
 COCO_TRAIN_DIR = "train2017"
+#: The other folders of a COCO download (a COCO root holding these but no ``train2017/`` is refused).
+COCO_OTHER_DIRS: Tuple[str, ...] = ("val2017", "test2017", "unlabeled2017", "annotations", "train2014", "val2014",
+                                    "test2014", "test2015")
+#: Split folders of an ImageNet download: ``--imagenet`` takes the train folder (one folder per class), not its root.
+IMAGENET_SPLIT_DIRS: Tuple[str, ...] = ("train", "val", "test")
 
 IGNORE_INDEX = 255
 

@@ -68,9 +68,49 @@ class PackResult:
     skipped: List[Entry]
 
 
+# ------------------------------------------------------------------------------------- manifests
+def read_listed(path: str, manifest: Optional[str]) -> np.ndarray:
+    """:func:`read_gray` of a file that the manifest file ``manifest`` lists (None: records given in memory);
+    returns uint8 ``[H, W]``. A file gone since the scan raises ``ImageReadError`` ``missing``, whose fix is a
+    rescan (which drops it from the manifest), not the file."""
+    try:
+        return read_gray(path)
+    except ImageReadError as err:
+        if manifest is None or err.reason != "io-error" or os.path.lexists(path):
+            raise
+        raise ImageReadError(path, "missing", f"listed in {manifest} but gone since the scan",
+                             "rescan with `unip data infmix` (the manifest then drops it) or put it back") from None
+
+
+def read_manifest_file(path: str) -> List[Entry]:
+    """:func:`unip.data.infmix.read_manifest`, saying what a pack folder or a pack's ``index.json`` given
+    instead is, and what to pass (``DataError``)."""
+    if os.path.isdir(path):
+        if _is_pack_index(os.path.join(path, INDEX_JSON)):
+            raise DataError(f"{path}: is a pack folder (written by `unip data pack`), not a manifest; to pack again, "
+                            f"pass the manifest it was made from{_packed_from(os.path.join(path, INDEX_JSON))}")
+        raise DataError(f"{path}: is a folder, not a manifest file; scan it into one with "
+                        f"`unip data infmix --extra {path} --out MANIFEST.jsonl`")
+    if os.path.basename(path) == INDEX_JSON and _is_pack_index(path):
+        raise DataError(f"{path}: is a pack's index, not a manifest; where a pack is read (`unip data stats`, "
+                        f"`unip pretrain --data`) pass its folder {os.path.dirname(path) or '.'}; to pack again, "
+                        f"pass the manifest it was made from{_packed_from(path)}")
+    return read_manifest(path)
+
+
+def _packed_from(index_json: str) -> str:
+    """`` (PATH)`` naming the manifest a pack was made from, as its index records it ('' when unknown)."""
+    try:
+        with open(index_json, "r", encoding="utf-8") as fh:
+            manifest = json.load(fh).get("manifest")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" ({manifest})" if isinstance(manifest, str) else ""
+
+
 # ------------------------------------------------------------------------------------- writing
-def _load_pixels(path: str, short_side: int) -> np.ndarray:
-    return resize_short_side(read_gray(path), short_side)
+def _load_pixels(path: str, short_side: int, manifest: Optional[str]) -> np.ndarray:
+    return resize_short_side(read_listed(path, manifest), short_side)
 
 
 class _ShardWriter:
@@ -175,10 +215,11 @@ def pack_manifest(manifest: Union[str, Sequence[Entry]], out: str, short_side: i
     if short_side < 1 or shard_bytes < 1:
         raise DataError(f"{out}: short side ({short_side}) and shard size ({shard_bytes}) must be positive")
     out_folder(out, "--out")
-    records = read_manifest(manifest) if isinstance(manifest, str) else list(manifest)
+    records = read_manifest_file(manifest) if isinstance(manifest, str) else list(manifest)
     if not records:
         raise DataError(f"{manifest if isinstance(manifest, str) else 'manifest'}: lists no images; "
                         "nothing to pack")
+    manifest_file = manifest if isinstance(manifest, str) else None
     tmp = _prepare_out(out)
     writer = _ShardWriter(tmp, shard_bytes)
     sources: Dict[str, int] = {}
@@ -188,7 +229,7 @@ def pack_manifest(manifest: Union[str, Sequence[Entry]], out: str, short_side: i
 
     def load(rec: Entry) -> Union[np.ndarray, ImageReadError]:
         try:
-            return _load_pixels(str(rec["path"]), short_side)
+            return _load_pixels(str(rec["path"]), short_side, manifest_file)
         except ImageReadError as err:
             return err
 
@@ -379,7 +420,8 @@ class ManifestImages(GrayImages):
     def __init__(self, manifest: Union[str, Sequence[Entry]],
                  transform: Union[Transform, None, str] = _DEFAULT, return_index: bool = False) -> None:
         super().__init__(transform, return_index)
-        records = read_manifest(manifest) if isinstance(manifest, str) else list(manifest)
+        records = read_manifest_file(manifest) if isinstance(manifest, str) else list(manifest)
+        self.manifest: Optional[str] = manifest if isinstance(manifest, str) else None
         self.files: List[str] = [str(r["path"]) for r in records]
         self.sources_of: List[str] = [str(r.get("source", "")) for r in records]
 
@@ -387,7 +429,7 @@ class ManifestImages(GrayImages):
         return len(self.files)
 
     def read(self, index: int) -> np.ndarray:
-        return read_gray(self.files[index])
+        return read_listed(self.files[index], self.manifest)
 
     def source(self, index: int) -> str:
         """Return the source name of image ``index``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -34,6 +34,7 @@ class _Moments:
 
     def __init__(self) -> None:
         self.images = 0
+        self.unreadable = 0
         self.sum_mean = self.sum_sq = 0.0
         self.pixels = 0
         self.pix_sum = self.pix_sq = 0.0
@@ -55,26 +56,27 @@ class _Moments:
         self.sizes[key] = self.sizes.get(key, 0) + 1
 
     def result(self) -> Dict[str, object]:
-        def mean_std(total: float, total_sq: float, n: int) -> Tuple[float, float]:
-            if n == 0:
-                return math.nan, math.nan
+        def mean_std(total: float, total_sq: float, n: int) -> Tuple[Optional[float], Optional[float]]:
+            if n == 0:  # every image of the group unreadable: no statistics (null in the JSON)
+                return None, None
             m = total / n
             return m, math.sqrt(max(total_sq / n - m * m, 0.0))
         mean, std = mean_std(self.sum_mean, self.sum_sq, self.images)
         pmean, pstd = mean_std(self.pix_sum, self.pix_sq, self.pixels)
         top = sorted(self.sizes.items(), key=lambda kv: -kv[1])[:10]
-        return {"images": self.images, "mean": mean, "std": std, "pixel_mean": pmean, "pixel_std": pstd,
-                "short_side_hist": self.short_hist, "top_sizes": dict(top)}
+        return {"images": self.images, "unreadable": self.unreadable, "mean": mean, "std": std,
+                "pixel_mean": pmean, "pixel_std": pstd, "short_side_hist": self.short_hist, "top_sizes": dict(top)}
 
 
 def compute_stats(path: str, limit: Optional[int] = None, seed: int = 0,
                   workers: Optional[int] = None) -> Dict[str, object]:
     """Return statistics of the manifest file or pack folder ``path``.
 
-    The dict holds ``overall`` and ``sources`` (name → the same fields): ``images``, ``mean``, ``std``,
-    ``pixel_mean``, ``pixel_std``, ``short_side_hist`` (counts per bin of ``short_side_bins``) and
-    ``top_sizes``; plus ``unreadable`` (files that failed to decode now). ``limit`` samples that many
-    images at random (by ``seed``) instead of reading all.
+    The dict holds ``overall`` and ``sources`` (name → the same fields): ``images``, ``unreadable`` (how many
+    could not be read now), ``mean``, ``std``, ``pixel_mean``, ``pixel_std`` (None for a source none of whose
+    images could be read), ``short_side_hist`` (counts per bin of ``short_side_bins``) and ``top_sizes``; plus
+    ``unreadable``: ``[{"path", "source", "reason"}]``, the files skipped. ``limit`` samples that many images at
+    random (by ``seed``) instead of reading all.
     """
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit}: read at least 1 image")
@@ -95,11 +97,14 @@ def compute_stats(path: str, limit: Optional[int] = None, seed: int = 0,
 
     results = thread_map(read, order, workers)
     for i, gray in tqdm(zip(order, results), total=len(order), desc="stats", unit="img", disable=None):
+        source = per_source.setdefault(data.source(int(i)), _Moments())
         if isinstance(gray, ImageReadError):
-            unreadable.append({"path": gray.path, "reason": gray.reason})
+            unreadable.append({"path": gray.path, "source": data.source(int(i)), "reason": gray.reason})
+            overall.unreadable += 1
+            source.unreadable += 1
             continue
         overall.add(gray)
-        per_source.setdefault(data.source(int(i)), _Moments()).add(gray)
+        source.add(gray)
     if overall.images == 0:
         first = unreadable[0]
         raise DataError(f"{path}: none of the {len(order)} images could be read (first: {first['path']}: "
@@ -107,6 +112,33 @@ def compute_stats(path: str, limit: Optional[int] = None, seed: int = 0,
     return {"input": os.path.abspath(path), "sampled": len(order), "total": len(data),
             "short_side_bins": list(SHORT_SIDE_BINS), "overall": overall.result(),
             "sources": {name: m.result() for name, m in per_source.items()}, "unreadable": unreadable}
+
+
+def format_summary(stats: Dict[str, Any], shown: int = 3) -> str:
+    """The printed summary of :func:`compute_stats`: one line per group (overall, then each source) with its
+    images, mean and std and, when files could not be read, a line counting them by reason and naming the
+    first ``shown``."""
+    groups = [("overall", stats["overall"]), *stats["sources"].items()]
+    lines = [_group_line(name, group) for name, group in groups]
+    unreadable: List[Dict[str, str]] = stats["unreadable"]
+    if unreadable:
+        reasons: Dict[str, int] = {}
+        for entry in unreadable:
+            reasons[entry["reason"]] = reasons.get(entry["reason"], 0) + 1
+        counts = ", ".join(f"{reason} {n:,}" for reason, n in sorted(reasons.items()))
+        named = ", ".join(printable(entry["path"]) for entry in unreadable[:shown])
+        more = f" and {len(unreadable) - shown:,} more" if len(unreadable) > shown else ""
+        hint = "; rescan with `unip data infmix` to drop files gone since the scan" if "missing" in reasons else ""
+        lines.append(f"skipped {len(unreadable):,} unreadable file(s) ({counts}): {named}{more} (all listed under "
+                     f"'unreadable' in the JSON){hint}")
+    return "\n".join(lines)
+
+
+def _group_line(name: str, group: Dict[str, Any]) -> str:
+    numbers = ("  no readable image" if group["mean"] is None else
+               f"  mean {group['mean']:.4f}  std {group['std']:.4f}")
+    skipped = f"  unreadable {group['unreadable']:,}" if group.get("unreadable") else ""
+    return f"{printable(name):<20} images {group['images']:>9,}{numbers}{skipped}"
 
 
 def bin_labels() -> List[str]:
@@ -123,8 +155,8 @@ def plot_stats(stats: Dict[str, object], png: str) -> None:
     sources: Dict[str, Dict[str, object]] = stats["sources"]  # type: ignore[assignment]
     names = list(sources)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    means = [float(sources[n]["mean"]) for n in names]
-    stds = [float(sources[n]["std"]) for n in names]
+    means = [math.nan if sources[n]["mean"] is None else float(sources[n]["mean"]) for n in names]
+    stds = [math.nan if sources[n]["std"] is None else float(sources[n]["std"]) for n in names]
     ax1.bar(range(len(names)), means, yerr=stds, capsize=3, color="0.5")
     ax1.set_xticks(range(len(names)), [printable(n) for n in names], rotation=45, ha="right")
     ax1.set_ylabel("gray level (0-1), mean ± std")

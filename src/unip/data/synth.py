@@ -8,6 +8,10 @@ temporal noise, and a per-frame gain/offset (AGC). Pixel values are "temperature
 
 Labels use SODA's class ids (:data:`SYNTH_CLASSES`); 255 marks a one-pixel band around people and cars.
 Image ``i`` of a set depends only on ``(seed, set name, i)``, not on how many images are written.
+
+Every file written is marked as unip's (JPEG comment, PNG ``Software`` text; see :mod:`unip.outputs`), and a
+rerun replaces only marked files: a real data set in the same layout (SODA's ``JPEGImages/00000.jpg``) is
+refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import re
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,7 +31,8 @@ from unip.data.layouts import (IGNORE_INDEX, SODA_CLASSES, SODA_IMAGE_DIR, SODA_
                                THERMAL_DIR)
 from unip.errors import ConfigError, DataError
 from unip.memory import require_memory
-from unip.outputs import claim, claim_folder, out_folder, plain_name
+from unip.outputs import (claim, claim_folder, is_our_jpeg, is_our_png, out_folder, plain_name, save_jpeg,
+                          save_png)
 
 BACKGROUND, PERSON, BUILDING, TREE, ROAD, CAR, SKY = 0, 1, 2, 3, 4, 10, 18
 #: The SODA classes the generator draws: SODA id → name.
@@ -256,11 +262,24 @@ def _check_counts(num: int, seed: int) -> None:
         raise DataError(f"--seed {seed}: seeds are non-negative integers")
 
 
-def _save(pixels: np.ndarray, path: str, quality: int = 92) -> None:
+def _save(pixels: np.ndarray, path: str) -> None:
+    """Write ``pixels`` as a JPEG or PNG (by the suffix of ``path``), marked as unip's."""
     if path.lower().endswith((".jpg", ".jpeg")):
-        Image.fromarray(pixels).save(path, quality=quality)
+        save_jpeg(pixels, path)
     else:
-        Image.fromarray(pixels).save(path)
+        save_png(pixels, path)
+
+
+def _is_our_image(path: str) -> bool:
+    """True for an image :func:`_save` wrote (a marked JPEG or PNG)."""
+    return is_our_jpeg(path) if path.lower().endswith((".jpg", ".jpeg")) else is_our_png(path)
+
+
+def _remove_stale(folder: str, ours: "re.Pattern[str]", wanted: set) -> None:
+    """Delete the files of an earlier, larger or other-depth set (all unip's: the folder was claimed)."""
+    for stale in sorted(set(os.listdir(folder)) - wanted):
+        if ours.match(stale):
+            os.remove(os.path.join(folder, stale))
 
 
 def write_unlabeled(root: str, num: int, name: str = "synth", size: Tuple[int, int] = (640, 512),
@@ -275,13 +294,10 @@ def write_unlabeled(root: str, num: int, name: str = "synth", size: Tuple[int, i
     width, height = check_size(size)
     folder = os.path.join(out_folder(root), plain_name(name, "--name"), THERMAL_DIR)
     ours = re.compile(rf"^{re.escape(name)}_\d{{6}}\.(jpg|png)$")
-    claim_folder(folder, ours)
+    claim_folder(folder, ours, is_ours=_is_our_image)
     os.makedirs(folder, exist_ok=True)
     suffix = ".jpg" if bit_depth == 8 else ".png"
-    wanted = {f"{name}_{i:06d}{suffix}" for i in range(num)}
-    for stale in sorted(set(os.listdir(folder)) - wanted):  # an earlier, larger or other-depth set (all ours)
-        if ours.match(stale):
-            os.remove(os.path.join(folder, stale))
+    _remove_stale(folder, ours, {f"{name}_{i:06d}{suffix}" for i in range(num)})
     paths = []
     for i in tqdm(range(num), desc=f"synth {name}", unit="img", disable=None):
         temp, _ = render_scene(seed, i, height, width, name)
@@ -306,10 +322,13 @@ def write_soda_sample(root: str, image_id: str, image: np.ndarray, label: np.nda
     _save(label, os.path.join(root, SODA_LABEL_DIR, f"{image_id}.png"))
 
 
-def _is_split_file(path: str) -> bool:
-    """True for a split file as ``write_split_files`` writes them (one numeric id per line)."""
+def _is_our_split_file(root: str, path: str) -> bool:
+    """True for a split file of an earlier :func:`write_soda` into ``root``: one numeric id per line, each the
+    id of a JPEG unip wrote in ``root/JPEGImages`` (an empty file holds nothing to lose)."""
     with open(path, "r", encoding="utf-8") as fh:
-        return all(re.fullmatch(r"\d{5,}", line.strip()) for line in fh if line.strip())
+        ids = [line.strip() for line in fh if line.strip()]
+    return all(re.fullmatch(r"\d{5,}", i) and _is_our_image(os.path.join(root, SODA_IMAGE_DIR, f"{i}.jpg"))
+               for i in ids)
 
 
 def write_split_files(root: str, splits: Dict[str, Sequence[str]]) -> None:
@@ -323,20 +342,26 @@ def write_soda(root: str, num_train: int, num_test: int, size: Tuple[int, int] =
                seed: int = 0, name: str = "soda-synth") -> LabeledSet:
     """Write a labeled set in SODA's layout: ``JPEGImages/``, ``SegmentationClassPNG/``, split files.
 
-    Returns a :class:`LabeledSet`; labels use SODA ids (see :data:`SYNTH_CLASSES`), 255 = ignore.
+    Returns a :class:`LabeledSet`; labels use SODA ids (see :data:`SYNTH_CLASSES`), 255 = ignore. Both splits
+    need an image (a SODA set with an empty split file is refused by its readers). ``root`` may be new or an
+    earlier output of this function; any file of the layout that unip did not write raises ``ConfigError``.
     """
-    if num_train < 1 or num_test < 0:
-        raise DataError(f"{root}: need at least one training image (got train {num_train}, test {num_test}); "
-                        "raise --num or lower --num-test")
+    if num_train < 1 or num_test < 1:
+        raise DataError(f"{root}: a labeled set needs at least one training and one test image (got train "
+                        f"{num_train}, test {num_test}); raise --num to 2 or more, or set --num-test between 1 "
+                        "and --num minus 1")
     _check_counts(num_train + num_test, seed)
     width, height = check_size(size)
     out_folder(root)
-    claim_folder(os.path.join(root, SODA_IMAGE_DIR), re.compile(r"^\d{5,}\.jpg$"))
-    claim_folder(os.path.join(root, SODA_LABEL_DIR), re.compile(r"^\d{5,}\.png$"))
-    claim([os.path.join(root, name) for name in SODA_SPLITS.values()], _is_split_file)
-    for sub in (SODA_IMAGE_DIR, SODA_LABEL_DIR):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    suffixes = {SODA_IMAGE_DIR: ".jpg", SODA_LABEL_DIR: ".png"}
+    ours = {sub: re.compile(rf"^\d{{5,}}{re.escape(suffix)}$") for sub, suffix in suffixes.items()}
+    for sub, pattern in ours.items():
+        claim_folder(os.path.join(root, sub), pattern, is_ours=_is_our_image)
+    claim([os.path.join(root, name) for name in SODA_SPLITS.values()], partial(_is_our_split_file, root))
     ids = [f"{i:05d}" for i in range(num_train + num_test)]
+    for sub, suffix in suffixes.items():
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+        _remove_stale(os.path.join(root, sub), ours[sub], {i + suffix for i in ids})
     for i in tqdm(range(len(ids)), desc="synth labeled", unit="img", disable=None):
         temp, label = render_scene(seed, i, height, width, name)
         write_soda_sample(root, ids[i], to_uint8(temp), label)
