@@ -242,6 +242,24 @@ def test_rescale_size_is_mmcv_keep_ratio_rule():
     assert min(ratios) < 0.7 and max(ratios) > 1.8
 
 
+def test_thin_images_keep_a_pixel_through_the_train_and_test_resize():
+    """A 1 × 500 px image (legal: check-seg finds nothing wrong) shrunk by the toy scale (256, 64) × a ratio
+    below 1 would round its height to 0 px; it keeps 1 px, and the crop and pad make the usual crop of it."""
+    assert rescale_size(1, 500, (int(256 * 0.6), int(64 * 0.6))) == (1, 153)
+    assert rescale_size(500, 1, (16, 16)) == (16, 1) and rescale_size(1, 1, (0, 0)) == (1, 1)
+    image = torch.arange(500, dtype=torch.uint8).expand(3, 1, 500).clone()
+    label = (torch.arange(500) >= 250).to(torch.uint8)[None]
+    train = seg_train_transform(scale=(256, 64), ratio_range=(0.5, 0.9), crop_size=64)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        out = train({"image": image, "label": label})
+        assert out["image"].shape == (3, 64, 64) and out["label"].shape == (64, 64)
+        assert set(out["label"][1:].unique().tolist()) == {255}  # padding
+        assert set(out["label"][0].unique().tolist()) <= {0, 1, 255}
+    tested = seg_test_transform(scale=(64, 16))({"image": image, "label": label})
+    assert tested["image"].shape == (3, 1, 64) and tested["label"].shape == (1, 500)
+
+
 def _pattern(height=96, width=128):
     """Asymmetric blocks: label = block id (0..15), gray image = 10 + 15 · label; 255 in one corner."""
     yy, xx = np.mgrid[0:height, 0:width]
