@@ -139,6 +139,28 @@ def _trainer(assets, tmp_path, **values):
     return Trainer(SegmentationTask(config), config, init_distributed("cpu"))
 
 
+def test_batch_settings_refuse_contradictions_and_advise_what_works(assets, tmp_path):
+    """optim.effective_batch decides the accumulation: an optim.accum_iter that gives another total is refused
+    (also 1, which used to be ignored without a word); a training split too small for one step names a setting
+    that fits it, and following the advice trains."""
+    from unip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim.accum_iter=1 contradicts optim.effective_batch=8.*gives 2"):
+        _trainer(assets, tmp_path, **{"optim.effective_batch": 8, "optim.accum_iter": 1})
+    trainer = _trainer(assets, tmp_path, **{"optim.effective_batch": 8, "optim.accum_iter": 2})
+    assert (trainer.ctx.plan.accum, trainer.ctx.plan.effective_batch) == (2, 8)
+    # 16 training images, batch 4: effective 32 needs 8 micro-batches, more than an epoch has
+    with pytest.raises(ConfigError, match="16 samples are fewer than one step of 32") as refused:
+        _trainer(assets, tmp_path, **{"optim.effective_batch": 32, "optim.batch_size": 4})
+    message = str(refused.value)
+    assert "optim.effective_batch to at most 16" in message and "lower optim.batch_size or" not in message
+    assert _trainer(assets, tmp_path, **{"optim.effective_batch": 16, "optim.batch_size": 4}).ctx.plan.accum == 4
+    with pytest.raises(ConfigError, match="optim.batch_size to at most 16 and optim.effective_batch"):
+        _trainer(assets, tmp_path, **{"optim.effective_batch": 64, "optim.batch_size": 32})
+    with pytest.raises(ConfigError, match="lower optim.batch_size or optim.accum_iter"):
+        _trainer(assets, tmp_path, **{"optim.batch_size": 8, "optim.accum_iter": 3})
+
+
 def test_layer_decay_and_no_decay_groups_as_the_task_builds_them(assets, tmp_path):
     trainer = _trainer(assets, tmp_path)
     names = {id(p): n for n, p in trainer.model.named_parameters()}
