@@ -371,8 +371,9 @@ def finetune(config: Config) -> FinetuneResult:
         metrics_path = trainer.output / METRICS_FILE
         if dist.is_main:
             write_metrics(metrics_path, document)
-            logger.info("test split of the best model (step %s): mIoU %.2f; wrote %s", document["step"],
-                        document["mIoU"] if document["mIoU"] is not None else float("nan"), metrics_path)
+            logger.info("test split of the %s model (step %s): mIoU %.2f; wrote %s", "best" if fit.best else "final",
+                        document["step"], document["mIoU"] if document["mIoU"] is not None else float("nan"),
+                        metrics_path)
         return FinetuneResult(fit.model_path, metrics_path, document, metrics_table(document), fit.steps, fit.best,
                               dist.is_main)
     finally:
