@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from unip.atomic import atomic_path, atomic_write_text, file_mode
+from unip.atomic import atomic_path, atomic_write_text, file_mode, replace_folder, temporary_path
 from unip.checkpoint import save_checkpoint
 from unip.models import create_model
 
@@ -34,3 +34,20 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_replace_folder_swaps_a_whole_folder_and_leaves_nothing_else(tmp_path):
+    target = tmp_path / "overlays"
+    target.mkdir()
+    (target / "00000_old.png").write_text("old")
+    (target / "00003_old.png").write_text("old")
+    staging = temporary_path(target)
+    staging.mkdir()
+    (staging / "00000_new.png").write_text("new")
+    assert replace_folder(staging, target) == target
+    assert sorted(p.name for p in target.iterdir()) == ["00000_new.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overlays"]  # no staging or old folder left
+    fresh = tmp_path / "fresh"
+    (tmp_path / ".fresh.tmp-1").mkdir()
+    replace_folder(tmp_path / ".fresh.tmp-1", fresh)
+    assert fresh.is_dir() and not (tmp_path / ".fresh.tmp-1").exists()

@@ -135,6 +135,25 @@ def test_state_files_refuse_code(tmp_path):
         checkpointing.load_state(path, nn.Linear(1, 1))
 
 
+def test_a_file_that_is_not_a_state_is_called_so_and_never_to_be_deleted(tmp_path):
+    """``--resume mkckpt.py``: the user's file is not a unip state, and is not unip's to delete; a damaged file
+    named like unip's states is. PyTorch's paragraph about weights_only (which suggests running the file's code)
+    is not repeated."""
+    script = tmp_path / "mkckpt.py"
+    script.write_text("import torch\nprint('a script')\n")
+    garbage = tmp_path / "mine.pt"
+    torch.save({"x": torch.zeros(1), "fn": print}, garbage)  # loads only by running code: weights_only refuses
+    for path in (script, garbage):
+        with pytest.raises(CheckpointError, match="not a unip training state") as err:
+            checkpointing.read_state(path)
+        message = str(err.value).replace(str(path), "FILE")
+        assert "delete" not in message and "weights_only" not in message and len(message) < 250, message
+    damaged = tmp_path / "step-00000003.pt"
+    damaged.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(CheckpointError, match="cannot read the training state.*delete it"):
+        checkpointing.read_state(damaged)
+
+
 # ------------------------------------------------------------------------------------------ data order
 class _Noise(torch.utils.data.Dataset):
     def __len__(self):
@@ -203,15 +222,27 @@ def test_non_finite_loss_stops_before_the_update():
     model, (x, y) = _toy()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(NonFiniteLossError, match="nan at step 3"):
+    with pytest.raises(NonFiniteLossError, match="nan at step 3") as stopped:
         train_step(model, lambda b: (model(b[0]) * math.nan).mean(), [(x, y)], optimizer,
                    precision.grad_scaler(), precision, where="at step 3")
+    assert "fp16" not in str(stopped.value) and "bf16" not in str(stopped.value)  # an fp32 run: nothing wider
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert resolve_precision("bf16", torch.device("cpu")).dtype is torch.bfloat16  # asked for: CPU bf16 autocast
     assert resolve_precision("auto", torch.device("cpu")).dtype is None
     assert resolve_precision("fp16", torch.device("cpu")).dtype is None
     with pytest.raises(ConfigError):
         resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_divergence_advice_follows_the_runs_precision_and_clipping():
+    from unip.engine.loop import Precision, divergence_advice
+
+    fp32, bf16 = Precision("cpu", None), Precision("cpu", torch.bfloat16)
+    fp16 = Precision("cuda", torch.float16)
+    assert divergence_advice(fp32) == "Lower the lr or --set optim.clip_grad=1.0"
+    assert divergence_advice(bf16, 1.0) == "Lower the lr, a lower optim.clip_grad than 1 or --precision fp32 instead " \
+        "of bf16"
+    assert divergence_advice(fp16).endswith("or --precision bf16 or fp32 instead of fp16")
 
 
 def test_worker_count_does_not_change_the_batches():

@@ -121,14 +121,31 @@ def test_metrics_json_equals_what_evaluate_reports(assets, trained, tmp_path, on
         with Image.open(png) as image:
             assert image.format == "PNG" and image.info.get("Software") == "unip"
     assert len(list((out / "overlays").glob("*.png"))) == 4
-    # test-time augmentation changes the numbers but keeps the document's shape
+    # test-time augmentation changes the numbers but keeps the document's shape; a tiny scale shrinks the image
+    # to 1 px, not to nothing; the overlays of the earlier evaluation are replaced as a whole
     assert cli.main(["evaluate", "--checkpoint", metrics["checkpoint"], "--data", str(assets / "soda"), "--out",
-                     str(out), "--device", "cpu", "--no-progress", "--flip", "--scales", "0.75,1.0",
-                     "--one-window-at-a-time", "--overlays", "0"]) == 0
+                     str(out), "--device", "cpu", "--no-progress", "--flip", "--scales", "0.001,1.0",
+                     "--one-window-at-a-time", "--overlays", "2", "--split", "train"]) == 0
     augmented = read_metrics(out / "metrics.json")
-    assert augmented["test"]["flip"] and augmented["test"]["scales"] == [0.75, 1.0]
-    assert not augmented["test"]["batch_windows"] and sum(map(sum, augmented["confusion_matrix"])) == \
-        sum(map(sum, metrics["confusion_matrix"]))
+    assert augmented["test"]["flip"] and augmented["test"]["scales"] == [0.001, 1.0] and augmented["images"] == 16
+    assert not augmented["test"]["batch_windows"] and augmented["mIoU"] is not None
+    train_names = sorted(line.split()[0] for line in open(assets / "soda" / "train_infrared.txt"))
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == [f"0000{i}_{train_names[i]}.png" for i in (0, 1)]
+    assert cli.main(["evaluate", "--checkpoint", metrics["checkpoint"], "--data", str(assets / "soda"), "--out",
+                     str(out), "--device", "cpu", "--no-progress", "--overlays", "0"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "metrics.json"]
+    # the run folder is not evaluate's to write: its metrics.json (the best model's test metrics) stays
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", metrics["checkpoint"], "--data", str(assets / "soda"), "--out",
+                     str(trained), "--device", "cpu", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "metrics.json" in error and "finetune" in error and "--out" in error
+    assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before
+    assert not (trained / "overlays").exists() and not (trained / "confusion.png").exists()
+    # and the reverse: a fine-tuning run does not replace the report of an evaluation
+    assert cli.main(_args(assets, out)) == 2
+    assert "unip evaluate" in capsys.readouterr().err and not (out / "config.yaml").exists()
 
 
 # ----------------------------------------------------------------------------------------------- the task
@@ -137,6 +154,28 @@ def _trainer(assets, tmp_path, **values):
                                         "data.path": str(assets / "soda"), "run.output": str(tmp_path / "t"),
                                         "run.device": "cpu", "run.progress": False, **values})
     return Trainer(SegmentationTask(config), config, init_distributed("cpu"))
+
+
+def test_batch_settings_refuse_contradictions_and_advise_what_works(assets, tmp_path):
+    """optim.effective_batch decides the accumulation: an optim.accum_iter that gives another total is refused
+    (also 1, which used to be ignored without a word); a training split too small for one step names a setting
+    that fits it, and following the advice trains."""
+    from unip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim.accum_iter=1 contradicts optim.effective_batch=8.*gives 2"):
+        _trainer(assets, tmp_path, **{"optim.effective_batch": 8, "optim.accum_iter": 1})
+    trainer = _trainer(assets, tmp_path, **{"optim.effective_batch": 8, "optim.accum_iter": 2})
+    assert (trainer.ctx.plan.accum, trainer.ctx.plan.effective_batch) == (2, 8)
+    # 16 training images, batch 4: effective 32 needs 8 micro-batches, more than an epoch has
+    with pytest.raises(ConfigError, match="16 samples are fewer than one step of 32") as refused:
+        _trainer(assets, tmp_path, **{"optim.effective_batch": 32, "optim.batch_size": 4})
+    message = str(refused.value)
+    assert "optim.effective_batch to at most 16" in message and "lower optim.batch_size or" not in message
+    assert _trainer(assets, tmp_path, **{"optim.effective_batch": 16, "optim.batch_size": 4}).ctx.plan.accum == 4
+    with pytest.raises(ConfigError, match="optim.batch_size to at most 16 and optim.effective_batch"):
+        _trainer(assets, tmp_path, **{"optim.effective_batch": 64, "optim.batch_size": 32})
+    with pytest.raises(ConfigError, match="lower optim.batch_size or optim.accum_iter"):
+        _trainer(assets, tmp_path, **{"optim.batch_size": 8, "optim.accum_iter": 3})
 
 
 def test_layer_decay_and_no_decay_groups_as_the_task_builds_them(assets, tmp_path):
@@ -326,6 +365,24 @@ def test_presets_state_the_release_recipe(kind):
     extra = {"toy", "demo"} if kind == "finetune" else {"toy"}  # the small presets of the tests and `unip demo`
     assert shipped == {f"{d}_{s}" for d in RECIPE for s in SIZES} | extra
     make_config("toy", kind=kind)
+
+
+def test_a_run_without_a_best_model_says_it_tested_the_final_one(assets, tmp_path, one_thread, capsys):
+    """Labels that are all 255 give no mIoU, so no evaluation chooses a best model: the test split is evaluated
+    with the final model, and the closing line says so."""
+    data = tmp_path / "soda"
+    shutil.copytree(assets / "soda", data)
+    for label in (data / "SegmentationClassPNG").iterdir():
+        with Image.open(label) as image:
+            size = image.size
+        Image.new("L", size, 255).save(label)
+    capsys.readouterr()
+    assert cli.main(["finetune", "toy", "--pretrained", str(assets / "backbone.safetensors"), "--data", str(data),
+                     "--out", str(tmp_path / "ft"), "--device", "cpu", "--set", "run.progress=false",
+                     "--iterations", "2", "--set", "run.eval_every=1"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "no evaluation chose a best model" in last and "test metrics of the final model" in last
+    assert "best model:" not in last and read_metrics(tmp_path / "ft" / "metrics.json")["best"] is None
 
 
 def test_print_config_and_probe_presets(capsys):

@@ -576,6 +576,17 @@ CASES: List[Case] = [
          "--check-data", data=a.labeled_copy(_label_of_another_size)), match="1 data problem"),
     Case("finetune: resume from a missing file", lambda a: a.finetune("--resume", str(a.scratch / "s.pt")),
          match="s.pt"),
+    Case("finetune: resume from a file that is not a training state", lambda a: a.finetune(
+         "--resume", a.file("mkckpt.py", "print('hi')\n")), match=r"mkckpt.py: not a unip training state.*auto$"),
+    Case("finetune: --probe linear with --set model.head=upernet", lambda a: a.finetune(
+         "--probe", "linear", "--set", "model.head=upernet"), match="--probe.*model.head=upernet"),
+    Case("finetune: an accum_iter that contradicts the effective batch", lambda a: a.finetune(
+         "--set", "optim.effective_batch=4", "--set", "optim.accum_iter=1"), match="optim.accum_iter=1 contradicts"),
+    Case("finetune: fewer training images than one step of the effective batch", lambda a: a.finetune(
+         "--set", "optim.effective_batch=8"), match="4 samples.*optim.effective_batch to at most 4"),
+    Case("finetune: --out holds the report of unip evaluate", lambda a: a.finetune(out=a.out_with("ev", {
+         "metrics.json": json.dumps({"format": "unip-segmentation-metrics", "version": 1, "mIoU": 50.0})})),
+         match="metrics.json: holds the report of unip evaluate"),
     Case("finetune: unknown precision", lambda a: a.finetune("--precision", "fp64"), match="--precision"),
     Case("finetune: --out holds a file named tb", lambda a: a.finetune(out=a.out_with("mine", {"tb": "mine"})),
          match="tb: is a file where unip keeps the run's tb/ folder"),
@@ -623,6 +634,11 @@ CASES: List[Case] = [
     Case("evaluate: --out holds the user's metrics.json",
          lambda a: a.evaluate(out=a.out_with("mine", {"metrics.json": '{"mine": 1}'})),
          match="metrics.json.*not written by unip"),
+    Case("evaluate: --out a fine-tuning run's folder (its metrics.json)", lambda a: a.evaluate(out=a.out_with("run", {
+         "metrics.json": json.dumps({"format": "unip-segmentation-metrics", "version": 1, "mIoU": 50.0,
+                                     "best": None})})), match="metrics.json: holds the test metrics of a unip"),
+    Case("evaluate: --out a training run's folder (its log)", lambda a: a.evaluate(out=a.out_with("run", {
+         "log.jsonl": '{"event": "setup", "time": 0}\n'})), match="training run's folder.*log.jsonl"),
     Case("evaluate: --out holds the user's confusion.png",
          lambda a: a.evaluate(out=a.out_with("mine", {"confusion.png": IMAGE_PNG})), match="confusion.png"),
     Case("evaluate: the user's file in overlays/",

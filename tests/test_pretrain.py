@@ -315,9 +315,15 @@ def test_accumulation_and_effective_batch_must_agree():
     from unip.errors import ConfigError
 
     optim = make_config("mae-l_unip-s")["optim"]
+    assert optim["accum_iter"] is None and batch_plan(optim, 2)[0] == 8 and batch_plan(optim, 16)[0] == 1
     assert batch_plan(dict(optim, accum_iter=8), 2)[0] == 8
+    assert batch_plan(dict(optim, accum_iter=1), 16)[0] == 1
     with pytest.raises(ConfigError, match="contradicts"):
         batch_plan(dict(optim, accum_iter=3), 2)
+    with pytest.raises(ConfigError, match="optim.accum_iter=1 contradicts"):  # no longer ignored without a word
+        batch_plan(dict(optim, accum_iter=1), 2)
+    assert make_config("toy")["optim"]["accum_iter"] == 1
+    assert make_config("mae-l_unip-s", ("optim.effective_batch=null",))["optim"]["accum_iter"] == 1  # stated
     with pytest.raises(ConfigError, match="not a multiple"):
         batch_plan(dict(optim, batch_size=100), 2)
     assert batch_plan(dict(optim, effective_batch=None, accum_iter=3, batch_size=4), 1) == (3, 12, 1.5e-4 * 12 / 256)

@@ -265,6 +265,24 @@ def test_rescale_size_is_mmcv_keep_ratio_rule():
     assert min(ratios) < 0.7 and max(ratios) > 1.8
 
 
+def test_thin_images_keep_a_pixel_through_the_train_and_test_resize():
+    """A 1 × 500 px image (legal: check-seg finds nothing wrong) shrunk by the toy scale (256, 64) × a ratio
+    below 1 would round its height to 0 px; it keeps 1 px, and the crop and pad make the usual crop of it."""
+    assert rescale_size(1, 500, (int(256 * 0.6), int(64 * 0.6))) == (1, 153)
+    assert rescale_size(500, 1, (16, 16)) == (16, 1) and rescale_size(1, 1, (0, 0)) == (1, 1)
+    image = torch.arange(500, dtype=torch.uint8).expand(3, 1, 500).clone()
+    label = (torch.arange(500) >= 250).to(torch.uint8)[None]
+    train = seg_train_transform(scale=(256, 64), ratio_range=(0.5, 0.9), crop_size=64)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        out = train({"image": image, "label": label})
+        assert out["image"].shape == (3, 64, 64) and out["label"].shape == (64, 64)
+        assert set(out["label"][1:].unique().tolist()) == {255}  # padding
+        assert set(out["label"][0].unique().tolist()) <= {0, 1, 255}
+    tested = seg_test_transform(scale=(64, 16))({"image": image, "label": label})
+    assert tested["image"].shape == (3, 1, 64) and tested["label"].shape == (1, 500)
+
+
 def _pattern(height=96, width=128):
     """Asymmetric blocks: label = block id (0..15), gray image = 10 + 15 · label; 255 in one corner."""
     yy, xx = np.mgrid[0:height, 0:width]
@@ -570,6 +588,45 @@ def test_prepare_scut_remaps_cityscapes_ids(tmp_path):
     test = open_segmentation_dataset(out, "auto", "test")
     assert test.layout == "scut" and [s.name for s in test.samples] == ["set02_V001_I00002"]
     assert check_segmentation(out).ok
+
+
+def test_prepare_scut_names_images_of_one_name_by_their_sub_folder(tmp_path):
+    """images/a/x.jpg and images/b/x.jpg (sub-folders are allowed) are two images: both are written, as a_x and
+    b_x, each with its own label, however they are listed; names that would still collide are refused."""
+    raw, out = tmp_path / "raw", str(tmp_path / "out")
+    for sub, raw_id in (("a", 7), ("b", 24), ("c", 26)):
+        _save(f"{raw}/images/{sub}/x.jpg", np.full((16, 20), 9 * raw_id, np.uint8), quality=95)
+        _save(f"{raw}/gt/{sub}/x_labelIds.png", np.full((16, 20), raw_id, np.uint8))
+    _save(f"{raw}/images/y.jpg", np.zeros((16, 20), np.uint8))
+    _save(f"{raw}/gt/y_labelIds.png", np.zeros((16, 20), np.uint8))
+    (raw / "scut_train.txt").write_text("images/a/x.jpg gt/a/x_labelIds.png\nimages/b/x.jpg gt/b/x_labelIds.png\n"
+                                        "y.jpg\n")
+    (raw / "scut_val.txt").write_text("images/c/x.jpg\nimages/b/x.jpg gt/b/x_labelIds.png\n")  # c's label by name
+    result = prepare_dataset("scut", str(raw), out)
+    assert open(f"{out}/train.txt").read().split() == ["a_x", "b_x", "y"]
+    assert open(f"{out}/val.txt").read().split() == ["c_x", "b_x"]
+    assert result.converted == 4 and not result.skipped
+    for name, class_id in (("a_x", 1), ("b_x", 2), ("c_x", 4), ("y", 0)):  # road, person, car, background
+        assert set(np.unique(np.asarray(Image.open(f"{out}/labels/{name}.png")))) == {class_id}
+    assert open(f"{out}/images/b_x.jpg", "rb").read() == open(f"{raw}/images/b/x.jpg", "rb").read()
+    assert check_segmentation(out).ok
+    _save(f"{raw}/images/a_x.jpg", np.zeros((16, 20), np.uint8))  # a_x: taken by images/a/x.jpg
+    (raw / "scut_val.txt").write_text("a_x.jpg\n")
+    with pytest.raises(DataError, match="a_x.jpg.*'a_x'|'a_x'.*a_x.jpg"):
+        prepare_dataset("scut", str(raw), str(tmp_path / "out2"))
+    assert not os.path.exists(tmp_path / "out2")
+
+
+def test_prepare_removes_the_temporary_files_a_killed_run_left(tmp_path):
+    raw, out = _fake_mfnet_download(tmp_path / "raw"), tmp_path / "MFNet"
+    prepare_dataset("mfnet", raw, str(out))
+    left = [out / "labels" / ".a.png.tmp-30010", out / "thermal_imgs" / ".c.png.tmp-7", out / ".train.txt.tmp-7",
+            out / "..prepare-state.jsonl.tmp-7"]
+    foreign = [out / "labels" / ".notes.png.tmp-30010", out / "labels" / ".a.png.tmp-x"]  # not its names
+    for path in left + foreign:
+        path.write_bytes(b"half")
+    again = prepare_dataset("mfnet", raw, str(out))
+    assert again.reused == 3 and [p for p in left if p.exists()] == [] and all(p.exists() for p in foreign)
 
 
 # ------------------------------------------------------------------------------------- CLI

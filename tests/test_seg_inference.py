@@ -172,3 +172,17 @@ def test_sides_shorter_than_two_patches_are_padded():
         expected = F.interpolate(segmentor(padded), size=(32, 80), mode="bilinear", align_corners=False)[..., :12, :]
     assert torch.equal(whole_inference(segmentor, x), expected)
     assert slide_inference(segmentor, x, crop=64, stride=42).isfinite().all()
+
+
+def test_test_time_scales_never_shrink_an_image_to_nothing():
+    """A small scale factor (``--scales 0.001``), or a thin image at 0.25, would round a side to 0 px (a crash
+    in the resize): sides are kept at 1 px at least, and the window pads that to the model's minimum input."""
+    from unip.seg.inference import scaled_size
+
+    assert scaled_size(64, 64, 0.001) == (1, 1) and scaled_size(1, 500, 0.25) == (1, 125)
+    assert scaled_size(480, 640, 0.75) == (360, 480)  # mmcv's rounding otherwise
+    segmentor = _segmentor()
+    for x, scales in ((torch.randn(1, 3, 64, 64), (0.001, 1.0)), (torch.randn(1, 3, 1, 200), (0.25, 0.5))):
+        probabilities = predict_probabilities(segmentor, x, crop=64, stride=42, scales=scales, flip=True)
+        assert probabilities.shape == (1, 3, *x.shape[-2:]) and probabilities.isfinite().all()
+        torch.testing.assert_close(probabilities.sum(1), torch.ones(1, *x.shape[-2:]))

@@ -2,7 +2,8 @@
 
 A reader (or a resumed run after a kill) sees either the old file or the complete new one, never a
 half-written file. A writer killed mid-write leaves its temporary file (``.<name>.tmp-<pid>``) behind;
-``remove_temporaries`` deletes such leftovers when the next run starts.
+``remove_temporaries`` deletes such leftovers when the next run starts. ``replace_folder`` swaps a whole
+folder written beside its target (``.<name>.tmp-<pid>``) into place.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import functools
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator, List, Union
 
@@ -79,3 +81,16 @@ def remove_temporaries(folder: Union[str, os.PathLike], owns: Callable[[str], bo
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def replace_folder(staging: Union[str, os.PathLike], target: Union[str, os.PathLike]) -> Path:
+    """Put the folder ``staging`` (complete, written beside ``target``, e.g. at ``temporary_path(target)``) in
+    place of ``target``, whose previous content is removed as a whole. Two renames: a reader sees the old
+    folder or the new one (or, between the renames, none), never a mix. Returns ``target``."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.rename(target, old)
+    os.rename(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target

@@ -500,8 +500,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 def _run_finetune(args: argparse.Namespace) -> int:
     from unip.engine.config import dump_config
+    from unip.errors import ConfigError
     from unip.outputs import is_our_checkpoint, is_our_json
-    from unip.seg.results import METRICS_FILE
+    from unip.seg.results import METRICS_FILE, metrics_writer
     from unip.seg.train import DEFAULTS, SEGMENTOR_FILE, finetune, make_config
 
     values, origins = _option_values(args, _FINETUNE_OPTIONS)
@@ -512,9 +513,16 @@ def _run_finetune(args: argparse.Namespace) -> int:
         values["data.check"], origins["data.check"] = True, "--check-data"
     config = make_config(args.preset, tuple(args.overrides), values, origins=origins,
                          kind="linprobe" if probe else "finetune")
+    if probe and config["model"]["head"] != probe:
+        raise ConfigError(f"--{'probe' if args.probe else 'probe-layer'} trains a {probe} probe, but --set "
+                          f"model.head={config['model']['head']} asks for another head; drop one of them")
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    metrics = os.path.join(config["run"]["output"], METRICS_FILE)
+    if metrics_writer(metrics) == "evaluate":
+        raise ConfigError(f"{metrics}: holds the report of unip evaluate, which finetune would replace; choose "
+                          "another --out")
     _check_run_folder(config["run"]["output"], DEFAULTS, {SEGMENTOR_FILE: is_our_checkpoint,
                                                            METRICS_FILE: is_our_json(["format", "mIoU"])},
                       config["run"]["resume"])
@@ -522,9 +530,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
     if result.is_main:
         print(result.table)
         best = f"best val {result.best['metric']} {result.best['value']:.2f} at step {result.best['step']}; " \
-            if result.best else ""
+            if result.best else "no evaluation chose a best model; "
+        tested = "the best model" if result.best else "the final model"
         print(f"{config['model']['head'] == 'linear' and 'probing' or 'fine-tuning'} finished after {result.steps} "
-              f"steps; {best}final model: {result.segmentor}; test metrics of the best model: {result.metrics_file}")
+              f"steps; {best}final model: {result.segmentor}; test metrics of {tested}: {result.metrics_file}")
     return 0
 
 

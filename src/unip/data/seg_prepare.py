@@ -23,20 +23,24 @@ an earlier output of the same preparation.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from unip.atomic import atomic_path, atomic_write_text
+from unip.atomic import atomic_path, atomic_write_text, remove_temporaries
 from unip.data import layouts as L
 from unip.data.images import ImageReadError, check_suffix, decode, read_bytes, read_label
 from unip.data.parallel import thread_map
 from unip.data.segmentation import read_split_file
 from unip.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILE = "prepare-report.json"
 STATE_FILE = ".prepare-state.jsonl"
@@ -173,6 +177,27 @@ def _label_ids(path: str, image_size: Tuple[int, int]) -> np.ndarray:
     return label
 
 
+def _outputs(dataset: str, job: Job, out: str) -> List[str]:
+    """The files converting ``job`` writes: ``[image, label]`` under ``out`` (none for a job without image)."""
+    if job.image is None:
+        return []
+    if dataset == "mfnet":
+        return [os.path.join(out, L.MFNET_IMAGE_DIR, job.name + ".png"),
+                os.path.join(out, L.MFNET_LABEL_DIR, job.name + ".png")]
+    return [os.path.join(out, L.SCUT_IMAGE_DIR, job.name + os.path.splitext(job.image)[1].lower()),
+            os.path.join(out, L.SCUT_LABEL_DIR, job.name + ".png")]
+
+
+def _remove_temporaries(dataset: str, out: str, jobs: Sequence[Job], split_files: Sequence[str]) -> List[Path]:
+    """Delete the temporary files that a killed run left for the files this run writes (``unip.atomic``);
+    returns their paths."""
+    owned: Dict[str, set] = {out: {REPORT_FILE, STATE_FILE, *split_files}}
+    for job in jobs:
+        for path in _outputs(dataset, job, out):
+            owned.setdefault(os.path.dirname(path), set()).add(os.path.basename(path))
+    return [path for folder, names in owned.items() for path in remove_temporaries(folder, names.__contains__)]
+
+
 def _convert_mfnet(job: Job, out: str) -> Tuple[List[str], Dict[str, int]]:
     """Write the thermal channel and the checked label of one MFNet frame; returns (outputs, {})."""
     try:
@@ -188,8 +213,7 @@ def _convert_mfnet(job: Job, out: str) -> Tuple[List[str], Dict[str, int]]:
     if bad.any():
         raise Skip(job.label, "bad-label-value", f"values {sorted(set(label[bad].tolist()))[:8]} are not MFNet "
                                                  f"ids 0..{len(L.MFNET_CLASSES) - 1} or 255")
-    outputs = [os.path.join(out, L.MFNET_IMAGE_DIR, job.name + ".png"),
-               os.path.join(out, L.MFNET_LABEL_DIR, job.name + ".png")]
+    outputs = _outputs("mfnet", job, out)
     _save_png(thermal, outputs[0])
     _save_png(label, outputs[1])
     return outputs, {}
@@ -216,9 +240,7 @@ def _convert_scut(job: Job, out: str) -> Tuple[List[str], Dict[str, int]]:
     table = scut_lookup()
     ignored = {str(i): int(counts[i]) for i in np.nonzero(counts)[0]
                if table[i] == L.IGNORE_INDEX and i != L.IGNORE_INDEX}
-    suffix = os.path.splitext(job.image)[1].lower()
-    outputs = [os.path.join(out, L.SCUT_IMAGE_DIR, job.name + suffix),
-               os.path.join(out, L.SCUT_LABEL_DIR, job.name + ".png")]
+    outputs = _outputs("scut", job, out)
     with atomic_path(outputs[0]) as tmp:
         tmp.write_bytes(data)
     _save_png(table[raw], outputs[1])
@@ -276,8 +298,10 @@ def _label_key(name: str) -> Optional[str]:
 
 
 def _find(raw: str, token: Optional[str], roots: Sequence[str], index: Dict[str, List[str]], key: str,
-          ) -> Tuple[Optional[str], Optional[str]]:
-    """Return (path, None) for a listed file, or (None, why not) if it is missing or ambiguous."""
+          near: str = "") -> Tuple[Optional[str], Optional[str]]:
+    """Return (path, None) for a listed file, or (None, why not) if it is missing or ambiguous. Among several
+    files of the name, those under one of ``roots`` are preferred, then those in a folder ending in ``near``
+    (the image's sub-folder, e.g. ``set01``, for its label)."""
     if token:
         for root in roots:
             path = os.path.join(raw, root, token)
@@ -287,6 +311,8 @@ def _find(raw: str, token: Optional[str], roots: Sequence[str], index: Dict[str,
     if len(found) > 1:  # e.g. a visualisation of the same name beside the labels: prefer the expected folder
         preferred = [p for p in found for root in roots if root and p.startswith(os.path.join(raw, root, ""))]
         found = preferred or found
+    if len(found) > 1 and near:
+        found = [p for p in found if os.path.dirname(p).endswith(os.sep + near)] or found
     if len(found) == 1:
         return found[0], None
     if found:
@@ -294,8 +320,42 @@ def _find(raw: str, token: Optional[str], roots: Sequence[str], index: Dict[str,
     return None, "listed in a split file but not found"
 
 
+def _stem(token: str) -> str:
+    return os.path.splitext(os.path.basename(token))[0]
+
+
+def _sub_folder(raw: str, path: str) -> str:
+    """The folder of ``path`` relative to the download, without the leading ``images/`` (``images/a/x.jpg`` →
+    ``a``; empty for a file at the top)."""
+    parts = os.path.normpath(os.path.relpath(path, raw)).split(os.sep)[:-1]
+    return os.sep.join(parts[1:] if parts[:1] == [L.SCUT_IMAGE_DIR] else parts)
+
+
+def _unique_names(raw: str, images: Dict[str, Tuple[str, str]]) -> Dict[str, str]:
+    """Output names of the listed images (``{image: (file name stem, path found or as listed)}`` →
+    ``{image: name}``): the stem, or where several images share it (``images/a/x.jpg``, ``images/b/x.jpg``)
+    the stem prefixed by each one's sub-folder (``a_x``, ``b_x``). Raises ``DataError`` when two images would
+    still get one name."""
+    by_stem: Dict[str, List[str]] = {}
+    for image, (stem, _) in images.items():
+        by_stem.setdefault(stem, []).append(image)
+    names: Dict[str, str] = {}
+    owner: Dict[str, str] = {}
+    for image, (stem, path) in images.items():
+        sub = _sub_folder(raw, path) if len(by_stem[stem]) > 1 else ""
+        name = "_".join(sub.split(os.sep) + [stem]) if sub else stem
+        if name in owner:
+            raise DataError(f"{raw}: {os.path.relpath(images[owner[name]][1], raw)} and {os.path.relpath(path, raw)} "
+                            f"would both be written as '{name}'; rename one of them (and its label) in the download")
+        names[image], owner[name] = name, image
+    return names
+
+
 def _scut_jobs(raw: str, out: str) -> Tuple[Dict[str, List[str]], Dict[str, Job], List[str]]:
-    """Return ({output split file: names}, {name: job}, notes) for a SCUT-Seg download."""
+    """Return ({output split file: names}, {name: job}, notes) for a SCUT-Seg download.
+
+    An image is named by its file name; images of the same file name in different sub-folders are told apart
+    by their sub-folder (``_unique_names``)."""
     entries: Dict[str, List[Tuple[str, Optional[str]]]] = {}
     for split, raw_file in L.SCUT_RAW_SPLITS.items():
         path = os.path.join(raw, raw_file)
@@ -311,19 +371,27 @@ def _scut_jobs(raw: str, out: str) -> Tuple[Dict[str, List[str]], Dict[str, Job]
         entries[L.SCUT_SPLITS[split]] = [(p[0], p[1] if len(p) > 1 else None) for p in pairs]
     images = _index_files(raw, out, _image_key)
     labels = _index_files(raw, out, _label_key)
+    tokens = dict.fromkeys(token for pairs in entries.values() for token, _ in pairs)
+    found = {token: _find(raw, token, ("", L.SCUT_IMAGE_DIR), images, _stem(token)) for token in tokens}
+    # an image listed in two ways (by name, by path) is one image: it is known by the file found
+    image_of = {token: os.path.realpath(found[token][0]) if found[token][0] else
+                os.path.normpath(os.path.join(raw, token)) for token in tokens}
+    listed: Dict[str, Tuple[str, str]] = {}
+    for token in tokens:
+        listed.setdefault(image_of[token], (_stem(token), found[token][0] or image_of[token]))
+    names = _unique_names(raw, listed)
     lists: Dict[str, List[str]] = {}
     jobs: Dict[str, Job] = {}
     for split_file, pairs in entries.items():
-        lists[split_file] = []
-        for image_token, label_token in pairs:
-            name = os.path.splitext(os.path.basename(image_token))[0]
-            lists[split_file].append(name)
+        lists[split_file] = [names[image_of[token]] for token, _ in pairs]
+        for token, label_token in pairs:
+            name = names[image_of[token]]
             if name in jobs:
                 continue
-            image, why_image = _find(raw, image_token, ("", L.SCUT_IMAGE_DIR), images, name)
-            label, why_label = _find(raw, label_token, ("",), labels, name)
-            missing = ((os.path.join(raw, image_token), why_image) if image is None else
-                       (os.path.join(raw, label_token or name + L.SCUT_RAW_LABEL_SUFFIX), why_label)
+            (image, why_image), (stem, path) = found[token], listed[image_of[token]]
+            label, why_label = _find(raw, label_token, ("",), labels, stem, near=_sub_folder(raw, path))
+            missing = ((os.path.join(raw, token), why_image) if image is None else
+                       (os.path.join(raw, label_token or stem + L.SCUT_RAW_LABEL_SUFFIX), why_label)
                        if label is None else None)
             jobs[name] = Job(name, image, label, missing)  # type: ignore[arg-type]
     return lists, jobs, []
@@ -364,6 +432,9 @@ def prepare_dataset(dataset: str, raw: str, out: str, workers: Optional[int] = N
         raise DataError(f"{out}: the output folder must differ from the download folder")
     lists, jobs, notes = _mfnet_jobs(raw) if dataset == "mfnet" else _scut_jobs(raw, out)
     _claim_output(raw, out, dataset)
+    removed = _remove_temporaries(dataset, out, list(jobs.values()), list(lists))
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted run (e.g. %s)", len(removed), removed[0])
     state = _load_state(out)
     kept: Dict[str, dict] = {}
     skipped: List[Dict[str, str]] = []

@@ -50,10 +50,12 @@ def rescale_size(height: int, width: int, scale: Tuple[int, int]) -> Tuple[int, 
     """Return ``(new_height, new_width)`` of mmcv's ``imrescale`` to ``scale`` (aspect kept).
 
     The factor is ``min(max(scale) / long side, min(scale) / short side)``: the largest that keeps the
-    long side within ``max(scale)`` and the short side within ``min(scale)``; sides round half up.
+    long side within ``max(scale)`` and the short side within ``min(scale)``; sides round half up. A side
+    that would round to 0 (a very thin image, e.g. 1 × 500 px shrunk by 0.4) is kept at 1 px, where mmcv
+    would fail.
     """
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
 
 
 class KeepRatioResize(v2.Transform):

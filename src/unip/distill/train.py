@@ -7,8 +7,8 @@ saved student); the loop itself (process group, AdamW groups, warm-up + half-cos
 accumulation, checkpoints and exact resume, logs, progress) is ``unip.engine.trainer.Trainer``.
 
 Effective batch = ``optim.batch_size`` (per process) × ``optim.accum_iter`` × world size; with
-``optim.effective_batch`` set, ``accum_iter`` is derived from it. Peak lr = ``optim.blr`` × effective
-batch / 256 unless ``optim.lr`` is given.
+``optim.effective_batch`` set, ``accum_iter`` is derived from it (one given as well must agree). Peak lr =
+``optim.blr`` × effective batch / 256 unless ``optim.lr`` is given.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from unip.engine.config import Config, Rule, build_config, flag, integer, number
 from unip.engine.distributed import DistInfo, all_reduce_sum
 from unip.engine.logging import last_logged
 from unip.engine.loop import PRECISIONS, Precision
-from unip.engine.trainer import Task, TrainContext, batch_plan, train_task
+from unip.engine.trainer import Task, TrainContext, batch_plan, settle_accumulation, train_task
 from unip.errors import ConfigError
 from unip.fingerprint import listing_fingerprint, weights_fingerprint
 from unip.models import create_model, list_models, preset_config
@@ -52,7 +52,7 @@ DEFAULTS: Config = {
     "data": {"path": None, "input_size": 224, "scale": [0.2, 1.0], "mean": INFMIX_MEAN, "std": INFMIX_STD,
              "augment": True, "num_workers": 8},
     "optim": {"epochs": 100, "warmup_epochs": 5.0, "blr": 1.5e-4, "lr": None, "min_lr": 0.0,
-              "batch_size": 256, "accum_iter": 1, "effective_batch": None, "weight_decay": 0.05,
+              "batch_size": 256, "accum_iter": None, "effective_batch": None, "weight_decay": 0.05,
               "betas": [0.9, 0.95], "clip_grad": None},
     "loss": {"kind": "kl", "temperature": 1.0},
     # compile: auto = torch.compile on CUDA (measured faster there), eager on CPU
@@ -75,7 +75,7 @@ RULES: Dict[str, Rule] = {
     "data.std": number(gt=0, le=1), "data.augment": flag(), "data.num_workers": integer(0, 256),
     "optim.epochs": integer(1, 100_000), "optim.warmup_epochs": number(ge=0, le=100_000),
     "optim.blr": number(gt=0, le=1), "optim.lr": number(gt=0, le=1, null=True), "optim.min_lr": number(ge=0, lt=1),
-    "optim.batch_size": integer(1, 65_536), "optim.accum_iter": integer(1, 65_536),
+    "optim.batch_size": integer(1, 65_536), "optim.accum_iter": integer(1, 65_536, null=True),
     "optim.effective_batch": integer(1, 2**24, null=True), "optim.weight_decay": number(ge=0, le=1),
     "optim.betas": numbers(2, ge=0, lt=1), "optim.clip_grad": number(gt=0, null=True),
     "loss.kind": text(*LOSS_KINDS), "loss.temperature": number(gt=0, le=100),
@@ -94,7 +94,8 @@ def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
                 values: Optional[Dict[str, Any]] = None, origins: Optional[Dict[str, str]] = None) -> Config:
     """``DEFAULTS`` ← preset (name under ``configs/pretrain/`` or a YAML path) ← ``values`` ← ``overrides``,
     checked against ``RULES``; ``origins`` names where ``values`` came from (e.g. ``--epochs``)."""
-    return build_config(DEFAULTS, preset, overrides, kind="pretrain", values=values, rules=RULES, origins=origins)
+    return settle_accumulation(build_config(DEFAULTS, preset, overrides, kind="pretrain", values=values, rules=RULES,
+                                            origins=origins))
 
 
 @dataclass

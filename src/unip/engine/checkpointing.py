@@ -215,21 +215,37 @@ def find_resume_state(resume: Optional[str], folder: PathLike) -> Optional[Tuple
 def read_state(path: PathLike) -> Dict[str, Any]:
     """A state file's content (``weights_only`` unpickling: no code from the file runs); ``CheckpointError``
     when it cannot be read or is not a training state."""
+    ours = bool(STATE_PATTERN.match(Path(path).name))  # named as unip names its states: damaged, not foreign
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise CheckpointError(f"{path}: cannot read training state ({type(err).__name__}: {err}); "
-                              "delete it to resume from the previous one") from err
+        if not ours:
+            raise CheckpointError(f"{path}: not a unip training state (it does not load as one: "
+                                  f"{_load_failure(err)}); pass a step-*.pt file from a run's checkpoints/ folder, "
+                                  "or --resume auto") from err
+        raise CheckpointError(f"{path}: cannot read the training state ({_load_failure(err)}); delete it to "
+                              "resume from the previous one, or pass another step-*.pt file") from err
     missing = [key for key in ("model", "step", "epoch", "step_in_epoch", "rng") if not isinstance(state, dict)
                or key not in state]
     if missing:
-        raise CheckpointError(f"{path}: not a training state (no {', '.join(missing)}); pass a step-*.pt file "
+        raise CheckpointError(f"{path}: not a unip training state (no {', '.join(missing)}); pass a step-*.pt file "
                               "written by a unip training run")
     problem = _state_problem(state)
     if problem:
-        raise CheckpointError(f"{path}: damaged training state ({problem}); delete it to resume from the previous "
-                              "one, or pass another step-*.pt file")
+        fix = "delete it to resume from the previous one, or pass" if ours else "pass"
+        raise CheckpointError(f"{path}: damaged training state ({problem}); {fix} another step-*.pt file")
     return state
+
+
+def _load_failure(err: Exception) -> str:
+    """A short reason why ``torch.load`` failed: the weights-only unpickler's own complaint rather than
+    PyTorch's paragraph about ``weights_only`` (which suggests running code from the file)."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # its first sentence: what the file holds that a state may not
+        text = text.split(marker, 1)[1].strip().split(". ", 1)[0].split("\n", 1)[0]
+    text = " ".join(text.split()).rstrip(".")
+    return f"{type(err).__name__}: {text[:160]}" if text else type(err).__name__
 
 
 def _state_problem(state: Dict[str, Any]) -> Optional[str]:

@@ -130,13 +130,22 @@ def train_step(model: nn.Module, loss_fn: Callable[[object], LossOutput], micro_
     if not math.isfinite(value):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"the loss became {value} {where}; the run stopped and the last good "
-                                 "checkpoint is kept. Lower the lr, add --set optim.clip_grad=1.0, or "
-                                 "use fp32/bf16 instead of fp16, then resume")
+                                 f"checkpoint is kept. {divergence_advice(precision, clip_grad)}, then resume")
     scaler.unscale_(optimizer)
     grad_norm = nn.utils.clip_grad_norm_(_params(optimizer), clip_grad or float("inf"))
     scaler.step(optimizer)
     scaler.update()
     return StepResult(value, grad_norm.detach(), dict(zip(names, means[1:])))
+
+
+def divergence_advice(precision: Precision, clip_grad: Optional[float] = None) -> str:
+    """What may stop a run from diverging again, for the run's ``precision`` and gradient clipping: a lower
+    lr, clipping (tighter when set), and a wider precision (fp16 → bf16 / fp32, bf16 → fp32)."""
+    clip = f"a lower optim.clip_grad than {clip_grad:g}" if clip_grad else "--set optim.clip_grad=1.0"
+    wider = {"fp16": "--precision bf16 or fp32 instead of fp16", "bf16": "--precision fp32 instead of bf16"}
+    steps = ["lower the lr", clip] + ([wider[precision.name]] if precision.name in wider else [])
+    text = ", ".join(steps[:-1]) + " or " + steps[-1]
+    return text[0].upper() + text[1:]
 
 
 def _params(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:

@@ -113,7 +113,7 @@ OPTIM_DEFAULTS: Config = {
     "lr": None,                   # peak lr; when null: blr × effective batch / 256
     "blr": None,
     "batch_size": 8,              # per process and micro-batch
-    "accum_iter": 1,              # micro-batches per optimiser step
+    "accum_iter": None,           # micro-batches per optimiser step; null: derived from effective_batch, else 1
     "effective_batch": None,      # when set: accum_iter = effective_batch / (batch_size × processes)
     "weight_decay": 0.05,
     "betas": [0.9, 0.999],
@@ -140,9 +140,14 @@ def use_compile(setting: Any, device: torch.device) -> bool:
 
 
 def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
-    """``(accum_iter, effective_batch, peak_lr)`` from the optimiser settings and the world size."""
+    """``(accum_iter, effective_batch, peak_lr)`` from the optimiser settings and the world size.
+
+    With ``effective_batch`` set, the accumulation is derived from it; an ``accum_iter`` set as well must give
+    the same number (a ``ConfigError`` otherwise: one of the two would be ignored). Without it, ``accum_iter``
+    (``null``: 1) is used as given."""
     batch = int(optim["batch_size"])
-    accum = int(optim.get("accum_iter") or 1)
+    given = optim.get("accum_iter")
+    accum = int(given) if given is not None else 1
     wanted = optim.get("effective_batch")
     if wanted:
         per_step = batch * world_size
@@ -150,10 +155,11 @@ def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
             raise ConfigError(f"optim.effective_batch={wanted} is not a multiple of "
                               f"batch_size × processes = {batch} × {world_size}; change optim.batch_size")
         derived = wanted // per_step
-        if accum not in (1, derived):
-            raise ConfigError(f"optim.accum_iter={accum} contradicts optim.effective_batch={wanted} (which "
-                              f"gives {derived} on {world_size} process(es)); drop one of them "
-                              "(--set optim.effective_batch=null)")
+        if given is not None and accum != derived:
+            raise ConfigError(f"optim.accum_iter={accum} contradicts optim.effective_batch={wanted}, which gives "
+                              f"{derived} micro-batch(es) of {batch} on {world_size} process(es); drop "
+                              "optim.accum_iter (--set optim.accum_iter=null), or set optim.effective_batch=null to "
+                              "use it")
         accum = derived
     if batch < 1 or accum < 1:
         raise ConfigError(f"optim.batch_size ({batch}) and optim.accum_iter ({accum}) must be at least 1")
@@ -165,6 +171,30 @@ def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
     else:
         raise ConfigError("no learning rate: set optim.lr (or optim.blr, scaled by effective batch / 256)")
     return accum, effective, float(lr)
+
+
+def settle_accumulation(config: Config) -> Config:
+    """Give ``optim.accum_iter`` its value 1 where nothing else decides it (``optim.effective_batch`` and
+    ``optim.accum_iter`` both null), so that a resolved config states the accumulation it runs with; with
+    ``effective_batch`` set, a null ``accum_iter`` stays null (derived per process count by ``batch_plan``).
+    Returns ``config`` (changed in place)."""
+    optim = config.get("optim", {})
+    if optim.get("effective_batch") is None and "accum_iter" in optim and optim["accum_iter"] is None:
+        optim["accum_iter"] = 1
+    return config
+
+
+def _too_few_samples_fix(samples: int, optim: Config, world_size: int) -> str:
+    """The settings that make one optimiser step fit into ``samples`` training samples (for an error message)."""
+    per_step = int(optim["batch_size"]) * world_size
+    if not optim.get("effective_batch"):
+        return "lower optim.batch_size or optim.accum_iter"
+    if samples >= per_step:  # the derived accumulation is what is too large
+        return (f"lower optim.effective_batch to at most {samples // per_step * per_step} (a multiple of "
+                f"batch_size × processes = {per_step}), or set it to null to use optim.batch_size × "
+                "optim.accum_iter")
+    return (f"lower optim.batch_size to at most {max(samples // world_size, 1)} and optim.effective_batch with "
+            "it (or set optim.effective_batch=null)")
 
 
 @dataclass(frozen=True)
@@ -385,8 +415,8 @@ class Trainer:
         steps_per_epoch = batches_per_epoch(samples, int(optim["batch_size"]), world) // accum
         if steps_per_epoch < 1:
             raise ConfigError(f"{self.task.data_source(self.ctx)}: {samples} samples are fewer than one step of "
-                              f"{effective} (batch × accumulation × processes); lower optim.batch_size or "
-                              "optim.accum_iter")
+                              f"{effective} (batch {optim['batch_size']} × accumulation {accum} × processes "
+                              f"{world}); {_too_few_samples_fix(samples, optim, world)}")
         epochs, iterations = optim["epochs"], optim["iterations"]
         if epochs is not None:
             total, warmup = int(epochs) * steps_per_epoch, round(float(optim["warmup_epochs"]) * steps_per_epoch)
@@ -689,4 +719,4 @@ def train_task(task: Task, config: Config) -> FitResult:
 
 
 __all__ = ["DEBUG_DEFAULTS", "FitResult", "OPTIM_DEFAULTS", "RUN_DEFAULTS", "StepPlan", "Task", "TrainContext",
-           "Trainer", "batch_plan", "run_settings", "train_task"]
+           "Trainer", "batch_plan", "run_settings", "settle_accumulation", "train_task"]

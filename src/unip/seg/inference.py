@@ -45,6 +45,13 @@ def fit_size(height: int, width: int, scale: Tuple[int, int] = SEG_SCALE) -> Tup
     return rescale_size(height, width, scale)
 
 
+def scaled_size(height: int, width: int, factor: float) -> Tuple[int, int]:
+    """``(h, w)`` of an image scaled by ``factor`` for test-time augmentation: sides rounded half up (mmcv's
+    ``rescale``), at least 1 px (a small factor on a thin image would otherwise leave nothing; the window
+    then pads it to the model's minimum input)."""
+    return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
+
+
 def window_spans(size: int, crop: int, stride: int) -> List[Tuple[int, int]]:
     """``(start, end)`` of the windows along one side of ``size`` pixels (mmseg's placement rule)."""
     if crop < 1 or stride < 1 or stride > crop:
@@ -114,8 +121,7 @@ def predict_probabilities(segmentor: nn.Module, x: Tensor, mode: str = "slide", 
     total: Optional[Tensor] = None
     runs = 0
     for scale in scales:
-        scaled = x if scale == 1.0 else resize_bilinear(
-            x, (int(x.shape[-2] * scale + 0.5), int(x.shape[-1] * scale + 0.5)))
+        scaled = x if scale == 1.0 else resize_bilinear(x, scaled_size(x.shape[-2], x.shape[-1], scale))
         for mirrored in ((False, True) if flip else (False,)):
             image = scaled.flip(-1) if mirrored else scaled
             if mode == "slide":

@@ -8,7 +8,10 @@ its share under torchrun, one all-reduce) and, on rank 0, writes into ``out``:
 * ``metrics.json`` (``unip.seg.results``: mIoU / mAcc / aAcc, per-class IoU / Acc with class names, the
   confusion matrix, what was evaluated and how);
 * ``confusion.png``: the confusion matrix normalised per row;
-* ``overlays/NNNNN_<name>.png``: prediction and ground truth over the first images of the split, with a legend.
+* ``overlays/NNNNN_<name>.png``: prediction and ground truth over the first images of the split, with a legend
+  (the folder is replaced as a whole: it holds this evaluation's figures only).
+
+``out`` may be new or an earlier evaluation's output; a training run's folder is refused (``check_outputs``).
 
 The class names are the data set's (its layout's list, or ``classes.yaml``): the ids in its label files are
 what the metrics count. A checkpoint whose class count differs from the data set's is refused.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -26,23 +30,27 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from unip.atomic import replace_folder, temporary_path
 from unip.data.seg_check import check_segmentation
 from unip.data.seg_transforms import seg_test_transform
 from unip.data.segmentation import SegmentationDataset, open_segmentation_dataset
 from unip.engine.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from unip.engine.logging import LOG_FILE
 from unip.engine.loop import Precision, resolve_precision
-from unip.errors import CheckpointError, DataError
-from unip.outputs import claim, claim_folder, is_our_json, is_our_png, out_folder
+from unip.errors import CheckpointError, ConfigError, DataError
+from unip.outputs import claim, claim_folder, foreign_names, is_our_png, out_folder
 from unip.seg.checkpoint import load_segmentor
 from unip.seg.evaluation import EvalResult, EvalSettings, evaluate_split, predict_labels
 from unip.seg.predict import InferencePipeline
-from unip.seg.results import METRICS_FILE, describe_model, metrics_document, metrics_table, write_metrics
+from unip.seg.results import (METRICS_FILE, describe_model, metrics_document, metrics_table, metrics_writer,
+                              write_metrics)
 
 logger = logging.getLogger(__name__)
 
 CONFUSION_FILE = "confusion.png"
 OVERLAY_DIR = "overlays"
 _OVERLAY_NAME = re.compile(r"^\d{5}_[A-Za-z0-9._-]*\.png$")
+_STALE_OVERLAYS = re.compile(rf"^\.{OVERLAY_DIR}\.(tmp|old)-\d+$")
 
 
 @dataclass
@@ -130,10 +138,18 @@ def write_overlays(segmentor: nn.Module, dataset: SegmentationDataset, count: in
 
 
 def check_outputs(out: str) -> None:
-    """``ConfigError`` before any work when ``out`` cannot take the report or holds files of the same names
-    that unip did not write."""
+    """``ConfigError`` before any work when ``out`` cannot take the report: a file, a training run's folder
+    (a ``unip finetune`` metrics.json, or a run's log), or files of the report's names that an earlier
+    ``unip evaluate`` did not write."""
     out_folder(out, "--out")
-    claim([os.path.join(out, METRICS_FILE)], is_our_json(["format", "mIoU"]), "--out")
+    metrics, log, inside = os.path.join(out, METRICS_FILE), os.path.join(out, LOG_FILE), os.path.join(out, "eval")
+    if metrics_writer(metrics) == "finetune":
+        raise ConfigError(f"{metrics}: holds the test metrics of a unip finetune run, which evaluate would replace; "
+                          f"choose another --out, e.g. {inside}")
+    if os.path.lexists(log):
+        raise ConfigError(f"--out {out}: is a training run's folder ({log}); evaluate would mix its report with the "
+                          f"run's files: choose another --out, e.g. {inside}")
+    claim([metrics], lambda path: metrics_writer(path) == "evaluate", "--out")
     claim([os.path.join(out, CONFUSION_FILE)], is_our_png, "--out")
     claim_folder(os.path.join(out, OVERLAY_DIR), _OVERLAY_NAME, "--out")
 
@@ -141,15 +157,38 @@ def check_outputs(out: str) -> None:
 def write_report(out: Path, document: Dict[str, Any], result: EvalResult, segmentor: nn.Module,
                  dataset: SegmentationDataset, settings: EvalSettings, device: torch.device,
                  precision: Precision, overlays: int) -> List[Path]:
-    """``metrics.json``, ``confusion.png`` and the overlays into ``out`` (rank 0); returns the paths."""
+    """``metrics.json``, ``confusion.png`` and the overlays into ``out`` (rank 0); returns the paths.
+
+    The overlays are written into a folder beside ``overlays/`` that then replaces it as a whole
+    (``unip.atomic.replace_folder``): ``overlays/`` shows this evaluation's images only, and none with
+    ``overlays=0``."""
     from unip.seg.figures import save_confusion
 
     out.mkdir(parents=True, exist_ok=True)
     files = [write_metrics(out / METRICS_FILE, document)]
     title = f"{dataset.layout} {dataset.split} ({result.images} images): mIoU {result.metrics['mIoU']:.2f}"
     files.append(Path(save_confusion(result.confusion, dataset.classes, str(out / CONFUSION_FILE), title)))
-    files += write_overlays(segmentor, dataset, overlays, out / OVERLAY_DIR, settings, device, precision)
-    return files
+    _remove_stale_overlay_folders(out)
+    staging = temporary_path(out / OVERLAY_DIR)
+    try:
+        written = write_overlays(segmentor, dataset, overlays, staging, settings, device, precision)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if written:
+        replace_folder(staging, out / OVERLAY_DIR)
+    elif (out / OVERLAY_DIR).is_dir():  # checked by ``check_outputs``: only an earlier evaluation's overlays
+        shutil.rmtree(out / OVERLAY_DIR)
+    return files + [out / OVERLAY_DIR / path.name for path in written]
+
+
+def _remove_stale_overlay_folders(out: Path) -> None:
+    """Delete overlay folders that a killed evaluation left beside ``overlays/`` (``.overlays.tmp-<pid>``,
+    ``.overlays.old-<pid>``) when they hold nothing but overlay figures."""
+    for entry in out.iterdir():
+        if _STALE_OVERLAYS.match(entry.name) and entry.is_dir() and not entry.is_symlink() \
+                and not foreign_names(str(entry), _OVERLAY_NAME):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ the verb

@@ -104,6 +104,19 @@ def read_metrics(path: Union[str, Path]) -> Dict[str, Any]:
         return json.load(handle)
 
 
+def metrics_writer(path: Union[str, Path]) -> Optional[str]:
+    """Which verb wrote the ``metrics.json`` at ``path``: ``"finetune"`` (its document has ``best``, ``null``
+    when no evaluation chose a best model), ``"evaluate"``, or ``None`` for a file of another format or an
+    unreadable one."""
+    try:
+        document = read_metrics(path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or document.get("format") != METRICS_FORMAT:
+        return None
+    return "finetune" if "best" in document else "evaluate"
+
+
 def _cell(value: Optional[float]) -> str:
     return f"{value:7.2f}" if value is not None else "      -"
 
@@ -124,4 +137,4 @@ def metrics_table(document: Mapping[str, Any]) -> str:
 
 
 __all__ = ["METRICS_FILE", "METRICS_FORMAT", "METRICS_VERSION", "describe_model", "metrics_document",
-           "metrics_table", "read_metrics", "write_metrics"]
+           "metrics_table", "metrics_writer", "read_metrics", "write_metrics"]

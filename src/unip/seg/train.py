@@ -35,7 +35,7 @@ from unip.engine.config import Config, Rule, build_config, flag, integer, number
 from unip.engine.distributed import cleanup, init_distributed, unwrap_model
 from unip.engine.loop import PRECISIONS
 from unip.engine.schedule import SCHEDULES
-from unip.engine.trainer import Task, TrainContext, Trainer, run_settings
+from unip.engine.trainer import Task, TrainContext, Trainer, run_settings, settle_accumulation
 from unip.errors import ConfigError, DataError
 from unip.fingerprint import listing_fingerprint, weights_fingerprint
 from unip.models import list_models
@@ -88,7 +88,7 @@ DEFAULTS: Config = {
              "batch_windows": True},    # the windows of a batch in one forward (false: one at a time, as the release)
     "optim": {"epochs": None, "warmup_epochs": 0.0, "iterations": 14400, "warmup_iterations": 1500,
               "schedule": "poly", "power": 1.0, "warmup_start_factor": 1e-6, "min_lr": 0.0, "lr": 1e-4,
-              "batch_size": 4, "accum_iter": 1, "effective_batch": 8, "weight_decay": 0.05,
+              "batch_size": 4, "accum_iter": None, "effective_batch": 8, "weight_decay": 0.05,
               "betas": [0.9, 0.999], "clip_grad": None},
     "run": {"output": "runs/finetune", "seed": 0, "device": "auto", "precision": "fp16", "compile": "auto",
             "save_every_epochs": 0, "save_every_steps": 800, "keep_checkpoints": 2, "log_every": 50,
@@ -114,7 +114,8 @@ RULES: Dict[str, Rule] = {
     "optim.iterations": integer(1, 100_000_000, null=True), "optim.warmup_iterations": integer(0, 100_000_000),
     "optim.schedule": text(*SCHEDULES), "optim.power": number(gt=0, le=100),
     "optim.warmup_start_factor": number(ge=0, le=1), "optim.min_lr": number(ge=0, lt=1),
-    "optim.lr": number(gt=0, le=1), "optim.batch_size": integer(1, 65_536), "optim.accum_iter": integer(1, 65_536),
+    "optim.lr": number(gt=0, le=1), "optim.batch_size": integer(1, 65_536),
+    "optim.accum_iter": integer(1, 65_536, null=True),
     "optim.effective_batch": integer(1, 2**24, null=True), "optim.weight_decay": number(ge=0, le=1),
     "optim.betas": numbers(2, ge=0, lt=1), "optim.clip_grad": number(gt=0, null=True),
     "run.output": text(), "run.seed": integer(0, 2**63 - 1), "run.device": text(), "run.precision": text(*PRECISIONS),
@@ -134,6 +135,7 @@ def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
     YAML path) ← ``values`` ← ``overrides``, checked against ``RULES`` and for consistency."""
     config = build_config(DEFAULTS, preset, overrides, kind=kind, values=values, rules=RULES, origins=origins)
     check_consistency(config)
+    settle_accumulation(config)
     return config
 
 
@@ -369,8 +371,9 @@ def finetune(config: Config) -> FinetuneResult:
         metrics_path = trainer.output / METRICS_FILE
         if dist.is_main:
             write_metrics(metrics_path, document)
-            logger.info("test split of the best model (step %s): mIoU %.2f; wrote %s", document["step"],
-                        document["mIoU"] if document["mIoU"] is not None else float("nan"), metrics_path)
+            logger.info("test split of the %s model (step %s): mIoU %.2f; wrote %s", "best" if fit.best else "final",
+                        document["step"], document["mIoU"] if document["mIoU"] is not None else float("nan"),
+                        metrics_path)
         return FinetuneResult(fit.model_path, metrics_path, document, metrics_table(document), fit.steps, fit.best,
                               dist.is_main)
     finally:
