@@ -105,6 +105,10 @@ def test_no_images_is_exit_2_with_one_line(vit_s, tmp_path, capsys):
     assert code == 2 and "no images found" in _one_error_line(err)
     code, _, err = run_cli(capsys, "--model", vit_s, "--images", str(tmp_path / "missing"))
     assert code == 2 and "does not exist" in _one_error_line(err)
+    (empty / "frame.png").write_bytes(b"")
+    code, _, err = run_cli(capsys, "--model", vit_s, "--images", str(empty / "frame.png"))
+    assert code == 2 and f"is a file, not a folder of images; pass the folder that holds it (--images {empty})" \
+        in _one_error_line(err)
 
 
 def test_unreadable_images_only_is_exit_2(vit_s, tmp_path, capsys):

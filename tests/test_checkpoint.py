@@ -245,3 +245,63 @@ def test_timm_source_offline_says_how_to_pass_a_file():
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert "timm:vit_tiny_patch16_224@" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_non_finite_weights_are_refused_naming_file_and_tensors(tmp_path, capsys):
+    model = _tiny()
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.weight[0, 0] = float("nan")
+        model.norm.weight[3] = float("inf")
+    path = save_checkpoint(model, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match=r"nan\.safetensors: blocks\.1\.attn\.qkv\.weight, norm\.weight hold NaN"):
+        load_model(path)  # what analyze, pretrain --teacher and finetune --pretrained read through
+    with pytest.raises(CheckpointError, match="norm.weight"):
+        load_weights(_fresh(), model.state_dict())
+    assert main(["info", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "2 not finite (blocks.1.attn.qkv.weight, norm.weight)" in out
+    assert err.strip().splitlines() == [f"unip info: error: {tmp_path / 'nan.safetensors'}: blocks.1.attn.qkv.weight, "
+                                        "norm.weight hold NaN or infinite values (2 tensor(s)); the file is damaged "
+                                        "or was saved after training diverged: use an earlier checkpoint of that run"]
+
+
+def _refusal(source):
+    with pytest.raises(CheckpointError) as refused:
+        load_model(source)
+    return str(refused.value)
+
+
+def test_info_prints_its_report_and_exits_2_where_other_verbs_refuse(tmp_path, capsys):
+    """A missing block, a mis-shaped weight, a file that holds another model: ``info`` reports, then exits 2 with
+    the line every other verb gives."""
+    deep = create_model("vit_tiny_patch16", depth=3, img_size=64).state_dict()
+    torch.save({k: v for k, v in deep.items() if not k.startswith("blocks.1.")}, tmp_path / "gap.pth")
+    shaped = dict(deep, **{"blocks.0.mlp.fc1.bias": torch.zeros(10)})
+    save_file(shaped, str(tmp_path / "shape.safetensors"))
+    torch.save(torch.nn.Conv2d(3, 8, 3).state_dict(), tmp_path / "cnn.pth")
+    for source in (tmp_path / "gap.pth", tmp_path / "shape.safetensors",
+                   f"timm:vit_tiny_patch16_224@{tmp_path / 'cnn.pth'}"):
+        refusal = _refusal(source)
+        assert main(["info", str(source)]) == 2, source
+        out, err = capsys.readouterr()
+        assert "weights:" in out and ("missing" in out or "mismatched" in out)
+        assert err.strip().splitlines() == [f"unip info: error: {refusal}"]
+    assert main(["info", str(tmp_path / "gap.pth")]) == 2 and "missing blocks.1." in capsys.readouterr().err
+
+
+def test_file_errors_name_what_the_file_holds(tmp_path, capsys):
+    model = _tiny()
+    save_checkpoint(model, tmp_path / "m.safetensors").rename(tmp_path / "named.pth")  # read by its content
+    assert _same_outputs(load_model(tmp_path / "named.pth"), model)
+    narrow = create_model("vit_tiny_patch16", depth=2, embed_dim=96, num_heads=3, img_size=64)
+    torch.save({"model": narrow.state_dict()}, tmp_path / "narrow.pth")
+    refusal = _refusal(f"timm:vit_tiny_patch16_224@{tmp_path / 'narrow.pth'}")
+    assert "pos_embed (1, 17, 96) vs (1, 197, 192)" in refusal  # the file's shape, not timm's resampled one
+    args = argparse.Namespace(model="unip_vit_small_patch16", last_heads=16)
+    torch.save({"model": model.state_dict(), "args": args}, tmp_path / "release.pth")
+    assert main(["info", str(tmp_path / "release.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "holds only 0" in err
+    assert "shape mismatch patch_embed.proj.weight (192, 3, 16, 16) vs (384, 3, 16, 16)" in err
+    assert main(["info", ""]) == 2
+    assert "empty checkpoint path" in capsys.readouterr().err

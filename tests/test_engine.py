@@ -1,6 +1,7 @@
 """unip.engine: config overrides, lr schedules, optimiser groups, training-state round trips, data order,
 the train step (accumulation and the non-finite stop)."""
 
+import logging
 import math
 import random
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from unip.engine import checkpointing
-from unip.engine.config import build_config, parse_override
+from unip.engine.config import build_config, load_yaml, parse_override
 from unip.data.sharding import RankSampler
 from unip.engine.data import SeededDataset, build_loader, set_loader_epoch
 from unip.engine.loop import NonFiniteLossError, resolve_precision, train_step
@@ -52,6 +53,35 @@ def test_unknown_key_in_a_preset_names_the_file(tmp_path):
         build_config(DEFAULTS, str(preset))
     with pytest.raises(ConfigError, match="unknown pretrain preset"):
         build_config(DEFAULTS, "no-such-preset")
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    """Plain YAML keeps the last of two equal keys silently; every YAML file unip reads refuses them."""
+    from unip.sweep.spec import read_sweep
+
+    preset = tmp_path / "twice.yaml"
+    preset.write_text("optim:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: key 'lr' is given twice in one mapping \(lines 2 and 4\)"):
+        build_config(DEFAULTS, str(preset))
+    preset.write_text("optim:\n  lr: 0.1\nteacher:\n  layer: 3\noptim:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'optim' is given twice.*lines 1 and 5"):
+        build_config(DEFAULTS, str(preset))
+    with pytest.raises(ConfigError, match="given twice"):
+        build_config(DEFAULTS, None, ["optim={lr: 1, lr: 2}"])
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: s\nseeds: [0]\nseeds: [1]\n")
+    with pytest.raises(ConfigError, match=r"sweep\.yaml: key 'seeds' is given twice"):
+        read_sweep(str(sweep))
+    preset.write_text("base: &b {lr: 0.1, epochs: 3}\noptim:\n  <<: *b\n  lr: 0.2\n")  # a merge is no duplicate
+    assert load_yaml(preset.read_text())["optim"] == {"lr": 0.2, "epochs": 3}
+
+
+def test_a_folder_or_a_missing_file_as_preset_says_which(tmp_path):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ConfigError, match=r"runs: is a folder, not a config file.*demo.*toy"):
+        build_config(DEFAULTS, str(tmp_path / "runs"))
+    with pytest.raises(ConfigError, match="config file does not exist"):
+        build_config(DEFAULTS, str(tmp_path / "absent.yaml"))
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -230,6 +260,18 @@ def test_non_finite_loss_stops_before_the_update():
     assert resolve_precision("bf16", torch.device("cpu")).dtype is torch.bfloat16  # asked for: CPU bf16 autocast
     assert resolve_precision("auto", torch.device("cpu")).dtype is None
     assert resolve_precision("fp16", torch.device("cpu")).dtype is None
+
+
+def test_fp16_on_a_cpu_runs_fp32_and_says_so(caplog):
+    """Every verb resolves its precision in ``resolve_precision``: fp16 asked for on a CPU is not silently fp32."""
+    with caplog.at_level(logging.WARNING, logger="unip"):
+        assert resolve_precision("fp16", torch.device("cpu")).dtype is None
+    assert "precision fp16 is not used on cpu: it computes in fp32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unip"):
+        resolve_precision("auto", torch.device("cpu"))
+        resolve_precision("fp32", torch.device("cpu"))
+    assert not caplog.records
     with pytest.raises(ConfigError):
         resolve_precision("fp8", torch.device("cpu"))
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from unip import cli
 from unip.checkpoint import save_checkpoint
 from unip.data.synth import write_soda
+from unip.engine import checkpointing
 from unip.engine.config import PRESET_ROOTS, flatten
 from unip.engine.distributed import init_distributed
 from unip.engine.trainer import Trainer
@@ -97,6 +98,23 @@ def test_short_fine_tune_raises_miou_well_above_its_start(assets, trained, one_t
     assert [r["step"] for r in evals] == [20, 40, 60] and len(evals[0]["IoU"]) == 21
     assert max(r["mIoU"] for r in evals) == pytest.approx(best["value"])
     assert (trained / "tb").is_dir()
+
+
+def test_a_training_state_reads_as_the_segmentor_it_trains(trained, capsys):
+    """``checkpoints/step-*.pt`` carries its run's segmentor header: ``load_segmentor`` rebuilds the segmentor and
+    ``load_model`` its backbone (``unip analyze``, ``--teacher``, ``--pretrained``) as from segmentor.safetensors."""
+    from unip.checkpoint import open_model
+
+    state = checkpointing.find_latest(trained / "checkpoints")
+    assert state.name == "step-00000060.pt"
+    final, resumed = load_segmentor(trained / "segmentor.safetensors"), load_segmentor(state)
+    assert resumed.config == final.config and resumed.meta["training_state"]["step"] == 60
+    ours, theirs = resumed.state_dict(), final.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    backbone = open_model(state)
+    assert "backbone of a segmentor" in backbone.architecture_from
+    assert backbone.model.config == final.backbone.config
+    assert cli.main(["info", str(state)]) == 0 and "classes:       21" in capsys.readouterr().out
 
 
 def test_metrics_json_equals_what_evaluate_reports(assets, trained, tmp_path, one_thread, capsys):

@@ -3,6 +3,7 @@ exact resume after SIGKILL, the stop on a non-finite loss, the CLI surface."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -346,3 +347,77 @@ def test_two_process_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run
     ref = _weights(tmp_path / "full" / "student.safetensors")
     res = _weights(tmp_path / "resumed" / "student.safetensors")
     assert all(torch.equal(ref[k], res[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], res[k])]
+
+
+def test_a_training_state_reads_as_the_student_it_trains(assets, tmp_path, capsys):
+    """``step-*.pt`` is read with its run's architecture (heads per block, sin-cos table: the header the run's model
+    file has), not guessed from the weight shapes: ``info``, ``analyze`` and ``--teacher`` see the student itself.
+    A state written before states carried that header is rebuilt from its settings and step plan."""
+    from unip.checkpoint import load_model
+    from unip.errors import CheckpointError
+
+    out = tmp_path / "run"
+    assert cli.main(_args(assets, out, "--teacher-layer", "2", "--epochs", "1")) == 0
+    state_path = checkpointing.find_latest(out / "checkpoints")
+    student = open_model(out / "student.safetensors").model
+    loaded = open_model(state_path)
+    assert loaded.model.heads_per_block == student.heads_per_block == [2, TEACHER_HEADS]
+    assert loaded.model.config == student.config and loaded.meta["training_state"]["step"] == 4
+    assert loaded.meta["teacher_layer"] == 2 and "training state at step 4" in loaded.architecture_from
+    ours, theirs = loaded.model.state_dict(), student.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert load_teacher(str(state_path), 2, img_size=64).num_heads == TEACHER_HEADS
+
+    assert cli.main(["info", str(state_path)]) == 0
+    assert f"heads 2 (last block: {TEACHER_HEADS})" in capsys.readouterr().out
+
+    state = torch.load(state_path, weights_only=True)
+    del state["extra"][checkpointing.MODEL_HEADER_KEY]  # as written before states carried it
+    torch.save(state, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
+    assert old.heads_per_block == [2, TEACHER_HEADS] and old.config == dict(student.config, drop_path_rate=0.0)
+    assert all(torch.equal(old.state_dict()[k], theirs[k]) for k in theirs)
+
+    state["extra"] = {"config": {"model": {"backbone": "unip_vit_small_patch16"}}}  # an old fine-tuning state
+    torch.save(state, tmp_path / "seg.pt")
+    with pytest.raises(CheckpointError, match="seg.pt.*step 4.*segmentor.safetensors"):
+        load_model(tmp_path / "seg.pt")
+
+
+def test_resuming_with_layer_auto_takes_the_runs_layer_without_profiling(assets, tmp_path, monkeypatch):
+    """``--teacher-layer auto`` on a resume reuses the layer the run chose (its log.jsonl) instead of profiling the
+    teacher again, so a changed setting is refused before any profiling, and the choice cannot change."""
+    import unip.distill.train as distill_train
+    from unip.engine.logging import read_records
+
+    values = {"teacher.source": str(assets / "teacher.safetensors"), "teacher.layer": "auto",
+              "data.path": str(assets / "images"), "run.output": str(tmp_path / "run"), "run.progress": False,
+              "student.depth": 2, "student.embed_dim": 64, "student.num_heads": 2, "optim.epochs": 1}
+    train(make_config("toy", values=values))
+    chosen = [r["teacher_layer"] for r in read_records(tmp_path / "run" / "log.jsonl") if "teacher_layer" in r]
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("the teacher was profiled again on a resume")
+
+    monkeypatch.setattr(distill_train, "auto_layer", no_profiling)
+    train(make_config("toy", values={**values, "run.resume": "auto"}))
+    records = read_records(tmp_path / "run" / "log.jsonl")
+    resumed = [r for r in records if "from" in r]
+    assert len(chosen) == 1 and resumed[-1]["teacher_layer"] == chosen[0]
+    assert "not profiled again" in resumed[-1]["teacher_layer_reason"]
+    with pytest.raises(Exception, match="other settings.*optim.batch_size"):
+        train(make_config("toy", values={**values, "run.resume": "auto", "optim.batch_size": 4}))
+
+
+def test_pretrain_input_errors_say_what_to_pass(assets, tmp_path, capsys):
+    image = next((assets / "images").rglob("*.png"), None) or next((assets / "images").rglob("*.jpg"))
+    assert cli.main(_args(assets, tmp_path / "a", "--teacher-layer", "2", "--data", str(image))) == 2
+    err = capsys.readouterr().err
+    assert "an image file, not a data set" in err and f"--data {image.parent}" in err
+    (tmp_path / "folder").mkdir()
+    assert cli.main(["pretrain", str(tmp_path / "folder")]) == 2
+    assert "is a folder, not a config file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--help"])
+    listed = re.sub(r"-\s+", "-", " ".join(capsys.readouterr().out.split()))  # argparse wraps after hyphens
+    assert all(name in listed for name in ("demo", "toy", "mae-l_unip-s", "dino-b_unip-s"))

@@ -90,14 +90,15 @@ def ref_fcn(sd, maps, p="auxiliary_head."):
 # ----------------------------------------------------------------------------------------------- release file
 def release_state_dict(width, depth, classes, grid, channels=None, aux_channels=256, seed=0, empty=False):
     """A state dict with exactly the keys and shapes of the release's fine-tuned LL-FPN + UperNet + FCN
-    checkpoint (random values; ``empty`` leaves them uninitialised, for shape-only tests)."""
+    checkpoint (random values; ``empty`` gives zeros, for shape-only tests: uninitialised memory may hold NaN, which
+    loading refuses)."""
     gen = torch.Generator().manual_seed(seed)
     channels = channels or width
     sd = {}
 
     def put(key, *shape, std=None, positive=False, around_one=False):
         if empty:
-            sd[key] = torch.empty(shape)
+            sd[key] = torch.zeros(shape)
             return
         value = torch.randn(shape, generator=gen)
         if std is None:

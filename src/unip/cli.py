@@ -30,7 +30,7 @@ from functools import partial
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 from unip import __version__
-from unip.engine.config import integer, number
+from unip.engine.config import integer, list_presets, number
 from unip.errors import UnipError
 from unip.text import one_line
 
@@ -54,16 +54,22 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------- info
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a checkpoint's architecture and load report",
-                       description="Read a checkpoint (any supported format, or timm:<name>[@weights]) "
-                                   "without running code from it, rebuild its model and print a summary.")
+                       description="Read a checkpoint (any supported format, a training state step-*.pt, or "
+                                   "timm:<name>[@weights]) without running code from it, rebuild its model and "
+                                   "print a summary. Exit code 2 (after the summary) when the other verbs refuse "
+                                   "it: missing, mis-shaped or non-finite weights.")
     p.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.bin/.safetensors) or timm:<name>[@file]")
     p.set_defaults(func=_run_info)
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from unip.checkpoint import describe_checkpoint
+    from unip.checkpoint import inspect_checkpoint
+    from unip.errors import CheckpointError
 
-    print(describe_checkpoint(args.checkpoint))
+    summary, problem = inspect_checkpoint(args.checkpoint)
+    print(summary)
+    if problem:  # the report is printed; the exit code says that the other verbs refuse the file
+        raise CheckpointError(problem)
     return 0
 
 
@@ -358,8 +364,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                                    "block of a UNIP student. Settings come from a preset (configs/pretrain/"
                                    "<name>.yaml or a YAML file), then the options below, then --set. "
                                    "Multi-GPU: torchrun --nproc_per_node=N -m unip.cli pretrain ...")
-    p.add_argument("preset", nargs="?", help="preset name (mae-l_unip-s, dino-b_unip-s, ibot-l_unip-s, "
-                                             "mae-l_unip-b, mae-l_unip-t, toy) or a YAML file")
+    p.add_argument("preset", nargs="?",
+                   help=f"preset name ({', '.join(list_presets('pretrain'))}) or a YAML file")
     p.add_argument("--teacher", metavar="SOURCE", help="teacher checkpoint file or timm:<name>[@file]")
     p.add_argument("--teacher-layer", metavar="N|auto", type=_layer_arg,
                    help="1-based teacher block to distil, or auto (NMI-guided choice)")
@@ -376,7 +382,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-precision", choices=["auto", "fp32", "bf16", "fp8"],
                    help="teacher weights: auto (bf16 in bf16 runs), fp32, bf16, or fp8 (torchao, Ada/Hopper GPUs)")
     _add_training_options(p, "auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU; bf16 is honoured on CPUs too "
-                             "(fast with AVX512-BF16/AMX)", "optim.clip_grad=1.0")
+                             "(fast with AVX512-BF16/AMX); fp16 on a CPU runs fp32, with a warning",
+                          "optim.clip_grad=1.0")
     p.set_defaults(func=_run_pretrain)
 
 

@@ -60,6 +60,9 @@ def list_images(folder: str, limit: Optional[int] = None) -> List[str]:
     Raises ``DataError`` when the folder does not exist or holds no image file."""
     if limit is not None and limit < 0:
         raise ConfigError(f"--num-images {limit}: use a positive number, or 0 for all images")
+    if os.path.isfile(folder):
+        raise DataError(f"{folder}: is a file, not a folder of images; pass the folder that holds it "
+                        f"(--images {os.path.dirname(folder) or '.'})")
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: image folder does not exist; pass --images DIR with jpg/png/bmp/tiff files")
     found = []

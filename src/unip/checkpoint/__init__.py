@@ -9,9 +9,10 @@ Sources that ``load_model`` accepts:
 Nothing is ever executed from a file: pickles are read with ``torch.load(weights_only=True)`` and an
 explicit allow-list (``SAFE_GLOBALS``); anything else is refused with a ``CheckpointError``.
 
-Modules: ``reading`` (safe file reading, release containers and key names), ``architecture`` (plausibility
-bounds, architecture from weight shapes), ``backbone`` (``load_weights``, ``load_model``/``open_model``,
-``save_checkpoint``), ``timm_hub`` (``timm:`` sources). A fine-tuned segmentor file (header architecture
+Modules: ``reading`` (safe file reading, release containers and key names), ``states`` (training states read
+as the model file of their run), ``architecture`` (plausibility bounds, architecture from weight shapes),
+``backbone`` (``load_weights``, ``load_model``/``open_model``, ``save_checkpoint``), ``timm_hub`` (``timm:``
+sources). A fine-tuned segmentor file (header architecture
 ``Segmentor``) is rebuilt by ``unip.seg.load_segmentor``; ``load_model`` reads its backbone and
 ``describe_checkpoint`` describes the whole segmentor.
 """
@@ -19,7 +20,7 @@ bounds, architecture from weight shapes), ``backbone`` (``load_weights``, ``load
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional, Tuple
 
 from unip.checkpoint.architecture import (ARCHITECTURE_RULES, MAX_DEPTH, MAX_IMAGE_SIDE, MAX_PATCH, MAX_TOKENS,
                                           MAX_WIDTH, check_architecture, check_fits, expected_shapes,
@@ -54,16 +55,24 @@ def architecture_of(source: PathLike) -> str:
 def describe_checkpoint(source: PathLike, allow_partial: bool = True) -> str:
     """A human-readable summary of a checkpoint: architecture, where it came from, load report (for a
     segmentor also its neck, heads and classes)."""
+    return inspect_checkpoint(source, allow_partial)[0]
+
+
+def inspect_checkpoint(source: PathLike, allow_partial: bool = True) -> Tuple[str, Optional[str]]:
+    """``(summary, problem)``: ``describe_checkpoint``'s text, and why the verbs that use a model (``analyze``,
+    ``pretrain --teacher``, ``finetune --pretrained``) refuse ``source`` (missing, mis-shaped or non-finite
+    weights: the ``CheckpointError`` message they give), ``None`` when they read it. ``unip info`` prints the
+    summary, then exits 2 with the problem."""
     if architecture_of(source) == "Segmentor":
         from unip.seg.checkpoint import describe_segmentor
 
-        return describe_segmentor(source)
+        return describe_segmentor(source), None  # a segmentor is read strictly: any problem raised already
     loaded = open_model(source, allow_partial=allow_partial)
     lines = [f"source:        {source}", *_backbone_lines(loaded.model),
              f"from:          {loaded.architecture_from}",
              f"weights:       {loaded.report.summary()}"]
     lines += [f"{key + ':':<14} {value}" for key, value in loaded.meta.items() if key != "architecture"]
-    return "\n".join(lines)
+    return "\n".join(lines), loaded.problem
 
 
 def _backbone_lines(model: Any) -> list:
@@ -79,5 +88,5 @@ __all__ = ["ARCHITECTURE_RULES", "CONFIG_METADATA_KEY", "CONTAINER_KEYS", "DEFAU
            "MAX_DEPTH", "MAX_IMAGE_SIDE", "MAX_PATCH", "MAX_TOKENS", "MAX_WIDTH", "SAFE_GLOBALS", "STRIP_PREFIXES",
            "LoadReport", "LoadedModel", "PathLike", "architecture_of", "check_architecture", "check_fits",
            "config_from_timm", "create_model", "describe_checkpoint", "expected_shapes", "extract_state_dict",
-           "infer_architecture", "load_model", "load_weights", "normalize_keys", "open_model", "read_checkpoint",
-           "save_checkpoint"]
+           "infer_architecture", "inspect_checkpoint", "load_model", "load_weights", "normalize_keys", "open_model",
+           "read_checkpoint", "save_checkpoint"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch import Tensor
 
@@ -149,32 +149,40 @@ def expected_shapes(config: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
 
 
 def _misfit(source: str, what: str, missing: List[str], mismatched: List[str]) -> str:
-    problems = ([f"missing {_preview(missing)}"] if missing else []) + \
-               ([f"shape mismatch {_preview(mismatched)}"] if mismatched else [])
-    return (f"{source}: does not fit {what}: {'; '.join(problems)}. The file is incomplete or holds another "
-            "architecture")
+    return (f"{source}: does not fit {what}: {_differences(missing, mismatched)}. The file is incomplete or holds "
+            "another architecture")
 
 
 def check_fits(config: Mapping[str, Any], state_dict: Mapping[str, Tensor], source: str,
-               allow_partial: bool = False) -> None:
+               allow_partial: bool = False) -> Optional[str]:
     """Check, before allocating, that the weights in ``state_dict`` (normalised keys) are the weights of
     ``VisionTransformer(**config)`` (the position table aside, which is resampled to the grid).
 
     Raises ``CheckpointError`` naming ``source`` when a weight is missing or mis-shaped (unless
     ``allow_partial``), and in any case when the file holds less than half of the model's weights: then
-    the architecture it describes is not the one its tensors hold."""
+    the architecture it describes is not the one its tensors hold. Returns what a strict check refuses (with
+    ``allow_partial``), ``None`` when every weight fits."""
     shapes = expected_shapes(config)
     shapes.pop("pos_embed")
     missing = [key for key in shapes if key not in state_dict]
     mismatched = [f"{key} {tuple(state_dict[key].shape)} vs {shape}" for key, shape in shapes.items()
                   if key in state_dict and tuple(state_dict[key].shape) != shape]
-    if (missing or mismatched) and not allow_partial:
-        raise CheckpointError(_misfit(source, "the architecture it describes", missing, mismatched))
+    problem = _misfit(source, "the architecture it describes", missing, mismatched) if missing or mismatched \
+        else None
+    if problem and not allow_partial:
+        raise CheckpointError(problem)
     expected = sum(math.prod(shape) for shape in shapes.values())
     found = sum(math.prod(shape) for key, shape in shapes.items()
                 if key in state_dict and tuple(state_dict[key].shape) == shape)
     if 2 * found < expected:
         raise CheckpointError(f"{source}: describes a ViT of {expected:,} weights (width {config.get('embed_dim')}, "
-                              f"depth {config.get('depth')}) but holds only {found:,} of them; its metadata or "
-                              "key names do not match its tensors")
+                              f"depth {config.get('depth')}) but holds only {found:,} of them "
+                              f"({_differences(missing, mismatched)}); its metadata or key names do not match its "
+                              "tensors")
+    return problem
+
+
+def _differences(missing: List[str], mismatched: List[str]) -> str:
+    return "; ".join(([f"missing {_preview(missing)}"] if missing else []) +
+                     ([f"shape mismatch {_preview(mismatched)}"] if mismatched else []))
 

@@ -17,6 +17,7 @@ from unip.checkpoint.architecture import _misfit, check_architecture, check_fits
 from unip.checkpoint.reading import (CONFIG_METADATA_KEY, PathLike, _brief, _preview, extract_state_dict,
                                      normalize_keys, read_checkpoint)
 from unip.data.transforms import INFMIX_MEAN, INFMIX_STD
+from unip.engine.checkpointing import describe_names, non_finite_tensors
 from unip.errors import CheckpointError, ConfigError
 from unip.models.pos_embed import is_square_grid, resample_pos_embed
 from unip.models.presets import PRESETS
@@ -36,17 +37,23 @@ class LoadReport:
     reshaped: List[str] = field(default_factory=list)
     ignored: List[str] = field(default_factory=list)
     mismatched: List[str] = field(default_factory=list)
+    #: loaded weights holding NaN or an infinity
+    non_finite: List[str] = field(default_factory=list)
+    #: why a strict load refuses these weights (its ``CheckpointError`` message); ``None`` when they load
+    problem: Optional[str] = None
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.mismatched
+        return not self.missing and not self.mismatched and not self.non_finite
 
     def summary(self) -> str:
         parts = [f"{len(self.loaded)} loaded"]
-        for name in ("missing", "mismatched", "unexpected", "reshaped", "ignored"):
+        for name, label in (("non_finite", "not finite"), ("missing", "missing"),
+                            ("mismatched", "mismatched"), ("unexpected", "unexpected"), ("reshaped", "reshaped"),
+                            ("ignored", "ignored")):
             keys = getattr(self, name)
             if keys:
-                parts.append(f"{len(keys)} {name} ({_preview(keys)})")
+                parts.append(f"{len(keys)} {label} ({_preview(keys)})")
         return ", ".join(parts)
 
 
@@ -57,8 +64,9 @@ def load_weights(model: VisionTransformer, source: Union[PathLike, Mapping[str, 
 
     Position tables of another grid are resampled bicubically. Returns a ``LoadReport``. Raises
     ``CheckpointError`` naming the file (``name`` for a state dict read from one) and the keys when a
-    backbone weight is missing or has another shape, unless ``allow_partial`` (then the model keeps its
-    own values for those)."""
+    backbone weight is missing or has another shape, or holds NaN or an infinity, unless ``allow_partial``
+    (then the model keeps its own values for the first two, and the report's ``problem`` says what a strict
+    load refuses)."""
     if isinstance(source, Mapping):
         name = name or "state dict"
         state_dict = extract_state_dict(source, name)
@@ -75,8 +83,11 @@ def load_weights(model: VisionTransformer, source: Union[PathLike, Mapping[str, 
             report.unexpected.append(key)
             continue
         if key == "pos_embed" and value.shape != own[key].shape:
-            value = _fit_pos_embed(value, model, name)
-            report.reshaped.append(key)
+            try:
+                value = _fit_pos_embed(value, model, name)
+                report.reshaped.append(key)
+            except CheckpointError:
+                pass  # reported as mismatched, with the file's shape
         if value.shape != own[key].shape:
             report.mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
             continue
@@ -85,10 +96,21 @@ def load_weights(model: VisionTransformer, source: Union[PathLike, Mapping[str, 
     required = [k for k in own if k not in params or params[k].requires_grad]
     report.missing = [k for k in required if k not in state_dict]
     report.loaded = sorted(to_load)
-    if not report.ok and not allow_partial:
-        raise CheckpointError(_misfit(name, "the model", report.missing, report.mismatched))
+    report.non_finite = non_finite_tensors(to_load)  # once per tensor, one host sync per device
+    if report.missing or report.mismatched:
+        report.problem = _misfit(name, "the model", report.missing, report.mismatched)
+    elif report.non_finite:
+        report.problem = non_finite_problem(name, report.non_finite)
+    if report.problem and not allow_partial:
+        raise CheckpointError(report.problem)
     model.load_state_dict(to_load, strict=False)
     return report
+
+
+def non_finite_problem(source: str, names: List[str]) -> str:
+    """The refusal of weights that hold NaN or an infinity (``names``: those tensors)."""
+    return (f"{source}: {describe_names(names)} hold NaN or infinite values ({len(names)} tensor(s)); the file is "
+            "damaged or was saved after training diverged: use an earlier checkpoint of that run")
 
 
 def _fit_pos_embed(table: Tensor, model: VisionTransformer, source: str) -> Tensor:
@@ -123,6 +145,8 @@ class LoadedModel:
     report: LoadReport
     architecture_from: str
     meta: Dict[str, Any] = field(default_factory=dict)
+    #: why a strict open (what every verb but ``unip info`` does) refuses the source; ``None`` when it loads
+    problem: Optional[str] = None
 
 
 def load_model(source: PathLike, allow_partial: bool = False, **overrides: Any) -> VisionTransformer:
@@ -136,7 +160,8 @@ def load_model(source: PathLike, allow_partial: bool = False, **overrides: Any) 
 
 
 def open_model(source: PathLike, allow_partial: bool = False, **overrides: Any) -> LoadedModel:
-    """Like ``load_model`` but returns a ``LoadedModel`` with the report and metadata.
+    """Like ``load_model`` but returns a ``LoadedModel`` with the report and metadata (and, with
+    ``allow_partial``, the ``problem`` a strict open would raise).
 
     The architecture a file describes is checked (``check_architecture``, ``check_fits``) before the model
     is allocated, so a small file cannot make it allocate a huge one."""
@@ -154,10 +179,10 @@ def open_model(source: PathLike, allow_partial: bool = False, **overrides: Any) 
             architecture_from += " (the backbone of a segmentor)"
         config.update(overrides)
         check_architecture(config, text)
-        check_fits(config, normalize_keys(state_dict)[0], text, allow_partial)
+        misfit = check_fits(config, normalize_keys(state_dict)[0], text, allow_partial)
         model = build_backbone(config, text)
         report = load_weights(model, state_dict, allow_partial=allow_partial, name=text)
-        loaded = LoadedModel(model, report, architecture_from, meta)
+        loaded = LoadedModel(model, report, architecture_from, meta, misfit or report.problem)
     loaded.model.eval()
     return loaded
 
@@ -180,6 +205,9 @@ def _architecture(content: Any, metadata: Mapping[str, str], state_dict: Mapping
             raise CheckpointError(f"{source}: corrupt '{CONFIG_METADATA_KEY}' metadata ({_brief(err)}); "
                                   "the file was damaged after it was written") from err
         config.pop("heads_per_block", None)
+        state = meta.get("training_state")
+        if isinstance(state, dict):  # unip.checkpoint.states
+            return config, f"training state at step {state.get('step')} (its run's model header)", meta
         return config, "unip metadata", meta
     args = content.get("args") if isinstance(content, Mapping) else None
     if isinstance(args, argparse.Namespace) and getattr(args, "model", None) in PRESETS:
@@ -209,16 +237,21 @@ def save_checkpoint(model: VisionTransformer, path: PathLike, meta: Optional[Map
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: checkpoints are written as .safetensors; change the file name")
-    config = dict(model.config, heads_per_block=model.heads_per_block)
-    document = {"architecture": "VisionTransformer", "normalization": DEFAULT_NORMALIZATION,
-                **dict(meta or {}), "model": config}
-    try:
-        header = json.dumps(document)
-    except TypeError as err:
-        raise ConfigError(f"checkpoint metadata must be JSON-serialisable: {err}") from err
+    header = checkpoint_header(model, meta)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: header})
     return path
 
 
+def checkpoint_header(model: VisionTransformer, meta: Optional[Mapping[str, Any]] = None) -> str:
+    """The JSON document ``save_checkpoint`` writes in the header (``unip.config``): ``architecture``,
+    ``normalization`` (default: InfMix mean/std), the ``meta`` entries and ``model`` (``VisionTransformer`` kwargs
+    plus ``heads_per_block``). Raises ``ConfigError`` when ``meta`` is not JSON-serialisable."""
+    config = dict(model.config, heads_per_block=model.heads_per_block)
+    document = {"architecture": "VisionTransformer", "normalization": DEFAULT_NORMALIZATION,
+                **dict(meta or {}), "model": config}
+    try:
+        return json.dumps(document)
+    except TypeError as err:
+        raise ConfigError(f"checkpoint metadata must be JSON-serialisable: {err}") from err

@@ -61,18 +61,40 @@ def read_checkpoint(path: PathLike) -> Tuple[Any, Dict[str, str]]:
     """Read a checkpoint file without executing code.
 
     Returns ``(content, metadata)``: the unpickled object (or the safetensors state dict) and the
-    safetensors header metadata (``{}`` for PyTorch files)."""
+    safetensors header metadata (``{}`` for PyTorch files). A safetensors file is recognised by its content
+    whatever its name. A unip training state (``checkpoints/step-*.pt``) reads like the model file its run
+    writes: its model's state dict and that file's header (``unip.checkpoint.states``)."""
+    if not str(path).strip():
+        raise CheckpointError("empty checkpoint path (an empty argument): pass a checkpoint file "
+                              "(.pth/.pt/.bin/.safetensors) or timm:<name>")
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; pass a checkpoint file (.pth/.pt/.bin/.safetensors)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or is_safetensors(path):
         return _read_safetensors(path)
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: an ONNX graph (what unip export writes), not a checkpoint: run it with "
                               "onnxruntime (docs/inference.md); pass the .safetensors file it was exported from")
-    return _read_pickle(path), {}
+    content = _read_pickle(path)
+    from unip.checkpoint.states import is_training_state, state_as_model_file  # states build on this module
+
+    if is_training_state(content):
+        return state_as_model_file(content, str(path))
+    return content, {}
+
+
+def is_safetensors(path: PathLike) -> bool:
+    """True when the file starts like a safetensors file, whatever its name: an 8-byte little-endian header
+    length that fits the file, then the JSON header's ``{``."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(9)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError:
+        return False
+    return len(start) == 9 and start[8:] == b"{" and 0 < int.from_bytes(start[:8], "little") <= size - 8
 
 
 def _read_safetensors(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:

@@ -38,15 +38,18 @@ def _open_timm(spec: str, allow_partial: bool, overrides: Dict[str, Any]) -> Loa
     model = build_backbone(config, f"timm:{name}")
     if weights_file:
         filter_fn = getattr(sys.modules[type(reference).__module__], "checkpoint_filter_fn", None)
+        table = state_dict.get("pos_embed")
         try:
             state_dict = filter_fn(state_dict, reference) if filter_fn else state_dict
         except Exception as err:  # timm's filters index keys and reshape without checking
             raise CheckpointError(f"{weights_file}: does not fit timm:{name} ({_brief(err)})") from err
+        if table is not None and table.shape[-1] != model.embed_dim and "pos_embed" in state_dict:
+            state_dict = {**state_dict, "pos_embed": table}  # a misfit is reported with the file's own shape
     else:
         state_dict = reference.state_dict()
     report = load_weights(model, state_dict, allow_partial=allow_partial, name=weights_file or f"timm:{name}")
     report.source = f"timm:{spec}"
-    return LoadedModel(model, report, f"timm model {name}", {"timm_model": name})
+    return LoadedModel(model, report, f"timm model {name}", {"timm_model": name}, report.problem)
 
 
 def _create_timm(name: str, pretrained: bool) -> nn.Module:

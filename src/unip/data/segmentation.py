@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 
 from unip.data import layouts as L
 from unip.data.images import ImageReadError, read_label, read_rgb
+from unip.engine.config import load_yaml
 from unip.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def read_folder_layout(root: str) -> SegLayout:
                         "with 'classes: [name, ...]' (id = position)")
     try:
         with open(path, "r", encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            data = load_yaml(fh) or {}
     except (OSError, yaml.YAMLError) as err:
         raise DataError(f"{path}: cannot read: {err}".splitlines()[0]) from None
     classes = data.get("classes") if isinstance(data, dict) else None

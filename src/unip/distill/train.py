@@ -28,11 +28,12 @@ from unip.distill.data import (crop_transform, describe_skipped, frame_transform
                               take)
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
 from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, fit_to_grid
+from unip.engine.checkpointing import resolve_resume
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
 from unip.engine.distributed import DistInfo, all_reduce_sum
-from unip.engine.logging import last_logged
+from unip.engine.logging import LOG_FILE, last_logged
 from unip.engine.loop import PRECISIONS, Precision
-from unip.engine.trainer import Task, TrainContext, batch_plan, settle_accumulation, train_task
+from unip.engine.trainer import CHECKPOINT_DIR, Task, TrainContext, batch_plan, settle_accumulation, train_task
 from unip.errors import ConfigError
 from unip.fingerprint import listing_fingerprint, weights_fingerprint
 from unip.models import create_model, list_models, preset_config
@@ -168,9 +169,9 @@ def teacher_precision(name: str, precision: Precision) -> str:
 
 def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo, precision: Precision,
                   weights: str = "fp32") -> Tuple[Teacher, str]:
-    """Load the teacher, choose its layer (``auto``: NMI profile of the training images), cut it there and
-    store its weights as ``weights`` (``Teacher.set_precision``; fp32 on a CPU with the linear kernel of
-    ``teacher_linear_kernel``).
+    """Load the teacher, choose its layer (``auto``: NMI profile of the training images, or on a resume the layer
+    the run distils: ``resumed_layer``), cut it there and store its weights as ``weights``
+    (``Teacher.set_precision``; fp32 on a CPU with the linear kernel of ``teacher_linear_kernel``).
 
     Returns the teacher and a line describing the choice."""
     from unip.checkpoint import load_model
@@ -183,7 +184,11 @@ def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
     model = fit_to_grid(loaded, int(config["data"]["input_size"]), patch).to(dist.device)
     kernel = teacher_linear_kernel(model, config, dist, precision)
     layer = teach["layer"]
-    if layer == "auto":
+    resumed = resumed_layer(config) if layer == "auto" else None
+    if resumed is not None:
+        layer, why = resumed, (f"teacher layer {resumed}, the layer this run distils ({LOG_FILE} of "
+                               f"{config['run']['output']}; not profiled again)")
+    elif layer == "auto":
         layer, why = auto_layer(model, config, dataset_path, precision,
                                 progress=dist.is_main and bool(config["run"]["progress"]), cpu_linear=kernel)
     elif isinstance(layer, int) and not isinstance(layer, bool):
@@ -191,6 +196,17 @@ def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
     else:
         raise ConfigError(f"teacher.layer must be a layer number or 'auto', got {layer!r}")
     return Teacher(model, layer, patch, digest).to(dist.device).set_precision(weights, cpu_linear=kernel), why
+
+
+def resumed_layer(config: Config) -> Optional[int]:
+    """On a resume (``run.resume`` finds a training state), the teacher layer the run distils: the last
+    ``teacher_layer`` its ``log.jsonl`` records (as for the linear kernel), so that ``--teacher-layer auto`` does not
+    profile the teacher again and cannot choose another layer; ``None`` for a new run or a log without one."""
+    output = Path(config["run"]["output"])
+    if not config["run"]["resume"] or resolve_resume(config["run"]["resume"], output / CHECKPOINT_DIR) is None:
+        return None
+    layer = last_logged(output, "teacher_layer")
+    return layer if isinstance(layer, int) and not isinstance(layer, bool) and layer >= 1 else None
 
 
 def teacher_linear_kernel(model: VisionTransformer, config: Config, dist: DistInfo, precision: Precision) -> str:
@@ -339,17 +355,26 @@ class NmiHadTask(Task):
                 "student shape": self.student_shape, "training images (file list digest)": self.images_fingerprint,
                 "data.input_size": int(data["input_size"])}
 
-    def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
-        """The distilled student as a self-describing safetensors file (``unip finetune --pretrained``)."""
-        from unip.checkpoint import save_checkpoint
-
+    def student_meta(self, ctx: TrainContext) -> Dict[str, Any]:
+        """What the student file records besides its architecture: preset, teacher, layer and heads,
+        normalisation, the run's progress."""
         data, plan = self.config["data"], ctx.plan
-        meta = {"preset": self.config["student"]["model"], "teacher": str(self.config["teacher"]["source"]),
+        return {"preset": self.config["student"]["model"], "teacher": str(self.config["teacher"]["source"]),
                 "teacher_layer": self.teacher.layer, "teacher_heads": self.teacher.num_heads,
                 "normalization": {"mean": [data["mean"]] * 3, "std": [data["std"]] * 3},
                 "pretrain": {"steps": ctx.step, "epochs": ctx.epoch, "loss": ctx.last_loss,
                              "effective_batch": plan.effective_batch if plan else None}}
-        save_checkpoint(model, path, meta)  # type: ignore[arg-type]
+
+    def model_header(self, model: nn.Module, ctx: TrainContext) -> Optional[str]:
+        from unip.checkpoint.backbone import checkpoint_header
+
+        return checkpoint_header(model, self.student_meta(ctx))  # type: ignore[arg-type]
+
+    def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
+        """The distilled student as a self-describing safetensors file (``unip finetune --pretrained``)."""
+        from unip.checkpoint import save_checkpoint
+
+        save_checkpoint(model, path, self.student_meta(ctx))  # type: ignore[arg-type]
 
 
 def train(config: Config) -> TrainResult:

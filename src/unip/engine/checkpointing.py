@@ -2,8 +2,9 @@
 
 A state file holds the model, optimiser and AMP-scaler state, the position (epoch, global step, step
 within the epoch), every RNG state (python, numpy, torch CPU, CUDA) and any extra JSON-like entries
-(config, metrics). It is written atomically (``unip.atomic.atomic_path``: a killed run leaves the previous
-file intact) and read back with ``torch.load(weights_only=True)``: no code from the file ever runs.
+(config, step plan, the header of the run's model file: ``unip.checkpoint`` reads a state like that file). It
+is written atomically (``unip.atomic.atomic_path``: a killed run leaves the previous file intact) and read back
+with ``torch.load(weights_only=True)``: no code from the file ever runs.
 
 Files are named ``step-00001234.pt`` in a run's checkpoint folder; ``find_latest`` resolves
 ``--resume auto`` to the highest step. A state is written only when every floating-point tensor of the
@@ -34,6 +35,9 @@ PathLike = Union[str, Path]
 STATE_PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 BEST_WEIGHTS = "best.safetensors"
 BEST_JSON = "best.json"
+#: ``extra`` entry of a state that holds the JSON header of the model file its run writes (``Task.model_header``):
+#: with it ``unip.checkpoint`` reads the state like that file (``unip.checkpoint.states``).
+MODEL_HEADER_KEY = "model_header"
 
 
 class NonFiniteStateError(UnipError):

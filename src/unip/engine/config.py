@@ -33,6 +33,9 @@ def find_preset(name: str, kind: str) -> Path:
     """A YAML file path, or a preset name looked up as ``configs/<kind>/<name>.yaml``."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"{name}: is a folder, not a config file; pass a YAML file or a preset name "
+                              f"({', '.join(list_presets(kind)) or 'none found'})")
         if not path.is_file():
             raise ConfigError(f"{path}: config file does not exist")
         return path
@@ -40,15 +43,56 @@ def find_preset(name: str, kind: str) -> Path:
         candidate = root / kind / f"{name}.yaml"
         if candidate.is_file():
             return candidate
-    available = sorted({p.stem for root in PRESET_ROOTS for p in (root / kind).glob("*.yaml")})
+    available = list_presets(kind)
     raise ConfigError(f"unknown {kind} preset {name!r}; choose one of: {', '.join(available) or '(none found)'}"
                       " or pass a YAML file")
 
 
+def list_presets(kind: str) -> List[str]:
+    """The preset names of ``kind`` (``pretrain``, ``finetune``, ...): ``configs/<kind>/*.yaml`` of every
+    ``PRESET_ROOTS`` entry, sorted."""
+    return sorted({p.stem for root in PRESET_ROOTS for p in (root / kind).glob("*.yaml")})
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a YAML document gives the same key twice (plain YAML would keep the last one silently)."""
+
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(f"key {key!r} is given twice in one mapping (lines {first_line} and {line}); keep one")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that raises ``DuplicateKeyError`` for a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        seen: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *defaults``: keys given next to a merge override it, as YAML means them to
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+            except TypeError:
+                continue  # an unhashable key: the base constructor reports it
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(stream: Any) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (``DuplicateKeyError``, a ``yaml.YAMLError``): what every
+    YAML file unip reads (presets, run configs, sweep files, a folder data set's ``classes.yaml``) goes through."""
+    return yaml.load(stream, Loader=UniqueKeyLoader)
+
+
 def read_yaml(path: Union[str, Path]) -> Config:
+    """The mapping of a YAML config file. ``ConfigError`` naming the file when it cannot be read, is not a
+    mapping, or gives a key twice."""
     try:
         with open(path, "r", encoding="utf-8") as handle:
-            content = yaml.safe_load(handle) or {}
+            content = load_yaml(handle) or {}
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from err
     except (OSError, UnicodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read YAML ({_first_line(err)})") from err
     if not isinstance(content, dict):
@@ -65,7 +109,7 @@ def parse_override(text: str) -> tuple:
         raise ConfigError(f"--set {text!r}: no value after '='; give one (key=null clears a setting that "
                           "may be empty)")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: cannot parse the value ({_first_line(err)})") from err
     return key.strip(), value
@@ -329,5 +373,6 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-__all__: Sequence[str] = ["Rule", "build_config", "check_config", "dump_config", "find_preset", "flag", "flatten",
-                          "integer", "number", "numbers", "parse_override", "read_yaml", "set_key", "text"]
+__all__: Sequence[str] = ["DuplicateKeyError", "Rule", "UniqueKeyLoader", "build_config", "check_config", "dump_config",
+                          "find_preset", "flag", "flatten", "integer", "list_presets", "load_yaml", "number", "numbers",
+                          "parse_override", "read_yaml", "set_key", "text"]

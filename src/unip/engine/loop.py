@@ -60,7 +60,8 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     """``auto`` → bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on a CPU (exact: what the tests compare).
     On a CPU, ``bf16`` runs under bf16 autocast (about 2× faster for ViTs where the CPU has bf16 instructions:
     ``cpu_has_native_bf16``; emulated and slower elsewhere, which is logged) and ``fp16`` gives fp32 (CPU fp16
-    autocast is slower than fp32 for these models)."""
+    autocast is slower than fp32 for these models), which is logged as a warning: every verb (``pretrain``,
+    ``finetune``, ``evaluate``, ``predict``, ``bench``) resolves its precision here."""
     if name not in PRECISIONS:
         raise ConfigError(f"precision {name!r}: choose one of {', '.join(PRECISIONS)}")
     if device.type == "cpu" and name == "bf16":
@@ -69,6 +70,9 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
                            "likely slower than fp32")
         return Precision("cpu", torch.bfloat16)
     if device.type != "cuda":
+        if name in ("fp16", "bf16"):
+            logger.warning("precision %s is not used on %s: it computes in fp32 (fp16 autocast is slower than fp32 "
+                           "on CPUs; --precision bf16 gives mixed precision on a CPU)", name, device.type)
         return Precision(device.type, None)
     if name == "auto":
         name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

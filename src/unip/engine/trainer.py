@@ -318,6 +318,12 @@ class Task:
         ``run.allow_changed_config``. Called after ``build_model`` and ``train_dataset``. Default: nothing."""
         return {}
 
+    def model_header(self, model: nn.Module, ctx: TrainContext) -> Optional[str]:
+        """The JSON header (``unip.config``) of the model file ``save_model`` would write now, stored in every
+        training state so that ``unip.checkpoint`` reads a state like that file (``unip info``, ``analyze``, a
+        teacher, a backbone to fine-tune). Default ``None``: states are then not readable as models."""
+        return None
+
     def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
         """Write ``model``'s weights to ``path`` (the final model, ``checkpoints/best.safetensors``); called
         on rank 0 only. Default: a plain safetensors file, written atomically."""
@@ -683,9 +689,12 @@ class Trainer:
         ctx = self.ctx
         self._check_finite("before saving the training state")
         if ctx.dist.is_main:
+            extra = {"config": self.config, "loss": ctx.last_loss, "plan": self.plan_record()}
+            header = self.task.model_header(unwrap_model(self.model), ctx)
+            if header is not None:
+                extra[checkpointing.MODEL_HEADER_KEY] = header
             checkpointing.save_state(self.ckpt_dir, ctx.step, self.model, self.optimizer, self.scaler,
-                                     epoch=ctx.epoch, step_in_epoch=ctx.step_in_epoch,
-                                     extra={"config": self.config, "loss": ctx.last_loss, "plan": self.plan_record()},
+                                     epoch=ctx.epoch, step_in_epoch=ctx.step_in_epoch, extra=extra,
                                      keep=int(self.run["keep_checkpoints"]))
         barrier()
 

@@ -25,6 +25,8 @@ from torch import Tensor
 from unip.atomic import atomic_path
 from unip.checkpoint import (CONFIG_METADATA_KEY, check_architecture, infer_architecture, normalize_keys,
                              read_checkpoint)
+from unip.checkpoint.backbone import non_finite_problem
+from unip.engine.checkpointing import non_finite_tensors
 from unip.errors import CheckpointError, ConfigError
 from unip.models.segmentor import Segmentor
 from unip.seg.build import AUXILIARY_HEAD, DEFAULT_META, default_drop_path, fit_problems
@@ -46,18 +48,24 @@ def save_segmentor(segmentor: Segmentor, path: PathLike, meta: Optional[Mapping[
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: segmentors are written as .safetensors; change the file name")
+    header = segmentor_header(segmentor, meta)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in segmentor.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: header})
+    return path
+
+
+def segmentor_header(segmentor: Segmentor, meta: Optional[Mapping[str, Any]] = None) -> str:
+    """The JSON document ``save_segmentor`` writes in the header (module docstring); ``ConfigError`` when
+    ``meta`` is not JSON-serialisable."""
     config = dict(segmentor.config)
     backbone = dict(config.pop("backbone"), heads_per_block=segmentor.backbone.heads_per_block)
     document = {**segmentor.meta, **dict(meta or {}), "architecture": ARCHITECTURE, "model": backbone,
                 "segmentor": config}
     try:
-        header = json.dumps(document)
+        return json.dumps(document)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"segmentor metadata must be JSON-serialisable: {err}") from err
-    tensors = {k: v.detach().cpu().contiguous() for k, v in segmentor.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: header})
-    return path
 
 
 # ============================================================================================ loading
@@ -137,10 +145,14 @@ def _config_from_header(header: str, source: str) -> Tuple[Dict[str, Any], Dict[
 
 def load_exact(segmentor: Segmentor, state: Mapping[str, Tensor], source: str) -> None:
     """Load ``state`` into ``segmentor`` requiring every key and shape to match (BatchNorm's
-    ``num_batches_tracked`` may be absent); raises ``CheckpointError`` naming ``source`` and the keys."""
+    ``num_batches_tracked`` may be absent) and every weight to be finite; raises ``CheckpointError`` naming
+    ``source`` and the keys."""
     problems = fit_problems(segmentor.state_dict(), state, may_miss=("num_batches_tracked",))
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the segmentor: {problems}")
+    non_finite = non_finite_tensors(dict(state))
+    if non_finite:
+        raise CheckpointError(non_finite_problem(source, non_finite))
     segmentor.load_state_dict(dict(state), strict=False)
 
 

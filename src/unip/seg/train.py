@@ -43,7 +43,7 @@ from unip.models.heads import HEADS
 from unip.models.necks import NECKS
 from unip.models.segmentor import Segmentor
 from unip.seg.build import build_segmentor
-from unip.seg.checkpoint import load_segmentor, save_segmentor
+from unip.seg.checkpoint import load_segmentor, save_segmentor, segmentor_header
 from unip.seg.evaluation import EvalSettings, evaluate_split
 from unip.seg.layer_decay import layer_decay_lr_scale
 from unip.seg.loss import segmentation_losses
@@ -321,12 +321,19 @@ class SegmentationTask(Task):
                                 desc=f"eval {self.val_set.split}")
         return result.scalars_and_lists()
 
-    def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
-        """The segmentor with its config, classes, palette, normalisation and test window (``load_segmentor``)."""
+    def saved_record(self, ctx: TrainContext) -> Dict[str, Any]:
+        """The step and the last validation metrics, recorded in the segmentor file's header."""
         record: Dict[str, Any] = {"step": ctx.step}
         if ctx.last_eval:
             record["val"] = {k: ctx.last_eval[k] for k in ("mIoU", "mAcc", "aAcc") if k in ctx.last_eval}
-        save_segmentor(model, path, record)  # type: ignore[arg-type]
+        return record
+
+    def model_header(self, model: nn.Module, ctx: TrainContext) -> Optional[str]:
+        return segmentor_header(model, self.saved_record(ctx))  # type: ignore[arg-type]
+
+    def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
+        """The segmentor with its config, classes, palette, normalisation and test window (``load_segmentor``)."""
+        save_segmentor(model, path, self.saved_record(ctx))  # type: ignore[arg-type]
 
     def describe(self, ctx: TrainContext) -> str:
         source = self.backbone_source() + (" (RANDOM INIT)" if self.random_init() else "")
