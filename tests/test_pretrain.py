@@ -338,6 +338,7 @@ def test_two_process_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run
     full = subprocess.run(torchrun + _args(assets, tmp_path / "full", *common), env=_env(),
                           capture_output=True, text=True, timeout=240)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    assert full.stdout.count("pre-training finished") == 1  # rank 0 reports, not every rank
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copy(tmp_path / "full" / "checkpoints" / "step-00000003.pt", tmp_path / "resumed" / "checkpoints")
     resumed = subprocess.run(torchrun + _args(assets, tmp_path / "resumed", *common, "--resume", "auto"),

@@ -517,6 +517,14 @@ def test_prepare_mfnet_extracts_the_thermal_channel_and_resumes(tmp_path):
     assert os.path.isfile(f"{raw}/images/e.png")  # nothing of the user's is touched
 
 
+def test_prepare_mfnet_refuses_split_names_that_leave_its_folders(tmp_path):
+    raw, out = _fake_mfnet_download(tmp_path / "ir_seg_dataset"), tmp_path / "MFNet"
+    _lines(f"{raw}/test.txt", ["d", "../../escaped"])
+    with pytest.raises(DataError, match=r"test\.txt: lists '\.\./\.\./escaped', which is not a plain file name"):
+        prepare_dataset("mfnet", raw, str(out))
+    assert not (tmp_path / "escaped.png").exists() and not out.exists()
+
+
 def test_prepare_treats_damaged_state_lines_as_absent(tmp_path):
     """Valid JSON lines of another shape in .prepare-state.jsonl (a list, a number, an entry without its
     outputs, a non-UTF-8 byte) are ignored: those images are converted again, the others reused."""

@@ -513,7 +513,7 @@ def test_cells_that_ran_with_other_settings_stop_the_run_and_the_dry_run_alike(d
     run = _run_cli(["sweep", "run", str(changed), "--out", str(out)])
     assert dry[0] == run[0] == 2 and dry[2] == run[2], (dry, run)
     error = run[2].strip()
-    assert len(error.splitlines()) == 1 and error.startswith("unip sweep: error: ")
+    assert len(error.splitlines()) == 1 and error.startswith("unip sweep run: error: ")
     stopped = 0 if how == "finished" else 1
     assert (f"1 cell(s) ran with other settings than the sweep file gives now ({1 - stopped} finished, {stopped} "
             "stopped part-way with a training state), e.g. a/d1/ft-seed0 (ran with: optim.iterations=6; now: "
@@ -580,17 +580,17 @@ def test_devices_this_machine_lacks_stop_the_sweep_before_any_cell(data, tmp_pat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for option, value in (("--gpus", "2"), ("--devices", "cpu,cuda:0"), ("--devices", "cuda")):
         code, stdout, stderr = _run_cli(argv + [option, value])
-        assert code == 2 and stderr.strip() == (f"unip sweep: error: {option} {value}: CUDA is not available on this "
-                                                "machine; run the cells on the CPU with --devices cpu (or cpu,cpu: "
-                                                "two at a time)"), stdout + stderr
+        assert code == 2 and stderr.strip() == (f"unip sweep run: error: {option} {value}: CUDA is not available on "
+                                                "this machine; run the cells on the CPU with --devices cpu (or "
+                                                "cpu,cpu: two at a time)"), stdout + stderr
         assert not out.exists()
     code, stdout, dry = _run_cli(argv + ["--gpus", "2", "--dry-run"])
     assert code == 2 and dry == stderr.replace("--devices cuda", "--gpus 2") and "8 cell(s)" in stdout
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     code, _, stderr = _run_cli(argv + ["--gpus", "2"])
-    assert code == 2 and stderr.strip() == ("unip sweep: error: --gpus 2: there is no cuda:1 on this machine, it has "
-                                            "1 CUDA device(s) (cuda:0); use --gpus 1 or fewer, or --devices with "
+    assert code == 2 and stderr.strip() == ("unip sweep run: error: --gpus 2: there is no cuda:1 on this machine, it "
+                                            "has 1 CUDA device(s) (cuda:0); use --gpus 1 or fewer, or --devices with "
                                             "indices below 1")
     assert not out.exists()
     from unip.sweep.run import check_devices

@@ -457,8 +457,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         return 0
     _check_run_folder(config["run"]["output"], DEFAULTS, {STUDENT_FILE: is_our_checkpoint}, config["run"]["resume"])
     result = train(config)
-    print(f"pre-training finished after {result.steps} steps (loss {result.last_loss:.4g}); "
-          f"student: {result.student}")
+    if result.is_main:  # under torchrun: one line, not one per rank
+        print(f"pre-training finished after {result.steps} steps (loss {result.last_loss:.4g}); "
+              f"student: {result.student}")
     return 0
 
 

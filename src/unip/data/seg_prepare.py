@@ -255,6 +255,10 @@ def _mfnet_jobs(raw: str) -> Tuple[Dict[str, List[str]], Dict[str, Job], List[st
         path = os.path.join(raw, split_file)
         if os.path.isfile(path):
             lists[split_file] = read_split_file(path)
+            odd = next((n for n in lists[split_file] if os.path.basename(n) != n or n in (".", "..")), None)
+            if odd is not None:  # it would read and write outside the data set's folders
+                raise DataError(f"{path}: lists {odd!r}, which is not a plain file name (MFNet's are like 00001D); "
+                                "fix the split file")
     notes = []
     for required in ("train.txt", "test.txt"):
         if required not in lists:

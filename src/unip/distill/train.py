@@ -106,6 +106,7 @@ class TrainResult:
     student: Path
     steps: int
     last_loss: float
+    is_main: bool = True  #: rank 0, the process that reports
 
 
 class StudentLogits(nn.Module):
@@ -384,7 +385,7 @@ def train(config: Config) -> TrainResult:
     ``unip.engine.loop.NonFiniteLossError`` / ``unip.engine.checkpointing.NonFiniteStateError`` when the run
     diverges (the last finite checkpoint is kept)."""
     result = train_task(NmiHadTask(config), config)
-    return TrainResult(result.model_path, result.steps, result.last_loss)
+    return TrainResult(result.model_path, result.steps, result.last_loss, result.is_main)
 
 
 __all__ = ["DEFAULTS", "NmiHadTask", "TrainResult", "batch_plan", "build_student", "make_config", "train"]

@@ -335,13 +335,15 @@ class Task:
 
 @dataclass
 class FitResult:
-    """Where the final model was written, the optimiser steps of the run, the last loss, and the best
-    evaluation (``best.json``'s record: metric, mode, value, step, file) or ``None``."""
+    """Where the final model was written, the optimiser steps of the run, the last loss, the best
+    evaluation (``best.json``'s record: metric, mode, value, step, file) or ``None``, and whether this process is
+    rank 0 (the one that reports)."""
 
     model_path: Path
     steps: int
     last_loss: float
     best: Optional[Dict[str, Any]] = None
+    is_main: bool = True
 
 
 def refuse_other_run(output: Union[str, Path]) -> None:
@@ -467,7 +469,7 @@ class Trainer:
                 bar.close()
         finally:
             self.log.close()
-        return FitResult(self._save_model(), ctx.step, ctx.last_loss, self.best)
+        return FitResult(self._save_model(), ctx.step, ctx.last_loss, self.best, ctx.dist.is_main)
 
     def _start(self) -> None:
         """Remove what killed saves left, resume (or refuse to start over another run's states), write
