@@ -483,8 +483,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                                    "the test split). Settings: preset (configs/finetune/<name>.yaml, or "
                                    "configs/linprobe/ with --probe; or a YAML file), then the options, then --set. "
                                    "Multi-GPU: torchrun --nproc_per_node=N -m unip.cli finetune ...")
-    p.add_argument("preset", nargs="?", help="preset: {soda,mfnet,scut}_{tiny,small,base,large} or toy, or a YAML "
-                                             "file (default: the SODA / UNIP-S recipe)")
+    p.add_argument("preset", nargs="?", help=f"preset ({', '.join(list_presets('finetune'))}; with --probe: "
+                                             f"{', '.join(list_presets('linprobe'))}) or a YAML file (default: the "
+                                             "SODA / UNIP-S recipe)")
     p.add_argument("--pretrained", metavar="SOURCE",
                    help="backbone: our pretrain output, a release/MAE/DINO/iBOT/DeiT checkpoint, timm:NAME[@FILE], "
                         "or none (random initialisation of the preset's model.backbone)")
