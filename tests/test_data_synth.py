@@ -121,12 +121,29 @@ def test_a_labeled_rerun_replaces_its_own_set_only(tmp_path):
         assert np.array_equal(np.asarray(lab), render_scene(1, 1, 32, 48, name="soda-synth")[1])
 
 
+def test_a_rerun_after_a_killed_or_interrupted_run_goes_through(tmp_path):
+    """A hard kill leaves an atomic write's temporary file; an interrupted smaller rerun leaves split files listing
+    images it had already removed. Neither makes unip's own folder look foreign."""
+    write_soda(str(tmp_path), 6, 2, size=(48, 32), seed=0)
+    for i in (5, 6, 7):  # what a Ctrl-C of a --num 4 rerun leaves: surplus removed, old split files kept
+        os.remove(tmp_path / "JPEGImages" / f"0000{i}.jpg")
+        os.remove(tmp_path / "SegmentationClassPNG" / f"0000{i}.png")
+    (tmp_path / "SegmentationClassPNG" / ".00001.png.tmp-999").write_bytes(b"half a png")
+    assert write_soda(str(tmp_path), 3, 1, size=(48, 32), seed=0).splits["test"] == ["00003"]
+    assert sorted(os.listdir(tmp_path / "SegmentationClassPNG")) == [f"0000{i}.png" for i in range(4)]
+    thermal = tmp_path / "u" / "synth" / "thermal"
+    write_unlabeled(str(tmp_path / "u"), 2, size=(32, 32))
+    (thermal / ".synth_000001.jpg.tmp-999").write_bytes(b"half a jpeg")
+    write_unlabeled(str(tmp_path / "u"), 2, size=(32, 32))
+    assert sorted(os.listdir(thermal)) == ["synth_000000.jpg", "synth_000001.jpg"]
+
+
 def test_unlabeled_frames_named_like_ours_but_not_ours_are_refused(tmp_path):
     folder = tmp_path / "synth" / "thermal"
     folder.mkdir(parents=True)
     Image.fromarray(np.full((32, 32), 7, np.uint8)).save(folder / "synth_000000.jpg")
     before = _snapshot(tmp_path)
-    with pytest.raises(ConfigError, match="synth_000000.jpg"):
+    with pytest.raises(ConfigError, match="synth_000000.jpg.*without unip's mark: if an earlier unip version"):
         write_unlabeled(str(tmp_path), 2, size=(32, 32))
     assert _snapshot(tmp_path) == before
 

@@ -259,6 +259,9 @@ def test_random_initialisation_is_said_clearly(assets, tmp_path, one_thread, cap
     assert "RANDOM INITIALISATION of unip_vit_tiny_patch16" in capsys.readouterr().out
     metrics = read_metrics(out / "metrics.json")
     assert metrics["model"]["backbone"]["random_init"] and metrics["model"]["backbone"]["depth"] == 12
+    state = torch.load(next((out / "checkpoints").glob("step-*.pt")), weights_only=True)
+    # random weights differ per rank (seed + rank): the state names the initialisation, which run.seed fixes
+    assert state["extra"]["plan"]["backbone weights (digest)"] == "random initialisation"
 
 
 # ----------------------------------------------------------------------------------------------- resume and DDP

@@ -440,6 +440,38 @@ def test_resume_compares_what_the_task_trains_on(tmp_path, caplog):
     assert result.steps == 4 and "data set soda → mfnet" in caplog.text
 
 
+class Legacy(Described):
+    """Today's record names the data by a digest; states of older versions named it by ``data set``."""
+
+    def __init__(self, data: str) -> None:
+        super().__init__(data)
+
+    def resume_record(self, ctx):
+        return {"data digest": "d"}
+
+    def legacy_resume_record(self, ctx):
+        return {"data set": self.data}
+
+
+def test_states_of_older_versions_are_checked_by_what_they_recorded(tmp_path):
+    out = tmp_path / "run"
+    train_task(Described("soda"), _config(out, **{"optim.iterations": 4}))  # an older version's state
+    with pytest.raises(ConfigError, match=r"data set soda → mfnet"):
+        train_task(Legacy("mfnet"), _config(out, **{"optim.iterations": 4, "run.resume": "auto"}))
+    assert train_task(Legacy("soda"), _config(out, **{"optim.iterations": 4, "run.resume": "auto"})).steps == 4
+
+
+def test_an_accum_iter_of_1_beside_effective_batch_is_what_old_configs_state(caplog):
+    from unip.engine.trainer import batch_plan
+
+    optim = {"batch_size": 4, "effective_batch": 16, "lr": 1e-3}
+    with caplog.at_level("WARNING", logger="unip"):
+        assert batch_plan(dict(optim, accum_iter=1), 1)[:2] == (4, 16)
+    assert "optim.accum_iter=1 is not used" in caplog.text
+    with pytest.raises(ConfigError, match="optim.accum_iter=2 contradicts"):
+        batch_plan(dict(optim, accum_iter=2), 1)
+
+
 # ------------------------------------------------------------------------------------------ unip pretrain
 @pytest.fixture(scope="module")
 def pretrain_assets(tmp_path_factory):

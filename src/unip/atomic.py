@@ -53,7 +53,10 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, file_mode())
+        try:
+            os.chmod(tmp, file_mode())
+        except OSError:  # file systems without modes (vfat, some network mounts): the write still counts
+            pass
         os.replace(tmp, target)
     finally:
         if tmp.exists():

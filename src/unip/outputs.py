@@ -96,11 +96,15 @@ def claim_folder(folder: str, ours: Pattern[str], option: str = "--out", is_ours
     ``ConfigError`` naming a few of the other entries."""
     out_folder(folder, option)
     foreign = foreign_names(folder, ours)
+    unmarked = False
     if is_ours is not None and not foreign and os.path.isdir(folder):
         foreign = sorted(name for name in os.listdir(folder) if not _safely(is_ours, os.path.join(folder, name)))
+        unmarked = bool(foreign)
     if foreign:
         shown = ", ".join(repr(name) for name in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ConfigError(f"{folder}: holds files unip did not write ({shown}); nothing was changed: "
+        hint = (" (named like unip's output but without unip's mark: if an earlier unip version wrote them, "
+                "delete them)" if unmarked else "")
+        raise ConfigError(f"{folder}: holds files unip did not write ({shown}){hint}; nothing was changed: "
                           f"choose another {option}")
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from unip.data.layouts import (IGNORE_INDEX, SODA_CLASSES, SODA_IMAGE_DIR, SODA_LABEL_DIR, SODA_SPLITS,
                                THERMAL_DIR)
+from unip.atomic import remove_temporaries
 from unip.errors import ConfigError, DataError
 from unip.memory import require_memory
 from unip.outputs import (claim, claim_folder, is_our_jpeg, is_our_png, out_folder, plain_name, save_jpeg,
@@ -294,6 +295,7 @@ def write_unlabeled(root: str, num: int, name: str = "synth", size: Tuple[int, i
     width, height = check_size(size)
     folder = os.path.join(out_folder(root), plain_name(name, "--name"), THERMAL_DIR)
     ours = re.compile(rf"^{re.escape(name)}_\d{{6}}\.(jpg|png)$")
+    remove_temporaries(folder, ours.match)  # a killed run's: they would make the folder look foreign
     claim_folder(folder, ours, is_ours=_is_our_image)
     os.makedirs(folder, exist_ok=True)
     suffix = ".jpg" if bit_depth == 8 else ".png"
@@ -324,11 +326,18 @@ def write_soda_sample(root: str, image_id: str, image: np.ndarray, label: np.nda
 
 def _is_our_split_file(root: str, path: str) -> bool:
     """True for a split file of an earlier :func:`write_soda` into ``root``: one numeric id per line, each the
-    id of a JPEG unip wrote in ``root/JPEGImages`` (an empty file holds nothing to lose)."""
+    id of a JPEG unip wrote in ``root/JPEGImages``, or of a removed one while unip's set is still there (an empty
+    file holds nothing to lose)."""
     with open(path, "r", encoding="utf-8") as fh:
         ids = [line.strip() for line in fh if line.strip()]
-    return all(re.fullmatch(r"\d{5,}", i) and _is_our_image(os.path.join(root, SODA_IMAGE_DIR, f"{i}.jpg"))
-               for i in ids)
+    if not all(re.fullmatch(r"\d{5,}", i) for i in ids):
+        return False
+    folder = os.path.join(root, SODA_IMAGE_DIR)
+    present = [path for path in (os.path.join(folder, f"{i}.jpg") for i in ids) if os.path.lexists(path)]
+    # ids without their image: a rerun interrupted after removing a larger set's surplus; the set must still be
+    # there (its images were all claimed as unip's before the split files are looked at)
+    set_left = os.path.isdir(folder) and any(_is_our_image(os.path.join(folder, n)) for n in os.listdir(folder))
+    return not ids or (set_left and all(_is_our_image(path) for path in present))
 
 
 def write_split_files(root: str, splits: Dict[str, Sequence[str]]) -> None:
@@ -356,6 +365,7 @@ def write_soda(root: str, num_train: int, num_test: int, size: Tuple[int, int] =
     suffixes = {SODA_IMAGE_DIR: ".jpg", SODA_LABEL_DIR: ".png"}
     ours = {sub: re.compile(rf"^\d{{5,}}{re.escape(suffix)}$") for sub, suffix in suffixes.items()}
     for sub, pattern in ours.items():
+        remove_temporaries(os.path.join(root, sub), pattern.match)  # a killed run's
         claim_folder(os.path.join(root, sub), pattern, is_ours=_is_our_image)
     claim([os.path.join(root, name) for name in SODA_SPLITS.values()], partial(_is_our_split_file, root))
     ids = [f"{i:05d}" for i in range(num_train + num_test)]

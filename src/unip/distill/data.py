@@ -115,8 +115,13 @@ def describe_skipped(dataset: Dataset, limit: int = 3) -> str:
 
 def image_files(dataset: GrayImages) -> Sequence[str]:
     """The original file of every image of a pre-training data set, in index order (a pack lists the files it
-    was packed from)."""
-    return dataset.paths() if isinstance(dataset, PackedImages) else dataset.files  # type: ignore[attr-defined]
+    was packed from; a pack without that list: its shards' names and each image's place and size)."""
+    if not isinstance(dataset, PackedImages):
+        return dataset.files  # type: ignore[attr-defined]
+    try:
+        return dataset.paths()
+    except DataError:  # the paths file is optional for training
+        return [f"{dataset.meta['shards'][int(s)]}/{o}/{h}x{w}" for s, o, h, w, _ in dataset.index.tolist()]
 
 
 def take(dataset: Dataset, count: int, seed: int = 0) -> list:

@@ -371,6 +371,10 @@ class NmiHadTask(Task):
 
         return checkpoint_header(model, self.student_meta(ctx))  # type: ignore[arg-type]
 
+    def legacy_resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
+        """What states written before the content digests recorded: the teacher's and the data's paths."""
+        return {"teacher.source": str(self.config["teacher"]["source"]), "data.path": str(self.config["data"]["path"])}
+
     def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
         """The distilled student as a self-describing safetensors file (``unip finetune --pretrained``)."""
         from unip.checkpoint import save_checkpoint

@@ -143,8 +143,9 @@ def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
     """``(accum_iter, effective_batch, peak_lr)`` from the optimiser settings and the world size.
 
     With ``effective_batch`` set, the accumulation is derived from it; an ``accum_iter`` set as well must give
-    the same number (a ``ConfigError`` otherwise: one of the two would be ignored). Without it, ``accum_iter``
-    (``null``: 1) is used as given."""
+    the same number (a ``ConfigError`` otherwise: one of the two would be ignored), except 1, which is what
+    configs written before ``accum_iter`` defaulted to null state: it is ignored with a warning. Without it,
+    ``accum_iter`` (``null``: 1) is used as given."""
     batch = int(optim["batch_size"])
     given = optim.get("accum_iter")
     accum = int(given) if given is not None else 1
@@ -155,7 +156,11 @@ def batch_plan(optim: Config, world_size: int) -> Tuple[int, int, float]:
             raise ConfigError(f"optim.effective_batch={wanted} is not a multiple of "
                               f"batch_size × processes = {batch} × {world_size}; change optim.batch_size")
         derived = wanted // per_step
-        if given is not None and accum != derived:
+        if given is not None and accum == 1 and derived != 1:  # what every config.yaml before null stated
+            logger.warning("optim.accum_iter=1 is not used: optim.effective_batch=%s gives %s micro-batch(es) of %s "
+                           "on %s process(es) (set optim.effective_batch=null to use accum_iter)", wanted, derived,
+                           batch, world_size)
+        elif given is not None and accum != derived:
             raise ConfigError(f"optim.accum_iter={accum} contradicts optim.effective_batch={wanted}, which gives "
                               f"{derived} micro-batch(es) of {batch} on {world_size} process(es); drop "
                               "optim.accum_iter (--set optim.accum_iter=null), or set optim.effective_batch=null to "
@@ -316,6 +321,11 @@ class Task:
         """What the task trains and on what (setting name → plain value: teacher, model shape, data set, ...),
         stored in training states and compared on resume like the step plan: a change is refused unless
         ``run.allow_changed_config``. Called after ``build_model`` and ``train_dataset``. Default: nothing."""
+        return {}
+
+    def legacy_resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
+        """Entries older versions stored in place of today's (e.g. paths where content digests are now), compared
+        only against states that hold them, so such a state is checked as it was when written. Default: none."""
         return {}
 
     def model_header(self, model: nn.Module, ctx: TrainContext) -> Optional[str]:
@@ -534,6 +544,8 @@ class Trainer:
         if not saved:
             return
         current = self.plan_record()
+        current.update({key: value for key, value in self.task.legacy_resume_record(self.ctx).items()
+                        if key in saved and key not in current})
         changed = [f"{key} {saved.get(key)} → {current.get(key)}" for key in current
                    if key in saved and saved[key] != current[key]]
         if not changed:

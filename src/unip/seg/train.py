@@ -295,7 +295,9 @@ class SegmentationTask(Task):
         if not probe and float(model["layer_decay"]) != 1.0:
             self.lr_scale_fn = layer_decay_lr_scale(segmentor.backbone.depth, float(model["layer_decay"]))
         self.loss_weights = segmentor.loss_weights
-        self.backbone_fingerprint = weights_fingerprint(segmentor.backbone.state_dict())  # as loaded, before training
+        # as loaded, before training; a random initialisation differs per rank (seed + rank) and is set by run.seed
+        self.backbone_fingerprint = ("random initialisation" if self.random_init()
+                                     else weights_fingerprint(segmentor.backbone.state_dict()))
         self.backbone_info = describe_model(segmentor)
         return segmentor.to(ctx.device)
 
@@ -349,6 +351,10 @@ class SegmentationTask(Task):
                 "training images (file list digest)": f"{len(self.train_set)} images, {listing_fingerprint(files)}",
                 "data set layout": self.train_set.layout, "data.crop_size": int(self.config["data"]["crop_size"]),
                 "classes": self.train_set.num_classes, "mode": self.mode}
+
+    def legacy_resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
+        """What states written before the content digests recorded: the backbone's path and the data set root."""
+        return {"model.pretrained": str(self.config["model"]["pretrained"]), "data set root": self.train_set.root}
 
     def setup_record(self, ctx: TrainContext) -> Dict[str, Any]:
         return {"mode": self.mode, "pretrained": self.config["model"]["pretrained"],
