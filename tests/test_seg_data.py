@@ -661,3 +661,15 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv):
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "error" in captured.err and "Traceback" not in captured.err
+
+
+def test_read_label_holds_every_kind_of_label_image_to_max_id(tmp_path):
+    from unip.data.images import ImageReadError, read_label
+
+    ids = np.full((4, 6), 200, np.uint8)
+    for mode in ("L", "RGB"):  # 8-bit gray (palette images take the same path) and equal-channel colour
+        path = str(tmp_path / f"{mode}.png")
+        Image.fromarray(ids).convert(mode).save(path)
+        assert read_label(path).max() == 200
+        with pytest.raises(ImageReadError, match="up to 200 are not ids in 0..100"):
+            read_label(path, max_id=100)

@@ -173,7 +173,7 @@ def to_label(img: Image.Image, path: str, max_id: int = 255) -> np.ndarray:
         raise ValueError(f"max_id {max_id}: label ids are read as uint8 (up to 255) or uint16 (up to 65535)")
     dtype = np.uint8 if max_id <= 255 else np.uint16
     if img.mode in ("L", "P", "1"):
-        return np.array(img, dtype=dtype)
+        return _at_most(np.array(img, dtype=dtype), max_id, path)
     if img.mode in _HIGH_DEPTH_MODES:
         values = np.asarray(img)
         if values.min() < 0 or values.max() > max_id or not np.array_equal(values, np.round(values)):
@@ -185,9 +185,16 @@ def to_label(img: Image.Image, path: str, max_id: int = 255) -> np.ndarray:
     if img.mode in ("RGB", "RGBA"):
         rgb = np.asarray(img)[:, :, :3]
         if np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 1], rgb[:, :, 2]):
-            return np.ascontiguousarray(rgb[:, :, 0], dtype=dtype)
+            return _at_most(np.ascontiguousarray(rgb[:, :, 0], dtype=dtype), max_id, path)
     raise ImageReadError(path, "not-ids", f"a {img.mode} label image holds colours, not class ids; save "
                          "one id per pixel as an 8-bit gray or palette PNG")
+
+
+def _at_most(ids: np.ndarray, max_id: int, path: str) -> np.ndarray:
+    """``ids`` when none is above ``max_id`` (8-bit images hold up to 255 by themselves), else ``ImageReadError``."""
+    if max_id < 255 and ids.size and int(ids.max()) > max_id:
+        raise ImageReadError(path, "not-ids", f"label values up to {int(ids.max())} are not ids in 0..{max_id}")
+    return ids
 
 
 def read_label(path: str, max_id: int = 255) -> np.ndarray:
