@@ -174,14 +174,18 @@ def _trainer(assets, tmp_path, **values):
     return Trainer(SegmentationTask(config), config, init_distributed("cpu"))
 
 
-def test_batch_settings_refuse_contradictions_and_advise_what_works(assets, tmp_path):
+def test_batch_settings_refuse_contradictions_and_advise_what_works(assets, tmp_path, caplog):
     """optim.effective_batch decides the accumulation: an optim.accum_iter that gives another total is refused
-    (also 1, which used to be ignored without a word); a training split too small for one step names a setting
-    that fits it, and following the advice trains."""
+    (1, what configs written before accum_iter defaulted to null state, is ignored with a warning, no longer
+    without a word); a training split too small for one step names a setting that fits it, and following the
+    advice trains."""
     from unip.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"optim.accum_iter=1 contradicts optim.effective_batch=8.*gives 2"):
-        _trainer(assets, tmp_path, **{"optim.effective_batch": 8, "optim.accum_iter": 1})
+    with pytest.raises(ConfigError, match=r"optim.accum_iter=3 contradicts optim.effective_batch=8.*gives 2"):
+        _trainer(assets, tmp_path, **{"optim.effective_batch": 8, "optim.accum_iter": 3})
+    with caplog.at_level("WARNING", logger="unip"):
+        assert _trainer(assets, tmp_path, **{"optim.effective_batch": 8, "optim.accum_iter": 1}).ctx.plan.accum == 2
+    assert "optim.accum_iter=1 is not used: optim.effective_batch=8 gives 2" in caplog.text
     trainer = _trainer(assets, tmp_path, **{"optim.effective_batch": 8, "optim.accum_iter": 2})
     assert (trainer.ctx.plan.accum, trainer.ctx.plan.effective_batch) == (2, 8)
     # 16 training images, batch 4: effective 32 needs 8 micro-batches, more than an epoch has

@@ -581,7 +581,7 @@ CASES: List[Case] = [
     Case("finetune: --probe linear with --set model.head=upernet", lambda a: a.finetune(
          "--probe", "linear", "--set", "model.head=upernet"), match="--probe.*model.head=upernet"),
     Case("finetune: an accum_iter that contradicts the effective batch", lambda a: a.finetune(
-         "--set", "optim.effective_batch=4", "--set", "optim.accum_iter=1"), match="optim.accum_iter=1 contradicts"),
+         "--set", "optim.effective_batch=4", "--set", "optim.accum_iter=3"), match="optim.accum_iter=3 contradicts"),
     Case("finetune: fewer training images than one step of the effective batch", lambda a: a.finetune(
          "--set", "optim.effective_batch=8"), match="4 samples.*optim.effective_batch to at most 4"),
     Case("finetune: --out holds the report of unip evaluate", lambda a: a.finetune(out=a.out_with("ev", {

@@ -321,8 +321,7 @@ def test_accumulation_and_effective_batch_must_agree():
     assert batch_plan(dict(optim, accum_iter=1), 16)[0] == 1
     with pytest.raises(ConfigError, match="contradicts"):
         batch_plan(dict(optim, accum_iter=3), 2)
-    with pytest.raises(ConfigError, match="optim.accum_iter=1 contradicts"):  # no longer ignored without a word
-        batch_plan(dict(optim, accum_iter=1), 2)
+    assert batch_plan(dict(optim, accum_iter=1), 2)[0] == 8  # what old configs state: ignored with a warning
     assert make_config("toy")["optim"]["accum_iter"] == 1
     assert make_config("mae-l_unip-s", ("optim.effective_batch=null",))["optim"]["accum_iter"] == 1  # stated
     with pytest.raises(ConfigError, match="not a multiple"):
