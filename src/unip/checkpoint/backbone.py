@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from unip.atomic import atomic_path
 from unip.checkpoint.architecture import _misfit, check_architecture, check_fits, infer_architecture
@@ -232,13 +232,18 @@ def save_checkpoint(model: VisionTransformer, path: PathLike, meta: Optional[Map
     The config holds the architecture (``VisionTransformer`` kwargs plus ``heads_per_block``), patch and
     image size, the input normalisation (default: InfMix mean/std) and any ``meta`` entries (JSON-able).
     ``load_model(path)`` rebuilds the model from it. Returns the path written."""
+    return write_model_file(model, path, checkpoint_header(model, meta), "checkpoints")
+
+
+def write_model_file(module: nn.Module, path: PathLike, header: str, what: str) -> Path:
+    """Write ``module``'s weights as safetensors with ``header`` as its ``unip.config`` metadata, atomically;
+    ``what`` names the files in the error for another suffix. Returns the path written."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: checkpoints are written as .safetensors; change the file name")
-    header = checkpoint_header(model, meta)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        raise CheckpointError(f"{path}: {what} are written as .safetensors; change the file name")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: header})
     return path

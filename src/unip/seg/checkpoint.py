@@ -22,7 +22,6 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from torch import Tensor
 
-from unip.atomic import atomic_path
 from unip.checkpoint import (CONFIG_METADATA_KEY, check_architecture, infer_architecture, normalize_keys,
                              read_checkpoint)
 from unip.checkpoint.backbone import non_finite_problem
@@ -43,16 +42,9 @@ def save_segmentor(segmentor: Segmentor, path: PathLike, meta: Optional[Mapping[
     """Write ``segmentor`` as safetensors with its config and ``segmentor.meta`` (updated by ``meta``:
     class names, palette, normalisation, crop/stride, training facts; JSON-able) in the header, atomically.
     ``load_segmentor(path)`` rebuilds it. Returns the path written."""
-    from safetensors.torch import save_file
+    from unip.checkpoint.backbone import write_model_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: segmentors are written as .safetensors; change the file name")
-    header = segmentor_header(segmentor, meta)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in segmentor.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: header})
-    return path
+    return write_model_file(segmentor, path, segmentor_header(segmentor, meta), "segmentors")
 
 
 def segmentor_header(segmentor: Segmentor, meta: Optional[Mapping[str, Any]] = None) -> str:
