@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from unip.atomic import replace_folder
 from unip.data.images import ImageReadError, read_gray, resize_short_side
 from unip.data.infmix import Entry, read_manifest
 from unip.data.parallel import thread_map
@@ -196,15 +197,6 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _publish(tmp: str, out: str) -> None:
-    """Replace ``out`` by ``tmp`` so that readers never see a half-written pack."""
-    old = f"{os.path.abspath(out)}.old-{os.getpid()}"
-    if os.path.exists(out):
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def pack_manifest(manifest: Union[str, Sequence[Entry]], out: str, short_side: int = DEFAULT_SHORT_SIDE,
                   shard_bytes: int = DEFAULT_SHARD_BYTES, workers: Optional[int] = None) -> PackResult:
     """Decode, grayscale and resize every image of ``manifest`` into a pack folder ``out``.
@@ -256,7 +248,7 @@ def pack_manifest(manifest: Union[str, Sequence[Entry]], out: str, short_side: i
                 "manifest": os.path.abspath(manifest) if isinstance(manifest, str) else None}
         with open(os.path.join(tmp, INDEX_JSON), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=1)
-        _publish(tmp, out)
+        replace_folder(tmp, out)  # readers never see a half-written pack
     except BaseException:
         writer.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -102,13 +102,19 @@ def load_teacher(source: str, layer: int, student_patch: int = 16, img_size: Opt
 
     ``img_size`` (the student's input size) lets the teacher build its position table for that grid once
     instead of resampling it on every batch."""
+    model, digest = load_teacher_model(source, img_size, student_patch)
+    return Teacher(model, layer, student_patch, digest)
+
+
+def load_teacher_model(source: str, img_size: Optional[int] = None,
+                       student_patch: int = 16) -> Tuple[VisionTransformer, str]:
+    """The teacher backbone of ``source`` (fitted to the grid of ``img_size`` px student inputs when given) and the
+    digest of its weights as read (``unip.fingerprint``: independent of input size and the layer it is cut at)."""
     from unip.checkpoint import load_model
 
     model = load_model(source)
     digest = weights_fingerprint(model.state_dict())
-    if img_size:
-        model = fit_to_grid(model, img_size, student_patch)
-    return Teacher(model, layer, student_patch, digest)
+    return (fit_to_grid(model, img_size, student_patch) if img_size else model), digest
 
 
 def fit_to_grid(model: VisionTransformer, student_size: int, student_patch: int = 16) -> VisionTransformer:

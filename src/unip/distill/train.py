@@ -27,7 +27,7 @@ from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, normalize_batch
 from unip.distill.data import (crop_transform, describe_skipped, frame_transform, image_files, open_pretrain_images,
                               take)
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
-from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, fit_to_grid
+from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, load_teacher_model
 from unip.engine.checkpointing import resolve_resume
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
 from unip.engine.distributed import DistInfo, all_reduce_sum
@@ -35,7 +35,7 @@ from unip.engine.logging import LOG_FILE, last_logged
 from unip.engine.loop import PRECISIONS, Precision
 from unip.engine.trainer import CHECKPOINT_DIR, Task, TrainContext, batch_plan, settle_accumulation, train_task
 from unip.errors import ConfigError
-from unip.fingerprint import listing_fingerprint, weights_fingerprint
+from unip.fingerprint import listing_fingerprint
 from unip.models import create_model, list_models, preset_config
 from unip.models.cpu_linear import decide, linear_kernel, requested_choice, use_onednn_linears
 from unip.models.quantize import fp8_unavailable_reason
@@ -175,14 +175,11 @@ def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
     (``Teacher.set_precision``; fp32 on a CPU with the linear kernel of ``teacher_linear_kernel``).
 
     Returns the teacher and a line describing the choice."""
-    from unip.checkpoint import load_model
-
     teach = config["teacher"]
     if not teach["source"]:
         raise ConfigError("no teacher: pass --teacher SOURCE (a checkpoint file or timm:<name>)")
-    loaded = load_model(teach["source"])
-    digest = weights_fingerprint(loaded.state_dict())  # of the file: independent of input size and layer
-    model = fit_to_grid(loaded, int(config["data"]["input_size"]), patch).to(dist.device)
+    model, digest = load_teacher_model(teach["source"], int(config["data"]["input_size"]), patch)
+    model = model.to(dist.device)
     kernel = teacher_linear_kernel(model, config, dist, precision)
     layer = teach["layer"]
     resumed = resumed_layer(config) if layer == "auto" else None
