@@ -6,9 +6,11 @@
 #         (benchmarks/pretrain_throughput.py: release, ours, ours+compile, ours+compile+fp8)
 #   e2e:  CUDA tests, then `unip pretrain` end to end on the generated pack (made first if missing; batch 256,
 #         14 workers, bf16 and FP8 teacher), images/s read from its own log.jsonl
-#   next: what a 15-minute device session should run first (< 9 min): the end-to-end `unip pretrain` run
-#         (bf16 teacher only), then the step (release against ours+compile) with a profile of ours+compile
-#         (profile_ours_compile.txt: device-busy share, top kernels, products by shape) to find the lost MFU
+#   next: what a 15-minute device session should run first (< 9 min; all in $OUT/next.tgz): the end-to-end
+#         `unip pretrain` run (bf16 teacher only), the step (release against ours+compile) with a profile of
+#         ours+compile (profile_ours_compile.txt: device-busy share, top kernels, products by shape), then
+#         experiments against the release, each in its own process: static-shape compilation (--compile-static),
+#         an FP8 teacher compiled too (--fp8-compile), and max-autotune-no-cudagraphs
 #   seg:  UNIP-S segmentation at 512 px (benchmarks/seg_throughput.py): fine-tuning step images/s and bf16/fp16
 #         MFU (eager and compiled), batched sliding windows against one at a time
 # Usage (repo root, a python3 with torch, timm, safetensors, pyyaml, tqdm, tensorboard; torchao wheels in
@@ -33,8 +35,8 @@ make_data() {  # 20,480 generated 320x256 thermal scenes, packed at short side 2
   python3 -m unip.cli data pack "$W/infmix.jsonl" --out "$W/pack" --short-side 256 --workers 16
 }
 
-step() {
-  python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
+env_info() {  # env_info FILE: torch, GPU, torchao, whether FP8 runs, CPU count
+  python3 - <<'PY' 2>&1 | grep -v -i warning | tee "$1"
 import torch
 from unip.models.quantize import fp8_unavailable_reason
 print("torch", torch.__version__, "|", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability())
@@ -44,7 +46,11 @@ except ImportError as err:
     print("torchao missing:", err)
 print("fp8:", fp8_unavailable_reason(torch.device("cuda")) or "available")
 PY
-  nproc >> "$OUT/env.txt"
+  nproc >> "$1"
+}
+
+step() {
+  env_info "$OUT/env.txt"
   make_data > "$OUT/data.txt" 2>&1 &
   data=$!
   timeout 150 python3 benchmarks/fp8_teacher.py --json "$OUT/fp8.json" 2>&1 | grep -v Warning | tee "$OUT/fp8.txt"
@@ -54,40 +60,65 @@ PY
     | grep -v Warning | tee "$OUT/step.txt"
 }
 
-e2e() {  # e2e [teachers...]: default bf16 and fp8
-  make_data > "$OUT/data.txt" 2>&1 &
-  data=$!
-  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_analysis.py -k "fp8 or cuda" \
-    2>&1 | tail -3 | tee "$OUT/cuda_tests.txt"
+prepare() {  # prepare DIR: the pack (made in the background), the CUDA tests meanwhile, a random ViT-L teacher
+  make_data > "$1/data.txt" 2>&1 &
+  local data=$!
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_analysis.py -k "fp8 or cuda" \
+    2>&1 | tail -3 | tee "$1/cuda_tests.txt"
   [ -f "$W/vitl.safetensors" ] || python3 -c "
 from unip.checkpoint import save_checkpoint; from unip.models import create_model
 save_checkpoint(create_model('vit_large_patch16'), '$W/vitl.safetensors', {'note': 'random ViT-L'})"
   wait $data
+  tail -2 "$1/data.txt"
+}
+
+e2e() {  # e2e [teachers...]: default bf16 and fp8
+  prepare "$OUT"
   local teachers=("$@")
   [ $# -eq 0 ] && teachers=(bf16 fp8)
   for teacher in "${teachers[@]}"; do
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 1000 > "$OUT/smi_$teacher.csv" &
-    smi=$!
-    timeout 170 python3 -m unip.cli pretrain mae-l_unip-s --teacher "$W/vitl.safetensors" --data "$W/pack" \
-      --out "$W/run_$teacher" --epochs 2 --batch-size 256 --accum-iter 1 --set optim.effective_batch=null \
-      --workers 14 --teacher-precision "$teacher" --set run.log_every=10 --set run.progress=false \
-      --set run.save_every_steps=0 2>&1 | grep -v Warning | tail -5
-    kill $smi
-    cp "$W/run_$teacher/log.jsonl" "$OUT/e2e_$teacher.jsonl"
-    python3 - "$OUT/e2e_$teacher.jsonl" <<'PY' | tee -a "$OUT/e2e.txt"
+    e2e_run "$teacher" 170
+  done
+}
+
+e2e_run() {  # e2e_run TEACHER_PRECISION SECONDS: `unip pretrain` on the pack, images/s from its log.jsonl
+  local teacher=$1
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 1000 > "$OUT/smi_$teacher.csv" &
+  local smi=$!
+  timeout "$2" python3 -m unip.cli pretrain mae-l_unip-s --teacher "$W/vitl.safetensors" --data "$W/pack" \
+    --out "$W/run_$teacher" --epochs 2 --batch-size 256 --accum-iter 1 --set optim.effective_batch=null \
+    --workers 14 --teacher-precision "$teacher" --set run.log_every=10 --set run.progress=false \
+    --set run.save_every_steps=0 2>&1 | grep -v Warning | tail -5
+  kill $smi
+  cp "$W/run_$teacher/log.jsonl" "$OUT/e2e_$teacher.jsonl"
+  python3 - "$OUT/e2e_$teacher.jsonl" <<'PY' | tee -a "$OUT/e2e.txt"
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if '"images_per_s"' in line]
 rates = [r["images_per_s"] for r in rows[2:]]  # the first windows include compilation
 print(sys.argv[1], "windows", len(rows), "median images/s after warm-up",
       round(statistics.median(rates), 1) if rates else None, "last loss", rows[-1]["loss"] if rows else None)
 PY
-  done
 }
 
-next() {
-  e2e bf16
-  timeout 240 python3 benchmarks/pretrain_throughput.py --batch-size 256 --rows release,ours+compile \
-    --profile ours+compile --profile-out "$OUT" --json "$OUT/step.json" 2>&1 | grep -v Warning | tee "$OUT/step.txt"
+next() {  # everything also lands in $OUT/next.tgz after each part (a device session returns at most 8 files)
+  local R=$W/next
+  mkdir -p "$R"
+  save() { tar czf "$OUT/next.tgz" -C "$R" . ; }
+  env_info "$R/env.txt"
+  prepare "$R"; save
+  OUT=$R e2e_run bf16 110; save
+  trial step 110 --rows release,ours+compile --profile ours+compile --profile-out "$R"
+  trial step_static 80 --rows release,ours+compile --compile-static
+  trial step_fp8_compiled 70 --rows release,ours+compile+fp8 --fp8-compile --compile-static
+  trial step_autotune 140 --rows release,ours+compile --compile-static --compile-mode max-autotune-no-cudagraphs
+}
+
+trial() {  # trial NAME SECONDS ARGS...: the step benchmark (batch 256) in its own process, into $R/NAME.{txt,json}
+  local name=$1 seconds=$2
+  shift 2
+  timeout "$seconds" python3 benchmarks/pretrain_throughput.py --batch-size 256 --json "$R/$name.json" "$@" 2>&1 \
+    | grep -v Warning | tail -30 | tee "$R/$name.txt"
+  save
 }
 
 seg() {

@@ -34,6 +34,7 @@ with ``--profile-trace``, ``trace_<row>.json``: a Chrome/Perfetto trace).
 Usage: ``python benchmarks/pretrain_throughput.py [--device cpu|cuda] [--batch-size 8|256] [--steps 5]
 [--rows release,ours,ours+bf16,ours+compile,ours+compile+fp8] [--naive] [--teacher vit_large_patch16] [--layer 18]
 [--student unip_vit_small_patch16] [--img-size 224] [--peak-tflops 989] [--json FILE]
+[--compile-mode MODE] [--compile-static] [--fp8-compile]
 [--profile ROW] [--profile-steps 3] [--profile-out DIR] [--profile-trace]``
 """
 
@@ -140,8 +141,11 @@ def naive_step(student: VisionTransformer, teacher: VisionTransformer, layer: in
 
 
 # ------------------------------------------------------------------------------------------ our step
-def our_step(student: VisionTransformer, teacher: Teacher, precision: Precision, compiled: bool) -> Step:
-    """``unip pretrain``'s step: ``train_step`` over ``StudentLogits`` and the cut ``Teacher``."""
+def our_step(student: VisionTransformer, teacher: Teacher, precision: Precision, compiled: bool,
+             compile_options: Optional[Dict[str, object]] = None, compile_fp8: bool = False) -> Step:
+    """``unip pretrain``'s step: ``train_step`` over ``StudentLogits`` and the cut ``Teacher``.
+    ``compile_options`` (for ``torch.compile``) and ``compile_fp8`` (compile an FP8 teacher too, which
+    ``unip pretrain`` keeps eager) are experiments for the GPU sessions."""
     freeze_unused(student)
     mask_key_bias_grads(student)
     optimizer = build_adamw(student, 1e-4, 0.05, (0.9, 0.95))
@@ -149,10 +153,11 @@ def our_step(student: VisionTransformer, teacher: Teacher, precision: Precision,
     model: nn.Module = StudentLogits(student)
     loss_fn = attention_distill_loss
     if compiled:  # as unip pretrain compiles: block by block (an FP8 teacher stays eager), and the loss
-        student.compile_blocks()
-        if teacher.precision != "fp8":
-            teacher.model.compile_blocks()
-        loss_fn = torch.compile(attention_distill_loss)
+        options = compile_options or {}
+        student.compile_blocks(**options)
+        if teacher.precision != "fp8" or compile_fp8:
+            teacher.model.compile_blocks(**options)
+        loss_fn = torch.compile(attention_distill_loss, **options)
 
     def loss_of(images: Tensor) -> Tensor:
         return loss_fn(model(images), teacher(images))
@@ -222,6 +227,13 @@ def profile_step(name: str, step: Step, images: Tensor, steps: int, out: str, tr
     return busy
 
 
+def compile_options(args: argparse.Namespace) -> Dict[str, object]:
+    options: Dict[str, object] = {"mode": args.compile_mode} if args.compile_mode else {}
+    if args.compile_static:  # teacher and student blocks differ in width and heads: dynamo would go dynamic
+        options["dynamic"] = False
+    return options
+
+
 def build_rows(args: argparse.Namespace, device: torch.device) -> Dict[str, Step]:
     torch.manual_seed(0)
     teacher_ref = create_model(args.teacher, img_size=args.img_size).eval().requires_grad_(False)
@@ -250,9 +262,13 @@ def build_rows(args: argparse.Namespace, device: torch.device) -> Dict[str, Step
                 continue
             precision = Precision(device.type, torch.bfloat16) if row.endswith("+bf16") else ours_precision
             weights = "fp8" if fp8 else ("bf16" if precision.dtype is torch.bfloat16 else "fp32")
-            steps[row] = our_step(fresh_student(), fresh_teacher(weights), precision, "compile" in row)
+            steps[row] = our_step(fresh_student(), fresh_teacher(weights), precision, "compile" in row,
+                                  compile_options(args), args.fp8_compile)
         else:
             raise SystemExit(f"unknown row {row!r}; choose from {', '.join(ALL_ROWS + ('ours+bf16', 'naive'))}")
+    if not any(row in steps for row in ("ours", "ours+bf16")):  # model FLOPs are counted on an eager step
+        steps["(flops)"] = our_step(fresh_student(), fresh_teacher("bf16" if device.type == "cuda" else "fp32"),
+                                    ours_precision, False)
     return steps
 
 
@@ -270,6 +286,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--layer", type=int, default=18)
     parser.add_argument("--student", default="unip_vit_small_patch16")
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled rows, e.g. "
+                                                             "max-autotune-no-cudagraphs (default: torch's)")
+    parser.add_argument("--compile-static", action="store_true",
+                        help="compile with dynamic=False (static shapes for teacher and student blocks)")
+    parser.add_argument("--fp8-compile", action="store_true",
+                        help="compile the FP8 teacher's blocks too (unip pretrain keeps an FP8 teacher eager)")
     parser.add_argument("--profile", default=None, metavar="ROW", help="profile this row after timing")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-out", default="profile", help="folder for the profile's table and trace")
@@ -293,9 +315,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
     steps = build_rows(args, device)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    eager_ours = [row for row in steps if row.startswith("ours") and "compile" not in row and "fp8" not in row]
-    flops_row = (eager_ours or [row for row in steps if row.startswith("ours")] or list(steps))[0]
-    flops = count_flops(steps[flops_row], images) / args.batch_size
+    flops_row = next(row for row in ("ours", "ours+bf16", "(flops)") if row in steps)
+    flops = count_flops(steps.pop("(flops)", steps[flops_row]), images) / args.batch_size
     times = time_steps(steps, images, args.warmup, args.steps)
 
     result: Dict[str, object] = {
