@@ -6,15 +6,17 @@
 #         (benchmarks/pretrain_throughput.py: release, ours, ours+compile, ours+compile+fp8)
 #   e2e:  CUDA tests, then `unip pretrain` end to end on the generated pack (made first if missing; batch 256,
 #         14 workers, bf16 and FP8 teacher), images/s read from its own log.jsonl
-#   next: what a 15-minute device session should run first (< 9 min; all in $OUT/next.tgz): the end-to-end
+#   next: what a 15-minute device session should run first (< 9 min; all in $OUT/results.tgz): the end-to-end
 #         `unip pretrain` run (bf16 teacher only), the step (release against ours+compile) with a profile of
 #         ours+compile (profile_ours_compile.txt: device-busy share, top kernels, products by shape), then
 #         experiments against the release, each in its own process: static-shape compilation (--compile-static),
 #         an FP8 teacher compiled too (--fp8-compile), and max-autotune-no-cudagraphs
+#   trial NAME SECONDS ARGS...: one run of benchmarks/pretrain_throughput.py (batch 256) with ARGS, into
+#         results.tgz, e.g. `trial step 100 --rows release,ours+compile --profile ours+compile`
 #   seg:  UNIP-S segmentation at 512 px (benchmarks/seg_throughput.py): fine-tuning step images/s and bf16/fp16
 #         MFU (eager and compiled), batched sliding windows against one at a time
 # Usage (repo root, a python3 with torch, timm, safetensors, pyyaml, tqdm, tensorboard; torchao wheels in
-# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e|next|seg
+# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e|next|trial|seg
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
@@ -24,6 +26,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+
+R=$W/results  # next and trial keep everything here and in $OUT/results.tgz (a device session returns 8 files)
+mkdir -p "$R"
+save() { tar czf "$OUT/results.tgz" -C "$R" . ; }
 
 make_data() {  # 20,480 generated 320x256 thermal scenes, packed at short side 256 (skipped when present)
   [ -f "$W/pack/index.json" ] && return
@@ -100,14 +106,11 @@ print(sys.argv[1], "windows", len(rows), "median images/s after warm-up",
 PY
 }
 
-next() {  # everything also lands in $OUT/next.tgz after each part (a device session returns at most 8 files)
-  local R=$W/next
-  mkdir -p "$R"
-  save() { tar czf "$OUT/next.tgz" -C "$R" . ; }
+next() {
   env_info "$R/env.txt"
   prepare "$R"; save
   OUT=$R e2e_run bf16 110; save
-  trial step 110 --rows release,ours+compile --profile ours+compile --profile-out "$R"
+  trial step 110 --rows release,ours+compile --profile ours+compile
   trial step_static 80 --rows release,ours+compile --compile-static
   trial step_fp8_compiled 70 --rows release,ours+compile+fp8 --fp8-compile --compile-static
   trial step_autotune 140 --rows release,ours+compile --compile-static --compile-mode max-autotune-no-cudagraphs
@@ -116,7 +119,8 @@ next() {  # everything also lands in $OUT/next.tgz after each part (a device ses
 trial() {  # trial NAME SECONDS ARGS...: the step benchmark (batch 256) in its own process, into $R/NAME.{txt,json}
   local name=$1 seconds=$2
   shift 2
-  timeout "$seconds" python3 benchmarks/pretrain_throughput.py --batch-size 256 --json "$R/$name.json" "$@" 2>&1 \
+  timeout "$seconds" python3 benchmarks/pretrain_throughput.py --batch-size 256 --json "$R/$name.json" \
+    --profile-out "$R" "$@" 2>&1 \
     | grep -v Warning | tail -30 | tee "$R/$name.txt"
   save
 }

@@ -5,9 +5,10 @@ Rows (each with its own copy of the same weights, timed alternately after warm-u
 * ``release``  – what users of the paper's release run today, reproduced faithfully: the teacher built to
                  stop at the distilled block (blocks 1..L-1 with fused attention, then block L's full qkv
                  projection and q·kᵀ), the student running fused attention in blocks 1..11 and the full qkv
-                 projection + q·kᵀ of its last block, fp32 weights under fp16 autocast with a GradScaler on
-                 CUDA (fp32 on CPU), ``torch.optim.AdamW`` with its default (foreach) kernels, and the loss
-                 read back every step (``loss.item()``, as MAE-style loops do).
+                 projection + q·kᵀ of its last block, timm's ``Conv2d`` patch embedding (cuDNN), fp32
+                 weights under fp16 autocast with a GradScaler on CUDA (fp32 on CPU), ``torch.optim.AdamW``
+                 with its default (foreach) kernels, and the loss read back every step (``loss.item()``, as
+                 MAE-style loops do).
 * ``ours``     – ``unip pretrain``'s step, assembled from the same pieces it uses (``Teacher`` with its
                  weight precision, ``StudentLogits`` with the unused parts frozen, ``build_adamw`` (fused on
                  CUDA), ``engine.loop.train_step`` with its non-finite check): bf16 autocast and a bf16 teacher
@@ -45,7 +46,7 @@ import copy
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -59,13 +60,26 @@ from unip.engine.loop import Precision, cpu_has_native_bf16, train_step
 from unip.engine.optim import build_adamw
 from unip.models import create_model
 from unip.models.quantize import fp8_unavailable_reason
-from unip.models.vit import VisionTransformer
+from unip.models.vit import PatchEmbed, VisionTransformer
 
 Step = Callable[[Tensor], float]
 ALL_ROWS = ("release", "ours", "ours+compile", "ours+compile+fp8")
 
 
 # ------------------------------------------------------------------------------------------ release step
+class ReleasePatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` as the release runs it: the stride-``patch`` ``Conv2d`` (cuDNN)."""
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), (x.shape[-2], x.shape[-1])
+
+
+def as_release(model: VisionTransformer) -> VisionTransformer:
+    model.patch_embed.__class__ = ReleasePatchEmbed
+    return model
+
+
 def release_logits(model: VisionTransformer, x: Tensor, layer: int) -> Tensor:
     """The release's cut forward: blocks 1..layer-1 as usual (fused attention), then block ``layer``'s
     full qkv projection and its scaled q·kᵀ ``[B, heads, N, N]``."""
@@ -83,6 +97,7 @@ def release_logits(model: VisionTransformer, x: Tensor, layer: int) -> Tensor:
 
 def release_step(student: VisionTransformer, teacher: VisionTransformer, layer: int, device: torch.device) -> Step:
     """One optimiser step as the release takes it (see the module docstring)."""
+    student, teacher = as_release(student), as_release(teacher)
     amp = device.type == "cuda"
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
@@ -209,7 +224,10 @@ def profile_step(name: str, step: Step, images: Tensor, steps: int, out: str, tr
         wall = time.perf_counter() - start
     events = prof.key_averages()
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+    # device events are kernels and copies, plus annotations spanning them ("## Call CompiledFxGraph ... ##"),
+    # which would count the same time twice
+    kernels = [event for event in events if event.device_type == DeviceType.CUDA
+               and not getattr(event, "is_user_annotation", False) and not event.key.startswith("## ")]
     busy = sum(event.self_device_time_total for event in kernels) / 1e6 / wall
     name_safe = name.replace("+", "_")
     os.makedirs(out, exist_ok=True)
