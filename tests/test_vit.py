@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from unip.models import VisionTransformer, create_model, list_models
 from unip.models.pos_embed import sincos_pos_embed_2d
+from unip.models.vit import PatchEmbed
 
 CONFIGS = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -252,3 +254,22 @@ def test_drop_path_rate_and_scale_under_bf16_autocast_are_the_fp32_ones():
     assert (full == 0).float().mean().item() == pytest.approx(0.1, abs=0.003)
     assert torch.unique(full[full != 0]).tolist() == pytest.approx([1 / 0.9])
     assert torch.unique(half[half != 0].float()).tolist() == pytest.approx([1 / 0.9], rel=2 ** -8)
+
+
+@pytest.mark.parametrize("patch, channels, size", [(16, 3, (224, 224)), (16, 1, (64, 96)), (14, 3, (28, 42))])
+def test_patch_embedding_is_the_strided_convolution_with_its_gradients(patch, channels, size):
+    """PatchEmbed computes its Conv2d as one matrix product over flattened patches: same tokens, grid and
+    weight/bias gradients as the convolution itself (what timm and the release run)."""
+    torch.manual_seed(0)
+    embed = PatchEmbed(patch, channels, 32)
+    images = torch.randn(2, channels, *size)
+    tokens, grid = embed(images)
+    expected = F.conv2d(images, embed.proj.weight, embed.proj.bias, stride=patch)
+    assert grid == tuple(expected.shape[-2:])
+    torch.testing.assert_close(tokens, expected.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    target = torch.randn_like(tokens)
+    weight_grad, bias_grad = torch.autograd.grad((tokens * target).sum(), [embed.proj.weight, embed.proj.bias])
+    conv_grads = torch.autograd.grad((expected.flatten(2).transpose(1, 2) * target).sum(),
+                                     [embed.proj.weight, embed.proj.bias])
+    torch.testing.assert_close(weight_grad, conv_grads[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bias_grad, conv_grads[1], rtol=1e-4, atol=1e-4)
