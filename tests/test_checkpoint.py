@@ -46,6 +46,23 @@ def test_mae_layout_drops_decoder_and_mask_token(tmp_path):
     assert set(report.ignored) == set(extra) and not report.missing and not report.unexpected
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_pytorch_files_are_mapped_not_read_where_the_format_allows(tmp_path, zip_format):
+    """torch.save's zip format is memory-mapped: a state's optimizer moments or a release's decoder are never
+    read into memory; legacy (pre-1.6) files have no such layout and are read as before."""
+    source = _tiny()
+    path = tmp_path / "state.pth"
+    torch.save({"model": source.state_dict(), "optimizer": {"exp_avg": torch.zeros(1000, 1000)}}, path,
+               _use_new_zipfile_serialization=zip_format)
+    content, _ = read_checkpoint(path)
+    if os.path.exists("/proc/self/maps"):  # Linux: a mapped file is listed among the process's mappings
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            assert (str(path) in maps.read()) == zip_format
+    target = _fresh()
+    load_weights(target, path)
+    assert _same_outputs(source, target)
+
+
 def test_dino_raw_and_full_layouts_use_the_teacher(tmp_path):
     teacher, student = _tiny(), _fresh()
     torch.save(teacher.state_dict(), tmp_path / "dino_raw.pth")

@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple, Union
 
@@ -112,7 +113,9 @@ def _read_pickle(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # zip-format files (torch.save's default) are mapped, not read: what the caller never touches (a
+            # training state's optimizer moments, a release's decoder) stays on disk; legacy files are read
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
