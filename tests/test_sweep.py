@@ -572,7 +572,8 @@ def test_a_missing_or_foreign_data_set_stops_the_sweep_before_any_cell(data, tmp
 
 def test_devices_this_machine_lacks_stop_the_sweep_before_any_cell(data, tmp_path, monkeypatch):
     """--gpus / --devices naming CUDA devices that are not there: one line naming the option and the fix, exit
-    2, nothing created; the dry run shows the table first. CUDA is faked away (or to one device)."""
+    2, nothing created; the dry run shows the table first; a selection with nothing left to run passes. CUDA is
+    faked away (or to one device)."""
     import torch
 
     out = tmp_path / "out"
@@ -598,6 +599,15 @@ def test_devices_this_machine_lacks_stop_the_sweep_before_any_cell(data, tmp_pat
     check_devices(["cuda:0", "cuda", "cpu", "auto"])  # what there is passes
     with pytest.raises(ConfigError, match="devices cuda:0,cuda:3: there is no cuda:3"):
         check_devices(["cuda:0", "cuda:3"])
+    # nothing left to run: a finished selection reruns (to report, say) on a machine without the devices
+    sweep_file = _hand_made_sweep(tmp_path, data)
+    _recorded_folder(out, sweep_file, {"a/d1/ft-seed0": "finished"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, stdout, stderr = _run_cli(["sweep", "run", str(sweep_file), "--out", str(out), "--only", "*/d1/ft-*",
+                                     "--gpus", "2"])
+    assert code == 0 and "(0 run now, 1 before)" in stdout, stderr
+    code, _, stderr = _run_cli(["sweep", "run", str(sweep_file), "--out", str(out), "--gpus", "2"])
+    assert code == 2 and "--gpus 2: CUDA is not available" in stderr
 
 
 # ============================================================================================ the sweep files

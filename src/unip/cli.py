@@ -827,22 +827,20 @@ def _run_sweep_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from unip.sweep import parse_devices, parse_variables, plan_sweep, plan_table, read_sweep, run_sweep
-    from unip.sweep.run import cell_jobs, check_devices, check_sweep
+    from unip.sweep.run import cell_jobs, check_sweep
 
     devices = parse_devices(args.gpus, args.devices)
     given = f"--gpus {args.gpus}" if args.gpus is not None else f"--devices {args.devices}"
-    if not args.dry_run:
-        check_devices(devices, given)
     sweep = read_sweep(args.sweep, parse_variables(args.var), allow_unset=args.dry_run)
     if args.dry_run:
         cells = cell_jobs(sweep, Path(args.out))
         print(plan_table(plan_sweep(sweep, Path(args.out), args.only, cells)))
         if sweep.unset:
             print("not set yet: " + ", ".join(f"--var {name}=..." for name in sweep.unset))
-        check_devices(devices, given)  # then the run's checks: the dry run stops (exit 2) where the run would
-        check_sweep(sweep, Path(args.out), devices, args.only, cells)
+        # then the run's checks: the dry run stops (exit 2) where the run would
+        check_sweep(sweep, Path(args.out), devices, args.only, cells, devices_option=given)
         return 0
-    result = run_sweep(sweep, Path(args.out), devices, args.only)
+    result = run_sweep(sweep, Path(args.out), devices, args.only, devices_option=given)
     done = sum(1 for status in result.status.values() if status == "done")
     print(f"sweep {sweep.name}: {done} of {len(result.jobs)} job(s) finished ({len(result.ran)} run now, "
           f"{len(result.skipped)} before); state {result.out / 'sweep.json'}")

@@ -233,22 +233,26 @@ def plan_table(planned: Sequence[PlannedJob]) -> str:
 
 # ============================================================================================ checks
 def check_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only: Sequence[str] = (),
-                cells: Optional[List[Job]] = None) -> List[Job]:
+                cells: Optional[List[Job]] = None, devices_option: Optional[str] = None) -> List[Job]:
     """What ``run_sweep`` checks before it starts a job or creates a folder, and the dry run after its table
     (so that both stop alike): ``out`` is a sweep folder, every ``--only`` pattern matches, the ``devices``
-    exist, no cell ran with other settings (``check_unchanged``), and the data sets and analysis images that
-    the selected unfinished jobs read are there (``check_data``). With variables unset (a dry run), the checks
-    that need their values are skipped. ``cells``: ``cell_jobs(sweep, out)`` when the caller has them.
+    exist (when a selected job is left to run), no cell ran with other settings (``check_unchanged``), and the
+    data sets and analysis images that the selected unfinished jobs read are there (``check_data``). With
+    variables unset (a dry run), the checks that need their values are skipped. ``cells``: ``cell_jobs(sweep,
+    out)`` when the caller has them; ``devices_option``: how the devices were given (``--gpus 2``), for the
+    message.
 
     Returns the cell jobs; raises ``ConfigError`` or ``DataError`` with one line naming what to fix."""
     out = claim_sweep_folder(out)
     cells = cell_jobs(sweep, out) if cells is None else cells
     jobs = cells + analysis_jobs(sweep, out, cells)
     check_selection(jobs, only)
-    check_devices(devices)
+    pending = [job for job in select(jobs, only) if not job.finished()]
+    if pending:  # a finished sweep reruns (its report, say) on a machine without the devices it ran on
+        check_devices(devices, devices_option)
     if not sweep.unset:
         check_unchanged(out, cells, recorded_jobs(out))
-        check_data(sweep, [job for job in select(jobs, only) if not job.finished()])
+        check_data(sweep, pending)
     return cells
 
 
@@ -349,7 +353,8 @@ class SweepRun:
         return [(job.id, self.errors.get(job.id, "")) for job in self.jobs if self.status.get(job.id) == "failed"]
 
 
-def run_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only: Sequence[str] = ()) -> SweepRun:
+def run_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only: Sequence[str] = (),
+              devices_option: Optional[str] = None) -> SweepRun:
     """Run the selected jobs of ``sweep`` in the sweep folder ``out`` (module docstring) on the device slots
     ``devices`` (``parse_devices``); returns a ``SweepRun``. Raises ``ConfigError`` or ``DataError`` before
     anything runs or any folder is created when a check of ``check_sweep`` fails, and ``ConfigError`` when
@@ -361,7 +366,7 @@ def run_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only:
     if sweep.unset:
         raise ConfigError(f"{sweep.file}: no value for {', '.join('${' + n + '}' for n in sweep.unset)}; pass "
                           + " ".join(f"--var {n}=VALUE" for n in sweep.unset))
-    cells = check_sweep(sweep, out, devices, only)
+    cells = check_sweep(sweep, out, devices, only, devices_option=devices_option)
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out):
         state = _State(out, sweep, read_state(out))
