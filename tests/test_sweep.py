@@ -674,3 +674,23 @@ def test_devices_become_slots_and_cuda_visible_devices(tmp_path, monkeypatch):
     # cuda:N is the device this process calls cuda:N: the N-th of its own CUDA_VISIBLE_DEVICES
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     assert _command(job, "cuda:1", ["cuda:0", "cuda:1"])[1]["CUDA_VISIBLE_DEVICES"] == "6"
+
+
+def test_a_missing_backbone_checkpoint_stops_the_sweep_before_any_cell(data, tmp_path):
+    """A backbone whose checkpoint file (``source: FILE`` or ``timm:NAME@FILE``) is not there: one line naming
+    the sweep entry, the file and the --var it comes from, exit 2, nothing created (not one failing `unip
+    finetune` per cell); a selection of that backbone's finished cells does not need the file."""
+    out = tmp_path / "out"
+    missing = tmp_path / "weights" / "mae.pth"
+    for source in (str(missing), f"timm:vit_tiny_patch16_224@{missing}"):
+        sweep_file = _hand_made_sweep(tmp_path, data, vars={"weights": str(tmp_path / "weights")},
+                                      backbones=[{"name": "A", "size": "tiny", "source": source.replace(
+                                          str(tmp_path / "weights"), "${weights}")}])
+        code, stdout, stderr = _run_cli(["sweep", "run", str(sweep_file), "--out", str(out)])
+        assert code == 2 and len(stderr.strip().splitlines()) == 1, stdout + stderr
+        assert f"backbone 'A': {missing}: checkpoint file not found; pass the right folder with --var weights=DIR" \
+            in stderr
+        assert not out.exists()
+    _recorded_folder(out, sweep_file, {"a/d1/ft-seed0": "finished"})
+    code, stdout, stderr = _run_cli(["sweep", "run", str(sweep_file), "--out", str(out), "--only", "*/d1/ft-*"])
+    assert code == 0 and "(0 run now, 1 before)" in stdout, stderr

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import unip
-from unip.errors import ConfigError, DataError
+from unip.errors import CheckpointError, ConfigError, DataError
 from unip.sweep.cost import CellCost, CostModel
 from unip.sweep.spec import Cell, Sweep, plan_cells
 from unip.sweep.state import (ANALYSIS_DIR, CELLS_DIR, LOCK_FILE, STDERR_LOG, STDOUT_LOG, analysis_finished,
@@ -295,10 +295,12 @@ def check_unchanged(out: Path, cells: Sequence[Job], records: Mapping[str, Any])
 
 def check_data(sweep: Sweep, jobs: Sequence[Job]) -> None:
     """``DataError`` when a data set that a cell of ``jobs`` trains on is missing or not a segmentation data set
-    of its layout, or when an analysis job of ``jobs`` has no ``analysis.images`` folder. Quick: folders and
-    split files (``unip.data.segmentation.check_structure``), no image is read."""
+    of its layout, or when an analysis job of ``jobs`` has no ``analysis.images`` folder; ``CheckpointError``
+    when the checkpoint file a job's backbone comes from is missing. Quick: folders, split files
+    (``unip.data.segmentation.check_structure``) and file existence, nothing is read."""
     from unip.data.segmentation import check_structure
 
+    check_backbone_files(sweep, jobs)
     checked = set()
     for job in jobs:
         if job.cell is None or job.cell.dataset.root in checked:
@@ -314,6 +316,21 @@ def check_data(sweep: Sweep, jobs: Sequence[Job]) -> None:
     if analysis is not None and any(job.kind == "analysis" for job in jobs) and not os.path.isdir(analysis.images):
         raise DataError(f"{sweep.file}: analysis.images {analysis.images}: image folder not found (unip analyze "
                         f"profiles the backbones on it); {_path_fix(sweep, analysis.images, 'analysis.images')}")
+
+
+def check_backbone_files(sweep: Sweep, jobs: Sequence[Job]) -> None:
+    """``CheckpointError`` when a backbone of ``jobs`` names a checkpoint file (``source: FILE`` or
+    ``timm:NAME@FILE``) that is not there: before any cell starts, not in every cell that would load it."""
+    names = {job.coordinates.get("backbone") for job in jobs}
+    for backbone in sweep.backbones:
+        if backbone.name not in names or backbone.random_init:
+            continue
+        source = backbone.source
+        path = source.split("@", 1)[1] if source.startswith("timm:") and "@" in source else \
+            None if source.startswith("timm:") else source
+        if path is not None and not os.path.isfile(path):
+            raise CheckpointError(f"{sweep.file}: backbone {backbone.name!r}: {path}: checkpoint file not found; "
+                                  f"{_path_fix(sweep, os.path.abspath(path), 'its source')}")
 
 
 def _path_fix(sweep: Sweep, path: str, entry: str) -> str:
@@ -598,6 +615,6 @@ def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-__all__ = ["Job", "PlannedJob", "SweepRun", "analysis_jobs", "cell_jobs", "changed_cells", "check_data",
-           "check_devices", "check_selection", "check_sweep", "check_unchanged", "flop_text", "parse_devices",
-           "plan_sweep", "plan_table", "recorded_jobs", "run_sweep", "select"]
+__all__ = ["Job", "PlannedJob", "SweepRun", "analysis_jobs", "cell_jobs", "changed_cells", "check_backbone_files",
+           "check_data", "check_devices", "check_selection", "check_sweep", "check_unchanged", "flop_text",
+           "parse_devices", "plan_sweep", "plan_table", "recorded_jobs", "run_sweep", "select"]
