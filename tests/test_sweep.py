@@ -323,9 +323,10 @@ def test_a_failing_cell_is_listed_and_the_others_complete(data, tmp_path):
              "set": {"optim.iterations": 2, "optim.warmup_iterations": 1, "optim.batch_size": 2, "data.crop_size": 64,
                      "data.scale": [256, 64], "model.channels": 32, "run.eval_every": 0, "run.save_every_steps": 0},
              "backbones": [{"name": "random", "size": "tiny", "source": "none"},
-                           {"name": "missing", "size": "tiny", "source": str(tmp_path / "missing.pth")}],
+                           {"name": "broken", "size": "tiny", "source": str(tmp_path / "broken.pth")}],
              "datasets": [{"name": "synth", "root": str(data), "layout": "soda"}],
              "protocols": {"ft": {}}}
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")  # there (the sweep checks that), but unreadable
     path = tmp_path / "failing.yaml"
     path.write_text(yaml.safe_dump(sweep))
     out = tmp_path / "out"
@@ -334,18 +335,18 @@ def test_a_failing_cell_is_listed_and_the_others_complete(data, tmp_path):
     assert stderr.strip() == ("unip sweep run: 1 job(s) failed (listed above; logs in their folders); run the same "
                               "command again to retry them")
     failed = [line for line in stdout.splitlines() if line.startswith("  FAILED ")]  # the summary at the end
-    assert len(failed) == 1 and "missing.pth: no such checkpoint file" in failed[0]
-    assert failed[0].startswith("  FAILED missing/synth/ft-seed0: unip finetune: error: ")
+    assert len(failed) == 1 and "broken.pth: refused to load" in failed[0]
+    assert failed[0].startswith("  FAILED broken/synth/ft-seed0: unip finetune: error: ")
     assert read_metrics(out / "cells" / "random" / "synth" / "ft-seed0" / "metrics.json")["step"] == 2
     state = json.loads((out / "sweep.json").read_text())
-    assert state["jobs"]["missing/synth/ft-seed0"]["status"] == "failed"
-    assert "missing.pth" in state["jobs"]["missing/synth/ft-seed0"]["error"]
+    assert state["jobs"]["broken/synth/ft-seed0"]["status"] == "failed"
+    assert "broken.pth" in state["jobs"]["broken/synth/ft-seed0"]["error"]
     assert state["jobs"]["random/synth/ft-seed0"]["status"] == "done"
     # the report lists it
     code, _, _ = _run_cli(["sweep", "report", str(out)])
     assert code == 0
-    assert "missing/synth/ft-seed0" in (out / "report" / "report.md").read_text()
-    assert "missing.pth" in (out / "report" / "report.html").read_text()
+    assert "broken/synth/ft-seed0" in (out / "report" / "report.md").read_text()
+    assert "broken.pth" in (out / "report" / "report.html").read_text()
 
 
 # ============================================================================================ what the report averages
