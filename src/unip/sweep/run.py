@@ -326,9 +326,8 @@ def check_backbone_files(sweep: Sweep, jobs: Sequence[Job]) -> None:
         if backbone.name not in names or backbone.random_init:
             continue
         source = backbone.source
-        path = source.split("@", 1)[1] if source.startswith("timm:") and "@" in source else \
-            None if source.startswith("timm:") else source
-        if path is not None and not os.path.isfile(path):
+        path = source.partition("@")[2] if source.startswith("timm:") else source  # timm:NAME downloads
+        if path and not os.path.isfile(path):
             raise CheckpointError(f"{sweep.file}: backbone {backbone.name!r}: {path}: checkpoint file not found; "
                                   f"{_path_fix(sweep, os.path.abspath(path), 'its source')}")
 
