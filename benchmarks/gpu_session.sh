@@ -6,11 +6,11 @@
 #         (benchmarks/pretrain_throughput.py: release, ours, ours+compile, ours+compile+fp8)
 #   e2e:  CUDA tests, then `unip pretrain` end to end on the generated pack (made first if missing; batch 256,
 #         14 workers, bf16 and FP8 teacher), images/s read from its own log.jsonl
-#   next: what a 15-minute device session should run first (< 9 min; all in $OUT/results.tgz): the end-to-end
+#   next: what a 15-minute device session should run first (< 6 min; all in $OUT/results.tgz): the end-to-end
 #         `unip pretrain` run (bf16 teacher only), the step (release against ours+compile) with a profile of
-#         ours+compile (profile_ours_compile.txt: device-busy share, top kernels, products by shape), then
-#         experiments against the release, each in its own process: static-shape compilation (--compile-static),
-#         an FP8 teacher compiled too (--fp8-compile), and max-autotune-no-cudagraphs
+#         ours+compile (profile_ours_compile.txt: device-busy share, top kernels, products by shape), then the
+#         same rows timed 5 steps at a time (--consecutive 5): whether alternating rows every step costs ours
+#         the ~4 ms/step by which the benchmark's step trails the end-to-end run (allocator retries printed)
 #   trial NAME SECONDS ARGS...: one run of benchmarks/pretrain_throughput.py (batch 256) with ARGS, into
 #         results.tgz, e.g. `trial step 100 --rows release,ours+compile --profile ours+compile`
 #   seg:  UNIP-S segmentation at 512 px (benchmarks/seg_throughput.py): fine-tuning step images/s and bf16/fp16
@@ -111,9 +111,7 @@ next() {
   prepare "$R"; save
   OUT=$R e2e_run bf16 110; save
   trial step 110 --rows release,ours+compile --profile ours+compile
-  trial step_static 80 --rows release,ours+compile --compile-static
-  trial step_fp8_compiled 70 --rows release,ours+compile+fp8 --fp8-compile --compile-static
-  trial step_autotune 140 --rows release,ours+compile --compile-static --compile-mode max-autotune-no-cudagraphs
+  trial step_consecutive 110 --rows release,ours+compile --consecutive 5 --steps 3
 }
 
 trial() {  # trial NAME SECONDS ARGS...: the step benchmark (batch 256) in its own process, into $R/NAME.{txt,json}

@@ -32,7 +32,7 @@ host is the bottleneck, where CUDA graphs help — and the top operators and ker
 matrix products grouped by input shape so the teacher's (width 1024) and the student's (384) can be told apart;
 with ``--profile-trace``, ``trace_<row>.json``: a Chrome/Perfetto trace).
 
-Usage: ``python benchmarks/pretrain_throughput.py [--device cpu|cuda] [--batch-size 8|256] [--steps 5]
+Usage: ``python benchmarks/pretrain_throughput.py [--device cpu|cuda] [--batch-size 8|256] [--steps 5] [--consecutive 1]
 [--rows release,ours,ours+bf16,ours+compile,ours+compile+fp8] [--naive] [--teacher vit_large_patch16] [--layer 18]
 [--student unip_vit_small_patch16] [--img-size 224] [--peak-tflops 989] [--json FILE]
 [--compile-mode MODE] [--compile-static] [--fp8-compile]
@@ -192,9 +192,11 @@ def count_flops(step: Step, images: Tensor) -> int:
     return counter.get_total_flops()
 
 
-def time_steps(steps: Dict[str, Step], images: Tensor, warmup: int, rounds: int) -> Dict[str, List[float]]:
-    """Seconds per step of each variant, interleaved so that drift hits all alike (every step ends with a
-    host read of the loss, so wall-clock time per call is the step time)."""
+def time_steps(steps: Dict[str, Step], images: Tensor, warmup: int, rounds: int,
+               consecutive: int = 1) -> Dict[str, List[float]]:
+    """Seconds per step of each variant, interleaved so that drift hits all alike: each round runs
+    ``consecutive`` steps of every row in turn (every step ends with a host read of the loss, so wall-clock
+    time per call is the step time)."""
     for name, step in steps.items():
         start = time.perf_counter()
         for _ in range(warmup):
@@ -203,10 +205,17 @@ def time_steps(steps: Dict[str, Step], images: Tensor, warmup: int, rounds: int)
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step(images)
-            times[name].append(time.perf_counter() - start)
+            for _ in range(consecutive):
+                start = time.perf_counter()
+                step(images)
+                times[name].append(time.perf_counter() - start)
     return times
+
+
+def allocator_retries(device: torch.device) -> Optional[int]:
+    """How often the CUDA caching allocator had to free its cache and retry a failed cudaMalloc (each retry
+    synchronises the device): rows that alternate can make the allocator reshuffle memory between them."""
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else None
 
 
 def profile_step(name: str, step: Step, images: Tensor, steps: int, out: str, trace: bool = False) -> float:
@@ -296,6 +305,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 256 on CUDA (the recipe)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row (compilation happens here)")
+    parser.add_argument("--consecutive", type=int, default=1,
+                        help="steps of a row in a row before the next row's (default 1: rows alternate every step)")
     parser.add_argument("--rows", default=None, help="comma-separated rows (default: release,ours,ours+compile "
                                                      "and, where FP8 runs, ours+compile+fp8; CPU: release,ours and, "
                                                      "with bf16 instructions, ours+bf16)")
@@ -335,12 +346,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     flops = count_flops(eager, images) / args.batch_size
     del eager  # a step built only for counting frees its models
-    times = time_steps(steps, images, args.warmup, args.steps)
+    retries_before = allocator_retries(device)
+    times = time_steps(steps, images, args.warmup, args.steps, args.consecutive)
 
     result: Dict[str, object] = {
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__, "batch_size": args.batch_size, "model_gflops_per_image": flops / 1e9,
-        "rows": {}}
+        "consecutive": args.consecutive, "rows": {}}
+    if cuda:
+        result["allocator_retries"] = allocator_retries(device) - retries_before  # type: ignore[operator]
     base = args.batch_size / statistics.median(times["release"]) if "release" in times else None
     for name, values in times.items():
         rate = args.batch_size / statistics.median(values)
@@ -351,8 +365,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         if base:
             row["vs_release"] = rate / base
         result["rows"][name] = row
+    retries = f", {result['allocator_retries']} allocator retries while timing" if cuda else ""
     print(f"\n{result['device']}, torch {result['torch']}, batch {args.batch_size}, "
-          f"{flops / 1e9:.1f} model GFLOP per image")
+          f"{flops / 1e9:.1f} model GFLOP per image, {args.consecutive} consecutive step(s) per row{retries}")
     print(f"{'row':<20}{'images/s':>10}{'ms/step':>10}{'TFLOP/s':>10}{'MFU':>8}{'vs release':>12}")
     for name, row in result["rows"].items():
         mfu = f"{100 * row['mfu_bf16_peak']:.1f}%" if "mfu_bf16_peak" in row else "-"
