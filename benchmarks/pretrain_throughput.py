@@ -212,10 +212,11 @@ def time_steps(steps: Dict[str, Step], images: Tensor, warmup: int, rounds: int,
     return times
 
 
-def allocator_retries(device: torch.device) -> Optional[int]:
+def allocator_retries(device: torch.device) -> int:
     """How often the CUDA caching allocator had to free its cache and retry a failed cudaMalloc (each retry
-    synchronises the device): rows that alternate can make the allocator reshuffle memory between them."""
-    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else None
+    synchronises the device): rows that alternate can make the allocator reshuffle memory between them (0 on
+    a CPU)."""
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
 
 
 def profile_step(name: str, step: Step, images: Tensor, steps: int, out: str, trace: bool = False) -> float:
@@ -354,7 +355,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         "torch": torch.__version__, "batch_size": args.batch_size, "model_gflops_per_image": flops / 1e9,
         "consecutive": args.consecutive, "rows": {}}
     if cuda:
-        result["allocator_retries"] = allocator_retries(device) - retries_before  # type: ignore[operator]
+        result["allocator_retries"] = allocator_retries(device) - retries_before
     base = args.batch_size / statistics.median(times["release"]) if "release" in times else None
     for name, values in times.items():
         rate = args.batch_size / statistics.median(values)
