@@ -7,10 +7,10 @@
 #   e2e:  CUDA tests, then `unip pretrain` end to end on the generated pack (made first if missing; batch 256,
 #         14 workers, bf16 and FP8 teacher), images/s read from its own log.jsonl
 #   next: what a 15-minute device session should run first (< 6 min; all in $OUT/results.tgz): the end-to-end
-#         `unip pretrain` run (bf16 teacher only), the step (release against ours+compile) with a profile of
+#         `unip pretrain` run (bf16 teacher only; each step's loss now read after the next step is queued), the
+#         step (release against ours+compile, 5 steps per block, host syncs per step counted) with a profile of
 #         ours+compile (profile_ours_compile.txt: device-busy share, top kernels, products by shape), then the
-#         same rows timed 5 steps at a time (--consecutive 5): whether alternating rows every step costs ours
-#         the ~4 ms/step by which the benchmark's step trails the end-to-end run (allocator retries printed)
+#         same rows alternating every step (--consecutive 1, as the numbers before the loss gate were taken)
 #   trial NAME SECONDS ARGS...: one run of benchmarks/pretrain_throughput.py (batch 256) with ARGS, into
 #         results.tgz, e.g. `trial step 100 --rows release,ours+compile --profile ours+compile`
 #   seg:  UNIP-S segmentation at 512 px (benchmarks/seg_throughput.py): fine-tuning step images/s and bf16/fp16
@@ -110,8 +110,8 @@ next() {
   env_info "$R/env.txt"
   prepare "$R"; save
   OUT=$R e2e_run bf16 110; save
-  trial step 110 --rows release,ours+compile --profile ours+compile
-  trial step_consecutive 110 --rows release,ours+compile --consecutive 5 --steps 3
+  trial step 130 --rows release,ours+compile --count-syncs --profile ours+compile
+  trial step_alternating 110 --rows release,ours+compile --consecutive 1 --steps 8
 }
 
 trial() {  # trial NAME SECONDS ARGS...: the step benchmark (batch 256) in its own process, into $R/NAME.{txt,json}

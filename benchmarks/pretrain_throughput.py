@@ -1,6 +1,7 @@
 """Images/s of one NMI-HAD training step: ours against the release's own step, in one process.
 
-Rows (each with its own copy of the same weights, timed alternately after warm-up, median per step):
+Rows (each with its own copy of the same weights, timed alternately after warm-up in blocks of
+``--consecutive`` steps, each loss read after the next step is queued; median per step):
 
 * ``release``  – what users of the paper's release run today, reproduced faithfully: the teacher built to
                  stop at the distilled block (blocks 1..L-1 with fused attention, then block L's full qkv
@@ -8,13 +9,14 @@ Rows (each with its own copy of the same weights, timed alternately after warm-u
                  projection + q·kᵀ of its last block, timm's ``Conv2d`` patch embedding (cuDNN), fp32
                  weights under fp16 autocast with a GradScaler on CUDA (fp32 on CPU), ``torch.optim.AdamW``
                  with its default (foreach) kernels, and the loss read back every step (``loss.item()``, as
-                 MAE-style loops do).
+                 MAE-style loops do, before the backward pass).
 * ``ours``     – ``unip pretrain``'s step, assembled from the same pieces it uses (``Teacher`` with its
                  weight precision, ``StudentLogits`` with the unused parts frozen, ``build_adamw`` (fused on
-                 CUDA), ``engine.loop.train_step`` with its non-finite check): bf16 autocast and a bf16 teacher
-                 on CUDA, fp32 on CPU (the teacher's linears through oneDNN where that kernel times faster,
-                 ``unip.models.cpu_linear``; ``UNIP_CPU_LINEAR=default`` turns that off); only the q/k rows
-                 of the last blocks are projected.
+                 CUDA), ``engine.loop.train_step`` with its non-finite check; with fused AdamW a ``LossGate``,
+                 and each loss read after the next step is queued, as the trainer does): bf16 autocast and a
+                 bf16 teacher on CUDA, fp32 on CPU (the teacher's linears through oneDNN where that kernel
+                 times faster, ``unip.models.cpu_linear``; ``UNIP_CPU_LINEAR=default`` turns that off); only
+                 the q/k rows of the last blocks are projected.
 * ``ours+bf16`` – ours under bf16 autocast with a bf16 teacher also on a CPU (``--precision bf16``; the
                  default CPU rows include it where the CPU has bf16 instructions: AVX512-BF16 or AMX).
 * ``ours+compile`` – the same with ``torch.compile`` of teacher, student and loss (``run.compile``).
@@ -32,10 +34,10 @@ host is the bottleneck, where CUDA graphs help — and the top operators and ker
 matrix products grouped by input shape so the teacher's (width 1024) and the student's (384) can be told apart;
 with ``--profile-trace``, ``trace_<row>.json``: a Chrome/Perfetto trace).
 
-Usage: ``python benchmarks/pretrain_throughput.py [--device cpu|cuda] [--batch-size 8|256] [--steps 5] [--consecutive 1]
-[--rows release,ours,ours+bf16,ours+compile,ours+compile+fp8] [--naive] [--teacher vit_large_patch16] [--layer 18]
-[--student unip_vit_small_patch16] [--img-size 224] [--peak-tflops 989] [--json FILE]
-[--compile-mode MODE] [--compile-static] [--fp8-compile]
+Usage: ``python benchmarks/pretrain_throughput.py [--device cpu|cuda] [--batch-size 8|256] [--steps 5]
+[--consecutive 5|1] [--rows release,ours,ours+bf16,ours+compile,ours+compile+fp8] [--naive]
+[--teacher vit_large_patch16] [--layer 18] [--student unip_vit_small_patch16] [--img-size 224]
+[--peak-tflops 989] [--json FILE] [--compile-mode MODE] [--compile-static] [--fp8-compile] [--count-syncs]
 [--profile ROW] [--profile-steps 3] [--profile-out DIR] [--profile-trace]``
 """
 
@@ -46,6 +48,7 @@ import copy
 import os
 import statistics
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -56,13 +59,14 @@ from common import add_common_options, apply_threads, write_json
 from unip.distill.loss import attention_distill_loss
 from unip.distill.teacher import Teacher
 from unip.distill.train import StudentLogits, freeze_unused, mask_key_bias_grads
-from unip.engine.loop import Precision, cpu_has_native_bf16, train_step
+from unip.engine.loop import LossGate, Precision, cpu_has_native_bf16, train_step
 from unip.engine.optim import build_adamw
 from unip.models import create_model
 from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import PatchEmbed, VisionTransformer
 
-Step = Callable[[Tensor], float]
+#: One optimiser step: queues it and returns what reads its loss (a host sync where the step has not read it).
+Step = Callable[[Tensor], Callable[[], float]]
 ALL_ROWS = ("release", "ours", "ours+compile", "ours+compile+fp8")
 
 
@@ -103,7 +107,7 @@ def release_step(student: VisionTransformer, teacher: VisionTransformer, layer: 
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
-    def step(images: Tensor) -> float:
+    def step(images: Tensor) -> Callable[[], float]:
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             with torch.no_grad():
                 target = release_logits(teacher, images, layer)
@@ -113,7 +117,7 @@ def release_step(student: VisionTransformer, teacher: VisionTransformer, layer: 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        return loss_value
+        return lambda: loss_value
 
     return step
 
@@ -142,7 +146,7 @@ def naive_step(student: VisionTransformer, teacher: VisionTransformer, layer: in
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
-    def step(images: Tensor) -> float:
+    def step(images: Tensor) -> Callable[[], float]:
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             with torch.no_grad():
@@ -150,7 +154,8 @@ def naive_step(student: VisionTransformer, teacher: VisionTransformer, layer: in
             loss = attention_distill_loss(explicit_forward(student, images, student.depth), target)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        loss_value = loss.item()
+        return lambda: loss_value
 
     return step
 
@@ -165,6 +170,7 @@ def our_step(student: VisionTransformer, teacher: Teacher, precision: Precision,
     mask_key_bias_grads(student)
     optimizer = build_adamw(student, 1e-4, 0.05, (0.9, 0.95))
     scaler = precision.grad_scaler()
+    gate = LossGate() if LossGate.applies(optimizer, scaler) else None
     model: nn.Module = StudentLogits(student)
     loss_fn = attention_distill_loss
     if compiled:  # as unip pretrain compiles: block by block (an FP8 teacher stays eager), and the loss
@@ -177,8 +183,9 @@ def our_step(student: VisionTransformer, teacher: Teacher, precision: Precision,
     def loss_of(images: Tensor) -> Tensor:
         return loss_fn(model(images), teacher(images))
 
-    def step(images: Tensor) -> float:
-        return train_step(model, loss_of, [images], optimizer, scaler, precision).loss
+    def step(images: Tensor) -> Callable[[], float]:
+        result = train_step(model, loss_of, [images], optimizer, scaler, precision, gate=gate)
+        return lambda: result.loss
 
     return step
 
@@ -188,28 +195,52 @@ def count_flops(step: Step, images: Tensor) -> int:
     """Model FLOPs of one call of ``step`` (``torch.utils.flop_counter``)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        step(images)
+        step(images)()
     return counter.get_total_flops()
+
+
+def run_block(step: Step, images: Tensor, count: int) -> None:
+    """``count`` steps as the trainer runs them: each loss read after the next step is queued, the last at
+    the end (a step that reads its own loss has read it already)."""
+    pending: Optional[Callable[[], float]] = None
+    for _ in range(count):
+        read = step(images)
+        if pending is not None:
+            pending()
+        pending = read
+    if pending is not None:
+        pending()
 
 
 def time_steps(steps: Dict[str, Step], images: Tensor, warmup: int, rounds: int,
                consecutive: int = 1) -> Dict[str, List[float]]:
-    """Seconds per step of each variant, interleaved so that drift hits all alike: each round runs
-    ``consecutive`` steps of every row in turn (every step ends with a host read of the loss, so wall-clock
-    time per call is the step time)."""
+    """Seconds per step of each variant, interleaved so that drift hits all alike: each round runs a block of
+    ``consecutive`` steps of every row in turn (``run_block``: it ends with the block's last loss read, so
+    the block's wall-clock time over ``consecutive`` is the time per step)."""
     for name, step in steps.items():
         start = time.perf_counter()
-        for _ in range(warmup):
-            step(images)
+        run_block(step, images, warmup)
         print(f"  {name}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            for _ in range(consecutive):
-                start = time.perf_counter()
-                step(images)
-                times[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            run_block(step, images, consecutive)
+            times[name].append((time.perf_counter() - start) / consecutive)
     return times
+
+
+def host_syncs_per_step(step: Step, images: Tensor, count: int) -> float:
+    """Host syncs per step over a block of ``count`` steps, counted by CUDA's sync debug mode (which warns at
+    each synchronising call: a loss read, a blocking copy, a data-dependent shape)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run_block(step, images, count)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught) / count
 
 
 def allocator_retries(device: torch.device) -> int:
@@ -229,8 +260,7 @@ def profile_step(name: str, step: Step, images: Tensor, steps: int, out: str, tr
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, record_shapes=True) as prof:
         start = time.perf_counter()
-        for _ in range(steps):
-            step(images)  # ends with a host read of the loss: the device is idle after each call
+        run_block(step, images, steps)
         wall = time.perf_counter() - start
     events = prof.key_averages()
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -304,10 +334,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 256 on CUDA (the recipe)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=5, help="timed blocks of --consecutive steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row (compilation happens here)")
-    parser.add_argument("--consecutive", type=int, default=1,
-                        help="steps of a row in a row before the next row's (default 1: rows alternate every step)")
+    parser.add_argument("--consecutive", type=int, default=None,
+                        help="steps of a row in a row before the next row's, each loss read after the next step "
+                             "is queued (default: 5 on CUDA, where that overlap matters; 1 on a CPU)")
     parser.add_argument("--rows", default=None, help="comma-separated rows (default: release,ours,ours+compile "
                                                      "and, where FP8 runs, ours+compile+fp8; CPU: release,ours and, "
                                                      "with bf16 instructions, ours+bf16)")
@@ -322,6 +353,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
                         help="compile with dynamic=False (static shapes for teacher and student blocks)")
     parser.add_argument("--fp8-compile", action="store_true",
                         help="compile the FP8 teacher's blocks too (unip pretrain keeps an FP8 teacher eager)")
+    parser.add_argument("--count-syncs", action="store_true",
+                        help="CUDA: count each row's host syncs per step after timing (sync debug mode)")
     parser.add_argument("--profile", default=None, metavar="ROW", help="profile this row after timing")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-out", default="profile", help="folder for the profile's table and trace")
@@ -333,6 +366,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.batch_size = args.batch_size or (256 if cuda else 8)
+    args.consecutive = args.consecutive or (5 if cuda else 1)
     cpu_rows = ["release", "ours"] + (["ours+bf16"] if cpu_has_native_bf16() else [])
     args.rows = args.rows.split(",") if args.rows else (list(ALL_ROWS) if cuda else cpu_rows)
     if args.naive:
@@ -366,15 +400,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         if base:
             row["vs_release"] = rate / base
         result["rows"][name] = row
+    if args.count_syncs and cuda:
+        for name, step in steps.items():
+            result["rows"][name]["host_syncs_per_step"] = host_syncs_per_step(step, images, args.consecutive)
     retries = f", {result['allocator_retries']} allocator retries while timing" if cuda else ""
     print(f"\n{result['device']}, torch {result['torch']}, batch {args.batch_size}, "
           f"{flops / 1e9:.1f} model GFLOP per image, {args.consecutive} consecutive step(s) per row{retries}")
-    print(f"{'row':<20}{'images/s':>10}{'ms/step':>10}{'TFLOP/s':>10}{'MFU':>8}{'vs release':>12}")
+    print(f"{'row':<20}{'images/s':>10}{'ms/step':>10}{'TFLOP/s':>10}{'MFU':>8}{'vs release':>12}"
+          f"{'syncs/step':>12}")
     for name, row in result["rows"].items():
         mfu = f"{100 * row['mfu_bf16_peak']:.1f}%" if "mfu_bf16_peak" in row else "-"
         ratio = f"{row['vs_release']:.2f}x" if "vs_release" in row else "-"
+        syncs = f"{row['host_syncs_per_step']:.1f}" if "host_syncs_per_step" in row else "-"
         print(f"{name:<20}{row['images_per_s']:>10.1f}{row['ms_per_step']:>10.1f}{row['tflops']:>10.1f}"
-              f"{mfu:>8}{ratio:>12}")
+              f"{mfu:>8}{ratio:>12}{syncs:>12}")
     if args.profile:
         if args.profile not in steps:
             raise SystemExit(f"--profile {args.profile}: not a row of this run ({', '.join(steps)})")

@@ -14,7 +14,7 @@ from unip.engine import checkpointing
 from unip.engine.config import build_config, load_yaml, parse_override
 from unip.data.sharding import RankSampler
 from unip.engine.data import SeededDataset, build_loader, set_loader_epoch
-from unip.engine.loop import NonFiniteLossError, resolve_precision, train_step
+from unip.engine.loop import LossGate, NonFiniteLossError, StepResult, resolve_precision, train_step
 from unip.engine.optim import build_adamw, param_groups
 from unip.engine.schedule import set_lr, warmup_cosine, warmup_poly
 from unip.errors import CheckpointError, ConfigError
@@ -260,6 +260,53 @@ def test_non_finite_loss_stops_before_the_update():
     assert resolve_precision("bf16", torch.device("cpu")).dtype is torch.bfloat16  # asked for: CPU bf16 autocast
     assert resolve_precision("auto", torch.device("cpu")).dtype is None
     assert resolve_precision("fp16", torch.device("cpu")).dtype is None
+
+
+def _adam_state(model, optimizer):
+    return [p.detach().clone() for p in model.parameters()] + [
+        value.clone() for state in optimizer.state.values() for value in state.values()]
+
+
+def test_gated_step_reads_no_loss_and_keeps_the_weights_from_the_first_non_finite_loss_on(monkeypatch):
+    """With a ``LossGate`` (fused AdamW) the step leaves the loss on the device; a NaN step and every step after
+    it leave weights, moments and step counts as they were, and the NaN step's result raises when read."""
+    precision = resolve_precision("fp32", torch.device("cpu"))
+    reads = []
+    original_read = StepResult.read
+    monkeypatch.setattr(StepResult, "read", lambda self: reads.append(self) or original_read(self))
+    runs = {}
+    for gated in (False, True):
+        model, (x, y) = _toy()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+        gate = LossGate() if gated else None
+        reads.clear()
+        results = [train_step(model, lambda b: ((model(b[0]) - b[1]) ** 2).mean(), [(x, y)], optimizer,
+                              precision.grad_scaler(), precision, clip_grad=0.5, gate=gate) for _ in range(3)]
+        assert len(reads) == (0 if gated else 3)  # the ungated step reads every loss before updating
+        runs[gated] = (model, optimizer, gate, [r.loss for r in results])
+    (plain, plain_opt, _, plain_losses), (model, optimizer, gate, losses) = runs[False], runs[True]
+    assert losses == plain_losses  # the same arithmetic: found_inf = 0 changes nothing
+    assert all(torch.equal(a, b) for a, b in zip(_adam_state(plain, plain_opt), _adam_state(model, optimizer)))
+
+    before = _adam_state(model, optimizer)
+    bad = train_step(model, lambda b: (model(b[0]) * math.nan).mean(), [(x, y)], optimizer,
+                     precision.grad_scaler(), precision, where="at step 4", gate=gate)
+    later = train_step(model, lambda b: ((model(b[0]) - b[1]) ** 2).mean(), [(x, y)], optimizer,
+                       precision.grad_scaler(), precision, gate=gate)
+    assert math.isfinite(later.loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, _adam_state(model, optimizer)))
+    with pytest.raises(NonFiniteLossError, match="nan at step 4"):
+        bad.read()
+
+
+def test_the_gate_applies_to_fused_adamw_without_an_fp16_grad_scaler_only():
+    model, _ = _toy()
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    assert LossGate.applies(torch.optim.AdamW(model.parameters(), fused=True), off)
+    assert not LossGate.applies(torch.optim.AdamW(model.parameters()), off)  # foreach: no found_inf input
+    assert not LossGate.applies(torch.optim.SGD(model.parameters(), lr=0.1), off)
+    assert not LossGate.applies(torch.optim.AdamW(model.parameters(), fused=True),
+                                torch.amp.GradScaler("cpu", enabled=True))  # fp16 sets found_inf itself
 
 
 def test_fp16_on_a_cpu_runs_fp32_and_says_so(caplog):

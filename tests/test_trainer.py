@@ -23,7 +23,7 @@ from unip.engine.distributed import (DistInfo, all_reduce_sum, sync_batchnorm, u
                                      uses_sync_batchnorm)
 from unip.engine.loop import NonFiniteLossError
 from unip.engine.schedule import warmup_poly
-from unip.engine.trainer import OPTIM_DEFAULTS, RUN_DEFAULTS, Task, train_task
+from unip.engine.trainer import OPTIM_DEFAULTS, RUN_DEFAULTS, Task, Trainer, train_task
 from unip.errors import CheckpointError, ConfigError
 
 TOY_DEFAULTS = {
@@ -194,15 +194,18 @@ def test_epoch_based_run_and_settings_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ best + resume
-def test_best_model_survives_pruning_and_resume_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("fused, nan_step", [(None, 10), (True, 9)])
+def test_best_model_survives_pruning_and_resume_and_resume_is_exact(tmp_path, fused, nan_step):
+    """Also with fused AdamW, whose loop reads a loss after queuing the next step: the NaN at step 9 is read
+    after step 10 was queued (and skipped on the device); the run stops with step 8's state."""
     script = {4: 1.0, 8: 3.0, 12: 2.0}
-    values = {"run.save_every_steps": 4, "run.keep_checkpoints": 1}
+    values = {"run.save_every_steps": 4, "run.keep_checkpoints": 1, "optim.fused": fused}
     reference = Scripted(script)
     train_task(reference, _config(tmp_path / "ref", **values))
 
     stopped = Scripted(script)
-    with pytest.raises(NonFiniteLossError, match="at step 10"):
-        train_task(stopped, _config(tmp_path / "run", **values, **{"debug.nan_at_step": 10}))
+    with pytest.raises(NonFiniteLossError, match=f"at step {nan_step} "):
+        train_task(stopped, _config(tmp_path / "run", **values, **{"debug.nan_at_step": nan_step}))
     folder = tmp_path / "run" / "checkpoints"
     assert [p.name for p in checkpointing.list_states(folder)] == ["step-00000008.pt"]
     resumed = Scripted(script)
@@ -216,6 +219,42 @@ def test_best_model_survives_pruning_and_resume_and_resume_is_exact(tmp_path):
     assert all(torch.equal(saved[k], stopped.seen[8][k]) for k in saved)
     ref, res = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(result.model_path))
     assert all(torch.equal(ref[k], res[k]) for k in ref)  # BatchNorm statistics included
+
+
+class Traced(ToySegmentation):
+    """40 training images (10 steps per epoch); ``events`` gets ``queue N`` as step N's loss is computed."""
+
+    def __init__(self, events) -> None:
+        super().__init__()
+        images = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        self.train_set = TensorDataset(images, (images[:, 0] > 0).long())
+        self.events = events
+
+    def loss(self, module, batch, ctx):
+        self.events.append(f"queue {ctx.step + 1}")
+        return super().loss(module, batch, ctx)
+
+
+def test_with_fused_adamw_each_loss_is_read_after_the_next_step_is_queued(tmp_path, monkeypatch):
+    """The device never waits for the host between steps, except where the trainer needs a step's own
+    weights: an evaluation (4, 8, 12), an epoch end (10) and the last step; the losses logged are the same as
+    when every step is read at once (foreach AdamW), to rounding."""
+    events = []
+    original = Trainer._after_step
+    monkeypatch.setattr(Trainer, "_after_step",
+                        lambda self, done, bar: events.append(f"read {done.step}") or original(self, done, bar))
+    train_task(Traced(events), _config(tmp_path / "fused", **{"optim.fused": True}))
+    order = " ".join(events)
+    assert order == ("queue 1 queue 2 read 1 queue 3 read 2 queue 4 read 3 read 4 queue 5 queue 6 read 5 "
+                     "queue 7 read 6 queue 8 read 7 read 8 queue 9 queue 10 read 9 read 10 queue 11 queue 12 "
+                     "read 11 read 12"), order
+    events.clear()
+    train_task(Traced(events), _config(tmp_path / "foreach"))
+    assert " ".join(events) == " ".join(f"queue {s} read {s}" for s in range(1, 13))
+    fused, foreach = _records(tmp_path / "fused", "train"), _records(tmp_path / "foreach", "train")
+    assert [r["step"] for r in fused] == list(range(1, 13))
+    for name in ("loss", "loss_decode", "lr", "grad_norm", "epoch"):
+        assert [r[name] for r in fused] == pytest.approx([r[name] for r in foreach], rel=1e-4), name
 
 
 # ------------------------------------------------------------------------------------------ evaluation data

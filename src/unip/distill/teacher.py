@@ -92,8 +92,9 @@ def drop_register_tokens(logits: Tensor, num_prefix_tokens: int) -> Tensor:
     """Keep CLS (token 0) and the patch tokens on both token axes of ``[B, H, N, N]`` logits."""
     if num_prefix_tokens <= 1:
         return logits
-    keep = torch.cat([torch.zeros(1, dtype=torch.long),
-                      torch.arange(num_prefix_tokens, logits.shape[-1])]).to(logits.device)
+    # made on the device: a copy from the host would wait for the queued work (a sync every step)
+    keep = torch.cat([torch.zeros(1, dtype=torch.long, device=logits.device),
+                      torch.arange(num_prefix_tokens, logits.shape[-1], device=logits.device)])
     return logits.index_select(-2, keep).index_select(-1, keep)
 
 

@@ -2,11 +2,15 @@
 non-finite loss.
 
 ``Precision`` says how a device computes (bf16/fp16 autocast on CUDA, fp32 or bf16 autocast on a CPU);
-``train_step``
-runs ``loss_fn`` over the micro-batches of one step and updates the weights once. DDP gradient
+``train_step`` runs ``loss_fn`` over the micro-batches of one step and updates the weights once. DDP gradient
 synchronisation is skipped on all micro-batches but the last (``no_sync``). A loss function returns the
 total loss, or ``(total, {name: component})`` for losses with named parts (e.g. decode and auxiliary heads):
 the parts are averaged like the total and reported for logging.
+
+Reading the loss back is a host sync: the device idles from the end of the step until the host has launched
+the next one. With a ``LossGate`` (fused AdamW, no fp16 GradScaler) the step does not read it: the optimiser
+skips its update on the device when the loss is not finite, and keeps skipping from then on, so a loop can read
+each step's loss after it has queued the next step and still stop with the weights of the last good step.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -88,15 +92,59 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-@dataclass
 class StepResult:
-    """What one optimiser step did: mean loss over micro-batches and ranks, this rank's gradient norm
-    before clipping (a 0-d tensor, so that reading it, a host sync, is left to logging), and the mean of
-    each named loss component (empty when the loss function returns a tensor)."""
+    """What one optimiser step did: the loss (mean over micro-batches and ranks), the mean of each named loss
+    component (empty when the loss function returns a tensor) and this rank's gradient norm before clipping (a
+    0-d tensor). The losses stay on the device until first read (``loss``, ``components`` or ``read()``: a
+    host sync), which raises ``NonFiniteLossError`` when the loss is not finite."""
 
-    loss: float
-    grad_norm: Tensor
-    components: Dict[str, float] = field(default_factory=dict)
+    def __init__(self, means: Tensor, names: Sequence[str], stop_message: str) -> None:
+        self._means, self._names, self._stop_message = means, list(names), stop_message
+        self._values: Optional[List[float]] = None
+        self.grad_norm: Optional[Tensor] = None
+
+    def read(self) -> "StepResult":
+        """Read the losses from the device (once); ``NonFiniteLossError`` when the loss is not finite."""
+        if self._values is None:
+            self._values = self._means.tolist()
+            if not math.isfinite(self._values[0]):
+                raise NonFiniteLossError(self._stop_message.format(loss=self._values[0]))
+        return self
+
+    @property
+    def loss(self) -> float:
+        return self.read()._values[0]  # type: ignore[index]
+
+    @property
+    def components(self) -> Dict[str, float]:
+        return dict(zip(self._names, self.read()._values[1:]))  # type: ignore[index]
+
+
+class LossGate:
+    """Keeps the weights of the last step with a finite loss without reading the loss on the host.
+
+    Each step hands the optimiser a ``found_inf`` flag (as ``torch.amp.GradScaler`` does) that is 1 from the
+    first non-finite loss on: the fused AdamW kernels then leave weights, moments and step counts as they were,
+    and the loop stops when it reads that step's loss (``StepResult.read``), later. Only optimisers that take
+    the flag qualify (fused AdamW: ``applies``), and not under an fp16 GradScaler, which sets the flag itself."""
+
+    def __init__(self) -> None:
+        self.stopped: Optional[Tensor] = None  # 0-d float on the device: 1.0 once a loss was not finite
+
+    @staticmethod
+    def applies(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+        fused = all(group.get("fused") for group in optimizer.param_groups)
+        return fused and getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler.is_enabled()
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+        """``optimizer.step()``, skipped on the device when ``loss`` or an earlier gated loss was not finite."""
+        bad = (~torch.isfinite(loss)).float()
+        self.stopped = bad if self.stopped is None else torch.maximum(self.stopped, bad)
+        optimizer.found_inf = self.stopped  # type: ignore[attr-defined]  # what Adam.step hands its kernels
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
 
 
 def split_loss(output: LossOutput) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -109,13 +157,14 @@ def split_loss(output: LossOutput) -> Tuple[Tensor, Dict[str, Tensor]]:
 
 def train_step(model: nn.Module, loss_fn: Callable[[object], LossOutput], micro_batches: Sequence[object],
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: Precision,
-               clip_grad: Optional[float] = None, where: str = "") -> StepResult:
+               clip_grad: Optional[float] = None, where: str = "", gate: Optional[LossGate] = None) -> StepResult:
     """Accumulate gradients of ``loss_fn(batch)`` over ``micro_batches`` and take one optimiser step.
 
     ``model`` is the (possibly DDP-wrapped) module that ``loss_fn`` calls; each micro-batch's loss is
-    divided by their number, so the step equals one over the concatenated batch. Raises
-    ``NonFiniteLossError`` (naming ``where``) before any weight changes if a loss on any rank is not
-    finite. Returns a ``StepResult``."""
+    divided by their number, so the step equals one over the concatenated batch. A non-finite loss on any rank
+    raises ``NonFiniteLossError`` (naming ``where``) before any weight changes: here, or, with a ``gate`` that
+    applies to the optimiser, when the returned ``StepResult`` is first read (the gate has kept the weights of
+    the step before). Returns a ``StepResult``."""
     optimizer.zero_grad(set_to_none=True)
     count = len(micro_batches)
     totals = torch.zeros((), device=_device_of(model))
@@ -125,21 +174,28 @@ def train_step(model: nn.Module, loss_fn: Callable[[object], LossOutput], micro_
         with _maybe_no_sync(model, sync), precision.autocast():
             loss, components = split_loss(loss_fn(batch))
         names = list(components)
-        # the total and its parts travel together: one all-reduce and one host sync per step
+        # the total and its parts travel together: one all-reduce and one host read per step
         totals = totals + torch.stack([loss.detach().float(), *(c.detach().float() for c in components.values())])
         with _maybe_no_sync(model, sync):
             scaler.scale(loss / count).backward()
-    means = all_reduce_mean(totals / count).tolist()  # the host sync needed to stop before a bad update
-    value = means[0]
-    if not math.isfinite(value):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"the loss became {value} {where}; the run stopped and the last good "
-                                 f"checkpoint is kept. {divergence_advice(precision, clip_grad)}, then resume")
+    means = all_reduce_mean(totals / count)
+    result = StepResult(means, names, f"the loss became {{loss}} {where}; the run stopped and the last good "
+                        f"checkpoint is kept. {divergence_advice(precision, clip_grad)}, then resume")
+    gated = gate is not None and LossGate.applies(optimizer, scaler)
+    if not gated:
+        try:
+            result.read()  # the host sync that stops before a bad update
+        except NonFiniteLossError:
+            optimizer.zero_grad(set_to_none=True)
+            raise
     scaler.unscale_(optimizer)
-    grad_norm = nn.utils.clip_grad_norm_(_params(optimizer), clip_grad or float("inf"))
-    scaler.step(optimizer)
-    scaler.update()
-    return StepResult(value, grad_norm.detach(), dict(zip(names, means[1:])))
+    result.grad_norm = nn.utils.clip_grad_norm_(_params(optimizer), clip_grad or float("inf")).detach()
+    if gated:
+        gate.step(optimizer, means[0])  # type: ignore[union-attr]
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return result
 
 
 def divergence_advice(precision: Precision, clip_grad: Optional[float] = None) -> str:

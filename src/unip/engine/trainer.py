@@ -67,7 +67,7 @@ from unip.engine.data import batches_per_epoch, build_loader, set_loader_epoch
 from unip.engine.distributed import (DistInfo, barrier, cleanup, init_distributed, sync_batchnorm,
                                      unwrap_model)
 from unip.engine.logging import TB_DIR, MetricLogger
-from unip.engine.loop import LossOutput, Precision, StepResult, resolve_precision, split_loss, train_step
+from unip.engine.loop import LossGate, LossOutput, Precision, StepResult, resolve_precision, split_loss, train_step
 from unip.engine.optim import adamw, param_groups
 from unip.engine.progress import postfix, progress_bar, progress_line
 from unip.engine.schedule import SCHEDULES, LrSchedule, set_lr
@@ -118,6 +118,8 @@ OPTIM_DEFAULTS: Config = {
     "weight_decay": 0.05,
     "betas": [0.9, 0.999],
     "clip_grad": None,            # max gradient norm; null: no clipping
+    "fused": None,                # AdamW's fused kernels (and each step's loss read after the next is queued,
+                                  # LossGate); null: on CUDA
 }
 
 #: Test hooks: a NaN loss at a given step; a pause after every step (to kill a run mid-way).
@@ -213,6 +215,18 @@ class StepPlan:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+
+
+@dataclass(frozen=True)
+class DoneStep:
+    """A queued optimiser step: its number (1-based), epoch and step within the epoch (after it), its lr and
+    what ``train_step`` returned (the loss not read yet)."""
+
+    step: int
+    epoch: int
+    step_in_epoch: int
+    lr: float
+    result: StepResult
 
 
 @dataclass
@@ -399,8 +413,9 @@ class Trainer:
         self.forward = task.compile(self.wrapped, self.model) if use_compile(self.run["compile"], dist.device) \
             else self.wrapped
         groups = task.param_groups(self.model, float(self.optim["weight_decay"]), ctx)
-        self.optimizer = adamw(groups, peak_lr, tuple(self.optim["betas"]))
+        self.optimizer = adamw(groups, peak_lr, tuple(self.optim["betas"]), self.optim["fused"])
         self.scaler = precision.grad_scaler()
+        self.gate = LossGate() if LossGate.applies(self.optimizer, self.scaler) else None
 
         dataset = task.train_dataset(ctx)
         workers = int(config.get("data", {}).get("num_workers", 0))
@@ -566,6 +581,9 @@ class Trainer:
         return record
 
     def _train(self, bar: tqdm) -> None:
+        """Steps to the end. With a ``LossGate`` each step's loss is read after the next step is queued, so the
+        device never waits for the host between steps; a step after which the trainer saves, evaluates or ends
+        an epoch is settled before anything goes on (those need the weights of exactly that step)."""
         ctx, plan = self.ctx, self.ctx.plan
         assert plan is not None
         self._window = (time.perf_counter(), 0)
@@ -573,23 +591,30 @@ class Trainer:
             set_loader_epoch(self.loader, ctx.epoch, ctx.step_in_epoch * plan.accum)
             batches = iter(self.loader)
             epoch = ctx.epoch
+            pending: Optional[DoneStep] = None
             while ctx.epoch == epoch and ctx.step < plan.total_steps:
-                lr, result = self._step(batches)
+                done = self._step(batches)
                 bar.update(1)
-                self._after_step(lr, result, bar)
+                if pending is not None:
+                    self._after_step(pending, bar)
+                pending = done
+                if self.gate is None or self._settles(done):
+                    self._after_step(done, bar)
+                    pending = None
+            assert pending is None  # an epoch's last step settles
 
-    def _step(self, batches: Iterator[Any]) -> Tuple[float, StepResult]:
+    def _step(self, batches: Iterator[Any]) -> DoneStep:
         ctx, plan = self.ctx, self.ctx.plan
         lr = self.schedule(ctx.step)
         set_lr(self.optimizer, lr)
         torch.manual_seed(step_seed(int(self.run["seed"]), ctx.dist.rank, ctx.step))
         micro_batches = [next(batches) for _ in range(plan.accum)]  # type: ignore[union-attr]
         result = train_step(self.wrapped, self._loss, micro_batches, self.optimizer, self.scaler, ctx.precision,
-                            self.optim["clip_grad"], where=f"at step {ctx.step + 1} (epoch {ctx.epoch})")
+                            self.optim["clip_grad"], where=f"at step {ctx.step + 1} (epoch {ctx.epoch})",
+                            gate=self.gate)
         ctx.step += 1
         ctx.step_in_epoch += 1
-        ctx.last_loss = result.loss
-        return lr, result
+        return DoneStep(ctx.step, ctx.epoch, ctx.step_in_epoch, lr, result)
 
     def _loss(self, batch: Any) -> LossOutput:
         total, components = split_loss(self.task.loss(self.forward, batch, self.ctx))
@@ -597,46 +622,61 @@ class Trainer:
             total = total * float("nan")
         return (total, components) if components else total
 
-    def _after_step(self, lr: float, result: StepResult, bar: tqdm) -> None:
-        """Log, roll the epoch, evaluate and save as the settings say."""
-        ctx, plan, run = self.ctx, self.ctx.plan, self.run
+    def _duties(self, done: DoneStep) -> Dict[str, bool]:
+        """What the trainer does after ``done``: log, end the epoch, evaluate, save."""
+        plan, run = self.ctx.plan, self.run
         assert plan is not None
-        final = ctx.step == plan.total_steps
-        epoch_end = ctx.step_in_epoch == plan.steps_per_epoch
-        start, steps = self._window
-        self._window = (start, steps + 1)
-        if ctx.step % max(1, int(run["log_every"])) == 0 or epoch_end or final:
-            self._log_train(lr, result, bar)
-        if epoch_end:
-            ctx.epoch, ctx.step_in_epoch = ctx.epoch + 1, 0
+        final = done.step == plan.total_steps
+        epoch_end = done.step_in_epoch == plan.steps_per_epoch
         every_eval, every_steps, every_epochs = (int(run["eval_every"]), int(run["save_every_steps"]),
                                                  int(run["save_every_epochs"]))
-        evaluate = self.evaluates and (final or (every_eval > 0 and ctx.step % every_eval == 0))
-        save = final or (every_steps > 0 and ctx.step % every_steps == 0) or (
-            epoch_end and every_epochs > 0 and ctx.epoch % every_epochs == 0)
-        if evaluate and save:  # a diverged model is neither evaluated nor logged
+        return {"log": done.step % max(1, int(run["log_every"])) == 0 or epoch_end or final,
+                "epoch_end": epoch_end,
+                "evaluate": self.evaluates and (final or (every_eval > 0 and done.step % every_eval == 0)),
+                "save": final or (every_steps > 0 and done.step % every_steps == 0) or (
+                    epoch_end and every_epochs > 0 and (done.epoch + 1) % every_epochs == 0)}
+
+    def _settles(self, done: DoneStep) -> bool:
+        """True when the run must not go on before ``done``'s loss is read (all but logging need its weights)."""
+        duties = self._duties(done)
+        return duties["epoch_end"] or duties["evaluate"] or duties["save"] or bool(self.debug["step_delay"])
+
+    def _after_step(self, done: DoneStep, bar: tqdm) -> None:
+        """Read the step's loss (``NonFiniteLossError`` when it is not finite), then log, roll the epoch,
+        evaluate and save as the settings say."""
+        ctx = self.ctx
+        ctx.last_loss = done.result.loss
+        duties = self._duties(done)
+        start, steps = self._window
+        self._window = (start, steps + 1)
+        if duties["log"]:
+            self._log_train(done, bar)
+        if duties["epoch_end"]:
+            ctx.epoch, ctx.step_in_epoch = ctx.epoch + 1, 0
+        if duties["evaluate"] and duties["save"]:  # a diverged model is neither evaluated nor logged
             self._check_finite("before saving the training state")
-        if evaluate:
+        if duties["evaluate"]:
             self._evaluate()
-        if save:
+        if duties["save"]:
             self._save_state()
         if self.debug["step_delay"]:
             time.sleep(float(self.debug["step_delay"]))
 
-    def _log_train(self, lr: float, result: StepResult, bar: tqdm) -> None:
+    def _log_train(self, done: DoneStep, bar: tqdm) -> None:
         start, steps = self._window
         elapsed = time.perf_counter() - start
+        result = done.result
         metrics = {"loss": result.loss, **{f"loss_{k}": v for k, v in result.components.items()},
-                   "lr": lr, "grad_norm": float(result.grad_norm),
+                   "lr": done.lr, "grad_norm": float(result.grad_norm),  # type: ignore[arg-type]
                    "images_per_s": steps * self.ctx.plan.effective_batch / max(elapsed, 1e-9),  # type: ignore
-                   "epoch": self.ctx.epoch}
-        self.log.log(self.ctx.step, metrics)
+                   "epoch": done.epoch}
+        self.log.log(done.step, metrics)
         shown = {k: metrics[k] for k in ("loss", "lr", "images_per_s")}
         bar.set_postfix_str(postfix(shown))
         if self._text_progress:  # no bar (not a terminal): a line per logged step instead
             began, first_step = self._text_progress
-            self._info(progress_line(self.ctx.step, self.ctx.plan.total_steps,  # type: ignore[union-attr]
-                                     self.ctx.step - first_step, time.perf_counter() - began, shown))
+            self._info(progress_line(done.step, self.ctx.plan.total_steps,  # type: ignore[union-attr]
+                                     done.step - first_step, time.perf_counter() - began, shown))
         self._window = (time.perf_counter(), 0)
 
     # ------------------------------------------------------------------------------------ evaluation
