@@ -53,13 +53,16 @@ def every_layer_logits(model: VisionTransformer, images: Tensor) -> List[Tensor]
     low_precision = model.patch_embed.proj.weight.dtype != torch.float32  # run as training does: autocast
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=low_precision):
         tokens, _ = model.embed(images)
-        for block in model.blocks:
+        for index, block in enumerate(model.blocks, start=1):
             attn = block.attn
             hidden = block.norm1(tokens)
             batch, count, _ = hidden.shape
-            qkv = attn.qkv(hidden).reshape(batch, count, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            out.append(((qkv[0] @ qkv[1].transpose(-2, -1)) * attn.scale).float())
-            tokens, _ = block(tokens)
+            projected = attn.qkv(hidden)  # q, k (and v, unless a ``Teacher`` cut this last block to q·kᵀ)
+            parts = projected.shape[-1] // (attn.num_heads * attn.head_dim)
+            qk = projected.reshape(batch, count, parts, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            out.append(((qk[0] @ qk[1].transpose(-2, -1)) * attn.scale).float())
+            if index < len(model.blocks):
+                tokens, _ = block(tokens)
     return out
 
 

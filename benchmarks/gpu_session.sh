@@ -8,7 +8,8 @@
 #         14 workers, bf16 and FP8 teacher), images/s read from its own log.jsonl
 #   next: what a 15-minute device session should run first (< 6 min; all in $OUT/results.tgz): the end-to-end
 #         `unip pretrain` run (bf16 teacher only; each step's loss now read after the next step is queued), the
-#         step (release against ours+compile, 5 steps per block, host syncs per step counted) with a profile of
+#         step (release against ours+compile and ours+compile+tanh: the teacher's tanh GELU in its fc1 products'
+#         epilogue; 5 steps per block, host syncs per step counted) with a profile of
 #         ours+compile (profile_ours_compile.txt: device-busy share, top kernels, products by shape), then the
 #         same rows alternating every step (--consecutive 1, as the numbers before the loss gate were taken)
 #   trial NAME SECONDS ARGS...: one run of benchmarks/pretrain_throughput.py (batch 256) with ARGS, into
@@ -69,7 +70,8 @@ step() {
 prepare() {  # prepare DIR: the pack (made in the background), the CUDA tests meanwhile, a random ViT-L teacher
   make_data > "$1/data.txt" 2>&1 &
   local data=$!
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_analysis.py -k "fp8 or cuda" \
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_analysis.py \
+    tests/test_distill_teacher.py -k "fp8 or cuda" \
     2>&1 | tail -3 | tee "$1/cuda_tests.txt"
   [ -f "$W/vitl.safetensors" ] || python3 -c "
 from unip.checkpoint import save_checkpoint; from unip.models import create_model
@@ -110,7 +112,7 @@ next() {
   env_info "$R/env.txt"
   prepare "$R"; save
   OUT=$R e2e_run bf16 110; save
-  trial step 130 --rows release,ours+compile --count-syncs --profile ours+compile
+  trial step 170 --rows release,ours+compile,ours+compile+tanh --count-syncs --profile ours+compile
   trial step_alternating 110 --rows release,ours+compile --consecutive 1 --steps 8
 }
 

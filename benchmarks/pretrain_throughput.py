@@ -21,6 +21,8 @@ Rows (each with its own copy of the same weights, timed alternately after warm-u
                  default CPU rows include it where the CPU has bf16 instructions: AVX512-BF16 or AMX).
 * ``ours+compile`` – the same with ``torch.compile`` of teacher, student and loss (``run.compile``).
 * ``ours+compile+fp8`` – and the teacher's linear layers in FP8 (torchao; Ada/Hopper GPUs only).
+* ``...+tanh`` (e.g. ``ours+compile+tanh``) – with the teacher's tanh GELU (``--teacher-gelu tanh``), which a
+                 bf16 teacher on CUDA computes in its fc1 products' epilogue.
 * ``naive`` (``--naive``) – both models through every block with the attention matrix materialised.
 
 Model FLOPs per image are counted with ``torch.utils.flop_counter`` on one of our eager steps (teacher
@@ -315,16 +317,18 @@ def build_rows(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str
             steps[row] = naive_step(fresh_student(), copy.deepcopy(teacher_ref).to(device), args.layer,
                                     ours_precision)
         elif row.startswith("ours"):
-            fp8 = row.endswith("+fp8")
+            fp8 = "+fp8" in row
             if fp8 and fp8_unavailable_reason(device):
                 print(f"  skipping {row}: {fp8_unavailable_reason(device)}")
                 continue
-            precision = Precision(device.type, torch.bfloat16) if row.endswith("+bf16") else ours_precision
+            precision = Precision(device.type, torch.bfloat16) if "+bf16" in row else ours_precision
             weights = "fp8" if fp8 else ("bf16" if precision.dtype is torch.bfloat16 else "fp32")
-            steps[row] = our_step(fresh_student(), fresh_teacher(weights), precision, "compile" in row,
-                                  compile_options(args), args.fp8_compile)
+            teacher = fresh_teacher(weights).set_gelu("tanh" if "+tanh" in row else "exact")
+            steps[row] = our_step(fresh_student(), teacher, precision, "compile" in row, compile_options(args),
+                                  args.fp8_compile)
         else:
-            raise SystemExit(f"unknown row {row!r}; choose from {', '.join(ALL_ROWS + ('ours+bf16', 'naive'))}")
+            raise SystemExit(f"unknown row {row!r}; choose from {', '.join(ALL_ROWS + ('ours+bf16', 'naive'))} "
+                             "(+tanh after an ours row: the teacher's tanh GELU)")
     eager = steps.get("ours") or steps.get("ours+bf16") or our_step(
         fresh_student(), fresh_teacher("bf16" if device.type == "cuda" else "fp32"), ours_precision, False)
     return steps, eager

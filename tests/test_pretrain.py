@@ -199,7 +199,8 @@ def test_a_compiled_teacher_is_recorded_with_pytorchs_kernel(monkeypatch):
 
 def test_bf16_on_a_cpu_follows_the_fp32_run(assets, tmp_path):
     """``--precision bf16`` on a CPU: bf16 autocast and a bf16 teacher (about 2x faster where the CPU has bf16
-    instructions, docs/pretrain.md); the per-step losses stay close to the fp32 run's."""
+    instructions, docs/pretrain.md), here with the teacher's tanh GELU (``run.teacher_gelu``); the per-step
+    losses stay close to the fp32 run's."""
     losses = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
@@ -207,9 +208,12 @@ def test_bf16_on_a_cpu_follows_the_fp32_run(assets, tmp_path):
             "teacher.source": str(assets / "teacher.safetensors"), "teacher.layer": 2,
             "data.path": str(assets / "images"), "run.output": str(out), "run.progress": False,
             "student.depth": 2, "student.embed_dim": 64, "student.num_heads": 2, "optim.epochs": 2,
-            "data.augment": False, "run.log_every": 1, "run.precision": precision}))
+            "data.augment": False, "run.log_every": 1, "run.precision": precision,
+            "run.teacher_gelu": "tanh" if precision == "bf16" else "exact"}))
         records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        assert next(r for r in records if "teacher_layer" in r)["teacher_precision"] == precision
+        setup = next(r for r in records if "teacher_layer" in r)
+        assert (setup["teacher_precision"], setup["teacher_gelu"]) == (precision, "tanh" if precision == "bf16" else
+                                                                        "exact")
         losses[precision] = [r["loss"] for r in records if r.get("kind") == "train"]
     assert len(losses["bf16"]) == len(losses["fp32"]) == 8
     assert losses["bf16"] != losses["fp32"]  # it did compute in bf16

@@ -354,7 +354,7 @@ _PRETRAIN_OPTIONS = {
     "data": "data.path", "out": "run.output", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
     "accum_iter": "optim.accum_iter", "blr": "optim.blr", "device": "run.device",
     "precision": "run.precision", "resume": "run.resume", "seed": "run.seed", "workers": "data.num_workers",
-    "teacher_precision": "run.teacher_precision",
+    "teacher_precision": "run.teacher_precision", "teacher_gelu": "run.teacher_gelu",
 }
 
 
@@ -381,6 +381,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="run eagerly")
     p.add_argument("--teacher-precision", choices=["auto", "fp32", "bf16", "fp8"],
                    help="teacher weights: auto (bf16 in bf16 runs), fp32, bf16, or fp8 (torchao, Ada/Hopper GPUs)")
+    p.add_argument("--teacher-gelu", choices=["exact", "tanh"],
+                   help="the teacher's GELU: exact (default) or the tanh approximation, which a bf16 teacher on "
+                        "CUDA computes inside its fc1 products (logits move 40x less than bf16 storage moves them)")
     _add_training_options(p, "auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU; bf16 is honoured on CPUs too "
                              "(fast with AVX512-BF16/AMX); fp16 on a CPU runs fp32, with a warning",
                           "optim.clip_grad=1.0")

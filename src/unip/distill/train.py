@@ -27,7 +27,7 @@ from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, normalize_batch
 from unip.distill.data import (crop_transform, describe_skipped, frame_transform, image_files, open_pretrain_images,
                               take)
 from unip.distill.loss import LOSS_KINDS, attention_distill_loss
-from unip.distill.teacher import TEACHER_PRECISIONS, Teacher, load_teacher_model
+from unip.distill.teacher import TEACHER_GELUS, TEACHER_PRECISIONS, Teacher, load_teacher_model
 from unip.engine.checkpointing import resolve_resume
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
 from unip.engine.distributed import DistInfo, all_reduce_sum
@@ -58,9 +58,10 @@ DEFAULTS: Config = {
     "loss": {"kind": "kl", "temperature": 1.0},
     # compile: auto = torch.compile on CUDA (measured faster there), eager on CPU
     # teacher_precision: auto = bf16 weights under bf16 autocast, else fp32; fp8 = torchao on Ada/Hopper
+    # teacher_gelu: exact (the model's) or tanh (the approximation; a bf16 teacher on CUDA fuses it into fc1)
     "run": {"output": "runs/pretrain", "seed": 0, "device": "auto", "precision": "auto", "compile": "auto",
-            "teacher_precision": "auto", "save_every_epochs": 10, "save_every_steps": 0, "keep_checkpoints": 2,
-            "log_every": 20, "resume": None, "progress": True, "allow_changed_config": False},
+            "teacher_precision": "auto", "teacher_gelu": "exact", "save_every_epochs": 10, "save_every_steps": 0,
+            "keep_checkpoints": 2, "log_every": 20, "resume": None, "progress": True, "allow_changed_config": False},
     "debug": {"nan_at_step": None, "step_delay": 0.0},
 }
 
@@ -82,6 +83,7 @@ RULES: Dict[str, Rule] = {
     "loss.kind": text(*LOSS_KINDS), "loss.temperature": number(gt=0, le=100),
     "run.output": text(), "run.seed": integer(0, 2**63 - 1), "run.device": text(), "run.precision": text(*PRECISIONS),
     "run.compile": Rule("bool", words=("auto",)), "run.teacher_precision": text("auto", *TEACHER_PRECISIONS),
+    "run.teacher_gelu": text(*TEACHER_GELUS),
     "run.allow_changed_config": flag(), "run.save_every_epochs": integer(0, 100_000),
     "run.save_every_steps": integer(0),
     "run.keep_checkpoints": integer(1, 10_000), "run.log_every": integer(1), "run.resume": text(null=True),
@@ -193,7 +195,8 @@ def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
         why = f"teacher layer {layer} (given)"
     else:
         raise ConfigError(f"teacher.layer must be a layer number or 'auto', got {layer!r}")
-    return Teacher(model, layer, patch, digest).to(dist.device).set_precision(weights, cpu_linear=kernel), why
+    teacher = Teacher(model, layer, patch, digest).to(dist.device).set_precision(weights, cpu_linear=kernel)
+    return teacher.set_gelu(config["run"]["teacher_gelu"]), why
 
 
 def resumed_layer(config: Config) -> Optional[int]:
@@ -341,7 +344,8 @@ class NmiHadTask(Task):
 
     def setup_record(self, ctx: TrainContext) -> Dict[str, Any]:
         return {"teacher_layer": self.teacher.layer, "teacher_layer_reason": self.teacher_why,
-                "teacher_precision": self.teacher.precision, "teacher_linear_kernel": linear_kernel(self.teacher)}
+                "teacher_precision": self.teacher.precision, "teacher_gelu": self.teacher.gelu,
+                "teacher_linear_kernel": linear_kernel(self.teacher)}
 
     def resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
         """What the saved student's metadata describes: teacher, distilled layer and heads, loss, student, data.

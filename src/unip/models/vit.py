@@ -125,13 +125,24 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
+    """``fc2(GELU(fc1(x)))``. With ``gelu_epilogue`` (a frozen teacher's tanh-approximated GELU, set by
+    ``Teacher.set_gelu``) CUDA computes ``fc1`` and the GELU as one cuBLASLt product: its GELU epilogue (the
+    tanh approximation, on the fp32 accumulator) saves a pass over the widest activation. Without gradients
+    only (the epilogue keeps no input for a backward pass); elsewhere ``act`` computes the same function."""
+
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.gelu_epilogue = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gelu_epilogue and x.is_cuda and not torch.is_grad_enabled():
+            weight = self.fc1.weight
+            hidden = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]).to(weight.dtype), weight.t(),
+                                             use_gelu=True)
+            return self.fc2(hidden.view(*x.shape[:-1], -1))
         return self.fc2(self.act(self.fc1(x)))
 
 
