@@ -221,9 +221,11 @@ def test_bf16_on_a_cpu_follows_the_fp32_run(assets, tmp_path):
         assert bf16 == pytest.approx(fp32, rel=0.1)
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(assets, tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(assets, tmp_path, fused):
+    """Also with fused AdamW (CUDA's default), whose loop reads each loss after queuing the next step."""
     common = ["--teacher-layer", "2", "--epochs", "2", "--set", "data.augment=false",
-              "--set", "student.drop_path=0.0"]
+              "--set", "student.drop_path=0.0", "--set", f"optim.fused={str(fused).lower()}"]
     ddp = subprocess.Popen(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "unip.cli",
          *_args(assets, tmp_path / "ddp", "--batch-size", "4", *common)],

@@ -54,7 +54,7 @@ DEFAULTS: Config = {
              "augment": True, "num_workers": 8},
     "optim": {"epochs": 100, "warmup_epochs": 5.0, "blr": 1.5e-4, "lr": None, "min_lr": 0.0,
               "batch_size": 256, "accum_iter": None, "effective_batch": None, "weight_decay": 0.05,
-              "betas": [0.9, 0.95], "clip_grad": None},
+              "betas": [0.9, 0.95], "clip_grad": None, "fused": None},
     "loss": {"kind": "kl", "temperature": 1.0},
     # compile: auto = torch.compile on CUDA (measured faster there), eager on CPU
     # teacher_precision: auto = bf16 weights under bf16 autocast, else fp32; fp8 = torchao on Ada/Hopper
@@ -80,6 +80,7 @@ RULES: Dict[str, Rule] = {
     "optim.batch_size": integer(1, 65_536), "optim.accum_iter": integer(1, 65_536, null=True),
     "optim.effective_batch": integer(1, 2**24, null=True), "optim.weight_decay": number(ge=0, le=1),
     "optim.betas": numbers(2, ge=0, lt=1), "optim.clip_grad": number(gt=0, null=True),
+    "optim.fused": Rule("bool", null=True),
     "loss.kind": text(*LOSS_KINDS), "loss.temperature": number(gt=0, le=100),
     "run.output": text(), "run.seed": integer(0, 2**63 - 1), "run.device": text(), "run.precision": text(*PRECISIONS),
     "run.compile": Rule("bool", words=("auto",)), "run.teacher_precision": text("auto", *TEACHER_PRECISIONS),
