@@ -403,9 +403,12 @@ class VisionTransformer(nn.Module):
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` each block in place (regional compilation): identical blocks share one compiled
-        graph, so compiling a 24-block model costs about one block, not 24 unrolled ones."""
+        graph, so compiling a 24-block model costs about one block, not 24 unrolled ones. A block's
+        ``attention_logits`` (what a distilled block runs instead of ``forward``: norm, q/k projection, scaled
+        q·kᵀ) is compiled too, so its norm, casts and scaling fuse like the other blocks' do."""
         for block in self.blocks:
             block.compile(**options)
+            block.attention_logits = torch.compile(block.attention_logits, **options)
 
 
 def _pair(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
