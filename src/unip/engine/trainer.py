@@ -229,6 +229,16 @@ class DoneStep:
     result: StepResult
 
 
+@dataclass(frozen=True)
+class Duties:
+    """What the trainer does after a step: log it, end the epoch, evaluate, save the training state."""
+
+    log: bool
+    epoch_end: bool
+    evaluate: bool
+    save: bool
+
+
 @dataclass
 class TrainContext:
     """What a task can read: the settings, where the process sits (``dist``), the precision, the run
@@ -622,24 +632,24 @@ class Trainer:
             total = total * float("nan")
         return (total, components) if components else total
 
-    def _duties(self, done: DoneStep) -> Dict[str, bool]:
-        """What the trainer does after ``done``: log, end the epoch, evaluate, save."""
+    def _duties(self, done: DoneStep) -> Duties:
+        """What the trainer does after ``done``."""
         plan, run = self.ctx.plan, self.run
         assert plan is not None
         final = done.step == plan.total_steps
         epoch_end = done.step_in_epoch == plan.steps_per_epoch
         every_eval, every_steps, every_epochs = (int(run["eval_every"]), int(run["save_every_steps"]),
                                                  int(run["save_every_epochs"]))
-        return {"log": done.step % max(1, int(run["log_every"])) == 0 or epoch_end or final,
-                "epoch_end": epoch_end,
-                "evaluate": self.evaluates and (final or (every_eval > 0 and done.step % every_eval == 0)),
-                "save": final or (every_steps > 0 and done.step % every_steps == 0) or (
-                    epoch_end and every_epochs > 0 and (done.epoch + 1) % every_epochs == 0)}
+        return Duties(log=done.step % max(1, int(run["log_every"])) == 0 or epoch_end or final,
+                      epoch_end=epoch_end,
+                      evaluate=self.evaluates and (final or (every_eval > 0 and done.step % every_eval == 0)),
+                      save=final or (every_steps > 0 and done.step % every_steps == 0) or (
+                          epoch_end and every_epochs > 0 and (done.epoch + 1) % every_epochs == 0))
 
     def _settles(self, done: DoneStep) -> bool:
         """True when the run must not go on before ``done``'s loss is read (all but logging need its weights)."""
         duties = self._duties(done)
-        return duties["epoch_end"] or duties["evaluate"] or duties["save"] or bool(self.debug["step_delay"])
+        return duties.epoch_end or duties.evaluate or duties.save or bool(self.debug["step_delay"])
 
     def _after_step(self, done: DoneStep, bar: tqdm) -> None:
         """Read the step's loss (``NonFiniteLossError`` when it is not finite), then log, roll the epoch,
@@ -649,15 +659,15 @@ class Trainer:
         duties = self._duties(done)
         start, steps = self._window
         self._window = (start, steps + 1)
-        if duties["log"]:
+        if duties.log:
             self._log_train(done, bar)
-        if duties["epoch_end"]:
+        if duties.epoch_end:
             ctx.epoch, ctx.step_in_epoch = ctx.epoch + 1, 0
-        if duties["evaluate"] and duties["save"]:  # a diverged model is neither evaluated nor logged
+        if duties.evaluate and duties.save:  # a diverged model is neither evaluated nor logged
             self._check_finite("before saving the training state")
-        if duties["evaluate"]:
+        if duties.evaluate:
             self._evaluate()
-        if duties["save"]:
+        if duties.save:
             self._save_state()
         if self.debug["step_delay"]:
             time.sleep(float(self.debug["step_delay"]))
