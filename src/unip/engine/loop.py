@@ -104,11 +104,12 @@ class StepResult:
         self.grad_norm: Optional[Tensor] = None
 
     def read(self) -> "StepResult":
-        """Read the losses from the device (once); ``NonFiniteLossError`` when the loss is not finite."""
+        """Read the losses from the device (once); ``NonFiniteLossError`` (at every read) when the loss is not
+        finite."""
         if self._values is None:
             self._values = self._means.tolist()
-            if not math.isfinite(self._values[0]):
-                raise NonFiniteLossError(self._stop_message.format(loss=self._values[0]))
+        if not math.isfinite(self._values[0]):
+            raise NonFiniteLossError(self._stop_message.format(loss=self._values[0]))
         return self
 
     @property
