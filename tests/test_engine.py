@@ -300,6 +300,27 @@ def test_gated_step_reads_no_loss_and_keeps_the_weights_from_the_first_non_finit
             read()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gated_bf16_step_never_syncs_with_the_host():
+    """The point of the gate: on CUDA a bf16 step with fused AdamW and clipping queues everything and reads
+    nothing (CUDA's sync debug mode raises at any synchronising call); reading the result afterwards does."""
+    precision = resolve_precision("bf16", torch.device("cuda"))
+    model, (x, y) = _toy()
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    gate = LossGate()
+    train_step(model, lambda b: ((model(b[0]) - b[1]) ** 2).mean(), [(x, y)], optimizer, precision.grad_scaler(),
+               precision, clip_grad=0.5, gate=gate)  # warm-up: lazy state and kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = train_step(model, lambda b: ((model(b[0]) - b[1]) ** 2).mean(), [(x, y)], optimizer,
+                            precision.grad_scaler(), precision, clip_grad=0.5, gate=gate)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(result.loss)
+
+
 def test_the_gate_applies_to_fused_adamw_without_an_fp16_grad_scaler_only():
     model, _ = _toy()
     off = torch.amp.GradScaler("cpu", enabled=False)
