@@ -301,34 +301,61 @@ def test_gated_step_reads_no_loss_and_keeps_the_weights_from_the_first_non_finit
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_gated_bf16_step_never_syncs_with_the_host():
-    """The point of the gate: on CUDA a bf16 step with fused AdamW and clipping queues everything and reads
-    nothing (CUDA's sync debug mode raises at any synchronising call); reading the result afterwards does."""
-    precision = resolve_precision("bf16", torch.device("cuda"))
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_cuda_gated_step_never_syncs_with_the_host(name):
+    """The point of the gate: on CUDA a bf16 (or fp16, with its GradScaler) step with fused AdamW and clipping
+    queues everything and reads nothing (CUDA's sync debug mode raises at any synchronising call)."""
+    precision = resolve_precision(name, torch.device("cuda"))
     model, (x, y) = _toy()
     model, x, y = model.cuda(), x.cuda(), y.cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
-    gate = LossGate()
-    train_step(model, lambda b: ((model(b[0]) - b[1]) ** 2).mean(), [(x, y)], optimizer, precision.grad_scaler(),
+    gate, scaler = LossGate(), precision.grad_scaler()
+    train_step(model, lambda b: ((model(b[0]) - b[1]) ** 2).mean(), [(x, y)], optimizer, scaler,
                precision, clip_grad=0.5, gate=gate)  # warm-up: lazy state and kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         result = train_step(model, lambda b: ((model(b[0]) - b[1]) ** 2).mean(), [(x, y)], optimizer,
-                            precision.grad_scaler(), precision, clip_grad=0.5, gate=gate)
+                            scaler, precision, clip_grad=0.5, gate=gate)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert math.isfinite(result.loss)
 
 
-def test_the_gate_applies_to_fused_adamw_without_an_fp16_grad_scaler_only():
+def test_the_gate_applies_to_fused_adamw_only():
     model, _ = _toy()
-    off = torch.amp.GradScaler("cpu", enabled=False)
-    assert LossGate.applies(torch.optim.AdamW(model.parameters(), fused=True), off)
-    assert not LossGate.applies(torch.optim.AdamW(model.parameters()), off)  # foreach: no found_inf input
-    assert not LossGate.applies(torch.optim.SGD(model.parameters(), lr=0.1), off)
-    assert not LossGate.applies(torch.optim.AdamW(model.parameters(), fused=True),
-                                torch.amp.GradScaler("cpu", enabled=True))  # fp16 sets found_inf itself
+    assert LossGate.applies(torch.optim.AdamW(model.parameters(), fused=True))
+    assert not LossGate.applies(torch.optim.AdamW(model.parameters()))  # foreach: no found_inf input
+    assert not LossGate.applies(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_gated_step_under_a_grad_scaler_skips_what_the_scaler_skips():
+    """fp16's recipe: a GradScaler. A step with a finite loss and NaN gradients is skipped and the scale lowered,
+    gated (found_inf from the gradient norm, ``scaler.update``) exactly as through ``scaler.step``."""
+    precision = resolve_precision("fp32", torch.device("cpu"))  # the scaler is the point here, not autocast
+
+    def losses(model):
+        def mse(b):
+            return ((model(b[0]) - b[1]) ** 2).mean()
+
+        def nan_grads(b):  # sqrt'(0) = inf, times 0: NaN gradients, a finite (unchanged) loss
+            return mse(b) + torch.sqrt(0 * model[0].weight.sum())
+        return [mse, nan_grads, mse, mse]
+
+    runs = []
+    for gate in (None, LossGate()):
+        model, (x, y) = _toy()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+        scales = []
+        for loss_fn in losses(model):
+            result = train_step(model, loss_fn, [(x, y)], optimizer, scaler, precision, clip_grad=0.5, gate=gate)
+            assert math.isfinite(result.loss)
+            scales.append(scaler.get_scale())
+        runs.append((scales, _adam_state(model, optimizer)))
+    (plain_scales, plain_state), (gated_scales, gated_state) = runs
+    assert plain_scales == gated_scales == [2.0 ** 10, 2.0 ** 9, 2.0 ** 9, 2.0 ** 10]  # halved, then grown
+    assert all(torch.equal(a, b) for a, b in zip(plain_state, gated_state))
 
 
 def test_fp16_on_a_cpu_runs_fp32_and_says_so(caplog):

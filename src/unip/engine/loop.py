@@ -8,7 +8,7 @@ total loss, or ``(total, {name: component})`` for losses with named parts (e.g. 
 the parts are averaged like the total and reported for logging.
 
 Reading the loss back is a host sync: the device idles from the end of the step until the host has launched
-the next one. With a ``LossGate`` (fused AdamW, no fp16 GradScaler) the step does not read it: the optimiser
+the next one. With a ``LossGate`` (fused AdamW) the step does not read it: the optimiser
 skips its update on the device when the loss is not finite, and keeps skipping from then on, so a loop can read
 each step's loss after it has queued the next step and still stop with the weights of the last good step.
 """
@@ -124,28 +124,37 @@ class StepResult:
 class LossGate:
     """Keeps the weights of the last step with a finite loss without reading the loss on the host.
 
-    Each step hands the optimiser a ``found_inf`` flag (as ``torch.amp.GradScaler`` does) that is 1 from the
-    first non-finite loss on: the fused AdamW kernels then leave weights, moments and step counts as they were,
-    and the loop stops when it reads that step's loss (``StepResult.read``), later. Only optimisers that take
-    the flag qualify (fused AdamW: ``applies``), and not under an fp16 GradScaler, which sets the flag itself."""
+    Each step hands the optimiser a ``found_inf`` flag (as ``torch.amp.GradScaler`` does for fused optimisers)
+    that is 1 from the first non-finite loss on: the fused AdamW kernels then leave weights, moments and step
+    counts as they were, and the loop stops when it reads that step's loss (``StepResult.read``), later. Under
+    an fp16 GradScaler the flag is also 1 for a step whose gradients are not finite, the step the scaler skips
+    (and ``update`` then lowers the scale, as after ``scaler.step``). Only optimisers that take the flag qualify
+    (fused AdamW: ``applies``)."""
 
     def __init__(self) -> None:
         self.stopped: Optional[Tensor] = None  # 0-d float on the device: 1.0 once a loss was not finite
 
     @staticmethod
-    def applies(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    def applies(optimizer: torch.optim.Optimizer) -> bool:
         fused = all(group.get("fused") for group in optimizer.param_groups)
-        return fused and getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler.is_enabled()
+        return fused and getattr(optimizer, "_step_supports_amp_scaling", False)
 
-    def step(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
-        """``optimizer.step()``, skipped on the device when ``loss`` or an earlier gated loss was not finite."""
+    def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor,
+             grad_norm: Tensor) -> None:
+        """``optimizer.step()`` then ``scaler.update()`` (after ``scaler.unscale_``), the step skipped on the
+        device when ``loss`` or an earlier gated loss was not finite, or, under an enabled scaler, when the
+        unscaled gradients are not (``grad_norm``: their total norm)."""
         bad = (~torch.isfinite(loss)).float()
         self.stopped = bad if self.stopped is None else torch.maximum(self.stopped, bad)
-        optimizer.found_inf = self.stopped  # type: ignore[attr-defined]  # what Adam.step hands its kernels
+        skip = self.stopped
+        if scaler.is_enabled():
+            skip = torch.maximum(skip, (~torch.isfinite(grad_norm)).float())
+        optimizer.found_inf = skip  # type: ignore[attr-defined]  # what Adam.step hands its kernels
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf  # type: ignore[attr-defined]
+        scaler.update()
 
 
 def split_loss(output: LossOutput) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -182,7 +191,7 @@ def train_step(model: nn.Module, loss_fn: Callable[[object], LossOutput], micro_
     means = all_reduce_mean(totals / count)
     result = StepResult(means, names, f"the loss became {{loss}} {where}; the run stopped and the last good "
                         f"checkpoint is kept. {divergence_advice(precision, clip_grad)}, then resume")
-    gated = gate is not None and LossGate.applies(optimizer, scaler)
+    gated = gate is not None and LossGate.applies(optimizer)
     if not gated:
         try:
             result.read()  # the host sync that stops before a bad update
@@ -192,7 +201,7 @@ def train_step(model: nn.Module, loss_fn: Callable[[object], LossOutput], micro_
     scaler.unscale_(optimizer)
     result.grad_norm = nn.utils.clip_grad_norm_(_params(optimizer), clip_grad or float("inf")).detach()
     if gated:
-        gate.step(optimizer, means[0])  # type: ignore[union-attr]
+        gate.step(optimizer, scaler, means[0], result.grad_norm)  # type: ignore[union-attr]
     else:
         scaler.step(optimizer)
         scaler.update()
