@@ -1,11 +1,11 @@
-"""Options and output shared by the benchmark scripts: CPU threads, the card's peak for MFU, a JSON copy of the
-results."""
+"""Shared by the benchmark scripts: options (CPU threads, the card's peak for MFU), a JSON copy of the results, and
+training steps run as the trainer runs them."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -28,3 +28,17 @@ def write_json(result: Any, path: str | None) -> None:
     if path:
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=1)
+
+
+def run_block(step: Callable[..., Callable[[], float]], count: int, *inputs: Any) -> None:
+    """``count`` calls of ``step(*inputs)`` (each queues an optimiser step and returns what reads its loss) as
+    ``unip``'s trainer runs them: each loss read after the next step is queued, the last at the end (a step
+    that reads its own loss, as the release's do, has read it already)."""
+    pending: Optional[Callable[[], float]] = None
+    for _ in range(count):
+        read = step(*inputs)
+        if pending is not None:
+            pending()
+        pending = read
+    if pending is not None:
+        pending()

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import add_common_options, apply_threads, write_json
+from common import add_common_options, apply_threads, run_block, write_json
 from unip.distill.loss import attention_distill_loss
 from unip.distill.teacher import Teacher
 from unip.distill.train import StudentLogits, freeze_unused, mask_key_bias_grads
@@ -201,19 +201,6 @@ def count_flops(step: Step, images: Tensor) -> int:
     return counter.get_total_flops()
 
 
-def run_block(step: Step, images: Tensor, count: int) -> None:
-    """``count`` steps as the trainer runs them: each loss read after the next step is queued, the last at
-    the end (a step that reads its own loss has read it already)."""
-    pending: Optional[Callable[[], float]] = None
-    for _ in range(count):
-        read = step(images)
-        if pending is not None:
-            pending()
-        pending = read
-    if pending is not None:
-        pending()
-
-
 def time_steps(steps: Dict[str, Step], images: Tensor, warmup: int, rounds: int,
                consecutive: int = 1) -> Dict[str, List[float]]:
     """Seconds per step of each variant, interleaved so that drift hits all alike: each round runs a block of
@@ -221,13 +208,13 @@ def time_steps(steps: Dict[str, Step], images: Tensor, warmup: int, rounds: int,
     the block's wall-clock time over ``consecutive`` is the time per step)."""
     for name, step in steps.items():
         start = time.perf_counter()
-        run_block(step, images, warmup)
+        run_block(step, warmup, images)
         print(f"  {name}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             start = time.perf_counter()
-            run_block(step, images, consecutive)
+            run_block(step, consecutive, images)
             times[name].append((time.perf_counter() - start) / consecutive)
     return times
 
@@ -239,7 +226,7 @@ def host_syncs_per_step(step: Step, images: Tensor, count: int) -> float:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            run_block(step, images, count)
+            run_block(step, count, images)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchronizing CUDA operation" in str(w.message) for w in caught) / count
@@ -262,7 +249,7 @@ def profile_step(name: str, step: Step, images: Tensor, steps: int, out: str, tr
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, record_shapes=True) as prof:
         start = time.perf_counter()
-        run_block(step, images, steps)
+        run_block(step, steps, images)
         wall = time.perf_counter() - start
     events = prof.key_averages()
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"

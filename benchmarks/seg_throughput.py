@@ -6,7 +6,8 @@ The model is what ``unip finetune soda_small`` trains: ViT-S/16 at 512 px (layer
 * **train**: one optimiser step as ``unip finetune`` takes it (``engine.loop.train_step``: AdamW over the task's
   layer-decay groups, fused on CUDA; decode + 0.4 × aux cross-entropy; fp16 autocast with a GradScaler or bf16
   autocast on CUDA; fp32 and, where the CPU has bf16 instructions, bf16 autocast on a CPU, as ``--precision bf16``
-  gives), on ``--batch-size`` random 512² crops. ``+compile`` rows compile the backbone's
+  gives), on ``--batch-size`` random 512² crops, ``--train-block`` steps per timed call with each loss read after
+  the next step is queued, as the trainer does with fused AdamW. ``+compile`` rows compile the backbone's
   blocks as ``run.compile`` does (CUDA).
 * **slide**: ``unip.seg.slide_inference`` (crop 512, stride 341) on ``--eval-batch`` images of ``--image`` pixels
   (default 512×683: a 640×480 frame after the test resize; two windows each), the windows of all images in one
@@ -18,7 +19,8 @@ separately, and per training image (forward + backward). On CUDA every row also 
 ``--peak-tflops`` (the card's dense bf16/fp16 peak; H100 SXM 989) counted with these model FLOPs.
 
 Usage: ``python benchmarks/seg_throughput.py [--device cpu|cuda] [--batch-size 2|8] [--steps 3]
-[--precisions fp32,bf16,fp16] [--compile] [--eval-batch 1] [--image 512x683] [--peak-tflops 989] [--json FILE]``
+[--precisions fp32,bf16,fp16] [--compile] [--train-block 4|1] [--eval-batch 1] [--image 512x683]
+[--peak-tflops 989] [--json FILE]``
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from common import add_common_options, apply_threads, write_json
-from unip.engine.loop import Precision, cpu_has_native_bf16, resolve_precision, train_step
+from common import add_common_options, apply_threads, run_block, write_json
+from unip.engine.loop import LossGate, Precision, cpu_has_native_bf16, resolve_precision, train_step
 from unip.engine.optim import build_adamw
 from unip.models.segmentor import Segmentor
 from unip.seg import build_segmentor, layer_decay_lr_scale, segmentation_losses, slide_inference
@@ -61,11 +63,13 @@ def model_flops(segmentor: Segmentor, size: int, device: torch.device, batch: in
 
 
 # ------------------------------------------------------------------------------------------ steps
-def train_row(segmentor: Segmentor, precision: Precision, compiled: bool) -> Callable[[Tensor, Tensor], float]:
-    """``unip finetune``'s optimiser step on a copy of ``segmentor``."""
+def train_row(segmentor: Segmentor, precision: Precision, compiled: bool
+              ) -> Callable[[Tensor, Tensor], Callable[[], float]]:
+    """``unip finetune``'s optimiser step on a copy of ``segmentor`` (queues it; returns what reads its loss)."""
     model = copy.deepcopy(segmentor).train()
     optimizer = build_adamw(model, 1e-4, 0.05, (0.9, 0.999), layer_decay_lr_scale(model.backbone.depth, 0.85))
     scaler = precision.grad_scaler()
+    gate = LossGate() if LossGate.applies(optimizer) else None
     if compiled:
         model.backbone.compile_blocks()
 
@@ -74,8 +78,9 @@ def train_row(segmentor: Segmentor, precision: Precision, compiled: bool) -> Cal
         losses = segmentation_losses(model(images), labels, model.loss_weights)
         return sum(losses.values()), losses
 
-    def step(images: Tensor, labels: Tensor) -> float:
-        return train_step(model, loss_of, [(images, labels)], optimizer, scaler, precision).loss
+    def step(images: Tensor, labels: Tensor) -> Callable[[], float]:
+        result = train_step(model, loss_of, [(images, labels)], optimizer, scaler, precision, gate=gate)
+        return lambda: result.loss
 
     return step
 
@@ -117,6 +122,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--precisions", default=None, help="comma-separated: fp32, bf16, fp16 (default: fp16,bf16 "
                                                            "on CUDA; fp32 and, with bf16 instructions, bf16 on CPU)")
     parser.add_argument("--compile", action="store_true", help="also time training with compiled blocks")
+    parser.add_argument("--train-block", type=int, default=None,
+                        help="training steps per timed call, each loss read after the next step is queued as the "
+                             "trainer does (default: 4 on CUDA, 1 on a CPU); ms/call is per step")
     parser.add_argument("--eval-batch", type=int, default=1, help="images per sliding-window call")
     parser.add_argument("--image", default="512x683", help="HxW of the evaluated images (after the test resize)")
     parser.add_argument("--size", type=int, default=512, help="crop and window size (the recipe: 512)")
@@ -129,6 +137,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch_size or (8 if cuda else 2)
+    args.train_block = args.train_block or (4 if cuda else 1)
     cpu_default = ["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])
     precisions = args.precisions.split(",") if args.precisions else (["fp16", "bf16"] if cuda else cpu_default)
     height, width = (int(v) for v in args.image.lower().split("x"))
@@ -161,7 +170,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         precision = resolve_precision(name, device)  # as --precision NAME runs (on a CPU: fp16 gives fp32)
         for compiled in ([False, True] if args.compile else [False]):
             step = train_row(segmentor, precision, compiled)
-            train_rows[f"train {name}{'+compile' if compiled else ''}"] = synced(lambda s=step: s(images, labels))
+            train_rows[f"train {name}{'+compile' if compiled else ''}"] = synced(
+                lambda s=step: run_block(s, args.train_block, images, labels))
         for batched in (True, False):
             run = slide_row(eval_model, precision, batched, args.size, stride)
             slide_rows[f"slide {name} {'batched' if batched else 'one-at-a-time'}"] = synced(lambda r=run: r(frames))
@@ -176,8 +186,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
                                  "gflops": flops, "rows": {}}
     rows: Dict[str, Dict[str, float]] = result["rows"]  # type: ignore[assignment]
     for name, values in train_times.items():
-        rate = batch / statistics.median(values)
-        rows[name] = {"images_per_s": rate, "ms_per_call": 1e3 * statistics.median(values),
+        rate = batch * args.train_block / statistics.median(values)
+        rows[name] = {"images_per_s": rate, "ms_per_call": 1e3 * statistics.median(values) / args.train_block,
                       "tflops": rate * flops["train_step_per_image"] / 1e3}
     for name, values in slide_times.items():
         rate = args.eval_batch / statistics.median(values)
