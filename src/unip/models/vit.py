@@ -19,7 +19,7 @@ The attention taps number layers from 1 (block ``i`` of ``blocks`` is layer ``i 
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -178,15 +178,23 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
+        # what ``attention_logits`` runs: a plain function of the block, so that ``compile_blocks`` can compile
+        # it and a deep copy of the block still computes with the copy's weights
+        self.logits_fn: Callable[["Block", Tensor], Tensor] = block_attention_logits
 
     def attention_logits(self, x: Tensor) -> Tensor:
-        return self.attn.attention_logits(self.norm1(x))
+        return self.logits_fn(self, x)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         attended, attention = self.attn(self.norm1(x), return_attention)
         x = x + self.drop_path1(self.ls1(attended))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, attention
+
+
+def block_attention_logits(block: Block, x: Tensor) -> Tensor:
+    """Pre-softmax scaled q·kᵀ of ``block`` for its input tokens ``x`` (what a distilled block runs)."""
+    return block.attn.attention_logits(block.norm1(x))
 
 
 class VisionTransformer(nn.Module):
@@ -406,9 +414,10 @@ class VisionTransformer(nn.Module):
         graph, so compiling a 24-block model costs about one block, not 24 unrolled ones. A block's
         ``attention_logits`` (what a distilled block runs instead of ``forward``: norm, q/k projection, scaled
         q·kᵀ) is compiled too, so its norm, casts and scaling fuse like the other blocks' do."""
+        logits_fn = torch.compile(block_attention_logits, **options)
         for block in self.blocks:
             block.compile(**options)
-            block.attention_logits = torch.compile(block.attention_logits, **options)
+            block.logits_fn = logits_fn
 
 
 def _pair(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
