@@ -4,8 +4,9 @@
 #   step: environment, generated packed data set (20,480 thermal scenes), FP8 teacher accuracy
 #         (benchmarks/fp8_teacher.py), NMI-HAD step throughput against the release's step
 #         (benchmarks/pretrain_throughput.py: release, ours, ours+compile, ours+compile+fp8)
-#   e2e:  CUDA tests (FP8, analysis, the tanh-GELU epilogue, the sync-free step), then `unip pretrain` end to end on the generated pack (made first if missing; batch 256,
-#         14 workers, bf16 and FP8 teacher), images/s read from its own log.jsonl
+#   e2e:  CUDA tests (FP8, analysis, the tanh-GELU epilogue, the sync-free step), then `unip pretrain` end to
+#         end on the generated pack (made first if missing; batch 256, 14 workers, bf16 and FP8 teacher), images/s
+#         read from its own log.jsonl
 #   next: what a 15-minute device session should run first (about 8 min; all in $OUT/results.tgz): the end-to-end
 #         `unip pretrain` run (bf16 teacher only; each step's loss now read after the next step is queued), the
 #         step (release against ours+compile and ours+compile+tanh: the teacher's tanh GELU in its fc1 products'
