@@ -3,6 +3,7 @@ the train step (accumulation and the non-finite stop)."""
 
 import logging
 import math
+import os
 import random
 
 import numpy as np
@@ -383,13 +384,38 @@ def test_divergence_advice_follows_the_runs_precision_and_clipping():
     assert divergence_advice(fp16).endswith("or --precision bf16 or fp32 instead of fp16")
 
 
-def test_worker_count_does_not_change_the_batches():
+def test_worker_count_does_not_change_the_batches_over_epochs():
+    """One loader per worker count, three epochs (the last started mid-way): the workers persist from epoch
+    to epoch, and each item still gets its own epoch's augmentation."""
     batches = []
     for workers in (0, 2):
-        loader = build_loader(_Noise(), 5, seed=4, num_workers=workers)
-        set_loader_epoch(loader, 3)
-        batches.append(torch.cat(list(loader)))
-    assert torch.equal(batches[0], batches[1])
+        loader = build_loader(_Noise(), 2, seed=4, num_workers=workers)
+        seen = []
+        for epoch, start in ((3, 0), (4, 0), (5, 2)):
+            set_loader_epoch(loader, epoch, start_batch=start)
+            seen.append(torch.cat(list(loader)))
+        batches.append(seen)
+    for in_process, in_workers in zip(*batches):
+        assert torch.equal(in_process, in_workers)
+    assert not torch.equal(batches[0][0], batches[0][1])  # epochs differ
+    assert len(batches[0][2]) == 2 * 3  # 5 batches, 2 skipped
+
+
+class _WorkerPid(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.tensor(os.getpid())
+
+
+def test_training_loader_workers_persist_over_epochs():
+    loader = build_loader(_WorkerPid(), 2, num_workers=2)
+    pids = []
+    for epoch in range(2):
+        set_loader_epoch(loader, epoch)
+        pids.append(set(torch.cat(list(loader)).tolist()))
+    assert pids[0] == pids[1] and len(pids[0]) == 2 and os.getpid() not in pids[0]
 
 
 def test_device_names_are_checked():

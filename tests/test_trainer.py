@@ -6,6 +6,7 @@ resume with changed settings refused unless allowed; and `unip pretrain` divergi
 
 import json
 import math
+import multiprocessing
 import re
 from pathlib import Path
 
@@ -255,6 +256,23 @@ def test_with_fused_adamw_each_loss_is_read_after_the_next_step_is_queued(tmp_pa
     assert [r["step"] for r in fused] == list(range(1, 13))
     for name in ("loss", "loss_decode", "lr", "grad_norm", "epoch"):
         assert [r[name] for r in fused] == pytest.approx([r[name] for r in foreach], rel=1e-4), name
+
+
+def test_loader_workers_persist_over_epochs_and_exit_with_the_run(tmp_path, monkeypatch):
+    """Two workers serve all six epochs (no restart at each epoch boundary) and stop when training ends; the
+    run equals one that loads in-process."""
+    settings = {"optim.iterations": None, "optim.epochs": 6, "run.eval_every": 0}
+    train_task(ToySegmentation(), _config(tmp_path / "inline", **settings))
+    started = []
+    start = multiprocessing.process.BaseProcess.start
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start",
+                        lambda self: started.append(self.name) or start(self))
+    result = train_task(ToySegmentation(), _config(tmp_path / "workers", **settings, **{"data.num_workers": 2}))
+    assert result.steps == 12 and len(started) == 2  # 6 epochs of 2 steps, one pair of workers
+    assert not multiprocessing.active_children()
+    inline = load_file(str(tmp_path / "inline" / "model.safetensors"))
+    workers = load_file(str(result.model_path))
+    assert all(torch.equal(inline[k], workers[k]) for k in inline)
 
 
 # ------------------------------------------------------------------------------------------ evaluation data

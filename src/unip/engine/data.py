@@ -5,7 +5,9 @@
   sees exactly the samples the interrupted one had not yet seen.
 * ``SeededDataset``: every sample's random augmentation is drawn from a generator seeded by
   ``(seed, epoch, index)``. Augmentations then depend neither on worker count, worker timing, rank
-  layout nor on what ran before, which makes resumed and multi-process runs reproducible.
+  layout nor on what ran before, which makes resumed and multi-process runs reproducible. The training
+  loader's workers persist from epoch to epoch (no restart at each epoch boundary): the sampler hands them
+  ``(epoch, index)`` pairs (``EpochTagged``), since a worker's copy of the dataset never sees ``set_epoch``.
 * ``build_eval_loader``: every sample of an evaluation set exactly once over all ranks (no dropped tail,
   shares may differ by one), batched by ``list_collate`` so that images of different sizes travel together.
 """
@@ -13,11 +15,11 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from unip.data.sharding import RankSampler
 from unip.engine.seeding import mixed_seed
@@ -37,8 +39,10 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int):
-        seed = mixed_seed(self.seed, self.epoch, index)
+    def __getitem__(self, key: Union[int, Tuple[int, int]]):
+        """Item ``key`` of the current epoch, or ``key = (epoch, index)`` (from ``EpochTagged``)."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        seed = mixed_seed(self.seed, epoch, index)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -51,28 +55,49 @@ class SeededDataset(Dataset):
                 np.random.set_state(np_state)
 
 
+class EpochTagged(Sampler):
+    """``(epoch, index)`` for each index of a ``RankSampler``: what a ``SeededDataset`` in a persistent worker
+    needs to seed an item (the worker's copy keeps the epoch it was made with)."""
+
+    def __init__(self, sampler: RankSampler) -> None:
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def build_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 0, shuffle: bool = True, pin_memory: bool = False,
                  seeded: bool = True, collate_fn: Optional[Callable[[list], Any]] = None) -> DataLoader:
-    """A ``DataLoader`` over a ``RankSampler`` (and a ``SeededDataset`` unless ``seeded=False``).
+    """A ``DataLoader`` over a ``RankSampler`` (and a ``SeededDataset`` unless ``seeded=False``) whose workers
+    persist over epochs.
 
     Incomplete last batches are dropped so that every step has the same global batch. Use
     ``set_loader_epoch`` before each epoch."""
     if seeded and not isinstance(dataset, SeededDataset):
         dataset = SeededDataset(dataset, seed)
-    sampler = RankSampler(len(dataset), rank, world_size, shuffle=shuffle, seed=seed, even=True)
+    sampler: Sampler = RankSampler(len(dataset), rank, world_size, shuffle=shuffle, seed=seed, even=True)
+    if isinstance(dataset, SeededDataset):
+        sampler = EpochTagged(sampler)  # type: ignore[arg-type]
     # its own generator: creating an iterator must not draw from the global RNG, or a run resumed
     # mid-epoch (one iterator creation more) would draw different drop-path masks
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True, persistent_workers=False, generator=generator,
-                      collate_fn=collate_fn)
+                      pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
+                      generator=generator, collate_fn=collate_fn)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
     """Prepare ``loader`` (from ``build_loader``) for ``epoch``, skipping its first ``start_batch`` batches."""
-    sampler: Optional[RankSampler] = loader.sampler  # type: ignore[assignment]
-    if isinstance(sampler, RankSampler):
+    sampler = loader.sampler
+    if isinstance(sampler, (RankSampler, EpochTagged)):
         sampler.set_epoch(epoch, start_batch * (loader.batch_size or 1))
     if isinstance(loader.dataset, SeededDataset):
         loader.dataset.set_epoch(epoch)

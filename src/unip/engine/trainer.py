@@ -502,6 +502,7 @@ class Trainer:
                 self._train(bar)
             finally:
                 bar.close()
+                del self.loader  # its workers (persistent over epochs) exit with it
         finally:
             self.log.close()
         return FitResult(self._save_model(), ctx.step, ctx.last_loss, self.best, ctx.dist.is_main)
