@@ -13,12 +13,14 @@
 #         epilogue; 5 steps per block, host syncs per step counted) with a profile of
 #         ours+compile (profile_ours_compile.txt: device-busy share, top kernels, products by shape), then the
 #         same rows alternating every step (--consecutive 1, as the numbers before the loss gate were taken)
+#   extra: (about 5 min) `unip pretrain` end to end with --teacher-gelu tanh, and the step with CUDA graphs
+#         (--compile-mode reduce-overhead)
 #   trial NAME SECONDS ARGS...: one run of benchmarks/pretrain_throughput.py (batch 256) with ARGS, into
 #         results.tgz, e.g. `trial step 100 --rows release,ours+compile --profile ours+compile`
 #   seg:  UNIP-S segmentation at 512 px (benchmarks/seg_throughput.py): fine-tuning step images/s and bf16/fp16
 #         MFU (eager and compiled), batched sliding windows against one at a time
 # Usage (repo root, a python3 with torch, timm, safetensors, pyyaml, tqdm, tensorboard; torchao wheels in
-# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e|next|trial|seg
+# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e|next|extra|trial|seg
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
@@ -90,14 +92,15 @@ e2e() {  # e2e [teachers...]: default bf16 and fp8
   done
 }
 
-e2e_run() {  # e2e_run TEACHER_PRECISION SECONDS: `unip pretrain` on the pack, images/s from its log.jsonl
-  local teacher=$1
+e2e_run() {  # e2e_run TEACHER_PRECISION SECONDS [GELU]: `unip pretrain` on the pack, images/s from its log.jsonl
+  local teacher=$1 gelu=${3:-exact}
+  [ "$gelu" = exact ] || teacher=${teacher}_$gelu
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 1000 > "$OUT/smi_$teacher.csv" &
   local smi=$!
   timeout "$2" python3 -m unip.cli pretrain mae-l_unip-s --teacher "$W/vitl.safetensors" --data "$W/pack" \
     --out "$W/run_$teacher" --epochs 2 --batch-size 256 --accum-iter 1 --set optim.effective_batch=null \
-    --workers 14 --teacher-precision "$teacher" --set run.log_every=10 --set run.progress=false \
-    --set run.save_every_steps=0 2>&1 | grep -v Warning | tail -5
+    --workers 14 --teacher-precision "$1" --teacher-gelu "$gelu" --set run.log_every=10 \
+    --set run.progress=false --set run.save_every_steps=0 2>&1 | grep -v Warning | tail -5
   kill $smi
   cp "$W/run_$teacher/log.jsonl" "$OUT/e2e_$teacher.jsonl"
   python3 - "$OUT/e2e_$teacher.jsonl" <<'PY' | tee -a "$OUT/e2e.txt"
@@ -115,6 +118,13 @@ next() {
   OUT=$R e2e_run bf16 110; save
   trial step 170 --rows release,ours+compile,ours+compile+tanh --count-syncs --profile ours+compile
   trial step_alternating 110 --rows release,ours+compile --consecutive 1 --steps 8
+}
+
+extra() {  # after next, if the session has time left: end to end with the tanh GELU, the step with CUDA graphs
+  env_info "$R/env.txt"
+  prepare "$R"; save
+  OUT=$R e2e_run bf16 110 tanh; save
+  trial step_cudagraphs 170 --rows release,ours+compile --compile-mode reduce-overhead
 }
 
 trial() {  # trial NAME SECONDS ARGS...: the step benchmark (batch 256) in its own process, into $R/NAME.{txt,json}
