@@ -172,7 +172,7 @@ def our_step(student: VisionTransformer, teacher: Teacher, precision: Precision,
     mask_key_bias_grads(student)
     optimizer = build_adamw(student, 1e-4, 0.05, (0.9, 0.95))
     scaler = precision.grad_scaler()
-    gate = LossGate() if LossGate.applies(optimizer) else None
+    gate = LossGate.for_optimizer(optimizer)
     model: nn.Module = StudentLogits(student)
     loss_fn = attention_distill_loss
     if compiled:  # as unip pretrain compiles: block by block (an FP8 teacher stays eager), and the loss

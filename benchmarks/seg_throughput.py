@@ -69,7 +69,7 @@ def train_row(segmentor: Segmentor, precision: Precision, compiled: bool
     model = copy.deepcopy(segmentor).train()
     optimizer = build_adamw(model, 1e-4, 0.05, (0.9, 0.999), layer_decay_lr_scale(model.backbone.depth, 0.85))
     scaler = precision.grad_scaler()
-    gate = LossGate() if LossGate.applies(optimizer) else None
+    gate = LossGate.for_optimizer(optimizer)
     if compiled:
         model.backbone.compile_blocks()
 

@@ -139,6 +139,11 @@ class LossGate:
         fused = all(group.get("fused") for group in optimizer.param_groups)
         return fused and getattr(optimizer, "_step_supports_amp_scaling", False)
 
+    @classmethod
+    def for_optimizer(cls, optimizer: torch.optim.Optimizer) -> Optional["LossGate"]:
+        """A gate for ``optimizer``'s steps, ``None`` where it does not apply (then each step reads its loss)."""
+        return cls() if cls.applies(optimizer) else None
+
     def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor,
              grad_norm: Tensor) -> None:
         """``optimizer.step()`` then ``scaler.update()`` (after ``scaler.unscale_``), the step skipped on the

@@ -425,7 +425,7 @@ class Trainer:
         groups = task.param_groups(self.model, float(self.optim["weight_decay"]), ctx)
         self.optimizer = adamw(groups, peak_lr, tuple(self.optim["betas"]), self.optim["fused"])
         self.scaler = precision.grad_scaler()
-        self.gate = LossGate() if LossGate.applies(self.optimizer) else None
+        self.gate = LossGate.for_optimizer(self.optimizer)
 
         dataset = task.train_dataset(ctx)
         workers = int(config.get("data", {}).get("num_workers", 0))
