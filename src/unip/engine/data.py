@@ -97,10 +97,8 @@ def build_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
     """Prepare ``loader`` (from ``build_loader``) for ``epoch``, skipping its first ``start_batch`` batches."""
     sampler = loader.sampler
-    if isinstance(sampler, (RankSampler, EpochTagged)):
+    if isinstance(sampler, (RankSampler, EpochTagged)):  # EpochTagged: each item carries the epoch to the dataset
         sampler.set_epoch(epoch, start_batch * (loader.batch_size or 1))
-    if isinstance(loader.dataset, SeededDataset):
-        loader.dataset.set_epoch(epoch)
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
