@@ -271,6 +271,25 @@ def test_output_folder_that_is_the_input_folder_is_not_read_back(checkpoint, tmp
         ["frames/a.png", "frames/night/b.png"]
 
 
+def test_linked_subfolders_are_searched_once_and_loops_end(checkpoint, tmp_path, capsys):
+    """A subfolder that is a symbolic link (e.g. to a network share) is searched like any other, under its
+    name in the folder; a link back up the tree (a loop) adds nothing and ends."""
+    frames, share = tmp_path / "frames", tmp_path / "share" / "cam1"
+    os.makedirs(frames / "day")
+    os.makedirs(share)
+    Image.fromarray(scene(32, 48)).save(frames / "day" / "a.png")
+    Image.fromarray(scene(32, 48, 1)).save(share / "b.png")
+    os.symlink(share, frames / "cam1", target_is_directory=True)
+    os.symlink(frames, frames / "day" / "loop", target_is_directory=True)
+    out = tmp_path / "pred"
+    code, stdout, err = predict(capsys, "--checkpoint", checkpoint, str(frames), "--out", str(out), "--format",
+                                "label")
+    assert code == 0 and err == "", err
+    assert "predicted 2 image(s)" in stdout
+    assert sorted(p.relative_to(out / "label").as_posix() for p in (out / "label").rglob("*.png")) == \
+        ["frames/cam1/b.png", "frames/day/a.png"]
+
+
 def test_an_image_of_extreme_aspect_ratio_is_predicted(checkpoint, tmp_path, capsys):
     """3 × 500 px → 12 × 2048 after the test resize: fewer rows than two patches, predicted normally."""
     Image.fromarray(scene(3, 500)).save(tmp_path / "strip.png")

@@ -206,7 +206,13 @@ def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure], 
         if exclude else set()
     found: List[Source] = []
     others = 0
-    for root, dirs, files in os.walk(folder):
+    searched: Set[str] = set()  # linked subfolders are followed; one reached again (a loop) is not searched twice
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in searched:
+            dirs[:] = []
+            continue
+        searched.add(real)
         dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skip)
         for filename in sorted(files):
             path = os.path.join(root, filename)
