@@ -452,6 +452,21 @@ def test_colours_areas_and_overlay():
     assert np.array_equal(shown[100:, 120:], np.full((20, 40, 3), [50, 50, 178], np.uint8))  # no legend there
 
 
+def test_colours_of_more_than_256_classes():
+    """Beyond 256 classes (16-bit label maps) every id has its own palette colour, and id 255 is a class, not
+    the ignore index (with fewer classes 255 keeps the image, as before)."""
+    palette = voc_palette(300)
+    labels = np.array([[255, 260], [299, 3]], dtype=np.uint16)
+    assert colorize(labels, palette).tolist() == [[list(palette[255]), list(palette[260])],
+                                                  [list(palette[299]), list(palette[3])]]
+    image = np.full((2, 2, 3), 100, np.uint8)
+    blended = overlay(image, labels, ClassInfo(None, tuple(palette)), alpha=1.0, legend=False)
+    assert np.array_equal(blended, colorize(labels, palette))
+    few = overlay(image[:1], np.array([[255, 1]], np.uint8), ClassInfo(None, ((0, 0, 0), (255, 0, 0))), alpha=1.0,
+                  legend=False)
+    assert few.tolist() == [[[100, 100, 100], [255, 0, 0]]]
+
+
 def test_preprocess_keeps_16_bit_and_colour_frames_in_range():
     pipeline = InferencePipeline()
     x = preprocess(np.full((240, 320, 3), 255, np.uint8), pipeline)
