@@ -273,16 +273,18 @@ def test_output_folder_that_is_the_input_folder_is_not_read_back(checkpoint, tmp
 
 def test_output_folders_of_earlier_runs_inside_the_input_folder_are_not_read(checkpoint, tmp_path, capsys):
     """Two runs on one folder, each with its own --out inside it (comparing checkpoints): the second does not
-    predict the first one's label maps, colours and overlays, and says it skipped that folder."""
+    predict the first one's label maps, colours and overlays, and says it skipped them; a folder that was its own
+    --out keeps its other images."""
     frames = tmp_path / "frames"
     os.makedirs(frames / "night")
     Image.fromarray(scene(32, 48)).save(frames / "a.png")
     Image.fromarray(scene(32, 48, 1)).save(frames / "night" / "b.png")
+    assert predict(capsys, "--checkpoint", checkpoint, str(frames / "night"), "--out", str(frames / "night"))[0] == 0
     for out in ("pred_a", "pred_b"):
         code, stdout, err = predict(capsys, "--checkpoint", checkpoint, str(frames), "--out", str(frames / out))
         assert code == 0 and err == "", err
         assert "predicted 2 image(s)" in stdout, stdout
-    assert "skipped 1 output folder(s) of earlier unip predict runs" in stdout
+    assert "skipped the label/, color/, overlay/, video/ outputs of 2 earlier unip predict run(s)" in stdout
     report = json.loads((frames / "pred_b" / "areas.json").read_text())
     assert [r["name"] for r in report["images"]] == ["frames/a", "frames/night/b"]
     code, stdout, _ = predict(capsys, "--checkpoint", checkpoint, str(frames / "pred_a" / "overlay"), "--out",

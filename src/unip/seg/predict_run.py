@@ -146,8 +146,8 @@ def kind_of(path: str) -> Optional[str]:
 def find_sources(inputs: Sequence[str], exclude: Optional[str] = None) -> Tuple[List[Source], List[Failure]]:
     """The images and videos that ``inputs`` name (files, or folders searched recursively, in sorted order,
     skipping ``exclude`` (the output folder), its output subfolders (``label/``, ``color/``, ... when it is
-    an input itself), the output folders of earlier runs found inside (``is_predict_output``) and files that are
-    neither), with output names (module docstring).
+    an input itself) and those of earlier runs found inside (``is_predict_output``), and files that are neither),
+    with output names (module docstring).
 
     A file reached more than once (the same file named twice, overlapping globs or folders: one resolved path)
     is predicted once, under the name of its first mention. Videos are opened: one named on the command line
@@ -208,7 +208,7 @@ def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure], 
     found: List[Source] = []
     others = 0
     searched: Set[str] = set()  # linked subfolders are followed; one reached again (a loop) is not searched twice
-    earlier: List[str] = []  # the --out folders of earlier runs (another --out) are not inputs either
+    earlier: List[str] = []  # subfolders that an earlier run wrote into (another --out)
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in searched:
@@ -216,8 +216,10 @@ def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure], 
             continue
         searched.add(real)
         dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skip)
-        earlier += [os.path.join(root, d) for d in dirs if is_predict_output(os.path.join(root, d))]
-        dirs[:] = [d for d in dirs if os.path.join(root, d) not in earlier]
+        for sub in (os.path.join(root, d) for d in dirs):
+            if is_predict_output(sub):  # another --out of an earlier run: its outputs are not read either
+                earlier.append(sub)
+                skip.update(os.path.realpath(os.path.join(sub, fmt)) for fmt in FORMATS)
         for filename in sorted(files):
             path = os.path.join(root, filename)
             kind = kind_of(path)
@@ -239,8 +241,9 @@ def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure], 
     if others:
         log.info("%s: skipped %d file(s) that are neither images nor videos", folder, others)
     if earlier:
-        log.info("%s: skipped %d output folder(s) of earlier unip predict runs (e.g. %s); name one as an INPUT to "
-                 "predict its images", folder, len(earlier), printable(earlier[0]))
+        log.info("%s: skipped the %s outputs of %d earlier unip predict run(s) in it (e.g. in %s); name such a "
+                 "folder as an INPUT to predict its images", folder, "/, ".join(FORMATS) + "/", len(earlier),
+                 printable(earlier[0]))
     return found
 
 
