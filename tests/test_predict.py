@@ -511,6 +511,18 @@ def test_unreadable_video_and_bad_options_stop_before_any_work(checkpoint, tmp_p
     assert code == 2 and "a.png" in err
 
 
+@pytest.mark.parametrize("argv, verb", [(["predict", "--checkpoint", "x", "--formats", "label", "a.png"], "predict"),
+                                        (["export", "--checkpoint", "x", "--format", "onnx", "--bogus"], "export"),
+                                        (["bench", "--checkpoint", "x", "--bogus"], "bench"),
+                                        (["sweep", "report", "d", "--bogus"], "sweep report")])
+def test_an_unknown_option_is_named_by_its_verb(argv, verb, capsys):
+    """A mistyped option (``--formats`` for ``--format``) gets the verb's one line and points to its help."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unip {verb}: error: unrecognized arguments: ") and err.rstrip().endswith(
+        f"(see unip {verb} --help)") and len(err.strip().splitlines()) == 1, err
+
+
 def test_video_bytes_written_by_others_are_not_ours(tmp_path):
     from unip.data.video import VideoWriter, is_our_video
 
