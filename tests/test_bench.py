@@ -59,6 +59,25 @@ def test_compile_row_and_a_runtime_that_fails_here(monkeypatch):
     assert "failed: RuntimeError" in result.table()
 
 
+def test_latency_statistics_of_known_call_times(monkeypatch):
+    """Calls of 1, 2, ..., 10 ms (in shuffled order): median 5.5 ms, 90th percentile 9 ms (nearest rank: 9 of the
+    10 calls take at most that long), throughput batch / mean."""
+    import unip.deploy.bench as bench
+    from unip.deploy.bench import RuntimeRow
+
+    clock = [0.0]
+    durations = iter([0.5, 0.5] + [d / 1000 for d in (3, 7, 1, 10, 5, 2, 9, 4, 8, 6)])  # set-up, warm-up, timed
+
+    def call():
+        clock[0] += next(durations)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    row = RuntimeRow("eager", "PyTorch eager", "cpu")
+    bench._time(call, row, 0.0, warmup=1, iters=10, batch=2)
+    assert row.setup_s == pytest.approx(0.5)
+    assert row.latency_ms == pytest.approx(5.5) and row.p90_ms == pytest.approx(9.0)
+    assert row.images_per_s == pytest.approx(2 / 0.0055)
+
+
 def test_parameters_and_flops_per_part():
     segmentor = tiny_segmentor()
     parts = {p.part: p for p in model_costs(segmentor, (96, 64))}

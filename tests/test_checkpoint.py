@@ -232,6 +232,11 @@ def test_unreadable_files_give_clear_errors(tmp_path):
     for name in ("junk.pth", "junk.safetensors", "absent.pth"):
         with pytest.raises(CheckpointError, match=name):
             load_model(tmp_path / name)
+    (tmp_path / "best.json").write_text('{"step": 60, "mIoU": 30.6}')  # the file beside best.safetensors
+    for name in ("junk.pth", "best.json"):  # neither zip nor pickle: said so, not taken for unsafe code
+        with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint \(neither") as caught:
+            load_model(tmp_path / name)
+        assert "run code" not in str(caught.value)
     torch.save({"epoch": 3}, tmp_path / "nostate.pth")
     with pytest.raises(CheckpointError, match="no state dict found"):
         load_model(tmp_path / "nostate.pth")

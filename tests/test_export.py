@@ -128,6 +128,16 @@ def test_onnx_export_refuses_backbones_and_bad_sizes(segmentor_file, tmp_path, c
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a folder nobody can write in (Linux /proc)")
+@pytest.mark.parametrize("fmt", ["onnx", "timm"])
+def test_an_out_that_cannot_be_written_is_named_as_given(segmentor_file, fmt, capsys):
+    """The error names --out as given and its folder, not the hidden staging folder unip writes into first."""
+    out = "/proc/self/seg.onnx" if fmt == "onnx" else "/proc/self/seg-timm"
+    code, _, err = export(capsys, "--checkpoint", segmentor_file, "--format", fmt, "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--out {out}: cannot write in /proc/self (" in err and ".tmp-" not in err, err
+
+
 # ============================================================================================ timm
 def _timm_from(folder: str, **overrides):
     import timm

@@ -271,6 +271,46 @@ def test_output_folder_that_is_the_input_folder_is_not_read_back(checkpoint, tmp
         ["frames/a.png", "frames/night/b.png"]
 
 
+def test_output_folders_of_earlier_runs_inside_the_input_folder_are_not_read(checkpoint, tmp_path, capsys):
+    """Two runs on one folder, each with its own --out inside it (comparing checkpoints): the second does not
+    predict the first one's label maps, colours and overlays, and says it skipped them; a folder that was its own
+    --out keeps its other images."""
+    frames = tmp_path / "frames"
+    os.makedirs(frames / "night")
+    Image.fromarray(scene(32, 48)).save(frames / "a.png")
+    Image.fromarray(scene(32, 48, 1)).save(frames / "night" / "b.png")
+    assert predict(capsys, "--checkpoint", checkpoint, str(frames / "night"), "--out", str(frames / "night"))[0] == 0
+    for out in ("pred_a", "pred_b"):
+        code, stdout, err = predict(capsys, "--checkpoint", checkpoint, str(frames), "--out", str(frames / out))
+        assert code == 0 and err == "", err
+        assert "predicted 2 image(s)" in stdout, stdout
+    assert "skipped the label/, color/, overlay/, video/ outputs of 2 earlier unip predict run(s)" in stdout
+    report = json.loads((frames / "pred_b" / "areas.json").read_text())
+    assert [r["name"] for r in report["images"]] == ["frames/a", "frames/night/b"]
+    code, stdout, _ = predict(capsys, "--checkpoint", checkpoint, str(frames / "pred_a" / "overlay"), "--out",
+                              str(tmp_path / "again"), "--format", "label")  # named as an input: predicted
+    assert code == 0 and "predicted 2 image(s)" in stdout
+
+
+def test_linked_subfolders_are_searched_once_and_loops_end(checkpoint, tmp_path, capsys):
+    """A subfolder that is a symbolic link (e.g. to a network share) is searched like any other, under its
+    name in the folder; a link back up the tree (a loop) adds nothing and ends."""
+    frames, share = tmp_path / "frames", tmp_path / "share" / "cam1"
+    os.makedirs(frames / "day")
+    os.makedirs(share)
+    Image.fromarray(scene(32, 48)).save(frames / "day" / "a.png")
+    Image.fromarray(scene(32, 48, 1)).save(share / "b.png")
+    os.symlink(share, frames / "cam1", target_is_directory=True)
+    os.symlink(frames, frames / "day" / "loop", target_is_directory=True)
+    out = tmp_path / "pred"
+    code, stdout, err = predict(capsys, "--checkpoint", checkpoint, str(frames), "--out", str(out), "--format",
+                                "label")
+    assert code == 0 and err == "", err
+    assert "predicted 2 image(s)" in stdout
+    assert sorted(p.relative_to(out / "label").as_posix() for p in (out / "label").rglob("*.png")) == \
+        ["frames/cam1/b.png", "frames/day/a.png"]
+
+
 def test_an_image_of_extreme_aspect_ratio_is_predicted(checkpoint, tmp_path, capsys):
     """3 × 500 px → 12 × 2048 after the test resize: fewer rows than two patches, predicted normally."""
     Image.fromarray(scene(3, 500)).save(tmp_path / "strip.png")
@@ -433,6 +473,21 @@ def test_colours_areas_and_overlay():
     assert np.array_equal(shown[100:, 120:], np.full((20, 40, 3), [50, 50, 178], np.uint8))  # no legend there
 
 
+def test_colours_of_more_than_256_classes():
+    """Beyond 256 classes (16-bit label maps) every id has its own palette colour, and id 255 is a class, not
+    the ignore index (with fewer classes 255 keeps the image, as before)."""
+    palette = voc_palette(300)
+    labels = np.array([[255, 260], [299, 3]], dtype=np.uint16)
+    assert colorize(labels, palette).tolist() == [[list(palette[255]), list(palette[260])],
+                                                  [list(palette[299]), list(palette[3])]]
+    image = np.full((2, 2, 3), 100, np.uint8)
+    blended = overlay(image, labels, ClassInfo(None, tuple(palette)), alpha=1.0, legend=False)
+    assert np.array_equal(blended, colorize(labels, palette))
+    few = overlay(image[:1], np.array([[255, 1]], np.uint8), ClassInfo(None, ((0, 0, 0), (255, 0, 0))), alpha=1.0,
+                  legend=False)
+    assert few.tolist() == [[[100, 100, 100], [255, 0, 0]]]
+
+
 def test_preprocess_keeps_16_bit_and_colour_frames_in_range():
     pipeline = InferencePipeline()
     x = preprocess(np.full((240, 320, 3), 255, np.uint8), pipeline)
@@ -454,6 +509,18 @@ def test_unreadable_video_and_bad_options_stop_before_any_work(checkpoint, tmp_p
     assert not (tmp_path / "o").exists()
     code, _, err = predict(capsys, "--checkpoint", str(tmp_path / "a.png"), str(tmp_path / "a.png"))
     assert code == 2 and "a.png" in err
+
+
+@pytest.mark.parametrize("argv, verb", [(["predict", "--checkpoint", "x", "--formats", "label", "a.png"], "predict"),
+                                        (["export", "--checkpoint", "x", "--format", "onnx", "--bogus"], "export"),
+                                        (["bench", "--checkpoint", "x", "--bogus"], "bench"),
+                                        (["sweep", "report", "d", "--bogus"], "sweep report")])
+def test_an_unknown_option_is_named_by_its_verb(argv, verb, capsys):
+    """A mistyped option (``--formats`` for ``--format``) gets the verb's one line and points to its help."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unip {verb}: error: unrecognized arguments: ") and err.rstrip().endswith(
+        f"(see unip {verb} --help)") and len(err.strip().splitlines()) == 1, err
 
 
 def test_video_bytes_written_by_others_are_not_ours(tmp_path):

@@ -913,7 +913,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     _configure_logging()
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the verb's own parser: "unip predict: error: ... (see unip predict --help)"
+            _verb_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     except _UsageError:
         return 2
     if not getattr(args, "func", None):
@@ -933,6 +935,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             traceback.print_exc()
         print(f"unip {verb}: {line}", file=sys.stderr)
         return code
+
+
+def _verb_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the verb (and action: ``data pack``) that ``args`` were parsed by; ``parser`` without one."""
+    names = [getattr(args, "verb", None)]
+    names.append(getattr(args, f"{names[0]}_verb", None))
+    for name in names:
+        choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+        if name not in choices:
+            break
+        parser = choices[name]
+    return parser
 
 
 class _PipeSafeStream:

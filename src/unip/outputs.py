@@ -68,6 +68,20 @@ def out_file(path: str, option: str = "--out", is_ours: Optional[Recogniser] = N
     return path
 
 
+def staging_folder(target: str, option: str = "--out") -> str:
+    """Create (and return) ``.<name>.tmp-<pid>`` beside ``target``, where a verb writes before it moves its
+    files into place. A place that cannot be written raises ``ConfigError`` naming ``option`` and ``target``
+    (not the hidden folder)."""
+    target = os.path.abspath(target)
+    folder = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{option} {target}: cannot write in {os.path.dirname(target)} "
+                          f"({err.strerror or err}); choose another path") from err
+    return folder
+
+
 def claim(paths: Iterable[str], is_ours: Recogniser, option: str = "--out") -> None:
     """Allow writing ``paths``: each must be absent or a file that ``is_ours`` recognises.
 

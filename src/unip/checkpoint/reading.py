@@ -117,6 +117,11 @@ def _read_pickle(path: Path) -> Any:
             # training state's optimizer moments, a release's decoder) stays on disk; legacy files are read
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
+        start = _first_bytes(path)
+        if not start.startswith(b"\x80"):  # torch.save writes a zip file or a pickle of protocol 2 or more
+            raise CheckpointError(
+                f"{path}: refused to load: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle; "
+                f"it starts with {start!r}); pass a .safetensors, .pth, .pt or .bin checkpoint") from err
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
                        lines[0] if lines else type(err).__name__)
@@ -129,6 +134,11 @@ def _read_pickle(path: Path) -> Any:
         raise
     except Exception as err:  # damaged files raise RuntimeError, EOFError, BadZipFile, KeyError, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_brief(err)})") from err
+
+
+def _first_bytes(path: Path, count: int = 12) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(count)
 
 
 def _brief(err: BaseException, limit: int = 200) -> str:

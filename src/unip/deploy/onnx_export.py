@@ -44,7 +44,7 @@ from unip.errors import ConfigError, ExportError
 from unip.memory import require_memory
 from unip.models.segmentor import Segmentor
 from unip.optional import require
-from unip.outputs import claim, out_file
+from unip.outputs import claim, out_file, staging_folder
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +199,7 @@ def export_onnx(segmentor: Segmentor, path: str, size: Optional[Tuple[int, int]]
     segmentor.eval()
     model = SegmentorLogits(segmentor).eval()
     start = time.perf_counter()
-    folder = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    os.makedirs(folder, exist_ok=True)
+    folder = staging_folder(path, "--out")
     staged = os.path.join(folder, os.path.basename(path))
     try:
         program = _trace(model, segmentor, size, batch, dynamic, opset)

@@ -48,7 +48,7 @@ from unip.atomic import atomic_write_text
 from unip.checkpoint import CONFIG_METADATA_KEY, DEFAULT_NORMALIZATION, open_model, read_checkpoint
 from unip.errors import ConfigError, ExportError
 from unip.models.vit import VisionTransformer
-from unip.outputs import claim, is_our_json, out_folder
+from unip.outputs import claim, is_our_json, out_folder, staging_folder
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,7 @@ def export_timm(source: str, folder: str, last_block_heads: Optional[str] = None
     if backbone.heads_per_block != pretrained_heads:
         result.notes.append(f"the last block has {args['num_heads']} heads in the export, {pretrained_heads[-1]} in "
                             f"{os.path.basename(source)}: its attention and output differ from the pre-trained block's")
-    staging = os.path.join(os.path.dirname(result.folder), f".{os.path.basename(result.folder)}.tmp-{os.getpid()}")
-    os.makedirs(staging, exist_ok=True)
+    staging = staging_folder(result.folder, "--out")
     try:
         _write(backbone, staging, name, args, _normalization(meta, kind), source, kind)
         result.differences = check_in_timm(backbone, staging, name, args, tolerance)

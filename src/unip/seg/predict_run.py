@@ -146,7 +146,8 @@ def kind_of(path: str) -> Optional[str]:
 def find_sources(inputs: Sequence[str], exclude: Optional[str] = None) -> Tuple[List[Source], List[Failure]]:
     """The images and videos that ``inputs`` name (files, or folders searched recursively, in sorted order,
     skipping ``exclude`` (the output folder), its output subfolders (``label/``, ``color/``, ... when it is
-    an input itself) and files that are neither), with output names (module docstring).
+    an input itself) and those of earlier runs found inside (``is_predict_output``), and files that are neither),
+    with output names (module docstring).
 
     A file reached more than once (the same file named twice, overlapping globs or folders: one resolved path)
     is predicted once, under the name of its first mention. Videos are opened: one named on the command line
@@ -206,8 +207,19 @@ def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure], 
         if exclude else set()
     found: List[Source] = []
     others = 0
-    for root, dirs, files in os.walk(folder):
+    searched: Set[str] = set()  # linked subfolders are followed; one reached again (a loop) is not searched twice
+    earlier: List[str] = []  # subfolders that an earlier run wrote into (another --out)
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in searched:
+            dirs[:] = []
+            continue
+        searched.add(real)
         dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skip)
+        for sub in (os.path.join(root, d) for d in dirs):
+            if is_predict_output(sub):  # another --out of an earlier run: its outputs are not read either
+                earlier.append(sub)
+                skip.update(os.path.realpath(os.path.join(sub, fmt)) for fmt in FORMATS)
         for filename in sorted(files):
             path = os.path.join(root, filename)
             kind = kind_of(path)
@@ -228,7 +240,21 @@ def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure], 
                 failed.append(Failure(path, reason[len(path) + 2:] if reason.startswith(path + ": ") else reason))
     if others:
         log.info("%s: skipped %d file(s) that are neither images nor videos", folder, others)
+    if earlier:
+        log.info("%s: skipped the %s outputs of %d earlier unip predict run(s) in it (e.g. in %s); name such a "
+                 "folder as an INPUT to predict its images", folder, "/, ".join(FORMATS) + "/", len(earlier),
+                 printable(earlier[0]))
     return found
+
+
+def is_predict_output(folder: str) -> bool:
+    """True for a folder that ``unip predict`` wrote (its ``areas.json`` says ``"format": "unip-predict"``)."""
+    try:
+        with open(os.path.join(folder, JSON_FILE), "r", encoding="utf-8") as handle:
+            document = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and document.get("format") == REPORT_FORMAT
 
 
 # ============================================================================================ outputs

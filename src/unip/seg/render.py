@@ -81,18 +81,20 @@ def _palette(value: Any, num_classes: int) -> Optional[List[Colour]]:
 
 def colorize(labels: np.ndarray, palette: Sequence[Colour], ignore_colour: Colour = (0, 0, 0)) -> np.ndarray:
     """Label map ``[H, W]`` → RGB uint8 ``[H, W, 3]`` with each id's palette colour; ids past the palette
-    (255 = ignore) get ``ignore_colour``."""
-    table = np.zeros((256, 3), np.uint8)
+    (255 = ignore, with at most 255 classes) get ``ignore_colour``."""
+    table = np.zeros((max(256, len(palette) + 1), 3), np.uint8)
     table[:] = ignore_colour
-    table[:len(palette)] = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
-    return table[np.asarray(labels, np.int64).clip(0, 255)]
+    table[:len(palette)] = np.asarray(palette, np.uint8).reshape(-1, 3)
+    return table[np.asarray(labels, np.int64).clip(0, len(table) - 1)]
 
 
 def blend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Colour], alpha: float = 0.5) -> np.ndarray:
     """``image [H, W, 3]`` uint8 with the colour mask of ``labels [H, W]`` blended in (weight ``alpha``, mmseg's
-    ``opacity``); ignored pixels (255) keep the image. Returns RGB uint8 ``[H, W, 3]``."""
+    ``opacity``); ignored pixels (255, when it is no class id) keep the image. Returns RGB uint8 ``[H, W, 3]``."""
     mask = colorize(labels, palette).astype(np.float32)
     blended = np.clip(np.rint(image.astype(np.float32) * (1.0 - alpha) + mask * alpha), 0, 255).astype(np.uint8)
+    if len(palette) > IGNORE_INDEX:  # beyond 255 classes (16-bit label maps) 255 is a class
+        return blended
     return np.where((np.asarray(labels) == IGNORE_INDEX)[..., None], image, blended)
 
 
