@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -244,6 +245,13 @@ def resolve_layout(root: str, dataset: str = "auto") -> Tuple[str, SegLayout]:
     return root, layout
 
 
+def check_seg_command(root: str, dataset: str = "auto") -> str:
+    """The ``unip data check-seg`` command line that reads ``root`` as ``dataset`` (the layout a command was asked
+    for, not the one detection would pick) and lists every problem."""
+    option = "" if str(dataset).lower() == "auto" else f" --dataset {str(dataset).lower()}"
+    return f"unip data check-seg {shlex.quote(str(root))}{option}"
+
+
 # ------------------------------------------------------------------------------------- splits
 def read_split_file(path: str) -> List[str]:
     """Return the image names listed in a split file (first token of each line, image suffix dropped).
@@ -310,8 +318,8 @@ def check_structure(root: str, dataset: str = "auto", splits: Sequence[str] = L.
     for split in splits:
         problems = structure_problems(data_root, layout, split)
         if problems:
-            raise DataError(f"{problems[0].message} (not a {layout.name} data set? `unip data check-seg {root}` "
-                            "lists every problem)")
+            raise DataError(f"{problems[0].message} (not a {layout.name} data set? "
+                            f"`{check_seg_command(root, dataset)}` lists every problem)")
     return data_root, layout
 
 
@@ -472,7 +480,7 @@ def open_segmentation_dataset(root: str, dataset: str = "auto", split: str = "tr
     data_root, layout = resolve_layout(root, dataset)
     samples, problems = scan_split(data_root, layout, split)
     if problems:
-        more = f" (and {len(problems) - 1} more problem(s); list them with `unip data check-seg {root}`)" \
+        more = f" (and {len(problems) - 1} more problem(s); list them with `{check_seg_command(root, dataset)}`)" \
             if len(problems) > 1 else ""
         raise DataError(problems[0].message + more)
     return SegmentationDataset(data_root, layout, split, samples, transform)

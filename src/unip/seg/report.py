@@ -33,7 +33,7 @@ from torch import nn
 from unip.atomic import replace_folder, temporary_path
 from unip.data.seg_check import check_segmentation
 from unip.data.seg_transforms import seg_test_transform
-from unip.data.segmentation import SegmentationDataset, open_segmentation_dataset
+from unip.data.segmentation import SegmentationDataset, check_seg_command, open_segmentation_dataset
 from unip.engine.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from unip.engine.logging import LOG_FILE
 from unip.engine.loop import Precision, resolve_precision
@@ -101,7 +101,7 @@ def check_data_once(root: str, dataset: str, splits: Sequence[str], dist: DistIn
                         ", ".join(f"{s.split} {s.images} images" for s in report.splits))
     problems = int(all_reduce_sum(torch.tensor([problems], device=dist.device)).item())
     if problems:
-        raise DataError(f"{root}: {problems} data problem(s), listed above (unip data check-seg {root} lists "
+        raise DataError(f"{root}: {problems} data problem(s), listed above ({check_seg_command(root, dataset)} lists "
                         "them too); fix them and run again")
 
 
