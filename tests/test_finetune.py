@@ -417,3 +417,12 @@ def test_print_config_and_probe_presets(capsys):
     assert cli.main(["finetune", "scut_large", "--print-config", "--set", "model.last_block_heads=default"]) == 0
     printed = capsys.readouterr().out
     assert "last_block_heads: default" in printed and "batch_size: 2" in printed and "drop_path: 0.2" in printed
+
+
+def test_a_smaller_crop_under_a_preset_stride_is_refused_with_the_setting_that_fixes_it(capsys):
+    """The recipe presets state eval.stride 341; sizing a run down with data.crop_size=64 must say what to set."""
+    argv = ["finetune", "scut_small", "--print-config", "--set", "data.crop_size=64"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "eval.stride=341" in err and "--set eval.stride=null" in err and "\n" not in err
+    assert cli.main([*argv, "--set", "eval.stride=null"]) == 0

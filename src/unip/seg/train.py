@@ -148,8 +148,9 @@ def check_consistency(config: Config) -> None:
                           "linear (model.head=linear) or drop --probe-layer")
     stride = config["eval"]["stride"]
     if stride is not None and stride > config["data"]["crop_size"]:
-        raise ConfigError(f"eval.stride={stride} is larger than data.crop_size={config['data']['crop_size']}: "
-                          "the windows would leave gaps")
+        crop = config["data"]["crop_size"]
+        raise ConfigError(f"eval.stride={stride} is larger than data.crop_size={crop}: the windows would leave gaps; "
+                          f"add --set eval.stride=null (2/3 of the crop: {crop * 2 // 3}) or a stride <= {crop}")
 
 
 def training_mode(config: Config) -> str:
