@@ -427,3 +427,27 @@ def test_a_smaller_crop_under_a_preset_stride_is_refused_with_the_setting_that_f
     err = capsys.readouterr().err.strip()
     assert "eval.stride=341" in err and "--set eval.stride=null" in err and "\n" not in err
     assert cli.main([*argv, "--set", "eval.stride=null"]) == 0
+
+
+def test_a_nan_loss_stops_cleanly_and_says_what_was_kept(assets, tmp_path, one_thread, capsys):
+    """NaN at step 3 after the state of step 2: exit 2, one line naming that state; resuming with a lower lr
+    finishes the run. NaN at step 1: no state exists, and the line must not claim one."""
+    out = tmp_path / "nan"
+    assert cli.main(_args(assets, out, "--iterations", "4", "--set", "run.save_every_steps=2",
+                          "--set", "debug.nan_at_step=3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "loss became nan at step 3" in err and "step-00000002.pt" in err
+    assert [p.name for p in checkpointing.list_states(out / "checkpoints")] == ["step-00000002.pt"]
+    assert not (out / "segmentor.safetensors").exists() and not (out / "metrics.json").exists()
+    assert cli.main(_args(assets, out, "--iterations", "4", "--set", "run.save_every_steps=2",
+                          "--set", "optim.lr=5e-4", "--resume", "auto")) == 0
+    assert load_segmentor(out / "segmentor.safetensors").meta["step"] == 4
+    capsys.readouterr()
+
+    early = tmp_path / "early"
+    assert cli.main(_args(assets, early, "--iterations", "4", "--set", "debug.nan_at_step=1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "loss became nan at step 1" in err and "no training state was saved" in err
+    assert "checkpoint is kept" not in err
+    assert checkpointing.find_latest(early / "checkpoints") is None
+    assert cli.main(_args(assets, early, "--iterations", "2")) == 0  # the same folder takes the run again

@@ -67,7 +67,8 @@ from unip.engine.data import batches_per_epoch, build_loader, set_loader_epoch
 from unip.engine.distributed import (DistInfo, barrier, cleanup, init_distributed, sync_batchnorm,
                                      unwrap_model)
 from unip.engine.logging import TB_DIR, MetricLogger
-from unip.engine.loop import LossGate, LossOutput, Precision, StepResult, resolve_precision, split_loss, train_step
+from unip.engine.loop import (LossGate, LossOutput, NonFiniteLossError, Precision, StepResult, resolve_precision,
+                              split_loss, train_step)
 from unip.engine.optim import adamw, param_groups
 from unip.engine.progress import postfix, progress_bar, progress_line
 from unip.engine.schedule import SCHEDULES, LrSchedule, set_lr
@@ -500,6 +501,8 @@ class Trainer:
             try:
                 self.wrapped.train()
                 self._train(bar)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(f"{err}{self._what_was_kept()}") from None
             finally:
                 bar.close()
                 del self.loader  # its workers (persistent over epochs) exit with it
@@ -749,6 +752,13 @@ class Trainer:
                 f"{latest or 'none (no state was saved yet)'}. Lower the lr (or add --set optim.clip_grad=1.0, or "
                 "use fp32/bf16 instead of fp16) and resume with --resume auto, or from an earlier step-*.pt "
                 "if that one has diverged already")
+
+    def _what_was_kept(self) -> str:
+        """How a stopped run goes on: from the newest training state, or, when none was saved, from the start."""
+        latest = checkpointing.find_latest(self.ckpt_dir)
+        if latest is None:
+            return "; no training state was saved yet, so run the command again from the start"
+        return f", then resume with --resume auto: the last good checkpoint ({latest}) is kept"
 
     def _save_state(self) -> None:
         ctx = self.ctx
