@@ -451,3 +451,11 @@ def test_a_nan_loss_stops_cleanly_and_says_what_was_kept(assets, tmp_path, one_t
     assert "checkpoint is kept" not in err
     assert checkpointing.find_latest(early / "checkpoints") is None
     assert cli.main(_args(assets, early, "--iterations", "2")) == 0  # the same folder takes the run again
+
+
+@pytest.mark.parametrize("given, advised", [("optim.lr", "--set optim.lr=VALUE"), ("", "--set run.seed=VALUE")])
+def test_a_set_without_a_value_advises_a_setting_finetune_has(given, advised, capsys):
+    """The example must be a setting of this verb (pre-training's optim.blr is none of fine-tuning's)."""
+    assert cli.main(["finetune", "toy", "--print-config", "--set", given]) == 2
+    err = capsys.readouterr().err
+    assert advised in err and "blr" not in err
