@@ -21,11 +21,12 @@ from unip.engine import checkpointing
 from unip.engine.config import PRESET_ROOTS, flatten
 from unip.engine.distributed import init_distributed
 from unip.engine.trainer import Trainer
+from unip.errors import ConfigError
 from unip.models import create_model
 from unip.seg import build_segmentor, layer_id, load_segmentor
 from unip.seg.evaluation import EvalSettings, evaluate_split
 from unip.seg.results import read_metrics
-from unip.seg.train import DEFAULTS, RULES, SegmentationTask, make_config
+from unip.seg.train import DEFAULTS, RULES, SegmentationTask, finetune, make_config
 
 from killed_runs import kill_and_resume
 
@@ -459,3 +460,23 @@ def test_a_set_without_a_value_advises_a_setting_finetune_has(given, advised, ca
     assert cli.main(["finetune", "toy", "--print-config", "--set", given]) == 2
     err = capsys.readouterr().err
     assert advised in err and "blr" not in err
+
+
+def test_a_new_run_is_refused_over_a_finished_run_whose_states_were_deleted(assets, tmp_path, one_thread, capsys):
+    """Deleting checkpoints/ after a run (the states are large) must not let the next run into the same --out
+    replace its final model and metrics.json and append to its log."""
+    out = tmp_path / "done"
+    assert cli.main(_args(assets, out, "--iterations", "2")) == 0
+    shutil.rmtree(out / "checkpoints")
+    kept = {name: (out / name).read_bytes() for name in ("segmentor.safetensors", "metrics.json", "log.jsonl")}
+    capsys.readouterr()
+    assert cli.main(_args(assets, out, "--iterations", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds a finished run" in err and "segmentor.safetensors" in err and "\n" not in err
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    config = make_config("toy", values={"model.pretrained": str(assets / "backbone.safetensors"),
+                                        "data.path": str(assets / "soda"), "run.output": str(out),
+                                        "run.device": "cpu", "run.progress": False})
+    with pytest.raises(ConfigError, match="finished run"):  # the library entry point checks it too
+        finetune(config)
+    assert {name: (out / name).read_bytes() for name in kept} == kept

@@ -414,7 +414,8 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
     """A training run folder may be new or one unip wrote: its config.yaml, log.jsonl and ``files`` (name →
     recogniser) must be unip's, so a rerun never overwrites or appends to a user's file, and its checkpoints/ and
     tb/ must be folders (or absent), so that the run does not fail once training has started. A new run (no
-    ``resume``) may not start over another run's training states (``refuse_other_run``)."""
+    ``resume``) may not start over another run's training states, nor over a finished run (its final model, the
+    first of ``files``, and its log: ``refuse_other_run``)."""
     import os
 
     from unip.engine.logging import LOG_FILE, RECORD_KEYS
@@ -433,7 +434,7 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
             raise ConfigError(f"{path}: is a file where unip keeps the run's {name}/ folder; move it away or "
                               "choose another --out")
     if not resume:
-        refuse_other_run(folder)
+        refuse_other_run(folder, next(iter(files), None))
 
 
 def _layer_arg(text: str):
