@@ -82,7 +82,13 @@ def check_classes(segmentor: nn.Module, dataset: SegmentationDataset, checkpoint
     names = getattr(segmentor, "meta", {}).get("class_names")
     if names and list(names) != list(dataset.classes):
         logger.warning("%s names its classes %s; the data set's names %s are used", checkpoint,
-                       ", ".join(names[:4]) + ", ...", ", ".join(dataset.classes[:4]) + ", ...")
+                       _first_names(names), _first_names(dataset.classes))
+
+
+def _first_names(names: Sequence[str], shown: int = 4) -> str:
+    """``"a, b, c"``, or ``"a, b, c, d, ... (9)"`` for a longer list."""
+    text = ", ".join(str(name) for name in names[:shown])
+    return f"{text}, ... ({len(names)})" if len(names) > shown else text
 
 
 def check_data_once(root: str, dataset: str, splits: Sequence[str], dist: DistInfo, workers: Optional[int] = None,
