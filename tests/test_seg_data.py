@@ -176,6 +176,8 @@ def test_bad_input_raises_data_error_naming_the_file(tmp_path, case):
     assert culprit in str(err.value) and "\n" not in str(err.value)
     if case == "value":
         assert "7" in str(err.value) and "0..2" in str(err.value)
+    if case != "missing-split" and case != "missing-image":  # read errors: removing the file alone would not do
+        assert f"drop 'a' from {root}/train.txt" in str(err.value) and "remove the file" not in str(err.value)
 
 
 def test_the_check_seg_command_advised_reads_the_layout_that_was_asked_for(tmp_path, capsys):

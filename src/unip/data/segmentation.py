@@ -404,19 +404,21 @@ def inspect_pair(sample: Sample, num_classes: int) -> Tuple[List[Problem], Optio
     return problems, np.bincount(label.ravel(), minlength=256).astype(np.int64)
 
 
-def load_sample(sample: Sample, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+def load_sample(sample: Sample, num_classes: int, split_file: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Read ``sample``; returns image uint8 ``[H, W, 3]`` and label uint8 ``[H, W]``.
 
-    Raises :class:`DataError` (a plain one, so DataLoader workers can re-raise it) naming the file.
+    Raises :class:`DataError` (a plain one, so DataLoader workers can re-raise it) naming the file and the fix
+    (mending it, or dropping its name from ``split_file``, the split that lists it: a removed file is missed).
     """
+    fix = f"fix it, or drop '{sample.name}' from {split_file}" if split_file else "fix or remove the file"
     try:
         image = read_rgb(sample.image)
         label = read_label(sample.label)
     except ImageReadError as err:
-        raise DataError(str(err)) from None
+        raise DataError(f"{err.path}: {err.detail} ({err.reason}); {fix}") from None
     problems = label_problems(label, image.shape[:2], sample, num_classes)
     if problems:
-        raise DataError(problems[0].message)
+        raise DataError(f"{problems[0].message}; {fix}")
     return image, label
 
 
@@ -456,7 +458,7 @@ class SegmentationDataset(Dataset):
         ignore; ``path``, ``label_path``, ``name``: str; ``index``: int.
         """
         sample = self.samples[index]
-        image, label = load_sample(sample, self.num_classes)
+        image, label = load_sample(sample, self.num_classes, self.split_file)
         return {"image": torch.from_numpy(image).permute(2, 0, 1).contiguous(), "label": torch.from_numpy(label),
                 "path": sample.image, "label_path": sample.label, "name": sample.name, "index": index}
 
