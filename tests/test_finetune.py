@@ -307,6 +307,18 @@ def test_resume_after_the_files_moved_but_not_with_another_backbone(assets, tmp_
     assert "\n" not in err and "backbone weights (digest)" in err and "allow_changed_config" in err, err
 
 
+def test_resume_refuses_another_architecture_on_the_same_weights(assets, trained, tmp_path, one_thread, capsys):
+    """The last block's head count and the neck change the model without changing a weight's shape: a resume
+    that changes them must be refused like any other change of what is trained, not continue silently."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for change, named in (("model.last_block_heads=4", "heads per block"), ("model.neck=fpn", "model.neck")):
+        assert cli.main(_args(assets, run, "--resume", "auto", "--set", change)) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and named in err and "allow_changed_config" in err, err
+    assert cli.main(_args(assets, run, "--resume", "auto")) == 0  # unchanged: continues (here: already done)
+
+
 def test_two_process_runs_equal_one_process(assets, tmp_path, one_thread):
     """A linear probe (no BatchNorm: exact) on 2 gloo ranks × batch 2 equals 1 process × batch 4; a 2-rank
     fine-tuning run's test evaluation and a 2-rank `unip evaluate` (confusion matrices all-reduced) equal a
