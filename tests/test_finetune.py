@@ -492,3 +492,18 @@ def test_a_new_run_is_refused_over_a_finished_run_whose_states_were_deleted(asse
     with pytest.raises(ConfigError, match="finished run"):  # the library entry point checks it too
         finetune(config)
     assert {name: (out / name).read_bytes() for name in kept} == kept
+
+
+def test_a_pre_training_run_folder_as_out_is_refused_as_such(assets, tmp_path, capsys):
+    """`--out runs/unip-s` (the pretrain run) must not be called a folder of files unip did not write."""
+    from unip.distill.train import make_config as pretrain_config
+    from unip.engine.config import dump_config
+
+    out = tmp_path / "unip-s"
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_config(pretrain_config("toy")))
+    (out / "log.jsonl").write_text('{"step": 0, "time": 0.0, "kind": "setup"}\n')
+    assert cli.main(_args(assets, out, "--iterations", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another unip command" in err and "not written by unip" not in err and "\n" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl"]

@@ -424,7 +424,11 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
     from unip.outputs import claim, is_our_jsonl, is_our_yaml, out_folder
 
     out_folder(folder, "--out")
-    claim([os.path.join(folder, CONFIG_FILE)], is_our_yaml(list(defaults)), "--out")
+    config = os.path.join(folder, CONFIG_FILE)
+    if _other_commands_run_config(config, list(defaults)):
+        raise ConfigError(f"{folder}: holds a run of another unip command (its {CONFIG_FILE} has other settings than "
+                          "this command's); choose another --out")
+    claim([config], is_our_yaml(list(defaults)), "--out")
     claim([os.path.join(folder, LOG_FILE)], is_our_jsonl(RECORD_KEYS), "--out")
     for name, recognise in files.items():
         claim([os.path.join(folder, name)], recognise, "--out")
@@ -435,6 +439,20 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
                               "choose another --out")
     if not resume:
         refuse_other_run(folder, next(iter(files), None))
+
+
+def _other_commands_run_config(path: str, sections: List[str]) -> bool:
+    """True for a run config another unip training command wrote (``unip pretrain``'s in a ``finetune --out``):
+    a ``run`` section naming its output, but not every one of ``sections``."""
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return (isinstance(document, dict) and isinstance(document.get("run"), dict) and "output" in document["run"]
+            and not all(section in document for section in sections))
 
 
 def _layer_arg(text: str):
