@@ -507,3 +507,18 @@ def test_a_pre_training_run_folder_as_out_is_refused_as_such(assets, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert "another unip command" in err and "not written by unip" not in err and "\n" not in err
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl"]
+
+
+def test_resuming_a_pre_training_state_says_it_is_one(assets, trained, tmp_path, capsys):
+    """`--resume runs/unip-s/checkpoints/step-*.pt` (a pretrain state, mistaken for --pretrained) must say what
+    it is, not list a dozen changed settings and advise run.allow_changed_config."""
+    from unip.distill.train import make_config as pretrain_config
+
+    state = torch.load(checkpointing.find_latest(trained / "checkpoints"), map_location="cpu", weights_only=True)
+    state["extra"]["config"] = pretrain_config("toy")
+    foreign = tmp_path / "unip-s" / "checkpoints" / "step-00000004.pt"
+    foreign.parent.mkdir(parents=True)
+    torch.save(state, foreign)
+    assert cli.main(_args(assets, tmp_path / "ft", "--resume", str(foreign))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another unip command" in err and "--pretrained" in err and "allow_changed_config" not in err, err

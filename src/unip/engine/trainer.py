@@ -561,6 +561,7 @@ class Trainer:
         if found is None:
             return None
         path, state = found
+        self._check_same_command(path, state.get("extra", {}).get("config"))
         self._check_unchanged(path, state.get("extra", {}).get("plan"))
         position = checkpointing.apply_state(state, path, self.model, self.optimizer, self.scaler)
         ctx = self.ctx
@@ -572,6 +573,18 @@ class Trainer:
             self.best = self._read_best()
         self._info(f"resumed from {path} at step {ctx.step} (epoch {ctx.epoch}, step {ctx.step_in_epoch})")
         return path
+
+    def _check_same_command(self, path: Path, saved: Optional[Dict[str, Any]]) -> None:
+        """``ConfigError`` when the state was written by another kind of run (``unip pretrain``'s state given to
+        ``unip finetune``): its settings have sections this run lacks and lack some this run has."""
+        if not isinstance(saved, dict):
+            return
+        theirs, ours = set(saved) - set(self.config), set(self.config) - set(saved)
+        if theirs and ours:
+            raise ConfigError(f"{path}: a training state of another unip command (its settings hold "
+                              f"{', '.join(sorted(theirs))}, not {', '.join(sorted(ours))}), not of a {self.task.name} "
+                              "run; --resume continues only the run that wrote it (a pre-trained backbone to fine-tune "
+                              "is given with --pretrained)")
 
     def _check_unchanged(self, path: Path, saved: Optional[Dict[str, Any]]) -> None:
         """``ConfigError`` when the state was written with settings that shape the schedule differently
