@@ -581,10 +581,10 @@ class Trainer:
             return
         theirs, ours = set(saved) - set(self.config), set(self.config) - set(saved)
         if theirs and ours:
-            raise ConfigError(f"{path}: a training state of another unip command (its settings hold "
-                              f"{', '.join(sorted(theirs))}, not {', '.join(sorted(ours))}), not of a {self.task.name} "
-                              "run; --resume continues only the run that wrote it (a pre-trained backbone to fine-tune "
-                              "is given with --pretrained)")
+            raise ConfigError(f"{path}: a training state of another unip command than {self.task.name} (its settings "
+                              f"hold {', '.join(sorted(theirs))} instead of {', '.join(sorted(ours))}); --resume "
+                              "continues only the run that wrote it (a pre-trained backbone to fine-tune is given "
+                              "with --pretrained)")
 
     def _check_unchanged(self, path: Path, saved: Optional[Dict[str, Any]]) -> None:
         """``ConfigError`` when the state was written with settings that shape the schedule differently
