@@ -21,11 +21,12 @@ from unip.engine import checkpointing
 from unip.engine.config import PRESET_ROOTS, flatten
 from unip.engine.distributed import init_distributed
 from unip.engine.trainer import Trainer
+from unip.errors import ConfigError
 from unip.models import create_model
 from unip.seg import build_segmentor, layer_id, load_segmentor
 from unip.seg.evaluation import EvalSettings, evaluate_split
 from unip.seg.results import read_metrics
-from unip.seg.train import DEFAULTS, RULES, SegmentationTask, make_config
+from unip.seg.train import DEFAULTS, RULES, SegmentationTask, finetune, make_config
 
 from killed_runs import kill_and_resume
 
@@ -306,6 +307,18 @@ def test_resume_after_the_files_moved_but_not_with_another_backbone(assets, tmp_
     assert "\n" not in err and "backbone weights (digest)" in err and "allow_changed_config" in err, err
 
 
+def test_resume_refuses_another_architecture_on_the_same_weights(assets, trained, tmp_path, one_thread, capsys):
+    """The last block's head count and the neck change the model without changing a weight's shape: a resume
+    that changes them must be refused like any other change of what is trained, not continue silently."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for change, named in (("model.last_block_heads=4", "heads per block"), ("model.neck=fpn", "model.neck")):
+        assert cli.main(_args(assets, run, "--resume", "auto", "--set", change)) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and named in err and "allow_changed_config" in err, err
+    assert cli.main(_args(assets, run, "--resume", "auto")) == 0  # unchanged: continues (here: already done)
+
+
 def test_two_process_runs_equal_one_process(assets, tmp_path, one_thread):
     """A linear probe (no BatchNorm: exact) on 2 gloo ranks × batch 2 equals 1 process × batch 4; a 2-rank
     fine-tuning run's test evaluation and a 2-rank `unip evaluate` (confusion matrices all-reduced) equal a
@@ -389,7 +402,8 @@ def test_presets_state_the_release_recipe(kind):
     shipped = {p.stem for p in (PRESET_ROOTS[0] / kind).glob("*.yaml")}
     extra = {"toy", "demo"} if kind == "finetune" else {"toy"}  # the small presets of the tests and `unip demo`
     assert shipped == {f"{d}_{s}" for d in RECIPE for s in SIZES} | extra
-    make_config("toy", kind=kind)
+    # the toy presets run on a laptop CPU: no recipe fp16 there (it would warn that fp16 is unused on a CPU)
+    assert make_config("toy", kind=kind)["run"]["precision"] == "auto"
 
 
 def test_a_run_without_a_best_model_says_it_tested_the_final_one(assets, tmp_path, one_thread, capsys):
@@ -417,3 +431,94 @@ def test_print_config_and_probe_presets(capsys):
     assert cli.main(["finetune", "scut_large", "--print-config", "--set", "model.last_block_heads=default"]) == 0
     printed = capsys.readouterr().out
     assert "last_block_heads: default" in printed and "batch_size: 2" in printed and "drop_path: 0.2" in printed
+
+
+def test_a_smaller_crop_under_a_preset_stride_is_refused_with_the_setting_that_fixes_it(capsys):
+    """The recipe presets state eval.stride 341; sizing a run down with data.crop_size=64 must say what to set."""
+    argv = ["finetune", "scut_small", "--print-config", "--set", "data.crop_size=64"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "eval.stride=341" in err and "--set eval.stride=null" in err and "\n" not in err
+    assert cli.main([*argv, "--set", "eval.stride=null"]) == 0
+
+
+def test_a_nan_loss_stops_cleanly_and_says_what_was_kept(assets, tmp_path, one_thread, capsys):
+    """NaN at step 3 after the state of step 2: exit 2, one line naming that state; resuming with a lower lr
+    finishes the run. NaN at step 1: no state exists, and the line must not claim one."""
+    out = tmp_path / "nan"
+    assert cli.main(_args(assets, out, "--iterations", "4", "--set", "run.save_every_steps=2",
+                          "--set", "debug.nan_at_step=3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "loss became nan at step 3" in err and "step-00000002.pt" in err
+    assert [p.name for p in checkpointing.list_states(out / "checkpoints")] == ["step-00000002.pt"]
+    assert not (out / "segmentor.safetensors").exists() and not (out / "metrics.json").exists()
+    assert cli.main(_args(assets, out, "--iterations", "4", "--set", "run.save_every_steps=2",
+                          "--set", "optim.lr=5e-4", "--resume", "auto")) == 0
+    assert load_segmentor(out / "segmentor.safetensors").meta["step"] == 4
+    capsys.readouterr()
+
+    early = tmp_path / "early"
+    assert cli.main(_args(assets, early, "--iterations", "4", "--set", "debug.nan_at_step=1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "loss became nan at step 1" in err and "no training state was saved" in err
+    assert "checkpoint is kept" not in err
+    assert checkpointing.find_latest(early / "checkpoints") is None
+    assert cli.main(_args(assets, early, "--iterations", "2")) == 0  # the same folder takes the run again
+
+
+@pytest.mark.parametrize("given, advised", [("optim.lr", "--set optim.lr=VALUE"), ("", "--set run.seed=VALUE")])
+def test_a_set_without_a_value_advises_a_setting_finetune_has(given, advised, capsys):
+    """The example must be a setting of this verb (pre-training's optim.blr is none of fine-tuning's)."""
+    assert cli.main(["finetune", "toy", "--print-config", "--set", given]) == 2
+    err = capsys.readouterr().err
+    assert advised in err and "blr" not in err
+
+
+def test_a_new_run_is_refused_over_a_finished_run_whose_states_were_deleted(assets, tmp_path, one_thread, capsys):
+    """Deleting checkpoints/ after a run (the states are large) must not let the next run into the same --out
+    replace its final model and metrics.json and append to its log."""
+    out = tmp_path / "done"
+    assert cli.main(_args(assets, out, "--iterations", "2")) == 0
+    shutil.rmtree(out / "checkpoints")
+    kept = {name: (out / name).read_bytes() for name in ("segmentor.safetensors", "metrics.json", "log.jsonl")}
+    capsys.readouterr()
+    assert cli.main(_args(assets, out, "--iterations", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds a finished run" in err and "segmentor.safetensors" in err and "\n" not in err
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    config = make_config("toy", values={"model.pretrained": str(assets / "backbone.safetensors"),
+                                        "data.path": str(assets / "soda"), "run.output": str(out),
+                                        "run.device": "cpu", "run.progress": False})
+    with pytest.raises(ConfigError, match="finished run"):  # the library entry point checks it too
+        finetune(config)
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+
+
+def test_a_pre_training_run_folder_as_out_is_refused_as_such(assets, tmp_path, capsys):
+    """`--out runs/unip-s` (the pretrain run) must not be called a folder of files unip did not write."""
+    from unip.distill.train import make_config as pretrain_config
+    from unip.engine.config import dump_config
+
+    out = tmp_path / "unip-s"
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_config(pretrain_config("toy")))
+    (out / "log.jsonl").write_text('{"step": 0, "time": 0.0, "kind": "setup"}\n')
+    assert cli.main(_args(assets, out, "--iterations", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another unip command" in err and "not written by unip" not in err and "\n" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl"]
+
+
+def test_resuming_a_pre_training_state_says_it_is_one(assets, trained, tmp_path, capsys):
+    """`--resume runs/unip-s/checkpoints/step-*.pt` (a pretrain state, mistaken for --pretrained) must say what
+    it is, not list a dozen changed settings and advise run.allow_changed_config."""
+    from unip.distill.train import make_config as pretrain_config
+
+    state = torch.load(checkpointing.find_latest(trained / "checkpoints"), map_location="cpu", weights_only=True)
+    state["extra"]["config"] = pretrain_config("toy")
+    foreign = tmp_path / "unip-s" / "checkpoints" / "step-00000004.pt"
+    foreign.parent.mkdir(parents=True)
+    torch.save(state, foreign)
+    assert cli.main(_args(assets, tmp_path / "ft", "--resume", str(foreign))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another unip command" in err and "--pretrained" in err and "allow_changed_config" not in err, err

@@ -176,6 +176,28 @@ def test_bad_input_raises_data_error_naming_the_file(tmp_path, case):
     assert culprit in str(err.value) and "\n" not in str(err.value)
     if case == "value":
         assert "7" in str(err.value) and "0..2" in str(err.value)
+    if case != "missing-split" and case != "missing-image":  # read errors: removing the file alone would not do
+        assert f"drop 'a' from {root}/train.txt" in str(err.value) and "remove the file" not in str(err.value)
+
+
+def test_the_check_seg_command_advised_reads_the_layout_that_was_asked_for(tmp_path, capsys):
+    """A SODA set opened as MFNet lacks its folders; the command the error advises must read it as MFNet too (plain
+    `unip data check-seg ROOT` would detect SODA and find nothing wrong)."""
+    root = str(tmp_path / "my set")
+    write_soda(root, 3, 2, size=(32, 24), seed=0)
+    with pytest.raises(DataError) as err:
+        open_segmentation_dataset(root, "mfnet", "train")
+    assert f"`unip data check-seg '{root}' --dataset mfnet`" in str(err.value)
+    with pytest.raises(DataError) as err:
+        check_structure(root, "mfnet", ["train"])
+    assert f"`unip data check-seg '{root}' --dataset mfnet`" in str(err.value)
+    os.remove(f"{root}/JPEGImages/00000.jpg")
+    os.remove(f"{root}/JPEGImages/00001.jpg")
+    with pytest.raises(DataError) as err:
+        open_segmentation_dataset(root, "auto", "train")
+    assert f"`unip data check-seg '{root}'`" in str(err.value)
+    assert main(["data", "check-seg", root, "--dataset", "mfnet"]) == 2  # what the advised command finds
+    assert "thermal_imgs" in capsys.readouterr().out
 
 
 def test_unknown_layout_and_raw_downloads_are_refused_with_a_hint(tmp_path):

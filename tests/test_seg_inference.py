@@ -186,3 +186,22 @@ def test_test_time_scales_never_shrink_an_image_to_nothing():
         probabilities = predict_probabilities(segmentor, x, crop=64, stride=42, scales=scales, flip=True)
         assert probabilities.shape == (1, 3, *x.shape[-2:]) and probabilities.isfinite().all()
         torch.testing.assert_close(probabilities.sum(1), torch.ones(1, *x.shape[-2:]))
+
+
+def test_another_class_naming_is_warned_without_inventing_more_classes(caplog):
+    from types import SimpleNamespace
+
+    from unip.seg.report import check_classes
+
+    def warned(names, classes):
+        segmentor = SimpleNamespace(num_classes=len(classes), meta={"class_names": names})
+        dataset = SimpleNamespace(num_classes=len(classes), classes=tuple(classes), root="/d", layout="folder")
+        caplog.clear()
+        check_classes(segmentor, dataset, "m.safetensors")
+        return caplog.text
+
+    three = warned(["x", "y", "z"], ["a", "b", "c"])
+    assert "names its classes x, y, z;" in three and "names a, b, c are used" in three and "..." not in three
+    six = warned(list("uvwxyz"), list("abcdef"))
+    assert "u, v, w, x, ... (6);" in six and "a, b, c, d, ... (6) are used" in six
+    assert warned(["a", "b", "c"], ["a", "b", "c"]) == ""

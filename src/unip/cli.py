@@ -414,7 +414,8 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
     """A training run folder may be new or one unip wrote: its config.yaml, log.jsonl and ``files`` (name →
     recogniser) must be unip's, so a rerun never overwrites or appends to a user's file, and its checkpoints/ and
     tb/ must be folders (or absent), so that the run does not fail once training has started. A new run (no
-    ``resume``) may not start over another run's training states (``refuse_other_run``)."""
+    ``resume``) may not start over another run's training states, nor over a finished run (its final model, the
+    first of ``files``, and its log: ``refuse_other_run``)."""
     import os
 
     from unip.engine.logging import LOG_FILE, RECORD_KEYS
@@ -423,7 +424,11 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
     from unip.outputs import claim, is_our_jsonl, is_our_yaml, out_folder
 
     out_folder(folder, "--out")
-    claim([os.path.join(folder, CONFIG_FILE)], is_our_yaml(list(defaults)), "--out")
+    config = os.path.join(folder, CONFIG_FILE)
+    if _other_commands_run_config(config, list(defaults)):
+        raise ConfigError(f"{folder}: holds a run of another unip command (its {CONFIG_FILE} has other settings than "
+                          "this command's); choose another --out")
+    claim([config], is_our_yaml(list(defaults)), "--out")
     claim([os.path.join(folder, LOG_FILE)], is_our_jsonl(RECORD_KEYS), "--out")
     for name, recognise in files.items():
         claim([os.path.join(folder, name)], recognise, "--out")
@@ -433,7 +438,21 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
             raise ConfigError(f"{path}: is a file where unip keeps the run's {name}/ folder; move it away or "
                               "choose another --out")
     if not resume:
-        refuse_other_run(folder)
+        refuse_other_run(folder, next(iter(files), None))
+
+
+def _other_commands_run_config(path: str, sections: List[str]) -> bool:
+    """True for a run config another unip training command wrote (``unip pretrain``'s in a ``finetune --out``):
+    a ``run`` section naming its output, but not every one of ``sections``."""
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return (isinstance(document, dict) and isinstance(document.get("run"), dict) and "output" in document["run"]
+            and not all(section in document for section in sections))
 
 
 def _layer_arg(text: str):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -244,6 +245,13 @@ def resolve_layout(root: str, dataset: str = "auto") -> Tuple[str, SegLayout]:
     return root, layout
 
 
+def check_seg_command(root: str, dataset: str = "auto") -> str:
+    """The ``unip data check-seg`` command line that reads ``root`` as ``dataset`` (the layout a command was asked
+    for, not the one detection would pick) and lists every problem."""
+    option = "" if str(dataset).lower() == "auto" else f" --dataset {str(dataset).lower()}"
+    return f"unip data check-seg {shlex.quote(str(root))}{option}"
+
+
 # ------------------------------------------------------------------------------------- splits
 def read_split_file(path: str) -> List[str]:
     """Return the image names listed in a split file (first token of each line, image suffix dropped).
@@ -310,8 +318,8 @@ def check_structure(root: str, dataset: str = "auto", splits: Sequence[str] = L.
     for split in splits:
         problems = structure_problems(data_root, layout, split)
         if problems:
-            raise DataError(f"{problems[0].message} (not a {layout.name} data set? `unip data check-seg {root}` "
-                            "lists every problem)")
+            raise DataError(f"{problems[0].message} (not a {layout.name} data set? "
+                            f"`{check_seg_command(root, dataset)}` lists every problem)")
     return data_root, layout
 
 
@@ -396,19 +404,21 @@ def inspect_pair(sample: Sample, num_classes: int) -> Tuple[List[Problem], Optio
     return problems, np.bincount(label.ravel(), minlength=256).astype(np.int64)
 
 
-def load_sample(sample: Sample, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+def load_sample(sample: Sample, num_classes: int, split_file: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Read ``sample``; returns image uint8 ``[H, W, 3]`` and label uint8 ``[H, W]``.
 
-    Raises :class:`DataError` (a plain one, so DataLoader workers can re-raise it) naming the file.
+    Raises :class:`DataError` (a plain one, so DataLoader workers can re-raise it) naming the file and the fix
+    (mending it, or dropping its name from ``split_file``, the split that lists it: a removed file is missed).
     """
+    fix = f"fix it, or drop '{sample.name}' from {split_file}" if split_file else "fix or remove the file"
     try:
         image = read_rgb(sample.image)
         label = read_label(sample.label)
     except ImageReadError as err:
-        raise DataError(str(err)) from None
+        raise DataError(f"{err.path}: {err.detail} ({err.reason}); {fix}") from None
     problems = label_problems(label, image.shape[:2], sample, num_classes)
     if problems:
-        raise DataError(problems[0].message)
+        raise DataError(f"{problems[0].message}; {fix}")
     return image, label
 
 
@@ -448,7 +458,7 @@ class SegmentationDataset(Dataset):
         ignore; ``path``, ``label_path``, ``name``: str; ``index``: int.
         """
         sample = self.samples[index]
-        image, label = load_sample(sample, self.num_classes)
+        image, label = load_sample(sample, self.num_classes, self.split_file)
         return {"image": torch.from_numpy(image).permute(2, 0, 1).contiguous(), "label": torch.from_numpy(label),
                 "path": sample.image, "label_path": sample.label, "name": sample.name, "index": index}
 
@@ -472,7 +482,7 @@ def open_segmentation_dataset(root: str, dataset: str = "auto", split: str = "tr
     data_root, layout = resolve_layout(root, dataset)
     samples, problems = scan_split(data_root, layout, split)
     if problems:
-        more = f" (and {len(problems) - 1} more problem(s); list them with `unip data check-seg {root}`)" \
+        more = f" (and {len(problems) - 1} more problem(s); list them with `{check_seg_command(root, dataset)}`)" \
             if len(problems) > 1 else ""
         raise DataError(problems[0].message + more)
     return SegmentationDataset(data_root, layout, split, samples, transform)

@@ -104,7 +104,8 @@ def parse_override(text: str) -> tuple:
     """``"optim.blr=1e-4"`` → ``("optim.blr", 1e-4)`` with the value parsed as a YAML scalar."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.blr=1e-4")
+        example = key.strip() if sep == "" and "." in key else "run.seed"  # a setting every verb has
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set {example}=VALUE")
     if not raw.strip():
         raise ConfigError(f"--set {text!r}: no value after '='; give one (key=null clears a setting that "
                           "may be empty)")

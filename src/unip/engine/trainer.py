@@ -66,8 +66,9 @@ from unip.engine.config import Config, dump_config
 from unip.engine.data import batches_per_epoch, build_loader, set_loader_epoch
 from unip.engine.distributed import (DistInfo, barrier, cleanup, init_distributed, sync_batchnorm,
                                      unwrap_model)
-from unip.engine.logging import TB_DIR, MetricLogger
-from unip.engine.loop import LossGate, LossOutput, Precision, StepResult, resolve_precision, split_loss, train_step
+from unip.engine.logging import LOG_FILE, TB_DIR, MetricLogger
+from unip.engine.loop import (LossGate, LossOutput, NonFiniteLossError, Precision, StepResult, resolve_precision,
+                              split_loss, train_step)
 from unip.engine.optim import adamw, param_groups
 from unip.engine.progress import postfix, progress_bar, progress_line
 from unip.engine.schedule import SCHEDULES, LrSchedule, set_lr
@@ -380,14 +381,19 @@ class FitResult:
     is_main: bool = True
 
 
-def refuse_other_run(output: Union[str, Path]) -> None:
+def refuse_other_run(output: Union[str, Path], model_file: Optional[str] = None) -> None:
     """``ConfigError`` when a new run (no ``run.resume``) would start in a folder holding another run's training
-    states or best model: pruning would delete the new run's states and ``--resume auto`` would continue the old
-    one."""
+    states or best model (pruning would delete the new run's states and ``--resume auto`` would continue the old
+    one), or, given the task's ``model_file``, a finished run's final model and log whose states were deleted
+    (the new run would replace the model and append to the log)."""
     ckpt_dir = Path(output) / CHECKPOINT_DIR
     latest = checkpointing.find_latest(ckpt_dir)
     best = [name for name in (checkpointing.BEST_JSON, checkpointing.BEST_WEIGHTS) if (ckpt_dir / name).exists()]
     if latest is None and not best:
+        finished = [name for name in (model_file, LOG_FILE) if name and (Path(output) / name).exists()]
+        if model_file and len(finished) == 2:
+            raise ConfigError(f"{output} already holds a finished run ({', '.join(finished)}); choose another "
+                              "--out, or move those files away to start a new run there")
         return
     found = f"training states up to step {checkpointing.state_step(latest)}" if latest is not None \
         else f"a best model ({', '.join(best)})"
@@ -500,6 +506,8 @@ class Trainer:
             try:
                 self.wrapped.train()
                 self._train(bar)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(f"{err}{self._what_was_kept()}") from None
             finally:
                 bar.close()
                 del self.loader  # its workers (persistent over epochs) exit with it
@@ -546,12 +554,14 @@ class Trainer:
     def _resume(self) -> Optional[Path]:
         """Load the state ``run.resume`` names (``None`` for a new run); returns its path."""
         if not self.run["resume"]:
-            refuse_other_run(self.output)  # the CLI checked before any work; a library caller is checked here
+            # the CLI checked before any work; a library caller is checked here
+            refuse_other_run(self.output, self.task.model_file)
             return None
         found = checkpointing.find_resume_state(self.run["resume"], self.ckpt_dir)
         if found is None:
             return None
         path, state = found
+        self._check_same_command(path, state.get("extra", {}).get("config"))
         self._check_unchanged(path, state.get("extra", {}).get("plan"))
         position = checkpointing.apply_state(state, path, self.model, self.optimizer, self.scaler)
         ctx = self.ctx
@@ -563,6 +573,18 @@ class Trainer:
             self.best = self._read_best()
         self._info(f"resumed from {path} at step {ctx.step} (epoch {ctx.epoch}, step {ctx.step_in_epoch})")
         return path
+
+    def _check_same_command(self, path: Path, saved: Optional[Dict[str, Any]]) -> None:
+        """``ConfigError`` when the state was written by another kind of run (``unip pretrain``'s state given to
+        ``unip finetune``): its settings have sections this run lacks and lack some this run has."""
+        if not isinstance(saved, dict):
+            return
+        theirs, ours = set(saved) - set(self.config), set(self.config) - set(saved)
+        if theirs and ours:
+            raise ConfigError(f"{path}: a training state of another unip command than {self.task.name} (its settings "
+                              f"hold {', '.join(sorted(theirs))} instead of {', '.join(sorted(ours))}); --resume "
+                              "continues only the run that wrote it (a pre-trained backbone to fine-tune is given "
+                              "with --pretrained)")
 
     def _check_unchanged(self, path: Path, saved: Optional[Dict[str, Any]]) -> None:
         """``ConfigError`` when the state was written with settings that shape the schedule differently
@@ -749,6 +771,13 @@ class Trainer:
                 f"{latest or 'none (no state was saved yet)'}. Lower the lr (or add --set optim.clip_grad=1.0, or "
                 "use fp32/bf16 instead of fp16) and resume with --resume auto, or from an earlier step-*.pt "
                 "if that one has diverged already")
+
+    def _what_was_kept(self) -> str:
+        """How a stopped run goes on: from the newest training state, or, when none was saved, from the start."""
+        latest = checkpointing.find_latest(self.ckpt_dir)
+        if latest is None:
+            return "; no training state was saved yet, so run the command again from the start"
+        return f", then resume with --resume auto: the last good checkpoint ({latest}) is kept"
 
     def _save_state(self) -> None:
         ctx = self.ctx

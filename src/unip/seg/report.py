@@ -33,7 +33,7 @@ from torch import nn
 from unip.atomic import replace_folder, temporary_path
 from unip.data.seg_check import check_segmentation
 from unip.data.seg_transforms import seg_test_transform
-from unip.data.segmentation import SegmentationDataset, open_segmentation_dataset
+from unip.data.segmentation import SegmentationDataset, check_seg_command, open_segmentation_dataset
 from unip.engine.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from unip.engine.logging import LOG_FILE
 from unip.engine.loop import Precision, resolve_precision
@@ -82,7 +82,13 @@ def check_classes(segmentor: nn.Module, dataset: SegmentationDataset, checkpoint
     names = getattr(segmentor, "meta", {}).get("class_names")
     if names and list(names) != list(dataset.classes):
         logger.warning("%s names its classes %s; the data set's names %s are used", checkpoint,
-                       ", ".join(names[:4]) + ", ...", ", ".join(dataset.classes[:4]) + ", ...")
+                       _first_names(names), _first_names(dataset.classes))
+
+
+def _first_names(names: Sequence[str], shown: int = 4) -> str:
+    """``"a, b, c"``, or ``"a, b, c, d, ... (9)"`` for a longer list."""
+    text = ", ".join(str(name) for name in names[:shown])
+    return f"{text}, ... ({len(names)})" if len(names) > shown else text
 
 
 def check_data_once(root: str, dataset: str, splits: Sequence[str], dist: DistInfo, workers: Optional[int] = None,
@@ -101,7 +107,7 @@ def check_data_once(root: str, dataset: str, splits: Sequence[str], dist: DistIn
                         ", ".join(f"{s.split} {s.images} images" for s in report.splits))
     problems = int(all_reduce_sum(torch.tensor([problems], device=dist.device)).item())
     if problems:
-        raise DataError(f"{root}: {problems} data problem(s), listed above (unip data check-seg {root} lists "
+        raise DataError(f"{root}: {problems} data problem(s), listed above ({check_seg_command(root, dataset)} lists "
                         "them too); fix them and run again")
 
 

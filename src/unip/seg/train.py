@@ -148,8 +148,9 @@ def check_consistency(config: Config) -> None:
                           "linear (model.head=linear) or drop --probe-layer")
     stride = config["eval"]["stride"]
     if stride is not None and stride > config["data"]["crop_size"]:
-        raise ConfigError(f"eval.stride={stride} is larger than data.crop_size={config['data']['crop_size']}: "
-                          "the windows would leave gaps")
+        crop = config["data"]["crop_size"]
+        raise ConfigError(f"eval.stride={stride} is larger than data.crop_size={crop}: the windows would leave gaps; "
+                          f"add --set eval.stride=null (2/3 of the crop: {crop * 2 // 3}) or a stride <= {crop}")
 
 
 def training_mode(config: Config) -> str:
@@ -345,10 +346,13 @@ class SegmentationTask(Task):
                 f"{self.train_set.num_classes} classes)")
 
     def resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
-        """What the segmentor file describes: backbone, data set, crop, classes, training mode; the backbone and
+        """What the segmentor file describes: backbone, data set, crop, classes, training mode, and the
+        architecture choices that keep every weight's shape (the heads of each block, the neck); the backbone and
         the images by content (``unip.fingerprint``), so a run resumes after its files moved."""
         files = [path for sample in self.train_set.samples for path in (sample.image, sample.label) if path]
-        return {"backbone weights (digest)": self.backbone_fingerprint,
+        return {"heads per block": self.backbone_info["backbone"]["heads_per_block"],
+                "model.neck": self.backbone_info["neck"],
+                "backbone weights (digest)": self.backbone_fingerprint,
                 "training images (file list digest)": f"{len(self.train_set)} images, {listing_fingerprint(files)}",
                 "data set layout": self.train_set.layout, "data.crop_size": int(self.config["data"]["crop_size"]),
                 "classes": self.train_set.num_classes, "mode": self.mode}
