@@ -51,6 +51,18 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+class _Once(argparse.Action):
+    """An option that takes one value: given again with another value it is a usage error, instead of argparse's
+    silent "the last one wins" (``--infrared A --infrared B`` would scan B only)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        given = getattr(namespace, self.dest, None)
+        if given is not None and given != values:
+            raise argparse.ArgumentError(self, f"given twice ({given} and {values}); it takes one {self.metavar}")
+        setattr(namespace, self.dest, values)
+
+
 # ----------------------------------------------------------------------------------------- info
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a checkpoint's architecture and load report",
@@ -113,11 +125,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                      "class), COCO train2017 and extra folders; every file is decoded, bad "
                                      "files and duplicates are listed in <manifest>.report.json. Rescans only "
                                      "read new or changed files; an interrupted scan resumes.")
-    q.add_argument("--infrared", metavar="ROOT", help="root holding <dataset>/thermal/ folders")
-    q.add_argument("--imagenet", metavar="DIR", help="ImageNet train folder (one folder per class)")
+    q.add_argument("--infrared", metavar="ROOT", action=_Once,
+                   help="root holding <dataset>/thermal/ folders (one root: put every data set's folder under it)")
+    q.add_argument("--imagenet", metavar="DIR", action=_Once, help="ImageNet train folder (one folder per class)")
     q.add_argument("--per-class", type=integer(1).option(), default=200,
                    help="images per ImageNet class (default 200)")
-    q.add_argument("--coco", metavar="DIR", help="COCO root (with train2017/) or the train2017 folder")
+    q.add_argument("--coco", metavar="DIR", action=_Once, help="COCO root (with train2017/) or the train2017 folder")
     q.add_argument("--extra", metavar="DIR", action="append", default=[], help="another folder (repeatable)")
     q.add_argument("--out", required=True, metavar="MANIFEST", help="manifest file to write (.jsonl)")
     q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
@@ -297,7 +310,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                     "profile.csv, nmi.png, distance.png and attention_<model>.png to --out.")
     p.add_argument("--model", action="append", required=True, metavar="SOURCE",
                    help="checkpoint file or timm:<name>[@file]; repeat to compare models")
-    p.add_argument("--images", required=True, metavar="DIR", help="folder of jpg/png/bmp/tiff images (8/16-bit)")
+    p.add_argument("--images", required=True, metavar="DIR", action=_Once, help="folder of jpg/png/bmp/tiff images (8/16-bit)")
     p.add_argument("--num-images", type=int, default=64, metavar="N", help="use the first N images (0: all)")
     p.add_argument("--out", default="analysis_out", metavar="DIR", help="folder for the files written")
     p.add_argument("--batch-size", type=int, default=32,
