@@ -194,8 +194,8 @@ def train_step(model: nn.Module, loss_fn: Callable[[object], LossOutput], micro_
         with _maybe_no_sync(model, sync):
             scaler.scale(loss / count).backward()
     means = all_reduce_mean(totals / count)
-    result = StepResult(means, names, f"the loss became {{loss}} {where}; the run stopped and the last good "
-                        f"checkpoint is kept. {divergence_advice(precision, clip_grad)}, then resume")
+    result = StepResult(means, names, f"the loss became {{loss}} {where}; the run stopped before updating the "
+                        f"weights. {divergence_advice(precision, clip_grad)}")
     gated = gate is not None and LossGate.applies(optimizer)
     if not gated:
         try:

@@ -67,7 +67,8 @@ from unip.engine.data import batches_per_epoch, build_loader, set_loader_epoch
 from unip.engine.distributed import (DistInfo, barrier, cleanup, init_distributed, sync_batchnorm,
                                      unwrap_model)
 from unip.engine.logging import TB_DIR, MetricLogger
-from unip.engine.loop import LossGate, LossOutput, Precision, StepResult, resolve_precision, split_loss, train_step
+from unip.engine.loop import (LossGate, LossOutput, NonFiniteLossError, Precision, StepResult, resolve_precision,
+                              split_loss, train_step)
 from unip.engine.optim import adamw, param_groups
 from unip.engine.progress import postfix, progress_bar, progress_line
 from unip.engine.schedule import SCHEDULES, LrSchedule, set_lr
@@ -500,12 +501,21 @@ class Trainer:
             try:
                 self.wrapped.train()
                 self._train(bar)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(f"{err}, then {self._how_to_go_on()}") from None
             finally:
                 bar.close()
                 del self.loader  # its workers (persistent over epochs) exit with it
         finally:
             self.log.close()
         return FitResult(self._save_model(), ctx.step, ctx.last_loss, self.best, ctx.dist.is_main)
+
+    def _how_to_go_on(self) -> str:
+        """After a non-finite loss: where the run can go on from (its newest training state, or the start)."""
+        latest = checkpointing.find_latest(self.ckpt_dir)
+        if latest is None:
+            return "run it again: no training state was saved before this step, so it starts over"
+        return f"resume with --resume auto from the last good checkpoint, {latest}, which is kept"
 
     def _start(self) -> None:
         """Remove what killed saves left, resume (or refuse to start over another run's states), write
