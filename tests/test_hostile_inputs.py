@@ -41,10 +41,13 @@ from safetensors.torch import save_file
 from unip.checkpoint import save_checkpoint
 from unip.cli import main
 from unip.data.infmix import build_manifest
+from unip.distill.train import DEFAULTS as PRETRAIN_DEFAULTS
+from unip.engine.config import dump_config
 from unip.data.packed import pack_manifest
 from unip.data.synth import write_soda
 from unip.models import Segmentor, create_model
 from unip.seg import build_segmentor, save_segmentor
+from unip.seg.train import DEFAULTS as SEG_DEFAULTS
 
 from test_seg_model import release_state_dict  # noqa: E402  (the release's fine-tuned layout, random weights)
 
@@ -497,6 +500,10 @@ CASES: List[Case] = [
     Case("pretrain: --out holds the user's config.yaml",
          lambda a: a.pretrain(out=a.out_with("mine", {"config.yaml": "my: settings\n", **USER_FILES})),
          match="config.yaml.*not written by unip"),
+    Case("pretrain: --out holds a fine-tuning run", lambda a: a.pretrain(out=a.out_with("ft", {
+         "config.yaml": dump_config(SEG_DEFAULTS), "log.jsonl": ""})), match="ft: holds another kind of unip run"),
+    Case("finetune: --out holds a pre-training run", lambda a: a.finetune(out=a.out_with("pt", {
+         "config.yaml": dump_config(PRETRAIN_DEFAULTS)})), match="pt: holds another kind of unip run"),
     Case("pretrain: resume from a state without RNG entries", lambda a: a.pretrain(
          "--teacher-layer", "2", "--resume", a.damaged_state("rng.pt", rng={})),
          match=r"rng\.pt: damaged training state \(rng has no python, numpy, torch state\)"),

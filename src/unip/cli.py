@@ -436,7 +436,12 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
     from unip.outputs import claim, is_our_jsonl, is_our_yaml, out_folder
 
     out_folder(folder, "--out")
-    claim([os.path.join(folder, CONFIG_FILE)], is_our_yaml(list(defaults)), "--out")
+    config_file = os.path.join(folder, CONFIG_FILE)
+    missing = _sections_missing_from_run_config(config_file, defaults)
+    if missing:
+        raise ConfigError(f"{folder}: holds another kind of unip run (its {CONFIG_FILE} has no {', '.join(missing)} "
+                          "section); choose another --out")
+    claim([config_file], is_our_yaml(list(defaults)), "--out")
     claim([os.path.join(folder, LOG_FILE)], is_our_jsonl(RECORD_KEYS), "--out")
     for name, recognise in files.items():
         claim([os.path.join(folder, name)], recognise, "--out")
@@ -447,6 +452,21 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
                               "choose another --out")
     if not resume:
         refuse_other_run(folder)
+
+
+def _sections_missing_from_run_config(path: str, defaults: Dict[str, Any]) -> List[str]:
+    """The sections of ``defaults`` that ``path`` lacks when it is another verb's run config (a YAML mapping
+    with ``run`` and ``optim`` sections: ``unip finetune``'s in a ``unip pretrain`` folder, or the reverse);
+    ``[]`` otherwise (no such file, this verb's config, or not a run config at all)."""
+    from unip.engine.config import read_yaml
+
+    try:
+        document = read_yaml(path)
+    except Exception:  # absent, unreadable or not YAML: ``claim`` reports it
+        return []
+    if not isinstance(document, dict) or not {"run", "optim"} <= set(document):
+        return []
+    return sorted(set(defaults) - set(document))
 
 
 def _layer_arg(text: str):
