@@ -149,6 +149,9 @@ def test_pack_says_what_it_was_given_instead_of_a_manifest(tmp_path, capsys):
         assert re.search(match, err), err
     assert main(["data", "stats", os.path.join(pack, "index.json")]) == 2
     assert "pass its folder" in capsys.readouterr().err
+    assert main(["data", "stats", str(root)]) == 2  # a folder of images: scan it first (not "build the pack")
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"unip data infmix --extra {root} --out MANIFEST.jsonl" in err, err
 
 
 def test_a_file_gone_since_the_scan_says_to_rescan(tmp_path):
