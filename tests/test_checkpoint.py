@@ -6,8 +6,10 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
@@ -224,6 +226,17 @@ def test_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     assert main(["info", str(tmp_path / "evil.pth")]) == 2
     assert main(["info", f"timm:vit_tiny_patch16_224@{tmp_path / 'evil.pth'}"]) == 2
     assert not marker.exists()
+
+
+def test_a_file_of_another_kind_is_not_taken_for_an_unsafe_pickle(tmp_path):
+    """An image or a manifest passed as a checkpoint is named as not a checkpoint, without the advice to re-save a
+    pickle that needs objects outside the allow-list (which is for real, unsafe pickles: test above)."""
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "frame.jpg")
+    (tmp_path / "m.jsonl").write_text('{"path": "a.png"}\n')
+    for name in ("frame.jpg", "m.jsonl"):
+        with pytest.raises(CheckpointError, match=f"{name}: not a checkpoint") as raised:
+            read_checkpoint(tmp_path / name)
+        assert "trust" not in str(raised.value)
 
 
 def test_unreadable_files_give_clear_errors(tmp_path):

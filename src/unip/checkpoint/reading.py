@@ -117,6 +117,9 @@ def _read_pickle(path: Path) -> Any:
             # training state's optimizer moments, a release's decoder) stays on disk; legacy files are read
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
+        if not _starts_like_torch_save(path):  # an image, a manifest, a YAML file given by mistake
+            raise CheckpointError(f"{path}: not a checkpoint: neither torch.save's format (a zip archive or a "
+                                  "pickle) nor safetensors; pass the weights file (.pth/.pt/.bin/.safetensors)") from err
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
                        lines[0] if lines else type(err).__name__)
@@ -129,6 +132,16 @@ def _read_pickle(path: Path) -> Any:
         raise
     except Exception as err:  # damaged files raise RuntimeError, EOFError, BadZipFile, KeyError, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_brief(err)})") from err
+
+
+def _starts_like_torch_save(path: Path) -> bool:
+    """True for a zip archive (``torch.save``'s format) or a pickle of protocol 2 or later (its legacy format, and
+    ``pickle.dump``'s default), which start with the PROTO opcode 0x80."""
+    try:
+        with open(path, "rb") as handle:
+            return zipfile.is_zipfile(handle) or handle.seek(0) == 0 and handle.read(1) == b"\x80"
+    except OSError:
+        return True  # let the caller's own error stand
 
 
 def _brief(err: BaseException, limit: int = 200) -> str:
