@@ -336,6 +336,18 @@ def _offline_hub(a: Inputs) -> None:
     a.monkeypatch.setattr("unip.checkpoint.timm_hub._hub_cached", lambda *args: False)
 
 
+def _read_only_out(a: Inputs) -> None:
+    """``a.out`` (and everything below it) reads as not writable, as on a read-only file system (the tests run
+    as root too, where permission bits do not stop a write)."""
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        inside = os.path.abspath(path) == str(a.out) or os.path.abspath(path).startswith(str(a.out) + os.sep)
+        return False if inside and mode & os.W_OK else real_access(path, mode, *args, **kwargs)
+
+    a.monkeypatch.setattr(os, "access", access)
+
+
 # ============================================================================================ the table
 @dataclass
 class Case:
@@ -500,6 +512,9 @@ CASES: List[Case] = [
     Case("pretrain: --out holds the user's config.yaml",
          lambda a: a.pretrain(out=a.out_with("mine", {"config.yaml": "my: settings\n", **USER_FILES})),
          match="config.yaml.*not written by unip"),
+    Case("pretrain: --out not writable", lambda a: a.pretrain(out=str(a.out / "run")), setup=_read_only_out,
+         match="--out .*run: cannot write in"),
+    Case("analyze: --out not writable", lambda a: a.analyze(), setup=_read_only_out, match="cannot write in"),
     Case("pretrain: --out holds a fine-tuning run", lambda a: a.pretrain(out=a.out_with("ft", {
          "config.yaml": dump_config(SEG_DEFAULTS), "log.jsonl": ""})), match="ft: holds another kind of unip run"),
     Case("finetune: --out holds a pre-training run", lambda a: a.finetune(out=a.out_with("pt", {
@@ -686,6 +701,12 @@ CASES: List[Case] = [
     Case("infmix: --infrared one data set's folder", lambda a: ["data", "infmix", "--infrared",
          os.path.dirname(a.images), "--out", str(a.out / "m.jsonl")], match="one data set's folder"),
     # ------------------------------------------------------------------ data stats
+    Case("stats: --out not writable", lambda a: ["data", "stats", a.manifest, "--out", str(a.out / "st")],
+         setup=_read_only_out, match="--out .*st.json: cannot write in .*read-only or no permission"),
+    Case("pack: --out not writable", lambda a: ["data", "pack", a.manifest, "--out", str(a.out / "p")],
+         setup=_read_only_out, match="cannot write in"),
+    Case("infmix: --out not writable", lambda a: ["data", "infmix", "--infrared", a.infrared, "--out",
+                                                 str(a.out / "m.jsonl")], setup=_read_only_out, match="cannot write in"),
     Case("stats: missing manifest", lambda a: ["data", "stats", str(a.scratch / "m.jsonl"), "--out",
                                               str(a.out / "s")], match="m.jsonl"),
     Case("stats: manifest not UTF-8", lambda a: ["data", "stats", a.file("m.jsonl", b'{"path": "\xff\xfe"}\n'),
