@@ -500,7 +500,9 @@ CASES: List[Case] = [
     Case("pretrain: preset file not a mapping", lambda a: ["pretrain", a.file("l.yaml", "- 1\n- 2\n")],
          match="l.yaml"),
     Case("pretrain: teacher layer text", lambda a: a.pretrain("--teacher-layer", "last"), match="--teacher-layer"),
-    Case("pretrain: teacher layer 99", lambda a: a.pretrain("--teacher-layer", "99"), match="layer 99"),
+    Case("pretrain: teacher layer 99", lambda a: a.pretrain("--teacher-layer", "99"),
+         match="--teacher-layer 99 is out of range: the teacher .*teacher.safetensors has layers 1..2; pass "
+               "--teacher-layer 1..2, or auto"),
     Case("pretrain: teacher with a huge architecture", lambda a: a.pretrain("--teacher", a.checkpoint(
          "huge.safetensors", model={"embed_dim": 8192, "num_heads": 64})), match="huge.safetensors"),
     Case("pretrain: data missing", lambda a: a.pretrain(data=str(a.scratch / "no_data")), match="no_data"),
