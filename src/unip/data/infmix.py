@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -492,6 +493,11 @@ def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[
     _write_atomic(report_path(out), json.dumps(report, indent=1) + "\n")
     os.remove(journal)
     if not records:
-        raise DataError(f"no readable images found ({len(skipped)} file(s) skipped, listed in "
+        reasons = Counter(str(entry["reason"]) for entry in skipped)
+        why = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+        if "outside-root" in reasons:
+            why += (": a symlink is read only when its real path stays inside the root it was found under, "
+                    "so pass the folders it points to")
+        raise DataError(f"no readable images found ({len(skipped)} file(s) skipped: {why}; listed in "
                         f"{report_path(out)}); point --infrared/--imagenet/--coco/--extra at image folders")
     return ScanResult(out, records, skipped, n_read, n_reused, counts)
