@@ -460,6 +460,17 @@ def format_counts(counts: Dict[str, Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def skip_reasons(skipped: Sequence[Entry]) -> str:
+    """The skipped files counted by reason, most common first (``2 empty, 1 truncated``); for ``outside-root``,
+    why such files are not read."""
+    reasons = Counter(str(entry["reason"]) for entry in skipped)
+    text = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+    if "outside-root" in reasons:
+        text += (": a symlink is read only when its real path stays inside the root it was found under, so pass "
+                 "the folders it points to")
+    return text
+
+
 def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[str] = None,
                    per_class: int = 200, coco: Optional[str] = None, extra: Sequence[str] = (),
                    workers: Optional[int] = None) -> ScanResult:
@@ -493,11 +504,6 @@ def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[
     _write_atomic(report_path(out), json.dumps(report, indent=1) + "\n")
     os.remove(journal)
     if not records:
-        reasons = Counter(str(entry["reason"]) for entry in skipped)
-        why = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-        if "outside-root" in reasons:
-            why += (": a symlink is read only when its real path stays inside the root it was found under, "
-                    "so pass the folders it points to")
-        raise DataError(f"no readable images found ({len(skipped)} file(s) skipped: {why}; listed in "
-                        f"{report_path(out)}); point --infrared/--imagenet/--coco/--extra at image folders")
+        raise DataError(f"no readable images found ({len(skipped)} file(s) skipped: {skip_reasons(skipped)}; "
+                        f"listed in {report_path(out)}); point --infrared/--imagenet/--coco/--extra at image folders")
     return ScanResult(out, records, skipped, n_read, n_reused, counts)
