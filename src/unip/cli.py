@@ -58,7 +58,7 @@ class _Once(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: Optional[str] = None) -> None:
         given = getattr(namespace, self.dest, None)
-        if given is not None and given != values:
+        if given is not None and os.path.normpath(given) != os.path.normpath(values):
             raise argparse.ArgumentError(self, f"given twice ({given} and {values}); it takes one {self.metavar}")
         setattr(namespace, self.dest, values)
 
