@@ -55,7 +55,7 @@ def parse_normalization(text: str) -> Normalization:
 
 
 def list_images(folder: str, limit: Optional[int] = None) -> List[str]:
-    """Image files under ``folder`` (recursively, sorted by path), at most ``limit``.
+    """Image files under ``folder`` (recursively, following linked folders, sorted by path), at most ``limit``.
 
     Raises ``DataError`` when the folder does not exist or holds no image file."""
     if limit is not None and limit < 0:
@@ -65,8 +65,12 @@ def list_images(folder: str, limit: Optional[int] = None) -> List[str]:
                         f"(--images {os.path.dirname(folder) or '.'})")
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: image folder does not exist; pass --images DIR with jpg/png/bmp/tiff files")
-    found = []
-    for top, dirs, files in os.walk(folder):
+    found, walked = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):  # a linked-in folder of frames counts too
+        if os.path.realpath(top) in walked:  # reached again through a link (or a link loop): once is enough
+            dirs.clear()
+            continue
+        walked.add(os.path.realpath(top))
         dirs.sort()
         found += [os.path.join(top, f) for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
     if not found:
