@@ -52,17 +52,18 @@ def _check_writable(folder: str, path: str, option: str) -> None:
                           f"another {option}")
 
 
-def out_folder(path: str, option: str = "--out") -> str:
+def out_folder(path: str, option: str = "--out", writable: bool = True) -> str:
     """Check that ``path`` can be (or already is) a folder to write into; returns it.
 
-    Raises ``ConfigError`` when it, or a folder on the way to it, is an existing file, or when it cannot be
-    written."""
+    Raises ``ConfigError`` when it, or a folder on the way to it, is an existing file, or (``writable``) when it
+    cannot be written."""
     if not path:
         raise ConfigError(f"{option}: empty path; name the folder to write")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{option} {path}: is a file, not a folder; choose a new or empty folder")
     _check_parent(path, option)
-    _check_writable(path, path, option)
+    if writable:
+        _check_writable(path, path, option)
     return path
 
 
