@@ -310,7 +310,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                     "profile.csv, nmi.png, distance.png and attention_<model>.png to --out.")
     p.add_argument("--model", action="append", required=True, metavar="SOURCE",
                    help="checkpoint file or timm:<name>[@file]; repeat to compare models")
-    p.add_argument("--images", required=True, metavar="DIR", action=_Once, help="folder of jpg/png/bmp/tiff images (8/16-bit)")
+    p.add_argument("--images", required=True, metavar="DIR", action=_Once,
+                   help="folder of jpg/png/bmp/tiff images (8/16-bit)")
     p.add_argument("--num-images", type=int, default=64, metavar="N", help="use the first N images (0: all)")
     p.add_argument("--out", default="analysis_out", metavar="DIR", help="folder for the files written")
     p.add_argument("--batch-size", type=int, default=32,

@@ -119,7 +119,8 @@ def _read_pickle(path: Path) -> Any:
     except pickle.UnpicklingError as err:
         if not _starts_like_torch_save(path):  # an image, a manifest, a YAML file given by mistake
             raise CheckpointError(f"{path}: not a checkpoint: neither torch.save's format (a zip archive or a "
-                                  "pickle) nor safetensors; pass the weights file (.pth/.pt/.bin/.safetensors)") from err
+                                  "pickle) nor safetensors; pass the weights file (.pth/.pt/.bin/.safetensors)"
+                                  ) from err
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
                        lines[0] if lines else type(err).__name__)
