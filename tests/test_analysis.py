@@ -104,6 +104,17 @@ def test_metrics_are_safe_for_half_precision_maps(dtype):
     np.testing.assert_allclose(metrics["distance"].numpy(), reference_distance(exact, (7, 7), 16), rtol=1e-5)
 
 
+def test_metrics_of_maps_from_a_model_with_trainable_weights():
+    """docs/analysis.md's API example: ``maps = model.attention_maps(x); nmi(maps[9])`` on a freshly loaded model,
+    whose maps carry autograd history; the metrics equal those of the detached maps."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16", depth=2, embed_dim=32, num_heads=2, img_size=32)
+    attn = model.attention_maps(torch.randn(2, 3, 32, 32))[2]
+    assert attn.requires_grad
+    for metric in (nmi, attention_entropy, lambda a: attention_distance(a, patch_size=16, grid=(2, 2))):
+        assert torch.equal(metric(attn), metric(attn.detach()))
+
+
 def test_rows_with_all_mass_on_cls_count_as_uniform():
     attn = torch.zeros(1, 2, 10, 10)
     attn[..., 0] = 1.0  # every query attends only to CLS

@@ -185,6 +185,32 @@ def test_image_folder_skips_unreadable_files(tmp_path):
         ImageFolder([str(tmp_path / "broken.png")], (16, 16)).first()
 
 
+def test_a_rerun_into_an_out_folder_inside_the_images_does_not_analyse_its_own_figures(vit_s, tmp_path, capsys):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(frames / name)
+    argv = ("--model", vit_s, "--images", str(frames), "--out", str(frames / "analysis"), "--no-progress")
+    for _ in range(2):  # the second run finds the first one's PNG figures in frames/analysis
+        code, out, _ = run_cli(capsys, *argv)
+        assert code == 0 and "2 images" in out, out
+    assert json.loads((frames / "analysis" / "profile.json").read_text())["models"][0]["num_images"] == 2
+
+
+def test_linked_folders_of_frames_are_listed_once(tmp_path):
+    """``--images frames`` where ``frames/cam`` links to the frames elsewhere (and a link loops back): each
+    image once, not "no images found"."""
+    store = tmp_path / "disk2"
+    store.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(store / name)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    os.symlink(store, frames / "cam")
+    os.symlink(frames, store / "loop")
+    assert list_images(str(frames)) == [str(frames / "cam" / "a.png"), str(frames / "cam" / "b.png")]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_device_without_cuda_is_exit_2(vit_s, image_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "--model", vit_s, "--images", image_dir, "--out", str(tmp_path / "o"),

@@ -6,8 +6,10 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
@@ -226,6 +228,17 @@ def test_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+def test_a_file_of_another_kind_is_not_taken_for_an_unsafe_pickle(tmp_path):
+    """An image or a manifest passed as a checkpoint is named as not a checkpoint, without the advice to re-save a
+    pickle that needs objects outside the allow-list (which is for real, unsafe pickles: test above)."""
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "frame.jpg")
+    (tmp_path / "m.jsonl").write_text('{"path": "a.png"}\n')
+    for name in ("frame.jpg", "m.jsonl"):
+        with pytest.raises(CheckpointError, match=f"{name}: not a checkpoint") as raised:
+            read_checkpoint(tmp_path / name)
+        assert "trust" not in str(raised.value)
+
+
 def test_unreadable_files_give_clear_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 10)
@@ -234,7 +247,7 @@ def test_unreadable_files_give_clear_errors(tmp_path):
             load_model(tmp_path / name)
     (tmp_path / "best.json").write_text('{"step": 60, "mIoU": 30.6}')  # the file beside best.safetensors
     for name in ("junk.pth", "best.json"):  # neither zip nor pickle: said so, not taken for unsafe code
-        with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint \(neither") as caught:
+        with pytest.raises(CheckpointError, match=r"not a checkpoint: neither") as caught:
             load_model(tmp_path / name)
         assert "run code" not in str(caught.value)
     torch.save({"epoch": 3}, tmp_path / "nostate.pth")

@@ -101,6 +101,18 @@ def test_symlinks_that_stay_inside_the_root_are_followed(tmp_path):
     assert [(os.path.basename(s["path"]), s["reason"]) for s in result.skipped] == [("z_alias.jpg", "duplicate")]
 
 
+def test_a_scan_that_finds_nothing_says_why(tmp_path):
+    """A data set linked into the root from elsewhere (``root/A/thermal`` → a folder outside ``root``) is not read;
+    the error says so, with the count per reason, rather than only pointing at the report."""
+    store = tmp_path / "disk2"
+    write_unlabeled(str(store), 2, name="A", size=SIZE, seed=1)
+    (tmp_path / "ir" / "A").mkdir(parents=True)
+    os.symlink(store / "A" / "thermal", tmp_path / "ir" / "A" / "thermal")
+    with pytest.raises(DataError, match=r"2 file\(s\) skipped: 2 outside-root: a symlink is read only when its "
+                                        r"real path stays inside the root .* pass the folders it points to"):
+        build_manifest(str(tmp_path / "m.jsonl"), infrared=str(tmp_path / "ir"), workers=1)
+
+
 def test_interrupted_scan_resumes_from_its_journal(tree, tmp_path, monkeypatch):
     root, good, _ = tree
     out = str(tmp_path / "infmix.jsonl")

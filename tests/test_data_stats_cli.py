@@ -149,6 +149,9 @@ def test_pack_says_what_it_was_given_instead_of_a_manifest(tmp_path, capsys):
         assert re.search(match, err), err
     assert main(["data", "stats", os.path.join(pack, "index.json")]) == 2
     assert "pass its folder" in capsys.readouterr().err
+    assert main(["data", "stats", str(root)]) == 2  # a folder of images: scan it first (not "build the pack")
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"unip data infmix --extra {root} --out MANIFEST.jsonl" in err, err
 
 
 def test_a_file_gone_since_the_scan_says_to_rescan(tmp_path):
@@ -182,3 +185,27 @@ def test_a_closed_stdout_is_not_an_error(tmp_path):
                             '| head -1', sys.executable, str(tmp_path / "ir"), manifest],
                            capture_output=True, text=True, env=_child_env())
     assert shell.returncode == 0 and shell.stderr == "" and shell.stdout.startswith("source")
+
+
+def test_a_stats_write_cut_short_keeps_the_earlier_file(tmp_path):
+    """A disk that fills up while `data stats` writes its JSON (here: a file-size limit of 512 bytes in the child)
+    fails that run, but the earlier stats file stays whole, so the next run recognises and replaces it."""
+    import resource
+    import signal
+
+    write_unlabeled(str(tmp_path / "ir"), 2, name="a", size=(32, 32))
+    manifest = str(tmp_path / "m.jsonl")
+    build_manifest(manifest, infrared=str(tmp_path / "ir"), workers=1)
+    assert main(["data", "stats", manifest]) == 0
+    before = (tmp_path / "m.stats.json").read_bytes()
+    assert len(before) > 512
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+
+    child = subprocess.run([sys.executable, "-m", "unip.cli", "data", "stats", manifest], capture_output=True,
+                           text=True, env=_child_env(), preexec_fn=small_disk)
+    assert child.returncode == 2 and len(child.stderr.strip().splitlines()) == 1, child.stderr
+    assert (tmp_path / "m.stats.json").read_bytes() == before
+    assert main(["data", "stats", manifest]) == 0

@@ -2,6 +2,7 @@
 holds exactly the numbers of the files the stages wrote; the teacher cache keys, stores, reuses and remakes."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -147,6 +148,13 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_root() == tmp_path / "home" / ".cache" / "unip"
     monkeypatch.setenv("UNIP_CACHE", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
+    # a cache that cannot be written (a shared, read-only one) is still where the teacher is looked for; the
+    # demo keeps a teacher it makes in its run folder instead (get_teacher)
+    (tmp_path / "mine").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if str(path) == str(tmp_path / "mine")
+                        and mode & os.W_OK else real_access(path, mode, *a, **k))
     assert cache_root() == tmp_path / "mine"
 
 

@@ -22,7 +22,7 @@ def test_unreadable_files_in_a_data_folder_are_skipped_and_listed(tmp_path):
 
 def test_a_folder_without_readable_images_is_an_error(tmp_path):
     (tmp_path / "a.png").write_text("text")
-    with pytest.raises(DataError, match="no readable images"):
+    with pytest.raises(DataError, match=r"no readable images found \(1 file\(s\) skipped: 1 not-an-image\)"):
         open_pretrain_images(str(tmp_path), crop_transform(32, augment=False))
 
 

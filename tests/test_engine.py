@@ -115,6 +115,9 @@ def test_param_groups_split_decay_and_apply_lr_scale():
     set_lr(optimizer, 2e-3)
     assert {g["lr"] for g in optimizer.param_groups} == {1e-3}
     assert optimizer.defaults["betas"] == (0.9, 0.95)
+    # betas as YAML gives them for --set optim.betas=[0, 0.95]: an int next to a float
+    optimizer = build_adamw(model, 1e-3, 0.05, [0, 0.95])
+    assert optimizer.defaults["betas"] == (0.0, 0.95)
 
 
 # ------------------------------------------------------------------------------------------ state files

@@ -505,7 +505,7 @@ def test_a_pre_training_run_folder_as_out_is_refused_as_such(assets, tmp_path, c
     (out / "log.jsonl").write_text('{"step": 0, "time": 0.0, "kind": "setup"}\n')
     assert cli.main(_args(assets, out, "--iterations", "2")) == 2
     err = capsys.readouterr().err.strip()
-    assert "another unip command" in err and "not written by unip" not in err and "\n" not in err
+    assert "another kind of unip run" in err and "not written by unip" not in err and "\n" not in err
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl"]
 
 

@@ -41,10 +41,13 @@ from safetensors.torch import save_file
 from unip.checkpoint import save_checkpoint
 from unip.cli import main
 from unip.data.infmix import build_manifest
+from unip.distill.train import DEFAULTS as PRETRAIN_DEFAULTS
+from unip.engine.config import dump_config
 from unip.data.packed import pack_manifest
 from unip.data.synth import write_soda
 from unip.models import Segmentor, create_model
 from unip.seg import build_segmentor, save_segmentor
+from unip.seg.train import DEFAULTS as SEG_DEFAULTS
 
 from test_seg_model import release_state_dict  # noqa: E402  (the release's fine-tuned layout, random weights)
 
@@ -333,6 +336,18 @@ def _offline_hub(a: Inputs) -> None:
     a.monkeypatch.setattr("unip.checkpoint.timm_hub._hub_cached", lambda *args: False)
 
 
+def _read_only_out(a: Inputs) -> None:
+    """``a.out`` (and everything below it) reads as not writable, as on a read-only file system (the tests run
+    as root too, where permission bits do not stop a write)."""
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        inside = os.path.abspath(path) == str(a.out) or os.path.abspath(path).startswith(str(a.out) + os.sep)
+        return False if inside and mode & os.W_OK else real_access(path, mode, *args, **kwargs)
+
+    a.monkeypatch.setattr(os, "access", access)
+
+
 # ============================================================================================ the table
 @dataclass
 class Case:
@@ -424,6 +439,7 @@ CASES: List[Case] = [
          match="huge.safetensors"),
     Case("analyze: --size 100000", lambda a: a.analyze("--size", "100000"), match="--size.*lower --size"),
     Case("analyze: --size 0", lambda a: a.analyze("--size", "0"), match="--size"),
+    Case("analyze: --images given twice", lambda a: a.analyze("--images", a.odd_images), match="--images: given twice"),
     Case("analyze: --size not a multiple of the patch", lambda a: a.analyze("--size", "33"), match="multiples"),
     Case("analyze: --size text", lambda a: a.analyze("--size", "big"), match="--size"),
     Case("analyze: --batch-size 0", lambda a: a.analyze("--batch-size", "0"), match="--batch-size"),
@@ -438,6 +454,9 @@ CASES: List[Case] = [
     Case("analyze: query text", lambda a: a.analyze("--query", "a,b"), match="--query"),
     Case("analyze: zero std", lambda a: a.analyze("--norm", "0.5,0"), match="--norm"),
     Case("analyze: unknown device", lambda a: a.analyze("--device", "toaster"), match="--device"),
+    Case("analyze: a device kind unip does not run on", lambda a: a.analyze("--device", "mps"),
+         match="--device mps: unip runs on a CPU or a CUDA GPU"),
+    Case("pretrain: the meta device", lambda a: a.pretrain("--device", "meta"), match="--device meta: unip runs on"),
     Case("analyze: unknown precision", lambda a: a.analyze("--precision", "fp64"), match="--precision"),
     Case("analyze: --out is a file", lambda a: a.analyze(out=a.file("out.txt", "mine")), match="out.txt.*is a file"),
     Case("analyze: --out below a file", lambda a: a.analyze(out=a.file("f.txt", "mine") + "/sub"), match="f.txt"),
@@ -484,7 +503,9 @@ CASES: List[Case] = [
     Case("pretrain: preset file not a mapping", lambda a: ["pretrain", a.file("l.yaml", "- 1\n- 2\n")],
          match="l.yaml"),
     Case("pretrain: teacher layer text", lambda a: a.pretrain("--teacher-layer", "last"), match="--teacher-layer"),
-    Case("pretrain: teacher layer 99", lambda a: a.pretrain("--teacher-layer", "99"), match="layer 99"),
+    Case("pretrain: teacher layer 99", lambda a: a.pretrain("--teacher-layer", "99"),
+         match="--teacher-layer 99 is out of range: the teacher .*teacher.safetensors has layers 1..2; pass "
+               "--teacher-layer 1..2, or auto"),
     Case("pretrain: teacher with a huge architecture", lambda a: a.pretrain("--teacher", a.checkpoint(
          "huge.safetensors", model={"embed_dim": 8192, "num_heads": 64})), match="huge.safetensors"),
     Case("pretrain: data missing", lambda a: a.pretrain(data=str(a.scratch / "no_data")), match="no_data"),
@@ -496,6 +517,13 @@ CASES: List[Case] = [
     Case("pretrain: --out holds the user's config.yaml",
          lambda a: a.pretrain(out=a.out_with("mine", {"config.yaml": "my: settings\n", **USER_FILES})),
          match="config.yaml.*not written by unip"),
+    Case("pretrain: --out not writable", lambda a: a.pretrain(out=str(a.out / "run")), setup=_read_only_out,
+         match="--out .*run: cannot write in"),
+    Case("analyze: --out not writable", lambda a: a.analyze(), setup=_read_only_out, match="cannot write in"),
+    Case("pretrain: --out holds a fine-tuning run", lambda a: a.pretrain(out=a.out_with("ft", {
+         "config.yaml": dump_config(SEG_DEFAULTS), "log.jsonl": ""})), match="ft: holds another kind of unip run"),
+    Case("finetune: --out holds a pre-training run", lambda a: a.finetune(out=a.out_with("pt", {
+         "config.yaml": dump_config(PRETRAIN_DEFAULTS)})), match="pt: holds another kind of unip run"),
     Case("pretrain: resume from a state without RNG entries", lambda a: a.pretrain(
          "--teacher-layer", "2", "--resume", a.damaged_state("rng.pt", rng={})),
          match=r"rng\.pt: damaged training state \(rng has no python, numpy, torch state\)"),
@@ -655,6 +683,10 @@ CASES: List[Case] = [
          "b.png": IMAGE_PNG}), "--out", str(a.out / "m.jsonl")], match="no readable images"),
     Case("infmix: --per-class 0", lambda a: ["data", "infmix", "--imagenet", a.infrared, "--per-class", "0",
                                             "--out", str(a.out / "m.jsonl")], match="--per-class"),
+    Case("infmix: --infrared given twice", lambda a: ["data", "infmix", "--infrared", a.infrared, "--infrared",
+         str(a.root / "odd"), "--out", str(a.out / "m.jsonl")], match="--infrared: given twice"),
+    Case("infmix: --coco given twice", lambda a: ["data", "infmix", "--coco", a.images, "--coco", a.odd_images,
+                                                 "--out", str(a.out / "m.jsonl")], match="--coco: given twice"),
     Case("infmix: --workers 0", lambda a: ["data", "infmix", "--infrared", a.infrared, "--workers", "0",
                                           "--out", str(a.out / "m.jsonl")], match="--workers"),
     Case("infmix: --out is a folder", lambda a: ["data", "infmix", "--infrared", a.infrared, "--out", str(a.out)],
@@ -674,6 +706,13 @@ CASES: List[Case] = [
     Case("infmix: --infrared one data set's folder", lambda a: ["data", "infmix", "--infrared",
          os.path.dirname(a.images), "--out", str(a.out / "m.jsonl")], match="one data set's folder"),
     # ------------------------------------------------------------------ data stats
+    Case("stats: --out not writable", lambda a: ["data", "stats", a.manifest, "--out", str(a.out / "st")],
+         setup=_read_only_out, match="--out .*st.json: cannot write in .*read-only or no permission"),
+    Case("pack: --out not writable", lambda a: ["data", "pack", a.manifest, "--out", str(a.out / "p")],
+         setup=_read_only_out, match="cannot write in"),
+    Case("infmix: --out not writable", lambda a: ["data", "infmix", "--infrared", a.infrared, "--out",
+                                                 str(a.out / "m.jsonl")],
+         setup=_read_only_out, match="cannot write in"),
     Case("stats: missing manifest", lambda a: ["data", "stats", str(a.scratch / "m.jsonl"), "--out",
                                               str(a.out / "s")], match="m.jsonl"),
     Case("stats: manifest not UTF-8", lambda a: ["data", "stats", a.file("m.jsonl", b'{"path": "\xff\xfe"}\n'),

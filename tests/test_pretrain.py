@@ -258,6 +258,7 @@ def test_nan_loss_stops_the_run_and_keeps_a_loadable_checkpoint(assets, tmp_path
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "loss became nan at step 3" in err[0] and "last good checkpoint" in err[0]
+    assert "step-00000002.pt" in err[0] and "--resume auto" in err[0]
     assert not (out / "student.safetensors").exists()
     latest = checkpointing.find_latest(out / "checkpoints")
     assert latest.name == "step-00000002.pt"
@@ -265,6 +266,16 @@ def test_nan_loss_stops_the_run_and_keeps_a_loadable_checkpoint(assets, tmp_path
     student = build_student(config, TEACHER_HEADS, torch.device("cpu"))
     state = checkpointing.load_state(latest, student)
     assert state["step"] == 2 and all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_nan_loss_before_any_saved_state_does_not_promise_a_checkpoint(assets, tmp_path, capsys):
+    out = tmp_path / "nan_early"
+    assert cli.main(_args(assets, out, "--teacher-layer", "2", "--set", "debug.nan_at_step=2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss became nan at step 2" in err[0], err
+    assert "checkpoint" not in err[0] and "no training state was saved" in err[0] and "run it again" in err[0]
+    assert checkpointing.find_latest(out / "checkpoints") is None
+    assert cli.main(_args(assets, out, "--teacher-layer", "2", "--epochs", "1")) == 0  # run again, as it says
 
 
 def test_cli_config_and_errors(assets, tmp_path, capsys):

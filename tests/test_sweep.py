@@ -335,7 +335,7 @@ def test_a_failing_cell_is_listed_and_the_others_complete(data, tmp_path):
     assert stderr.strip() == ("unip sweep run: 1 job(s) failed (listed above; logs in their folders); run the same "
                               "command again to retry them")
     failed = [line for line in stdout.splitlines() if line.startswith("  FAILED ")]  # the summary at the end
-    assert len(failed) == 1 and "broken.pth: refused to load" in failed[0]
+    assert len(failed) == 1 and "broken.pth: not a checkpoint" in failed[0]
     assert failed[0].startswith("  FAILED broken/synth/ft-seed0: unip finetune: error: ")
     assert read_metrics(out / "cells" / "random" / "synth" / "ft-seed0" / "metrics.json")["step"] == 2
     state = json.loads((out / "sweep.json").read_text())

@@ -51,6 +51,18 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+class _Once(argparse.Action):
+    """An option that takes one value: given again with another value it is a usage error, instead of argparse's
+    silent "the last one wins" (``--infrared A --infrared B`` would scan B only)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        given = getattr(namespace, self.dest, None)
+        if given is not None and os.path.normpath(given) != os.path.normpath(values):
+            raise argparse.ArgumentError(self, f"given twice ({given} and {values}); it takes one {self.metavar}")
+        setattr(namespace, self.dest, values)
+
+
 # ----------------------------------------------------------------------------------------- info
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a checkpoint's architecture and load report",
@@ -113,11 +125,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                      "class), COCO train2017 and extra folders; every file is decoded, bad "
                                      "files and duplicates are listed in <manifest>.report.json. Rescans only "
                                      "read new or changed files; an interrupted scan resumes.")
-    q.add_argument("--infrared", metavar="ROOT", help="root holding <dataset>/thermal/ folders")
-    q.add_argument("--imagenet", metavar="DIR", help="ImageNet train folder (one folder per class)")
+    q.add_argument("--infrared", metavar="ROOT", action=_Once,
+                   help="root holding <dataset>/thermal/ folders (one root: put every data set's folder under it)")
+    q.add_argument("--imagenet", metavar="DIR", action=_Once, help="ImageNet train folder (one folder per class)")
     q.add_argument("--per-class", type=integer(1).option(), default=200,
                    help="images per ImageNet class (default 200)")
-    q.add_argument("--coco", metavar="DIR", help="COCO root (with train2017/) or the train2017 folder")
+    q.add_argument("--coco", metavar="DIR", action=_Once, help="COCO root (with train2017/) or the train2017 folder")
     q.add_argument("--extra", metavar="DIR", action="append", default=[], help="another folder (repeatable)")
     q.add_argument("--out", required=True, metavar="MANIFEST", help="manifest file to write (.jsonl)")
     q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
@@ -297,7 +310,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                     "profile.csv, nmi.png, distance.png and attention_<model>.png to --out.")
     p.add_argument("--model", action="append", required=True, metavar="SOURCE",
                    help="checkpoint file or timm:<name>[@file]; repeat to compare models")
-    p.add_argument("--images", required=True, metavar="DIR", help="folder of jpg/png/bmp/tiff images (8/16-bit)")
+    p.add_argument("--images", required=True, metavar="DIR", action=_Once,
+                   help="folder of jpg/png/bmp/tiff images (8/16-bit)")
     p.add_argument("--num-images", type=int, default=64, metavar="N", help="use the first N images (0: all)")
     p.add_argument("--out", default="analysis_out", metavar="DIR", help="folder for the files written")
     p.add_argument("--batch-size", type=int, default=32,
@@ -424,11 +438,12 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
     from unip.outputs import claim, is_our_jsonl, is_our_yaml, out_folder
 
     out_folder(folder, "--out")
-    config = os.path.join(folder, CONFIG_FILE)
-    if _other_commands_run_config(config, list(defaults)):
-        raise ConfigError(f"{folder}: holds a run of another unip command (its {CONFIG_FILE} has other settings than "
-                          "this command's); choose another --out")
-    claim([config], is_our_yaml(list(defaults)), "--out")
+    config_file = os.path.join(folder, CONFIG_FILE)
+    missing = _sections_missing_from_run_config(config_file, defaults)
+    if missing:
+        raise ConfigError(f"{folder}: holds another kind of unip run (its {CONFIG_FILE} has no {', '.join(missing)} "
+                          "section); choose another --out")
+    claim([config_file], is_our_yaml(list(defaults)), "--out")
     claim([os.path.join(folder, LOG_FILE)], is_our_jsonl(RECORD_KEYS), "--out")
     for name, recognise in files.items():
         claim([os.path.join(folder, name)], recognise, "--out")
@@ -441,18 +456,19 @@ def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Ca
         refuse_other_run(folder, next(iter(files), None))
 
 
-def _other_commands_run_config(path: str, sections: List[str]) -> bool:
-    """True for a run config another unip training command wrote (``unip pretrain``'s in a ``finetune --out``):
-    a ``run`` section naming its output, but not every one of ``sections``."""
-    import yaml
+def _sections_missing_from_run_config(path: str, defaults: Dict[str, Any]) -> List[str]:
+    """The sections of ``defaults`` that ``path`` lacks when it is another verb's run config (a YAML mapping
+    with ``run`` and ``optim`` sections: ``unip finetune``'s in a ``unip pretrain`` folder, or the reverse);
+    ``[]`` otherwise (no such file, this verb's config, or not a run config at all)."""
+    from unip.engine.config import read_yaml
 
     try:
-        with open(path, "r", encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
-    except (OSError, ValueError, yaml.YAMLError):
-        return False
-    return (isinstance(document, dict) and isinstance(document.get("run"), dict) and "output" in document["run"]
-            and not all(section in document for section in sections))
+        document = read_yaml(path)
+    except Exception:  # absent, unreadable or not YAML: ``claim`` reports it
+        return []
+    if not isinstance(document, dict) or not {"run", "optim"} <= set(document):
+        return []
+    return sorted(set(defaults) - set(document))
 
 
 def _layer_arg(text: str):

@@ -43,26 +43,40 @@ def _check_parent(path: str, option: str) -> None:
         raise ConfigError(f"{option} {path}: {ancestor} is a file, not a folder; choose another path")
 
 
-def out_folder(path: str, option: str = "--out") -> str:
+def _check_writable(folder: str, path: str, option: str) -> None:
+    """``ConfigError`` when ``folder`` (or, while it does not exist, the nearest folder above it that does) cannot
+    be written: a read-only file system or no permission would otherwise stop the verb after its work."""
+    existing = _existing_ancestor(folder)
+    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: cannot write in {existing} (read-only or no permission); choose "
+                          f"another {option}")
+
+
+def out_folder(path: str, option: str = "--out", writable: bool = True) -> str:
     """Check that ``path`` can be (or already is) a folder to write into; returns it.
 
-    Raises ``ConfigError`` when it, or a folder on the way to it, is an existing file."""
+    Raises ``ConfigError`` when it, or a folder on the way to it, is an existing file, or (``writable``) when it
+    cannot be written."""
     if not path:
         raise ConfigError(f"{option}: empty path; name the folder to write")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{option} {path}: is a file, not a folder; choose a new or empty folder")
     _check_parent(path, option)
+    if writable:
+        _check_writable(path, path, option)
     return path
 
 
 def out_file(path: str, option: str = "--out", is_ours: Optional[Recogniser] = None) -> str:
     """Check that ``path`` can be written as a file; returns it. An existing folder there, a file on the way
-    to it, or (with ``is_ours``) an existing file that this verb did not write raises ``ConfigError``."""
+    to it, a folder that cannot be written, or (with ``is_ours``) an existing file that this verb did not write
+    raises ``ConfigError``."""
     if not path:
         raise ConfigError(f"{option}: empty path; name the file to write")
     if os.path.isdir(path):
         raise ConfigError(f"{option} {path}: is a folder; name the file to write")
     _check_parent(path, option)
+    _check_writable(os.path.dirname(os.path.abspath(path)), path, option)
     if is_ours is not None:
         claim([path], is_ours, option)
     return path

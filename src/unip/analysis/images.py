@@ -54,8 +54,10 @@ def parse_normalization(text: str) -> Normalization:
     return Normalization((mean,) * 3, (std,) * 3)
 
 
-def list_images(folder: str, limit: Optional[int] = None) -> List[str]:
-    """Image files under ``folder`` (recursively, sorted by path), at most ``limit``.
+def list_images(folder: str, limit: Optional[int] = None, exclude: Optional[str] = None) -> List[str]:
+    """Image files under ``folder`` (recursively, following linked folders, sorted by path), at most ``limit``;
+    nothing from the folder ``exclude`` when it lies below ``folder`` (the analysis' own ``--out``, whose figures
+    are PNGs).
 
     Raises ``DataError`` when the folder does not exist or holds no image file."""
     if limit is not None and limit < 0:
@@ -65,8 +67,13 @@ def list_images(folder: str, limit: Optional[int] = None) -> List[str]:
                         f"(--images {os.path.dirname(folder) or '.'})")
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: image folder does not exist; pass --images DIR with jpg/png/bmp/tiff files")
-    found = []
-    for top, dirs, files in os.walk(folder):
+    walked = {os.path.realpath(exclude)} - {os.path.realpath(folder)} if exclude else set()
+    found: List[str] = []
+    for top, dirs, files in os.walk(folder, followlinks=True):  # a linked-in folder of frames counts too
+        if os.path.realpath(top) in walked:  # reached again through a link (or a link loop): once is enough
+            dirs.clear()
+            continue
+        walked.add(os.path.realpath(top))
         dirs.sort()
         found += [os.path.join(top, f) for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
     if not found:

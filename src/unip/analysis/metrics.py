@@ -91,6 +91,7 @@ class _RowStats:
 
     def __init__(self, attn: Tensor, num_prefix_tokens: int, scratch: Optional[Tensor] = None) -> None:
         _check_map(attn, num_prefix_tokens)
+        attn = attn.detach()  # statistics, not a loss: a map from a model with trainable weights works too
         self.attn = attn if attn.dtype in (torch.float32, torch.float64) else attn.float()
         if scratch is None or scratch.shape != self.attn.shape or scratch.dtype != self.attn.dtype:
             scratch = torch.empty_like(self.attn)

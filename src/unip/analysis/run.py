@@ -149,7 +149,7 @@ def analyze(sources: Sequence[str], image_dir: str, options: Optional[AnalyzeOpt
     if options.batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {options.batch_size}; change --batch-size")
     claim_outputs(sources, options)
-    paths = list_images(image_dir, options.num_images)
+    paths = list_images(image_dir, options.num_images, exclude=options.out)  # not our figures of an earlier run
     device = resolve_device(options.device)
     os.makedirs(options.out, exist_ok=True)
     results: List[ModelResult] = []

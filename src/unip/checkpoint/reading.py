@@ -117,11 +117,10 @@ def _read_pickle(path: Path) -> Any:
             # training state's optimizer moments, a release's decoder) stays on disk; legacy files are read
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
-        start = _first_bytes(path)
-        if not start.startswith(b"\x80"):  # torch.save writes a zip file or a pickle of protocol 2 or more
-            raise CheckpointError(
-                f"{path}: refused to load: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle; "
-                f"it starts with {start!r}); pass a .safetensors, .pth, .pt or .bin checkpoint") from err
+        if not _starts_like_torch_save(path):  # an image, a manifest, a YAML file given by mistake
+            raise CheckpointError(f"{path}: not a checkpoint: neither torch.save's format (a zip archive or a "
+                                  "pickle) nor safetensors; pass the weights file (.pth/.pt/.bin/.safetensors)"
+                                  ) from err
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
                        lines[0] if lines else type(err).__name__)
@@ -136,9 +135,14 @@ def _read_pickle(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_brief(err)})") from err
 
 
-def _first_bytes(path: Path, count: int = 12) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read(count)
+def _starts_like_torch_save(path: Path) -> bool:
+    """True for a zip archive (``torch.save``'s format) or a pickle of protocol 2 or later (its legacy format, and
+    ``pickle.dump``'s default), which start with the PROTO opcode 0x80."""
+    try:
+        with open(path, "rb") as handle:
+            return zipfile.is_zipfile(handle) or handle.seek(0) == 0 and handle.read(1) == b"\x80"
+    except OSError:
+        return True  # let the caller's own error stand
 
 
 def _brief(err: BaseException, limit: int = 200) -> str:

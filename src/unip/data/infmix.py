@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -459,6 +460,17 @@ def format_counts(counts: Dict[str, Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def skip_reasons(skipped: Sequence[Entry]) -> str:
+    """The skipped files counted by reason, most common first (``2 empty, 1 truncated``); for ``outside-root``,
+    why such files are not read."""
+    reasons = Counter(str(entry["reason"]) for entry in skipped)
+    text = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+    if "outside-root" in reasons:
+        text += (": a symlink is read only when its real path stays inside the root it was found under, so pass "
+                 "the folders it points to")
+    return text
+
+
 def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[str] = None,
                    per_class: int = 200, coco: Optional[str] = None, extra: Sequence[str] = (),
                    workers: Optional[int] = None) -> ScanResult:
@@ -492,6 +504,6 @@ def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[
     _write_atomic(report_path(out), json.dumps(report, indent=1) + "\n")
     os.remove(journal)
     if not records:
-        raise DataError(f"no readable images found ({len(skipped)} file(s) skipped, listed in "
-                        f"{report_path(out)}); point --infrared/--imagenet/--coco/--extra at image folders")
+        raise DataError(f"no readable images found ({len(skipped)} file(s) skipped: {skip_reasons(skipped)}; "
+                        f"listed in {report_path(out)}); point --infrared/--imagenet/--coco/--extra at image folders")
     return ScanResult(out, records, skipped, n_read, n_reused, counts)

@@ -364,7 +364,9 @@ def _read_index_json(folder: str) -> Dict[str, object]:
     """The pack's ``index.json``, checked; raises ``DataError`` naming the file."""
     path = os.path.join(folder, INDEX_JSON)
     if not os.path.isfile(path):
-        raise DataError(f"{folder}: no {INDEX_JSON}; build the pack with `unip data pack`")
+        raise DataError(f"{folder}: no {INDEX_JSON}, so not a pack folder; for a folder of images, scan it into a "
+                        f"manifest first (`unip data infmix --extra {folder} --out MANIFEST.jsonl`) and pass that, or "
+                        "its pack (`unip data pack MANIFEST.jsonl --out PACK`)")
     try:
         with open(path, "r", encoding="utf-8") as fh:
             meta = json.load(fh)

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from unip.atomic import atomic_write_text
 from unip.data.images import ImageReadError
 from unip.data.packed import GrayImages, open_images
 from unip.data.parallel import thread_map
@@ -188,8 +189,6 @@ def output_paths(prefix: str, option: str = "--out") -> Tuple[str, str]:
 def write_stats(stats: Dict[str, object], prefix: str) -> Tuple[str, str]:
     """Write ``<prefix>.json`` and ``<prefix>.png``; returns both paths."""
     json_path, png_path = output_paths(prefix)
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w", encoding="utf-8") as fh:
-        json.dump(stats, fh, indent=1)
+    atomic_write_text(json_path, json.dumps(stats, indent=1))  # a write cut short leaves the earlier file
     plot_stats(stats, png_path)
     return json_path, png_path

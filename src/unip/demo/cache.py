@@ -30,10 +30,12 @@ RECORD_FORMAT = "unip-demo-teacher"
 def cache_root() -> Path:
     """Where unip caches what it makes: ``$UNIP_CACHE``, else ``$XDG_CACHE_HOME/unip``, else ``~/.cache/unip``.
     Raises ``ConfigError`` when that path is a file."""
+    # a read-only cache may still hold the teacher (and one that cannot be written is handled where it is written)
     if os.environ.get("UNIP_CACHE"):
-        return Path(out_folder(os.environ["UNIP_CACHE"], "UNIP_CACHE"))
+        return Path(out_folder(os.environ["UNIP_CACHE"], "UNIP_CACHE", writable=False))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(out_folder(os.path.join(base, "unip"), "the cache folder (XDG_CACHE_HOME or ~/.cache)"))
+    return Path(out_folder(os.path.join(base, "unip"), "the cache folder (XDG_CACHE_HOME or ~/.cache)",
+                           writable=False))
 
 
 @dataclass

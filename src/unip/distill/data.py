@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from unip.analysis.images import Normalization, frame_input
+from unip.data.infmix import skip_reasons
 from unip.data.layouts import IMAGE_SUFFIXES
 from unip.data.packed import INDEX_JSON, GrayImages, ManifestImages, PackedImages
 from unip.data.transforms import Transform, normalize_batch, pretrain_transform
@@ -96,7 +97,7 @@ def checked_folder(path: str, transform: Transform) -> ManifestImages:
     and listed in the data set's ``skipped`` (``[{"path", "reason", "detail"}, ...]``)."""
     records, skipped = _scan_folder(os.path.abspath(path))
     if not records:
-        raise DataError(f"{path}: no readable images found ({len(skipped)} files skipped); "
+        raise DataError(f"{path}: no readable images found ({len(skipped)} file(s) skipped: {skip_reasons(skipped)}); "
                         "pass a folder of jpg/png/bmp/tiff images, a manifest or a pack")
     dataset = ManifestImages(records, transform)
     dataset.skipped = skipped

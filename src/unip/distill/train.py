@@ -182,6 +182,9 @@ def build_teacher(config: Config, patch: int, dataset_path: str, dist: DistInfo,
     if not teach["source"]:
         raise ConfigError("no teacher: pass --teacher SOURCE (a checkpoint file or timm:<name>)")
     model, digest = load_teacher_model(teach["source"], int(config["data"]["input_size"]), patch)
+    if isinstance(teach["layer"], int) and not 1 <= teach["layer"] <= model.depth:  # e.g. a preset's 18, a ViT-B
+        raise ConfigError(f"--teacher-layer {teach['layer']} is out of range: the teacher {teach['source']} has "
+                          f"layers 1..{model.depth}; pass --teacher-layer 1..{model.depth}, or auto")
     model = model.to(dist.device)
     kernel = teacher_linear_kernel(model, config, dist, precision)
     layer = teach["layer"]

@@ -39,13 +39,16 @@ class DistInfo:
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``"auto"`` → this rank's CUDA device if there is one, else CPU; ``"cpu"``/``"cuda"``/``"cuda:N"``.
 
-    Raises ``ConfigError`` for a name that is not a device or a CUDA device on a machine without one."""
+    Raises ``ConfigError`` for a name that is not a device, a device of another kind (``mps``, ``meta``, ...) or a
+    CUDA device on a machine without one."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # e.g. mps or meta: torch names them, unip does not run there
+        raise ConfigError(f"--device {name}: unip runs on a CPU or a CUDA GPU; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
     if device.type == "cuda" and device.index is None:

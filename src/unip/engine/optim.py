@@ -60,4 +60,5 @@ def adamw(groups: List[Dict[str, Any]], lr: float, betas: Tuple[float, float] = 
         raise ConfigError("the model has no trainable parameters; nothing to optimise")
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
+    # floats: a YAML setting such as [0, 0.95] gives ints, which torch refuses next to floats
+    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), fused=fused or None)

@@ -507,13 +507,20 @@ class Trainer:
                 self.wrapped.train()
                 self._train(bar)
             except NonFiniteLossError as err:
-                raise NonFiniteLossError(f"{err}{self._what_was_kept()}") from None
+                raise NonFiniteLossError(f"{err}, then {self._how_to_go_on()}") from None
             finally:
                 bar.close()
                 del self.loader  # its workers (persistent over epochs) exit with it
         finally:
             self.log.close()
         return FitResult(self._save_model(), ctx.step, ctx.last_loss, self.best, ctx.dist.is_main)
+
+    def _how_to_go_on(self) -> str:
+        """After a non-finite loss: where the run can go on from (its newest training state, or the start)."""
+        latest = checkpointing.find_latest(self.ckpt_dir)
+        if latest is None:
+            return "run it again: no training state was saved before this step, so it starts over"
+        return f"resume with --resume auto from the last good checkpoint, {latest}, which is kept"
 
     def _start(self) -> None:
         """Remove what killed saves left, resume (or refuse to start over another run's states), write
@@ -771,13 +778,6 @@ class Trainer:
                 f"{latest or 'none (no state was saved yet)'}. Lower the lr (or add --set optim.clip_grad=1.0, or "
                 "use fp32/bf16 instead of fp16) and resume with --resume auto, or from an earlier step-*.pt "
                 "if that one has diverged already")
-
-    def _what_was_kept(self) -> str:
-        """How a stopped run goes on: from the newest training state, or, when none was saved, from the start."""
-        latest = checkpointing.find_latest(self.ckpt_dir)
-        if latest is None:
-            return "; no training state was saved yet, so run the command again from the start"
-        return f", then resume with --resume auto: the last good checkpoint ({latest}) is kept"
 
     def _save_state(self) -> None:
         ctx = self.ctx
