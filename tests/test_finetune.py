@@ -261,7 +261,8 @@ def test_random_initialisation_is_said_clearly(assets, tmp_path, one_thread, cap
     argv = _args(assets, out, "--iterations", "2", "--set", "run.eval_every=0", "--set", "optim.warmup_iterations=1")
     argv[argv.index("--pretrained") + 1] = "none"
     assert cli.main(argv + ["--probe", "linear"]) == 0
-    assert "RANDOM INITIALISATION of unip_vit_tiny_patch16" in capsys.readouterr().out
+    stderr = capsys.readouterr().err
+    assert "unip finetune: warning: backbone: RANDOM INITIALISATION of unip_vit_tiny_patch16" in stderr
     metrics = read_metrics(out / "metrics.json")
     assert metrics["model"]["backbone"]["random_init"] and metrics["model"]["backbone"]["depth"] == 12
     state = torch.load(next((out / "checkpoints").glob("step-*.pt")), weights_only=True)

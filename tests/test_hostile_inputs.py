@@ -1233,6 +1233,29 @@ def test_memory_errors_are_one_line(monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("unip info: error: out of memory")
 
 
+def test_warnings_are_one_line_on_stderr_like_errors(monkeypatch, capsys):
+    """A library's logged warning and a Python warning read the same: ``unip VERB: warning: ...`` on stderr, one
+    line each; information stays on stdout."""
+    import logging
+    import warnings
+
+    from unip import cli
+
+    def noisy(args):
+        log = logging.getLogger("unip.somewhere")
+        log.info("working on %s", "x")
+        log.warning("first line\nsecond line")
+        warnings.warn("a library's warning")
+        return 0
+
+    parser_run = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser_run(), noisy))
+    assert main(["info", "x"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["working on x"]
+    assert err.splitlines() == ["unip info: warning: first line second line", "unip info: warning: a library's warning"]
+
+
 def _with_func(parser, func):
     """``parser`` whose ``info`` verb runs ``func``."""
     for action in parser._subparsers._group_actions:

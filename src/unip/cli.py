@@ -917,19 +917,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _ConsoleHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is when a line is logged (tests swap it)."""
+class _ConsoleHandler(logging.Handler):
+    """Log lines of the ``unip`` loggers: warnings on stderr as one line ``unip VERB: warning: ...`` (as Python
+    warnings and errors are), the rest on stdout as they are; whatever ``sys.stdout``/``sys.stderr`` are when a
+    line is logged (tests swap them)."""
 
-    stream = property(lambda self: sys.stdout, lambda self, value: None)
+    verb = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if record.levelno == logging.WARNING:
+                print(f"{' '.join(filter(None, ['unip', self.verb]))}: warning: {one_line(text)}", file=sys.stderr,
+                      flush=True)
+            else:
+                print(text, file=sys.stdout, flush=True)
+        except Exception:  # logging's rule: a failed log line never ends the program
+            self.handleError(record)
 
 
-def _configure_logging() -> None:
-    """Library code logs through ``logging`` (loggers under ``unip``); the CLI shows INFO and up on stdout."""
+def _configure_logging(verb: str = "") -> None:
+    """Library code logs through ``logging`` (loggers under ``unip``); the CLI shows INFO and up: warnings on
+    stderr, prefixed with ``verb``, the rest on stdout."""
     log = logging.getLogger("unip")
-    if not any(isinstance(handler, _ConsoleHandler) for handler in log.handlers):
+    handler = next((handler for handler in log.handlers if isinstance(handler, _ConsoleHandler)), None)
+    if handler is None:
         handler = _ConsoleHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
+    handler.verb = verb
     log.setLevel(logging.INFO)
 
 
@@ -957,6 +973,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("unip: error: no verb given (see unip --help for the list)", file=sys.stderr)
         return 2
     verb = " ".join(filter(None, [args.verb, getattr(args, f"{args.verb}_verb", None)]))  # e.g. "data pack"
+    _configure_logging(verb)
     try:
         with warnings.catch_warnings(), _closed_pipes_are_not_errors():
             warnings.showwarning = partial(_print_warning, verb)
