@@ -67,8 +67,10 @@ def test_cli_synth_infmix_stats_pack(tmp_path, capsys):
     assert main(["data", "stats", manifest]) == 0
     assert os.path.isfile(str(tmp_path / "m.stats.json")) and os.path.isfile(str(tmp_path / "m.stats.png"))
     assert main(["data", "pack", manifest, "--out", str(tmp_path / "pack"), "--short-side", "16"]) == 0
-    assert "packed 12 images" in capsys.readouterr().out
-    assert min(PackedImages(str(tmp_path / "pack"), transform=None)[0].shape[1:]) == 16
+    packed = PackedImages(str(tmp_path / "pack"), transform=None)
+    pixels = sum(packed[i].numel() for i in range(len(packed)))  # 12 images of 16 x 20: 3,840 bytes
+    assert f"packed 12 images ({round(pixels / 1024)} KiB)" in capsys.readouterr().out
+    assert min(packed[0].shape[1:]) == 16
     assert main(["data", "stats", str(tmp_path / "pack")]) == 0
     assert json.load(open(tmp_path / "pack.stats.json"))["overall"]["images"] == 12
 
