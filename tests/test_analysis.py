@@ -283,6 +283,20 @@ def test_select_distill_layer_falls_back_to_nmi_closest_to_the_hybrid_band():
     assert select_distill_layer(make_profile([0.45, 0.05, 0.45, 0.05], [0.9] * 4), wide) == 3
 
 
+@pytest.mark.parametrize("depth", [4, 6])
+def test_depth_plot_of_a_shallow_model_has_whole_layer_ticks(depth, tmp_path, monkeypatch):
+    from unip.analysis import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kwargs: figures.append(fig))
+    profile = make_profile(np.linspace(0.6, 0.05, depth), np.linspace(0.2, 0.9, depth))
+    plots.plot_metric_by_depth([plots.Curve("shallow", profile, selected=2)], "nmi", str(tmp_path / "nmi.png"))
+    ax = figures[0].axes[0]
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    assert ticks == list(range(1, depth + 1))
+
+
 @pytest.mark.parametrize("kwargs", [dict(nmi_local=0.1, nmi_global=0.2), dict(nmi_global=-0.1),
                                     dict(nmi_local=1.5), dict(local_distance=1.0)])
 def test_invalid_thresholds_are_config_errors(kwargs):

@@ -51,6 +51,18 @@ def test_stats_limit_samples_a_subset(tmp_path):
     assert not math.isnan(stats["overall"]["mean"])
 
 
+def test_stats_of_a_sample_say_so(tmp_path, capsys):
+    manifest = _two_constant_images(tmp_path)
+    assert main(["data", "stats", manifest, "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "a random sample of 1 of the 2 images (--limit): the numbers below estimate " \
+                                  "the whole set"
+    saved = json.load(open(tmp_path / "m.stats.json"))
+    assert saved["sampled"] == 1 and saved["total"] == 2
+    assert main(["data", "stats", manifest, "--limit", "5"]) == 0  # every image read: no sample
+    assert "random sample" not in capsys.readouterr().out
+
+
 def test_cli_synth_infmix_stats_pack(tmp_path, capsys):
     ir, soda = str(tmp_path / "ir"), str(tmp_path / "soda")
     assert main(["data", "synth", "--out", ir, "--num", "4", "--name", "a", "--name", "b",
@@ -67,8 +79,10 @@ def test_cli_synth_infmix_stats_pack(tmp_path, capsys):
     assert main(["data", "stats", manifest]) == 0
     assert os.path.isfile(str(tmp_path / "m.stats.json")) and os.path.isfile(str(tmp_path / "m.stats.png"))
     assert main(["data", "pack", manifest, "--out", str(tmp_path / "pack"), "--short-side", "16"]) == 0
-    assert "packed 12 images" in capsys.readouterr().out
-    assert min(PackedImages(str(tmp_path / "pack"), transform=None)[0].shape[1:]) == 16
+    packed = PackedImages(str(tmp_path / "pack"), transform=None)
+    pixels = sum(packed[i].numel() for i in range(len(packed)))  # 12 images of 16 x 20: 3,840 bytes
+    assert f"packed 12 images ({round(pixels / 1024)} KiB)" in capsys.readouterr().out
+    assert min(packed[0].shape[1:]) == 16
     assert main(["data", "stats", str(tmp_path / "pack")]) == 0
     assert json.load(open(tmp_path / "pack.stats.json"))["overall"]["images"] == 12
 

@@ -552,7 +552,7 @@ CASES: List[Case] = [
     Case("pretrain: student.init of another depth", lambda a: a.pretrain("--set", f"student.init={a.teacher}"),
          match="student.init=.*teacher.safetensors: width 32, depth 2.*depth 1"),
     Case("pretrain: student.init missing", lambda a: a.pretrain("--set", f"student.init={a.scratch}/none.pt"),
-         match="none.pt"),
+         match=r"student\.init: .*none\.pt: no such checkpoint file.*--set student\.init=FILE"),
     # ------------------------------------------------------------------ finetune
     Case("finetune: no --pretrained", lambda a: ["finetune", "toy", "--data", a.labeled, "--out", str(a.out / "f")],
          match="no backbone.*--pretrained"),

@@ -399,6 +399,21 @@ def test_resume_with_changed_schedule_settings_is_refused_unless_allowed(tmp_pat
     assert same.steps == 8  # the lr is not part of the step plan: a lower lr after a divergence is fine
 
 
+def test_resume_auto_without_a_state_says_a_new_run_starts(tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="unip"):
+        result = train_task(ToySegmentation(), _config(out, **{"optim.iterations": 2, "run.eval_every": 0,
+                                                              "run.resume": "auto"}))
+    assert result.steps == 2 and not _records(out, "resume")
+    said = [r.getMessage() for r in caplog.records if "no training state" in r.getMessage()]
+    assert said == [f"--resume auto: no training state in {out / 'checkpoints'}; starting a new run"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="unip"):  # a state now exists: resumed, and nothing said about a new run
+        train_task(ToySegmentation(), _config(out, **{"optim.iterations": 2, "run.eval_every": 0,
+                                                     "run.resume": "auto"}))
+    assert "no training state" not in caplog.text and "resumed from" in caplog.text
+
+
 def test_a_new_run_into_another_runs_folder_is_refused_naming_the_fixes(tmp_path):
     out = tmp_path / "run"
     train_task(ToySegmentation(), _config(out, **{"optim.iterations": 4, "run.save_every_steps": 2}))

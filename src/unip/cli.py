@@ -232,10 +232,11 @@ def _run_data_stats(args: argparse.Namespace) -> int:
 
 def _run_data_pack(args: argparse.Namespace) -> int:
     from unip.data.packed import pack_manifest
+    from unip.text import byte_size
 
     result = pack_manifest(args.manifest, args.out, short_side=args.short_side,
                            shard_bytes=args.shard_mb << 20, workers=args.workers)
-    print(f"packed {result.count:,} images ({result.total_bytes / 2**30:.2f} GiB) into "
+    print(f"packed {result.count:,} images ({byte_size(result.total_bytes)}) into "
           f"{len(result.shards)} shard(s) in {result.out}; skipped {len(result.skipped)}")
     for entry in result.skipped:
         print(f"  skipped {entry['path']}: {entry['reason']}")

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from unip.errors import ConfigError
+from unip.text import byte_size
 
 try:
     import resource
@@ -60,16 +61,11 @@ def available_bytes(device: Optional[torch.device] = None) -> Optional[int]:
     return min(limits) if limits else None
 
 
-def gib(nbytes: float) -> str:
-    """``nbytes`` as text in GiB (or MiB below 1 GiB)."""
-    return f"{nbytes / 2**30:,.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.0f} MiB"
-
-
 def require_memory(nbytes: float, what: str, fix: str, device: Optional[torch.device] = None) -> None:
     """Raise ``ConfigError`` ("``what`` needs about X, only Y are available; ``fix``") when ``nbytes`` exceed
     what ``available_bytes(device)`` reports."""
     available = available_bytes(device)
     if available is not None and nbytes > available:
         where = f" on {device}" if device is not None and device.type != "cpu" else ""
-        raise ConfigError(f"{what} needs about {gib(nbytes)} of memory, but only {gib(available)} are "
+        raise ConfigError(f"{what} needs about {byte_size(nbytes)} of memory, but only {byte_size(available)} are "
                           f"available{where}; {fix}")

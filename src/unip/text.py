@@ -1,4 +1,4 @@
-"""Text shown to people: file names that any terminal, log line or figure can display.
+"""Text shown to people: file names that any terminal, log line or figure can display, and byte sizes.
 
 File names may hold bytes that are not UTF-8 (Python keeps them as lone surrogates) or control characters
 such as newlines. They stay exact wherever a path is used; ``printable`` is for display only.
@@ -27,3 +27,11 @@ def one_line(text: object) -> str:
     """``text`` (e.g. an error message that embeds a library's multi-line text) as one printable line:
     runs of whitespace, newlines included, become one space."""
     return printable(" ".join(str(text).split()))
+
+
+def byte_size(nbytes: float) -> str:
+    """``nbytes`` as text in the unit its size calls for: ``"1.5 GiB"``, ``"512 MiB"``, ``"36 KiB"``, ``"700 B"``."""
+    for unit, scale, digits in (("GiB", 2**30, 1), ("MiB", 2**20, 0), ("KiB", 2**10, 0)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.{digits}f} {unit}"
+    return f"{nbytes:,.0f} B"

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from unip.analysis.patterns import PatternThresholds  # noqa: E402
@@ -64,6 +65,8 @@ def plot_metric_by_depth(curves: Sequence[Curve], metric: str, path: str,
         ax.annotate(f"uniform attention {value:.0f} px", (0.01, value), xycoords=("axes fraction", "data"),
                     fontsize=7, color="grey", va="bottom")
     ax.set_xlabel(xlabel)
+    if not relative:  # layers are whole numbers: no 1.5 tick on a shallow model's axis
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(_LABELS.get(metric, metric))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -116,11 +116,15 @@ def compute_stats(path: str, limit: Optional[int] = None, seed: int = 0,
 
 
 def format_summary(stats: Dict[str, Any], shown: int = 3) -> str:
-    """The printed summary of :func:`compute_stats`: one line per group (overall, then each source) with its
-    images, mean and std and, when files could not be read, a line counting them by reason and naming the
-    first ``shown``."""
+    """The printed summary of :func:`compute_stats`: a first line when only a sample was read (``--limit``),
+    one line per group (overall, then each source) with its images, mean and std and, when files could not be
+    read, a line counting them by reason and naming the first ``shown``."""
     groups = [("overall", stats["overall"]), *stats["sources"].items()]
     lines = [_group_line(name, group) for name, group in groups]
+    sampled, total = stats.get("sampled"), stats.get("total")
+    if sampled is not None and total is not None and sampled < total:
+        lines.insert(0, f"a random sample of {sampled:,} of the {total:,} images (--limit): the numbers below "
+                        f"estimate the whole set")
     unreadable: List[Dict[str, str]] = stats["unreadable"]
     if unreadable:
         reasons: Dict[str, int] = {}

@@ -34,7 +34,7 @@ from unip.engine.distributed import DistInfo, all_reduce_sum
 from unip.engine.logging import LOG_FILE, last_logged
 from unip.engine.loop import PRECISIONS, Precision
 from unip.engine.trainer import CHECKPOINT_DIR, Task, TrainContext, batch_plan, settle_accumulation, train_task
-from unip.errors import ConfigError
+from unip.errors import CheckpointError, ConfigError
 from unip.fingerprint import listing_fingerprint
 from unip.models import create_model, list_models, preset_config
 from unip.models.cpu_linear import decide, linear_kernel, requested_choice, use_onednn_linears
@@ -258,7 +258,11 @@ def build_student(config: Config, heads: int, device: torch.device) -> VisionTra
     if size % student.patch_size:
         raise ConfigError(f"data.input_size={size} is not a multiple of the student's patch {student.patch_size}")
     if spec["init"]:
-        start_from(student, str(spec["init"]))
+        try:
+            start_from(student, str(spec["init"]))
+        except CheckpointError as err:  # the file's own message does not say which setting named it
+            raise CheckpointError(f"student.init: {err}; set it to a model file of the student's architecture "
+                                  "(--set student.init=FILE) or drop it to start from random weights") from err
     freeze_unused(student)
     student = student.to(device)
     mask_key_bias_grads(student)

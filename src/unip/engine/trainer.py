@@ -565,7 +565,8 @@ class Trainer:
             refuse_other_run(self.output, self.task.model_file)
             return None
         found = checkpointing.find_resume_state(self.run["resume"], self.ckpt_dir)
-        if found is None:
+        if found is None:  # only with auto: an explicit file or folder without a state is an error
+            self._info(f"--resume auto: no training state in {self.ckpt_dir}; starting a new run")
             return None
         path, state = found
         self._check_same_command(path, state.get("extra", {}).get("config"))
