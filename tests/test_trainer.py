@@ -587,7 +587,8 @@ def test_cli_shows_library_log_lines_on_stdout(pretrain_assets, tmp_path, capsys
     assert cli.main(["pretrain", "toy", "--teacher", str(pretrain_assets / "teacher.safetensors"),
                      "--teacher-layer", "2", "--data", str(pretrain_assets / "images"), "--out", str(tmp_path / "r"),
                      "--device", "cpu", "--epochs", "1", "--set", "student.depth=2", "--set", "student.embed_dim=64",
-                     "--set", "student.num_heads=2", "--set", "run.progress=false"]) == 0
+                     "--set", "student.num_heads=2", "--set", "optim.warmup_epochs=0", "--set",
+                     "run.progress=false"]) == 0
     captured = capsys.readouterr()
     assert "teacher layer 2 (given)" in captured.out and "saved the model to" in captured.out
     assert captured.err == ""
