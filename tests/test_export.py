@@ -212,6 +212,27 @@ def test_timm_loads_the_backbone_of_a_segmentor(segmentor_file, tmp_path, capsys
             torch.testing.assert_close(model.forward_features(x), backbone.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def offline_timm(monkeypatch):
+    """``timm:NAME`` builds NAME with random weights (no hub here)."""
+    from unip.checkpoint import timm_hub
+
+    create = timm_hub._create_timm
+    monkeypatch.setattr(timm_hub, "_create_timm", lambda name, pretrained: create(name, pretrained=False))
+
+
+def test_timm_sources_export_to_a_plain_default_folder(tmp_path, capsys, monkeypatch, offline_timm):
+    """Without --out, ``timm:NAME`` writes NAME-timm (no ``timm:`` colon, which Windows refuses) and
+    ``timm:NAME@FILE`` FILE's stem-timm, as a file source does."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = export(capsys, "--checkpoint", "timm:vit_tiny_patch16_224.augreg_in21k", "--format", "timm")
+    assert code == 0 and err == "", err
+    assert os.listdir(tmp_path) == ["vit_tiny_patch16_224.augreg_in21k-timm"]
+    torch.save({"model": create_model("vit_tiny_patch16").state_dict()}, tmp_path / "w.pth")
+    assert export(capsys, "--checkpoint", "timm:vit_tiny_patch16_224@w.pth", "--format", "timm")[0] == 0
+    assert sorted(os.listdir(tmp_path)) == ["vit_tiny_patch16_224.augreg_in21k-timm", "w-timm", "w.pth"]
+
+
 def test_the_documented_onnxruntime_snippet_gives_unip_predicts_labels(tmp_path, capsys, monkeypatch):
     """docs/inference.md's onnxruntime code, run as written on a dynamic export, labels a frame as
     ``unip predict`` does: exactly for a frame that is not resized (20 × 90: windows placed on the unpadded width,

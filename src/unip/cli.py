@@ -734,8 +734,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_export_path(checkpoint: str, suffix: str) -> str:
-    import os
-
+    """``<checkpoint stem><suffix>`` in the working folder. A ``timm:NAME@FILE`` source gives FILE's stem, a
+    ``timm:NAME`` one its NAME (with its pretrained tag) with characters not allowed in file names on common systems
+    (``:`` on Windows and macOS's Finder, ``/``, ...) turned into ``_``."""
+    if checkpoint.startswith("timm:"):
+        name, _, weights = checkpoint[len("timm:"):].partition("@")
+        if not weights:
+            return (re.sub(r'[<>:"/\\|?*\x00-\x1f]', "_", name) or "model") + suffix
+        checkpoint = weights
     stem = os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0] or "model"
     return stem + suffix
 
