@@ -233,6 +233,24 @@ def test_timm_sources_export_to_a_plain_default_folder(tmp_path, capsys, monkeyp
     assert sorted(os.listdir(tmp_path)) == ["vit_tiny_patch16_224.augreg_in21k-timm", "w-timm", "w.pth"]
 
 
+def test_timm_export_states_the_normalisation_the_weights_were_trained_with(tmp_path, capsys, offline_timm):
+    """A ``timm:`` source: timm's pretrained_cfg mean/std (0.5 for augreg), not InfMix's; a release file that
+    records none (MAE's {"model": ...}, pre-trained on ImageNet): ImageNet's, with a note."""
+    out = tmp_path / "augreg"
+    assert export(capsys, "--checkpoint", "timm:vit_tiny_patch16_224.augreg_in21k", "--format", "timm", "--out",
+                  str(out))[0] == 0
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["mean"] == [0.5] * 3 and cfg["std"] == [0.5] * 3
+    torch.manual_seed(0)
+    vit = create_model("vit_tiny_patch16", depth=2, img_size=64)
+    torch.save({"model": {**vit.state_dict(), "mask_token": torch.zeros(1, 1, 192)}}, tmp_path / "mae.pth")
+    code, stdout, _ = export(capsys, "--checkpoint", str(tmp_path / "mae.pth"), "--format", "timm", "--out",
+                             str(tmp_path / "mae-timm"))
+    assert code == 0 and "note: the file records no input normalisation" in stdout
+    cfg = json.loads((tmp_path / "mae-timm" / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["mean"] == [0.485, 0.456, 0.406] and cfg["std"] == [0.229, 0.224, 0.225]
+
+
 def test_the_documented_onnxruntime_snippet_gives_unip_predicts_labels(tmp_path, capsys, monkeypatch):
     """docs/inference.md's onnxruntime code, run as written on a dynamic export, labels a frame as
     ``unip predict`` does: exactly for a frame that is not resized (20 × 90: windows placed on the unpadded width,
