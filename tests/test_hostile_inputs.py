@@ -1042,6 +1042,9 @@ CASES: List[Case] = [
     Case("bench: unknown device", lambda a: a.bench("--device", "toaster"), match="--device"),
     Case("bench: --out the user's file", lambda a: a.bench("--out", a.out_with("mine", {"b.json": '{"mine": 1}'})
                                                            + "/b.json"), match="b.json.*not written by unip"),
+    Case("bench: --out not writable", lambda a: a.bench("--out", str(a.out / "b.json")), setup=_read_only_out,
+         match="--out .*b.json: cannot write in"),
+    Case("bench: --out empty", lambda a: a.bench("--out", ""), match="--out: empty path"),
 ]
 
 

@@ -808,7 +808,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from unip.outputs import is_our_json, out_file
     from unip.seg.checkpoint import load_segmentor
 
-    if args.out:
+    if args.out is not None:  # an empty --out is refused here too, not skipped after the timing
         out_file(args.out, "--out", is_ours=is_our_json(["format", "rows", "parts"]))
     skip = {"compile": args.no_compile, "onnx": args.no_onnx}
     runtimes = [r for r in RUNTIMES if not skip.get(r, False)]
