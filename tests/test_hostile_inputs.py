@@ -189,7 +189,8 @@ class Inputs:
         return ["finetune", "toy", "--pretrained", pretrained or self.teacher, "--data", data or self.labeled,
                 "--out", out or str(self.out / "ft"), "--device", "cpu", "--iterations", "1", "--batch-size", "2",
                 "--set", "data.crop_size=32", "--set", "data.scale=[128, 32]", "--set", "model.channels=16",
-                "--set", "optim.warmup_iterations=0", "--set", "run.eval_every=0", "--set", "run.progress=false", *extra]
+                "--set", "optim.warmup_iterations=0", "--set", "run.eval_every=0", "--set", "run.progress=false",
+                *extra]
 
     def evaluate(self, *extra: str, checkpoint: Optional[str] = None, data: Optional[str] = None,
                  out: Optional[str] = None) -> List[str]:
