@@ -461,13 +461,13 @@ def test_a_nan_loss_stops_cleanly_and_says_what_was_kept(assets, tmp_path, one_t
     finishes the run. NaN at step 1: no state exists, and the line must not claim one."""
     out = tmp_path / "nan"
     assert cli.main(_args(assets, out, "--iterations", "4", "--set", "run.save_every_steps=2",
-                          "--set", "debug.nan_at_step=3")) == 2
+                          "--set", "optim.warmup_iterations=1", "--set", "debug.nan_at_step=3")) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "loss became nan at step 3" in err and "step-00000002.pt" in err
     assert [p.name for p in checkpointing.list_states(out / "checkpoints")] == ["step-00000002.pt"]
     assert not (out / "segmentor.safetensors").exists() and not (out / "metrics.json").exists()
     assert cli.main(_args(assets, out, "--iterations", "4", "--set", "run.save_every_steps=2",
-                          "--set", "optim.lr=5e-4", "--resume", "auto")) == 0
+                          "--set", "optim.warmup_iterations=1", "--set", "optim.lr=5e-4", "--resume", "auto")) == 0
     assert load_segmentor(out / "segmentor.safetensors").meta["step"] == 4
     capsys.readouterr()
 

@@ -602,7 +602,7 @@ def test_pretrain_resume_with_another_teacher_layer_exits_2_naming_it(pretrain_a
     args = ["pretrain", "toy", "--teacher", str(pretrain_assets / "teacher.safetensors"), "--data",
             str(pretrain_assets / "images"), "--out", str(tmp_path / "r"), "--device", "cpu", "--epochs", "1",
             "--set", "student.depth=2", "--set", "student.embed_dim=64", "--set", "student.num_heads=2",
-            "--set", "run.progress=false"]
+            "--set", "optim.warmup_epochs=0", "--set", "run.progress=false"]
     assert cli.main(args + ["--teacher-layer", "2"]) == 0
     capsys.readouterr()
     assert cli.main(args + ["--teacher-layer", "1", "--resume", "auto"]) == 2
@@ -635,7 +635,8 @@ def test_pretrain_resumes_after_its_files_moved_but_not_with_other_weights(pretr
     def args(teacher, data):
         return ["pretrain", "toy", "--teacher", str(teacher), "--teacher-layer", "2", "--data", str(data),
                 "--out", str(tmp_path / "r"), "--device", "cpu", "--epochs", "1", "--set", "student.depth=2",
-                "--set", "student.embed_dim=64", "--set", "student.num_heads=2", "--set", "run.progress=false"]
+                "--set", "student.embed_dim=64", "--set", "student.num_heads=2", "--set", "optim.warmup_epochs=0",
+                "--set", "run.progress=false"]
 
     assert cli.main(args(pretrain_assets / "teacher.safetensors", pretrain_assets / "images")) == 0
     capsys.readouterr()
