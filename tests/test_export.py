@@ -212,6 +212,45 @@ def test_timm_loads_the_backbone_of_a_segmentor(segmentor_file, tmp_path, capsys
             torch.testing.assert_close(model.forward_features(x), backbone.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def offline_timm(monkeypatch):
+    """``timm:NAME`` builds NAME with random weights (no hub here)."""
+    from unip.checkpoint import timm_hub
+
+    create = timm_hub._create_timm
+    monkeypatch.setattr(timm_hub, "_create_timm", lambda name, pretrained: create(name, pretrained=False))
+
+
+def test_timm_sources_export_to_a_plain_default_folder(tmp_path, capsys, monkeypatch, offline_timm):
+    """Without --out, ``timm:NAME`` writes NAME-timm (no ``timm:`` colon, which Windows refuses) and
+    ``timm:NAME@FILE`` FILE's stem-timm, as a file source does."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = export(capsys, "--checkpoint", "timm:vit_tiny_patch16_224.augreg_in21k", "--format", "timm")
+    assert code == 0 and err == "", err
+    assert os.listdir(tmp_path) == ["vit_tiny_patch16_224.augreg_in21k-timm"]
+    torch.save({"model": create_model("vit_tiny_patch16").state_dict()}, tmp_path / "w.pth")
+    assert export(capsys, "--checkpoint", "timm:vit_tiny_patch16_224@w.pth", "--format", "timm")[0] == 0
+    assert sorted(os.listdir(tmp_path)) == ["vit_tiny_patch16_224.augreg_in21k-timm", "w-timm", "w.pth"]
+
+
+def test_timm_export_states_the_normalisation_the_weights_were_trained_with(tmp_path, capsys, offline_timm):
+    """A ``timm:`` source: timm's pretrained_cfg mean/std (0.5 for augreg), not InfMix's; a release file that
+    records none (MAE's {"model": ...}, pre-trained on ImageNet): ImageNet's, with a note."""
+    out = tmp_path / "augreg"
+    assert export(capsys, "--checkpoint", "timm:vit_tiny_patch16_224.augreg_in21k", "--format", "timm", "--out",
+                  str(out))[0] == 0
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["mean"] == [0.5] * 3 and cfg["std"] == [0.5] * 3
+    torch.manual_seed(0)
+    vit = create_model("vit_tiny_patch16", depth=2, img_size=64)
+    torch.save({"model": {**vit.state_dict(), "mask_token": torch.zeros(1, 1, 192)}}, tmp_path / "mae.pth")
+    code, stdout, _ = export(capsys, "--checkpoint", str(tmp_path / "mae.pth"), "--format", "timm", "--out",
+                             str(tmp_path / "mae-timm"))
+    assert code == 0 and "note: the file records no input normalisation" in stdout
+    cfg = json.loads((tmp_path / "mae-timm" / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["mean"] == [0.485, 0.456, 0.406] and cfg["std"] == [0.229, 0.224, 0.225]
+
+
 def test_the_documented_onnxruntime_snippet_gives_unip_predicts_labels(tmp_path, capsys, monkeypatch):
     """docs/inference.md's onnxruntime code, run as written on a dynamic export, labels a frame as
     ``unip predict`` does: exactly for a frame that is not resized (20 × 90: windows placed on the unpadded width,

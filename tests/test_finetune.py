@@ -270,6 +270,19 @@ def test_random_initialisation_is_said_clearly(assets, tmp_path, one_thread, cap
     assert state["extra"]["plan"]["backbone weights (digest)"] == "random initialisation"
 
 
+def test_a_run_inside_the_warm_up_says_so(assets, tmp_path, one_thread, capsys):
+    """--iterations at or below the preset's warm-up (e.g. soda_small --iterations 1000, warm-up 1500) trains at a
+    rising lr to the end: one warning names both numbers and the setting; a shorter warm-up gives none."""
+    common = ["--iterations", "2", "--set", "run.eval_every=0", "--probe", "linear"]
+    assert cli.main(_args(assets, tmp_path / "inside", *common, "--set", "optim.warmup_iterations=2")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warm-up" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("unip finetune: warning: "), warnings
+    assert "optim.warmup_iterations=2: 2 steps" in warnings[0] and "optim.iterations=2: 2 steps" in warnings[0]
+    assert "--set optim.warmup_iterations=N" in warnings[0]
+    assert cli.main(_args(assets, tmp_path / "after", *common, "--set", "optim.warmup_iterations=1")) == 0
+    assert "warm-up" not in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------- resume and DDP
 def test_sigkill_and_resume_gives_bit_identical_weights(assets, tmp_path):
     common = ["--iterations", "12", "--set", "run.eval_every=4", "--set", "run.save_every_steps=3",
@@ -448,13 +461,13 @@ def test_a_nan_loss_stops_cleanly_and_says_what_was_kept(assets, tmp_path, one_t
     finishes the run. NaN at step 1: no state exists, and the line must not claim one."""
     out = tmp_path / "nan"
     assert cli.main(_args(assets, out, "--iterations", "4", "--set", "run.save_every_steps=2",
-                          "--set", "debug.nan_at_step=3")) == 2
+                          "--set", "optim.warmup_iterations=1", "--set", "debug.nan_at_step=3")) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "loss became nan at step 3" in err and "step-00000002.pt" in err
     assert [p.name for p in checkpointing.list_states(out / "checkpoints")] == ["step-00000002.pt"]
     assert not (out / "segmentor.safetensors").exists() and not (out / "metrics.json").exists()
     assert cli.main(_args(assets, out, "--iterations", "4", "--set", "run.save_every_steps=2",
-                          "--set", "optim.lr=5e-4", "--resume", "auto")) == 0
+                          "--set", "optim.warmup_iterations=1", "--set", "optim.lr=5e-4", "--resume", "auto")) == 0
     assert load_segmentor(out / "segmentor.safetensors").meta["step"] == 4
     capsys.readouterr()
 

@@ -189,7 +189,8 @@ class Inputs:
         return ["finetune", "toy", "--pretrained", pretrained or self.teacher, "--data", data or self.labeled,
                 "--out", out or str(self.out / "ft"), "--device", "cpu", "--iterations", "1", "--batch-size", "2",
                 "--set", "data.crop_size=32", "--set", "data.scale=[128, 32]", "--set", "model.channels=16",
-                "--set", "run.eval_every=0", "--set", "run.progress=false", *extra]
+                "--set", "optim.warmup_iterations=0", "--set", "run.eval_every=0", "--set", "run.progress=false",
+                *extra]
 
     def evaluate(self, *extra: str, checkpoint: Optional[str] = None, data: Optional[str] = None,
                  out: Optional[str] = None) -> List[str]:
@@ -1042,6 +1043,9 @@ CASES: List[Case] = [
     Case("bench: unknown device", lambda a: a.bench("--device", "toaster"), match="--device"),
     Case("bench: --out the user's file", lambda a: a.bench("--out", a.out_with("mine", {"b.json": '{"mine": 1}'})
                                                            + "/b.json"), match="b.json.*not written by unip"),
+    Case("bench: --out not writable", lambda a: a.bench("--out", str(a.out / "b.json")), setup=_read_only_out,
+         match="--out .*b.json: cannot write in"),
+    Case("bench: --out empty", lambda a: a.bench("--out", ""), match="--out: empty path"),
 ]
 
 

@@ -271,6 +271,20 @@ def test_output_folder_that_is_the_input_folder_is_not_read_back(checkpoint, tmp
         ["frames/a.png", "frames/night/b.png"]
 
 
+def test_areas_reports_of_earlier_runs_in_an_input_folder_are_not_skipped_files(checkpoint, tmp_path, capsys):
+    """An earlier run's areas.csv / areas.json (its --out the input folder, or a subfolder) are unip's own outputs,
+    left out like its label/ maps, not counted as skipped files; the user's other files still are."""
+    for folder, outs in (("same", ("", "")), ("sub", ("pred_a", "pred_b"))):
+        frames = tmp_path / folder
+        frames.mkdir()
+        Image.fromarray(scene(32, 48)).save(frames / "a.png")
+        (frames / "notes.txt").write_text("mine")
+        for out in outs:
+            code, stdout, _ = predict(capsys, "--checkpoint", checkpoint, str(frames), "--out", str(frames / out))
+            assert code == 0 and "predicted 1 image(s)" in stdout, stdout
+            assert "skipped 1 file(s) that are neither images nor videos" in stdout, stdout
+
+
 def test_output_folders_of_earlier_runs_inside_the_input_folder_are_not_read(checkpoint, tmp_path, capsys):
     """Two runs on one folder, each with its own --out inside it (comparing checkpoints): the second does not
     predict the first one's label maps, colours and overlays, and says it skipped them; a folder that was its own

@@ -220,6 +220,23 @@ def test_release_layout_of_unip_small_on_soda_loads_with_its_exact_shapes(tmp_pa
     assert sorted(segmentor.state_dict()) == sorted(our_key(k) for k in sd)
 
 
+def test_release_class_names_of_another_count_are_left_out_with_one_warning(tmp_path, caplog):
+    """mmseg's meta.CLASSES (and PALETTE) of the data set class, not of the trained head: 3 names for 5 classes
+    are not used, and a warning names the file and both counts."""
+    path = save_release(tmp_path / "iter_100.pth", release_state_dict(64, 2, 5, grid=2), ["a", "b", "c"])
+    with caplog.at_level("WARNING", logger="unip"):
+        segmentor = load_segmentor(path)
+    assert "class_names" not in segmentor.meta and "palette" not in segmentor.meta
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert str(path) in warnings[0] and "meta.CLASSES has 3 names" in warnings[0] and "5 classes" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unip"):  # names that fit: used, no warning
+        fitting = load_segmentor(save_release(tmp_path / "iter_200.pth", release_state_dict(64, 2, 3, grid=2),
+                                              ["a", "b", "c"]))
+    assert fitting.meta["class_names"] == ["a", "b", "c"] and not caplog.records
+
+
 @pytest.mark.parametrize("change", ["missing", "unexpected", "shape"])
 def test_release_file_that_does_not_fit_names_the_file_and_keys(tmp_path, change):
     sd = release_state_dict(64, 2, 3, grid=2)

@@ -602,7 +602,8 @@ def test_cli_shows_library_log_lines_on_stdout(pretrain_assets, tmp_path, capsys
     assert cli.main(["pretrain", "toy", "--teacher", str(pretrain_assets / "teacher.safetensors"),
                      "--teacher-layer", "2", "--data", str(pretrain_assets / "images"), "--out", str(tmp_path / "r"),
                      "--device", "cpu", "--epochs", "1", "--set", "student.depth=2", "--set", "student.embed_dim=64",
-                     "--set", "student.num_heads=2", "--set", "run.progress=false"]) == 0
+                     "--set", "student.num_heads=2", "--set", "optim.warmup_epochs=0", "--set",
+                     "run.progress=false"]) == 0
     captured = capsys.readouterr()
     assert "teacher layer 2 (given)" in captured.out and "saved the model to" in captured.out
     assert captured.err == ""
@@ -616,7 +617,7 @@ def test_pretrain_resume_with_another_teacher_layer_exits_2_naming_it(pretrain_a
     args = ["pretrain", "toy", "--teacher", str(pretrain_assets / "teacher.safetensors"), "--data",
             str(pretrain_assets / "images"), "--out", str(tmp_path / "r"), "--device", "cpu", "--epochs", "1",
             "--set", "student.depth=2", "--set", "student.embed_dim=64", "--set", "student.num_heads=2",
-            "--set", "run.progress=false"]
+            "--set", "optim.warmup_epochs=0", "--set", "run.progress=false"]
     assert cli.main(args + ["--teacher-layer", "2"]) == 0
     capsys.readouterr()
     assert cli.main(args + ["--teacher-layer", "1", "--resume", "auto"]) == 2
@@ -649,7 +650,8 @@ def test_pretrain_resumes_after_its_files_moved_but_not_with_other_weights(pretr
     def args(teacher, data):
         return ["pretrain", "toy", "--teacher", str(teacher), "--teacher-layer", "2", "--data", str(data),
                 "--out", str(tmp_path / "r"), "--device", "cpu", "--epochs", "1", "--set", "student.depth=2",
-                "--set", "student.embed_dim=64", "--set", "student.num_heads=2", "--set", "run.progress=false"]
+                "--set", "student.embed_dim=64", "--set", "student.num_heads=2", "--set", "optim.warmup_epochs=0",
+                "--set", "run.progress=false"]
 
     assert cli.main(args(pretrain_assets / "teacher.safetensors", pretrain_assets / "images")) == 0
     capsys.readouterr()

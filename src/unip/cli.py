@@ -735,8 +735,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_export_path(checkpoint: str, suffix: str) -> str:
-    import os
-
+    """``<checkpoint stem><suffix>`` in the working folder. A ``timm:NAME@FILE`` source gives FILE's stem, a
+    ``timm:NAME`` one its NAME (with its pretrained tag) with characters not allowed in file names on common systems
+    (``:`` on Windows and macOS's Finder, ``/``, ...) turned into ``_``."""
+    if checkpoint.startswith("timm:"):
+        name, _, weights = checkpoint[len("timm:"):].partition("@")
+        if not weights:
+            return (re.sub(r'[<>:"/\\|?*\x00-\x1f]', "_", name) or "model") + suffix
+        checkpoint = weights
     stem = os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0] or "model"
     return stem + suffix
 
@@ -803,7 +809,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from unip.outputs import is_our_json, out_file
     from unip.seg.checkpoint import load_segmentor
 
-    if args.out:
+    if args.out is not None:  # an empty --out is refused here too, not skipped after the timing
         out_file(args.out, "--out", is_ours=is_our_json(["format", "rows", "parts"]))
     skip = {"compile": args.no_compile, "onnx": args.no_onnx}
     runtimes = [r for r in RUNTIMES if not skip.get(r, False)]

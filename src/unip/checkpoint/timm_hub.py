@@ -49,7 +49,18 @@ def _open_timm(spec: str, allow_partial: bool, overrides: Dict[str, Any]) -> Loa
         state_dict = reference.state_dict()
     report = load_weights(model, state_dict, allow_partial=allow_partial, name=weights_file or f"timm:{name}")
     report.source = f"timm:{spec}"
-    return LoadedModel(model, report, f"timm model {name}", {"timm_model": name}, report.problem)
+    return LoadedModel(model, report, f"timm model {name}", {"timm_model": name, **_normalization_of(reference)},
+                       report.problem)
+
+
+def _normalization_of(reference: nn.Module) -> Dict[str, Any]:
+    """``{"normalization": {"mean", "std"}}`` that timm's ``pretrained_cfg`` gives for the model's weights (0–1
+    scale; e.g. 0.5 for augreg tags, ImageNet's for MAE), or ``{}`` when it gives none."""
+    cfg = getattr(reference, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None:
+        return {}
+    return {"normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}}
 
 
 def _create_timm(name: str, pretrained: bool) -> nn.Module:

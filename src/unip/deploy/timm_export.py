@@ -21,7 +21,9 @@ What timm 1.0 expects, and what the export writes:
 * ``model_args``: ``img_size`` of the table (224 for pre-trained students, 512 for segmentor backbones; add
   ``dynamic_img_size=True`` for other sizes), ``init_values`` when the blocks have layer scale (segmentor
   backbones), and the width, depth and head count, in case the architecture name's defaults differ;
-* ``mean`` / ``std`` of the checkpoint's normalisation (InfMix's for students, the fine-tuning's for segmentors).
+* ``mean`` / ``std`` the weights were trained with (InfMix's for UNIP students, the fine-tuning's for segmentors,
+  timm's ``pretrained_cfg`` for ``timm:`` sources, ImageNet's, with a note, for other release files such as
+  MAE or DINO).
 
 Heads: timm's ``VisionTransformer`` has one head count for all blocks. A UNIP student's last block has the
 teacher block's (16 after MAE-L / iBOT-L, against 6 in the other blocks of UNIP-S): the export refuses it
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 EXPORT_KEY = "unip.timm_export"
 TOLERANCE = 1e-4
+#: ImageNet's mean/std (timm's ``IMAGENET_DEFAULT_*``), what the MAE, DINO, iBOT and DeiT releases trained with.
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 #: timm architectures by (width, heads, patch): the name the config gives (``model_args`` set the rest).
 TIMM_NAMES: Dict[Tuple[int, int, int], str] = {
     (192, 3, 16): "vit_tiny_patch16_224", (384, 6, 16): "vit_small_patch16_224",
@@ -178,7 +182,7 @@ def export_timm(source: str, folder: str, last_block_heads: Optional[str] = None
                             f"{os.path.basename(source)}: its attention and output differ from the pre-trained block's")
     staging = staging_folder(result.folder, "--out")
     try:
-        _write(backbone, staging, name, args, _normalization(meta, kind), source, kind)
+        _write(backbone, staging, name, args, _normalization(meta, kind, result.notes), source, kind)
         result.differences = check_in_timm(backbone, staging, name, args, tolerance)
         os.makedirs(folder, exist_ok=True)
         for filename in (WEIGHTS_FILE, CONFIG_FILE):
@@ -188,14 +192,24 @@ def export_timm(source: str, folder: str, last_block_heads: Optional[str] = None
     return result
 
 
-def _normalization(meta: Mapping[str, Any], kind: str) -> Dict[str, List[float]]:
-    """The checkpoint's input normalisation (0–1 scale); without one, fine-tuning's for a segmentor and
-    pre-training's (InfMix) for a backbone."""
+def _normalization(meta: Mapping[str, Any], kind: str, notes: List[str]) -> Dict[str, List[float]]:
+    """The input normalisation (0–1 scale) the weights were trained with: the one the checkpoint records (unip's
+    files, timm's ``pretrained_cfg`` for ``timm:`` sources); without one, fine-tuning's for a segmentor,
+    pre-training's (InfMix) for the release's UNIP student (its ``args``), and ImageNet's, with a note in
+    ``notes``, for other release files (MAE, DINO, iBOT, DeiT were pre-trained with it)."""
+    from unip.models.presets import PRESETS
     from unip.seg.build import DEFAULT_META
 
     norm = meta.get("normalization")
     if not isinstance(norm, Mapping):
-        norm = DEFAULT_META["normalization"] if kind == "segmentor" else DEFAULT_NORMALIZATION
+        if kind == "segmentor":
+            norm = DEFAULT_META["normalization"]
+        elif meta.get("model") in PRESETS:
+            norm = DEFAULT_NORMALIZATION
+        else:
+            norm = IMAGENET_NORMALIZATION
+            notes.append("the file records no input normalisation: config.json states ImageNet's mean/std, with "
+                         "which MAE, DINO, iBOT and DeiT were pre-trained; edit pretrained_cfg if yours differs")
     return {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]}
 
 

@@ -469,12 +469,17 @@ class Trainer:
         epochs, iterations = optim["epochs"], optim["iterations"]
         if epochs is not None:
             total, warmup = int(epochs) * steps_per_epoch, round(float(optim["warmup_epochs"]) * steps_per_epoch)
-            length = f"optim.epochs={epochs}"
+            length, warmup_key = f"optim.epochs={epochs}", "warmup_epochs"
         else:
             total, warmup, length = int(iterations), int(optim["warmup_iterations"]), f"optim.iterations={iterations}"
+            warmup_key = "warmup_iterations"
         if total < 1 or warmup < 0:
             raise ConfigError(f"{length} gives {total} steps and {warmup} warm-up steps; the run needs at least "
                               "one step and no negative warm-up")
+        if warmup >= total:  # the lr never reaches optim.lr (e.g. --iterations 1000 under the recipe's 1500)
+            self._warn(f"the warm-up (optim.{warmup_key}={optim[warmup_key]}: {warmup} steps) lasts the whole run "
+                       f"({length}: {total} steps), so the learning rate never leaves it; shorten it with --set "
+                       f"optim.{warmup_key}=N (N below {epochs if epochs is not None else iterations})")
         return StepPlan(accum, effective, peak_lr, steps_per_epoch, total, int(warmup))
 
     def plan_record(self) -> Dict[str, Any]:

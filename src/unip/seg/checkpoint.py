@@ -212,14 +212,25 @@ def _release_fcn(state_dict: Mapping[str, Tensor]) -> Union[Dict[str, Any], None
 
 def _release_meta(meta: Mapping[str, Any], num_classes: int, source: str) -> Dict[str, Any]:
     """Our meta for a release file: the recipe's test defaults, and class names / palette when mmseg stored
-    them (``meta["CLASSES"]``, ``meta["PALETTE"]``) for that many classes."""
+    them (``meta["CLASSES"]``, ``meta["PALETTE"]``) for that many classes; lists of another length are left out
+    with a warning."""
     out: Dict[str, Any] = {**DEFAULT_META, "source_format": "mmsegmentation (UNIP release)", "pretrained": source}
     classes, palette = meta.get("CLASSES"), meta.get("PALETTE")
     palette = palette.tolist() if hasattr(palette, "tolist") else palette  # mmseg may keep a numpy array
-    if isinstance(classes, (list, tuple)) and len(classes) == num_classes:
-        out["class_names"] = [str(name) for name in classes]
-    if isinstance(palette, (list, tuple)) and len(palette) == num_classes:
-        out["palette"] = [[int(c) for c in colour] for colour in palette]
+    misfits = []
+    if isinstance(classes, (list, tuple)):
+        if len(classes) == num_classes:
+            out["class_names"] = [str(name) for name in classes]
+        else:
+            misfits.append(f"meta.CLASSES has {len(classes)} names")
+    if isinstance(palette, (list, tuple)):
+        if len(palette) == num_classes:
+            out["palette"] = [[int(c) for c in colour] for colour in palette]
+        else:
+            misfits.append(f"meta.PALETTE has {len(palette)} colours")
+    if misfits:
+        log.warning("%s: %s for its %d classes (rows of decode_head.conv_seg.weight); not used", source,
+                    " and ".join(misfits), num_classes)
     return out
 
 

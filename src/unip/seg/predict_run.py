@@ -146,8 +146,8 @@ def kind_of(path: str) -> Optional[str]:
 def find_sources(inputs: Sequence[str], exclude: Optional[str] = None) -> Tuple[List[Source], List[Failure]]:
     """The images and videos that ``inputs`` name (files, or folders searched recursively, in sorted order,
     skipping ``exclude`` (the output folder), its output subfolders (``label/``, ``color/``, ... when it is
-    an input itself) and those of earlier runs found inside (``is_predict_output``), and files that are neither),
-    with output names (module docstring).
+    an input itself) and those of earlier runs found inside (``is_predict_output``), and files that are neither:
+    counted, except earlier runs' ``areas.csv`` / ``areas.json``), with output names (module docstring).
 
     A file reached more than once (the same file named twice, overlapping globs or folders: one resolved path)
     is predicted once, under the name of its first mention. Videos are opened: one named on the command line
@@ -220,11 +220,12 @@ def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure], 
             if is_predict_output(sub):  # another --out of an earlier run: its outputs are not read either
                 earlier.append(sub)
                 skip.update(os.path.realpath(os.path.join(sub, fmt)) for fmt in FORMATS)
+        reports = JSON_FILE in files and is_predict_output(root)  # an earlier run's areas.csv / areas.json: ours
         for filename in sorted(files):
             path = os.path.join(root, filename)
             kind = kind_of(path)
             if kind is None:
-                others += 1
+                others += not (reports and filename in (CSV_FILE, JSON_FILE))
                 continue
             if _repeated(path, seen, repeated):
                 continue
