@@ -418,7 +418,7 @@ def test_a_new_run_into_another_runs_folder_is_refused_naming_the_fixes(tmp_path
     out = tmp_path / "run"
     train_task(ToySegmentation(), _config(out, **{"optim.iterations": 4, "run.save_every_steps": 2}))
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    with pytest.raises(ConfigError, match=r"run already holds another run \(training states up to step 4 .*"
+    with pytest.raises(ConfigError, match=r"run already holds an earlier run \(training states up to step 4 .*"
                        r"--resume auto to continue it, choose another --out, or delete .*checkpoints"):
         train_task(ToySegmentation(), _config(out, **{"optim.iterations": 4}))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing deleted

@@ -397,7 +397,7 @@ def refuse_other_run(output: Union[str, Path], model_file: Optional[str] = None)
         return
     found = f"training states up to step {checkpointing.state_step(latest)}" if latest is not None \
         else f"a best model ({', '.join(best)})"
-    raise ConfigError(f"{output} already holds another run ({found} in {ckpt_dir}); pass --resume auto to "
+    raise ConfigError(f"{output} already holds an earlier run ({found} in {ckpt_dir}); pass --resume auto to "
                       f"continue it, choose another --out, or delete {ckpt_dir}")
 
 
