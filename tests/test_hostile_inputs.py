@@ -872,6 +872,9 @@ CASES: List[Case] = [
     Case("sweep run: block 0", lambda a: a.sweep(sweep=a.sweep_file(protocols={"layerwise": {"layers": [0]}},
                                                                       analysis={"images": a.images})),
          match="layers must be 'all' or a list"),
+    Case("sweep run: block 13 of a 12-block backbone", lambda a: a.sweep(sweep=a.sweep_file(
+         protocols={"layerwise": {"layers": [4, 13]}}, analysis={"images": a.images})),
+         match=r"block 13 of backbone 'A', whose architecture \(unip_vit_tiny_patch16\) has blocks 1..12"),
     Case("sweep run: layer-wise without analysis", lambda a: a.sweep(sweep=a.sweep_file(
          protocols={"layerwise": {"layers": [2]}})), match="needs an 'analysis:'"),
     Case("sweep run: protocol names an unknown backbone", lambda a: a.sweep(sweep=a.sweep_file(

@@ -436,6 +436,24 @@ def test_report_shows_no_average_while_a_planned_data_set_has_no_result(data, tm
     assert report.rows[0].average == {"ft": None, "lp": 30.0}
 
 
+def test_report_tells_a_cell_stopped_part_way_from_one_never_started(data, tmp_path):
+    """A cell a killed sweep had started (its record: runs 1, no metrics.json) is "not finished", not "not run"."""
+    from unip.sweep.state import read_state, write_state
+
+    out = tmp_path / "out"
+    _hand_made_folder(out, _hand_made_sweep(tmp_path, data), {"a/d1/ft-seed0": 50.0})
+    state = read_state(out)
+    state["jobs"]["a/d2/ft-seed0"] = {"kind": "cell", "folder": "cells/a/d2/ft-seed0", "backbone": "A",
+                                      "dataset": "D2", "protocol": "ft", "layer": None, "seed": 0,
+                                      "status": "interrupted", "runs": 1}
+    write_state(out, state)
+    _, markdown, _, _ = _table(out)
+    assert "`a/d2/ft-seed0`: not finished" in markdown and "`a/d1/lp-seed0`: not run" in markdown
+    status = {r["job"]: r["status"] for r in csv.DictReader(open(out / "report" / "cells.csv"))}
+    assert status == {"a/d1/ft-seed0": "done", "a/d1/lp-seed0": "not run", "a/d2/ft-seed0": "not finished",
+                      "a/d2/lp-seed0": "not run"}
+
+
 def test_an_only_run_records_what_it_ran_and_the_average_waits_for_the_rest(data, tmp_path):
     """`unip sweep run --only '*/d1/*'` (its cells finished: metrics.json written by hand rather than trained, so
     that the run only finds them) records D1's cells; the report still plans D2, so there is no average until a

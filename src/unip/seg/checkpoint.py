@@ -258,6 +258,6 @@ def describe_segmentor(path: PathLike) -> str:
              f"parameters:    {total / 1e6:.2f} M (backbone {backbone_params / 1e6:.2f} M, "
              f"neck and heads {(total - backbone_params) / 1e6:.2f} M)",
              f"from:          {meta.get('source_format', 'unip metadata')}"]
-    shown = ("crop_size", "stride", "dataset", "pretrained", "train")
+    shown = ("crop_size", "stride", "dataset", "pretrained", "train", "training_state")
     lines += [f"{key + ':':<14} {meta[key]}" for key in shown if key in meta]
     return "\n".join(lines)

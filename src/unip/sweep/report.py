@@ -62,6 +62,7 @@ class CellResult:
     folder: Path
     metrics: Optional[Dict[str, Any]]
     error: Optional[str]
+    started: bool = False  # a sweep started it (its record's runs): killed or stopped part-way, or still running
 
     @property
     def miou(self) -> Optional[float]:
@@ -69,7 +70,9 @@ class CellResult:
 
     @property
     def status(self) -> str:
-        return "done" if self.metrics is not None else ("failed" if self.error else "not run")
+        if self.metrics is not None:
+            return "done"
+        return "failed" if self.error else ("not finished" if self.started else "not run")
 
 
 @dataclass
@@ -121,7 +124,8 @@ def collect(sweep_dir: PathLike) -> Collected:
         cell_folder = folder / CELLS_DIR / cell.id
         metrics = read_json(cell_folder / METRICS_FILE) if cell_finished(cell_folder) else None
         cells.append(CellResult(cell.id, cell.backbone.name, cell.dataset.name, cell.protocol, cell.layer, cell.seed,
-                                cell_folder, metrics, None if metrics else record.get("error")))
+                                cell_folder, metrics, None if metrics else record.get("error"),
+                                started=bool(record.get("runs"))))
     planned = {cell.id for cell in cells}
     left_out = sorted(job_id for job_id, record in records.items()
                       if isinstance(record, dict) and record.get("kind") == "cell" and job_id not in planned)

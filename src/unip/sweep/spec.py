@@ -293,6 +293,11 @@ def plan_cells(sweep: Sweep) -> List[Cell]:
                 if protocol.kind == "layerwise":
                     depth = int(preset_config(backbone.architecture)["depth"])
                     layers: Sequence[Optional[int]] = protocol.layers or range(1, depth + 1)
+                    if max(layers) > depth:
+                        raise ConfigError(f"{sweep.file}: protocols.layerwise: block {max(layers)} of backbone "
+                                          f"{printable(backbone.name)!r}, whose architecture "
+                                          f"({backbone.architecture}) has blocks 1..{depth}; fix its layers "
+                                          "(or limit the protocol with backbones:)")
                 else:
                     layers = [None]
                 extra = (f"model.backbone={SIZES[backbone.size]}",) if backbone.source.lower() == RANDOM_INIT else ()
