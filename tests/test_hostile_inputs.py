@@ -881,7 +881,7 @@ CASES: List[Case] = [
          protocols={"ft": {"backbones": ["Z"]}})), match="'Z', which is not in"),
     Case("sweep run: seeds of text", lambda a: a.sweep(sweep=a.sweep_file(seeds=["a"])), match="seeds"),
     Case("sweep run: unknown preset", lambda a: a.sweep(sweep=a.sweep_file(preset="nope")),
-         match="cell a/d/ft-seed0: unknown finetune preset 'nope'"),
+         match="s.yaml: cell a/d/ft-seed0: unknown finetune preset 'nope'"),
     Case("sweep run: preset template with {model}", lambda a: a.sweep(sweep=a.sweep_file(preset="{model}")),
          match="only {dataset} and {size}"),
     Case("sweep run: unknown setting", lambda a: a.sweep(sweep=a.sweep_file(set={"optim.bogus": 1})),

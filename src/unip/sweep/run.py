@@ -76,11 +76,14 @@ class Job:
 
 def cell_jobs(sweep: Sweep, out: Path) -> List[Job]:
     """The cells of ``sweep`` as jobs writing under ``out/cells/``; every cell's settings are resolved (and so
-    checked) here. Raises ``ConfigError`` naming the cell."""
+    checked) here. Raises ``ConfigError`` naming the sweep file and the cell."""
     jobs = []
     for cell in plan_cells(sweep):
         folder = out / CELLS_DIR / cell.id
-        cell.config(str(folder))
+        try:
+            cell.config(str(folder))
+        except ConfigError as err:  # the cell's settings come from several entries of the file: name it
+            raise ConfigError(f"{sweep.file}: {err}") from None
         coordinates = {"backbone": cell.backbone.name, "dataset": cell.dataset.name, "protocol": cell.protocol,
                        "layer": cell.layer, "seed": cell.seed}
         jobs.append(Job(cell.id, "cell", folder, cell.finetune_args(str(folder)), coordinates, cell))
