@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from unip.data.images import ImageReadError, read_gray
+from unip.data.images import ImageReadError, read_gray, walk_once
 from unip.data.layouts import IMAGE_SUFFIXES
 from unip.data.transforms import INFMIX_MEAN, INFMIX_STD
 from unip.errors import ConfigError, DataError
@@ -67,15 +67,9 @@ def list_images(folder: str, limit: Optional[int] = None, exclude: Optional[str]
                         f"(--images {os.path.dirname(folder) or '.'})")
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: image folder does not exist; pass --images DIR with jpg/png/bmp/tiff files")
-    walked = {os.path.realpath(exclude)} - {os.path.realpath(folder)} if exclude else set()
     found: List[str] = []
-    for top, dirs, files in os.walk(folder, followlinks=True):  # a linked-in folder of frames counts too
-        if os.path.realpath(top) in walked:  # reached again through a link (or a link loop): once is enough
-            dirs.clear()
-            continue
-        walked.add(os.path.realpath(top))
-        dirs.sort()
-        found += [os.path.join(top, f) for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+    for top, _, files in walk_once(folder, {os.path.realpath(exclude)} if exclude else set()):
+        found += [os.path.join(top, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
     if not found:
         raise DataError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return found[:limit] if limit else found

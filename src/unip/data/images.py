@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Callable, Optional, Tuple
+from typing import AbstractSet, Callable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -228,3 +228,18 @@ def resize_short_side(gray: np.ndarray, short_side: int) -> np.ndarray:
         return gray
     resized = Image.fromarray(gray).resize((new_w, new_h), Image.Resampling.BICUBIC)
     return np.array(resized, dtype=np.uint8)
+
+
+def walk_once(folder: str, skip: AbstractSet[str] = frozenset()) -> Iterator[Tuple[str, List[str], List[str]]]:
+    """``os.walk(folder)`` that follows linked subfolders and walks each real folder once (one reached again
+    through a link, or a link loop, is not entered), with subfolders and files sorted. Subfolders whose real path
+    is in ``skip`` are not entered; the caller may add to ``skip`` while walking, or prune the yielded subfolders."""
+    walked: Set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:
+            dirs.clear()
+            continue
+        walked.add(real)
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skip)
+        yield root, dirs, sorted(files)

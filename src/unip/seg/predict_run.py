@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from unip.atomic import atomic_write_text
-from unip.data.images import ImageReadError, read_rgb
+from unip.data.images import ImageReadError, read_rgb, walk_once
 from unip.data.layouts import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from unip.data.parallel import default_workers, thread_map
 from unip.errors import ConfigError, DataError
@@ -207,21 +207,14 @@ def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure], 
         if exclude else set()
     found: List[Source] = []
     others = 0
-    searched: Set[str] = set()  # linked subfolders are followed; one reached again (a loop) is not searched twice
     earlier: List[str] = []  # subfolders that an earlier run wrote into (another --out)
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in searched:
-            dirs[:] = []
-            continue
-        searched.add(real)
-        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skip)
+    for root, dirs, files in walk_once(folder, skip):  # linked subfolders too, each real folder once
         for sub in (os.path.join(root, d) for d in dirs):
             if is_predict_output(sub):  # another --out of an earlier run: its outputs are not read either
                 earlier.append(sub)
                 skip.update(os.path.realpath(os.path.join(sub, fmt)) for fmt in FORMATS)
         reports = JSON_FILE in files and is_predict_output(root)  # an earlier run's areas.csv / areas.json: ours
-        for filename in sorted(files):
+        for filename in files:
             path = os.path.join(root, filename)
             kind = kind_of(path)
             if kind is None:
