@@ -7,14 +7,12 @@
 #   e2e:  CUDA tests (FP8, analysis, the tanh-GELU epilogue, the sync-free step), then `unip pretrain` end to
 #         end on the generated pack (made first if missing; batch 256, 14 workers, bf16 and FP8 teacher), images/s
 #         read from its own log.jsonl
-#   next: what a 15-minute device session should run first (about 8 min; all in $OUT/results.tgz): the end-to-end
-#         `unip pretrain` run (bf16 teacher only; each step's loss now read after the next step is queued), the
-#         step (release against ours+compile and ours+compile+tanh: the teacher's tanh GELU in its fc1 products'
-#         epilogue; 5 steps per block, host syncs per step counted) with a profile of
-#         ours+compile (profile_ours_compile.txt: device-busy share, top kernels, products by shape), then the
-#         same rows alternating every step (--consecutive 1, as the numbers before the loss gate were taken)
-#   extra: (about 5 min) `unip pretrain` end to end with --teacher-gelu tanh, and the step with CUDA graphs
-#         (--compile-mode reduce-overhead)
+#   next: what a 15-minute device session should run first (about 8 min; all in $OUT/results.tgz): `unip
+#         pretrain` end to end with the defaults, a log record per step and dynamo's recompile log (its start-up
+#         took 50-86 s on 2026-11-27 against 4.5 s the day before: where does it go?), then end to end with CUDA
+#         graphs (run.compile_mode=reduce-overhead: 1.67x the release's step, not yet run end to end)
+#   extra: (about 5 min, on the same warm machine) end to end with CUDA graphs and --teacher-gelu tanh, and the
+#         step of ours+compile with CUDA graphs profiled
 #   trial NAME SECONDS ARGS...: one run of benchmarks/pretrain_throughput.py (batch 256) with ARGS, into
 #         results.tgz, e.g. `trial step 100 --rows release,ours+compile --profile ours+compile`
 #   seg:  UNIP-S segmentation at 512 px (benchmarks/seg_throughput.py): fine-tuning step images/s and bf16/fp16
@@ -92,39 +90,46 @@ e2e() {  # e2e [teachers...]: default bf16 and fp8
   done
 }
 
-e2e_run() {  # e2e_run TEACHER_PRECISION SECONDS [GELU]: `unip pretrain` on the pack, images/s from its log.jsonl
-  local teacher=$1 gelu=${3:-exact}
+e2e_run() {  # e2e_run TEACHER_PRECISION SECONDS [GELU [COMPILE_MODE [LOG_EVERY]]]: `unip pretrain` on the pack,
+  # images/s from its log.jsonl; its output (dynamo's recompiles with TORCH_LOGS=recompiles) in e2e_NAME.log
+  local teacher=$1 gelu=${3:-exact} mode=${4:-default} every=${5:-10}
   [ "$gelu" = exact ] || teacher=${teacher}_$gelu
+  [ "$mode" = default ] || teacher=${teacher}_$mode
+  rm -rf "$W/run_$teacher"
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 1000 > "$OUT/smi_$teacher.csv" &
   local smi=$!
   timeout "$2" python3 -m unip.cli pretrain mae-l_unip-s --teacher "$W/vitl.safetensors" --data "$W/pack" \
     --out "$W/run_$teacher" --epochs 2 --batch-size 256 --accum-iter 1 --set optim.effective_batch=null \
-    --workers 14 --teacher-precision "$1" --teacher-gelu "$gelu" --set run.log_every=10 \
-    --set run.progress=false --set run.save_every_steps=0 2>&1 | grep -v Warning | tail -5
+    --workers 14 --teacher-precision "$1" --teacher-gelu "$gelu" --set run.log_every="$every" \
+    --set run.compile_mode="$mode" --set run.progress=false --set run.save_every_steps=0 2>&1 \
+    | while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done > "$OUT/e2e_$teacher.log"
+  grep -v Warning "$OUT/e2e_$teacher.log" | tail -4
   kill $smi
   cp "$W/run_$teacher/log.jsonl" "$OUT/e2e_$teacher.jsonl"
   python3 - "$OUT/e2e_$teacher.jsonl" <<'PY' | tee -a "$OUT/e2e.txt"
 import json, statistics, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if '"images_per_s"' in line]
-rates = [r["images_per_s"] for r in rows[2:]]  # the first windows include compilation
+records = [json.loads(line) for line in open(sys.argv[1])]
+rows = [r for r in records if "images_per_s" in r]
+skip = max(2, len(rows) // 8)  # the first windows include compilation
+rates = [r["images_per_s"] for r in rows[skip:]]
 print(sys.argv[1], "windows", len(rows), "median images/s after warm-up",
       round(statistics.median(rates), 1) if rates else None, "last loss", rows[-1]["loss"] if rows else None)
+print("  seconds after setup at steps", [(r["step"], round(r["time"] - records[0]["time"], 1)) for r in rows[:12]])
 PY
 }
 
 next() {
   env_info "$R/env.txt"
   prepare "$R"; save
-  OUT=$R e2e_run bf16 110; save
-  trial step 170 --rows release,ours+compile,ours+compile+tanh --count-syncs --profile ours+compile
-  trial step_alternating 110 --rows release,ours+compile --consecutive 1 --steps 8
+  TORCH_LOGS=recompiles OUT=$R e2e_run bf16 200 exact default 1; save
+  OUT=$R e2e_run bf16 170 exact reduce-overhead; save
 }
 
-extra() {  # after next, if the session has time left: end to end with the tanh GELU, the step with CUDA graphs
+extra() {  # after next, on the same warm machine: CUDA graphs and the tanh GELU end to end, the graphed step profiled
   env_info "$R/env.txt"
   prepare "$R"; save
-  OUT=$R e2e_run bf16 110 tanh; save
-  trial step_cudagraphs 170 --rows release,ours+compile --compile-mode reduce-overhead
+  OUT=$R e2e_run bf16 170 tanh reduce-overhead; save
+  trial step_cudagraphs 170 --rows release,ours+compile --compile-mode reduce-overhead --profile ours+compile
 }
 
 trial() {  # trial NAME SECONDS ARGS...: the step benchmark (batch 256) in its own process, into $R/NAME.{txt,json}

@@ -63,6 +63,7 @@ from unip.distill.teacher import Teacher
 from unip.distill.train import StudentLogits, freeze_unused, mask_key_bias_grads
 from unip.engine.loop import LossGate, Precision, cpu_has_native_bf16, train_step
 from unip.engine.optim import build_adamw
+from unip.engine.trainer import COMPILE_MODES, compile_options as run_compile_options
 from unip.models import create_model
 from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import PatchEmbed, VisionTransformer
@@ -275,7 +276,7 @@ def profile_step(name: str, step: Step, images: Tensor, steps: int, out: str, tr
 
 
 def compile_options(args: argparse.Namespace) -> Dict[str, object]:
-    options: Dict[str, object] = {"mode": args.compile_mode} if args.compile_mode else {}
+    options: Dict[str, object] = run_compile_options({"compile_mode": args.compile_mode})  # as unip pretrain's
     if args.compile_static:  # teacher and student blocks differ in width and heads: dynamo would go dynamic
         options["dynamic"] = False
     return options
@@ -338,8 +339,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--layer", type=int, default=18)
     parser.add_argument("--student", default="unip_vit_small_patch16")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled rows, e.g. "
-                                                             "max-autotune-no-cudagraphs (default: torch's)")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile mode of the compiled rows, as run.compile_mode (reduce-overhead: CUDA "
+                             "graphs)")
     parser.add_argument("--compile-static", action="store_true",
                         help="compile with dynamic=False (static shapes for teacher and student blocks)")
     parser.add_argument("--fp8-compile", action="store_true",

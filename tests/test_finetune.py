@@ -258,6 +258,23 @@ def test_bf16_on_a_cpu_follows_the_fp32_run(assets, tmp_path, one_thread):
         assert bf16 == pytest.approx(fp32, rel=0.1)
 
 
+def test_compile_mode_reaches_the_compiled_backbone(assets, tmp_path, one_thread, monkeypatch, capsys):
+    """``run.compile_mode`` is the ``torch.compile`` mode of the backbone's blocks; an unknown mode is refused."""
+    modes = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, **options):
+        modes.append(options.pop("mode", "default"))
+        return real_compile(fn, backend="eager", **options)  # Inductor would take minutes on 2 cores
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    assert cli.main(_args(assets, tmp_path / "run", "--iterations", "2", "--set", "run.eval_every=2",
+                          "--set", "run.compile=true", "--set", "run.compile_mode=max-autotune-no-cudagraphs")) == 0
+    assert len(modes) >= DEPTH and set(modes) == {"max-autotune-no-cudagraphs"}
+    assert cli.main(_args(assets, tmp_path / "bad", "--set", "run.compile_mode=fast")) == 2
+    assert "run.compile_mode" in capsys.readouterr().err
+
+
 def test_random_initialisation_is_said_clearly(assets, tmp_path, one_thread, capsys):
     out = tmp_path / "random"
     argv = _args(assets, out, "--iterations", "2", "--set", "run.eval_every=0", "--set", "optim.warmup_iterations=1")

@@ -193,8 +193,33 @@ def test_a_compiled_teacher_is_recorded_with_pytorchs_kernel(monkeypatch):
     task.teacher = Teacher(create_model("vit_small_patch16", depth=3, embed_dim=64, num_heads=4, img_size=64), 2)
     use_onednn_linears(task.teacher.model, "onednn")
     student = create_model("vit_small_patch16", depth=2, embed_dim=64, num_heads=2, img_size=64)
-    task.compile(StudentLogits(student), student)
+    task.compile(StudentLogits(student), student, {})
     assert linear_kernel(task.teacher) == "default"
+
+
+def test_compile_mode_reaches_every_compiled_part(assets, tmp_path, monkeypatch):
+    """``run.compile_mode`` (e.g. ``reduce-overhead``: CUDA graphs, docs/pretrain.md) is the mode of every
+    ``torch.compile`` the run makes: the student's and the teacher's blocks and distilled logits, and the loss;
+    another value is refused with the choices."""
+    from unip.errors import ConfigError
+
+    modes = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, **options):
+        modes.append(options.pop("mode", "default"))
+        return real_compile(fn, backend="eager", **options)  # Inductor would take minutes on 2 cores
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    train(make_config("toy", values={
+        "teacher.source": str(assets / "teacher.safetensors"), "teacher.layer": TEACHER_LAYER,
+        "data.path": str(assets / "images"), "run.output": str(tmp_path / "run"), "run.progress": False,
+        "student.depth": 2, "student.embed_dim": 64, "student.num_heads": 2, "optim.epochs": 1,
+        "run.compile": True, "run.compile_mode": "reduce-overhead"}))
+    # student: 2 blocks + logits; teacher: 2 blocks run (it stops at layer 2) + its logits; the loss
+    assert len(modes) >= 7 and set(modes) == {"reduce-overhead"}
+    with pytest.raises(ConfigError, match="run.compile_mode.*reduce-overhead"):
+        make_config("toy", ("run.compile_mode=fast",))
 
 
 def test_bf16_on_a_cpu_follows_the_fp32_run(assets, tmp_path):

@@ -33,7 +33,8 @@ from unip.engine.config import Config, Rule, build_config, flag, integer, number
 from unip.engine.distributed import DistInfo, all_reduce_sum
 from unip.engine.logging import LOG_FILE, last_logged
 from unip.engine.loop import PRECISIONS, Precision
-from unip.engine.trainer import CHECKPOINT_DIR, Task, TrainContext, batch_plan, settle_accumulation, train_task
+from unip.engine.trainer import (CHECKPOINT_DIR, COMPILE_MODES, Task, TrainContext, batch_plan, settle_accumulation,
+                                 train_task)
 from unip.errors import CheckpointError, ConfigError
 from unip.fingerprint import listing_fingerprint
 from unip.models import create_model, list_models, preset_config
@@ -56,12 +57,13 @@ DEFAULTS: Config = {
               "batch_size": 256, "accum_iter": None, "effective_batch": None, "weight_decay": 0.05,
               "betas": [0.9, 0.95], "clip_grad": None, "fused": None},
     "loss": {"kind": "kl", "temperature": 1.0},
-    # compile: auto = torch.compile on CUDA (measured faster there), eager on CPU
+    # compile: auto = torch.compile on CUDA (measured faster there), eager on CPU; compile_mode: torch.compile's mode
     # teacher_precision: auto = bf16 weights under bf16 autocast, else fp32; fp8 = torchao on Ada/Hopper
     # teacher_gelu: exact (the model's) or tanh (the approximation; a bf16 teacher on CUDA fuses it into fc1)
     "run": {"output": "runs/pretrain", "seed": 0, "device": "auto", "precision": "auto", "compile": "auto",
-            "teacher_precision": "auto", "teacher_gelu": "exact", "save_every_epochs": 10, "save_every_steps": 0,
-            "keep_checkpoints": 2, "log_every": 20, "resume": None, "progress": True, "allow_changed_config": False},
+            "compile_mode": "default", "teacher_precision": "auto", "teacher_gelu": "exact", "save_every_epochs": 10,
+            "save_every_steps": 0, "keep_checkpoints": 2, "log_every": 20, "resume": None, "progress": True,
+            "allow_changed_config": False},
     "debug": {"nan_at_step": None, "step_delay": 0.0},
 }
 
@@ -83,7 +85,8 @@ RULES: Dict[str, Rule] = {
     "optim.fused": Rule("bool", null=True),
     "loss.kind": text(*LOSS_KINDS), "loss.temperature": number(gt=0, le=100),
     "run.output": text(), "run.seed": integer(0, 2**63 - 1), "run.device": text(), "run.precision": text(*PRECISIONS),
-    "run.compile": Rule("bool", words=("auto",)), "run.teacher_precision": text("auto", *TEACHER_PRECISIONS),
+    "run.compile": Rule("bool", words=("auto",)), "run.compile_mode": text(*COMPILE_MODES),
+    "run.teacher_precision": text("auto", *TEACHER_PRECISIONS),
     "run.teacher_gelu": text(*TEACHER_GELUS),
     "run.allow_changed_config": flag(), "run.save_every_epochs": integer(0, 100_000),
     "run.save_every_steps": integer(0),
@@ -306,14 +309,14 @@ class NmiHadTask(Task):
                                                        ctx.precision, weights)  # bf16: half the memory
         self.distill_loss = attention_distill_loss
 
-    def compile(self, module: nn.Module, model: nn.Module) -> nn.Module:
+    def compile(self, module: nn.Module, model: nn.Module, options: Dict[str, Any]) -> nn.Module:
         """Regional compilation: the student's and the teacher's blocks (one graph per distinct block) and the
         loss. An FP8 teacher stays eager (dynamo fails on torchao's FP8 tensors with torch 2.11 / ao 0.18)."""
-        model.compile_blocks()  # type: ignore[operator]
+        model.compile_blocks(**options)  # type: ignore[operator]
         if self.teacher.precision != "fp8":
             use_onednn_linears(self.teacher.model, "default")  # compiled graphs pick their own kernels
-            self.teacher.model.compile_blocks()
-        self.distill_loss = torch.compile(attention_distill_loss)
+            self.teacher.model.compile_blocks(**options)
+        self.distill_loss = torch.compile(attention_distill_loss, **options)
         return module
 
     def build_model(self, ctx: TrainContext) -> VisionTransformer:

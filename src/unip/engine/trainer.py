@@ -89,6 +89,7 @@ RUN_DEFAULTS: Config = {
     "device": "auto",             # auto, cpu, cuda, cuda:N
     "precision": "auto",          # auto (bf16, else fp16, on CUDA; fp32 on CPU), fp32, bf16 (also on CPU), fp16
     "compile": "auto",            # torch.compile (Task.compile): true, false, or auto = on CUDA only
+    "compile_mode": "default",    # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
     "save_every_epochs": 1,       # training state at the end of every N-th epoch (0: never)
     "save_every_steps": 0,        # training state every N optimiser steps (0: never); always at the end
     "keep_checkpoints": 2,        # newest step-*.pt kept (best.* are never pruned)
@@ -131,6 +132,19 @@ def run_settings(config: Config) -> Tuple[Config, Config, Config]:
     """``(run, optim, debug)`` sections of ``config`` completed with the trainer's defaults."""
     return ({**RUN_DEFAULTS, **config.get("run", {})}, {**OPTIM_DEFAULTS, **config.get("optim", {})},
             {**DEBUG_DEFAULTS, **config.get("debug", {})})
+
+
+#: ``run.compile_mode`` values: torch.compile's modes (``reduce-overhead`` replays CUDA graphs; on a CPU it is
+#: the default mode).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_options(run: Config) -> Dict[str, Any]:
+    """``torch.compile`` keyword arguments for ``run.compile_mode`` (none for ``default``)."""
+    mode = run.get("compile_mode", "default")
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"run.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return {} if mode == "default" else {"mode": mode}
 
 
 def use_compile(setting: Any, device: torch.device) -> bool:
@@ -300,10 +314,11 @@ class Task:
         ``no_weight_decay()`` names) with ``lr_scale`` per parameter."""
         return param_groups(model, weight_decay, self.lr_scale)
 
-    def compile(self, module: nn.Module, model: nn.Module) -> nn.Module:
-        """With ``run.compile``: the (DDP-wrapped) training ``module`` to call in ``loss``, compiled. Default:
-        ``torch.compile(module)``; a task may compile parts of ``model`` in place instead and return ``module``."""
-        return torch.compile(module)
+    def compile(self, module: nn.Module, model: nn.Module, options: Dict[str, Any]) -> nn.Module:
+        """With ``run.compile``: the (DDP-wrapped) training ``module`` to call in ``loss``, compiled with
+        ``torch.compile`` keyword ``options`` (``run.compile_mode``). Default: ``torch.compile(module, **options)``;
+        a task may compile parts of ``model`` in place instead and return ``module``."""
+        return torch.compile(module, **options)
 
     def train_dataset(self, ctx: TrainContext) -> Dataset:
         """The training set; its items go through ``train_collate()``. Random augmentations are seeded per
@@ -426,8 +441,8 @@ class Trainer:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(
                 self.wrapped, device_ids=ids, find_unused_parameters=task.find_unused_parameters)
-        self.forward = task.compile(self.wrapped, self.model) if use_compile(self.run["compile"], dist.device) \
-            else self.wrapped
+        compiled = use_compile(self.run["compile"], dist.device)
+        self.forward = task.compile(self.wrapped, self.model, compile_options(self.run)) if compiled else self.wrapped
         groups = task.param_groups(self.model, float(self.optim["weight_decay"]), ctx)
         self.optimizer = adamw(groups, peak_lr, tuple(self.optim["betas"]), self.optim["fused"])
         self.scaler = precision.grad_scaler()

@@ -35,7 +35,7 @@ from unip.engine.config import Config, Rule, build_config, flag, integer, number
 from unip.engine.distributed import cleanup, init_distributed, unwrap_model
 from unip.engine.loop import PRECISIONS
 from unip.engine.schedule import SCHEDULES
-from unip.engine.trainer import Task, TrainContext, Trainer, run_settings, settle_accumulation
+from unip.engine.trainer import COMPILE_MODES, Task, TrainContext, Trainer, run_settings, settle_accumulation
 from unip.errors import ConfigError, DataError
 from unip.fingerprint import listing_fingerprint, weights_fingerprint
 from unip.models import list_models
@@ -91,8 +91,8 @@ DEFAULTS: Config = {
               "batch_size": 4, "accum_iter": None, "effective_batch": 8, "weight_decay": 0.05,
               "betas": [0.9, 0.999], "clip_grad": None, "fused": None},
     "run": {"output": "runs/finetune", "seed": 0, "device": "auto", "precision": "fp16", "compile": "auto",
-            "save_every_epochs": 0, "save_every_steps": 800, "keep_checkpoints": 2, "log_every": 50,
-            "resume": None, "progress": True, "allow_changed_config": False, "eval_every": 800,
+            "compile_mode": "default", "save_every_epochs": 0, "save_every_steps": 800, "keep_checkpoints": 2,
+            "log_every": 50, "resume": None, "progress": True, "allow_changed_config": False, "eval_every": 800,
             "best_metric": "mIoU", "best_mode": "max"},
     "debug": {"nan_at_step": None, "step_delay": 0.0},
 }
@@ -120,7 +120,8 @@ RULES: Dict[str, Rule] = {
     "optim.betas": numbers(2, ge=0, lt=1), "optim.clip_grad": number(gt=0, null=True),
     "optim.fused": Rule("bool", null=True),
     "run.output": text(), "run.seed": integer(0, 2**63 - 1), "run.device": text(), "run.precision": text(*PRECISIONS),
-    "run.compile": Rule("bool", words=("auto",)), "run.save_every_epochs": integer(0, 100_000),
+    "run.compile": Rule("bool", words=("auto",)), "run.compile_mode": text(*COMPILE_MODES),
+    "run.save_every_epochs": integer(0, 100_000),
     "run.save_every_steps": integer(0), "run.keep_checkpoints": integer(1, 10_000), "run.log_every": integer(1),
     "run.resume": text(null=True), "run.progress": flag(), "run.allow_changed_config": flag(),
     "run.eval_every": integer(0), "run.best_metric": text("mIoU", "mAcc", "aAcc", null=True),
@@ -307,9 +308,9 @@ class SegmentationTask(Task):
         """Layer-wise lr decay (fine-tuning; DESIGN.md §4): ``rate ** (depth + 1 - layer_id(name))``; 1 for probes."""
         return self.lr_scale_fn(name) if self.lr_scale_fn is not None else 1.0
 
-    def compile(self, module: nn.Module, model: nn.Module) -> nn.Module:
+    def compile(self, module: nn.Module, model: nn.Module, options: Dict[str, Any]) -> nn.Module:
         """Regional compilation of the backbone's blocks (one graph for all of them); neck and heads stay eager."""
-        model.backbone.compile_blocks()  # type: ignore[operator, union-attr]
+        model.backbone.compile_blocks(**options)  # type: ignore[operator, union-attr]
         return module
 
     # ---------------------------------------------------------------------------- loss and evaluation
