@@ -68,11 +68,12 @@ step() {
     | grep -v Warning | tee "$OUT/step.txt"
 }
 
-prepare() {  # prepare DIR: the pack (made in the background), the CUDA tests meanwhile, a random ViT-L teacher
+prepare() {  # prepare DIR: the pack (made in the background), the CUDA tests meanwhile (once), a random ViT-L teacher
   make_data > "$1/data.txt" 2>&1 &
   local data=$!
-  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_analysis.py \
-    tests/test_distill_teacher.py tests/test_engine.py -k "fp8 or cuda" \
+  [ -f "$1/cuda_tests.txt" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py \
+    tests/test_analysis.py tests/test_distill_teacher.py tests/test_engine.py tests/test_pretrain.py \
+    -k "fp8 or cuda" \
     2>&1 | tail -3 | tee "$1/cuda_tests.txt"
   [ -f "$W/vitl.safetensors" ] || python3 -c "
 from unip.checkpoint import save_checkpoint; from unip.models import create_model

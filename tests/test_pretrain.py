@@ -222,6 +222,27 @@ def test_compile_mode_reaches_every_compiled_part(assets, tmp_path, monkeypatch)
         make_config("toy", ("run.compile_mode=fast",))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_give_the_compiled_runs_losses(assets, tmp_path):
+    """``run.compile_mode=reduce-overhead`` on CUDA: the compiled graphs replay as CUDA graphs through a whole run
+    (the loss gate's deferred reads, drop path, the optimiser), with the per-step losses of the default compiled
+    run."""
+    losses = {}
+    for mode in ("default", "reduce-overhead"):
+        out = tmp_path / mode
+        train(make_config("toy", values={
+            "teacher.source": str(assets / "teacher.safetensors"), "teacher.layer": TEACHER_LAYER,
+            "data.path": str(assets / "images"), "run.output": str(out), "run.progress": False,
+            "student.depth": 2, "student.embed_dim": 64, "student.num_heads": 2, "optim.epochs": 2,
+            "data.augment": False, "run.log_every": 1, "run.device": "cuda", "run.precision": "bf16",
+            "run.compile": True, "run.compile_mode": mode}))
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        losses[mode] = [r["loss"] for r in records if r.get("kind") == "train"]
+    assert len(losses["reduce-overhead"]) == len(losses["default"]) == 8
+    for default, graphed in zip(losses["default"], losses["reduce-overhead"]):
+        assert graphed == pytest.approx(default, rel=1e-2)
+
+
 def test_bf16_on_a_cpu_follows_the_fp32_run(assets, tmp_path):
     """``--precision bf16`` on a CPU: bf16 autocast and a bf16 teacher (about 2x faster where the CPU has bf16
     instructions, docs/pretrain.md), here with the teacher's tanh GELU (``run.teacher_gelu``); the per-step
