@@ -8,8 +8,9 @@
 #         end on the generated pack (made first if missing; batch 256, 14 workers, bf16 and FP8 teacher), images/s
 #         read from its own log.jsonl
 #   next: what a 15-minute device session should run first (about 8 min; all in $OUT/results.tgz): `unip
-#         pretrain` end to end with the defaults, a log record per step and dynamo's recompile log (its start-up
-#         took 50-86 s on 2026-11-27 against 4.5 s the day before: where does it go?), then end to end with CUDA
+#         pretrain` end to end with the defaults, a log record per step, dynamo's recompile log and every thread's
+#         stack each 10 s (its start-up took 50-86 s on 2026-11-27 against 4.5 s the day before: where does it
+#         go?), then end to end with CUDA
 #         graphs (run.compile_mode=reduce-overhead: 1.67x the release's step, not yet run end to end)
 #   extra: (about 5 min, on the same warm machine) end to end with CUDA graphs and --teacher-gelu tanh, and the
 #         step of ours+compile with CUDA graphs profiled
@@ -91,6 +92,10 @@ e2e() {  # e2e [teachers...]: default bf16 and fp8
   done
 }
 
+# python3 -m unip.cli; with STACKS=N set, every thread's Python stack also goes to stderr every N seconds
+STACK_DUMPS="import faulthandler, runpy, sys; faulthandler.dump_traceback_later(int(sys.argv.pop(1)), repeat=True)
+runpy.run_module('unip.cli', run_name='__main__', alter_sys=True)"
+
 e2e_run() {  # e2e_run TEACHER_PRECISION SECONDS [GELU [COMPILE_MODE [LOG_EVERY]]]: `unip pretrain` on the pack,
   # images/s from its log.jsonl; its output (dynamo's recompiles with TORCH_LOGS=recompiles) in e2e_NAME.log
   local teacher=$1 gelu=${3:-exact} mode=${4:-default} every=${5:-10}
@@ -99,7 +104,9 @@ e2e_run() {  # e2e_run TEACHER_PRECISION SECONDS [GELU [COMPILE_MODE [LOG_EVERY]
   rm -rf "$W/run_$teacher"
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 1000 > "$OUT/smi_$teacher.csv" &
   local smi=$!
-  timeout "$2" python3 -m unip.cli pretrain mae-l_unip-s --teacher "$W/vitl.safetensors" --data "$W/pack" \
+  local launcher
+  if [ -n "${STACKS:-}" ]; then launcher=(python3 -c "$STACK_DUMPS" "$STACKS"); else launcher=(python3 -m unip.cli); fi
+  timeout "$2" "${launcher[@]}" pretrain mae-l_unip-s --teacher "$W/vitl.safetensors" --data "$W/pack" \
     --out "$W/run_$teacher" --epochs 2 --batch-size 256 --accum-iter 1 --set optim.effective_batch=null \
     --workers 14 --teacher-precision "$1" --teacher-gelu "$gelu" --set run.log_every="$every" \
     --set run.compile_mode="$mode" --set run.progress=false --set run.save_every_steps=0 2>&1 \
@@ -122,7 +129,7 @@ PY
 next() {
   env_info "$R/env.txt"
   prepare "$R"; save
-  TORCH_LOGS=recompiles OUT=$R e2e_run bf16 200 exact default 1; save
+  STACKS=10 TORCH_LOGS=recompiles OUT=$R e2e_run bf16 200 exact default 1; save
   OUT=$R e2e_run bf16 170 exact reduce-overhead; save
 }
 
