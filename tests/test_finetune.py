@@ -28,6 +28,7 @@ from unip.seg.evaluation import EvalSettings, evaluate_split
 from unip.seg.results import read_metrics
 from unip.seg.train import DEFAULTS, RULES, SegmentationTask, finetune, make_config
 
+from compile_modes import record_compile_modes
 from killed_runs import kill_and_resume
 
 BIN = Path(sys.executable).parent
@@ -260,14 +261,7 @@ def test_bf16_on_a_cpu_follows_the_fp32_run(assets, tmp_path, one_thread):
 
 def test_compile_mode_reaches_the_compiled_backbone(assets, tmp_path, one_thread, monkeypatch, capsys):
     """``run.compile_mode`` is the ``torch.compile`` mode of the backbone's blocks; an unknown mode is refused."""
-    modes = []
-    real_compile = torch.compile
-
-    def recording_compile(fn, **options):
-        modes.append(options.pop("mode", "default"))
-        return real_compile(fn, backend="eager", **options)  # Inductor would take minutes on 2 cores
-
-    monkeypatch.setattr(torch, "compile", recording_compile)
+    modes = record_compile_modes(monkeypatch)
     assert cli.main(_args(assets, tmp_path / "run", "--iterations", "2", "--set", "run.eval_every=2",
                           "--set", "run.compile=true", "--set", "run.compile_mode=max-autotune-no-cudagraphs")) == 0
     assert len(modes) >= DEPTH and set(modes) == {"max-autotune-no-cudagraphs"}

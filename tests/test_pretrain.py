@@ -24,6 +24,7 @@ from unip.engine import checkpointing
 from unip.models import create_model
 from unip.models.cpu_linear import onednn_linear_available
 
+from compile_modes import record_compile_modes
 from killed_runs import kill_and_resume
 
 BIN = Path(sys.executable).parent
@@ -203,14 +204,7 @@ def test_compile_mode_reaches_every_compiled_part(assets, tmp_path, monkeypatch)
     another value is refused with the choices."""
     from unip.errors import ConfigError
 
-    modes = []
-    real_compile = torch.compile
-
-    def recording_compile(fn, **options):
-        modes.append(options.pop("mode", "default"))
-        return real_compile(fn, backend="eager", **options)  # Inductor would take minutes on 2 cores
-
-    monkeypatch.setattr(torch, "compile", recording_compile)
+    modes = record_compile_modes(monkeypatch)
     train(make_config("toy", values={
         "teacher.source": str(assets / "teacher.safetensors"), "teacher.layer": TEACHER_LAYER,
         "data.path": str(assets / "images"), "run.output": str(tmp_path / "run"), "run.progress": False,
