@@ -267,6 +267,12 @@ def test_compile_mode_reaches_the_compiled_backbone(assets, tmp_path, one_thread
     assert len(modes) >= DEPTH and set(modes) == {"max-autotune-no-cudagraphs"}
     assert cli.main(_args(assets, tmp_path / "bad", "--set", "run.compile_mode=fast")) == 2
     assert "run.compile_mode" in capsys.readouterr().err
+    # on a CPU run.compile=auto does not compile: the mode would be ignored, and the run says so
+    assert cli.main(_args(assets, tmp_path / "eager", "--iterations", "2", "--set", "run.eval_every=2",
+                          "--set", "run.compile_mode=reduce-overhead")) == 0
+    assert modes == ["max-autotune-no-cudagraphs"] * len(modes)  # nothing more was compiled
+    assert ("warning: run.compile_mode=reduce-overhead has no effect: this run is not compiled (run.compile=auto on "
+            "cpu); add --set run.compile=true") in capsys.readouterr().err
 
 
 def test_random_initialisation_is_said_clearly(assets, tmp_path, one_thread, capsys):

@@ -443,6 +443,9 @@ class Trainer:
                 self.wrapped, device_ids=ids, find_unused_parameters=task.find_unused_parameters)
         compiled = use_compile(self.run["compile"], dist.device)
         self.forward = task.compile(self.wrapped, self.model, compile_options(self.run)) if compiled else self.wrapped
+        if not compiled and self.run.get("compile_mode", "default") != "default":
+            self._warn(f"run.compile_mode={self.run['compile_mode']} has no effect: this run is not compiled "
+                       f"(run.compile={self.run['compile']} on {dist.device.type}); add --set run.compile=true")
         groups = task.param_groups(self.model, float(self.optim["weight_decay"]), ctx)
         self.optimizer = adamw(groups, peak_lr, tuple(self.optim["betas"]), self.optim["fused"])
         self.scaler = precision.grad_scaler()
