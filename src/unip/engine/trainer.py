@@ -141,7 +141,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 def compile_options(run: Config) -> Dict[str, Any]:
     """``torch.compile`` keyword arguments for ``run.compile_mode`` (none for ``default``)."""
-    mode = run.get("compile_mode", "default")
+    mode = run["compile_mode"]  # run_settings fills it in from RUN_DEFAULTS
     if mode not in COMPILE_MODES:
         raise ConfigError(f"run.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     return {} if mode == "default" else {"mode": mode}
@@ -443,7 +443,7 @@ class Trainer:
                 self.wrapped, device_ids=ids, find_unused_parameters=task.find_unused_parameters)
         compiled = use_compile(self.run["compile"], dist.device)
         self.forward = task.compile(self.wrapped, self.model, compile_options(self.run)) if compiled else self.wrapped
-        if not compiled and self.run.get("compile_mode", "default") != "default":
+        if not compiled and self.run["compile_mode"] != "default":
             self._warn(f"run.compile_mode={self.run['compile_mode']} has no effect: this run is not compiled "
                        f"(run.compile={self.run['compile']} on {dist.device.type}); add --set run.compile=true")
         groups = task.param_groups(self.model, float(self.optim["weight_decay"]), ctx)
