@@ -33,9 +33,8 @@ from unip.data.seg_transforms import seg_train_transform
 from unip.engine import checkpointing
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
 from unip.engine.distributed import cleanup, init_distributed, unwrap_model
-from unip.engine.loop import PRECISIONS
-from unip.engine.schedule import SCHEDULES
-from unip.engine.trainer import COMPILE_MODES, Task, TrainContext, Trainer, run_settings, settle_accumulation
+from unip.engine.settings import training_defaults, training_rules
+from unip.engine.trainer import Task, TrainContext, Trainer, run_settings, settle_accumulation
 from unip.errors import ConfigError, DataError
 from unip.fingerprint import listing_fingerprint, weights_fingerprint
 from unip.models import list_models
@@ -56,49 +55,47 @@ SEGMENTOR_FILE = "segmentor.safetensors"
 #: ``model.pretrained`` value that asks for a randomly initialised ``model.backbone``.
 RANDOM_INIT = "none"
 
-#: Every setting of a fine-tuning or probing run; presets and ``--set`` may only change these keys. The values
-#: are the release's recipe for UNIP-S on SODA (DESIGN.md §4).
-DEFAULTS: Config = {
-    "model": {
-        "pretrained": None,             # backbone source: our pretrain output, a release .pth, MAE/DINO/iBOT/DeiT
-                                        # file, timm:NAME[@FILE]; "none": random init of model.backbone
-        "backbone": "unip_vit_small_patch16",  # architecture for --pretrained none (and what presets are for)
-        "head": "upernet",              # upernet (fine-tuning) or linear (probing: frozen backbone)
-        "neck": "llfpn",                # llfpn (the paper's: last block → strides 4/8/16/32) or fpn (blocks 4/6/8/12)
-        "probe_layer": None,            # linear head on one block only (layer-wise probing, 1-based)
-        "last_block_heads": "pretrained",  # pretrained (keep the distilled count), default (the release), or N
-        "drop_path": None,              # null: 0.1 (T/S/B), 0.2 (ViT-L)
-        "layer_decay": 0.85,            # layer-wise lr decay (1.0: none)
-        "channels": None,               # UperNet width; null: the backbone's width
-        "auxiliary_head": True,         # FCN on the stride-16 map, loss weight 0.4
+#: Every setting of a fine-tuning or probing run; presets and ``--set`` may only change these keys. The values are
+#: the release's recipe for UNIP-S on SODA (docs/recipe.md#fine-tuning): the engine's run and optim sections
+#: (``unip.engine.settings``) made iteration-based with a poly schedule, evaluated by mIoU.
+DEFAULTS: Config = training_defaults(
+    {
+        "model": {
+            "pretrained": None,             # backbone source: our pretrain output, a release .pth, MAE/DINO/iBOT/DeiT
+                                            # file, timm:NAME[@FILE]; "none": random init of model.backbone
+            "backbone": "unip_vit_small_patch16",  # architecture for --pretrained none (and what presets are for)
+            "head": "upernet",              # upernet (fine-tuning) or linear (probing: frozen backbone)
+            "neck": "llfpn",                # llfpn (the paper's: last block → strides 4..32) or fpn (blocks 4/6/8/12)
+            "probe_layer": None,            # linear head on one block only (layer-wise probing, 1-based)
+            "last_block_heads": "pretrained",  # pretrained (keep the distilled count), default (the release), or N
+            "drop_path": None,              # null: 0.1 (T/S/B), 0.2 (ViT-L)
+            "layer_decay": 0.85,            # layer-wise lr decay (1.0: none)
+            "channels": None,               # UperNet width; null: the backbone's width
+            "auxiliary_head": True,         # FCN on the stride-16 map, loss weight 0.4
+        },
+        "data": {
+            "path": None, "dataset": "auto",
+            "crop_size": 512,               # training crop, backbone input size, sliding window
+            "scale": [2048, 512],           # resize scale (train: × ratio; test: fit keeping the aspect)
+            "ratio_range": [0.5, 2.0],
+            "cat_max_ratio": 0.75,          # crop retried until no class covers 75 % (up to 10 tries)
+            "flip": 0.5, "photometric": True,
+            "mean": 96.9255, "std": 47.8976,  # on 0-255, all three channels
+            "num_workers": 4,
+            "check": False,                 # decode every image and label of train/val/test first, list every problem
+        },
+        "eval": {"stride": None,            # sliding-window stride; null: 2/3 of the crop (512 → 341)
+                 "batch_size": 1,           # images per evaluation batch (same-sized ones share one forward)
+                 "batch_windows": True},    # a batch's windows in one forward (false: one at a time, as the release)
     },
-    "data": {
-        "path": None, "dataset": "auto",
-        "crop_size": 512,               # training crop, backbone input size, sliding window
-        "scale": [2048, 512],           # resize scale (train: × ratio; test: fit keeping the aspect)
-        "ratio_range": [0.5, 2.0],
-        "cat_max_ratio": 0.75,          # crop retried until no class covers 75 % (up to 10 tries)
-        "flip": 0.5, "photometric": True,
-        "mean": 96.9255, "std": 47.8976,  # on 0-255, all three channels
-        "num_workers": 4,
-        "check": False,                 # decode every image and label of train/val/test first, list every problem
-    },
-    "eval": {"stride": None,            # sliding-window stride; null: 2/3 of the crop (512 → 341)
-             "batch_size": 1,           # images per evaluation batch (same-sized ones share one forward)
-             "batch_windows": True},    # the windows of a batch in one forward (false: one at a time, as the release)
-    "optim": {"epochs": None, "warmup_epochs": 0.0, "iterations": 14400, "warmup_iterations": 1500,
-              "schedule": "poly", "power": 1.0, "warmup_start_factor": 1e-6, "min_lr": 0.0, "lr": 1e-4,
-              "batch_size": 4, "accum_iter": None, "effective_batch": 8, "weight_decay": 0.05,
-              "betas": [0.9, 0.999], "clip_grad": None, "fused": None},
-    "run": {"output": "runs/finetune", "seed": 0, "device": "auto", "precision": "fp16", "compile": "auto",
-            "compile_mode": "default", "save_every_epochs": 0, "save_every_steps": 800, "keep_checkpoints": 2,
-            "log_every": 50, "resume": None, "progress": True, "allow_changed_config": False, "eval_every": 800,
-            "best_metric": "mIoU", "best_mode": "max"},
-    "debug": {"nan_at_step": None, "step_delay": 0.0},
-}
+    optim={"iterations": 14400, "warmup_iterations": 1500, "schedule": "poly", "lr": 1e-4, "batch_size": 4,
+           "effective_batch": 8},
+    run={"output": "runs/finetune", "precision": "fp16", "save_every_epochs": 0, "save_every_steps": 800,
+         "log_every": 50, "eval_every": 800, "best_metric": "mIoU"},
+    leave_out=("optim.blr",))
 
 #: What each setting may hold; ``make_config`` checks the resolved settings against it.
-RULES: Dict[str, Rule] = {
+RULES: Dict[str, Rule] = training_rules(DEFAULTS, {
     "model.pretrained": text(null=True), "model.backbone": text(*list_models()), "model.head": text(*HEADS),
     "model.neck": text(*NECKS), "model.probe_layer": integer(1, MAX_DEPTH, null=True),
     "model.last_block_heads": integer(1, MAX_WIDTH, words=("pretrained", "default")),
@@ -110,24 +107,8 @@ RULES: Dict[str, Rule] = {
     "data.mean": number(ge=0, le=255), "data.std": number(gt=0, le=255), "data.num_workers": integer(0, 256),
     "data.check": flag(),
     "eval.stride": integer(1, 4096, null=True), "eval.batch_size": integer(1, 1024), "eval.batch_windows": flag(),
-    "optim.epochs": integer(1, 100_000, null=True), "optim.warmup_epochs": number(ge=0, le=100_000),
-    "optim.iterations": integer(1, 100_000_000, null=True), "optim.warmup_iterations": integer(0, 100_000_000),
-    "optim.schedule": text(*SCHEDULES), "optim.power": number(gt=0, le=100),
-    "optim.warmup_start_factor": number(ge=0, le=1), "optim.min_lr": number(ge=0, lt=1),
-    "optim.lr": number(gt=0, le=1), "optim.batch_size": integer(1, 65_536),
-    "optim.accum_iter": integer(1, 65_536, null=True),
-    "optim.effective_batch": integer(1, 2**24, null=True), "optim.weight_decay": number(ge=0, le=1),
-    "optim.betas": numbers(2, ge=0, lt=1), "optim.clip_grad": number(gt=0, null=True),
-    "optim.fused": Rule("bool", null=True),
-    "run.output": text(), "run.seed": integer(0, 2**63 - 1), "run.device": text(), "run.precision": text(*PRECISIONS),
-    "run.compile": Rule("bool", words=("auto",)), "run.compile_mode": text(*COMPILE_MODES),
-    "run.save_every_epochs": integer(0, 100_000),
-    "run.save_every_steps": integer(0), "run.keep_checkpoints": integer(1, 10_000), "run.log_every": integer(1),
-    "run.resume": text(null=True), "run.progress": flag(), "run.allow_changed_config": flag(),
-    "run.eval_every": integer(0), "run.best_metric": text("mIoU", "mAcc", "aAcc", null=True),
-    "run.best_mode": text("max", "min"),
-    "debug.nan_at_step": integer(1, null=True), "debug.step_delay": number(ge=0, le=3600),
-}
+    "optim.lr": number(gt=0, le=1), "run.best_metric": text("mIoU", "mAcc", "aAcc", null=True),
+})
 
 
 def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
