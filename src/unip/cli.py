@@ -490,9 +490,10 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     if args.compile is not None:
         values["run.compile"] = args.compile
     origins["run.compile"] = "--compile/--no-compile"
-    config = make_config(args.preset, tuple(args.overrides), values, origins=origins)
+    sources: Dict[str, str] = {}
+    config = make_config(args.preset, tuple(args.overrides), values, origins=origins, sources=sources)
     if args.print_config:
-        print(dump_config(config), end="")
+        print(dump_config(config, sources, DEFAULTS), end="")
         return 0
     _check_run_folder(config["run"]["output"], DEFAULTS, {STUDENT_FILE: is_our_checkpoint}, config["run"]["resume"])
     result = train(config)
@@ -559,13 +560,14 @@ def _run_finetune(args: argparse.Namespace) -> int:
         values["model.head"], origins["model.head"] = probe, "--probe"
     if args.check_data:
         values["data.check"], origins["data.check"] = True, "--check-data"
+    sources: Dict[str, str] = {}
     config = make_config(args.preset, tuple(args.overrides), values, origins=origins,
-                         kind="linprobe" if probe else "finetune")
+                         kind="linprobe" if probe else "finetune", sources=sources)
     if probe and config["model"]["head"] != probe:
         raise ConfigError(f"--{'probe' if args.probe else 'probe-layer'} trains a {probe} probe, but --set "
                           f"model.head={config['model']['head']} asks for another head; drop one of them")
     if args.print_config:
-        print(dump_config(config), end="")
+        print(dump_config(config, sources, DEFAULTS), end="")
         return 0
     metrics = os.path.join(config["run"]["output"], METRICS_FILE)
     if metrics_writer(metrics) == "evaluate":

@@ -86,11 +86,13 @@ STUDENT_FILE = "student.safetensors"
 
 
 def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
-                values: Optional[Dict[str, Any]] = None, origins: Optional[Dict[str, str]] = None) -> Config:
+                values: Optional[Dict[str, Any]] = None, origins: Optional[Dict[str, str]] = None,
+                sources: Optional[Dict[str, str]] = None) -> Config:
     """``DEFAULTS`` ← preset (name under ``configs/pretrain/`` or a YAML path) ← ``values`` ← ``overrides``,
-    checked against ``RULES``; ``origins`` names where ``values`` came from (e.g. ``--epochs``)."""
+    checked against ``RULES``; ``origins`` names where ``values`` came from (e.g. ``--epochs``); ``sources`` is
+    filled with where each setting came from (``unip.engine.config.build_config``)."""
     return settle_accumulation(build_config(DEFAULTS, preset, overrides, kind="pretrain", values=values, rules=RULES,
-                                            origins=origins))
+                                            origins=origins, sources=sources))
 
 
 @dataclass

@@ -113,10 +113,12 @@ RULES: Dict[str, Rule] = training_rules(DEFAULTS, {
 
 def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
                 values: Optional[Dict[str, Any]] = None, origins: Optional[Dict[str, str]] = None,
-                kind: str = "finetune") -> Config:
+                kind: str = "finetune", sources: Optional[Dict[str, str]] = None) -> Config:
     """``DEFAULTS`` ← preset (a name under ``configs/<kind>/``, ``kind`` = ``finetune`` or ``linprobe``, or a
-    YAML path) ← ``values`` ← ``overrides``, checked against ``RULES`` and for consistency."""
-    config = build_config(DEFAULTS, preset, overrides, kind=kind, values=values, rules=RULES, origins=origins)
+    YAML path) ← ``values`` ← ``overrides``, checked against ``RULES`` and for consistency; ``sources`` is filled
+    with where each setting came from (``unip.engine.config.build_config``)."""
+    config = build_config(DEFAULTS, preset, overrides, kind=kind, values=values, rules=RULES, origins=origins,
+                          sources=sources)
     check_consistency(config)
     settle_accumulation(config)
     return config
