@@ -24,6 +24,7 @@ from unip.engine.trainer import Trainer
 from unip.errors import ConfigError
 from unip.models import create_model
 from unip.seg import build_segmentor, layer_id, load_segmentor
+from unip.seg.pipeline import InferencePipeline
 from unip.seg.evaluation import EvalSettings, evaluate_split
 from unip.seg.results import read_metrics
 from unip.seg.train import DEFAULTS, RULES, SegmentationTask, finetune, make_config
@@ -85,7 +86,7 @@ def test_short_fine_tune_raises_miou_well_above_its_start(assets, trained, one_t
     test_set = task.open_split("test")
     torch.manual_seed(0)
     untrained = build_segmentor(21, str(assets / "backbone.safetensors"), img_size=64, drop_path_rate=0.0)
-    settings = EvalSettings(crop=64, stride=42)
+    settings = EvalSettings(InferencePipeline(crop=64, stride=42))
     start = evaluate_split(untrained, test_set, settings, torch.device("cpu")).metrics["mIoU"]
     metrics = read_metrics(trained / "metrics.json")
     assert metrics["mIoU"] >= start + 15 and metrics["mIoU"] >= 2 * start, (start, metrics["mIoU"])

@@ -46,7 +46,9 @@ from unip.seg.checkpoint import load_segmentor, save_segmentor, segmentor_header
 from unip.seg.evaluation import EvalSettings, evaluate_split
 from unip.seg.layer_decay import layer_decay_lr_scale
 from unip.seg.loss import segmentation_losses
-from unip.seg.report import check_data_once, split_context, test_transform_of
+from unip.seg.inference import RECIPE_CROP, window_stride
+from unip.seg.pipeline import InferencePipeline
+from unip.seg.report import check_data_once, split_context
 from unip.seg.results import METRICS_FILE, describe_model, metrics_document, metrics_table, write_metrics
 
 logger = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ DEFAULTS: Config = training_defaults(
         },
         "data": {
             "path": None, "dataset": "auto",
-            "crop_size": 512,               # training crop, backbone input size, sliding window
+            "crop_size": RECIPE_CROP,       # training crop (512), backbone input size, sliding window
             "scale": [2048, 512],           # resize scale (train: × ratio; test: fit keeping the aspect)
             "ratio_range": [0.5, 2.0],
             "cat_max_ratio": 0.75,          # crop retried until no class covers 75 % (up to 10 tries)
@@ -134,7 +136,7 @@ def check_consistency(config: Config) -> None:
     if stride is not None and stride > config["data"]["crop_size"]:
         crop = config["data"]["crop_size"]
         raise ConfigError(f"eval.stride={stride} is larger than data.crop_size={crop}: the windows would leave gaps; "
-                          f"add --set eval.stride=null (2/3 of the crop: {crop * 2 // 3}) or a stride <= {crop}")
+                          f"add --set eval.stride=null (2/3 of the crop: {window_stride(crop)}) or a stride <= {crop}")
 
 
 def training_mode(config: Config) -> str:
@@ -181,18 +183,16 @@ class SegmentationTask(Task):
             raise ConfigError(f"no backbone: pass --pretrained SOURCE (our pretrain output, a release or MAE/DINO/"
                               f"iBOT/DeiT checkpoint, timm:NAME[@FILE]) or --pretrained {RANDOM_INIT} for a randomly "
                               f"initialised {config['model']['backbone']}")
-        crop = int(data["crop_size"])
-        stride = config["eval"]["stride"]
-        self.eval_settings = EvalSettings(crop=crop, stride=int(stride) if stride else crop * 2 // 3,
+        #: the test pipeline the segmentor files record; the evaluations here read it back from that record, the way
+        #: ``unip evaluate`` does, so that both compute on identical inputs
+        self.test_meta: Dict[str, Any] = InferencePipeline(
+            scale=tuple(int(v) for v in data["scale"]), mean=(float(data["mean"]),) * 3,  # type: ignore[arg-type]
+            std=(float(data["std"]),) * 3, crop=int(data["crop_size"]), stride=config["eval"]["stride"]).to_meta()
+        self.eval_settings = EvalSettings(InferencePipeline.from_meta(self.test_meta),
                                           batch_size=int(config["eval"]["batch_size"]),
                                           batch_windows=bool(config["eval"]["batch_windows"]),
                                           num_workers=int(data["num_workers"]))
         self.lr_scale_fn = None
-        #: what the segmentor files record about the test transform; the evaluations here read it back the way
-        #: ``unip evaluate`` does, so that both compute on identical inputs
-        self.test_meta: Dict[str, Any] = {
-            "normalization": {"mean": [data["mean"] / 255] * 3, "std": [data["std"] / 255] * 3},
-            "test_scale": [int(v) for v in data["scale"]], "crop_size": crop, "stride": self.eval_settings.stride}
 
     # ---------------------------------------------------------------------------- data
     def open_split(self, split: str) -> SegmentationDataset:
@@ -205,7 +205,7 @@ class SegmentationTask(Task):
                 cat_max_ratio=float(data["cat_max_ratio"]), flip_p=float(data["flip"]),
                 photometric=bool(data["photometric"]), mean=float(data["mean"]), std=float(data["std"]))
         else:
-            transform = test_transform_of(self.test_meta)
+            transform = self.eval_settings.pipeline.transform()
         return open_segmentation_dataset(data["path"], data["dataset"], split, transform)
 
     def check_layout(self) -> None:
