@@ -561,6 +561,7 @@ def pretrain_assets(tmp_path_factory):
 
 def test_pretrain_with_a_huge_lr_stops_with_exit_2_and_keeps_a_finite_state(pretrain_assets, tmp_path, capsys):
     from unip import cli
+    from unip.cli.app import describe_failure
     from unip.distill.train import build_student, make_config
 
     out = tmp_path / "diverged"
@@ -581,7 +582,7 @@ def test_pretrain_with_a_huge_lr_stops_with_exit_2_and_keeps_a_finite_state(pret
     config["optim"]["lr"] = 1e4
     with pytest.raises(UnipError) as failure:
         train(config)
-    code, line = cli._describe_failure(failure.value)
+    code, line = describe_failure(failure.value)
     assert code == 2 and "weights became non-finite" in line and "\n" not in line, line
     states = checkpointing.list_states(out / "checkpoints")
     assert states and not (out / "student.safetensors").exists()

@@ -1,0 +1,128 @@
+"""``unip evaluate`` and ``unip predict``: a fine-tuned segmentor on a data set's split, on images and videos."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List
+
+from unip.cli.app import WORKERS
+from unip.engine.config import integer, number
+
+
+def _scales_arg(text: str) -> List[float]:
+    try:
+        scales = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected scale factors like 0.75,1.0,1.25, got {text!r}") from None
+    if not scales or any(not 0 < s <= 8 for s in scales):
+        raise argparse.ArgumentTypeError(f"each scale must be in (0, 8], got {text!r}")
+    return scales
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="mIoU / mAcc / aAcc and per-class IoU / Acc of a segmentor on a split",
+                       description="Evaluate a segmentor checkpoint (unip finetune's, or the release's fine-tuned "
+                                   "mmsegmentation .pth) by sliding windows (crop/stride of the checkpoint, the "
+                                   "recipe's 512/341) on a split of a data set: prints a per-class table, writes "
+                                   "metrics.json, confusion.png (row-normalised) and overlays/ of a few images to "
+                                   "--out. Multi-GPU: torchrun --nproc_per_node=N -m unip.cli evaluate ...")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="segmentor .safetensors or release .pth")
+    p.add_argument("--data", required=True, metavar="ROOT", help="data set root")
+    p.add_argument("--dataset", choices=["auto", "soda", "mfnet", "scut", "folder"], default="auto",
+                   help="layout of --data; its class list names the classes")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
+    p.add_argument("--scales", type=_scales_arg, default=[1.0], metavar="S1,S2,...",
+                   help="test-time augmentation: average over these scale factors, e.g. 0.75,1.0,1.25")
+    p.add_argument("--out", default="eval_out", metavar="DIR",
+                   help="folder for metrics.json, confusion.png, overlays/ (default: eval_out)")
+    p.add_argument("--batch-windows", dest="batch_windows", action="store_true", default=True,
+                   help="run the windows of an image (and of same-sized images) as one batch (default)")
+    p.add_argument("--one-window-at-a-time", dest="batch_windows", action="store_false",
+                   help="run the windows one at a time, as the release does")
+    p.add_argument("--batch-size", type=integer(1, 1024).option(), default=1, help="images per evaluation batch")
+    p.add_argument("--overlays", type=integer(0, 10_000).option(), default=4,
+                   help="overlay figures of the first N images (0: none)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast on CUDA (auto: bf16, else fp16); on a CPU bf16 runs bf16 autocast, fp16 and "
+                        "auto fp32")
+    p.add_argument("--workers", type=integer(0, 256).option(), default=2, help="data-loader workers per rank")
+    p.add_argument("--check-data", action="store_true", help="decode every image and label of the split first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from unip.seg.report import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.dataset, args.split, out=args.out, flip=args.flip,
+                                 scales=args.scales, batch_windows=args.batch_windows, batch_size=args.batch_size,
+                                 workers=args.workers, device=args.device, precision=args.precision,
+                                 overlays=args.overlays, check_data=args.check_data, progress=not args.no_progress)
+    if report.is_main:
+        print(report.table)
+        overlays = len(report.files) - 2
+        print(f"wrote {report.files[0]}, {report.files[1]}"
+              + (f" and {overlays} overlay(s) in {report.files[2].parent}" if overlays > 0 else ""))
+
+# -------------------------------------------------------------------------------------- predict
+def _formats(text: str) -> List[str]:
+    from unip.seg.predict_run import FORMATS
+
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    if not chosen or any(part not in FORMATS for part in chosen):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {','.join(FORMATS)}, got {text!r}")
+    return chosen
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="label maps, colour masks, overlays and class areas for images, folders "
+                                       "and videos",
+                       description="Run a fine-tuned segmentor (ours or the release's mmseg checkpoint) with the "
+                                   "recipe's test pipeline (fit into 2048x512, normalise, sliding window) on "
+                                   "images, folders (recursive) and videos. Writes under --out: label/ (class "
+                                   "ids), color/, overlay/ (with a legend), video/ (annotated videos), areas.csv "
+                                   "and areas.json. Unreadable inputs are listed at the end (exit code 1).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder of images/videos, or video file")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="our fine-tuned .safetensors segmentor or the release's fine-tuned mmseg .pth")
+    p.add_argument("--out", default="predictions", metavar="DIR", help="output folder (default predictions)")
+    p.add_argument("--dataset", choices=("soda", "mfnet", "scut"),
+                   help="class names and palette of this data set (default: the checkpoint's, else ids)")
+    p.add_argument("--format", dest="formats", type=_formats, default=None, metavar="LIST",
+                   help="what to write, comma-separated: label,color,overlay,video (default: all)")
+    p.add_argument("--every", type=integer(1).option(), default=1, metavar="N",
+                   help="videos: predict every N-th frame (default 1)")
+    p.add_argument("--batch-size", type=integer(1, 4096).option(), default=4,
+                   help="images per forward (all their windows at once; default 4)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                   help="autocast dtype (auto: bf16 on CUDA, else fp16); on a CPU bf16 runs bf16 autocast, "
+                        "fp16 and auto fp32")
+    p.add_argument("--alpha", type=number(ge=0, le=1).option(float), default=0.5,
+                   help="weight of the colour mask in overlays (default 0.5)")
+    p.add_argument("--workers", type=WORKERS, default=None, help="image reading/writing threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from unip.seg.predict_run import FORMATS, PredictOptions, predict_files
+    from unip.text import printable
+
+    options = PredictOptions(out=args.out, dataset=args.dataset, formats=args.formats or list(FORMATS),
+                             every=args.every, batch_size=args.batch_size, device=args.device,
+                             precision=args.precision, alpha=args.alpha, workers=args.workers,
+                             progress=not args.no_progress)
+    result = predict_files(args.checkpoint, args.inputs, options)
+    print(result.summary())
+    if not result.failed:
+        return 0
+    for failure in result.failed:
+        where = printable(failure.input) + ("" if failure.frame is None else f" (frame {failure.frame})")
+        print(f"  failed {where}: {printable(failure.reason)}")
+    print(f"unip predict: error: {len(result.failed)} input(s) could not be read (listed above); the rest were "
+          "done", file=sys.stderr)
+    return 1
