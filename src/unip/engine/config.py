@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -312,8 +312,9 @@ class Rule:
     ``kind``: ``int``, ``number``, ``bool``, ``text`` or ``numbers`` (a list of ``length`` numbers).
     ``gt``/``ge``/``lt``/``le`` bound numbers and every item of a list; ``null`` allows None; ``words`` are
     texts accepted besides a number (e.g. ``auto``); ``choices`` are the texts a ``text`` may be;
-    ``ascending`` asks list items not to decrease. Build rules with ``integer``, ``number``, ``numbers``,
-    ``text`` and ``flag``."""
+    ``ascending`` asks list items not to decrease; ``table``: a mapping whose keys (read when a value is checked,
+    so that an entry added later counts) are choices too. Build rules with ``integer``, ``number``, ``numbers``,
+    ``text``, ``one_of`` and ``flag``."""
 
     kind: str
     gt: Optional[float] = None
@@ -325,14 +326,20 @@ class Rule:
     choices: Tuple[str, ...] = ()
     length: Optional[int] = None
     ascending: bool = False
+    table: Optional[Mapping[str, Any]] = field(default=None, compare=False)
+
+    @property
+    def options(self) -> Tuple[str, ...]:
+        """The texts a ``text`` rule may be (``choices``, then the keys of ``table``); empty: any text."""
+        return self.choices + tuple(self.table or ())
 
     def describe(self) -> str:
         """What the rule accepts, in words (``"an integer >= 1"``, ``"null or a number > 0 and <= 1"``)."""
         kinds = {"int": "an integer", "number": "a number", "bool": "true or false", "text": "a text",
                  "numbers": f"a list of {self.length} numbers"}
         what = kinds[self.kind]
-        if self.choices:
-            what = f"one of: {', '.join(self.choices)}"
+        if self.options:
+            what = f"one of: {', '.join(self.options)}"
         bounds = [f"{sign} {_plain_number(limit)}" for sign, limit in
                   ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le)) if limit is not None]
         if bounds:
@@ -350,7 +357,8 @@ class Rule:
         if self.kind == "bool":
             return isinstance(value, bool)
         if self.kind == "text":
-            return isinstance(value, str) and bool(value) and (not self.choices or value in self.choices)
+            options = self.options
+            return isinstance(value, str) and bool(value) and (not options or value in options)
         if self.kind == "numbers":
             if not isinstance(value, (list, tuple)) or len(value) != self.length:
                 return False
@@ -418,6 +426,11 @@ def text(*choices: str, null: bool = False) -> Rule:
     return Rule("text", choices=tuple(choices), null=null)
 
 
+def one_of(table: Mapping[str, Any], *choices: str, null: bool = False) -> Rule:
+    """A text that is a key of ``table`` (an extension point's table: read when checked) or one of ``choices``."""
+    return Rule("text", choices=tuple(choices), null=null, table=table)
+
+
 def flag() -> Rule:
     return Rule("bool")
 
@@ -466,5 +479,5 @@ def dump_config(config: Config, sources: Optional[Mapping[str, str]] = None,
 
 __all__: Sequence[str] = ["BASE_KEY", "DuplicateKeyError", "Rule", "UniqueKeyLoader", "build_config", "check_config",
                           "dump_config", "find_preset", "flag", "flatten", "integer", "list_presets", "load_yaml",
-                          "number", "numbers", "parse_override", "preset_label", "read_preset", "read_yaml", "set_key",
-                          "text"]
+                          "number", "numbers", "one_of", "parse_override", "preset_label", "read_preset", "read_yaml",
+                          "set_key", "text"]

@@ -1,4 +1,4 @@
-"""A ``Segmentor`` for fine-tuning or linear probing, built on a pre-trained backbone (DESIGN.md §4).
+"""A ``Segmentor`` for fine-tuning or linear probing, built on a pre-trained backbone (docs/recipe.md#fine-tuning).
 
 Backbone sources (``backbone=``): our ``unip pretrain`` output (``.safetensors``), the release's pre-trained
 UNIP ``.pth`` (head count of the last block from ``args.last_heads``), MAE / DINO / iBOT / DeiT files,
@@ -23,8 +23,8 @@ from torch import Tensor
 
 from unip.checkpoint import open_model
 from unip.errors import CheckpointError, ConfigError
-from unip.models.heads import HEADS
-from unip.models.necks import NECKS, pyramid_layers
+from unip.models.heads import head_kind
+from unip.models.necks import neck_kind, pyramid_layers
 from unip.models.pos_embed import resample_pos_embed
 from unip.models.presets import PRESETS, create_model
 from unip.models.segmentor import Segmentor
@@ -91,17 +91,15 @@ def build_segmentor(num_classes: int, backbone: str, *, neck: str = "llfpn", hea
                     meta: Optional[Mapping[str, Any]] = None, allow_partial: bool = False) -> Segmentor:
     """A ``Segmentor`` with ``num_classes`` outputs on the pre-trained ``backbone`` (module docstring).
 
-    ``neck``: ``"llfpn"`` (the paper's) or ``"fpn"``; ``head``: ``"upernet"`` (fine-tuning) or ``"linear"``
-    (probing: frozen backbone, ``probe_layers`` 1-based, default 4/6/8/12 of 12; one layer for layer-wise
-    probing). ``channels``: UperNet width (default: the backbone's). ``last_block_heads``: see
-    ``last_block_head_count``. ``meta`` (class names, palette, ...) is merged over the recipe's test pipeline with
-    windows of ``img_size`` (``unip.seg.pipeline``).
-    ``allow_partial`` is passed to the reading of the pre-trained file. Returns the model in training mode."""
-    if head not in HEADS:
-        raise ConfigError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
-    probe = head == "linear"
-    if not probe and neck not in NECKS:
-        raise ConfigError(f"unknown neck {neck!r}; choose one of: {', '.join(NECKS)}")
+    ``neck``: a name in ``unip.models.NECKS`` (``"llfpn"``, the paper's, or ``"fpn"``); ``head``: a name in
+    ``unip.models.HEADS`` (``"upernet"``: fine-tuning; a probe head such as ``"linear"``: frozen backbone,
+    ``probe_layers`` 1-based, default 4/6/8/12 of 12; one layer for layer-wise probing). ``channels``: the
+    head's width (UperNet's; default: the backbone's). ``last_block_heads``: see ``last_block_head_count``.
+    ``meta`` (class names, palette, ...) is merged over the recipe's test pipeline with windows of ``img_size``
+    (``unip.seg.pipeline``). ``allow_partial`` is passed to the reading of the pre-trained file. Returns the model
+    in training mode."""
+    if head_kind(head).reads_pyramid:
+        neck_kind(neck)  # an unknown neck is refused before the backbone is read
     source, source_meta = open_pretrained(backbone, img_size, allow_partial)
     config = segmentor_config(num_classes, source.config, neck=neck, head=head, probe_layers=probe_layers,
                               img_size=img_size, drop_path_rate=drop_path_rate, last_block_heads=last_block_heads,
@@ -119,23 +117,22 @@ def segmentor_config(num_classes: int, pretrained: Mapping[str, Any], *, neck: s
                      auxiliary_head: bool = True, channels: Optional[int] = None) -> Dict[str, Any]:
     """The ``Segmentor`` config that ``build_segmentor`` builds on a backbone whose ``VisionTransformer`` kwargs
     are ``pretrained`` (same options; no weights are read: e.g. to count a model's FLOPs from a preset)."""
-    probe = head == "linear"
-    backbone_config = segmentation_backbone_config(pretrained, img_size, probe, drop_path_rate, last_block_heads)
+    kind = head_kind(head)
+    backbone_config = segmentation_backbone_config(pretrained, img_size, kind.probe, drop_path_rate,
+                                                   last_block_heads)
     depth = int(backbone_config["depth"])
-    if probe:
-        layers = [int(layer) for layer in probe_layers] if probe_layers else pyramid_layers(depth)
+    if kind.reads_pyramid:
+        layers = neck_kind(neck).layers(depth)
     else:
-        layers = [depth] if neck == "llfpn" else pyramid_layers(depth)
-    width = int(backbone_config["embed_dim"])
+        layers = [int(layer) for layer in probe_layers] if probe_layers else pyramid_layers(depth)
     return {
         "backbone": backbone_config,
         "feature_layers": layers,
-        "neck": None if probe else neck,
-        "decode_head": {"type": "linear"} if probe else
-        {"type": "upernet", "channels": int(channels or width), "pool_scales": [1, 2, 3, 6], "dropout": 0.1},
-        "auxiliary_head": dict(AUXILIARY_HEAD) if auxiliary_head and not probe else None,
+        "neck": neck if kind.reads_pyramid else None,
+        "decode_head": kind.config(int(backbone_config["embed_dim"]), channels),
+        "auxiliary_head": dict(AUXILIARY_HEAD) if auxiliary_head and kind.reads_pyramid and not kind.probe else None,
         "num_classes": int(num_classes),
-        "frozen_backbone": probe,
+        "frozen_backbone": kind.probe,
     }
 
 

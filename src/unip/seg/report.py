@@ -32,7 +32,8 @@ from torch import nn
 
 from unip.atomic import replace_folder, temporary_path
 from unip.data.seg_check import check_segmentation
-from unip.data.segmentation import SegmentationDataset, check_seg_command, open_segmentation_dataset
+from unip.data.datasets import open_segmentation_dataset
+from unip.data.segmentation import SegmentationDataset, check_seg_command
 from unip.engine.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from unip.engine.logging import LOG_FILE
 from unip.engine.loop import Precision, resolve_precision

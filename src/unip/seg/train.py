@@ -28,18 +28,20 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
-from unip.data.segmentation import DATASETS, SegmentationDataset, detect_dataset, open_segmentation_dataset
+from unip.data.datasets import DATASETS, detect_dataset, open_segmentation_dataset
+from unip.data.segmentation import SegmentationDataset
 from unip.data.seg_transforms import seg_train_transform
 from unip.engine import checkpointing
-from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
+from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, one_of, text
 from unip.engine.distributed import cleanup, init_distributed, unwrap_model
 from unip.engine.settings import training_defaults, training_rules
 from unip.engine.trainer import Task, TrainContext, Trainer, run_settings, settle_accumulation
 from unip.errors import ConfigError, DataError
 from unip.fingerprint import listing_fingerprint, weights_fingerprint
 from unip.models import list_models
-from unip.models.heads import HEADS
+from unip.models.heads import HEADS, probe_heads
 from unip.models.necks import NECKS
+from unip.models.presets import PRESETS
 from unip.models.segmentor import Segmentor
 from unip.seg.build import build_segmentor
 from unip.seg.checkpoint import load_segmentor, save_segmentor, segmentor_header
@@ -98,12 +100,12 @@ DEFAULTS: Config = training_defaults(
 
 #: What each setting may hold; ``make_config`` checks the resolved settings against it.
 RULES: Dict[str, Rule] = training_rules(DEFAULTS, {
-    "model.pretrained": text(null=True), "model.backbone": text(*list_models()), "model.head": text(*HEADS),
-    "model.neck": text(*NECKS), "model.probe_layer": integer(1, MAX_DEPTH, null=True),
+    "model.pretrained": text(null=True), "model.backbone": one_of(PRESETS), "model.head": one_of(HEADS),
+    "model.neck": one_of(NECKS), "model.probe_layer": integer(1, MAX_DEPTH, null=True),
     "model.last_block_heads": integer(1, MAX_WIDTH, words=("pretrained", "default")),
     "model.drop_path": number(ge=0, lt=1, null=True), "model.layer_decay": number(gt=0, le=1),
     "model.channels": integer(1, MAX_WIDTH, null=True), "model.auxiliary_head": flag(),
-    "data.path": text(null=True), "data.dataset": text("auto", *DATASETS), "data.crop_size": integer(32, 4096),
+    "data.path": text(null=True), "data.dataset": one_of(DATASETS, "auto"), "data.crop_size": integer(32, 4096),
     "data.scale": numbers(2, ge=16, le=16384), "data.ratio_range": numbers(2, gt=0, le=16, ascending=True),
     "data.cat_max_ratio": number(gt=0, le=1), "data.flip": number(ge=0, le=1), "data.photometric": flag(),
     "data.mean": number(ge=0, le=255), "data.std": number(gt=0, le=255), "data.num_workers": integer(0, 256),
@@ -129,9 +131,9 @@ def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
 def check_consistency(config: Config) -> None:
     """``ConfigError`` for settings that are each valid but do not fit together."""
     model = config["model"]
-    if model["probe_layer"] is not None and model["head"] != "linear":
-        raise ConfigError(f"model.probe_layer={model['probe_layer']} is a linear probe's setting; add --probe "
-                          "linear (model.head=linear) or drop --probe-layer")
+    if model["probe_layer"] is not None and not HEADS[model["head"]].probe:
+        raise ConfigError(f"model.probe_layer={model['probe_layer']} is a probe's setting; add --probe "
+                          f"{probe_heads()[0]} (model.head={probe_heads()[0]}) or drop --probe-layer")
     stride = config["eval"]["stride"]
     if stride is not None and stride > config["data"]["crop_size"]:
         crop = config["data"]["crop_size"]
@@ -140,11 +142,11 @@ def check_consistency(config: Config) -> None:
 
 
 def training_mode(config: Config) -> str:
-    """``fine-tuning``, ``linear probe`` or ``layer-wise probe (block N)``."""
+    """The head's mode (``fine-tuning``, ``linear probe``), or ``layer-wise probe (block N)`` for a probe of one
+    block."""
     model = config["model"]
-    if model["head"] != "linear":
-        return "fine-tuning"
-    return f"layer-wise probe (block {model['probe_layer']})" if model["probe_layer"] else "linear probe"
+    kind = HEADS[model["head"]]
+    return f"layer-wise probe (block {model['probe_layer']})" if kind.probe and model["probe_layer"] else kind.mode
 
 
 def stack_crops(items: Sequence[Dict[str, Any]]) -> Tuple[Tensor, Tensor]:
@@ -175,7 +177,7 @@ class SegmentationTask(Task):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.mode = training_mode(config)
-        self.name = "finetune" if config["model"]["head"] != "linear" else "linprobe"
+        self.name = "linprobe" if HEADS[config["model"]["head"]].probe else "finetune"
         data = config["data"]
         if not data["path"]:
             raise ConfigError("no data: pass --data ROOT (a SODA, MFNet, SCUT-Seg or folder data set)")
@@ -263,7 +265,7 @@ class SegmentationTask(Task):
                 "palette": [list(c) for c in classes.palette], "dataset": classes.layout,
                 "training": {"mode": self.mode, "data_root": classes.root,
                              "iterations": self.config["optim"]["iterations"]}}
-        probe = model["head"] == "linear"
+        probe = HEADS[model["head"]].probe
         try:
             segmentor = build_segmentor(
                 classes.num_classes, self.backbone_source(), neck=model["neck"], head=model["head"],
