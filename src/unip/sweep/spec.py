@@ -250,13 +250,13 @@ def read_sweep(source: str, variables: Optional[Mapping[str, str]] = None, allow
     values = _variables(document.get("vars"), variables or {}, where)
     unset = sorted(name for name, value in values.items() if value is None)
     document = _substitute(document, values, where, allow_unset)
+    preset = _text(document.get("preset", DEFAULT_PRESET), f"{where}: preset")
     sweep = Sweep(
-        name=_text(document.get("name", path.stem), f"{where}: name"), file=where,
-        preset=_text(document.get("preset", DEFAULT_PRESET), f"{where}: preset"),
+        name=_text(document.get("name", path.stem), f"{where}: name"), file=where, preset=preset,
         settings=_settings(document.get("set"), f"{where}: set"), seeds=_seeds(document.get("seeds", [0]), where),
         backbones=_unique([_backbone(entry, f"{where}: backbones[{i}]")
                            for i, entry in enumerate(_entries(document, "backbones", where))], "backbone", where),
-        datasets=_unique([_dataset(entry, f"{where}: datasets[{i}]")
+        datasets=_unique([_dataset(entry, f"{where}: datasets[{i}]", "{dataset}" in preset)
                           for i, entry in enumerate(_entries(document, "datasets", where))], "data set", where),
         protocols=_protocols(document.get("protocols"), where),
         analysis=_analysis(document.get("analysis"), where), variables=values, unset=unset)
@@ -460,7 +460,9 @@ def _source(source: str) -> str:
     return os.path.abspath(os.path.expanduser(source))
 
 
-def _dataset(entry: Mapping[str, Any], where: str) -> Dataset:
+def _dataset(entry: Mapping[str, Any], where: str, needs_stem: bool = True) -> Dataset:
+    """A ``datasets:`` entry; ``needs_stem``: the sweep's preset names presets by data set (``{dataset}_{size}``),
+    so a layout without presets of its own needs ``preset:``, the stem of the presets to use."""
     _only_keys(entry, ("name", "root", "layout", "preset", "set"), where)
     name, folder = _named(entry, where)
     root = _text(entry.get("root"), f"{where}: root")
@@ -469,7 +471,7 @@ def _dataset(entry: Mapping[str, Any], where: str) -> Dataset:
     if layout not in layouts:
         raise ConfigError(f"{where}: layout {printable(layout)!r} must be one of {', '.join(layouts)}")
     stems = preset_stems()
-    stem = entry.get("preset", layout if layout in stems else None)
+    stem = entry.get("preset", layout if layout in stems or not needs_stem else None)
     if stem is None:
         raise ConfigError(f"{where}: a {layout} data set needs 'preset:', the stem of its presets ({', '.join(stems)}: "
                           "whose iterations and schedule to use)")
