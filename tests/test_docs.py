@@ -30,7 +30,7 @@ DOCS = ROOT / "docs"
 RECIPE = DOCS / "recipe.md"
 
 # Written in two parts so that this file does not cite them itself.
-OUTSIDE_NOTES = ("DESIGN" + ".md", "../" + "shared/", "checkpoint-" + "layouts.md", "seed-" + "README")
+OUTSIDE_NOTES = ("DESI" + "GN.md", "../" + "shared/", "checkpoint-" + "layouts.md", "seed-" + "README")
 THERMAL_TEST_FILES = "../" + "shared/data/thermal/"
 
 
