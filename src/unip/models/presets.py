@@ -24,7 +24,7 @@ VIT_SIZES: Dict[str, Dict[str, int]] = {
 def _presets() -> Dict[str, Dict[str, Any]]:
     presets: Dict[str, Dict[str, Any]] = {}
     for size in ("tiny", "small", "base"):
-        # UNIP students (DESIGN.md §4): fixed sin-cos position table, drop path 0.1, LayerNorm eps 1e-6.
+        # UNIP students (docs/recipe.md#students): fixed sin-cos position table, drop path 0.1, LayerNorm eps 1e-6.
         presets[f"unip_vit_{size}_patch16"] = dict(
             VIT_SIZES[size], patch_size=16, img_size=224, pos_embed_type="sincos", drop_path_rate=0.1)
     for size in VIT_SIZES:

@@ -1,7 +1,7 @@
 """Label maps from a fine-tuned segmentor with the recipe's test pipeline, batched.
 
-The test pipeline (DESIGN.md §4, the release's ``test_pipeline`` and ``slide`` test mode): an RGB uint8
-image (gray repeated, 16-bit frames stretched: :func:`unip.data.images.read_rgb`) is resized to fit
+The test pipeline (the release's ``test_pipeline`` and ``slide`` test mode, docs/recipe.md#test-pipeline): an RGB
+uint8 image (gray repeated, 16-bit frames stretched: :func:`unip.data.images.read_rgb`) is resized to fit
 (2048, 512) keeping its aspect ratio (bilinear, mmcv's rule: a 640×512 frame → 640×512, 320×256 → 640×512),
 normalised with the segmentor's mean / std (96.9255 / 47.8976 on 0–255 for the release's models), run
 through sliding windows (crop / stride from the segmentor's meta: 512 / 341, every window of a batch in one
