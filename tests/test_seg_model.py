@@ -1,6 +1,7 @@
 """Segmentor, necks and heads against a direct re-computation of the release's formulas
-(reference/checkpoint-layouts.md, last section), written here with torch.nn.functional only; loading the
-release's fine-tuned mmseg layout; building from pre-trained sources; saving and reloading."""
+(mmsegmentation 0.x's UPerHead / FCNHead and the release's LL-FPN, docs/segmentation.md), written here with
+torch.nn.functional only; loading the release's fine-tuned mmseg layout; building from pre-trained sources; saving
+and reloading."""
 
 import argparse
 

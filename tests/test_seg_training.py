@@ -1,5 +1,5 @@
 """Metrics against an independent numpy computation, the layer-decay lr scale and weight-decay groups of
-DESIGN.md §4 per parameter, and the mmseg 0.x cross-entropy."""
+the recipe per parameter (docs/recipe.md#layer-wise-lr-decay), and the mmseg 0.x cross-entropy."""
 
 import math
 
@@ -76,7 +76,8 @@ def _segmentor(depth=4):
 
 
 def expected_id(name, depth):
-    """DESIGN.md §4 written out: cls_token, pos_embed, patch_embed → 0; blocks.i → i + 1; the rest depth + 1."""
+    """docs/recipe.md#layer-wise-lr-decay written out: cls_token, pos_embed, patch_embed → 0; blocks.i → i + 1;
+    the rest depth + 1."""
     if name in ("backbone.cls_token", "backbone.pos_embed") or name.startswith("backbone.patch_embed"):
         return 0
     if name.startswith("backbone.blocks."):

@@ -1,6 +1,6 @@
 """Per-head metrics of post-softmax attention maps ``attn[B, H, Q, K]`` → ``[B, H]``.
 
-Conventions shared by every metric (DESIGN.md §4):
+Conventions shared by every metric (docs/recipe.md#attention-metrics):
 
 * The first ``num_prefix_tokens`` rows and columns (CLS, then register tokens) are dropped and each
   remaining query row is renormalised to sum to 1, so ``p(k|q)`` is a distribution over image patches.

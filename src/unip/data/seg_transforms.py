@@ -1,4 +1,5 @@
-"""Joint image + label transforms of the fine-tuning recipe (DESIGN.md §4), with mmsegmentation 0.x semantics.
+"""Joint image + label transforms of the fine-tuning recipe, with mmsegmentation 0.x semantics
+(docs/recipe.md#training-pipeline, docs/recipe.md#test-pipeline).
 
 Train: :class:`KeepRatioResize` to scale (2048, 512) × ratio in [0.5, 2.0] → :class:`CatMaxRatioCrop` 512
 (retried until no label covers 75 %) → horizontal flip p = 0.5 → :class:`PhotoMetricDistortion` →

@@ -1,4 +1,4 @@
-"""The pre-training augmentation of UNIP (paper §4 recipe), on 1-channel uint8 tensors.
+"""The pre-training augmentation of UNIP (docs/recipe.md#pre-training), on 1-channel uint8 tensors.
 
 RandomResizedCrop(224, scale=(0.2, 1.0), bicubic, antialiased) → horizontal flip (p = 0.5) → float in
 [0, 1] → normalise with the InfMix constants → repeat to 3 channels. The repeat comes last, as a view, so

@@ -1,4 +1,5 @@
-"""A ``Segmentor`` for fine-tuning or linear probing, built on a pre-trained backbone (docs/recipe.md#fine-tuning).
+"""A ``Segmentor`` for fine-tuning or linear probing, built on a pre-trained backbone
+(docs/recipe.md#fine-tuning-model, docs/recipe.md#linear-probing).
 
 Backbone sources (``backbone=``): our ``unip pretrain`` output (``.safetensors``), the release's pre-trained
 UNIP ``.pth`` (head count of the last block from ``args.last_heads``), MAE / DINO / iBOT / DeiT files,

@@ -5,11 +5,11 @@
 (``unip.engine.data.build_eval_loader``: every image exactly once over all ranks), accumulates a confusion
 matrix and the ranks sum it once; every rank then holds the same metrics.
 
-Each image goes through the segmentor's test pipeline (``unip.seg.pipeline``, the release's test mode): the data
-set's test transform resizes it to fit (2048, 512) and normalises it, windows of ``crop`` with ``stride`` cover it
-(the windows of an image, and of the images of a batch that share its size, run as one forward unless
-``batch_windows`` is off), the logits are resized to the label's original size and soft-maxed (averaged over flips
-and scales when asked), and the arg-max is compared with the label (255 ignored).
+Each image goes through the segmentor's test pipeline (``unip.seg.pipeline``, the release's test mode,
+docs/recipe.md#test-pipeline): the data set's test transform resizes it to fit (2048, 512) and normalises it,
+windows of ``crop`` with ``stride`` cover it (the windows of an image, and of the images of a batch that share its
+size, run as one forward unless ``batch_windows`` is off), the logits are resized to the label's original size and
+soft-maxed (averaged over flips and scales when asked), and the arg-max is compared with the label (255 ignored).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Test-time inference: whole-image and sliding-window logits, flip / multi-scale averaging, test resize.
 
-The sliding window follows mmsegmentation 0.x (the release's test mode; ``reference/checkpoint-layouts.md``):
+The sliding window follows mmsegmentation 0.x (the release's test mode; docs/recipe.md#sliding-window):
 per side ``grids = max(size - crop + stride - 1, 0) // stride + 1`` windows at ``start = i * stride``,
 ``end = min(start + crop, size)``, ``start = max(end - crop, 0)``; each window's whole-image logits are
 added into a zero canvas and a count map; the result is canvas / count. Unlike the release, all windows

@@ -1,4 +1,5 @@
-"""Layer-wise learning-rate decay for fine-tuning (DESIGN.md §4, the release's BEiT-style rule).
+"""Layer-wise learning-rate decay for fine-tuning (the release's BEiT-style rule,
+docs/recipe.md#layer-wise-lr-decay).
 
 Each parameter of a ``Segmentor`` gets a layer id: ``backbone.cls_token``, ``backbone.pos_embed`` (and the
 register tokens) and ``backbone.patch_embed.*`` → 0; ``backbone.blocks.{i}.*`` → i + 1; everything else

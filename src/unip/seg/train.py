@@ -11,8 +11,8 @@ JSONL + TensorBoard logs, progress bar — is ``unip.engine.trainer.Trainer``.
 At the end ``finetune`` evaluates the best model on the test split and writes ``<out>/metrics.json``
 (``unip.seg.results``) next to the final ``<out>/segmentor.safetensors``.
 
-Every number of ``DEFAULTS`` is the release's recipe for UNIP-S on SODA (DESIGN.md §4); the presets under
-``configs/finetune/`` and ``configs/linprobe/`` state it for each data set and model size.
+Every number of ``DEFAULTS`` is the release's recipe for UNIP-S on SODA (docs/recipe.md#fine-tuning); the presets
+under ``configs/finetune/`` and ``configs/linprobe/`` state it for each data set and model size.
 """
 
 from __future__ import annotations
@@ -290,7 +290,8 @@ class SegmentationTask(Task):
         return segmentor.to(ctx.device)
 
     def lr_scale(self, name: str) -> float:
-        """Layer-wise lr decay (fine-tuning; DESIGN.md §4): ``rate ** (depth + 1 - layer_id(name))``; 1 for probes."""
+        """Layer-wise lr decay (fine-tuning): ``rate ** (depth + 1 - layer_id(name))``; 1 for probes
+        (docs/recipe.md#layer-wise-lr-decay)."""
         return self.lr_scale_fn(name) if self.lr_scale_fn is not None else 1.0
 
     def compile(self, module: nn.Module, model: nn.Module, options: Dict[str, Any]) -> nn.Module:

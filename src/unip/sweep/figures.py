@@ -60,7 +60,7 @@ def benchmark_figure(rows: Sequence[BackboneRow], paper_gflops: Mapping[str, flo
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = _legend_entries(axes)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
-    fig.suptitle("average test mIoU against backbone compute (grey, hollow: the paper's results, DESIGN.md §4)",
+    fig.suptitle("average test mIoU against backbone compute (grey, hollow: the paper's results)",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(labels) // 5), 1, 0.95))
     save_figure(fig, str(path))

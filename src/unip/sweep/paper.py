@@ -1,4 +1,4 @@
-"""The paper's own benchmark points (DESIGN.md §4, "Paper's results"): average mIoU over SODA, MFNet and
+"""The paper's own benchmark points (docs/recipe.md#the-papers-results): average mIoU over SODA, MFNet and
 SCUT-Seg under fine-tuning and linear probing, read off the release's benchmark figure (±0.3; the DINO
 linear-probing values are marked ≈ there). ``unip sweep report`` draws them as reference markers, at the
 backbone GFLOPs of the size's architecture at 512 px (computed, not read off the figure)."""
