@@ -77,6 +77,62 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
     assert load_yaml(preset.read_text())["optim"] == {"lr": 0.2, "epochs": 3}
 
 
+def test_a_preset_builds_on_its_bases_and_every_value_says_where_it_came_from(tmp_path):
+    """``_base_``: bases apply in order, the preset's own settings over them; a base of a base too; names beside
+    the file, KIND/NAME and relative files; ``dump_config`` with sources names each value's origin and reads back."""
+    from unip.engine.config import dump_config
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "_lr.yaml").write_text("optim: {lr: 0.5, epochs: 4}\n")
+    (tmp_path / "sub" / "_amp.yaml").write_text("_base_: ../_lr.yaml\noptim: {amp: true, epochs: 5}\n")
+    preset = tmp_path / "p.yaml"
+    preset.write_text("_base_: [_lr, sub/_amp.yaml]\noptim: {epochs: 6}\n")
+    sources = {}
+    config = build_config(DEFAULTS, str(preset), ["teacher.layer=3"], sources=sources)
+    assert config["optim"] == {"lr": 0.5, "epochs": 6, "betas": [0.9, 0.999], "clip": None, "amp": True}
+    assert sources["optim.lr"].endswith("_lr.yaml") and sources["optim.amp"].endswith("_amp.yaml")
+    assert sources["optim.epochs"] == str(preset) and sources["teacher.layer"] == "--set teacher.layer=3"
+    text = dump_config(config, sources, DEFAULTS)
+    assert "  amp: true" in text and text.count("# default") == 2  # optim.betas and optim.clip
+    assert [line for line in text.splitlines() if "epochs" in line][0].endswith(f"# {preset}")
+    assert load_yaml(text) == config
+
+
+@pytest.mark.parametrize("base,match", [
+    ("p", r"go round in a circle \(.*p\.yaml → .*p\.yaml\)"), ("missing.yaml", "'missing.yaml' does not exist"),
+    ("nope", "unknown pretrain preset 'nope'"), ("[1, 2]", "must be a preset name or YAML file"),
+    ("finetune/nope", "unknown finetune preset 'nope'")])
+def test_bad_bases_name_the_preset(tmp_path, base, match):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"_base_: {base}\noptim: {{lr: 1}}\n")
+    with pytest.raises(ConfigError, match=match):
+        build_config(DEFAULTS, str(preset))
+
+
+def test_the_shipped_presets_state_only_what_differs_from_their_bases():
+    """Every key of a shipped preset changes what its bases (or the defaults) give — a base (``_soda.yaml``) may
+    state a default, as a data set's schedule it describes; bases are not listed as presets; the whole set of
+    shipped presets stays small."""
+    from unip.distill.train import DEFAULTS as PRETRAIN
+    from unip.engine.config import PRESET_ROOTS, flatten, list_presets, read_preset, read_yaml
+    from unip.seg.train import DEFAULTS as FINETUNE
+
+    root = PRESET_ROOTS[0]
+    for kind, defaults in (("pretrain", PRETRAIN), ("finetune", FINETUNE), ("linprobe", FINETUNE)):
+        assert list_presets(kind) and not any(name.startswith("_") for name in list_presets(kind))
+        for path in sorted((root / kind).glob("*.yaml")):
+            own = dict(read_yaml(path))
+            bases = own.pop("_base_", [])
+            inherited = {} if path.stem.startswith("_") else flatten(defaults)
+            for base in [bases] if isinstance(bases, str) else bases:
+                base_kind, _, name = base.rpartition("/")
+                inherited.update({k: v for k, (v, _) in read_preset(name, base_kind or kind).items()})
+            restated = [key for key, value in flatten(own).items() if key in inherited and inherited[key] == value]
+            assert not restated, f"{path.name} restates {restated}"
+    lines = sum(len(path.read_text().splitlines()) for path in root.glob("*/*.yaml"))
+    assert lines <= 792, lines  # half of the 1,585 lines the presets had when each restated the whole recipe
+
+
 def test_a_folder_or_a_missing_file_as_preset_says_which(tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(ConfigError, match=r"runs: is a folder, not a config file.*demo.*toy"):

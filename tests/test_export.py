@@ -261,7 +261,7 @@ def test_the_documented_onnxruntime_snippet_gives_unip_predicts_labels(tmp_path,
     from test_predict import scene
     from unip.data.images import read_rgb
     from unip.seg import load_segmentor
-    from unip.seg.predict import InferencePipeline, preprocess
+    from unip.seg.pipeline import InferencePipeline
 
     meta = {"crop_size": 64, "stride": 42, "class_names": ["a", "b", "c"], "test_scale": [200, 20]}
     checkpoint = str(save_segmentor(tiny_segmentor(meta=meta), tmp_path / "seg.safetensors"))
@@ -280,7 +280,7 @@ def test_the_documented_onnxruntime_snippet_gives_unip_predicts_labels(tmp_path,
         exec(compile(snippet, "docs/inference.md", "exec"), namespace)
         predicted = np.asarray(Image.open("pred/label/frame.png"))
         assert namespace["labels"].shape == predicted.shape == size and len(np.unique(predicted)) > 1
-        unip_input = preprocess(read_rgb("frame.png"), pipeline).numpy()
+        unip_input = pipeline.preprocess(read_rgb("frame.png")).numpy()
         assert namespace["x"].shape[2:] == unip_input.shape[1:] == resized
         grey_levels = np.abs(namespace["x"][0] - unip_input) * np.array(pipeline.std)[:, None, None]
         assert grey_levels.max() < 1 + 1e-3 and (grey_levels > 0.5).mean() < 0.05

@@ -18,11 +18,11 @@ from PIL import Image
 
 from unip.cli import main
 from unip.data.layouts import MFNET_CLASSES, MFNET_PALETTE, voc_palette
-from unip.errors import ConfigError
+from unip.errors import CheckpointError, ConfigError
 from unip.models import Segmentor
 from unip.models.heads import resize_bilinear
 from unip.seg import fit_size, load_segmentor, save_segmentor, slide_inference
-from unip.seg.predict import InferencePipeline, preprocess
+from unip.seg.pipeline import InferencePipeline
 from unip.seg.render import ClassInfo, class_areas, colorize, overlay
 
 from test_seg_model import release_state_dict, save_release
@@ -195,7 +195,7 @@ def test_release_checkpoint_gives_the_labels_of_slide_inference(tmp_path, capsys
     segmentor = load_segmentor(path)
     pipeline = InferencePipeline.of(segmentor)
     assert (pipeline.crop, pipeline.stride, pipeline.scale) == (512, 341, (2048, 512))
-    x = preprocess(np.repeat(image[:, :, None], 3, axis=2), pipeline)[None]
+    x = pipeline.preprocess(np.repeat(image[:, :, None], 3, axis=2))[None]
     assert tuple(x.shape[-2:]) == fit_size(96, 128) == (512, 683)
     with torch.no_grad():
         logits = slide_inference(segmentor, x, crop=512, stride=341)
@@ -505,7 +505,7 @@ def test_colours_of_more_than_256_classes():
 
 def test_preprocess_keeps_16_bit_and_colour_frames_in_range():
     pipeline = InferencePipeline()
-    x = preprocess(np.full((240, 320, 3), 255, np.uint8), pipeline)
+    x = pipeline.preprocess(np.full((240, 320, 3), 255, np.uint8))
     assert x.shape == (3, 512, 683) and torch.allclose(x, torch.full_like(x, (255 - 96.9255) / 47.8976))
     assert pipeline.windows(480, 640) == 2 and pipeline.windows(512, 2048) == 6
 
@@ -591,7 +591,7 @@ def test_windows_per_forward_follow_free_memory(monkeypatch):
     monkeypatch.setattr("unip.seg.predict.available_bytes", lambda device=None: inputs + 6 * window)
     predictor.plan_memory()
     assert predictor.max_windows == 3
-    batch = torch.stack([preprocess(np.repeat(scene(40, 56, s)[:, :, None], 3, axis=2), predictor.pipeline)
+    batch = torch.stack([predictor.pipeline.preprocess(np.repeat(scene(40, 56, s)[:, :, None], 3, axis=2))
                          for s in (1, 2)])
     with torch.no_grad():
         expected = slide_inference(segmentor, batch, crop=64, stride=32)
@@ -605,12 +605,33 @@ def test_windows_per_forward_follow_free_memory(monkeypatch):
 def test_predict_and_export_use_the_test_scale_the_model_was_evaluated_at():
     """A model fine-tuned with another ``data.scale`` (the toy and demo presets) records ``test_scale``; predict,
     export and evaluate all resize to it (and to the recipe's (2048, 512) without one)."""
-    from unip.seg.report import test_transform_of
-
     meta = {"test_scale": [512, 128], "crop_size": 128, "stride": 85}
     pipeline = InferencePipeline.of(tiny_segmentor(meta=meta))
     assert pipeline.scale == (512, 128) and pipeline.input_size(128, 160) == (128, 160)
-    sample = test_transform_of(meta)({"image": torch.zeros(3, 128, 160, dtype=torch.uint8),
-                                      "label": torch.zeros(128, 160, dtype=torch.uint8)})
+    sample = InferencePipeline.from_meta(meta).transform()({"image": torch.zeros(3, 128, 160, dtype=torch.uint8),
+                                                           "label": torch.zeros(128, 160, dtype=torch.uint8)})
     assert tuple(sample["image"].shape[-2:]) == pipeline.input_size(128, 160)
     assert InferencePipeline.from_meta({}).input_size(128, 160) == (512, 640)  # the recipe's scale
+
+
+def test_one_test_pipeline_for_evaluate_predict_and_export(tmp_path, capsys):
+    """A header with a crop and no stride: evaluate, predict and export all read the segmentor's one test pipeline
+    and slide with two thirds of the crop (evaluate once fell back to the recipe's 341, predict derived it)."""
+    from unip.data.synth import write_soda
+    from unip.deploy.onnx_export import default_size, model_metadata
+
+    segmentor = tiny_segmentor(classes=21)
+    segmentor.meta = {"crop_size": 96, "test_scale": [256, 64]}
+    path = str(save_segmentor(segmentor, tmp_path / "seg.safetensors"))
+    loaded = load_segmentor(path)
+    assert InferencePipeline.of(loaded).stride == 64 and "stride" not in loaded.meta
+    assert model_metadata(loaded, dynamic=False)["unip.stride"] == "64" and default_size(loaded) == (96, 96)
+    write_soda(str(tmp_path / "soda"), 2, 2, size=(48, 40), seed=0)
+    assert main(["evaluate", "--checkpoint", path, "--data", str(tmp_path / "soda"), "--out",
+                     str(tmp_path / "eval"), "--device", "cpu", "--no-progress", "--workers", "0",
+                     "--overlays", "0"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (metrics["test"]["crop"], metrics["test"]["stride"]) == (96, 64)
+    with pytest.raises(CheckpointError, match=r"seg2\.safetensors: the header's sliding window"):
+        segmentor.meta = {"crop_size": 96, "stride": 97}
+        load_segmentor(save_segmentor(segmentor, tmp_path / "seg2.safetensors"))

@@ -15,11 +15,11 @@ from unip.data.images import stretch_to_uint8
 from unip.data.layouts import (MFNET_CLASSES, MFNET_PALETTE, SCUT_CLASSES, SCUT_PALETTE, SCUT_RAW_IDS, SODA_CLASSES,
                                voc_palette)
 from unip.data.seg_check import check_segmentation
-from unip.data.seg_prepare import prepare_dataset, scut_lookup
+from unip.data.seg_prepare import scut_lookup
 from unip.data.seg_transforms import (CatMaxRatioCrop, KeepRatioResize, PadToSize, PhotoMetricDistortion,
                                       SegmentationTransform, crop_is_acceptable, hsv_to_rgb_u8, normalize_steps,
                                       rescale_size, rgb_to_hsv_u8, seg_test_transform, seg_train_transform)
-from unip.data.segmentation import check_structure, detect_dataset, open_segmentation_dataset
+from unip.data.datasets import check_structure, detect_dataset, open_segmentation_dataset, prepare_dataset
 from unip.data.synth import write_soda
 from unip.engine.data import SeededDataset
 from unip.errors import DataError

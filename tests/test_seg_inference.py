@@ -148,6 +148,7 @@ def test_write_overlays_decodes_each_image_once(tmp_path, monkeypatch):
     from unip.data import open_segmentation_dataset, seg_test_transform
     from unip.data.synth import write_soda
     from unip.seg.evaluation import EvalSettings
+    from unip.seg.pipeline import InferencePipeline
     from unip.seg.report import write_overlays
 
     write_soda(str(tmp_path / "soda"), 2, 2, size=(48, 40), seed=0)
@@ -156,8 +157,8 @@ def test_write_overlays_decodes_each_image_once(tmp_path, monkeypatch):
     real = segmentation.load_sample
     monkeypatch.setattr(segmentation, "load_sample", lambda sample, *args: decoded.append(sample.name) or
                         real(sample, *args))
-    paths = write_overlays(_segmentor(classes=21), dataset, 2, tmp_path / "overlays", EvalSettings(crop=64, stride=42),
-                           torch.device("cpu"))
+    paths = write_overlays(_segmentor(classes=21), dataset, 2, tmp_path / "overlays",
+                           EvalSettings(InferencePipeline(crop=64, stride=42)), torch.device("cpu"))
     assert len(paths) == 2 and all(p.is_file() for p in paths)
     assert sorted(decoded) == sorted(s.name for s in dataset.samples)
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from unip.checkpoint import save_checkpoint
 from unip.errors import CheckpointError, ConfigError
-from unip.models import Segmentor, VisionTransformer, create_model, fpn, llfpn
+from unip.models import Segmentor, VisionTransformer, build_neck, create_model
 from unip.seg import build_segmentor, load_segmentor, save_segmentor
 from unip.seg.build import default_drop_path
 
@@ -270,7 +270,7 @@ def test_files_that_are_not_segmentors_are_refused(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- modules
 def test_llfpn_strides_and_widths():
-    neck = llfpn(48).eval()
+    neck = build_neck("llfpn", 48).eval()
     x = torch.randn(2, 48, 6, 10)
     maps = neck([x])
     assert [tuple(m.shape) for m in maps] == [(2, 48, 24, 40), (2, 48, 12, 20), (2, 48, 6, 10), (2, 48, 3, 5)]
@@ -280,7 +280,7 @@ def test_llfpn_strides_and_widths():
 
 
 def test_fpn_level_i_reads_map_i():
-    neck = fpn(8).eval()
+    neck = build_neck("fpn", 8).eval()
     maps = [torch.randn(1, 8, 4, 4) for _ in range(4)]
     out = neck(maps)
     assert torch.equal(out[2], maps[2]) and torch.equal(out[3], F.max_pool2d(maps[3], 2))
@@ -346,7 +346,7 @@ def test_uperhead_with_other_widths_matches_reference():
 def test_inconsistent_configs_raise_config_error():
     with pytest.raises(ConfigError, match="reads 1 block"):
         Segmentor(_tiny_config(feature_layers=[2, 4]))
-    with pytest.raises(ConfigError, match="UperNet needs a neck"):
+    with pytest.raises(ConfigError, match=r"upernet.*it reads a neck.s pyramid; add one \(llfpn, fpn\)"):
         Segmentor(_tiny_config(neck=None, auxiliary_head=None))
     with pytest.raises(ConfigError, match="out of range"):
         Segmentor(_tiny_config(feature_layers=[5]))

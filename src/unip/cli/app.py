@@ -10,7 +10,8 @@ import logging
 import os
 import re
 import sys
-from typing import Any, NoReturn, Optional
+import importlib
+from typing import Any, Iterator, List, NoReturn, Optional, Sequence
 
 from unip.engine.config import integer
 from unip.errors import UnipError
@@ -20,6 +21,35 @@ from unip.text import one_line
 #: Option values shared by several verbs.
 WORKERS = integer(1, 256).option()
 SEED = integer(0, 2**63 - 1).option()
+
+
+class TableChoices(Sequence):
+    """An option's ``choices=`` read from an extension point's table (``unip.models.HEADS``, ``unip.data.datasets.
+    DATASETS``, ...) when argparse first needs them — to check a value or show ``--help`` — so that an entry added
+    to the table is a choice at once, and building the parser imports no table (and no torch).
+
+    ``TableChoices("unip.models.heads:probe_heads")`` calls that function; ``"unip.models.heads:HEADS"`` takes the
+    keys of that mapping; ``first`` are choices before them (``auto``)."""
+
+    def __init__(self, where: str, *first: str) -> None:
+        self.where, self.first = where, first
+
+    def _names(self) -> List[str]:
+        module, _, name = self.where.partition(":")
+        table: Any = getattr(importlib.import_module(module), name)
+        return [*self.first, *(table() if callable(table) else table)]
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
 
 
 class UsageError(Exception):

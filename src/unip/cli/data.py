@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from unip.cli.app import SEED, WORKERS, Once
+from unip.cli.app import SEED, WORKERS, Once, TableChoices
 from unip.engine.config import integer
 
 
@@ -79,7 +79,7 @@ def add_data(sub: argparse._SubParsersAction) -> None:
                                      "labels/, scut_train/val.txt → train.txt/val.txt. Every file is checked; "
                                      "bad ones are skipped and listed in OUT/prepare-report.json. Reruns "
                                      "convert only new or changed files; nothing is deleted.")
-    q.add_argument("dataset", choices=("mfnet", "scut"), help="which download RAW is")
+    q.add_argument("dataset", choices=TableChoices("unip.data.datasets:prepared_names"), help="which download RAW is")
     q.add_argument("raw", metavar="RAW", help="the unpacked original download")
     q.add_argument("out", metavar="OUT", help="folder to write (new, empty, or an earlier output of this command)")
     q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
@@ -91,7 +91,7 @@ def add_data(sub: argparse._SubParsersAction) -> None:
                                      "images, label size or values); exit 2 if there is any. A clean set "
                                      "prints images per split and pixels per class.")
     q.add_argument("root", metavar="ROOT", help="data set folder")
-    q.add_argument("--dataset", default="auto", choices=("auto", "soda", "mfnet", "scut", "folder"),
+    q.add_argument("--dataset", default="auto", choices=TableChoices("unip.data.datasets:DATASETS", "auto"),
                    help="layout of ROOT (default: detect it)")
     q.add_argument("--split", action="append", choices=("train", "val", "test"),
                    help="split to check, repeatable (default: all three)")
@@ -174,7 +174,7 @@ def _run_data_synth(args: argparse.Namespace) -> int:
 
 
 def _run_data_prepare(args: argparse.Namespace) -> int:
-    from unip.data.seg_prepare import prepare_dataset
+    from unip.data.datasets import prepare_dataset
 
     result = prepare_dataset(args.dataset, args.raw, args.out, workers=args.workers, progress=True)
     print(result.table())

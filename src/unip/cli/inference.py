@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import List
 
-from unip.cli.app import WORKERS
+from unip.cli.app import WORKERS, TableChoices
 from unip.engine.config import integer, number
 
 
@@ -29,7 +29,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                                    "--out. Multi-GPU: torchrun --nproc_per_node=N -m unip.cli evaluate ...")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="segmentor .safetensors or release .pth")
     p.add_argument("--data", required=True, metavar="ROOT", help="data set root")
-    p.add_argument("--dataset", choices=["auto", "soda", "mfnet", "scut", "folder"], default="auto",
+    p.add_argument("--dataset", choices=TableChoices("unip.data.datasets:DATASETS", "auto"), default="auto",
                    help="layout of --data; its class list names the classes")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
@@ -89,7 +89,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="our fine-tuned .safetensors segmentor or the release's fine-tuned mmseg .pth")
     p.add_argument("--out", default="predictions", metavar="DIR", help="output folder (default predictions)")
-    p.add_argument("--dataset", choices=("soda", "mfnet", "scut"),
+    p.add_argument("--dataset", choices=TableChoices("unip.data.datasets:named_with_classes"),
                    help="class names and palette of this data set (default: the checkpoint's, else ids)")
     p.add_argument("--format", dest="formats", type=_formats, default=None, metavar="LIST",
                    help="what to write, comma-separated: label,color,overlay,video (default: all)")

@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from unip.cli.app import SEED
+from unip.cli.app import SEED, TableChoices
 from unip.engine.config import integer, list_presets
 
 
@@ -138,9 +138,10 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     if args.compile is not None:
         values["run.compile"] = args.compile
     origins["run.compile"] = "--compile/--no-compile"
-    config = make_config(args.preset, tuple(args.overrides), values, origins=origins)
+    sources: Dict[str, str] = {}
+    config = make_config(args.preset, tuple(args.overrides), values, origins=origins, sources=sources)
     if args.print_config:
-        print(dump_config(config), end="")
+        print(dump_config(config, sources, DEFAULTS), end="")
         return 0
     _check_run_folder(config["run"]["output"], DEFAULTS, {STUDENT_FILE: is_our_checkpoint}, config["run"]["resume"])
     result = train(config)
@@ -154,9 +155,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 #: CLI options of ``unip finetune`` and the config keys they set (``--set`` reaches every other key).
 _FINETUNE_OPTIONS = {
     "pretrained": "model.pretrained", "data": "data.path", "dataset": "data.dataset", "out": "run.output",
-    "probe_layer": "model.probe_layer", "iterations": "optim.iterations", "batch_size": "optim.batch_size",
-    "device": "run.device", "precision": "run.precision", "resume": "run.resume", "seed": "run.seed",
-    "workers": "data.num_workers",
+    "probe_layer": "model.probe_layer", "head": "model.head", "neck": "model.neck", "iterations": "optim.iterations",
+    "batch_size": "optim.batch_size", "device": "run.device", "precision": "run.precision", "resume": "run.resume",
+    "seed": "run.seed", "workers": "data.num_workers",
 }
 
 
@@ -177,14 +178,19 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
                    help="backbone: our pretrain output, a release/MAE/DINO/iBOT/DeiT checkpoint, timm:NAME[@FILE], "
                         "or none (random initialisation of the preset's model.backbone)")
     p.add_argument("--data", metavar="ROOT", help="data set root (see unip data check-seg)")
-    p.add_argument("--dataset", choices=["auto", "soda", "mfnet", "scut", "folder"],
+    p.add_argument("--dataset", choices=TableChoices("unip.data.datasets:DATASETS", "auto"),
                    help="layout of --data (default: the preset's)")
     p.add_argument("--out", metavar="DIR", help="run folder: checkpoints/, log.jsonl, tb/, segmentor.safetensors, "
                                                 "metrics.json")
-    p.add_argument("--probe", choices=["linear"], help="linear probing: frozen backbone, blocks 4/6/8/12 → 1×1 conv "
-                                                       "(presets from configs/linprobe/)")
+    p.add_argument("--head", choices=TableChoices("unip.models.heads:HEADS"),
+                   help="decode head (default: the preset's; the recipe: upernet)")
+    p.add_argument("--neck", choices=TableChoices("unip.models.necks:NECKS"),
+                   help="neck of a head that reads a pyramid (default: the preset's; the recipe: llfpn)")
+    p.add_argument("--probe", choices=TableChoices("unip.models.heads:probe_heads"),
+                   help="probing: frozen backbone, blocks 4/6/8/12 → the probe head (linear: one 1×1 conv; presets "
+                        "from configs/linprobe/)")
     p.add_argument("--probe-layer", metavar="N", type=integer(1, 256).option(),
-                   help="layer-wise linear probing: block N alone (implies --probe linear)")
+                   help="layer-wise probing: block N alone (implies --probe linear unless --probe names another)")
     p.add_argument("--iterations", type=integer(1).option(), help="optimiser steps (optim.iterations)")
     p.add_argument("--batch-size", type=integer(1).option(), help="images per GPU and micro-batch")
     p.add_argument("--check-data", action="store_true",
@@ -198,22 +204,30 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from unip.engine.config import dump_config
     from unip.errors import ConfigError
     from unip.outputs import is_our_checkpoint, is_our_json
+    from unip.models.heads import HEADS, probe_heads
     from unip.seg.results import METRICS_FILE, metrics_writer
     from unip.seg.train import DEFAULTS, SEGMENTOR_FILE, finetune, make_config
 
     values, origins = _option_values(args, _FINETUNE_OPTIONS)
-    probe = args.probe or ("linear" if args.probe_layer is not None else None)
-    if probe:
-        values["model.head"], origins["model.head"] = probe, "--probe"
+    if args.probe and args.head and args.head != args.probe:
+        raise ConfigError(f"--head {args.head} and --probe {args.probe} ask for two heads; drop one of them")
+    head = args.probe or args.head or (probe_heads()[0] if args.probe_layer is not None else None)
+    probe = head if head in probe_heads() else None
+    if args.probe_layer is not None and not probe:
+        raise ConfigError(f"--probe-layer probes one block, but --head {head} fine-tunes; drop one of them")
+    if head:
+        values["model.head"], origins["model.head"] = head, "--probe" if args.probe else "--head"
     if args.check_data:
         values["data.check"], origins["data.check"] = True, "--check-data"
+    sources: Dict[str, str] = {}
     config = make_config(args.preset, tuple(args.overrides), values, origins=origins,
-                         kind="linprobe" if probe else "finetune")
-    if probe and config["model"]["head"] != probe:
-        raise ConfigError(f"--{'probe' if args.probe else 'probe-layer'} trains a {probe} probe, but --set "
+                         kind="linprobe" if probe else "finetune", sources=sources)
+    if head and config["model"]["head"] != head:
+        option = "--probe" if args.probe else "--head" if args.head else "--probe-layer"
+        raise ConfigError(f"{option} trains a {head} {'probe' if probe else 'head'}, but --set "
                           f"model.head={config['model']['head']} asks for another head; drop one of them")
     if args.print_config:
-        print(dump_config(config), end="")
+        print(dump_config(config, sources, DEFAULTS), end="")
         return 0
     metrics = os.path.join(config["run"]["output"], METRICS_FILE)
     if metrics_writer(metrics) == "evaluate":
@@ -228,6 +242,6 @@ def _run_finetune(args: argparse.Namespace) -> int:
         best = f"best val {result.best['metric']} {result.best['value']:.2f} at step {result.best['step']}; " \
             if result.best else "no evaluation chose a best model; "
         tested = "the best model" if result.best else "the final model"
-        print(f"{config['model']['head'] == 'linear' and 'probing' or 'fine-tuning'} finished after {result.steps} "
+        print(f"{'probing' if HEADS[config['model']['head']].probe else 'fine-tuning'} finished after {result.steps} "
               f"steps; {best}final model: {result.segmentor}; test metrics of {tested}: {result.metrics_file}")
     return 0

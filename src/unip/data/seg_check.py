@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from unip.data.layouts import IGNORE_INDEX, SPLIT_NAMES
 from unip.data.parallel import thread_map
-from unip.data.segmentation import (Palette, Problem, Sample, inspect_pair, read_split_file, resolve_layout,
-                                    scan_split)
+from unip.data.datasets import resolve_layout
+from unip.data.segmentation import Palette, Problem, Sample, inspect_pair, read_split_file, scan_split
 from unip.errors import DataError
 
 

@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILE = "prepare-report.json"
 STATE_FILE = ".prepare-state.jsonl"
-PREPARERS = ("mfnet", "scut")
 
 #: Optional MFNet split files copied when present (besides train/val/test and val_test).
 MFNET_EXTRA_SPLITS = ("test_day.txt", "test_night.txt")
@@ -62,7 +61,7 @@ class Job:
 
 @dataclass
 class PrepareResult:
-    """What :func:`prepare_dataset` did; ``splits`` maps each split file written to listed/written counts."""
+    """What :func:`prepare_download` did; ``splits`` maps each split file written to listed/written counts."""
 
     dataset: str
     raw: str
@@ -177,23 +176,29 @@ def _label_ids(path: str, image_size: Tuple[int, int]) -> np.ndarray:
     return label
 
 
-def _outputs(dataset: str, job: Job, out: str) -> List[str]:
+def _mfnet_outputs(job: Job, out: str) -> List[str]:
     """The files converting ``job`` writes: ``[image, label]`` under ``out`` (none for a job without image)."""
     if job.image is None:
         return []
-    if dataset == "mfnet":
-        return [os.path.join(out, L.MFNET_IMAGE_DIR, job.name + ".png"),
-                os.path.join(out, L.MFNET_LABEL_DIR, job.name + ".png")]
+    return [os.path.join(out, L.MFNET_IMAGE_DIR, job.name + ".png"),
+            os.path.join(out, L.MFNET_LABEL_DIR, job.name + ".png")]
+
+
+def _scut_outputs(job: Job, out: str) -> List[str]:
+    """The files converting ``job`` writes: ``[image, label]`` under ``out`` (none for a job without image)."""
+    if job.image is None:
+        return []
     return [os.path.join(out, L.SCUT_IMAGE_DIR, job.name + os.path.splitext(job.image)[1].lower()),
             os.path.join(out, L.SCUT_LABEL_DIR, job.name + ".png")]
 
 
-def _remove_temporaries(dataset: str, out: str, jobs: Sequence[Job], split_files: Sequence[str]) -> List[Path]:
+def _remove_temporaries(preparation: "Preparation", out: str, jobs: Sequence[Job],
+                        split_files: Sequence[str]) -> List[Path]:
     """Delete the temporary files that a killed run left for the files this run writes (``unip.atomic``);
     returns their paths."""
     owned: Dict[str, set] = {out: {REPORT_FILE, STATE_FILE, *split_files}}
     for job in jobs:
-        for path in _outputs(dataset, job, out):
+        for path in preparation.outputs(job, out):
             owned.setdefault(os.path.dirname(path), set()).add(os.path.basename(path))
     return [path for folder, names in owned.items() for path in remove_temporaries(folder, names.__contains__)]
 
@@ -213,7 +218,7 @@ def _convert_mfnet(job: Job, out: str) -> Tuple[List[str], Dict[str, int]]:
     if bad.any():
         raise Skip(job.label, "bad-label-value", f"values {sorted(set(label[bad].tolist()))[:8]} are not MFNet "
                                                  f"ids 0..{len(L.MFNET_CLASSES) - 1} or 255")
-    outputs = _outputs("mfnet", job, out)
+    outputs = _mfnet_outputs(job, out)
     _save_png(thermal, outputs[0])
     _save_png(label, outputs[1])
     return outputs, {}
@@ -240,7 +245,7 @@ def _convert_scut(job: Job, out: str) -> Tuple[List[str], Dict[str, int]]:
     table = scut_lookup()
     ignored = {str(i): int(counts[i]) for i in np.nonzero(counts)[0]
                if table[i] == L.IGNORE_INDEX and i != L.IGNORE_INDEX}
-    outputs = _outputs("scut", job, out)
+    outputs = _scut_outputs(job, out)
     with atomic_path(outputs[0]) as tmp:
         tmp.write_bytes(data)
     _save_png(table[raw], outputs[1])
@@ -402,16 +407,29 @@ def _scut_jobs(raw: str, out: str) -> Tuple[Dict[str, List[str]], Dict[str, Job]
 
 
 # ------------------------------------------------------------------------------------- driver
-_CONVERTERS = {"mfnet": _convert_mfnet, "scut": _convert_scut}
+@dataclass(frozen=True)
+class Preparation:
+    """How one data set's original download becomes its layout (the ``prepare`` of its entry in
+    ``unip.data.datasets.DATASETS``): ``jobs(raw, out)`` → ``(split files and the names they list, {name: Job},
+    notes)``; ``outputs(job, out)`` → the files converting a job writes; ``convert(job, out)`` → ``(those files,
+    {raw id: pixels set to 255})``, raising ``Skip`` for a pair it cannot convert."""
+
+    jobs: Callable[[str, str], Tuple[Dict[str, List[str]], Dict[str, Job], List[str]]]
+    outputs: Callable[[Job, str], List[str]]
+    convert: Callable[[Job, str], Tuple[List[str], Dict[str, int]]]
 
 
-def _run_job(job: Job, out: str, dataset: str) -> Tuple[Job, Optional[dict], Optional[Dict[str, str]]]:
+MFNET = Preparation(lambda raw, out: _mfnet_jobs(raw), _mfnet_outputs, _convert_mfnet)
+SCUT = Preparation(_scut_jobs, _scut_outputs, _convert_scut)
+
+
+def _run_job(job: Job, out: str, preparation: Preparation) -> Tuple[Job, Optional[dict], Optional[Dict[str, str]]]:
     """Convert one job; returns (job, state entry, None) or (job, None, skip entry)."""
     if job.missing is not None:
         return job, None, {"name": job.name, "path": job.missing[0], "reason": "missing", "detail": job.missing[1]}
     try:
         sources = [_signature(job.image), _signature(job.label)]  # type: ignore[arg-type]
-        outputs, ignored = _CONVERTERS[dataset](job, out)
+        outputs, ignored = preparation.convert(job, out)
     except Skip as skip:
         return job, None, {"name": job.name, "path": skip.path, "reason": skip.reason, "detail": skip.detail}
     except OSError as err:
@@ -420,23 +438,22 @@ def _run_job(job: Job, out: str, dataset: str) -> Tuple[Job, Optional[dict], Opt
     return job, {"name": job.name, "sources": sources, "outputs": outputs, "ignored_ids": ignored}, None
 
 
-def prepare_dataset(dataset: str, raw: str, out: str, workers: Optional[int] = None,
-                    progress: bool = False) -> PrepareResult:
-    """Convert the original download ``raw`` of ``dataset`` (``mfnet`` or ``scut``) into its layout in ``out``.
+def prepare_download(dataset: str, preparation: Preparation, raw: str, out: str, workers: Optional[int] = None,
+                     progress: bool = False) -> PrepareResult:
+    """Convert the original download ``raw`` of ``dataset`` into its layout in ``out`` as ``preparation`` says
+    (``unip.data.datasets.prepare_dataset`` finds it by the data set's name).
 
     Returns a :class:`PrepareResult` (also written to ``out/prepare-report.json``). Raises
     :class:`DataError` if ``raw`` is not such a download, ``out`` cannot be used, or no image survives.
     """
-    if dataset not in PREPARERS:
-        raise DataError(f"data set '{dataset}': prepare knows {', '.join(PREPARERS)} (SODA needs no preparation)")
     raw, out = os.path.abspath(os.path.expanduser(raw)), os.path.abspath(os.path.expanduser(out))
     if not os.path.isdir(raw):
         raise DataError(f"{raw}: download folder not found")
     if os.path.realpath(raw) == os.path.realpath(out):
         raise DataError(f"{out}: the output folder must differ from the download folder")
-    lists, jobs, notes = _mfnet_jobs(raw) if dataset == "mfnet" else _scut_jobs(raw, out)
+    lists, jobs, notes = preparation.jobs(raw, out)
     _claim_output(raw, out, dataset)
-    removed = _remove_temporaries(dataset, out, list(jobs.values()), list(lists))
+    removed = _remove_temporaries(preparation, out, list(jobs.values()), list(lists))
     if removed:
         logger.info("removed %d temporary file(s) left by an interrupted run (e.g. %s)", len(removed), removed[0])
     state = _load_state(out)
@@ -450,7 +467,7 @@ def prepare_dataset(dataset: str, raw: str, out: str, workers: Optional[int] = N
             todo.append(job)
     reused = len(kept)
     with open(os.path.join(out, STATE_FILE), "a", encoding="utf-8") as journal:
-        results = thread_map(lambda j: _run_job(j, out, dataset), todo, workers)
+        results = thread_map(lambda j: _run_job(j, out, preparation), todo, workers)
         for job, entry, skip in tqdm(results, total=len(todo), desc=f"prepare {dataset}", unit="img",
                                      disable=None if progress else True):
             if entry is not None:

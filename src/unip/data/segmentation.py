@@ -24,8 +24,9 @@ A folder data set describes itself in ``classes.yaml``::
     palette: [[0, 0, 0], [220, 20, 60], [0, 0, 142]]   # optional; default: the VOC colour map
     splits: {train: train.txt, val: val.txt, test: val.txt}   # optional; default: the three files
 
-Bad input raises :class:`unip.errors.DataError` naming the file: a missing split file, image or label when
-a data set is opened; an unreadable image or label, a label whose size differs from its image's, or a
+Which layout a folder holds, and opening a data set by name, is :mod:`unip.data.datasets` (the table of named
+data sets). Bad input raises :class:`unip.errors.DataError` naming the file: a missing split file, image or label
+when a data set is opened; an unreadable image or label, a label whose size differs from its image's, or a
 label value that is neither a class id nor 255 when a sample is read. :func:`scan_split` and
 :func:`inspect_pair` return the same findings as :class:`Problem` lists instead (used by
 :mod:`unip.data.seg_check` to list every problem of a data set at once).
@@ -55,9 +56,6 @@ Palette = Tuple[Tuple[int, int, int], ...]
 #: What a transform receives and returns: the sample dict of :meth:`SegmentationDataset.load`.
 SampleTransform = Callable[[Dict[str, Any]], Dict[str, Any]]
 
-DATASETS: Tuple[str, ...] = ("soda", "mfnet", "scut", "folder")
-
-
 @dataclass(frozen=True)
 class SegLayout:
     """Where a layout keeps its files and what its classes are.
@@ -82,7 +80,8 @@ class SegLayout:
         return first + tuple(s for s in L.IMAGE_SUFFIXES if s != self.image_suffix)
 
 
-#: The three benchmark layouts of the release.
+#: The three benchmark layouts of the release (their entries in ``unip.data.datasets.DATASETS`` add how each is
+#: recognised and prepared).
 LAYOUTS: Dict[str, SegLayout] = {
     "soda": SegLayout("soda", L.SODA_IMAGE_DIR, L.SODA_LABEL_DIR, dict(L.SODA_SPLITS), L.SODA_CLASSES,
                       L.SODA_PALETTE, ".jpg"),
@@ -168,83 +167,6 @@ def read_folder_layout(root: str) -> SegLayout:
     return SegLayout("folder", L.FOLDER_IMAGE_DIR, L.FOLDER_LABEL_DIR, splits, names, palette)
 
 
-def _isdir(root: str, *parts: str) -> bool:
-    return os.path.isdir(os.path.join(root, *parts))
-
-
-def _has_png(folder: str, look: int = 20) -> bool:
-    try:
-        with os.scandir(folder) as entries:
-            for n, entry in enumerate(entries):
-                if entry.name.lower().endswith(".png"):
-                    return True
-                if n >= look:
-                    break
-    except OSError:
-        pass
-    return False
-
-
-def _raw_download_hint(root: str) -> Optional[str]:
-    """Say which `unip data prepare` turns ``root`` into a readable layout, if it looks like a download."""
-    if any(os.path.isfile(os.path.join(root, f)) for f in L.SCUT_RAW_SPLITS.values()):
-        return "it looks like the original SCUT-Seg download: run `unip data prepare scut ROOT OUT` first"
-    if (_isdir(root, L.MFNET_RAW_IMAGE_DIR) and not _isdir(root, L.MFNET_IMAGE_DIR)
-            and os.path.isfile(os.path.join(root, L.MFNET_SPLITS["test"]))
-            and _has_png(os.path.join(root, L.MFNET_RAW_IMAGE_DIR))):
-        return "it looks like the original MFNet download: run `unip data prepare mfnet ROOT OUT` first"
-    return None
-
-
-def detect_dataset(root: str) -> str:
-    """Return the layout name (``soda``, ``mfnet``, ``folder`` or ``scut``) of the data set at ``root``.
-
-    Rules, in order: ``InfraredSemanticLabel/`` or ``JPEGImages/`` + ``SegmentationClassPNG/`` → soda;
-    ``thermal_imgs/`` + ``labels/`` → mfnet; a ``classes.yaml`` → folder; ``images/`` + ``labels/`` →
-    scut. Raises :class:`DataError` if none applies.
-    """
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: data set folder not found")
-    if _isdir(root, L.SODA_SUBDIR) or (_isdir(root, L.SODA_IMAGE_DIR) and _isdir(root, L.SODA_LABEL_DIR)):
-        return "soda"
-    if _isdir(root, L.MFNET_IMAGE_DIR) and _isdir(root, L.MFNET_LABEL_DIR):
-        return "mfnet"
-    if _classes_file(root):
-        return "folder"
-    hint = _raw_download_hint(root)
-    if hint:
-        raise DataError(f"{root}: {hint}")
-    if _isdir(root, L.SCUT_IMAGE_DIR) and _isdir(root, L.SCUT_LABEL_DIR):
-        log.info("%s: images/ + labels/ without classes.yaml: reading it as SCUT-Seg", root)
-        return "scut"
-    raise DataError(f"{root}: not a known segmentation layout (SODA, MFNet, SCUT-Seg, or images/ + labels/ "
-                    "+ classes.yaml); see docs/segmentation-data.md or pass the data set name")
-
-
-def resolve_layout(root: str, dataset: str = "auto") -> Tuple[str, SegLayout]:
-    """Return ``(data_root, layout)`` for ``root`` read as ``dataset`` (``auto`` detects it).
-
-    For SODA, a root holding ``InfraredSemanticLabel/`` is entered. Raises :class:`DataError` for an
-    unknown name, a missing folder, or an original download that needs ``unip data prepare`` first.
-    """
-    root = os.path.abspath(os.path.expanduser(root))
-    name = dataset.lower()
-    if name == "auto":
-        name = detect_dataset(root)
-    elif name not in DATASETS:
-        raise DataError(f"data set '{dataset}': must be one of {', '.join(DATASETS)} or auto")
-    elif not os.path.isdir(root):
-        raise DataError(f"{root}: data set folder not found")
-    if name == "soda" and _isdir(root, L.SODA_SUBDIR):
-        root = os.path.join(root, L.SODA_SUBDIR)
-    layout = read_folder_layout(root) if name == "folder" else LAYOUTS[name]
-    prepared = _isdir(root, layout.image_dir) and os.path.isfile(os.path.join(root, layout.splits["train"]))
-    hint = _raw_download_hint(root) if name in ("mfnet", "scut") and not prepared else None
-    if hint:
-        raise DataError(f"{root}: {hint}")
-    return root, layout
-
-
 def check_seg_command(root: str, dataset: str = "auto") -> str:
     """The ``unip data check-seg`` command line that reads ``root`` as ``dataset`` (the layout a command was asked
     for, not the one detection would pick) and lists every problem."""
@@ -302,25 +224,11 @@ def structure_problems(root: str, layout: SegLayout, split: str) -> List[Problem
     if split not in layout.splits:
         raise DataError(f"split '{split}': must be one of {', '.join(layout.splits)}")
     problems = [Problem(os.path.join(root, folder), "missing-folder", "folder not found")
-                for folder in (layout.image_dir, layout.label_dir) if not _isdir(root, folder)]
+                for folder in (layout.image_dir, layout.label_dir) if not os.path.isdir(os.path.join(root, folder))]
     split_path = os.path.join(root, layout.splits[split])
     if not os.path.isfile(split_path):
         problems.append(Problem(split_path, "missing-split-file", f"split file of '{split}' not found"))
     return problems
-
-
-def check_structure(root: str, dataset: str = "auto", splits: Sequence[str] = L.SPLIT_NAMES) -> Tuple[str, SegLayout]:
-    """The quick look before a long job reads the data set at ``root`` as ``dataset`` (``auto`` detects it):
-    the layout resolves (:func:`resolve_layout`) and its folders and the split files of ``splits`` exist.
-    No image is read and no split is listed. Returns ``(data_root, layout)``; raises :class:`DataError`
-    naming the first problem."""
-    data_root, layout = resolve_layout(root, dataset)
-    for split in splits:
-        problems = structure_problems(data_root, layout, split)
-        if problems:
-            raise DataError(f"{problems[0].message} (not a {layout.name} data set? "
-                            f"`{check_seg_command(root, dataset)}` lists every problem)")
-    return data_root, layout
 
 
 def scan_split(root: str, layout: SegLayout, split: str) -> Tuple[List[Sample], List[Problem]]:
@@ -469,20 +377,3 @@ class SegmentationDataset(Dataset):
     def __repr__(self) -> str:
         return (f"SegmentationDataset({self.layout}, {self.root!r}, split={self.split!r}, "
                 f"{len(self)} images, {self.num_classes} classes)")
-
-
-def open_segmentation_dataset(root: str, dataset: str = "auto", split: str = "train",
-                              transform: Optional[SampleTransform] = None) -> SegmentationDataset:
-    """Open split ``split`` (``train``, ``val`` or ``test``) of the data set at ``root``.
-
-    ``dataset`` is ``soda``, ``mfnet``, ``scut``, ``folder`` or ``auto`` (see :func:`detect_dataset`).
-    Raises :class:`DataError` naming the first missing split file, image or label (with the count of
-    the others: ``unip data check-seg`` lists them all). Images are decoded when a sample is read.
-    """
-    data_root, layout = resolve_layout(root, dataset)
-    samples, problems = scan_split(data_root, layout, split)
-    if problems:
-        more = f" (and {len(problems) - 1} more problem(s); list them with `{check_seg_command(root, dataset)}`)" \
-            if len(problems) > 1 else ""
-        raise DataError(problems[0].message + more)
-    return SegmentationDataset(data_root, layout, split, samples, transform)

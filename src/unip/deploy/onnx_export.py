@@ -45,6 +45,7 @@ from unip.memory import require_memory
 from unip.models.segmentor import Segmentor
 from unip.optional import require
 from unip.outputs import claim, out_file, staging_folder
+from unip.seg.pipeline import InferencePipeline
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,8 @@ def check_size(segmentor: Segmentor, size: Tuple[int, int], batch: int = 1, what
 
 
 def default_size(segmentor: Segmentor) -> Tuple[int, int]:
-    """The segmentor's sliding-window crop (512 for the recipe's models)."""
-    crop = int(segmentor.meta.get("crop_size", segmentor.backbone.config["img_size"][0]))
+    """The segmentor's sliding-window crop (its test pipeline's: 512 for the recipe's models)."""
+    crop = InferencePipeline.of(segmentor).crop
     return crop, crop
 
 
@@ -258,7 +259,6 @@ def _silenced(*names: str) -> Iterator[None]:
 
 def model_metadata(segmentor: Segmentor, dynamic: bool) -> Dict[str, str]:
     """``metadata_props`` of the exported model (module docstring): JSON texts."""
-    from unip.seg.predict import InferencePipeline
     from unip.seg.render import ClassInfo
 
     pipeline = InferencePipeline.of(segmentor)

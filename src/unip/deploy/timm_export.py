@@ -198,12 +198,12 @@ def _normalization(meta: Mapping[str, Any], kind: str, notes: List[str]) -> Dict
     pre-training's (InfMix) for the release's UNIP student (its ``args``), and ImageNet's, with a note in
     ``notes``, for other release files (MAE, DINO, iBOT, DeiT were pre-trained with it)."""
     from unip.models.presets import PRESETS
-    from unip.seg.build import DEFAULT_META
+    from unip.seg.pipeline import RECIPE_META
 
     norm = meta.get("normalization")
     if not isinstance(norm, Mapping):
         if kind == "segmentor":
-            norm = DEFAULT_META["normalization"]
+            norm = RECIPE_META["normalization"]
         elif meta.get("model") in PRESETS:
             norm = DEFAULT_NORMALIZATION
         else:

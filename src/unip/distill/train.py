@@ -32,8 +32,9 @@ from unip.engine.checkpointing import resolve_resume
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
 from unip.engine.distributed import DistInfo, all_reduce_sum
 from unip.engine.logging import LOG_FILE, last_logged
-from unip.engine.loop import PRECISIONS, Precision
-from unip.engine.trainer import (CHECKPOINT_DIR, COMPILE_MODES, Task, TrainContext, batch_plan, settle_accumulation,
+from unip.engine.loop import Precision
+from unip.engine.settings import training_defaults, training_rules
+from unip.engine.trainer import (CHECKPOINT_DIR, Task, TrainContext, batch_plan, settle_accumulation,
                                  train_task)
 from unip.errors import CheckpointError, ConfigError
 from unip.fingerprint import listing_fingerprint
@@ -44,31 +45,30 @@ from unip.models.vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
 
-#: Every setting of a pre-training run; presets and ``--set`` may only change these keys.
-DEFAULTS: Config = {
-    "teacher": {"source": None, "layer": "auto", "auto_images": 256},
-    # depth / embed_dim / num_heads: null keeps the preset's (set them for toy-sized students)
-    # init: a checkpoint of the same architecture to start from (null: random weights drawn from run.seed)
-    "student": {"model": "unip_vit_small_patch16", "drop_path": 0.1, "depth": None, "embed_dim": None,
-                "num_heads": None, "init": None},
-    "data": {"path": None, "input_size": 224, "scale": [0.2, 1.0], "mean": INFMIX_MEAN, "std": INFMIX_STD,
-             "augment": True, "num_workers": 8},
-    "optim": {"epochs": 100, "warmup_epochs": 5.0, "blr": 1.5e-4, "lr": None, "min_lr": 0.0,
-              "batch_size": 256, "accum_iter": None, "effective_batch": None, "weight_decay": 0.05,
-              "betas": [0.9, 0.95], "clip_grad": None, "fused": None},
-    "loss": {"kind": "kl", "temperature": 1.0},
-    # compile: auto = torch.compile on CUDA (measured faster there), eager on CPU; compile_mode: torch.compile's mode
-    # teacher_precision: auto = bf16 weights under bf16 autocast, else fp32; fp8 = torchao on Ada/Hopper
-    # teacher_gelu: exact (the model's) or tanh (the approximation; a bf16 teacher on CUDA fuses it into fc1)
-    "run": {"output": "runs/pretrain", "seed": 0, "device": "auto", "precision": "auto", "compile": "auto",
-            "compile_mode": "default", "teacher_precision": "auto", "teacher_gelu": "exact", "save_every_epochs": 10,
-            "save_every_steps": 0, "keep_checkpoints": 2, "log_every": 20, "resume": None, "progress": True,
-            "allow_changed_config": False},
-    "debug": {"nan_at_step": None, "step_delay": 0.0},
-}
+#: Every setting of a pre-training run; presets and ``--set`` may only change these keys. The engine's run and
+#: optim sections (``unip.engine.settings``) with the recipe's values (docs/recipe.md#pre-training); an epoch-based
+#: cosine schedule without evaluation.
+DEFAULTS: Config = training_defaults(
+    {
+        "teacher": {"source": None, "layer": "auto", "auto_images": 256},
+        # depth / embed_dim / num_heads: null keeps the preset's (set them for toy-sized students)
+        # init: a checkpoint of the same architecture to start from (null: random weights drawn from run.seed)
+        "student": {"model": "unip_vit_small_patch16", "drop_path": 0.1, "depth": None, "embed_dim": None,
+                    "num_heads": None, "init": None},
+        "data": {"path": None, "input_size": 224, "scale": [0.2, 1.0], "mean": INFMIX_MEAN, "std": INFMIX_STD,
+                 "augment": True, "num_workers": 8},
+        "loss": {"kind": "kl", "temperature": 1.0},
+        # teacher_precision: auto = bf16 weights under bf16 autocast, else fp32; fp8 = torchao on Ada/Hopper
+        # teacher_gelu: exact (the model's) or tanh (the approximation; a bf16 teacher on CUDA fuses it into fc1)
+        "run": {"teacher_precision": "auto", "teacher_gelu": "exact"},
+    },
+    optim={"epochs": 100, "warmup_epochs": 5.0, "blr": 1.5e-4, "batch_size": 256, "betas": [0.9, 0.95]},
+    run={"output": "runs/pretrain", "save_every_epochs": 10},
+    leave_out=("optim.iterations", "optim.warmup_iterations", "optim.schedule", "optim.power",
+               "optim.warmup_start_factor", "run.eval_every", "run.best_metric", "run.best_mode"))
 
 #: What each setting may hold; ``make_config`` checks the resolved settings against it.
-RULES: Dict[str, Rule] = {
+RULES: Dict[str, Rule] = training_rules(DEFAULTS, {
     "teacher.source": text(null=True), "teacher.layer": integer(1, MAX_DEPTH, words=("auto",)),
     "teacher.auto_images": integer(1, 100_000), "student.model": text(*list_models()),
     "student.drop_path": number(ge=0, lt=1), "student.depth": integer(1, MAX_DEPTH, null=True),
@@ -77,32 +77,22 @@ RULES: Dict[str, Rule] = {
     "data.path": text(null=True), "data.input_size": integer(16, 4096),
     "data.scale": numbers(2, gt=0, le=1, ascending=True), "data.mean": number(ge=0, le=1),
     "data.std": number(gt=0, le=1), "data.augment": flag(), "data.num_workers": integer(0, 256),
-    "optim.epochs": integer(1, 100_000), "optim.warmup_epochs": number(ge=0, le=100_000),
-    "optim.blr": number(gt=0, le=1), "optim.lr": number(gt=0, le=1, null=True), "optim.min_lr": number(ge=0, lt=1),
-    "optim.batch_size": integer(1, 65_536), "optim.accum_iter": integer(1, 65_536, null=True),
-    "optim.effective_batch": integer(1, 2**24, null=True), "optim.weight_decay": number(ge=0, le=1),
-    "optim.betas": numbers(2, ge=0, lt=1), "optim.clip_grad": number(gt=0, null=True),
-    "optim.fused": Rule("bool", null=True),
     "loss.kind": text(*LOSS_KINDS), "loss.temperature": number(gt=0, le=100),
-    "run.output": text(), "run.seed": integer(0, 2**63 - 1), "run.device": text(), "run.precision": text(*PRECISIONS),
-    "run.compile": Rule("bool", words=("auto",)), "run.compile_mode": text(*COMPILE_MODES),
-    "run.teacher_precision": text("auto", *TEACHER_PRECISIONS),
-    "run.teacher_gelu": text(*TEACHER_GELUS),
-    "run.allow_changed_config": flag(), "run.save_every_epochs": integer(0, 100_000),
-    "run.save_every_steps": integer(0),
-    "run.keep_checkpoints": integer(1, 10_000), "run.log_every": integer(1), "run.resume": text(null=True),
-    "run.progress": flag(), "debug.nan_at_step": integer(1, null=True), "debug.step_delay": number(ge=0, le=3600),
-}
+    "run.teacher_precision": text("auto", *TEACHER_PRECISIONS), "run.teacher_gelu": text(*TEACHER_GELUS),
+    "optim.epochs": integer(1, 100_000), "optim.blr": number(gt=0, le=1),  # an epoch-based run, lr from blr
+})
 
 STUDENT_FILE = "student.safetensors"
 
 
 def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
-                values: Optional[Dict[str, Any]] = None, origins: Optional[Dict[str, str]] = None) -> Config:
+                values: Optional[Dict[str, Any]] = None, origins: Optional[Dict[str, str]] = None,
+                sources: Optional[Dict[str, str]] = None) -> Config:
     """``DEFAULTS`` ← preset (name under ``configs/pretrain/`` or a YAML path) ← ``values`` ← ``overrides``,
-    checked against ``RULES``; ``origins`` names where ``values`` came from (e.g. ``--epochs``)."""
+    checked against ``RULES``; ``origins`` names where ``values`` came from (e.g. ``--epochs``); ``sources`` is
+    filled with where each setting came from (``unip.engine.config.build_config``)."""
     return settle_accumulation(build_config(DEFAULTS, preset, overrides, kind="pretrain", values=values, rules=RULES,
-                                            origins=origins))
+                                            origins=origins, sources=sources))
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -50,8 +50,75 @@ def find_preset(name: str, kind: str) -> Path:
 
 def list_presets(kind: str) -> List[str]:
     """The preset names of ``kind`` (``pretrain``, ``finetune``, ...): ``configs/<kind>/*.yaml`` of every
-    ``PRESET_ROOTS`` entry, sorted."""
-    return sorted({p.stem for root in PRESET_ROOTS for p in (root / kind).glob("*.yaml")})
+    ``PRESET_ROOTS`` entry, sorted; bases that only others build on (``_soda.yaml``) are left out."""
+    return sorted({path.stem for root in PRESET_ROOTS for path in (root / kind).glob("*.yaml")
+                   if not path.stem.startswith("_")})
+
+
+# ============================================================================================ presets
+#: The key of a preset that names the presets it builds on (as mmsegmentation's ``_base_``): one name or a list,
+#: applied in order, then the preset's own settings over them. A name is a preset beside it or of the same kind
+#: (``_soda``), ``KIND/NAME`` a preset of another kind (``finetune/soda_small``), or a YAML file relative to it.
+BASE_KEY = "_base_"
+#: How deep bases may build on bases (a guard against a chain that never ends).
+MAX_BASE_DEPTH = 16
+
+
+def read_preset(preset: Union[str, Path], kind: str) -> Dict[str, Tuple[Any, str]]:
+    """The settings a preset (name or file) states, its bases resolved: ``{dotted key: (value, origin)}``, origin
+    being the file that set the value last (``preset_label``). ``ConfigError`` naming the file for a base that
+    cannot be found, a circle of bases, or a ``_base_`` that is not a name or a list of names."""
+    return _resolve_preset(find_preset(str(preset), kind), kind, ())
+
+
+def _resolve_preset(path: Path, kind: str, chain: Tuple[Path, ...]) -> Dict[str, Tuple[Any, str]]:
+    here = path.resolve()
+    if here in chain:
+        circle = " → ".join(preset_label(p) for p in (*chain[chain.index(here):], here))
+        raise ConfigError(f"{path}: its {BASE_KEY} presets go round in a circle ({circle}); remove one")
+    if len(chain) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"{path}: more than {MAX_BASE_DEPTH} levels of {BASE_KEY} presets; flatten the chain")
+    document = dict(read_yaml(path))
+    bases = document.pop(BASE_KEY, [])
+    names = [bases] if isinstance(bases, str) else bases
+    if not isinstance(names, list) or not all(isinstance(name, str) and name.strip() for name in names):
+        raise ConfigError(f"{path}: {BASE_KEY} must be a preset name or YAML file, or a list of them; "
+                          f"got {bases!r}")
+    settings: Dict[str, Tuple[Any, str]] = {}
+    for name in names:
+        settings.update(_resolve_preset(_base_path(name, path, kind), kind, (*chain, here)))
+    origin = preset_label(path)
+    settings.update({key: (value, origin) for key, value in flatten(document).items()})
+    return settings
+
+
+def _base_path(name: str, child: Path, kind: str) -> Path:
+    """Where the base ``name`` of the preset file ``child`` is (``BASE_KEY``): a YAML file relative to ``child``,
+    ``KIND/NAME``, or a bare name: the file ``NAME.yaml`` beside ``child``, else a preset of ``kind``."""
+    if Path(name).suffix in (".yaml", ".yml"):
+        path = child.parent / name
+        if not path.is_file():
+            raise ConfigError(f"{child}: {BASE_KEY} {name!r} does not exist ({path})")
+        return path
+    base_kind, _, base_name = name.rpartition("/")
+    if not base_kind and (child.parent / f"{name}.yaml").is_file():
+        return child.parent / f"{name}.yaml"
+    try:
+        return find_preset(base_name, base_kind or kind)
+    except ConfigError as err:
+        raise ConfigError(f"{child}: {BASE_KEY}: {err}") from None
+
+
+def preset_label(path: Path) -> str:
+    """How a preset file is named in messages and ``--print-config``: ``configs/<kind>/<file>`` for the presets
+    of ``PRESET_ROOTS`` (the package's and ``./configs``), the path as given for any other file."""
+    resolved = path.resolve()
+    for root in PRESET_ROOTS:
+        try:
+            return str(Path("configs") / resolved.relative_to(root.resolve()))
+        except ValueError:
+            continue
+    return str(path)
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -198,17 +265,18 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
 def build_config(defaults: Config, preset: Optional[Union[str, Path]] = None, overrides: Iterable[str] = (),
                  kind: str = "pretrain", values: Optional[Mapping[str, Any]] = None,
                  rules: Optional[Mapping[str, "Rule"]] = None,
-                 origins: Optional[Mapping[str, str]] = None) -> Config:
-    """``defaults`` ← preset file (name or path) ← ``values`` (dotted keys, from code) ← ``overrides``
-    (``key=value`` strings), then checked against ``rules`` (see ``check_config``). ``origins`` names where
-    each of ``values`` came from in error messages (e.g. ``{"optim.epochs": "--epochs"}``). Returns a new
-    nested dict; the defaults are not modified."""
+                 origins: Optional[Mapping[str, str]] = None,
+                 sources: Optional[Dict[str, str]] = None) -> Config:
+    """``defaults`` ← preset (name or file, with its ``_base_`` presets: ``read_preset``) ← ``values`` (dotted
+    keys, from code) ← ``overrides`` (``key=value`` strings), then checked against ``rules`` (see
+    ``check_config``). ``origins`` names where each of ``values`` came from in error messages (e.g.
+    ``{"optim.epochs": "--epochs"}``); ``sources``, when given, is filled with where every setting that is not
+    a default came from (``dump_config`` shows it). Returns a new nested dict; the defaults are not modified."""
     config = copy.deepcopy(defaults)
-    where: Dict[str, str] = {}
+    where: Dict[str, str] = {} if sources is None else sources
     if preset:
-        path = find_preset(str(preset), kind)
-        for key, value in flatten(read_yaml(path)).items():
-            set_key(config, key, value, str(path), where, defaults)
+        for key, (value, origin) in read_preset(preset, kind).items():
+            set_key(config, key, value, origin, where, defaults)
     for key, value in (values or {}).items():
         set_key(config, key, value, (origins or {}).get(key, "config"), where, defaults)
     for text in overrides:
@@ -244,8 +312,9 @@ class Rule:
     ``kind``: ``int``, ``number``, ``bool``, ``text`` or ``numbers`` (a list of ``length`` numbers).
     ``gt``/``ge``/``lt``/``le`` bound numbers and every item of a list; ``null`` allows None; ``words`` are
     texts accepted besides a number (e.g. ``auto``); ``choices`` are the texts a ``text`` may be;
-    ``ascending`` asks list items not to decrease. Build rules with ``integer``, ``number``, ``numbers``,
-    ``text`` and ``flag``."""
+    ``ascending`` asks list items not to decrease; ``table``: a mapping whose keys (read when a value is checked,
+    so that an entry added later counts) are choices too. Build rules with ``integer``, ``number``, ``numbers``,
+    ``text``, ``one_of`` and ``flag``."""
 
     kind: str
     gt: Optional[float] = None
@@ -257,14 +326,20 @@ class Rule:
     choices: Tuple[str, ...] = ()
     length: Optional[int] = None
     ascending: bool = False
+    table: Optional[Mapping[str, Any]] = field(default=None, compare=False)
+
+    @property
+    def options(self) -> Tuple[str, ...]:
+        """The texts a ``text`` rule may be (``choices``, then the keys of ``table``); empty: any text."""
+        return self.choices + tuple(self.table or ())
 
     def describe(self) -> str:
         """What the rule accepts, in words (``"an integer >= 1"``, ``"null or a number > 0 and <= 1"``)."""
         kinds = {"int": "an integer", "number": "a number", "bool": "true or false", "text": "a text",
                  "numbers": f"a list of {self.length} numbers"}
         what = kinds[self.kind]
-        if self.choices:
-            what = f"one of: {', '.join(self.choices)}"
+        if self.options:
+            what = f"one of: {', '.join(self.options)}"
         bounds = [f"{sign} {_plain_number(limit)}" for sign, limit in
                   ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le)) if limit is not None]
         if bounds:
@@ -282,7 +357,8 @@ class Rule:
         if self.kind == "bool":
             return isinstance(value, bool)
         if self.kind == "text":
-            return isinstance(value, str) and bool(value) and (not self.choices or value in self.choices)
+            options = self.options
+            return isinstance(value, str) and bool(value) and (not options or value in options)
         if self.kind == "numbers":
             if not isinstance(value, (list, tuple)) or len(value) != self.length:
                 return False
@@ -350,6 +426,11 @@ def text(*choices: str, null: bool = False) -> Rule:
     return Rule("text", choices=tuple(choices), null=null)
 
 
+def one_of(table: Mapping[str, Any], *choices: str, null: bool = False) -> Rule:
+    """A text that is a key of ``table`` (an extension point's table: read when checked) or one of ``choices``."""
+    return Rule("text", choices=tuple(choices), null=null, table=table)
+
+
 def flag() -> Rule:
     return Rule("bool")
 
@@ -370,10 +451,33 @@ def check_config(config: Config, defaults: Config, rules: Mapping[str, Rule],
             raise ConfigError(f"{origin}: {key} must be {rule.describe()}, got {_shown(value)}")
 
 
-def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config, sort_keys=False)
+def dump_config(config: Config, sources: Optional[Mapping[str, str]] = None,
+                defaults: Optional[Config] = None) -> str:
+    """``config`` as YAML. With ``sources`` (``build_config``'s), every setting is followed by a comment saying
+    where its value came from: a preset file, an option, ``--set``, ``default`` (``defaults``' value) or
+    ``derived`` (filled in from other settings); the text still reads back as the same config."""
+    if sources is None:
+        return yaml.safe_dump(config, sort_keys=False)
+    default_values = flatten(defaults or {})
+    lines: List[Tuple[str, str]] = []
+
+    def walk(section: Mapping[str, Any], prefix: str, indent: str) -> None:
+        for key, value in section.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                lines.append((f"{indent}{key}:", ""))
+                walk(value, name + ".", indent + "  ")
+                continue
+            shown = yaml.safe_dump({key: value}, default_flow_style=True, width=10**9, sort_keys=False)
+            origin = sources.get(name) or ("default" if default_values.get(name, value) == value else "derived")
+            lines.append((f"{indent}{shown.strip()[1:-1]}", origin))
+
+    walk(config, "", "")
+    column = min(max(len(text) for text, origin in lines if origin) + 2, 64)
+    return "".join(f"{text.ljust(column)}# {origin}\n" if origin else f"{text}\n" for text, origin in lines)
 
 
-__all__: Sequence[str] = ["DuplicateKeyError", "Rule", "UniqueKeyLoader", "build_config", "check_config", "dump_config",
-                          "find_preset", "flag", "flatten", "integer", "list_presets", "load_yaml", "number", "numbers",
-                          "parse_override", "read_yaml", "set_key", "text"]
+__all__: Sequence[str] = ["BASE_KEY", "DuplicateKeyError", "Rule", "UniqueKeyLoader", "build_config", "check_config",
+                          "dump_config", "find_preset", "flag", "flatten", "integer", "list_presets", "load_yaml",
+                          "number", "numbers", "one_of", "parse_override", "preset_label", "read_preset", "read_yaml",
+                          "set_key", "text"]

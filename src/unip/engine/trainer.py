@@ -72,6 +72,7 @@ from unip.engine.loop import (LossGate, LossOutput, NonFiniteLossError, Precisio
 from unip.engine.optim import adamw, param_groups
 from unip.engine.progress import postfix, progress_bar, progress_line
 from unip.engine.schedule import SCHEDULES, LrSchedule, set_lr
+from unip.engine.settings import COMPILE_MODES, DEBUG_DEFAULTS, OPTIM_DEFAULTS, RUN_DEFAULTS
 from unip.engine.seeding import preserved_rng, seed_everything, step_seed
 from unip.errors import ConfigError
 
@@ -82,61 +83,10 @@ CONFIG_FILE = "config.yaml"
 #: sub-folders of a run folder
 RUN_FOLDERS = (CHECKPOINT_DIR, TB_DIR)
 
-#: ``run`` settings the trainer reads, and their values when a task's config leaves them out.
-RUN_DEFAULTS: Config = {
-    "output": "runs/train",       # run folder
-    "seed": 0,                    # process seed = seed + rank; data order and augmentations derive from it
-    "device": "auto",             # auto, cpu, cuda, cuda:N
-    "precision": "auto",          # auto (bf16, else fp16, on CUDA; fp32 on CPU), fp32, bf16 (also on CPU), fp16
-    "compile": "auto",            # torch.compile (Task.compile): true, false, or auto = on CUDA only
-    "compile_mode": "default",    # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
-    "save_every_epochs": 1,       # training state at the end of every N-th epoch (0: never)
-    "save_every_steps": 0,        # training state every N optimiser steps (0: never); always at the end
-    "keep_checkpoints": 2,        # newest step-*.pt kept (best.* are never pruned)
-    "log_every": 20,              # a train record every N steps (and at each epoch end)
-    "resume": None,               # null, auto (newest finite state in <output>/checkpoints) or a file/folder
-    "progress": True,             # progress bar with ETA on rank 0
-    "allow_changed_config": False,  # resume even when the settings that shape the schedule changed
-    "eval_every": 0,              # evaluate every N steps (0: only at the end), if the task evaluates
-    "best_metric": None,          # keep best.safetensors by this evaluation metric (e.g. mIoU); null: none
-    "best_mode": "max",           # max (mIoU, accuracy) or min (a loss)
-}
-
-#: ``optim`` settings the trainer reads. Exactly one of ``epochs`` / ``iterations`` is set.
-OPTIM_DEFAULTS: Config = {
-    "epochs": None,               # epoch-based run: total steps = epochs × steps per epoch
-    "iterations": None,           # iteration-based run: total optimiser steps (mmseg's max_iters)
-    "warmup_epochs": 0.0,         # warm-up of an epoch-based run, in epochs (may be fractional)
-    "warmup_iterations": 0,       # warm-up of an iteration-based run, in steps
-    "schedule": "cosine",         # cosine (warm-up from 0, half-cosine) or poly (warm-up from factor × lr)
-    "power": 1.0,                 # poly exponent
-    "warmup_start_factor": 1e-6,  # poly: lr at step 0 = factor × lr (mmseg's warmup_ratio)
-    "min_lr": 0.0,
-    "lr": None,                   # peak lr; when null: blr × effective batch / 256
-    "blr": None,
-    "batch_size": 8,              # per process and micro-batch
-    "accum_iter": None,           # micro-batches per optimiser step; null: derived from effective_batch, else 1
-    "effective_batch": None,      # when set: accum_iter = effective_batch / (batch_size × processes)
-    "weight_decay": 0.05,
-    "betas": [0.9, 0.999],
-    "clip_grad": None,            # max gradient norm; null: no clipping
-    "fused": None,                # AdamW's fused kernels (and each step's loss read after the next is queued,
-                                  # LossGate); null: on CUDA
-}
-
-#: Test hooks: a NaN loss at a given step; a pause after every step (to kill a run mid-way).
-DEBUG_DEFAULTS: Config = {"nan_at_step": None, "step_delay": 0.0}
-
-
 def run_settings(config: Config) -> Tuple[Config, Config, Config]:
     """``(run, optim, debug)`` sections of ``config`` completed with the trainer's defaults."""
     return ({**RUN_DEFAULTS, **config.get("run", {})}, {**OPTIM_DEFAULTS, **config.get("optim", {})},
             {**DEBUG_DEFAULTS, **config.get("debug", {})})
-
-
-#: ``run.compile_mode`` values: torch.compile's modes (``reduce-overhead`` replays CUDA graphs; on a CPU it is
-#: the default mode).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_options(run: Config) -> Dict[str, Any]:

@@ -11,17 +11,14 @@ resolution of the map it reads first (UperNet: the stride-4 map).
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unip.errors import ConfigError
-
-#: The kinds of decode head a segmentor can have.
-HEADS = ("upernet", "linear")
-
 
 def resize_bilinear(x: Tensor, size: Sequence[int]) -> Tensor:
     """``x [B, C, h, w]`` → ``[B, C, *size]``, bilinear, ``align_corners=False`` (mmseg's ``resize``);
@@ -124,19 +121,65 @@ class LinearHead(_ClassifierMixin):
         return self.classify(torch.cat(list(maps), dim=1))
 
 
-def build_decode_head(config: dict, in_channels: List[int], num_classes: int) -> nn.Module:
-    """The decode head a config describes: ``{"type": "upernet", "channels", "pool_scales", "dropout"}``
-    or ``{"type": "linear"}``."""
-    kind = config.get("type")
-    if kind == "upernet":
-        return UperNetHead(in_channels, int(config["channels"]), num_classes,
-                           tuple(config.get("pool_scales", (1, 2, 3, 6))), float(config.get("dropout", 0.1)))
-    if kind == "linear":
-        return LinearHead(in_channels, num_classes)
-    raise ConfigError(f"unknown decode head {kind!r}; choose one of: {', '.join(HEADS)}")
+# ------------------------------------------------------------------------------------------------ the table
+@dataclass(frozen=True)
+class HeadKind:
+    """One kind of decode head a segmentor can have (an entry of ``HEADS``).
+
+    ``build(config, in_channels, num_classes)`` makes the module from its segmentor config entry;
+    ``config(width, channels)`` is that entry for a backbone of ``width`` (``channels``: the head's own width,
+    ``None``: its default); ``reads_pyramid``: it reads a neck's four maps (else the block maps themselves);
+    ``probe``: it is trained on a frozen backbone (probing: ``unip finetune --probe NAME``, the ``linprobe``
+    presets) instead of fine-tuning the whole model; ``mode``: how results name such a run."""
+
+    name: str
+    build: Callable[[Mapping[str, Any], List[int], int], nn.Module]
+    config: Callable[[int, Optional[int]], Dict[str, Any]]
+    reads_pyramid: bool
+    probe: bool
+    mode: str
+    description: str
 
 
-def build_auxiliary_head(config: dict, in_channels: List[int], num_classes: int) -> FCNHead:
+def _build_upernet(config: Mapping[str, Any], in_channels: List[int], num_classes: int) -> nn.Module:
+    return UperNetHead(in_channels, int(config["channels"]), num_classes,
+                       tuple(config.get("pool_scales", (1, 2, 3, 6))), float(config.get("dropout", 0.1)))
+
+
+#: The decode heads, by the name configs use (``model.head``, the segmentor header's ``decode_head.type``).
+HEADS: Dict[str, HeadKind] = {
+    "upernet": HeadKind(
+        "upernet", _build_upernet,
+        lambda width, channels: {"type": "upernet", "channels": int(channels or width), "pool_scales": [1, 2, 3, 6],
+                                 "dropout": 0.1},
+        reads_pyramid=True, probe=False, mode="fine-tuning",
+        description="UperNet on the neck's pyramid (fine-tuning: the release's head)"),
+    "linear": HeadKind(
+        "linear", lambda config, in_channels, num_classes: LinearHead(in_channels, num_classes),
+        lambda width, channels: {"type": "linear"},
+        reads_pyramid=False, probe=True, mode="linear probe",
+        description="one 1x1 conv on the frozen backbone's block maps (linear probing)"),
+}
+
+
+def head_kind(name: Any) -> HeadKind:
+    """The ``HEADS`` entry of ``name``; ``ConfigError`` naming the choices for any other."""
+    if name not in HEADS:
+        raise ConfigError(f"unknown head {name!r}; choose one of: {', '.join(HEADS)}")
+    return HEADS[name]
+
+
+def probe_heads() -> List[str]:
+    """The names of the heads that probe a frozen backbone (``unip finetune --probe``)."""
+    return [name for name, kind in HEADS.items() if kind.probe]
+
+
+def build_decode_head(config: Mapping[str, Any], in_channels: List[int], num_classes: int) -> nn.Module:
+    """The decode head a segmentor config entry describes (``{"type": NAME, ...}``, ``NAME`` in ``HEADS``)."""
+    return head_kind(config.get("type")).build(config, in_channels, num_classes)
+
+
+def build_auxiliary_head(config: Mapping[str, Any], in_channels: List[int], num_classes: int) -> FCNHead:
     """The auxiliary head a config describes: ``{"type": "fcn", "channels", "num_convs", "in_index",
     "dropout"}`` (its ``loss_weight`` is read by the segmentor)."""
     if config.get("type") != "fcn":

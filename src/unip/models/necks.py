@@ -13,15 +13,12 @@ Both necks apply the same four operations as the release (BEiT/MAE segmentation 
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence
 
 from torch import Tensor, nn
 
 from unip.errors import ConfigError
-
-#: The kinds of neck a segmentor can have (``None`` = no neck: the linear probe reads block maps directly).
-NECKS = ("llfpn", "fpn")
-
 
 class PyramidNeck(nn.Module):
     """Stride-16 maps ``[B, C, h, w]`` (1 or 4 of them) → 4 maps ``[B, C, 4h, 4w]``, ``[B, C, 2h, 2w]``,
@@ -52,26 +49,40 @@ class PyramidNeck(nn.Module):
         return [op(x) for op, x in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), inputs)]
 
 
-def llfpn(channels: int) -> PyramidNeck:
-    """LL-FPN: the four levels all built from the last block's map."""
-    return PyramidNeck(channels, num_inputs=1)
-
-
-def fpn(channels: int) -> PyramidNeck:
-    """Multi-layer FPN: level ``i`` built from the ``i``-th of four block maps (blocks 4/6/8/12 of 12)."""
-    return PyramidNeck(channels, num_inputs=4)
-
-
-def build_neck(kind: str, channels: int) -> PyramidNeck:
-    """``"llfpn"`` or ``"fpn"`` → the neck; anything else raises ``ConfigError``."""
-    if kind == "llfpn":
-        return llfpn(channels)
-    if kind == "fpn":
-        return fpn(channels)
-    raise ConfigError(f"unknown neck {kind!r}; choose one of: {', '.join(NECKS)}")
-
-
 def pyramid_layers(depth: int) -> List[int]:
     """The four blocks (1-based) the multi-layer FPN and the linear probe read: 4, 6, 8, 12 of 12, and the
     same fractions (1/3, 1/2, 2/3, 1) of another depth (8, 12, 16, 24 of 24)."""
     return [max(1, (depth * k + 6) // 12) for k in (4, 6, 8, 12)]
+
+
+# ------------------------------------------------------------------------------------------------ the table
+@dataclass(frozen=True)
+class NeckKind:
+    """One kind of neck (an entry of ``NECKS``): ``build(channels)`` makes it for a backbone of that width;
+    ``layers(depth)`` are the blocks (1-based) whose maps it reads, in order."""
+
+    name: str
+    build: Callable[[int], nn.Module]
+    layers: Callable[[int], List[int]]
+    description: str
+
+
+#: The necks, by the name configs use (``model.neck``, the segmentor header's ``neck``).
+NECKS: Dict[str, NeckKind] = {
+    "llfpn": NeckKind("llfpn", lambda channels: PyramidNeck(channels, num_inputs=1), lambda depth: [depth],
+                      "LL-FPN (the paper's): all four levels built from the last block's map"),
+    "fpn": NeckKind("fpn", lambda channels: PyramidNeck(channels, num_inputs=4), pyramid_layers,
+                    "multi-layer FPN: level i built from the i-th of blocks 4/6/8/12 of 12"),
+}
+
+
+def neck_kind(name: Any) -> NeckKind:
+    """The ``NECKS`` entry of ``name``; ``ConfigError`` naming the choices for any other."""
+    if name not in NECKS:
+        raise ConfigError(f"unknown neck {name!r}; choose one of: {', '.join(NECKS)}")
+    return NECKS[name]
+
+
+def build_neck(kind: str, channels: int) -> nn.Module:
+    """The neck ``kind`` (a name in ``NECKS``) for a backbone of width ``channels``."""
+    return neck_kind(kind).build(channels)

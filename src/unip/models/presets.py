@@ -35,6 +35,12 @@ def _presets() -> Dict[str, Dict[str, Any]]:
 
 PRESETS: Dict[str, Dict[str, Any]] = _presets()
 
+#: The sizes the paper's benchmark compares backbones at, and the architecture each stands for (a sweep's
+#: ``size:``: what ``source: none`` initialises at random and what its cost estimate assumes; the fine-tuning
+#: presets' ``model.backbone`` of ``<dataset>_<size>``).
+SIZE_PRESETS: Dict[str, str] = {"tiny": "unip_vit_tiny_patch16", "small": "unip_vit_small_patch16",
+                                "base": "unip_vit_base_patch16", "large": "vit_large_patch16"}
+
 
 def list_models() -> List[str]:
     """Names accepted by ``create_model``."""

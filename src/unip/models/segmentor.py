@@ -4,9 +4,10 @@ A ``Segmentor`` is built from a JSON-able config (stored in its checkpoints, see
 
     {"backbone": {VisionTransformer kwargs},
      "feature_layers": [12],                 # 1-based blocks whose raw (un-normed) tokens it reads
-     "neck": "llfpn" | "fpn" | None,         # None: the head reads the block maps (linear probe)
+     "neck": "llfpn" | "fpn" | None,         # a name in unip.models.necks.NECKS; None: the head reads the block
+                                             # maps directly (a head that does not read a pyramid: linear probe)
      "decode_head": {"type": "upernet", "channels": 384, "pool_scales": [1, 2, 3, 6], "dropout": 0.1}
-                    | {"type": "linear"},
+                    | {"type": "linear"},     # "type": a name in unip.models.heads.HEADS
      "auxiliary_head": {"type": "fcn", "channels": 256, "num_convs": 1, "kernel_size": 3, "in_index": 2,
                         "dropout": 0.1, "loss_weight": 0.4} | None,
      "num_classes": 21,
@@ -23,8 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from torch import Tensor, nn
 
 from unip.errors import ConfigError
-from unip.models.heads import build_auxiliary_head, build_decode_head
-from unip.models.necks import PyramidNeck, build_neck
+from unip.models.heads import build_auxiliary_head, build_decode_head, head_kind
+from unip.models.necks import NECKS, build_neck, neck_kind
 from unip.models.vit import VisionTransformer
 
 
@@ -53,14 +54,16 @@ class Segmentor(nn.Module):
         self.feature_layers = self._check_layers(self.config["feature_layers"])
         width = self.backbone.embed_dim
         neck = self.config.get("neck")
-        self.neck: Optional[PyramidNeck] = build_neck(neck, width) if neck else None
-        if self.neck is not None and self.neck.num_inputs != len(self.feature_layers):
-            raise ConfigError(f"neck {neck!r} reads {self.neck.num_inputs} block(s), feature_layers lists "
-                              f"{self.feature_layers}")
+        self.neck: Optional[nn.Module] = build_neck(neck, width) if neck else None
+        reads = len(neck_kind(neck).layers(self.backbone.depth)) if neck else None
+        if reads is not None and reads != len(self.feature_layers):
+            raise ConfigError(f"neck {neck!r} reads {reads} block(s), feature_layers lists {self.feature_layers}")
         head = dict(self.config["decode_head"])
-        if (head.get("type") == "upernet") != (self.neck is not None):
-            raise ConfigError(f"decode head {head.get('type')!r} with neck {neck!r}: UperNet needs a neck "
-                              "(llfpn or fpn), the linear probe none")
+        kind = head_kind(head.get("type"))
+        if kind.reads_pyramid != (self.neck is not None):
+            raise ConfigError(f"decode head {kind.name!r} with neck {neck!r}: "
+                              + (f"it reads a neck's pyramid; add one ({', '.join(NECKS)})" if kind.reads_pyramid
+                                 else "it reads the block maps directly; drop the neck"))
         in_channels = [width] * (4 if self.neck is not None else len(self.feature_layers))
         if not _is_int(self.config["num_classes"]):
             raise ConfigError(f"num_classes must be a whole number, not {self.config['num_classes']!r}")

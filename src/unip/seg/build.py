@@ -22,26 +22,19 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
-from unip.data.seg_transforms import SEG_MEAN, SEG_STD
 from unip.checkpoint import open_model
 from unip.errors import CheckpointError, ConfigError
-from unip.models.heads import HEADS
-from unip.models.necks import NECKS, pyramid_layers
+from unip.models.heads import head_kind
+from unip.models.necks import neck_kind, pyramid_layers
 from unip.models.pos_embed import resample_pos_embed
 from unip.models.presets import PRESETS, create_model
 from unip.models.segmentor import Segmentor
 from unip.models.vit import VisionTransformer
+from unip.seg.inference import RECIPE_CROP
+from unip.seg.pipeline import InferencePipeline
 
 log = logging.getLogger(__name__)
 
-#: Test-time defaults of the recipe, stored in every segmentor's ``meta``: input normalisation (mean 96.9255,
-#: std 47.8976 on 0-255, written on the 0-1 scale like pre-training checkpoints), sliding-window crop and stride
-#: (``build_segmentor`` sets them from its ``img_size``: the crop, and two thirds of it).
-DEFAULT_META: Dict[str, Any] = {
-    "normalization": {"mean": [SEG_MEAN / 255] * 3, "std": [SEG_STD / 255] * 3},
-    "crop_size": 512,
-    "stride": 341,
-}
 AUXILIARY_HEAD: Dict[str, Any] = {"type": "fcn", "channels": 256, "num_convs": 1, "kernel_size": 3, "in_index": 2,
                                   "dropout": 0.1, "loss_weight": 0.4}
 
@@ -73,7 +66,7 @@ def last_block_head_count(config: Mapping[str, Any], choice: LastBlockHeads) -> 
     return None if heads in (None, 0, config["num_heads"]) else int(heads)
 
 
-def segmentation_backbone_config(pretrained: Mapping[str, Any], img_size: int = 512, probe: bool = False,
+def segmentation_backbone_config(pretrained: Mapping[str, Any], img_size: int = RECIPE_CROP, probe: bool = False,
                                  drop_path_rate: Optional[float] = None,
                                  last_block_heads: LastBlockHeads = None) -> Dict[str, Any]:
     """``VisionTransformer`` kwargs of the segmentation backbone from those of the pre-trained one.
@@ -93,56 +86,54 @@ def segmentation_backbone_config(pretrained: Mapping[str, Any], img_size: int = 
 
 
 def build_segmentor(num_classes: int, backbone: str, *, neck: str = "llfpn", head: str = "upernet",
-                    probe_layers: Optional[Sequence[int]] = None, img_size: int = 512,
+                    probe_layers: Optional[Sequence[int]] = None, img_size: int = RECIPE_CROP,
                     drop_path_rate: Optional[float] = None, last_block_heads: LastBlockHeads = None,
                     auxiliary_head: bool = True, channels: Optional[int] = None,
                     meta: Optional[Mapping[str, Any]] = None, allow_partial: bool = False) -> Segmentor:
     """A ``Segmentor`` with ``num_classes`` outputs on the pre-trained ``backbone`` (module docstring).
 
-    ``neck``: ``"llfpn"`` (the paper's) or ``"fpn"``; ``head``: ``"upernet"`` (fine-tuning) or ``"linear"``
-    (probing: frozen backbone, ``probe_layers`` 1-based, default 4/6/8/12 of 12; one layer for layer-wise
-    probing). ``channels``: UperNet width (default: the backbone's). ``last_block_heads``: see
-    ``last_block_head_count``. ``meta`` (class names, palette, ...) is merged over ``DEFAULT_META``.
-    ``allow_partial`` is passed to the reading of the pre-trained file. Returns the model in training mode."""
-    if head not in HEADS:
-        raise ConfigError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
-    probe = head == "linear"
-    if not probe and neck not in NECKS:
-        raise ConfigError(f"unknown neck {neck!r}; choose one of: {', '.join(NECKS)}")
+    ``neck``: a name in ``unip.models.NECKS`` (``"llfpn"``, the paper's, or ``"fpn"``); ``head``: a name in
+    ``unip.models.HEADS`` (``"upernet"``: fine-tuning; a probe head such as ``"linear"``: frozen backbone,
+    ``probe_layers`` 1-based, default 4/6/8/12 of 12; one layer for layer-wise probing). ``channels``: the
+    head's width (UperNet's; default: the backbone's). ``last_block_heads``: see ``last_block_head_count``.
+    ``meta`` (class names, palette, ...) is merged over the recipe's test pipeline with windows of ``img_size``
+    (``unip.seg.pipeline``). ``allow_partial`` is passed to the reading of the pre-trained file. Returns the model
+    in training mode."""
+    if head_kind(head).reads_pyramid:
+        neck_kind(neck)  # an unknown neck is refused before the backbone is read
     source, source_meta = open_pretrained(backbone, img_size, allow_partial)
     config = segmentor_config(num_classes, source.config, neck=neck, head=head, probe_layers=probe_layers,
                               img_size=img_size, drop_path_rate=drop_path_rate, last_block_heads=last_block_heads,
                               auxiliary_head=auxiliary_head, channels=channels)
-    test_window = {"crop_size": img_size, "stride": img_size * 2 // 3}  # 512 → 341
-    segmentor = Segmentor(config, {**DEFAULT_META, **test_window, **source_meta, **dict(meta or {})})
+    test_pipeline = InferencePipeline(crop=img_size).to_meta()  # windows of the crop, stride 2/3 of it
+    segmentor = Segmentor(config, {**test_pipeline, **source_meta, **dict(meta or {})})
     load_pretrained_backbone(segmentor.backbone, source, str(backbone))
     segmentor.train()
     return segmentor
 
 
 def segmentor_config(num_classes: int, pretrained: Mapping[str, Any], *, neck: str = "llfpn", head: str = "upernet",
-                     probe_layers: Optional[Sequence[int]] = None, img_size: int = 512,
+                     probe_layers: Optional[Sequence[int]] = None, img_size: int = RECIPE_CROP,
                      drop_path_rate: Optional[float] = None, last_block_heads: LastBlockHeads = None,
                      auxiliary_head: bool = True, channels: Optional[int] = None) -> Dict[str, Any]:
     """The ``Segmentor`` config that ``build_segmentor`` builds on a backbone whose ``VisionTransformer`` kwargs
     are ``pretrained`` (same options; no weights are read: e.g. to count a model's FLOPs from a preset)."""
-    probe = head == "linear"
-    backbone_config = segmentation_backbone_config(pretrained, img_size, probe, drop_path_rate, last_block_heads)
+    kind = head_kind(head)
+    backbone_config = segmentation_backbone_config(pretrained, img_size, kind.probe, drop_path_rate,
+                                                   last_block_heads)
     depth = int(backbone_config["depth"])
-    if probe:
-        layers = [int(layer) for layer in probe_layers] if probe_layers else pyramid_layers(depth)
+    if kind.reads_pyramid:
+        layers = neck_kind(neck).layers(depth)
     else:
-        layers = [depth] if neck == "llfpn" else pyramid_layers(depth)
-    width = int(backbone_config["embed_dim"])
+        layers = [int(layer) for layer in probe_layers] if probe_layers else pyramid_layers(depth)
     return {
         "backbone": backbone_config,
         "feature_layers": layers,
-        "neck": None if probe else neck,
-        "decode_head": {"type": "linear"} if probe else
-        {"type": "upernet", "channels": int(channels or width), "pool_scales": [1, 2, 3, 6], "dropout": 0.1},
-        "auxiliary_head": dict(AUXILIARY_HEAD) if auxiliary_head and not probe else None,
+        "neck": neck if kind.reads_pyramid else None,
+        "decode_head": kind.config(int(backbone_config["embed_dim"]), channels),
+        "auxiliary_head": dict(AUXILIARY_HEAD) if auxiliary_head and kind.reads_pyramid and not kind.probe else None,
         "num_classes": int(num_classes),
-        "frozen_backbone": probe,
+        "frozen_backbone": kind.probe,
     }
 
 

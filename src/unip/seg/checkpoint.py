@@ -28,7 +28,8 @@ from unip.checkpoint.backbone import non_finite_problem
 from unip.engine.checkpointing import non_finite_tensors
 from unip.errors import CheckpointError, ConfigError
 from unip.models.segmentor import Segmentor
-from unip.seg.build import AUXILIARY_HEAD, DEFAULT_META, default_drop_path, fit_problems
+from unip.seg.build import AUXILIARY_HEAD, default_drop_path, fit_problems
+from unip.seg.pipeline import RECIPE_META, InferencePipeline
 from unip.text import one_line
 
 log = logging.getLogger(__name__)
@@ -85,19 +86,9 @@ def load_segmentor(path: PathLike) -> Segmentor:
     except (KeyError, TypeError, ValueError) as err:  # an entry missing from the header, or of the wrong type
         problem = f"no entry {err}" if isinstance(err, KeyError) else one_line(err)[:200]
         raise CheckpointError(f"{source}: cannot rebuild the segmentor from its header ({problem})") from err
-    _check_window(segmentor.meta, source)
+    InferencePipeline.from_meta(segmentor.meta, source)  # a header whose test pipeline cannot run is refused now
     load_exact(segmentor, state, source)
     return segmentor.eval()
-
-
-def _check_window(meta: Mapping[str, Any], source: str) -> None:
-    """``CheckpointError`` unless the sliding window the file records (``crop_size``, ``stride``) covers images."""
-    crop = meta.get("crop_size", 512)
-    stride = meta.get("stride", crop * 2 // 3 if isinstance(crop, int) else None)  # InferencePipeline's default
-    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (crop, stride))
-    if not whole or crop < 1 or stride < 1 or stride > crop:
-        raise CheckpointError(f"{source}: the header's sliding window (crop_size {crop!r}, stride {stride!r}) must be "
-                              "positive whole numbers with the stride at most the crop")
 
 
 def read_segmentor_header(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -214,7 +205,7 @@ def _release_meta(meta: Mapping[str, Any], num_classes: int, source: str) -> Dic
     """Our meta for a release file: the recipe's test defaults, and class names / palette when mmseg stored
     them (``meta["CLASSES"]``, ``meta["PALETTE"]``) for that many classes; lists of another length are left out
     with a warning."""
-    out: Dict[str, Any] = {**DEFAULT_META, "source_format": "mmsegmentation (UNIP release)", "pretrained": source}
+    out: Dict[str, Any] = {**RECIPE_META, "source_format": "mmsegmentation (UNIP release)", "pretrained": source}
     classes, palette = meta.get("CLASSES"), meta.get("PALETTE")
     palette = palette.tolist() if hasattr(palette, "tolist") else palette  # mmseg may keep a numpy array
     misfits = []

@@ -5,11 +5,11 @@
 (``unip.engine.data.build_eval_loader``: every image exactly once over all ranks), accumulates a confusion
 matrix and the ranks sum it once; every rank then holds the same metrics.
 
-Each image goes through the release's test mode (docs/recipe.md#test-pipeline): the data set's test transform
-resizes it to fit (2048, 512) and normalises it, windows of ``crop`` with ``stride`` cover it (the windows of an
-image, and of the images of a batch that share its size, run as one forward unless ``batch_windows`` is off), the
-logits are resized to the label's original size and soft-maxed (averaged over flips and scales when asked),
-and the arg-max is compared with the label (255 ignored).
+Each image goes through the segmentor's test pipeline (``unip.seg.pipeline``, the release's test mode,
+docs/recipe.md#test-pipeline): the data set's test transform resizes it to fit (2048, 512) and normalises it,
+windows of ``crop`` with ``stride`` cover it (the windows of an image, and of the images of a batch that share its
+size, run as one forward unless ``batch_windows`` is off), the logits are resized to the label's original size and
+soft-maxed (averaged over flips and scales when asked), and the arg-max is compared with the label (255 ignored).
 """
 
 from __future__ import annotations
@@ -31,39 +31,31 @@ from unip.engine.progress import shown
 from unip.errors import ConfigError
 from unip.seg.inference import predict_probabilities
 from unip.seg.metrics import confusion_matrix, segmentation_metrics
+from unip.seg.pipeline import InferencePipeline
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How a split is evaluated. ``crop``/``stride``: sliding window (the recipe's 512 / 341); ``flip`` and
-    ``scales``: test-time augmentation (off in the recipe); ``batch_windows``: the windows of a batch in one
-    forward (``False``: one at a time, as the release); ``batch_size``: images per loader batch (images of
-    the same size share a forward); ``num_workers``: loader workers per rank."""
+    """How a split is evaluated: the segmentor's test ``pipeline`` (sliding window, test-time augmentation), and
+    how the work is laid out: ``batch_windows``: the windows of a batch in one forward (``False``: one at a time,
+    as the release); ``batch_size``: images per loader batch (images of the same size share a forward);
+    ``num_workers``: loader workers per rank."""
 
-    crop: int = 512
-    stride: int = 341
-    flip: bool = False
-    scales: Tuple[float, ...] = (1.0,)
+    pipeline: InferencePipeline = field(default_factory=InferencePipeline)
     batch_windows: bool = True
     batch_size: int = 1
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.crop < 1 or self.stride < 1 or self.stride > self.crop:
-            raise ConfigError(f"sliding window crop {self.crop}, stride {self.stride}: both must be positive and "
-                              "the stride at most the crop (windows must cover the image)")
-        if not self.scales or any(not 0 < s <= 8 for s in self.scales):
-            raise ConfigError(f"test scales {list(self.scales)}: each must be in (0, 8]")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ConfigError(f"evaluation batch size {self.batch_size} / workers {self.num_workers}: need a batch "
                               "of at least 1 and no negative worker count")
 
     def record(self) -> Dict[str, Any]:
         """The settings as written into ``metrics.json`` (``test``)."""
-        return {"mode": "slide", "crop": self.crop, "stride": self.stride, "flip": self.flip,
-                "scales": list(self.scales), "batch_windows": self.batch_windows}
+        return {**self.pipeline.record(), "batch_windows": self.batch_windows}
 
 
 @dataclass
@@ -96,8 +88,9 @@ def predict_labels(segmentor: nn.Module, images: Tensor, output_size: Sequence[i
     """Predicted class ids ``[B, H, W]`` (int64, at ``output_size``) of normalised ``images [B, 3, h, w]`` on
     the segmentor's device, by sliding windows and the test-time augmentation of ``settings``."""
     with precision.autocast() if precision is not None else contextlib.nullcontext():
-        probabilities = predict_probabilities(segmentor, images, mode="slide", crop=settings.crop,
-                                              stride=settings.stride, flip=settings.flip, scales=settings.scales,
+        pipeline = settings.pipeline
+        probabilities = predict_probabilities(segmentor, images, mode="slide", crop=pipeline.crop,
+                                              stride=pipeline.stride, flip=pipeline.flip, scales=pipeline.scales,
                                               output_size=tuple(output_size), batch_windows=settings.batch_windows)
     return probabilities.argmax(dim=1)
 

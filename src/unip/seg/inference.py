@@ -16,10 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unip.data.seg_transforms import SEG_SCALE, rescale_size
+from unip.data.seg_transforms import SEG_CROP, SEG_SCALE, rescale_size
 from unip.models.heads import resize_bilinear
 
 Size = Union[int, Tuple[int, int]]
+
+#: The recipe's sliding window: the training crop (512).
+RECIPE_CROP = SEG_CROP[0]
+
+
+def window_stride(crop: int) -> int:
+    """The recipe's sliding-window stride for a window of ``crop``: two thirds of it (512 → 341)."""
+    return crop * 2 // 3
+
+
+RECIPE_STRIDE = window_stride(RECIPE_CROP)
 
 
 def _pair(value: Size) -> Tuple[int, int]:
@@ -81,7 +92,7 @@ def whole_inference(segmentor: nn.Module, x: Tensor) -> Tensor:
     return logits[..., :height, :width]
 
 
-def slide_inference(segmentor: nn.Module, x: Tensor, crop: Size = 512, stride: Size = 341,
+def slide_inference(segmentor: nn.Module, x: Tensor, crop: Size = RECIPE_CROP, stride: Size = RECIPE_STRIDE,
                     batch_windows: bool = True, max_batch: Optional[int] = None) -> Tensor:
     """Sliding-window logits ``[B, classes, H, W]`` of ``x [B, C, H, W]``, averaged over the windows.
 
@@ -107,8 +118,8 @@ def slide_inference(segmentor: nn.Module, x: Tensor, crop: Size = 512, stride: S
     return canvas / count
 
 
-def predict_probabilities(segmentor: nn.Module, x: Tensor, mode: str = "slide", crop: Size = 512,
-                          stride: Size = 341, flip: bool = False, scales: Sequence[float] = (1.0,),
+def predict_probabilities(segmentor: nn.Module, x: Tensor, mode: str = "slide", crop: Size = RECIPE_CROP,
+                          stride: Size = RECIPE_STRIDE, flip: bool = False, scales: Sequence[float] = (1.0,),
                           output_size: Optional[Tuple[int, int]] = None, batch_windows: bool = True) -> Tensor:
     """Class probabilities ``[B, classes, h, w]`` at ``output_size`` (default: the input's), averaged over
     test-time augmentations as mmseg's ``aug_test``: for each scale (the input resized by that factor,

@@ -1,81 +1,27 @@
-"""Label maps from a fine-tuned segmentor with the recipe's test pipeline, batched.
-
-The test pipeline (the release's ``test_pipeline`` and ``slide`` test mode, docs/recipe.md#test-pipeline): an RGB
-uint8 image (gray repeated, 16-bit frames stretched: :func:`unip.data.images.read_rgb`) is resized to fit
-(2048, 512) keeping its aspect ratio (bilinear, mmcv's rule: a 640×512 frame → 640×512, 320×256 → 640×512),
-normalised with the segmentor's mean / std (96.9255 / 47.8976 on 0–255 for the release's models), run
-through sliding windows (crop / stride from the segmentor's meta: 512 / 341, every window of a batch in one
-forward), and the logits are resized bilinearly back to the image's own size; the arg-max is the label map.
+"""Label maps from a fine-tuned segmentor with its test pipeline (``unip.seg.pipeline.InferencePipeline``: the
+recipe's resize, normalisation and sliding windows, read from the segmentor's header), batched: every window of a
+batch in one forward; the logits are resized bilinearly back to the image's own size; the arg-max is the label map.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
-from unip.data.seg_transforms import SEG_MEAN, SEG_SCALE, SEG_STD, KeepRatioResize, normalize_steps, rescale_size
 from unip.engine.distributed import resolve_device
 from unip.engine.loop import resolve_precision
 from unip.errors import ConfigError
 from unip.memory import available_bytes, require_memory
 from unip.models.heads import resize_bilinear
 from unip.models.segmentor import Segmentor
-from unip.seg.inference import slide_inference, window_spans
+from unip.seg.inference import slide_inference
+from unip.seg.pipeline import InferencePipeline
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InferencePipeline:
-    """What the test pipeline does to an image: fit into ``scale`` (long, short side bounds), normalise with
-    ``mean`` / ``std`` on 0–255 values (one per channel), sliding windows of ``crop`` with ``stride``."""
-
-    scale: Tuple[int, int] = SEG_SCALE
-    mean: Tuple[float, float, float] = (SEG_MEAN,) * 3
-    std: Tuple[float, float, float] = (SEG_STD,) * 3
-    crop: int = 512
-    stride: int = 341
-
-    @classmethod
-    def of(cls, segmentor: Segmentor) -> "InferencePipeline":
-        """The pipeline a segmentor was trained for (``from_meta`` of its ``meta``)."""
-        return cls.from_meta(segmentor.meta)
-
-    @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> "InferencePipeline":
-        """The pipeline a segmentor file's ``meta`` records: test scale, normalisation (stored on the 0–1 scale,
-        like pre-training checkpoints) and window; the recipe's values where the meta has none."""
-        scale = tuple(int(v) for v in meta.get("test_scale", SEG_SCALE))
-        norm = meta.get("normalization") or {}
-        mean = tuple(255.0 * float(v) for v in norm.get("mean", [SEG_MEAN / 255] * 3))
-        std = tuple(255.0 * float(v) for v in norm.get("std", [SEG_STD / 255] * 3))
-        crop = int(meta.get("crop_size", 512))
-        stride = int(meta.get("stride", crop * 2 // 3))
-        return cls(scale, mean, std, crop, stride)  # type: ignore[arg-type]
-
-    def input_size(self, height: int, width: int) -> Tuple[int, int]:
-        """Size ``(h, w)`` the model sees for an image of ``height`` × ``width``."""
-        return rescale_size(height, width, self.scale)
-
-    def windows(self, height: int, width: int) -> int:
-        """Sliding windows over an image of that size (after the test resize)."""
-        h, w = self.input_size(height, width)
-        return len(window_spans(h, self.crop, self.stride)) * len(window_spans(w, self.crop, self.stride))
-
-
-def preprocess(image: np.ndarray, pipeline: InferencePipeline) -> Tensor:
-    """RGB uint8 ``[H, W, 3]`` → the normalised model input ``float32 [3, h, w]`` (resized to fit
-    ``pipeline.scale``, the same v2 transforms as :func:`unip.data.seg_test_transform`)."""
-    steps = v2.Compose([KeepRatioResize(pipeline.scale)] + normalize_steps(list(pipeline.mean), list(pipeline.std)))
-    pixels = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-    return steps(pixels).as_subclass(torch.Tensor)
 
 
 class Predictor:
@@ -125,7 +71,7 @@ class Predictor:
             stop = start + 1
             while stop < len(images) and stop - start < self.batch_size and images[stop].shape[:2] == size:
                 stop += 1
-            batch = torch.stack([preprocess(image, self.pipeline) for image in images[start:stop]])
+            batch = torch.stack([self.pipeline.preprocess(image) for image in images[start:stop]])
             logits = self.logits(batch)
             for one in logits:  # resize one at a time: the full-size logits of a batch can be large
                 labels.append(label_map(one, size, self.num_classes))

@@ -14,13 +14,13 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from unip.data.datasets import DATASETS, named_with_classes
 from unip.data.layouts import IGNORE_INDEX, voc_palette
 from unip.errors import ConfigError
 
 Colour = Tuple[int, int, int]
 
 #: Data sets whose class names and palettes ``--dataset`` supplies.
-DATASET_CLASSES = ("soda", "mfnet", "scut")
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,14 @@ class ClassInfo:
     @classmethod
     def resolve(cls, num_classes: int, dataset: Optional[str] = None,
                 meta: Optional[Mapping[str, Any]] = None) -> "ClassInfo":
-        """Names and palette for a segmentor with ``num_classes`` outputs: those of ``dataset`` (``soda``,
-        ``mfnet``, ``scut``; its class count must match), else the ones stored in ``meta`` (our checkpoints,
-        mmseg's ``CLASSES``/``PALETTE``), else ids with the VOC colour map. Raises ``ConfigError``."""
+        """Names and palette for a segmentor with ``num_classes`` outputs: those of ``dataset`` (a named data set
+        with a class list: ``unip.data.datasets.named_with_classes()``; its class count must match), else the ones
+        stored in ``meta`` (our checkpoints, mmseg's ``CLASSES``/``PALETTE``), else ids with the VOC colour map.
+        Raises ``ConfigError``."""
         if dataset is not None:
-            from unip.data.segmentation import LAYOUTS
-
-            if dataset not in DATASET_CLASSES:
-                raise ConfigError(f"--dataset {dataset!r}: choose one of {', '.join(DATASET_CLASSES)}")
-            layout = LAYOUTS[dataset]
+            if dataset not in named_with_classes():
+                raise ConfigError(f"--dataset {dataset!r}: choose one of {', '.join(named_with_classes())}")
+            layout = DATASETS[dataset].read_layout("")
             if len(layout.classes) != num_classes:
                 raise ConfigError(f"--dataset {dataset}: {len(layout.classes)} classes, but the checkpoint predicts "
                                   f"{num_classes}; pick the data set it was fine-tuned on, or leave --dataset out")

@@ -32,8 +32,8 @@ from torch import nn
 
 from unip.atomic import replace_folder, temporary_path
 from unip.data.seg_check import check_segmentation
-from unip.data.seg_transforms import seg_test_transform
-from unip.data.segmentation import SegmentationDataset, check_seg_command, open_segmentation_dataset
+from unip.data.datasets import open_segmentation_dataset
+from unip.data.segmentation import SegmentationDataset, check_seg_command
 from unip.engine.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from unip.engine.logging import LOG_FILE
 from unip.engine.loop import Precision, resolve_precision
@@ -41,7 +41,7 @@ from unip.errors import CheckpointError, ConfigError, DataError
 from unip.outputs import claim, claim_folder, foreign_names, is_our_png, out_folder
 from unip.seg.checkpoint import load_segmentor
 from unip.seg.evaluation import EvalResult, EvalSettings, evaluate_split, predict_labels
-from unip.seg.predict import InferencePipeline
+from unip.seg.pipeline import InferencePipeline
 from unip.seg.results import (METRICS_FILE, describe_model, metrics_document, metrics_table, metrics_writer,
                               write_metrics)
 
@@ -64,13 +64,6 @@ class EvaluationReport:
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-def test_transform_of(meta: Dict[str, Any]):
-    """The test transform a segmentor's ``meta`` records (``InferencePipeline.from_meta``: resize to fit
-    ``test_scale``, default (2048, 512); normalise with its ``normalization``, default 96.9255 / 47.8976 on 0–255)."""
-    pipeline = InferencePipeline.from_meta(meta)
-    return seg_test_transform(scale=pipeline.scale, mean=list(pipeline.mean), std=list(pipeline.std))
-
-
 def check_classes(segmentor: nn.Module, dataset: SegmentationDataset, checkpoint: str) -> None:
     """``CheckpointError`` when the segmentor predicts another number of classes than the data set has; a
     warning when the checkpoint names its classes differently (the data set's names are used)."""
@@ -211,20 +204,18 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: str = "auto", split
     dist = init_distributed(device)
     try:
         segmentor = load_segmentor(checkpoint)
-        data_set = open_segmentation_dataset(data, dataset, split, test_transform_of(segmentor.meta))
+        pipeline = InferencePipeline.of(segmentor).with_augmentation(flip, scales)
+        data_set = open_segmentation_dataset(data, dataset, split, pipeline.transform())
         check_classes(segmentor, data_set, checkpoint)
         if check_data:
             check_data_once(data, data_set.layout, [split], dist, progress=progress)
-        settings = EvalSettings(crop=int(segmentor.meta.get("crop_size", 512)),
-                                stride=int(segmentor.meta.get("stride", 341)), flip=flip,
-                                scales=tuple(float(s) for s in scales), batch_windows=batch_windows,
-                                batch_size=batch_size, num_workers=workers)
+        settings = EvalSettings(pipeline, batch_windows=batch_windows, batch_size=batch_size, num_workers=workers)
         run_precision = resolve_precision(precision, dist.device)
         segmentor = segmentor.to(dist.device).eval()
         if dist.is_main:
             logger.info("evaluating %s on %s (%s, %d images, %d classes) with %s windows %d/%d on %s (%s)%s",
                         checkpoint, data_set.split_file, data_set.layout, len(data_set), data_set.num_classes,
-                        "batched" if batch_windows else "one-at-a-time", settings.crop, settings.stride,
+                        "batched" if batch_windows else "one-at-a-time", pipeline.crop, pipeline.stride,
                         dist.device, run_precision.name, f" over {dist.world_size} processes"
                         if dist.world_size > 1 else "")
         result = evaluate_split(segmentor, data_set, settings, dist.device, run_precision,
@@ -242,4 +233,4 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: str = "auto", split
 
 
 __all__ = ["EvaluationReport", "check_classes", "check_data_once", "evaluate_checkpoint", "split_context",
-           "test_transform_of", "write_overlays", "write_report"]
+           "write_overlays", "write_report"]

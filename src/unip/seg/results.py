@@ -35,6 +35,7 @@ from torch import nn
 
 from unip import __version__
 from unip.atomic import atomic_write_text
+from unip.models.heads import head_kind
 from unip.seg.evaluation import EvalResult
 
 METRICS_FORMAT = "unip-segmentation-metrics"
@@ -55,10 +56,8 @@ def describe_model(segmentor: nn.Module) -> Dict[str, Any]:
     meta: Mapping[str, Any] = getattr(segmentor, "meta", {})
     head = config["decode_head"]["type"]
     layers = list(config["feature_layers"])
-    if head == "linear":
-        mode = "layer-wise probe" if len(layers) == 1 else "linear probe"
-    else:
-        mode = "fine-tuning"
+    kind = head_kind(head)
+    mode = "layer-wise probe" if kind.probe and len(layers) == 1 else kind.mode
     backbone = segmentor.backbone  # type: ignore[union-attr]
     pretrained = meta.get("pretrained")
     return {"mode": mode, "neck": config.get("neck"), "head": head, "feature_layers": layers,

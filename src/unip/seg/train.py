@@ -28,26 +28,29 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
-from unip.data.segmentation import DATASETS, SegmentationDataset, detect_dataset, open_segmentation_dataset
+from unip.data.datasets import DATASETS, detect_dataset, open_segmentation_dataset
+from unip.data.segmentation import SegmentationDataset
 from unip.data.seg_transforms import seg_train_transform
 from unip.engine import checkpointing
-from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
+from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, one_of, text
 from unip.engine.distributed import cleanup, init_distributed, unwrap_model
-from unip.engine.loop import PRECISIONS
-from unip.engine.schedule import SCHEDULES
-from unip.engine.trainer import COMPILE_MODES, Task, TrainContext, Trainer, run_settings, settle_accumulation
+from unip.engine.settings import training_defaults, training_rules
+from unip.engine.trainer import Task, TrainContext, Trainer, run_settings, settle_accumulation
 from unip.errors import ConfigError, DataError
 from unip.fingerprint import listing_fingerprint, weights_fingerprint
 from unip.models import list_models
-from unip.models.heads import HEADS
+from unip.models.heads import HEADS, probe_heads
 from unip.models.necks import NECKS
+from unip.models.presets import PRESETS
 from unip.models.segmentor import Segmentor
 from unip.seg.build import build_segmentor
 from unip.seg.checkpoint import load_segmentor, save_segmentor, segmentor_header
 from unip.seg.evaluation import EvalSettings, evaluate_split
 from unip.seg.layer_decay import layer_decay_lr_scale
 from unip.seg.loss import segmentation_losses
-from unip.seg.report import check_data_once, split_context, test_transform_of
+from unip.seg.inference import RECIPE_CROP, window_stride
+from unip.seg.pipeline import InferencePipeline
+from unip.seg.report import check_data_once, split_context
 from unip.seg.results import METRICS_FILE, describe_model, metrics_document, metrics_table, write_metrics
 
 logger = logging.getLogger(__name__)
@@ -56,86 +59,70 @@ SEGMENTOR_FILE = "segmentor.safetensors"
 #: ``model.pretrained`` value that asks for a randomly initialised ``model.backbone``.
 RANDOM_INIT = "none"
 
-#: Every setting of a fine-tuning or probing run; presets and ``--set`` may only change these keys. The values
-#: are the release's recipe for UNIP-S on SODA (docs/recipe.md#fine-tuning).
-DEFAULTS: Config = {
-    "model": {
-        "pretrained": None,             # backbone source: our pretrain output, a release .pth, MAE/DINO/iBOT/DeiT
-                                        # file, timm:NAME[@FILE]; "none": random init of model.backbone
-        "backbone": "unip_vit_small_patch16",  # architecture for --pretrained none (and what presets are for)
-        "head": "upernet",              # upernet (fine-tuning) or linear (probing: frozen backbone)
-        "neck": "llfpn",                # llfpn (the paper's: last block → strides 4/8/16/32) or fpn (blocks 4/6/8/12)
-        "probe_layer": None,            # linear head on one block only (layer-wise probing, 1-based)
-        "last_block_heads": "pretrained",  # pretrained (keep the distilled count), default (the release), or N
-        "drop_path": None,              # null: 0.1 (T/S/B), 0.2 (ViT-L)
-        "layer_decay": 0.85,            # layer-wise lr decay (1.0: none)
-        "channels": None,               # UperNet width; null: the backbone's width
-        "auxiliary_head": True,         # FCN on the stride-16 map, loss weight 0.4
+#: Every setting of a fine-tuning or probing run; presets and ``--set`` may only change these keys. The values are
+#: the release's recipe for UNIP-S on SODA (docs/recipe.md#fine-tuning): the engine's run and optim sections
+#: (``unip.engine.settings``) made iteration-based with a poly schedule, evaluated by mIoU.
+DEFAULTS: Config = training_defaults(
+    {
+        "model": {
+            "pretrained": None,             # backbone source: our pretrain output, a release .pth, MAE/DINO/iBOT/DeiT
+                                            # file, timm:NAME[@FILE]; "none": random init of model.backbone
+            "backbone": "unip_vit_small_patch16",  # architecture for --pretrained none (and what presets are for)
+            "head": "upernet",              # upernet (fine-tuning) or linear (probing: frozen backbone)
+            "neck": "llfpn",                # llfpn (the paper's: last block → strides 4..32) or fpn (blocks 4/6/8/12)
+            "probe_layer": None,            # linear head on one block only (layer-wise probing, 1-based)
+            "last_block_heads": "pretrained",  # pretrained (keep the distilled count), default (the release), or N
+            "drop_path": None,              # null: 0.1 (T/S/B), 0.2 (ViT-L)
+            "layer_decay": 0.85,            # layer-wise lr decay (1.0: none)
+            "channels": None,               # UperNet width; null: the backbone's width
+            "auxiliary_head": True,         # FCN on the stride-16 map, loss weight 0.4
+        },
+        "data": {
+            "path": None, "dataset": "auto",
+            "crop_size": RECIPE_CROP,       # training crop (512), backbone input size, sliding window
+            "scale": [2048, 512],           # resize scale (train: × ratio; test: fit keeping the aspect)
+            "ratio_range": [0.5, 2.0],
+            "cat_max_ratio": 0.75,          # crop retried until no class covers 75 % (up to 10 tries)
+            "flip": 0.5, "photometric": True,
+            "mean": 96.9255, "std": 47.8976,  # on 0-255, all three channels
+            "num_workers": 4,
+            "check": False,                 # decode every image and label of train/val/test first, list every problem
+        },
+        "eval": {"stride": None,            # sliding-window stride; null: 2/3 of the crop (512 → 341)
+                 "batch_size": 1,           # images per evaluation batch (same-sized ones share one forward)
+                 "batch_windows": True},    # a batch's windows in one forward (false: one at a time, as the release)
     },
-    "data": {
-        "path": None, "dataset": "auto",
-        "crop_size": 512,               # training crop, backbone input size, sliding window
-        "scale": [2048, 512],           # resize scale (train: × ratio; test: fit keeping the aspect)
-        "ratio_range": [0.5, 2.0],
-        "cat_max_ratio": 0.75,          # crop retried until no class covers 75 % (up to 10 tries)
-        "flip": 0.5, "photometric": True,
-        "mean": 96.9255, "std": 47.8976,  # on 0-255, all three channels
-        "num_workers": 4,
-        "check": False,                 # decode every image and label of train/val/test first, list every problem
-    },
-    "eval": {"stride": None,            # sliding-window stride; null: 2/3 of the crop (512 → 341)
-             "batch_size": 1,           # images per evaluation batch (same-sized ones share one forward)
-             "batch_windows": True},    # the windows of a batch in one forward (false: one at a time, as the release)
-    "optim": {"epochs": None, "warmup_epochs": 0.0, "iterations": 14400, "warmup_iterations": 1500,
-              "schedule": "poly", "power": 1.0, "warmup_start_factor": 1e-6, "min_lr": 0.0, "lr": 1e-4,
-              "batch_size": 4, "accum_iter": None, "effective_batch": 8, "weight_decay": 0.05,
-              "betas": [0.9, 0.999], "clip_grad": None, "fused": None},
-    "run": {"output": "runs/finetune", "seed": 0, "device": "auto", "precision": "fp16", "compile": "auto",
-            "compile_mode": "default", "save_every_epochs": 0, "save_every_steps": 800, "keep_checkpoints": 2,
-            "log_every": 50, "resume": None, "progress": True, "allow_changed_config": False, "eval_every": 800,
-            "best_metric": "mIoU", "best_mode": "max"},
-    "debug": {"nan_at_step": None, "step_delay": 0.0},
-}
+    optim={"iterations": 14400, "warmup_iterations": 1500, "schedule": "poly", "lr": 1e-4, "batch_size": 4,
+           "effective_batch": 8},
+    run={"output": "runs/finetune", "precision": "fp16", "save_every_epochs": 0, "save_every_steps": 800,
+         "log_every": 50, "eval_every": 800, "best_metric": "mIoU"},
+    leave_out=("optim.blr",))
 
 #: What each setting may hold; ``make_config`` checks the resolved settings against it.
-RULES: Dict[str, Rule] = {
-    "model.pretrained": text(null=True), "model.backbone": text(*list_models()), "model.head": text(*HEADS),
-    "model.neck": text(*NECKS), "model.probe_layer": integer(1, MAX_DEPTH, null=True),
+RULES: Dict[str, Rule] = training_rules(DEFAULTS, {
+    "model.pretrained": text(null=True), "model.backbone": one_of(PRESETS), "model.head": one_of(HEADS),
+    "model.neck": one_of(NECKS), "model.probe_layer": integer(1, MAX_DEPTH, null=True),
     "model.last_block_heads": integer(1, MAX_WIDTH, words=("pretrained", "default")),
     "model.drop_path": number(ge=0, lt=1, null=True), "model.layer_decay": number(gt=0, le=1),
     "model.channels": integer(1, MAX_WIDTH, null=True), "model.auxiliary_head": flag(),
-    "data.path": text(null=True), "data.dataset": text("auto", *DATASETS), "data.crop_size": integer(32, 4096),
+    "data.path": text(null=True), "data.dataset": one_of(DATASETS, "auto"), "data.crop_size": integer(32, 4096),
     "data.scale": numbers(2, ge=16, le=16384), "data.ratio_range": numbers(2, gt=0, le=16, ascending=True),
     "data.cat_max_ratio": number(gt=0, le=1), "data.flip": number(ge=0, le=1), "data.photometric": flag(),
     "data.mean": number(ge=0, le=255), "data.std": number(gt=0, le=255), "data.num_workers": integer(0, 256),
     "data.check": flag(),
     "eval.stride": integer(1, 4096, null=True), "eval.batch_size": integer(1, 1024), "eval.batch_windows": flag(),
-    "optim.epochs": integer(1, 100_000, null=True), "optim.warmup_epochs": number(ge=0, le=100_000),
-    "optim.iterations": integer(1, 100_000_000, null=True), "optim.warmup_iterations": integer(0, 100_000_000),
-    "optim.schedule": text(*SCHEDULES), "optim.power": number(gt=0, le=100),
-    "optim.warmup_start_factor": number(ge=0, le=1), "optim.min_lr": number(ge=0, lt=1),
-    "optim.lr": number(gt=0, le=1), "optim.batch_size": integer(1, 65_536),
-    "optim.accum_iter": integer(1, 65_536, null=True),
-    "optim.effective_batch": integer(1, 2**24, null=True), "optim.weight_decay": number(ge=0, le=1),
-    "optim.betas": numbers(2, ge=0, lt=1), "optim.clip_grad": number(gt=0, null=True),
-    "optim.fused": Rule("bool", null=True),
-    "run.output": text(), "run.seed": integer(0, 2**63 - 1), "run.device": text(), "run.precision": text(*PRECISIONS),
-    "run.compile": Rule("bool", words=("auto",)), "run.compile_mode": text(*COMPILE_MODES),
-    "run.save_every_epochs": integer(0, 100_000),
-    "run.save_every_steps": integer(0), "run.keep_checkpoints": integer(1, 10_000), "run.log_every": integer(1),
-    "run.resume": text(null=True), "run.progress": flag(), "run.allow_changed_config": flag(),
-    "run.eval_every": integer(0), "run.best_metric": text("mIoU", "mAcc", "aAcc", null=True),
-    "run.best_mode": text("max", "min"),
-    "debug.nan_at_step": integer(1, null=True), "debug.step_delay": number(ge=0, le=3600),
-}
+    "optim.lr": number(gt=0, le=1), "run.best_metric": text("mIoU", "mAcc", "aAcc", null=True),
+})
 
 
 def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
                 values: Optional[Dict[str, Any]] = None, origins: Optional[Dict[str, str]] = None,
-                kind: str = "finetune") -> Config:
+                kind: str = "finetune", sources: Optional[Dict[str, str]] = None) -> Config:
     """``DEFAULTS`` ← preset (a name under ``configs/<kind>/``, ``kind`` = ``finetune`` or ``linprobe``, or a
-    YAML path) ← ``values`` ← ``overrides``, checked against ``RULES`` and for consistency."""
-    config = build_config(DEFAULTS, preset, overrides, kind=kind, values=values, rules=RULES, origins=origins)
+    YAML path) ← ``values`` ← ``overrides``, checked against ``RULES`` and for consistency; ``sources`` is filled
+    with where each setting came from (``unip.engine.config.build_config``)."""
+    config = build_config(DEFAULTS, preset, overrides, kind=kind, values=values, rules=RULES, origins=origins,
+                          sources=sources)
     check_consistency(config)
     settle_accumulation(config)
     return config
@@ -144,22 +131,22 @@ def make_config(preset: Optional[str] = None, overrides: Tuple[str, ...] = (),
 def check_consistency(config: Config) -> None:
     """``ConfigError`` for settings that are each valid but do not fit together."""
     model = config["model"]
-    if model["probe_layer"] is not None and model["head"] != "linear":
-        raise ConfigError(f"model.probe_layer={model['probe_layer']} is a linear probe's setting; add --probe "
-                          "linear (model.head=linear) or drop --probe-layer")
+    if model["probe_layer"] is not None and not HEADS[model["head"]].probe:
+        raise ConfigError(f"model.probe_layer={model['probe_layer']} is a probe's setting; add --probe "
+                          f"{probe_heads()[0]} (model.head={probe_heads()[0]}) or drop --probe-layer")
     stride = config["eval"]["stride"]
     if stride is not None and stride > config["data"]["crop_size"]:
         crop = config["data"]["crop_size"]
         raise ConfigError(f"eval.stride={stride} is larger than data.crop_size={crop}: the windows would leave gaps; "
-                          f"add --set eval.stride=null (2/3 of the crop: {crop * 2 // 3}) or a stride <= {crop}")
+                          f"add --set eval.stride=null (2/3 of the crop: {window_stride(crop)}) or a stride <= {crop}")
 
 
 def training_mode(config: Config) -> str:
-    """``fine-tuning``, ``linear probe`` or ``layer-wise probe (block N)``."""
+    """The head's mode (``fine-tuning``, ``linear probe``), or ``layer-wise probe (block N)`` for a probe of one
+    block."""
     model = config["model"]
-    if model["head"] != "linear":
-        return "fine-tuning"
-    return f"layer-wise probe (block {model['probe_layer']})" if model["probe_layer"] else "linear probe"
+    kind = HEADS[model["head"]]
+    return f"layer-wise probe (block {model['probe_layer']})" if kind.probe and model["probe_layer"] else kind.mode
 
 
 def stack_crops(items: Sequence[Dict[str, Any]]) -> Tuple[Tensor, Tensor]:
@@ -190,7 +177,7 @@ class SegmentationTask(Task):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.mode = training_mode(config)
-        self.name = "finetune" if config["model"]["head"] != "linear" else "linprobe"
+        self.name = "linprobe" if HEADS[config["model"]["head"]].probe else "finetune"
         data = config["data"]
         if not data["path"]:
             raise ConfigError("no data: pass --data ROOT (a SODA, MFNet, SCUT-Seg or folder data set)")
@@ -198,18 +185,16 @@ class SegmentationTask(Task):
             raise ConfigError(f"no backbone: pass --pretrained SOURCE (our pretrain output, a release or MAE/DINO/"
                               f"iBOT/DeiT checkpoint, timm:NAME[@FILE]) or --pretrained {RANDOM_INIT} for a randomly "
                               f"initialised {config['model']['backbone']}")
-        crop = int(data["crop_size"])
-        stride = config["eval"]["stride"]
-        self.eval_settings = EvalSettings(crop=crop, stride=int(stride) if stride else crop * 2 // 3,
+        #: the test pipeline the segmentor files record; the evaluations here read it back from that record, the way
+        #: ``unip evaluate`` does, so that both compute on identical inputs
+        self.test_meta: Dict[str, Any] = InferencePipeline(
+            scale=tuple(int(v) for v in data["scale"]), mean=(float(data["mean"]),) * 3,  # type: ignore[arg-type]
+            std=(float(data["std"]),) * 3, crop=int(data["crop_size"]), stride=config["eval"]["stride"]).to_meta()
+        self.eval_settings = EvalSettings(InferencePipeline.from_meta(self.test_meta),
                                           batch_size=int(config["eval"]["batch_size"]),
                                           batch_windows=bool(config["eval"]["batch_windows"]),
                                           num_workers=int(data["num_workers"]))
         self.lr_scale_fn = None
-        #: what the segmentor files record about the test transform; the evaluations here read it back the way
-        #: ``unip evaluate`` does, so that both compute on identical inputs
-        self.test_meta: Dict[str, Any] = {
-            "normalization": {"mean": [data["mean"] / 255] * 3, "std": [data["std"] / 255] * 3},
-            "test_scale": [int(v) for v in data["scale"]], "crop_size": crop, "stride": self.eval_settings.stride}
 
     # ---------------------------------------------------------------------------- data
     def open_split(self, split: str) -> SegmentationDataset:
@@ -222,7 +207,7 @@ class SegmentationTask(Task):
                 cat_max_ratio=float(data["cat_max_ratio"]), flip_p=float(data["flip"]),
                 photometric=bool(data["photometric"]), mean=float(data["mean"]), std=float(data["std"]))
         else:
-            transform = test_transform_of(self.test_meta)
+            transform = self.eval_settings.pipeline.transform()
         return open_segmentation_dataset(data["path"], data["dataset"], split, transform)
 
     def check_layout(self) -> None:
@@ -280,7 +265,7 @@ class SegmentationTask(Task):
                 "palette": [list(c) for c in classes.palette], "dataset": classes.layout,
                 "training": {"mode": self.mode, "data_root": classes.root,
                              "iterations": self.config["optim"]["iterations"]}}
-        probe = model["head"] == "linear"
+        probe = HEADS[model["head"]].probe
         try:
             segmentor = build_segmentor(
                 classes.num_classes, self.backbone_source(), neck=model["neck"], head=model["head"],

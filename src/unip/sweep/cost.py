@@ -2,7 +2,7 @@
 
 Training images = ``optim.iterations`` × the total batch (``optim.effective_batch``, or per-GPU batch ×
 accumulation). FLOPs per training image, counted by ``unip.seg.flops`` at the cell's crop size on the
-architecture of the backbone's size (``spec.SIZES``: a MAE-L file costs what ViT-L does):
+architecture of the backbone's size (``unip.models.presets.SIZE_PRESETS``: a MAE-L file costs what ViT-L does):
 
 * fine-tuning: forward + backward ≈ 3 × the training forward (backbone, LL-FPN, UperNet, FCN auxiliary head);
 * linear probing: the frozen backbone's forward up to the deepest probed block (no backward through it) +
@@ -50,28 +50,28 @@ class CostModel:
         total_batch = int(optim["effective_batch"] or int(optim["batch_size"]) * int(optim["accum_iter"]))
         crop = int(config["data"]["crop_size"])
         classes = dataset_classes(cell.dataset.root, cell.dataset.layout)
+        cost = self._count(cell.backbone.architecture, classes, crop, model)
         if cell.probe:
-            cost = self._count(cell.backbone.architecture, classes, crop, model, probe=True)
             depth = self._depth(cell.backbone.architecture)
             deepest = cell.layer or depth
             per_image = cost["gflops"]["backbone"] * deepest / depth + 3 * cost["gflops"]["decode_head"]
         else:
-            cost = self._count(cell.backbone.architecture, classes, crop, model, probe=False)
             per_image = 3 * cost["gflops"]["total"]
         return CellCost(iterations, iterations * total_batch, per_image)
 
-    def _count(self, architecture: str, classes: int, crop: int, model: Mapping[str, Any], probe: bool
+    def _count(self, architecture: str, classes: int, crop: int, model: Mapping[str, Any]
                ) -> Dict[str, Dict[str, float]]:
         from unip.models.presets import preset_config
         from unip.seg.build import segmentor_config
         from unip.seg.flops import segmentor_cost
 
-        key = (architecture, classes, crop, probe, model["neck"], model["channels"], bool(model["auxiliary_head"]))
+        key = (architecture, classes, crop, model["head"], model["neck"], model["channels"],
+               bool(model["auxiliary_head"]))
         if key not in self._counts:
-            config = segmentor_config(classes, preset_config(architecture), neck=model["neck"],
-                                      head="linear" if probe else "upernet", img_size=crop, drop_path_rate=0.0,
-                                      auxiliary_head=bool(model["auxiliary_head"]), channels=model["channels"])
-            self._counts[key] = segmentor_cost(config, crop, training=not probe)
+            config = segmentor_config(classes, preset_config(architecture), neck=model["neck"], head=model["head"],
+                                      img_size=crop, drop_path_rate=0.0, auxiliary_head=bool(model["auxiliary_head"]),
+                                      channels=model["channels"])
+            self._counts[key] = segmentor_cost(config, crop, training=not config["frozen_backbone"])
         return self._counts[key]
 
     @staticmethod
@@ -84,11 +84,11 @@ class CostModel:
 def dataset_classes(root: str, layout: str) -> int:
     """The number of classes of the data set at ``root`` (its layout's list, or its ``classes.yaml``);
     ``DEFAULT_CLASSES`` when it cannot be read (a dry run before the data is there)."""
-    from unip.data.segmentation import LAYOUTS, resolve_layout
+    from unip.data.datasets import DATASETS, resolve_layout
     from unip.errors import UnipError
 
-    if layout in LAYOUTS:
-        return len(LAYOUTS[layout].classes)
+    if layout in DATASETS and DATASETS[layout].classes is not None:
+        return len(DATASETS[layout].classes)
     try:
         return len(resolve_layout(root, layout)[1].classes)
     except (UnipError, OSError):

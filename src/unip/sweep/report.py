@@ -219,13 +219,12 @@ def model_costs(collected: Collected, cache: FlopsCache) -> Dict[str, ModelCost]
 
 def paper_backbone_gflops(cache: FlopsCache) -> Dict[str, float]:
     """Backbone GFLOPs at 512 px of each size's architecture (where the paper's points are drawn)."""
-    from unip.models.presets import preset_config
+    from unip.models.presets import SIZE_PRESETS, preset_config
     from unip.seg.build import segmentor_config
-    from unip.sweep.spec import SIZES
 
     return {size: cache.cost(backbone_only(segmentor_config(1, preset_config(arch), head="linear",
                                                             img_size=COST_SIZE)))["gflops"]["backbone"]
-            for size, arch in SIZES.items()}
+            for size, arch in SIZE_PRESETS.items()}
 
 
 # ============================================================================================ tables

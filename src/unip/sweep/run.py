@@ -300,8 +300,8 @@ def check_data(sweep: Sweep, jobs: Sequence[Job]) -> None:
     """``DataError`` when a data set that a cell of ``jobs`` trains on is missing or not a segmentation data set
     of its layout, or when an analysis job of ``jobs`` has no ``analysis.images`` folder; ``CheckpointError``
     when the checkpoint file a job's backbone comes from is missing. Quick: folders, split files
-    (``unip.data.segmentation.check_structure``) and file existence, nothing is read."""
-    from unip.data.segmentation import check_structure
+    (``unip.data.datasets.check_structure``) and file existence, nothing is read."""
+    from unip.data.datasets import check_structure
 
     check_backbone_files(sweep, jobs)
     checked = set()

@@ -35,21 +35,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from unip.engine.config import Config, find_preset, read_yaml
+from unip.data.datasets import DATASETS
+from unip.engine.config import Config, find_preset, list_presets, read_yaml
 from unip.errors import ConfigError
+from unip.models.heads import HEADS, probe_heads
+from unip.models.presets import SIZE_PRESETS
 from unip.text import printable
-
-#: Backbone sizes and the architecture each stands for (the presets' ``model.backbone``: what ``source: none``
-#: initialises at random, and what the dry run's cost estimate assumes).
-SIZES: Dict[str, str] = {"tiny": "unip_vit_tiny_patch16", "small": "unip_vit_small_patch16",
-                         "base": "unip_vit_base_patch16", "large": "vit_large_patch16"}
 PROTOCOLS = ("ft", "lp", "layerwise")
 PROTOCOL_NAMES = {"ft": "fine-tuning", "lp": "linear probing", "layerwise": "layer-wise linear probing"}
 RANDOM_INIT = "none"
 DEFAULT_PRESET = "{dataset}_{size}"
-#: Data set layouts whose name is also the stem of their presets (``soda_small``).
-PRESET_LAYOUTS = ("soda", "mfnet", "scut")
-LAYOUTS = ("auto", "soda", "mfnet", "scut", "folder")
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -79,7 +74,7 @@ class Backbone:
         """The preset architecture of the backbone's size (the cost estimate's assumption)."""
         from unip.models import list_models
 
-        return self.source if self.source in list_models() else SIZES[self.size]
+        return self.source if self.source in list_models() else SIZE_PRESETS[self.size]
 
 
 @dataclass(frozen=True)
@@ -97,13 +92,15 @@ class Dataset:
 @dataclass(frozen=True)
 class Protocol:
     """``ft``, ``lp`` or ``layerwise`` (``layers``: block numbers, or ``None`` for every block), with its own
-    settings and optionally the backbones / data sets (names) it is limited to."""
+    settings, its decode ``head`` (a name in ``unip.models.HEADS``; ``None``: the preset's for ``ft``, the first
+    probe head, ``linear``, for the probes) and optionally the backbones / data sets (names) it is limited to."""
 
     kind: str
     layers: Optional[Tuple[int, ...]] = None
     settings: Tuple[str, ...] = ()
     backbones: Optional[Tuple[str, ...]] = None
     datasets: Optional[Tuple[str, ...]] = None
+    head: Optional[str] = None
 
     def applies(self, backbone: Backbone, dataset: Dataset) -> bool:
         return ((self.backbones is None or backbone.name in self.backbones)
@@ -150,8 +147,8 @@ class Sweep:
             "datasets": [{"name": d.name, "slug": d.slug, "root": d.root, "layout": d.layout, "preset": d.preset_stem,
                           "set": list(d.settings)} for d in self.datasets],
             "protocols": [{"kind": p.kind, "layers": list(p.layers) if p.layers else p.layers,
-                           "set": list(p.settings), "backbones": _listed(p.backbones), "datasets": _listed(p.datasets)}
-                          for p in self.protocols],
+                           "set": list(p.settings), "backbones": _listed(p.backbones), "datasets": _listed(p.datasets),
+                           "head": p.head} for p in self.protocols],
             "analysis": None if self.analysis is None else vars(self.analysis),
         }
 
@@ -165,7 +162,7 @@ class Sweep:
         datasets = [Dataset(d["name"], d["slug"], d["root"], d["layout"], d.get("preset", d["layout"]),
                             tuple(d.get("set", ()))) for d in document["datasets"]]
         protocols = [Protocol(p["kind"], _tuple(p.get("layers")), tuple(p.get("set", ())), _tuple(p.get("backbones")),
-                              _tuple(p.get("datasets"))) for p in document["protocols"]]
+                              _tuple(p.get("datasets")), p.get("head")) for p in document["protocols"]]
         analysis = document.get("analysis")
         return cls(name=document["name"], file=document["file"], preset=document["preset"],
                    settings=tuple(document.get("set", ())), seeds=tuple(int(s) for s in document["seeds"]),
@@ -188,6 +185,7 @@ class Cell:
     seed: int
     preset: str
     settings: Tuple[str, ...]
+    head: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -205,9 +203,11 @@ class Cell:
         """The ``unip finetune`` arguments of this cell writing to ``folder`` (``--device`` is the runner's)."""
         args = ["finetune", self.preset]
         if self.protocol == "lp":
-            args += ["--probe", "linear"]
+            args += ["--probe", self.head or probe_heads()[0]]
         elif self.protocol == "layerwise":
-            args += ["--probe-layer", str(self.layer)]
+            args += ["--probe-layer", str(self.layer)] + (["--probe", self.head] if self.head else [])
+        elif self.head:
+            args += ["--head", self.head]
         args += ["--pretrained", self.backbone.source, "--data", self.dataset.root, "--dataset", self.dataset.layout,
                  "--out", folder, "--seed", str(self.seed), "--resume", "auto"]
         for setting in self.settings:
@@ -222,8 +222,8 @@ class Cell:
         values: Dict[str, Any] = {"model.pretrained": self.backbone.source, "data.path": self.dataset.root,
                                   "data.dataset": self.dataset.layout, "run.output": folder, "run.seed": self.seed,
                                   "run.resume": "auto"}
-        if self.probe:
-            values["model.head"] = "linear"
+        if self.head or self.probe:
+            values["model.head"] = self.head or probe_heads()[0]
         if self.layer is not None:
             values["model.probe_layer"] = self.layer
         try:
@@ -250,13 +250,13 @@ def read_sweep(source: str, variables: Optional[Mapping[str, str]] = None, allow
     values = _variables(document.get("vars"), variables or {}, where)
     unset = sorted(name for name, value in values.items() if value is None)
     document = _substitute(document, values, where, allow_unset)
+    preset = _text(document.get("preset", DEFAULT_PRESET), f"{where}: preset")
     sweep = Sweep(
-        name=_text(document.get("name", path.stem), f"{where}: name"), file=where,
-        preset=_text(document.get("preset", DEFAULT_PRESET), f"{where}: preset"),
+        name=_text(document.get("name", path.stem), f"{where}: name"), file=where, preset=preset,
         settings=_settings(document.get("set"), f"{where}: set"), seeds=_seeds(document.get("seeds", [0]), where),
         backbones=_unique([_backbone(entry, f"{where}: backbones[{i}]")
                            for i, entry in enumerate(_entries(document, "backbones", where))], "backbone", where),
-        datasets=_unique([_dataset(entry, f"{where}: datasets[{i}]")
+        datasets=_unique([_dataset(entry, f"{where}: datasets[{i}]", "{dataset}" in preset)
                           for i, entry in enumerate(_entries(document, "datasets", where))], "data set", where),
         protocols=_protocols(document.get("protocols"), where),
         analysis=_analysis(document.get("analysis"), where), variables=values, unset=unset)
@@ -300,12 +300,14 @@ def plan_cells(sweep: Sweep) -> List[Cell]:
                                           "(or limit the protocol with backbones:)")
                 else:
                     layers = [None]
-                extra = (f"model.backbone={SIZES[backbone.size]}",) if backbone.source.lower() == RANDOM_INIT else ()
+                random = backbone.source.lower() == RANDOM_INIT
+                extra = (f"model.backbone={SIZE_PRESETS[backbone.size]}",) if random else ()
                 settings = ("run.progress=false", *extra, *sweep.settings, *dataset.settings, *backbone.settings,
                             *protocol.settings)
                 for layer in layers:
                     for seed in sweep.seeds:
-                        cells.append(Cell(backbone, dataset, protocol.kind, layer, seed, preset, settings))
+                        cells.append(Cell(backbone, dataset, protocol.kind, layer, seed, preset, settings,
+                                          protocol.head))
     return cells
 
 
@@ -440,8 +442,8 @@ def _backbone(entry: Mapping[str, Any], where: str) -> Backbone:
     _only_keys(entry, ("name", "family", "size", "source", "set"), where)
     name, folder = _named(entry, where)
     size = _text(entry.get("size"), f"{where}: size").lower()
-    if size not in SIZES:
-        raise ConfigError(f"{where}: size {printable(size)!r} must be one of {', '.join(SIZES)} (it picks the "
+    if size not in SIZE_PRESETS:
+        raise ConfigError(f"{where}: size {printable(size)!r} must be one of {', '.join(SIZE_PRESETS)} (it picks the "
                           "preset and, for source: none, the architecture)")
     source = _text(entry.get("source"), f"{where}: source (a checkpoint file, timm:NAME[@FILE], or none)")
     return Backbone(name, folder, _text(entry.get("family", name), f"{where}: family"), size, _source(source),
@@ -458,17 +460,21 @@ def _source(source: str) -> str:
     return os.path.abspath(os.path.expanduser(source))
 
 
-def _dataset(entry: Mapping[str, Any], where: str) -> Dataset:
+def _dataset(entry: Mapping[str, Any], where: str, needs_stem: bool = True) -> Dataset:
+    """A ``datasets:`` entry; ``needs_stem``: the sweep's preset names presets by data set (``{dataset}_{size}``),
+    so a layout without presets of its own needs ``preset:``, the stem of the presets to use."""
     _only_keys(entry, ("name", "root", "layout", "preset", "set"), where)
     name, folder = _named(entry, where)
     root = _text(entry.get("root"), f"{where}: root")
     layout = _text(entry.get("layout", "auto"), f"{where}: layout").lower()
-    if layout not in LAYOUTS:
-        raise ConfigError(f"{where}: layout {printable(layout)!r} must be one of {', '.join(LAYOUTS)}")
-    stem = entry.get("preset", layout if layout in PRESET_LAYOUTS else None)
+    layouts = ["auto", *DATASETS]
+    if layout not in layouts:
+        raise ConfigError(f"{where}: layout {printable(layout)!r} must be one of {', '.join(layouts)}")
+    stems = preset_stems()
+    stem = entry.get("preset", layout if layout in stems or not needs_stem else None)
     if stem is None:
-        raise ConfigError(f"{where}: a {layout} data set needs 'preset:', the stem of its presets (soda, mfnet or "
-                          "scut: whose iterations and schedule to use)")
+        raise ConfigError(f"{where}: a {layout} data set needs 'preset:', the stem of its presets ({', '.join(stems)}: "
+                          "whose iterations and schedule to use)")
     root = root if "${" in root else os.path.abspath(os.path.expanduser(root))
     return Dataset(name, folder, root, layout, _text(stem, f"{where}: preset"), _settings(entry.get("set"),
                                                                                           f"{where}: set"))
@@ -496,14 +502,33 @@ def _protocols(value: Any, where: str) -> List[Protocol]:
         if kind not in PROTOCOLS:
             raise ConfigError(f"{at}: unknown protocol; choose from {', '.join(PROTOCOLS)}")
         entry = _mapping(entry if entry is not None else {}, at)
-        _only_keys(entry, ("set", "backbones", "datasets") + (("layers",) if kind == "layerwise" else ()), at)
+        _only_keys(entry, ("set", "backbones", "datasets", "head") + (("layers",) if kind == "layerwise" else ()), at)
         layers = None
         if kind == "layerwise":
             layers = _layers(entry.get("layers"), at)
         protocols.append(Protocol(kind, layers, _settings(entry.get("set"), f"{at}.set"),
                                   _names(entry.get("backbones"), f"{at}.backbones"),
-                                  _names(entry.get("datasets"), f"{at}.datasets")))
+                                  _names(entry.get("datasets"), f"{at}.datasets"), _head(entry.get("head"), kind, at)))
     return protocols
+
+
+def _head(value: Any, kind: str, where: str) -> Optional[str]:
+    """A protocol's ``head:``: a fine-tuning head for ``ft``, a probe head for the probes (``unip.models.HEADS``)."""
+    if value is None:
+        return None
+    probe = kind != "ft"
+    fitting = [name for name, head in HEADS.items() if head.probe == probe]
+    if value not in fitting:
+        raise ConfigError(f"{where}.head must be one of {', '.join(fitting)} ({PROTOCOL_NAMES[kind]}), got "
+                          f"{printable(value)}")
+    return str(value)
+
+
+def preset_stems() -> List[str]:
+    """The data sets with fine-tuning presets of their own (``<stem>_<size>``, e.g. ``soda_small``): a sweep's data
+    set of that layout takes them without ``preset:``."""
+    presets = set(list_presets("finetune"))
+    return [name for name in DATASETS if any(f"{name}_{size}" in presets for size in SIZE_PRESETS)]
 
 
 def _layers(value: Any, where: str) -> Optional[Tuple[int, ...]]:
@@ -553,5 +578,5 @@ def _check_references(sweep: Sweep) -> None:
                                   f"which is not in '{what}:' ({', '.join(sorted(known))})")
 
 
-__all__ = ["Analysis", "Backbone", "Cell", "Dataset", "PROTOCOLS", "Protocol", "SIZES", "Sweep", "find_sweep",
+__all__ = ["Analysis", "Backbone", "Cell", "Dataset", "PROTOCOLS", "Protocol", "Sweep", "find_sweep",
            "parse_variables", "plan_cells", "read_sweep", "slug"]
