@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import io
 import json
 import os
@@ -34,6 +33,8 @@ from unip.seg.results import read_metrics
 from unip.sweep import plan_cells, read_sweep
 from unip.sweep.run import Job, _command, parse_devices
 from unip.sweep.spec import find_sweep
+
+from locks import held_lock
 
 CELLS = ["vit-t-sin-cos-random/synth/ft-seed0", "vit-t-sin-cos-random/synth/lp-seed0",
          "vit-t-sin-cos-random/synth/lp-layer04-seed0", "vit-t-sin-cos-random/synth/lp-layer12-seed0",
@@ -168,11 +169,14 @@ def test_changed_settings_of_finished_cells_are_refused(swept, tmp_path):
 
 
 def test_a_second_sweep_on_a_busy_folder_stops(swept):
-    with open(swept["out"] / ".sweep.lock", "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    with held_lock(swept["out"], "unip sweep run") as pid:
         code, _, stderr = _run_cli(["sweep", "run", "tiny", "--out", str(swept["out"]), "--var",
                                     f"data={swept['data']}"])
-    assert code == 2 and "another unip sweep run is working in this folder" in stderr
+        assert code == 2 and f"in use by unip sweep run (pid {pid} on " in stderr
+        code, stdout, _ = _run_cli(["sweep", "run", "tiny", "--out", str(swept["out"]), "--var",
+                                    f"data={swept['data']}", "--dry-run"])  # a look writes nothing: allowed
+        assert code == 0 and "10 done" in stdout
+    assert not (swept["out"] / ".unip.lock").exists()
 
 
 # ============================================================================================ report
