@@ -179,6 +179,9 @@ def find_sources(inputs: Sequence[str], exclude: Optional[str] = None) -> Tuple[
                 continue
             name = os.path.splitext(os.path.basename(given))[0]
             sources.append(Source(kind, given, name, VideoReader(given) if kind == "video" else None))
+        elif os.path.exists(given):  # never opened: reading a FIFO would wait for a writer
+            raise DataError(f"{given}: not a regular file (a FIFO, device or socket); name image or video files, or "
+                            "folders")
         else:
             raise DataError(f"{given}: no such file or folder")
     if repeated:
