@@ -23,6 +23,7 @@ stored in one of its finished probe cells (exactly the weights that were probed)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fnmatch
 import logging
@@ -82,7 +83,7 @@ def cell_jobs(sweep: Sweep, out: Path) -> List[Job]:
     for cell in plan_cells(sweep):
         folder = out / CELLS_DIR / cell.id
         try:
-            cell.config(str(folder))
+            cell.check()
         except ConfigError as err:  # the cell's settings come from several entries of the file: name it
             raise ConfigError(f"{sweep.file}: {err}") from None
         coordinates = {"backbone": cell.backbone.name, "dataset": cell.dataset.name, "protocol": cell.protocol,
@@ -201,10 +202,13 @@ def plan_sweep(sweep: Sweep, out: Path, only: Sequence[str] = (), cells: Optiona
     check_selection(cells + analysis_jobs(sweep, out, cells), only)
     changed = set() if sweep.unset else {job.id for job in changed_cells(cells, recorded_jobs(out))}
     planned = []
+    costs: Dict[Cell, CellCost] = {}  # cells that differ in their seed alone cost the same
     for job in select(cells, only):
         assert job.cell is not None
-        planned.append(PlannedJob(job, job.finished(), job.cell.preset, model.cell(job.cell, job.cell.config()),
-                                  changed=job.id in changed))
+        key = dataclasses.replace(job.cell, seed=0)
+        if key not in costs:
+            costs[key] = model.cell(job.cell, job.cell.config())
+        planned.append(PlannedJob(job, job.finished(), job.cell.preset, costs[key], changed=job.id in changed))
     planned += [PlannedJob(job, job.finished()) for job in select(analysis_jobs(sweep, out, cells), only)]
     return planned
 
