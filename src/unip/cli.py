@@ -27,7 +27,7 @@ import sys
 import traceback
 import warnings
 from functools import partial
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from unip import __version__
 from unip.engine.config import integer, list_presets, number
@@ -989,7 +989,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"unip {verb}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # the one boundary: every failure becomes one line and an exit code
-        code, line = _describe_failure(err)
+        code, line = _describe_failure(err, sys.argv[1:] if argv is None else argv)
         if os.environ.get("UNIP_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
         print(f"unip {verb}: {line}", file=sys.stderr)
@@ -1054,13 +1054,14 @@ def _closed_pipes_are_not_errors():
         sys.stdout, sys.stderr = streams
 
 
-def _describe_failure(err: BaseException) -> tuple:
-    """``(exit code, one-line text)`` for an exception that ended a verb."""
+def _describe_failure(err: BaseException, argv: Sequence[str] = ()) -> tuple:
+    """``(exit code, one-line text)`` for an exception that ended the verb of the command line ``argv``."""
     if isinstance(err, UnipError):
         return 2, f"error: {one_line(_original_message(str(err)))}"
     if _is_out_of_memory(err):
-        return 1, (f"error: out of memory ({one_line(err)[:200]}); lower the sizes or batch size "
-                   "given on the command line")
+        from unip.memory import out_of_memory_fix
+
+        return 1, f"error: out of memory ({one_line(err)[:200]}); {out_of_memory_fix(argv)}"
     if isinstance(err, OSError):
         where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
         reason = err.strerror or str(err)
