@@ -654,6 +654,39 @@ def test_the_paper_sweep_file_reads_and_every_cell_has_a_preset():
     assert mae_l.preset == "scut_large" and mae_l.config()["optim"]["iterations"] == 16800
 
 
+def test_a_long_seed_list_is_bounded_and_planned_in_linear_time(data, tmp_path, monkeypatch):
+    """20,000 seeds: refused at once (over max_cells, counted without planning); with max_cells raised, the dry
+    run resolves the settings once for all the cells (they differ in seed and folder only), and each cell's config
+    is its own copy with its own seed and folder (a --set run.seed of the file would win, as in unip finetune)."""
+    import unip.seg.train
+
+    document = {"name": "long", "preset": "toy", "seeds": list(range(20_000)),
+                "backbones": [{"name": "A", "size": "tiny", "source": "none"}],
+                "datasets": [{"name": "D", "root": str(data), "layout": "soda"}], "protocols": {"ft": {}}}
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match=r"20,000 cells .* more than max_cells \(10,000\)"):
+        read_sweep(str(path))
+    path.write_text(yaml.safe_dump({**document, "max_cells": 20_000}))
+    calls = []
+    real = unip.seg.train.make_config
+    monkeypatch.setattr(unip.seg.train, "make_config", lambda *args, **kwargs: calls.append(1) or real(*args,
+                                                                                                      **kwargs))
+    start = time.perf_counter()
+    code, stdout, stderr = _run_cli(["sweep", "run", str(path), "--out", str(tmp_path / "out"), "--dry-run"])
+    seconds = time.perf_counter() - start
+    assert code == 0 and "20000 job(s), 0 done; to run: 20000 cell(s)" in stdout, stderr
+    assert len(calls) == 1 and seconds < 60, (len(calls), seconds)  # before: 40,000 resolutions, some 100 s
+    cells = plan_cells(read_sweep(str(path)))
+    first, last = cells[0].config("f0"), cells[-1].config("f1")
+    assert (first["run"]["seed"], first["run"]["output"], last["run"]["seed"], last["run"]["output"]) == \
+        (0, "f0", 19_999, "f1")
+    first["optim"]["betas"].append(0.5)  # a copy: the next cell's settings stay as resolved
+    assert len(cells[1].config()["optim"]["betas"]) == 2
+    path.write_text(yaml.safe_dump({**document, "seeds": [3, 4], "set": {"run.seed": 7}}))
+    assert [c.config()["run"]["seed"] for c in plan_cells(read_sweep(str(path)))] == [7, 7]
+
+
 def test_variables_settings_and_names(tmp_path):
     document = {"vars": {"root": None, "tag": "x"}, "preset": "toy", "set": {"data.scale": [256, 64],
                 "model.last_block_heads": "default", "optim.lr": 1e-3},
