@@ -1141,6 +1141,17 @@ CASES: List[Case] = [
          a, "r201.pth", backbone__blocks__200__norm1__weight=torch.zeros(32))), match="r201.pth: .*holds only"),
     Case("predict: release file whose keys describe 201 blocks", lambda a: a.predict(checkpoint=_release(
          a, "r201.pth", backbone__blocks__200__norm1__weight=torch.zeros(32))), match="r201.pth: .*holds only"),
+    Case("evaluate: segmentor header test_scale of 100,000 px", lambda a: a.evaluate(checkpoint=_segmentor_with(
+         a, "scale.safetensors", meta={"test_scale": [100_000, 100_000]})),
+         match=r"scale.safetensors: the header's test_scale \[100000, 100000\] must be .* <= 16384"),
+    Case("predict: segmentor header crop_size 100,000", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "crop.safetensors", meta={"crop_size": 100_000, "stride": 100_000})),
+         match="crop.safetensors: the header's sliding window .* must be"),
+    Case("predict: segmentor header std 0", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "std.safetensors", meta={"normalization": {"mean": [0.5] * 3, "std": [0.0] * 3}})),
+         match="std.safetensors: the header's normalization.std"),
+    Case("predict: segmentor header with windows of 8192 px (they end at the image's edges)", lambda a: a.predict(
+         checkpoint=_segmentor_with(a, "win.safetensors", meta={"crop_size": 8192, "stride": 8192})), code=0),
     # ------------------------------------------------------------------ two runs, one folder
     Case("finetune: --out held by a running finetune", lambda a: a.finetune(),
          setup=lambda a: a.live_lock(a.out / "ft"), match="--out .*ft: " + LIVE.format("finetune")),

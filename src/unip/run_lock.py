@@ -56,27 +56,39 @@ _held: Dict[str, int] = {}
 
 @dataclass(frozen=True)
 class Holder:
-    """Who holds (or held) a lock: what its lock file records."""
+    """Who holds (or held) a lock: what its lock file records. ``job`` is torchrun's run id (empty outside
+    torchrun): the other ranks of the holder's own job are not kept out by it."""
 
     pid: int
     host: str
     started: str
     command: str
+    job: str = ""
 
     @classmethod
     def here(cls, command: str) -> "Holder":
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        return cls(os.getpid(), socket.gethostname(), started, command)
+        return cls(os.getpid(), socket.gethostname(), started, command, _job())
 
     @property
     def is_this_process(self) -> bool:
         return self.pid == os.getpid() and self.host == socket.gethostname()
 
+    @property
+    def is_ours(self) -> bool:
+        """This process, or another rank of this process's torchrun job."""
+        return self.is_this_process or bool(self.job and self.job == _job())
+
     def describe(self) -> str:
         return f"{self.command} (pid {self.pid} on {self.host}, started {self.started})"
 
     def to_json(self) -> str:
-        return json.dumps({"pid": self.pid, "host": self.host, "started": self.started, "command": self.command})
+        return json.dumps({"pid": self.pid, "host": self.host, "started": self.started, "command": self.command,
+                           "job": self.job})
+
+
+def _job() -> str:
+    return os.environ.get("TORCHELASTIC_RUN_ID", "")
 
 
 def lock_path(folder: str) -> str:
@@ -117,12 +129,13 @@ def hold(folder: str, command: str, enabled: bool = True, option: str = "--out")
 
 def check_free(folder: str, option: str = "--out") -> None:
     """``ConfigError`` naming the holder when another process holds the lock of ``folder``; nothing when it is
-    free, stale (its holder is gone) or held by this process. Takes no lock and creates nothing."""
+    free, stale (its holder is gone) or held by this process (or by rank 0 of this process's torchrun job, whose
+    other ranks look at the folder too). Takes no lock and creates nothing."""
     path = lock_path(folder)
     if not os.path.isfile(path):
         return
     holder = read_holder(path)
-    if holder is not None and holder.is_this_process:
+    if holder is not None and holder.is_ours:
         return
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
@@ -143,7 +156,8 @@ def read_holder(path: str) -> Optional[Holder]:
     try:
         with open(path, "r", encoding="utf-8") as handle:
             document = json.loads(handle.read(4096) or "null")
-        return Holder(int(document["pid"]), str(document["host"]), str(document["started"]), str(document["command"]))
+        return Holder(int(document["pid"]), str(document["host"]), str(document["started"]), str(document["command"]),
+                      str(document.get("job", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -228,7 +242,7 @@ def _write_record(fd: int, holder: Holder) -> None:
 
 def _record_holds(holder: Optional[Holder]) -> bool:
     """Without OS locks: whether the recorded ``holder`` may still run (another machine's cannot be asked)."""
-    if holder is None or holder.is_this_process:
+    if holder is None or holder.is_ours:
         return False
     return holder.host != socket.gethostname() or _running(holder.pid)
 

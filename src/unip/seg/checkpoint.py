@@ -25,7 +25,9 @@ from torch import Tensor
 
 from unip.checkpoint import (CONFIG_METADATA_KEY, check_architecture, check_fits, infer_architecture,
                              normalize_keys, read_checkpoint)
+from unip.checkpoint.architecture import MAX_IMAGE_SIDE
 from unip.checkpoint.backbone import non_finite_problem
+from unip.engine.config import Rule, integer, numbers
 from unip.engine.checkpointing import non_finite_tensors
 from unip.errors import CheckpointError, ConfigError
 from unip.models.segmentor import Segmentor
@@ -82,8 +84,8 @@ def load_segmentor(path: PathLike) -> Segmentor:
     skeleton = _check_shapes(config, meta, state, source)  # the header matched against the tensors, likewise
     ours = CONFIG_METADATA_KEY in metadata
     meta = _checked_classes(meta, skeleton.num_classes, source, strict=ours)
+    _check_test_settings(meta, source)
     segmentor = _build(config, meta, source)
-    _check_window(segmentor.meta, source)
     load_exact(segmentor, state, source)
     return segmentor.eval()
 
@@ -161,14 +163,35 @@ def _shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _check_window(meta: Mapping[str, Any], source: str) -> None:
-    """``CheckpointError`` unless the sliding window the file records (``crop_size``, ``stride``) covers images."""
+#: Bounds of the test settings a segmentor file records: windows and the test resize no larger than a checkpoint
+#: may describe an image (``MAX_IMAGE_SIDE``) and than fine-tuning's ``data.scale`` allows.
+TEST_RULES: Dict[str, Rule] = {
+    "crop_size": integer(1, MAX_IMAGE_SIDE), "test_scale": numbers(2, ge=1, le=16384),
+    "normalization.mean": numbers(3, ge=0, le=1), "normalization.std": numbers(3, gt=0, le=1)}
+
+
+def _check_test_settings(meta: Mapping[str, Any], source: str) -> None:
+    """``CheckpointError`` unless the test settings the file records are usable and within ``TEST_RULES``: the
+    sliding window (``crop_size``, ``stride`` at most the crop), the test resize (``test_scale``, whole numbers),
+    the normalisation (``mean``, ``std`` on the 0–1 scale). A header that asks for windows or images larger than
+    any checkpoint describes stops here, not in an allocation."""
     crop = meta.get("crop_size", 512)
     stride = meta.get("stride", crop * 2 // 3 if isinstance(crop, int) else None)  # InferencePipeline's default
     whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (crop, stride))
-    if not whole or crop < 1 or stride < 1 or stride > crop:
+    if not whole or not TEST_RULES["crop_size"].accepts(crop) or stride < 1 or stride > crop:
         raise CheckpointError(f"{source}: the header's sliding window (crop_size {crop!r}, stride {stride!r}) must be "
-                              "positive whole numbers with the stride at most the crop")
+                              f"whole numbers, the crop {TEST_RULES['crop_size'].describe()} and the stride from 1 to "
+                              "the crop")
+    norm = meta.get("normalization", {})
+    values = {"test_scale": meta.get("test_scale", [2048, 512]),
+              "normalization.mean": norm.get("mean", [0.5] * 3) if isinstance(norm, dict) else norm,
+              "normalization.std": norm.get("std", [0.5] * 3) if isinstance(norm, dict) else norm}
+    for key, value in values.items():
+        whole = key != "test_scale" or not TEST_RULES[key].accepts(value) or all(float(v).is_integer() for v in value)
+        if not TEST_RULES[key].accepts(value) or not whole:
+            raise CheckpointError(f"{source}: the header's {key} {_shown(value)} must be {TEST_RULES[key].describe()}"
+                                  f"{' (whole numbers)' if key == 'test_scale' else ''}; the file was written wrongly "
+                                  "or edited")
 
 
 def read_segmentor_header(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
