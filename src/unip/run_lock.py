@@ -47,8 +47,9 @@ _LOCKED_BYTE = 1 << 20
 _TRIES, _PAUSE = 10, 0.02
 #: Errors of a file system that does not lock at all.
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
-#: A lock file that is a link is not followed (the record would be written wherever it points).
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+#: A lock file that is a link is not followed (the record would be written wherever it points); Windows opens it
+#: as bytes.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
 
 #: Folders (real paths) this process holds → how many ``hold`` calls share the lock.
 _held: Dict[str, int] = {}
