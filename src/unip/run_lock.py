@@ -1,9 +1,10 @@
 """One writer per folder: a verb that writes a run folder (or a sweep folder) holds its lock while it works.
 
-``hold(folder, command)`` creates ``<folder>/.unip.lock``, locks it and writes who holds it (JSON: pid, host,
-start time, command); the lock file is removed when the verb ends. A second process that asks for the same
-folder stops with a ``ConfigError`` naming the holder; ``check_free(folder)`` says the same before a verb does
-any work (``unip.outputs.out_folder`` calls it), without taking the lock.
+``take(folder, command)`` (or the context manager ``hold``) creates ``<folder>/.unip.lock``, locks it and writes
+who holds it (JSON: pid, host, start time, command, torchrun job); ``release()`` removes the lock file when the
+verb ends. A second process that asks for the same folder stops with a ``ConfigError`` naming the holder;
+``check_free(folder)`` says the same before a verb does any work (``unip.outputs.out_folder`` calls it), without
+taking the lock.
 
 How the lock is held:
 
@@ -17,7 +18,7 @@ How the lock is held:
   runs on this machine, or of another machine (which cannot be asked), refuses; one whose process is gone on
   this machine is taken over with a warning. Two runs started in the same instant may then both go on.
 
-A process may hold a folder's lock more than once (nested ``hold`` calls share it). Under torchrun, only rank 0
+A process may take a folder's lock more than once (nested takes share it). Under torchrun, only rank 0
 takes the lock (``enabled``): a refusal ends rank 0, and torchrun then ends the other ranks.
 """
 
@@ -33,7 +34,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from unip.errors import ConfigError
 
@@ -96,23 +97,42 @@ def lock_path(folder: str) -> str:
     return os.path.join(folder, LOCK_FILE)
 
 
-@contextlib.contextmanager
-def hold(folder: str, command: str, enabled: bool = True, option: str = "--out") -> Iterator[None]:
-    """Hold the lock of ``folder`` (created, with the folders above it, when missing; removed again on the way
-    out when it is then empty) while the block runs; ``command`` names the holder (``unip finetune``). Raises
-    ``ConfigError`` naming ``option``, the folder and its holder when another process holds it. ``enabled``
-    false (a torchrun rank other than 0) makes this a no-op."""
+class FolderLock:
+    """A folder's lock as ``take`` returns it; ``release()`` lets go of it (once; later calls do nothing)."""
+
+    def __init__(self, key: Optional[str] = None, release: Optional[Callable[[], None]] = None,
+                 created: Sequence[str] = ()) -> None:
+        self._key, self._release, self._created = key, release, list(created)
+
+    def release(self) -> None:
+        key, self._key = self._key, None
+        if key is None:
+            return
+        _held[key] -= 1
+        if _held[key]:
+            return
+        del _held[key]
+        if self._release is not None:
+            self._release()
+        _remove_empty(self._created)
+
+
+#: What ``take`` returns where it takes nothing (``enabled`` false).
+NO_LOCK = FolderLock()
+
+
+def take(folder: str, command: str, enabled: bool = True, option: str = "--out") -> FolderLock:
+    """Take the lock of ``folder`` (created, with the folders above it, when missing; removed again by
+    ``release()`` when it is then empty); ``command`` names the holder (``unip finetune``). Raises ``ConfigError``
+    naming ``option``, the folder and its holder when another process holds it. ``enabled`` false (a torchrun rank
+    other than 0, a verb with nothing to write) takes nothing. A process may take a folder it holds again (the
+    trainer inside ``finetune``): the lock is let go at the last ``release()``."""
     if not enabled:
-        yield
-        return
+        return NO_LOCK
     key = os.path.realpath(folder)
     if key in _held:
         _held[key] += 1
-        try:
-            yield
-        finally:
-            _held[key] -= 1
-        return
+        return FolderLock(key)
     created = _make_folders(folder, option)
     try:
         release = _acquire(folder, Holder.here(command), option)
@@ -120,12 +140,17 @@ def hold(folder: str, command: str, enabled: bool = True, option: str = "--out")
         _remove_empty(created)
         raise
     _held[key] = 1
+    return FolderLock(key, release, created)
+
+
+@contextlib.contextmanager
+def hold(folder: str, command: str, enabled: bool = True, option: str = "--out") -> Iterator[None]:
+    """``take`` the lock of ``folder`` for the block and release it after."""
+    lock = take(folder, command, enabled, option)
     try:
         yield
     finally:
-        del _held[key]
-        release()
-        _remove_empty(created)
+        lock.release()
 
 
 def check_free(folder: str, option: str = "--out") -> None:
@@ -342,4 +367,4 @@ def _remove_empty(created: List[str]) -> None:
             return
 
 
-__all__ = ["Holder", "LOCK_FILE", "check_free", "hold", "lock_path", "read_holder"]
+__all__ = ["FolderLock", "Holder", "LOCK_FILE", "NO_LOCK", "check_free", "hold", "lock_path", "read_holder", "take"]

@@ -19,7 +19,6 @@ what the metrics count. A checkpoint whose class count differs from the data set
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -40,7 +39,7 @@ from unip.engine.logging import LOG_FILE
 from unip.engine.loop import Precision, resolve_precision
 from unip.errors import CheckpointError, ConfigError, DataError
 from unip.outputs import claim, claim_folder, foreign_names, is_our_png, out_folder
-from unip.run_lock import hold
+from unip.run_lock import NO_LOCK, take
 from unip.seg.checkpoint import load_segmentor
 from unip.seg.evaluation import EvalResult, EvalSettings, evaluate_split, predict_labels
 from unip.seg.predict import InferencePipeline
@@ -211,36 +210,38 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: str = "auto", split
     if out is not None:
         check_outputs(out)
     dist = init_distributed(device)
+    lock = NO_LOCK
     try:
-        with hold(out, "unip evaluate", enabled=dist.is_main) if out is not None else contextlib.nullcontext():
-            segmentor = load_segmentor(checkpoint)
-            data_set = open_segmentation_dataset(data, dataset, split, test_transform_of(segmentor.meta))
-            check_classes(segmentor, data_set, checkpoint)
-            if check_data:
-                check_data_once(data, data_set.layout, [split], dist, progress=progress)
-            settings = EvalSettings(crop=int(segmentor.meta.get("crop_size", 512)),
-                                    stride=int(segmentor.meta.get("stride", 341)), flip=flip,
-                                    scales=tuple(float(s) for s in scales), batch_windows=batch_windows,
-                                    batch_size=batch_size, num_workers=workers)
-            run_precision = resolve_precision(precision, dist.device)
-            segmentor = segmentor.to(dist.device).eval()
-            if dist.is_main:
-                logger.info("evaluating %s on %s (%s, %d images, %d classes) with %s windows %d/%d on %s (%s)%s",
-                            checkpoint, data_set.split_file, data_set.layout, len(data_set), data_set.num_classes,
-                            "batched" if batch_windows else "one-at-a-time", settings.crop, settings.stride,
-                            dist.device, run_precision.name, f" over {dist.world_size} processes"
-                            if dist.world_size > 1 else "")
-            result = evaluate_split(segmentor, data_set, settings, dist.device, run_precision,
-                                    progress=dist.is_main and progress, desc=f"evaluate {split}")
-            document = metrics_document(result, data_set.classes, **split_context(data_set, settings, run_precision),
-                                        checkpoint=str(checkpoint), step=segmentor.meta.get("step"),
-                                        model=describe_model(segmentor))
-            files = []
-            if dist.is_main and out is not None:
-                files = write_report(Path(out), document, result, segmentor, data_set, settings, dist.device,
-                                     run_precision, overlays)
-            return EvaluationReport(document, metrics_table(document), files, dist.is_main)
+        lock = take(out, "unip evaluate", enabled=dist.is_main and out is not None)  # until the last file is written
+        segmentor = load_segmentor(checkpoint)
+        data_set = open_segmentation_dataset(data, dataset, split, test_transform_of(segmentor.meta))
+        check_classes(segmentor, data_set, checkpoint)
+        if check_data:
+            check_data_once(data, data_set.layout, [split], dist, progress=progress)
+        settings = EvalSettings(crop=int(segmentor.meta.get("crop_size", 512)),
+                                stride=int(segmentor.meta.get("stride", 341)), flip=flip,
+                                scales=tuple(float(s) for s in scales), batch_windows=batch_windows,
+                                batch_size=batch_size, num_workers=workers)
+        run_precision = resolve_precision(precision, dist.device)
+        segmentor = segmentor.to(dist.device).eval()
+        if dist.is_main:
+            logger.info("evaluating %s on %s (%s, %d images, %d classes) with %s windows %d/%d on %s (%s)%s",
+                        checkpoint, data_set.split_file, data_set.layout, len(data_set), data_set.num_classes,
+                        "batched" if batch_windows else "one-at-a-time", settings.crop, settings.stride,
+                        dist.device, run_precision.name, f" over {dist.world_size} processes"
+                        if dist.world_size > 1 else "")
+        result = evaluate_split(segmentor, data_set, settings, dist.device, run_precision,
+                                progress=dist.is_main and progress, desc=f"evaluate {split}")
+        document = metrics_document(result, data_set.classes, **split_context(data_set, settings, run_precision),
+                                    checkpoint=str(checkpoint), step=segmentor.meta.get("step"),
+                                    model=describe_model(segmentor))
+        files = []
+        if dist.is_main and out is not None:
+            files = write_report(Path(out), document, result, segmentor, data_set, settings, dist.device,
+                                 run_precision, overlays)
+        return EvaluationReport(document, metrics_table(document), files, dist.is_main)
     finally:
+        lock.release()
         cleanup()
 
 
