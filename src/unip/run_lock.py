@@ -52,7 +52,7 @@ _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENO
 #: as bytes.
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
 
-#: Folders (real paths) this process holds → how many ``hold`` calls share the lock.
+#: Folders (real paths) this process holds → how many takes share the lock.
 _held: Dict[str, int] = {}
 
 
