@@ -388,6 +388,7 @@ def test_two_process_runs_equal_one_process(assets, tmp_path, one_thread):
     one, two = read_metrics(tmp_path / "eval" / "metrics.json"), read_metrics(tmp_path / "eval_ddp" / "metrics.json")
     assert one["confusion_matrix"] == two["confusion_matrix"] == metrics["confusion_matrix"]
     assert one["images"] == two["images"] == 8
+    assert not list(tmp_path.rglob(".unip.lock"))  # rank 0 held each run folder's lock, and let go of it
 
 
 # ----------------------------------------------------------------------------------------------- release files

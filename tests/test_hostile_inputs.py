@@ -13,18 +13,23 @@ How to add a row (e.g. for a new verb): append ``Case(id, argv, code=2, match=..
 files of your own with ``a.file(name, content)`` / ``a.folder(name, {file: content})`` (in the row's
 scratch folder, checked for changes like everything else), and write outputs under ``a.out`` (an empty
 folder that exists). ``match`` is a regular expression that the stderr line must contain (name the file or
-option at fault); ``code`` 0 rows must succeed with an empty stderr. ``setup(a)`` may prepare more (it gets
-``a.monkeypatch``). Rows run in-process (``unip.cli.main``), so keep each one fast: fail before the work.
+option at fault); ``code`` 0 rows must succeed with an empty stderr, or with exactly one warning line matching
+``warn``. ``setup(a)`` may prepare more (it gets ``a.monkeypatch``, and ``a.stack`` for what must last until the
+row is checked: a lock held by another process). ``takes_over`` rows find a killed run's lock in their output
+folder, which the verb may replace. Rows run in-process (``unip.cli.main``), so keep each one fast: fail before
+the work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -49,6 +54,7 @@ from unip.models import Segmentor, create_model
 from unip.seg import build_segmentor, save_segmentor
 from unip.seg.train import DEFAULTS as SEG_DEFAULTS
 
+from locks import held_lock, stale_lock  # noqa: E402  (a folder's lock held by another process, live or killed)
 from test_seg_model import release_state_dict  # noqa: E402  (the release's fine-tuned layout, random weights)
 
 ODD_NAMES = ("odd\udcffbyte.png", "new\nline.png", "sp ace.png")  # a non-UTF-8 byte, a newline, a space
@@ -106,6 +112,7 @@ class Inputs:
         self.scratch = case_dir / "scratch"
         self.out = case_dir / "out"
         self.monkeypatch = monkeypatch
+        self.stack = contextlib.ExitStack()
         self.scratch.mkdir()
         self.out.mkdir()
 
@@ -131,6 +138,17 @@ class Inputs:
             target = path / inner
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content.encode() if isinstance(content, str) else content)
+        return str(path)
+
+    def live_lock(self, folder: Path, command: str = "unip finetune") -> None:
+        """``folder``'s lock held by another running process until the row is checked."""
+        self.stack.enter_context(held_lock(folder, command))
+
+    def fifo(self, name: str) -> str:
+        """A FIFO at ``scratch/name`` (reading it would wait for a writer); returns the path."""
+        path = self.scratch / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
         return str(path)
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -294,9 +312,11 @@ def _label_of_another_size(root: Path) -> None:
     Image.fromarray(np.zeros((7, 9), np.uint8)).save(path)
 
 
-def _segmentor_with(a: Inputs, name: str, meta: Optional[dict] = None, **changes) -> str:
-    """The tiny segmentor's weights under a header whose ``segmentor`` entries are changed (``None`` drops one)
-    and whose top-level (meta) entries are updated with ``meta``."""
+def _segmentor_with(a: Inputs, name: str, meta: Optional[dict] = None, model: Optional[dict] = None,
+                    **changes) -> str:
+    """The tiny segmentor's weights under a header whose ``segmentor`` entries are changed (``None`` drops one),
+    whose backbone (``model``) entries are updated with ``model`` and whose top-level (meta) entries with
+    ``meta``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -304,6 +324,7 @@ def _segmentor_with(a: Inputs, name: str, meta: Optional[dict] = None, **changes
         metadata = dict(handle.metadata())
     document = json.loads(metadata["unip.config"])
     document.update(meta or {})
+    document["model"].update(model or {})
     document["segmentor"].update(changes)
     document["segmentor"] = {key: value for key, value in document["segmentor"].items() if value is not None}
     path = str(a.scratch / name)
@@ -311,10 +332,11 @@ def _segmentor_with(a: Inputs, name: str, meta: Optional[dict] = None, **changes
     return path
 
 
-def _folder_set(a: Inputs) -> str:
-    """A generic folder data set (images/ + labels/ + classes.yaml, 3 classes) that SCUT's layout also reads."""
+def _folder_set(a: Inputs, classes_yaml: str = "") -> str:
+    """A generic folder data set (images/ + labels/ + classes.yaml, 3 classes, and ``classes_yaml`` added to that
+    file) that SCUT's layout also reads."""
     rng = np.random.default_rng(0)
-    files: Dict[str, object] = {"classes.yaml": "classes: [background, wall, floor]\n"}
+    files: Dict[str, object] = {"classes.yaml": "classes: [background, wall, floor]\n" + classes_yaml}
     for split, names in (("train", ["a", "b"]), ("val", ["c"]), ("test", ["c"])):
         files[f"{split}.txt"] = "".join(f"{name}\n" for name in names)
         for name in names:
@@ -349,6 +371,53 @@ def _read_only_out(a: Inputs) -> None:
     a.monkeypatch.setattr(os, "access", access)
 
 
+def _appended(split_file: str, line: str) -> Callable[[Path], None]:
+    """A damage for ``labeled_copy``: ``line`` added to the data set's ``split_file``."""
+    def damage(root: Path) -> None:
+        with open(root / split_file, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    return damage
+
+
+def _fifo_image(root: Path) -> None:
+    """The first training image of the data set replaced by a FIFO of its name (reading it would block)."""
+    name = (root / "train_infrared.txt").read_text().split()[0]
+    image = root / "JPEGImages" / f"{name}.jpg"
+    image.unlink()
+    os.mkfifo(image)
+
+
+def _split_bias(a: Inputs, name: str, halves: str = "q", v_length: int = 32) -> str:
+    """The teacher with block 0's ``attn.qkv.bias`` split BEiT-style into ``q_bias`` / ``v_bias``, keeping only
+    ``halves`` (``q``, ``v`` or ``qv``; ``v_bias`` of ``v_length``)."""
+    state = a.teacher_state()
+    bias = state.pop("blocks.0.attn.qkv.bias")
+    if "q" in halves:
+        state["blocks.0.attn.q_bias"] = bias[:32].clone()
+    if "v" in halves:
+        state["blocks.0.attn.v_bias"] = bias[-v_length:].clone()
+    return a.plain(name, state)
+
+
+def _release(a: Inputs, name: str, meta: Optional[dict] = None, **extra: torch.Tensor) -> str:
+    """The shared release file's layout (9 classes, width 32) with ``meta`` and ``extra`` weights (``__`` → ``.``)."""
+    state = release_state_dict(32, 2, 9, grid=2, channels=16, aux_channels=8)
+    state.update({key.replace("__", "."): value for key, value in extra.items()})
+    return a.torch_file(name, {"meta": meta or {}, "state_dict": state})
+
+
+def _scut_raw(a: Inputs, train: str, labels: bool = True) -> str:
+    """A SCUT-Seg download in name only whose ``scut_train.txt`` reads ``train``."""
+    return a.folder("scut_raw", {"images/a.jpg": IMAGE_PNG, **({"a_labelIds.png": IMAGE_PNG} if labels else {}),
+                                 "scut_train.txt": train, "scut_val.txt": "images/a.jpg\n"})
+
+
+#: A segmentor header that describes a model ~1,000x larger than its tensors (every value within the bounds).
+HUGE_BACKBONE = {"embed_dim": 8192, "depth": 256, "num_heads": 64, "img_size": [4096, 4096]}
+LIVE = r"in use by unip {} \(pid \d+ on [^,]+, started \d{{4}}-[^)]+\); wait for it to finish"
+STALE = r"took over the lock of unip {} \(pid \d+ on .*\): it ended without releasing it"
+
+
 # ============================================================================================ the table
 @dataclass
 class Case:
@@ -357,6 +426,8 @@ class Case:
     code: int = 2
     match: str = ""
     setup: Optional[Callable[[Inputs], None]] = None
+    warn: str = ""
+    takes_over: bool = False
 
 
 IMAGE_PNG = b"\x89PNG\r\n\x1a\n broken"
@@ -1049,12 +1120,176 @@ CASES: List[Case] = [
     Case("bench: --out not writable", lambda a: a.bench("--out", str(a.out / "b.json")), setup=_read_only_out,
          match="--out .*b.json: cannot write in"),
     Case("bench: --out empty", lambda a: a.bench("--out", ""), match="--out: empty path"),
+    # ------------------------------------------------------------------ round 2 (issue 27): headers that lie
+    Case("info: segmentor header off by one block", lambda a: ["info", _segmentor_with(
+         a, "deeper.safetensors", model={"depth": 2})], match="deeper.safetensors: does not fit .*missing blocks.1"),
+    Case("info: segmentor header 1,000x larger than its tensors", lambda a: ["info", _segmentor_with(
+         a, "huge.safetensors", model=HUGE_BACKBONE)], match="huge.safetensors: describes a ViT of .* holds only"),
+    Case("evaluate: segmentor header 1,000x larger than its tensors", lambda a: a.evaluate(
+         checkpoint=_segmentor_with(a, "huge.safetensors", model=HUGE_BACKBONE)), match="huge.safetensors.*holds only"),
+    Case("predict: segmentor header 1,000x larger than its tensors", lambda a: a.predict(
+         checkpoint=_segmentor_with(a, "huge.safetensors", model=HUGE_BACKBONE)), match="huge.safetensors.*holds only"),
+    Case("predict: segmentor header with a 1,000x wider decode head", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "head.safetensors", decode_head={"type": "upernet", "channels": 8000, "pool_scales": [1, 2, 3, 6]})),
+         match=r"head.safetensors: its weights are not those of the segmentor it describes \(shape mismatch "
+               r"decode_head"),
+    Case("evaluate: segmentor header with 1,000 classes", lambda a: a.evaluate(checkpoint=_segmentor_with(
+         a, "classes.safetensors", num_classes=3000)), match="classes.safetensors: .*conv_seg.* vs \\(3000"),
+    Case("info: segmentor header of a wider backbone", lambda a: ["info", _segmentor_with(
+         a, "wide.safetensors", model={"embed_dim": 64})], match="wide.safetensors: .*(holds only|shape mismatch)"),
+    Case("evaluate: release file whose keys describe 201 blocks", lambda a: a.evaluate(checkpoint=_release(
+         a, "r201.pth", backbone__blocks__200__norm1__weight=torch.zeros(32))), match="r201.pth: .*holds only"),
+    Case("predict: release file whose keys describe 201 blocks", lambda a: a.predict(checkpoint=_release(
+         a, "r201.pth", backbone__blocks__200__norm1__weight=torch.zeros(32))), match="r201.pth: .*holds only"),
+    Case("evaluate: segmentor header test_scale of 100,000 px", lambda a: a.evaluate(checkpoint=_segmentor_with(
+         a, "scale.safetensors", meta={"test_scale": [100_000, 100_000]})),
+         match=r"scale.safetensors: the header's test_scale \[100000, 100000\] must be .* <= 16384"),
+    Case("predict: segmentor header crop_size 100,000", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "crop.safetensors", meta={"crop_size": 100_000, "stride": 100_000})),
+         match="crop.safetensors: the header's sliding window .* must be"),
+    Case("predict: segmentor header std 0", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "std.safetensors", meta={"normalization": {"mean": [0.5] * 3, "std": [0.0] * 3}})),
+         match="std.safetensors: the header's normalization.std"),
+    Case("predict: segmentor header with windows of 8192 px (they end at the image's edges)", lambda a: a.predict(
+         checkpoint=_segmentor_with(a, "win.safetensors", meta={"crop_size": 8192, "stride": 8192})), code=0),
+    # ------------------------------------------------------------------ two runs, one folder
+    Case("finetune: --out held by a running finetune", lambda a: a.finetune(),
+         setup=lambda a: a.live_lock(a.out / "ft"), match="--out .*ft: " + LIVE.format("finetune")),
+    Case("finetune: --resume auto into a folder held by a running finetune", lambda a: a.finetune(
+         "--resume", "auto"), setup=lambda a: a.live_lock(a.out / "ft"), match=LIVE.format("finetune")),
+    Case("finetune: --out held by a running evaluate", lambda a: a.finetune(),
+         setup=lambda a: a.live_lock(a.out / "ft", "unip evaluate"), match=LIVE.format("evaluate")),
+    Case("finetune: a killed run's stale lock is taken over", lambda a: a.finetune(),
+         setup=lambda a: stale_lock(a.out / "ft"), code=0, warn=STALE.format("finetune"), takes_over=True),
+    Case("pretrain: --out held by a running pretrain", lambda a: a.pretrain(),
+         setup=lambda a: a.live_lock(a.out / "run", "unip pretrain"), match="--out .*run: " + LIVE.format("pretrain")),
+    Case("pretrain: a killed run's stale lock is taken over", lambda a: a.pretrain("--teacher-layer", "2"),
+         setup=lambda a: stale_lock(a.out / "run", "unip pretrain"), code=0, warn=STALE.format("pretrain"),
+         takes_over=True),
+    Case("evaluate: --out held by a running evaluate", lambda a: a.evaluate(),
+         setup=lambda a: a.live_lock(a.out / "eval", "unip evaluate"), match=LIVE.format("evaluate")),
+    Case("evaluate: a killed run's stale lock is taken over", lambda a: a.evaluate(),
+         setup=lambda a: stale_lock(a.out / "eval", "unip evaluate"), code=0, warn=STALE.format("evaluate"),
+         takes_over=True),
+    Case("predict: --out held by a running predict", lambda a: a.predict(),
+         setup=lambda a: a.live_lock(a.out / "pred", "unip predict"), match=LIVE.format("predict")),
+    Case("predict: a killed run's stale lock is taken over", lambda a: a.predict(),
+         setup=lambda a: stale_lock(a.out / "pred", "unip predict"), code=0, warn=STALE.format("predict"),
+         takes_over=True),
+    Case("sweep run: --out held by a running sweep", lambda a: a.sweep(),
+         setup=lambda a: a.live_lock(a.out / "sweep", "unip sweep run"), match=LIVE.format("sweep run")),
+    Case("sweep run: dry run of a folder a running sweep holds", lambda a: a.sweep("--dry-run"),
+         setup=lambda a: a.live_lock(a.out / "sweep", "unip sweep run"), code=0),
+    Case("finetune: the lock file is a link to the user's file", lambda a: a.finetune(out=str(a.out / "ft")),
+         setup=lambda a: (a.out.joinpath("ft").mkdir(), os.symlink(a.file("mine.txt", "keep me"),
+                                                                   a.out / "ft" / ".unip.lock")),
+         match="ft: cannot create its lock file"),
+    Case("predict: the lock file holds the user's text", lambda a: a.predict(out=a.out_with(
+         "mine", {".unip.lock": "my notes"})), match=r"\.unip\.lock: exists and is not a unip lock file"),
+    # ------------------------------------------------------------------ files that leave the data set
+    Case("finetune: a train split line ../../elsewhere/x", lambda a: a.finetune(data=a.labeled_copy(_appended(
+         "train_infrared.txt", "../../elsewhere/x"))),
+         match=r"train_infrared.txt, line \d+: '../../elsewhere/x' leads out of it through '..'"),
+    Case("finetune: a train split line with an absolute path", lambda a: a.finetune(data=a.labeled_copy(_appended(
+         "train_infrared.txt", a.images + "/img0.png"))), match=r"train_infrared.txt, line \d+: '/.*img0.png' is an "
+                                                                r"absolute path; entries are paths relative to"),
+    Case("finetune: a split line through a linked-to parent (..)", lambda a: a.finetune(data=a.labeled_copy(
+         _appended("test_infrared.txt", "../JPEGImages/x"))), match=r"test_infrared.txt, line \d+: '../JPEGImages/x' "
+                                                                   "leads out"),
+    Case("finetune: a split line that stays inside (sub/../name)", lambda a: a.finetune(data=a.labeled_copy(
+         lambda root: (root / "train_infrared.txt").write_text(
+             "".join(f"sub/../{n}\n" for n in (root / "train_infrared.txt").read_text().split())))), code=0),
+    Case("evaluate: a test split line ../x", lambda a: a.evaluate(data=a.labeled_copy(_appended(
+         "test_infrared.txt", "../x"))), match=r"test_infrared.txt, line \d+: '../x' leads out"),
+    Case("evaluate: a test split line /abs/x", lambda a: a.evaluate(data=a.labeled_copy(_appended(
+         "test_infrared.txt", "/abs/x"))), match=r"test_infrared.txt, line \d+: '/abs/x' is an absolute path"),
+    Case("check-seg: a split line ../../x", lambda a: ["data", "check-seg", a.labeled_copy(_appended(
+         "train_infrared.txt", "../../x"))], match=r"problem\(s\)"),
+    Case("finetune: a folder set whose classes.yaml points its train split outside", lambda a: a.finetune(
+         "--dataset", "folder", data=_folder_set(a, "splits: {train: ../train.txt}\n")),
+         match=r"classes.yaml: splits.train: '../train.txt' leads out"),
+    Case("finetune: a folder set whose classes.yaml names an absolute split file", lambda a: a.finetune(
+         "--dataset", "folder", data=_folder_set(a, "splits: {val: /etc/hostname}\n")),
+         match=r"classes.yaml: splits.val: '/etc/hostname' is an absolute path"),
+    Case("prepare: scut list line ../../outside/x.jpg", lambda a: ["data", "prepare", "scut", _scut_raw(
+         a, "../../outside/x.jpg\n"), str(a.out / "p")], match=r"scut_train.txt, line 1: '../../outside/x.jpg' "
+                                                                "leads out"),
+    Case("prepare: scut list line with an absolute image path", lambda a: ["data", "prepare", "scut", _scut_raw(
+         a, a.images + "/img0.png\n"), str(a.out / "p")], match=r"scut_train.txt, line 1: '/.*img0.png' is an "
+                                                                  "absolute path"),
+    Case("prepare: scut list line whose label leaves RAW", lambda a: ["data", "prepare", "scut", _scut_raw(
+         a, "\nimages/a.jpg ../../gt/a_labelIds.png\n"), str(a.out / "p")],
+         match=r"scut_train.txt, line 2: '../../gt/a_labelIds.png' leads out"),
+    Case("prepare: mfnet split line with an absolute path", lambda a: ["data", "prepare", "mfnet", a.folder(
+         "raw", {**MFNET_RAW, "train.txt": "/etc/00001D\n"}), str(a.out / "p")],
+         match=r"train.txt, line 1: '/etc/00001D' is an absolute path"),
+    # ------------------------------------------------------------------ unbounded sweeps
+    Case("sweep run: 20,000 seeds", lambda a: a.sweep(sweep=a.sweep_file(seeds=list(range(20_000)))),
+         match=r"20,000 cells \(20,000 seed\(s\) × 1 backbone.*more than max_cells \(10,000\).*max_cells: N"),
+    Case("sweep run: dry run of 20,000 seeds", lambda a: a.sweep("--dry-run", sweep=a.sweep_file(
+         seeds=list(range(20_000)))), match="20,000 cells"),
+    Case("sweep run: layer-wise blocks × seeds over max_cells", lambda a: a.sweep(sweep=a.sweep_file(
+         seeds=[0, 1, 2], max_cells=30, protocols={"layerwise": {"layers": "all"}}, analysis={"images": a.images})),
+         match=r"36 cells \(3 seed\(s\) × 12 .*max_cells \(30\)"),
+    Case("sweep run: max_cells 0", lambda a: a.sweep(sweep=a.sweep_file(max_cells=0)),
+         match="max_cells must be a whole number >= 1"),
+    Case("sweep run: max_cells as text", lambda a: a.sweep(sweep=a.sweep_file(max_cells="many")),
+         match="max_cells must be a whole number >= 1, got many"),
+    Case("sweep run: dry run of 60 seeds with max_cells raised", lambda a: a.sweep("--dry-run", sweep=a.sweep_file(
+         seeds=list(range(60)), max_cells=60)), code=0),
+    # ------------------------------------------------------------------ class names and palettes
+    Case("predict: header with 1 colour and names [1, 2] for a 3-class head", lambda a: a.predict(
+         checkpoint=_segmentor_with(a, "names.safetensors", meta={"class_names": [1, 2], "palette": [[0, 0, 0]]})),
+         match=r"names.safetensors: its header's class_names \[1, 2\] is not a list of names and palette lists 1 "
+               r"colour .* for a head of 3 classes"),
+    Case("predict: header with 2 class names for a 3-class head", lambda a: a.predict(checkpoint=_segmentor_with(
+         a, "two.safetensors", meta={"class_names": ["sky", "road"]})), match="two.safetensors: .*lists 2 names"),
+    Case("info: header palette colour 300", lambda a: ["info", _segmentor_with(a, "p300.safetensors", meta={
+         "palette": [[0, 0, 0], [300, 0, 0], [1, 2, 3]]})], match=r"p300.safetensors: .*palette .* not a list of "
+                                                                   r"\[R, G, B\]"),
+    Case("evaluate: header names of 22 classes", lambda a: a.evaluate(checkpoint=_segmentor_with(
+         a, "n22.safetensors", meta={"class_names": [f"c{i}" for i in range(22)]})), match="n22.safetensors: .*22"),
+    Case("predict: release file with 3 names for its 9 classes (a warning)", lambda a: a.predict(
+         checkpoint=_release(a, "rel3.pth", {"CLASSES": ("a", "b", "c"), "PALETTE": [[1, 2, 3]] * 3})), code=0,
+         warn=r"rel3.pth: meta.CLASSES lists 3 names .* and meta.PALETTE lists 3 colours .* for its 9 classes"),
+    Case("info: release file with a palette of text (a warning)", lambda a: ["info", _release(
+         a, "relp.pth", {"PALETTE": "red"})], code=0, warn=r"relp.pth: meta.PALETTE 'red' is not a list"),
+    # ------------------------------------------------------------------ FIFOs and devices
+    Case("predict: a FIFO named x.jpg in the input folder", lambda a: a.predict(inputs=[a.folder(
+         "in", {"img0.png": Path(a.images, "img0.png").read_bytes()})]), setup=lambda a: a.fifo("in/x.jpg"), code=0),
+    Case("predict: a FIFO given as INPUT", lambda a: a.predict(inputs=[a.fifo("cam.jpg")]),
+         match="cam.jpg: not a regular file"),
+    Case("predict: a FIFO named clip.mp4 in the input folder", lambda a: a.predict(inputs=[a.folder(
+         "in", {"img0.png": Path(a.images, "img0.png").read_bytes()})]), setup=lambda a: a.fifo("in/clip.mp4"),
+         code=0),
+    Case("predict: a link to /dev/zero named z.png", lambda a: a.predict(inputs=[a.folder(
+         "in", {"img0.png": Path(a.images, "img0.png").read_bytes()})]),
+         setup=lambda a: (a.folder("in"), os.symlink("/dev/zero", a.scratch / "in" / "z.png")), code=0),
+    Case("analyze: a FIFO among the images", lambda a: a.analyze(images=a.folder("in", {
+         f"img{i}.png": Path(a.images, f"img{i}.png").read_bytes() for i in range(2)})),
+         setup=lambda a: a.fifo("in/a.png"), code=0),
+    Case("finetune: a listed training image that is a FIFO", lambda a: a.finetune(data=a.labeled_copy(_fifo_image)),
+         match=r"\.jpg: not a regular file"),
+    Case("check-seg: a listed image that is a FIFO", lambda a: ["data", "check-seg", a.labeled_copy(_fifo_image)],
+         match=r"problem\(s\)"),
+    # ------------------------------------------------------------------ split attention biases (regression)
+    Case("info: q_bias without v_bias", lambda a: ["info", _split_bias(a, "qbias.safetensors")],
+         match=r"qbias.safetensors: holds blocks.0.attn.q_bias but no blocks.0.attn.v_bias"),
+    Case("info: v_bias without q_bias", lambda a: ["info", _split_bias(a, "vbias.safetensors", "v")],
+         match=r"vbias.safetensors: holds blocks.0.attn.v_bias but no blocks.0.attn.q_bias"),
+    Case("info: q_bias and v_bias of other lengths", lambda a: ["info", _split_bias(a, "qv.safetensors", "qv", 16)],
+         match=r"qv.safetensors: blocks.0.attn.q_bias \(32,\) and blocks.0.attn.v_bias \(16,\) are not two halves"),
+    Case("finetune: --pretrained with q_bias without v_bias", lambda a: a.finetune(
+         pretrained=_split_bias(a, "qbias.safetensors")), match="qbias.safetensors: holds blocks.0.attn.q_bias"),
+    Case("analyze: a model with q_bias without v_bias", lambda a: ["analyze", "--model", _split_bias(
+         a, "qbias.safetensors"), "--images", a.images, "--out", str(a.out / "an")], match="qbias.safetensors: holds"),
 ]
 
 
 # ============================================================================================ the check
 def _snapshot(*roots: Path) -> Dict[str, str]:
-    """Every file under ``roots`` → a hash of its bytes (folders → ``"dir"``)."""
+    """Every file under ``roots`` → a hash of its bytes (folders → ``"dir"``; FIFOs, devices and links to them
+    → ``"special"``, never opened)."""
     found: Dict[str, str] = {}
     for root in roots:
         for folder, dirs, files in os.walk(root):
@@ -1062,6 +1297,9 @@ def _snapshot(*roots: Path) -> Dict[str, str]:
                 found[os.path.join(folder, name)] = "dir"
             for name in files:
                 path = os.path.join(folder, name)
+                if not stat.S_ISREG(os.stat(path).st_mode):
+                    found[path] = "special"
+                    continue
                 with open(path, "rb") as handle:
                     found[path] = hashlib.sha1(handle.read()).hexdigest()
     return found
@@ -1075,27 +1313,34 @@ def _inside(path: str, folder: Path) -> bool:
 def test_hostile_input(case, shared, tmp_path, monkeypatch, capsys):
     a = Inputs(shared, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
-    if case.setup:
-        case.setup(a)
-    argv = case.argv(a)
-    before = _snapshot(shared, tmp_path)
-    capsys.readouterr()
-    code = main(argv)
-    out, err = capsys.readouterr()
-    after = _snapshot(shared, tmp_path)
+    with a.stack:  # a lock held by another process lasts until the row is checked
+        if case.setup:
+            case.setup(a)
+        argv = case.argv(a)
+        before = _snapshot(shared, tmp_path)
+        capsys.readouterr()
+        code = main(argv)
+        out, err = capsys.readouterr()
+        after = _snapshot(shared, tmp_path)
 
     assert code == case.code, f"exit {code}, stderr: {err}"
     assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
     if case.code:
-        lines = err.strip().splitlines()
         assert len(lines) == 1, err
         assert lines[0].startswith("unip") and re.search(case.match, lines[0]), lines[0]
+    elif case.warn:
+        assert len(lines) == 1 and re.match(r"unip [a-z ]+: warning: ", lines[0]), err
+        assert re.search(case.warn, lines[0]), lines[0]
     else:
         assert err.strip() == ""
-    changed = [p for p, digest in before.items() if after.get(p) != digest]
+    replaced = (lambda path: os.path.basename(path) == ".unip.lock") if case.takes_over else (lambda path: False)
+    changed = [p for p, digest in before.items() if after.get(p) != digest and not replaced(p)]
     assert not changed, f"changed or removed: {changed}"
     stray = [p for p in after if p not in before and not _inside(p, a.out)]
     assert not stray, f"written outside the output folder: {stray}"
+    left = [p for p in a.out.rglob(".unip.lock") if str(p) not in before]
+    assert not left, f"a lock was left behind: {left}"
 
 
 def test_the_table_covers_every_verb():
@@ -1130,6 +1375,31 @@ def test_pack_never_deletes_a_user_folder_that_looks_like_a_pack(shared, tmp_pat
     assert json.loads((tmp_path / "fresh" / "index.json").read_text())["short_side"] == 16
 
 
+def test_two_finetune_runs_into_one_folder_the_second_refused(shared, tmp_path):
+    """The issue's case: a second ``unip finetune`` into the --out of one that runs stops at once (exit 2, one line
+    naming the first by pid), and the first finishes as if alone: one log with one setup record, one TensorBoard
+    file, its own final model."""
+    a = Inputs(shared, tmp_path, None)
+    argv = a.finetune("--iterations", "30", "--set", "debug.step_delay=0.5")  # 15 s: the second's start fits in
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-m", "unip.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (a.out / "ft" / ".unip.lock").exists():
+        assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else "timeout"
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-m", "unip.cli", *argv], env=env, capture_output=True, text=True,
+                            timeout=120)
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"in use by unip finetune (pid {first.pid} on " in second.stderr
+    records = [json.loads(line) for line in (a.out / "ft" / "log.jsonl").read_text().splitlines()]
+    assert sum(1 for r in records if r.get("kind") == "setup") == 1
+    assert len(list((a.out / "ft" / "tb").glob("events.out.tfevents.*"))) == 1
+    assert (a.out / "ft" / "segmentor.safetensors").is_file() and not (a.out / "ft" / ".unip.lock").exists()
+
+
 def test_odd_file_names_survive_pack_and_stats(shared, tmp_path):
     from unip.data.packed import PackedImages
 
@@ -1160,12 +1430,15 @@ print(json.dumps(results))
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS as on Linux")
 def test_memory_bound_under_an_address_space_limit(shared, tmp_path):
-    """Under ``ulimit -v`` a small file describing a huge ViT and sizes of 100000 px fail at once with a clear
-    line (exit 2), instead of an allocation failure or the machine swapping."""
+    """Under ``ulimit -v`` a small file describing a huge ViT (a backbone, or a segmentor whose header lies about
+    its tensors: info, predict, evaluate) and sizes of 100000 px fail at once with a clear line (exit 2), instead
+    of an allocation failure or the machine swapping."""
     a = Inputs(shared, tmp_path, None)
     huge = a.checkpoint("huge.safetensors", model={"embed_dim": 8192, "num_heads": 64, "depth": 48})
     deep = a.plain("deep.safetensors", _with(a.teacher_state(), blocks__99999__norm1__weight=torch.zeros(32)))
-    runs = [["info", huge], ["info", deep],
+    huge_segmentor = _segmentor_with(a, "huge_seg.safetensors", model=HUGE_BACKBONE)
+    runs = [["info", huge], ["info", deep], ["info", huge_segmentor], a.predict(checkpoint=huge_segmentor),
+            a.evaluate(checkpoint=huge_segmentor),
             ["analyze", "--model", a.teacher, "--images", a.images, "--size", "100000", "--out", str(a.out / "an"),
              "--no-progress"],
             ["data", "synth", "--size", "100000x100000", "--num", "1", "--out", str(a.out / "s")]]
@@ -1174,10 +1447,11 @@ def test_memory_bound_under_an_address_space_limit(shared, tmp_path):
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    patterns = ["huge.safetensors.*holds only", "deep.safetensors.*blocks", "--size.*lower --size", "--size"]
+    patterns = ["huge.safetensors.*holds only", "deep.safetensors.*blocks", *["huge_seg.safetensors.*holds only"] * 3,
+                "--size.*lower --size", "--size"]
     for (code, err), pattern in zip(results, patterns):
         assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(pattern, err), err
-    assert "available" in results[2][1]
+    assert "available" in results[5][1]
 
 
 def test_timm_offline_fails_within_seconds(monkeypatch, capsys):
@@ -1227,6 +1501,8 @@ def test_internal_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch,
 
 
 def test_memory_errors_are_one_line(monkeypatch, capsys):
+    """Out of memory: one line whose fix names only the sizes the command line gave (none: not "lower the
+    sizes")."""
     from unip import cli
 
     def exhausted(args):
@@ -1238,6 +1514,17 @@ def test_memory_errors_are_one_line(monkeypatch, capsys):
     assert main(["info", "x"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("unip info: error: out of memory")
+    assert "lower --" not in err[0] and "gives no size or batch to lower" in err[0]
+
+    from unip.memory import out_of_memory_fix
+
+    assert out_of_memory_fix(["predict", "x.png", "--checkpoint", "m.safetensors"]).startswith("the command line "
+                                                                                               "gives no size")
+    assert out_of_memory_fix(["predict", "x.png", "--batch-size", "64", "--checkpoint", "m"]) == \
+        "lower --batch-size (given on the command line)"
+    assert out_of_memory_fix(["finetune", "--set", "data.crop_size=4096", "--set=optim.batch_size=64", "--set",
+                              "run.seed=1", "--size=512"]) == \
+        "lower --set data.crop_size, --set optim.batch_size, --size (given on the command line)"
 
 
 def test_warnings_are_one_line_on_stderr_like_errors(monkeypatch, capsys):

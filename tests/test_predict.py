@@ -596,9 +596,14 @@ def test_windows_per_forward_follow_free_memory(monkeypatch):
     with torch.no_grad():
         expected = slide_inference(segmentor, batch, crop=64, stride=32)
     torch.testing.assert_close(predictor.logits(batch), expected, atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr("unip.seg.predict.available_bytes", lambda device=None: inputs)
-    monkeypatch.setattr("unip.memory.available_bytes", lambda device=None: inputs)
+    one_image = inputs // 2 + window  # batch 1 fits, batch 2 does not: the batch is to blame
+    monkeypatch.setattr("unip.seg.predict.available_bytes", lambda device=None: one_image)
+    monkeypatch.setattr("unip.memory.available_bytes", lambda device=None: one_image)
     with pytest.raises(ConfigError, match="--batch-size 2.*lower --batch-size"):
+        predictor.plan_memory()
+    monkeypatch.setattr("unip.memory.available_bytes", lambda device=None: one_image - 1)  # not even one image
+    with pytest.raises(ConfigError, match=r"^one image under the checkpoint's test settings \(resized to fit 64x128 "
+                                          r"pixels, windows of 64: its test_scale and crop_size\) needs"):
         predictor.plan_memory()
 
 

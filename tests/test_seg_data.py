@@ -542,9 +542,46 @@ def test_prepare_mfnet_extracts_the_thermal_channel_and_resumes(tmp_path):
 def test_prepare_mfnet_refuses_split_names_that_leave_its_folders(tmp_path):
     raw, out = _fake_mfnet_download(tmp_path / "ir_seg_dataset"), tmp_path / "MFNet"
     _lines(f"{raw}/test.txt", ["d", "../../escaped"])
-    with pytest.raises(DataError, match=r"test\.txt: lists '\.\./\.\./escaped', which is not a plain file name"):
+    with pytest.raises(DataError, match=r"test\.txt, line 2: '\.\./\.\./escaped' leads out of it through '\.\.'"):
+        prepare_dataset("mfnet", raw, str(out))
+    _lines(f"{raw}/test.txt", ["d", "sub/d"])  # inside, but MFNet's names are plain file names
+    with pytest.raises(DataError, match=r"test\.txt: lists 'sub/d', which is not a plain file name"):
         prepare_dataset("mfnet", raw, str(out))
     assert not (tmp_path / "escaped.png").exists() and not out.exists()
+
+
+@pytest.mark.parametrize("entry, normal", [("a", "a"), ("a/./b/../c", os.path.join("a", "c")), ("sub/../a", "a"),
+                                           ("../x", None), ("a/../../x", None), ("/abs/x", None), (".", None),
+                                           ("a/..", None), ("..", None)])
+def test_listed_entries_are_relative_paths_that_stay_inside(entry, normal):
+    from unip.data.listed import ListedPathError, relative_entry
+
+    if normal is not None:
+        assert relative_entry(entry, "ROOT", "f.txt, line 1") == normal
+        return
+    with pytest.raises(ListedPathError, match=r"^f\.txt, line 1: .* entries are paths relative to ROOT that stay "
+                                              r"inside it: fix the line$") as caught:
+        relative_entry(entry, "ROOT", "f.txt, line 1")
+    assert caught.value.where == "f.txt, line 1"
+
+
+def test_split_names_are_read_inside_the_data_set_and_linked_folders_are_the_owners_choice(tmp_path):
+    """``sub/../b`` is ``b``; a split line that leaves the data set is refused (check-seg lists it as a problem
+    naming the line); an image folder that is a link to another place is read like any folder."""
+    root = _folder_set(str(tmp_path / "set"))
+    _lines(f"{root}/train.txt", ["a", "sub/../b"])
+    assert [s.name for s in open_segmentation_dataset(root, "folder", "train").samples] == ["a", "b"]
+    _lines(f"{root}/train.txt", ["a", "../../elsewhere/b"])
+    with pytest.raises(DataError, match=r"train\.txt, line 2: '\.\./\.\./elsewhere/b' leads out"):
+        open_segmentation_dataset(root, "folder", "train")
+    report = check_segmentation(root, "folder")
+    assert [(p.path, p.code) for p in report.problems] == [(f"{root}/train.txt, line 2", "entry-outside")]
+    store = tmp_path / "store"
+    os.rename(f"{root}/images", store)
+    os.symlink(store, f"{root}/images")
+    _lines(f"{root}/train.txt", ["a", "b"])
+    dataset = open_segmentation_dataset(root, "folder", "train")
+    assert dataset.load(1)["image"].shape[1:] == (24, 32)
 
 
 def test_prepare_treats_damaged_state_lines_as_absent(tmp_path):

@@ -230,7 +230,7 @@ def test_release_class_names_of_another_count_are_left_out_with_one_warning(tmp_
     assert "class_names" not in segmentor.meta and "palette" not in segmentor.meta
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1, warnings
-    assert str(path) in warnings[0] and "meta.CLASSES has 3 names" in warnings[0] and "5 classes" in warnings[0]
+    assert str(path) in warnings[0] and "meta.CLASSES lists 3 names" in warnings[0] and "5 classes" in warnings[0]
     caplog.clear()
     with caplog.at_level("WARNING", logger="unip"):  # names that fit: used, no warning
         fitting = load_segmentor(save_release(tmp_path / "iter_200.pth", release_state_dict(64, 2, 3, grid=2),

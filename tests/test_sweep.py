@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import io
 import json
 import os
@@ -34,6 +33,8 @@ from unip.seg.results import read_metrics
 from unip.sweep import plan_cells, read_sweep
 from unip.sweep.run import Job, _command, parse_devices
 from unip.sweep.spec import find_sweep
+
+from locks import held_lock
 
 CELLS = ["vit-t-sin-cos-random/synth/ft-seed0", "vit-t-sin-cos-random/synth/lp-seed0",
          "vit-t-sin-cos-random/synth/lp-layer04-seed0", "vit-t-sin-cos-random/synth/lp-layer12-seed0",
@@ -168,11 +169,14 @@ def test_changed_settings_of_finished_cells_are_refused(swept, tmp_path):
 
 
 def test_a_second_sweep_on_a_busy_folder_stops(swept):
-    with open(swept["out"] / ".sweep.lock", "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    with held_lock(swept["out"], "unip sweep run") as pid:
         code, _, stderr = _run_cli(["sweep", "run", "tiny", "--out", str(swept["out"]), "--var",
                                     f"data={swept['data']}"])
-    assert code == 2 and "another unip sweep run is working in this folder" in stderr
+        assert code == 2 and f"in use by unip sweep run (pid {pid} on " in stderr
+        code, stdout, _ = _run_cli(["sweep", "run", "tiny", "--out", str(swept["out"]), "--var",
+                                    f"data={swept['data']}", "--dry-run"])  # a look writes nothing: allowed
+        assert code == 0 and "10 done" in stdout
+    assert not (swept["out"] / ".unip.lock").exists()
 
 
 # ============================================================================================ report
@@ -648,6 +652,39 @@ def test_the_paper_sweep_file_reads_and_every_cell_has_a_preset():
     assert unip_s.config()["model"]["last_block_heads"] == "default" and unip_s.preset == "soda_small"
     mae_l = next(c for c in cells if c.backbone.name == "MAE-L" and c.dataset.name == "SCUT-Seg")
     assert mae_l.preset == "scut_large" and mae_l.config()["optim"]["iterations"] == 16800
+
+
+def test_a_long_seed_list_is_bounded_and_planned_in_linear_time(data, tmp_path, monkeypatch):
+    """20,000 seeds: refused at once (over max_cells, counted without planning); with max_cells raised, the dry
+    run resolves the settings once for all the cells (they differ in seed and folder only), and each cell's config
+    is its own copy with its own seed and folder (a --set run.seed of the file would win, as in unip finetune)."""
+    import unip.seg.train
+
+    document = {"name": "long", "preset": "toy", "seeds": list(range(20_000)),
+                "backbones": [{"name": "A", "size": "tiny", "source": "none"}],
+                "datasets": [{"name": "D", "root": str(data), "layout": "soda"}], "protocols": {"ft": {}}}
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match=r"20,000 cells .* more than max_cells \(10,000\)"):
+        read_sweep(str(path))
+    path.write_text(yaml.safe_dump({**document, "max_cells": 20_000}))
+    calls = []
+    real = unip.seg.train.make_config
+    monkeypatch.setattr(unip.seg.train, "make_config", lambda *args, **kwargs: calls.append(1) or real(*args,
+                                                                                                      **kwargs))
+    start = time.perf_counter()
+    code, stdout, stderr = _run_cli(["sweep", "run", str(path), "--out", str(tmp_path / "out"), "--dry-run"])
+    seconds = time.perf_counter() - start
+    assert code == 0 and "20000 job(s), 0 done; to run: 20000 cell(s)" in stdout, stderr
+    assert len(calls) == 1 and seconds < 60, (len(calls), seconds)  # before: 40,000 resolutions, some 100 s
+    cells = plan_cells(read_sweep(str(path)))
+    first, last = cells[0].config("f0"), cells[-1].config("f1")
+    assert (first["run"]["seed"], first["run"]["output"], last["run"]["seed"], last["run"]["output"]) == \
+        (0, "f0", 19_999, "f1")
+    first["optim"]["betas"].append(0.5)  # a copy: the next cell's settings stay as resolved
+    assert len(cells[1].config()["optim"]["betas"]) == 2
+    path.write_text(yaml.safe_dump({**document, "seeds": [3, 4], "set": {"run.seed": 7}}))
+    assert [c.config()["run"]["seed"] for c in plan_cells(read_sweep(str(path)))] == [7, 7]
 
 
 def test_variables_settings_and_names(tmp_path):

@@ -2,13 +2,15 @@
 
 Sizes typed on the command line (an image size, a batch) can ask for more memory than the machine has;
 instead of letting the allocation fail half-way (or the system swap), verbs estimate what they need and
-call ``require_memory``, which raises a ``ConfigError`` naming the option to change.
+call ``require_memory``, which raises a ``ConfigError`` naming the option to change. When memory runs out
+anyway, ``out_of_memory_fix`` says what to change, blaming only the sizes that the command line gave.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+import re
+from typing import Optional, Sequence
 
 import torch
 
@@ -69,3 +71,29 @@ def require_memory(nbytes: float, what: str, fix: str, device: Optional[torch.de
         where = f" on {device}" if device is not None and device.type != "cpu" else ""
         raise ConfigError(f"{what} needs about {byte_size(nbytes)} of memory, but only {byte_size(available)} are "
                           f"available{where}; {fix}")
+
+
+#: Options that set a size or a batch: what a user can lower when memory runs out.
+SIZE_OPTIONS = ("--size", "--batch-size", "--batch", "--scales")
+#: ``--set`` settings that set a size or a batch.
+_SIZE_SETTING = re.compile(r"(batch_size|crop_size|img_size|scale|channels|embed_dim|depth)$")
+
+
+def out_of_memory_fix(argv: Sequence[str]) -> str:
+    """What to do after memory ran out in the command ``argv`` (the arguments after ``unip``): lower the size
+    and batch options it gives (``SIZE_OPTIONS``, ``--set`` of a size), or, when it gives none, find more
+    memory (the model or the inputs themselves are too large for what is free)."""
+    given = []
+    for index, arg in enumerate(argv):
+        name, _, inline = arg.partition("=")
+        if name in SIZE_OPTIONS:
+            given.append(name)
+        elif name == "--set":
+            setting = inline or (argv[index + 1] if index + 1 < len(argv) else "")
+            key = setting.partition("=")[0].strip()
+            if _SIZE_SETTING.search(key):
+                given.append(f"--set {key}")
+    if given:
+        return f"lower {', '.join(dict.fromkeys(given))} (given on the command line)"
+    return ("the command line gives no size or batch to lower: the model or its inputs need more memory than is "
+            "free here; close other programs or use a machine with more memory")

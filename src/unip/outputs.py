@@ -1,7 +1,8 @@
 """Where verbs write: output paths are checked before any work, and nothing of the user's is overwritten.
 
 * ``out_folder`` / ``out_file``: an ``--out`` that cannot be what the verb writes (a file where a folder
-  is meant, a folder where a file is meant, a path below a file) fails at once, naming the option.
+  is meant, a folder where a file is meant, a path below a file) fails at once, naming the option, and so does
+  a folder that another unip process is writing (its lock, ``unip.run_lock``, names the holder).
 * ``claim``: a verb may replace an existing file only when it recognises the file as its own earlier
   output (``is_ours``); anything else is the user's and the verb stops instead.
 * ``plain_name``: a name taken from the command line becomes exactly one folder inside ``--out``.
@@ -18,6 +19,7 @@ import os
 from typing import Callable, Iterable, List, Optional, Pattern, Sequence
 
 from unip.errors import ConfigError
+from unip.run_lock import check_free
 
 #: The ``Software`` text of every PNG figure unip writes.
 FIGURE_SOFTWARE = "unip"
@@ -52,11 +54,12 @@ def _check_writable(folder: str, path: str, option: str) -> None:
                           f"another {option}")
 
 
-def out_folder(path: str, option: str = "--out", writable: bool = True) -> str:
+def out_folder(path: str, option: str = "--out", writable: bool = True, in_use_ok: bool = False) -> str:
     """Check that ``path`` can be (or already is) a folder to write into; returns it.
 
-    Raises ``ConfigError`` when it, or a folder on the way to it, is an existing file, or (``writable``) when it
-    cannot be written."""
+    Raises ``ConfigError`` when it, or a folder on the way to it, is an existing file, (``writable``) when it
+    cannot be written, or (unless ``in_use_ok``: a look that writes nothing) when another process holds its
+    lock (``unip.run_lock``)."""
     if not path:
         raise ConfigError(f"{option}: empty path; name the folder to write")
     if os.path.exists(path) and not os.path.isdir(path):
@@ -64,6 +67,8 @@ def out_folder(path: str, option: str = "--out", writable: bool = True) -> str:
     _check_parent(path, option)
     if writable:
         _check_writable(path, path, option)
+    if not in_use_ok:
+        check_free(path, option)
     return path
 
 

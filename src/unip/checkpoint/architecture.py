@@ -38,7 +38,7 @@ def infer_architecture(state_dict: Mapping[str, Tensor], source: str = "checkpoi
     Head counts cannot be read from weights: the standard count of that width is used (else 64
     channels per head); override with ``num_heads`` / ``last_heads`` when that is wrong. Raises
     ``CheckpointError`` when the shapes do not describe a ViT."""
-    sd, _ = normalize_keys(state_dict)
+    sd, _ = normalize_keys(state_dict, source)
 
     def shape(key: str, ndim: int) -> Tuple[int, ...]:
         if key not in sd:
@@ -158,19 +158,15 @@ def check_fits(config: Mapping[str, Any], state_dict: Mapping[str, Tensor], sour
     """Check, before allocating, that the weights in ``state_dict`` (normalised keys) are the weights of
     ``VisionTransformer(**config)`` (the position table aside, which is resampled to the grid).
 
-    Raises ``CheckpointError`` naming ``source`` when a weight is missing or mis-shaped (unless
-    ``allow_partial``), and in any case when the file holds less than half of the model's weights: then
-    the architecture it describes is not the one its tensors hold. Returns what a strict check refuses (with
+    Raises ``CheckpointError`` naming ``source`` when the file holds less than half of the model's weights (then
+    the architecture it describes is not the one its tensors hold: said first, whatever ``allow_partial``), and
+    when a weight is missing or mis-shaped (unless ``allow_partial``). Returns what a strict check refuses (with
     ``allow_partial``), ``None`` when every weight fits."""
     shapes = expected_shapes(config)
     shapes.pop("pos_embed")
     missing = [key for key in shapes if key not in state_dict]
     mismatched = [f"{key} {tuple(state_dict[key].shape)} vs {shape}" for key, shape in shapes.items()
                   if key in state_dict and tuple(state_dict[key].shape) != shape]
-    problem = _misfit(source, "the architecture it describes", missing, mismatched) if missing or mismatched \
-        else None
-    if problem and not allow_partial:
-        raise CheckpointError(problem)
     expected = sum(math.prod(shape) for shape in shapes.values())
     found = sum(math.prod(shape) for key, shape in shapes.items()
                 if key in state_dict and tuple(state_dict[key].shape) == shape)
@@ -179,6 +175,10 @@ def check_fits(config: Mapping[str, Any], state_dict: Mapping[str, Tensor], sour
                               f"depth {config.get('depth')}) but holds only {found:,} of them "
                               f"({_differences(missing, mismatched)}); its metadata or key names do not match its "
                               "tensors")
+    problem = _misfit(source, "the architecture it describes", missing, mismatched) if missing or mismatched \
+        else None
+    if problem and not allow_partial:
+        raise CheckpointError(problem)
     return problem
 
 

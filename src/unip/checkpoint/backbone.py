@@ -73,7 +73,7 @@ def load_weights(model: VisionTransformer, source: Union[PathLike, Mapping[str, 
     else:
         name = name or str(source)
         state_dict = extract_state_dict(read_checkpoint(source)[0], name)
-    state_dict, ignored = normalize_keys(state_dict)
+    state_dict, ignored = normalize_keys(state_dict, name)
     report = LoadReport(source=name, ignored=ignored)
     own = model.state_dict()
     params = dict(model.named_parameters())
@@ -179,7 +179,7 @@ def open_model(source: PathLike, allow_partial: bool = False, **overrides: Any) 
             architecture_from += " (the backbone of a segmentor)"
         config.update(overrides)
         check_architecture(config, text)
-        misfit = check_fits(config, normalize_keys(state_dict)[0], text, allow_partial)
+        misfit = check_fits(config, normalize_keys(state_dict, text)[0], text, allow_partial)
         model = build_backbone(config, text)
         report = load_weights(model, state_dict, allow_partial=allow_partial, name=text)
         loaded = LoadedModel(model, report, architecture_from, meta, misfit or report.problem)

@@ -176,10 +176,11 @@ def extract_state_dict(content: Any, source: str = "checkpoint") -> Dict[str, Te
                           f"possibly inside one of {', '.join(CONTAINER_KEYS)}")
 
 
-def normalize_keys(state_dict: Mapping[str, Tensor]) -> Tuple[Dict[str, Tensor], List[str]]:
+def normalize_keys(state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> Tuple[Dict[str, Tensor], List[str]]:
     """Bring release key names to ours: strip wrapper prefixes, rename ``gamma_1/2`` (DeiT III, BEiT) to
     ``ls1/ls2.gamma``, fuse BEiT's ``q_bias``/``v_bias`` into ``qkv.bias``, and set aside decoder,
-    mask-token and classifier keys. Returns ``(state_dict, ignored_keys)``."""
+    mask-token and classifier keys. Returns ``(state_dict, ignored_keys)``; raises ``CheckpointError`` naming
+    ``source`` and the key when half of a split bias is missing or the halves do not fit together."""
     renamed: Dict[str, Tensor] = {}
     ignored: List[str] = []
     for key, value in state_dict.items():
@@ -189,7 +190,7 @@ def normalize_keys(state_dict: Mapping[str, Tensor]) -> Tuple[Dict[str, Tensor],
             ignored.append(key)
         else:
             renamed[key] = value
-    return _fuse_split_qkv_bias(renamed), ignored
+    return _fuse_split_qkv_bias(renamed, source), ignored
 
 
 def _strip_prefixes(key: str) -> str:
@@ -202,10 +203,22 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def _fuse_split_qkv_bias(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    for key in [k for k in state_dict if k.endswith(".attn.q_bias")]:
-        stem = key[: -len("q_bias")]
-        q_bias, v_bias = state_dict.pop(key), state_dict.pop(stem + "v_bias")
+def _fuse_split_qkv_bias(state_dict: Dict[str, Tensor], source: str) -> Dict[str, Tensor]:
+    for key in sorted(k for k in state_dict if k.endswith((".attn.q_bias", ".attn.v_bias"))):
+        stem, half = key[: -len("q_bias")], key[-len("q_bias"):]
+        other = stem + ("v_bias" if half == "q_bias" else "q_bias")
+        if other not in state_dict:
+            if key not in state_dict:  # its pair was fused already
+                continue
+            raise CheckpointError(f"{source}: holds {key} but no {other}: a split attention bias (BEiT's) needs "
+                                  "both halves; the file is damaged or incomplete")
+        if half == "v_bias":
+            continue
+        q_bias, v_bias = state_dict[key], state_dict[other]
+        if q_bias.ndim != 1 or q_bias.shape != v_bias.shape:
+            raise CheckpointError(f"{source}: {key} {tuple(q_bias.shape)} and {other} {tuple(v_bias.shape)} are not "
+                                  "two halves of one attention bias (1-D, of one length); the file is damaged")
+        del state_dict[key], state_dict[other]
         state_dict[stem + "qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
     return state_dict
 

@@ -85,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"unip {verb}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # the one boundary: every failure becomes one line and an exit code
-        code, line = describe_failure(err)
+        code, line = describe_failure(err, sys.argv[1:] if argv is None else argv)
         if os.environ.get("UNIP_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
         print(f"unip {verb}: {line}", file=sys.stderr)

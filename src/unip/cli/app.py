@@ -166,13 +166,14 @@ def closed_pipes_are_not_errors():
         sys.stdout, sys.stderr = streams
 
 
-def describe_failure(err: BaseException) -> tuple:
-    """``(exit code, one-line text)`` for an exception that ended a verb."""
+def describe_failure(err: BaseException, argv: Sequence[str] = ()) -> tuple:
+    """``(exit code, one-line text)`` for an exception that ended the verb of the command line ``argv``."""
     if isinstance(err, UnipError):
         return 2, f"error: {one_line(original_message(str(err)))}"
     if is_out_of_memory(err):
-        return 1, (f"error: out of memory ({one_line(err)[:200]}); lower the sizes or batch size "
-                   "given on the command line")
+        from unip.memory import out_of_memory_fix
+
+        return 1, f"error: out of memory ({one_line(err)[:200]}); {out_of_memory_fix(argv)}"
     if isinstance(err, OSError):
         where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
         reason = err.strerror or str(err)

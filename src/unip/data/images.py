@@ -13,14 +13,19 @@ constant frame becomes all zeros.
 from __future__ import annotations
 
 import io
+import logging
 import os
-from typing import AbstractSet, Callable, Iterator, List, Optional, Set, Tuple
+import stat
+from typing import AbstractSet, Callable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from unip.data.layouts import IMAGE_SUFFIXES
 from unip.errors import DataError
+from unip.text import printable
+
+log = logging.getLogger(__name__)
 
 #: Decoders we accept (PIL format names); anything else is skipped as unsupported.
 ACCEPTED_FORMATS: Tuple[str, ...] = ("JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP")
@@ -80,8 +85,12 @@ def decode(data: bytes, path: str) -> Image.Image:
 
 
 def read_bytes(path: str) -> bytes:
-    """Return the raw bytes of ``path``; raises :class:`ImageReadError` (``io-error``) on OS errors."""
+    """Return the raw bytes of ``path``; raises :class:`ImageReadError` (``io-error``) on OS errors and
+    (``not-a-file``) for what is not a regular file: a FIFO, device or socket is never opened (reading a FIFO
+    would wait for a writer)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageReadError(path, "not-a-file", "not a regular file (a FIFO, device or socket); not read")
         with open(path, "rb") as fh:
             return fh.read()
     except OSError as err:
@@ -232,8 +241,9 @@ def resize_short_side(gray: np.ndarray, short_side: int) -> np.ndarray:
 
 def walk_once(folder: str, skip: AbstractSet[str] = frozenset()) -> Iterator[Tuple[str, List[str], List[str]]]:
     """``os.walk(folder)`` that follows linked subfolders and walks each real folder once (one reached again
-    through a link, or a link loop, is not entered), with subfolders and files sorted. Subfolders whose real path
-    is in ``skip`` are not entered; the caller may add to ``skip`` while walking, or prune the yielded subfolders."""
+    through a link, or a link loop, is not entered), with subfolders and files sorted; files are the regular
+    files only (``regular_files``). Subfolders whose real path is in ``skip`` are not entered; the caller may add
+    to ``skip`` while walking, or prune the yielded subfolders."""
     walked: Set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -242,4 +252,17 @@ def walk_once(folder: str, skip: AbstractSet[str] = frozenset()) -> Iterator[Tup
             continue
         walked.add(real)
         dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skip)
-        yield root, dirs, sorted(files)
+        yield root, dirs, regular_files(root, sorted(files))
+
+
+def regular_files(folder: str, names: Sequence[str]) -> List[str]:
+    """The ``names`` in ``folder`` that are regular files (or links to one), checked with ``os.stat`` without
+    opening anything: FIFOs, devices, sockets and broken links are left out (logged)."""
+    kept = [name for name in names if os.path.isfile(os.path.join(folder, name))]
+    if len(kept) < len(names):
+        regular = set(kept)
+        left = [name for name in names if name not in regular]
+        log.info("%s: left out %d entr%s that %s not regular files (FIFOs, devices, sockets, broken links): %s",
+                 printable(folder), len(left), "y" if len(left) == 1 else "ies", "is" if len(left) == 1 else "are",
+                 ", ".join(printable(name) for name in left[:3]) + (", ..." if len(left) > 3 else ""))
+    return kept

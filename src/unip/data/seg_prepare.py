@@ -6,11 +6,13 @@ MFNet (``ir_seg_dataset``): ``images/<name>.png`` are 4-channel RGB-T frames (R,
 (the 4th channel, 8-bit gray), ``labels/<name>.png`` and every split file present; ``val_test.txt``, which
 the release validates on, is written as ``val.txt`` followed by ``test.txt`` when the download lacks it.
 
-SCUT-Seg: ``scut_train.txt`` / ``scut_val.txt`` list ``IMAGE [LABEL]`` relative paths per line; images are
+SCUT-Seg: ``scut_train.txt`` / ``scut_val.txt`` list ``IMAGE [LABEL]`` paths relative to the download that stay
+inside it (an absolute path or ``..`` out of it is an error naming the line: :mod:`unip.data.listed`); images are
 JPEGs under ``images/`` (possibly in sub-folders), labels Cityscapes-style ``<name>_labelIds.png`` (e.g.
 under ``gt_instance/``). A listed path is looked up as given, under ``images/``, and else by name anywhere
-in the download. Output: ``images/<name>.jpg`` (the same bytes), ``labels/<name>.png`` with ids 0, 7, 24,
-25, 26, 27, 13, 21, 28, 17 remapped to 0..9 and every other id to 255, and ``train.txt`` / ``val.txt``.
+in the download (regular files only: a FIFO or device is never opened). Output: ``images/<name>.jpg`` (the
+same bytes), ``labels/<name>.png`` with ids 0, 7, 24, 25, 26, 27, 13, 21, 28, 17 remapped to 0..9 and every
+other id to 255, and ``train.txt`` / ``val.txt``.
 
 Both: every listed file is fully decoded and checked (image/label sizes, label values); a bad or missing
 pair is skipped, left out of the split files written and listed with its reason in
@@ -35,7 +37,8 @@ from tqdm import tqdm
 
 from unip.atomic import atomic_path, atomic_write_text, remove_temporaries
 from unip.data import layouts as L
-from unip.data.images import ImageReadError, check_suffix, decode, read_bytes, read_label
+from unip.data.images import ImageReadError, check_suffix, decode, read_bytes, read_label, regular_files
+from unip.data.listed import relative_entry
 from unip.data.parallel import thread_map
 from unip.data.segmentation import read_split_file
 from unip.errors import DataError
@@ -284,12 +287,13 @@ def _mfnet_jobs(raw: str) -> Tuple[Dict[str, List[str]], Dict[str, Job], List[st
 
 
 def _index_files(raw: str, out: str, keep: Callable[[str], Optional[str]]) -> Dict[str, List[str]]:
-    """Map ``keep(file name)`` (a key, or None to drop the file) to the paths under ``raw`` (not ``out``)."""
+    """Map ``keep(file name)`` (a key, or None to drop the file) to the paths of the regular files under ``raw``
+    (not ``out``)."""
     index: Dict[str, List[str]] = {}
     real_out = os.path.realpath(out)
     for folder, dirs, files in os.walk(raw):
         dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(folder, d)) != real_out)
-        for name in sorted(files):
+        for name in regular_files(folder, sorted(files)):
             key = keep(name)
             if key is not None:
                 index.setdefault(key, []).append(os.path.join(folder, name))
@@ -373,11 +377,12 @@ def _scut_jobs(raw: str, out: str) -> Tuple[Dict[str, List[str]], Dict[str, Job]
                             "scut_train.txt, scut_val.txt)?")
         try:
             with open(path, "r", encoding="utf-8-sig") as fh:
-                pairs = [line.split() for line in fh.read().splitlines() if line.strip()]
+                lines = fh.read().splitlines()
         except (OSError, UnicodeDecodeError) as err:
             raise DataError(f"{path}: cannot read the split file ({err}); it should list 'image [label]' paths, "
                             "one per line, in UTF-8") from None
-        entries[L.SCUT_SPLITS[split]] = [(p[0], p[1] if len(p) > 1 else None) for p in pairs]
+        entries[L.SCUT_SPLITS[split]] = [_listed_pair(line.split(), raw, f"{path}, line {number}")
+                                         for number, line in enumerate(lines, 1) if line.strip()]
     images = _index_files(raw, out, _image_key)
     labels = _index_files(raw, out, _label_key)
     tokens = dict.fromkeys(token for pairs in entries.values() for token, _ in pairs)
@@ -404,6 +409,12 @@ def _scut_jobs(raw: str, out: str) -> Tuple[Dict[str, List[str]], Dict[str, Job]
                        if label is None else None)
             jobs[name] = Job(name, image, label, missing)  # type: ignore[arg-type]
     return lists, jobs, []
+
+
+def _listed_pair(tokens: List[str], raw: str, where: str) -> Tuple[str, Optional[str]]:
+    """``(image, label or None)`` of one line of a SCUT-Seg list file: paths inside the download (``raw``)."""
+    image = relative_entry(tokens[0], raw, where)
+    return image, relative_entry(tokens[1], raw, where) if len(tokens) > 1 else None
 
 
 # ------------------------------------------------------------------------------------- driver

@@ -14,7 +14,9 @@ folder    ``images/*``               ``labels/*.png``       ``train.txt`` / ``va
 ========  =========================  =====================  ==========================================
 
 A split file lists one image name (stem) per line; anything after the first whitespace is ignored and an
-image suffix on the name is dropped. Label PNGs hold class ids (0 = background, which counts); 255 is
+image suffix on the name is dropped. A name is a path relative to the image (and label) folder that stays inside
+it: an absolute name or one whose ``..`` lead out is an error naming the split file and line
+(:mod:`unip.data.listed`). Label PNGs hold class ids (0 = background, which counts); 255 is
 ignored. Images may be 8- or 16-bit (16-bit: the percentile stretch of :mod:`unip.data.images`), gray or
 colour; gray images are repeated to three channels.
 
@@ -47,6 +49,7 @@ from torch.utils.data import Dataset
 
 from unip.data import layouts as L
 from unip.data.images import ImageReadError, read_label, read_rgb
+from unip.data.listed import ListedPathError, relative_entry
 from unip.engine.config import load_yaml
 from unip.errors import DataError
 
@@ -96,8 +99,10 @@ LAYOUTS: Dict[str, SegLayout] = {
 class Problem:
     """One thing wrong with a data set: the file at fault, a short ``code`` and a sentence saying what.
 
-    Codes: ``missing-folder``, ``missing-split-file``, ``unreadable-split-file``, ``empty-split``, ``missing-image``,
-    ``missing-label``, ``unreadable-image``, ``unreadable-label``, ``size-mismatch``, ``bad-label-value``.
+    Codes: ``missing-folder``, ``missing-split-file``, ``unreadable-split-file``, ``entry-outside`` (a listed name
+    that is absolute or leads out of its folder; ``path`` is then the split file and line), ``empty-split``,
+    ``missing-image``, ``missing-label``, ``unreadable-image``, ``unreadable-label``, ``size-mismatch``,
+    ``bad-label-value``.
     """
 
     path: str
@@ -163,7 +168,7 @@ def read_folder_layout(root: str) -> SegLayout:
         if not isinstance(given, dict) or not set(given) <= set(L.SPLIT_NAMES) \
                 or not all(isinstance(v, str) and v for v in given.values()):
             raise DataError(f"{path}: 'splits' must map train/val/test to split-file names")
-        splits.update(given)
+        splits.update({split: relative_entry(name, root, f"{path}: splits.{split}") for split, name in given.items()})
     return SegLayout("folder", L.FOLDER_IMAGE_DIR, L.FOLDER_LABEL_DIR, splits, names, palette)
 
 
@@ -178,7 +183,9 @@ def check_seg_command(root: str, dataset: str = "auto") -> str:
 def read_split_file(path: str) -> List[str]:
     """Return the image names listed in a split file (first token of each line, image suffix dropped).
 
-    Blank lines and lines starting with ``#`` are skipped. Raises :class:`DataError` if it is missing.
+    Blank lines and lines starting with ``#`` are skipped. Raises :class:`DataError` if it is missing, and
+    :class:`ListedPathError` (one) naming the line when a name is absolute or leads out of the image and label
+    folders through ``..`` (:mod:`unip.data.listed`).
     """
     try:
         with open(path, "r", encoding="utf-8-sig") as fh:
@@ -188,10 +195,11 @@ def read_split_file(path: str) -> List[str]:
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read the split file: {err}") from None
     names = []
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         token = line.strip().split()[0] if line.strip() else ""
         if not token or token.startswith("#"):
             continue
+        token = relative_entry(token, "the image and label folders", f"{path}, line {number}")
         stem, suffix = os.path.splitext(token)
         names.append(stem if suffix.lower() in L.IMAGE_SUFFIXES else token)
     return names
@@ -243,6 +251,8 @@ def scan_split(root: str, layout: SegLayout, split: str) -> Tuple[List[Sample], 
     split_path = os.path.join(root, layout.splits[split])
     try:
         names = read_split_file(split_path)
+    except ListedPathError as err:
+        return [], problems + [Problem(err.where, "entry-outside", err.detail)]
     except DataError as err:
         return [], problems + [Problem(split_path, "unreadable-split-file", str(err).rsplit(": ", 1)[-1])]
     if not names:

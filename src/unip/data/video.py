@@ -50,8 +50,8 @@ class VideoReader:
     def __init__(self, path: str) -> None:
         self.path = path
         cv2 = _cv2()
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: no such video file")
+        if not os.path.isfile(path):  # a FIFO or device is never opened: OpenCV would wait on it
+            raise DataError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such video file'}")
         capture = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
         ok, first = capture.read() if capture.isOpened() else (False, None)
         if not ok or first is None:

@@ -75,6 +75,7 @@ from unip.engine.schedule import SCHEDULES, LrSchedule, set_lr
 from unip.engine.settings import COMPILE_MODES, DEBUG_DEFAULTS, OPTIM_DEFAULTS, RUN_DEFAULTS
 from unip.engine.seeding import preserved_rng, seed_everything, step_seed
 from unip.errors import ConfigError
+from unip.run_lock import hold
 
 logger = logging.getLogger(__name__)
 
@@ -784,16 +785,24 @@ class Trainer:
             logger.warning(text)
 
 
+def hold_run_folder(config: Config, dist: DistInfo, command: str):
+    """The lock of the run folder (``unip.run_lock``), held by rank 0 for the whole run: a second run into the
+    same folder stops before it builds anything, naming this one (``command``). A context manager."""
+    return hold(str(run_settings(config)[0]["output"]), command, enabled=dist.is_main)
+
+
 def train_task(task: Task, config: Config) -> FitResult:
     """Join the process group (torchrun's environment; one process otherwise), run ``Trainer(task,
-    config).fit()`` and leave the group. Returns a ``FitResult``; raises ``unip.errors`` on bad input,
+    config).fit()`` holding the run folder's lock (``hold_run_folder``) and leave the group. Returns a
+    ``FitResult``; raises ``unip.errors`` on bad input (``ConfigError`` when another run holds the folder),
     ``NonFiniteLossError`` / ``NonFiniteStateError`` when the run diverges (the last finite state is kept)."""
     dist = init_distributed(run_settings(config)[0]["device"])
     try:
-        return Trainer(task, config, dist).fit()
+        with hold_run_folder(config, dist, f"unip {task.name}"):
+            return Trainer(task, config, dist).fit()
     finally:
         cleanup()
 
 
 __all__ = ["DEBUG_DEFAULTS", "FitResult", "OPTIM_DEFAULTS", "RUN_DEFAULTS", "StepPlan", "Task", "TrainContext",
-           "Trainer", "batch_plan", "run_settings", "settle_accumulation", "train_task"]
+           "Trainer", "batch_plan", "hold_run_folder", "run_settings", "settle_accumulation", "train_task"]

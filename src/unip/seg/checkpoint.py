@@ -7,7 +7,7 @@ the layout of a backbone checkpoint, so ``unip.checkpoint.load_model`` also read
 from it.
 
 The release's fine-tuned checkpoints (``{"meta", "state_dict"}``, mmsegmentation 0.x, layout in
-docs/checkpoints.md) hold no configuration: the architecture is read from the shapes
+``reference/checkpoint-layouts.md``) hold no configuration: the architecture is read from the shapes
 (width, depth, classes, UperNet and FCN widths), every block has width / 64 heads (as the release built
 them), the neck is LL-FPN (the release's train scripts set ``out_indices=[11]*4``).
 """
@@ -20,10 +20,11 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+import torch
 from torch import Tensor
 
-from unip.checkpoint import (CONFIG_METADATA_KEY, check_architecture, infer_architecture, normalize_keys,
-                             read_checkpoint)
+from unip.checkpoint import (CONFIG_METADATA_KEY, check_architecture, check_fits, infer_architecture,
+                             normalize_keys, read_checkpoint)
 from unip.checkpoint.backbone import non_finite_problem
 from unip.engine.checkpointing import non_finite_tensors
 from unip.errors import CheckpointError, ConfigError
@@ -79,16 +80,86 @@ def load_segmentor(path: PathLike) -> Segmentor:
         release_meta = content.get("meta") if isinstance(content.get("meta"), Mapping) else {}
         config, state, meta = release_segmentor(state_dict, release_meta, source)
     check_architecture(config["backbone"], source)  # bounded before anything is allocated
+    skeleton = _check_shapes(config, meta, state, source)  # the header matched against the tensors, likewise
+    ours = CONFIG_METADATA_KEY in metadata
+    meta = _checked_classes(meta, skeleton.num_classes, source, strict=ours)
+    InferencePipeline.from_meta(meta, source)  # a test pipeline that cannot run, or runs beyond the bounds
+    segmentor = _build(config, meta, source)
+    load_exact(segmentor, state, source)
+    return segmentor.eval()
+
+
+def _build(config: Mapping[str, Any], meta: Mapping[str, Any], source: str) -> Segmentor:
+    """``Segmentor(config, meta)`` (on the meta device inside ``torch.device("meta")``); ``CheckpointError``
+    naming ``source`` when the header cannot describe one."""
     try:
-        segmentor = Segmentor(config, meta)
+        return Segmentor(config, meta)
     except ConfigError as err:
         raise CheckpointError(f"{source}: cannot rebuild the segmentor: {err}") from err
     except (KeyError, TypeError, ValueError) as err:  # an entry missing from the header, or of the wrong type
         problem = f"no entry {err}" if isinstance(err, KeyError) else one_line(err)[:200]
         raise CheckpointError(f"{source}: cannot rebuild the segmentor from its header ({problem})") from err
-    InferencePipeline.from_meta(segmentor.meta, source)  # a header whose test pipeline cannot run is refused now
-    load_exact(segmentor, state, source)
-    return segmentor.eval()
+
+
+def _check_shapes(config: Mapping[str, Any], meta: Mapping[str, Any], state: Mapping[str, Tensor],
+                  source: str) -> Segmentor:
+    """``CheckpointError`` unless the segmentor that ``config`` describes has exactly the weights of ``state``,
+    checked before anything is allocated: the backbone against its expected shapes (a header that describes a
+    much larger ViT than the tensors: ``check_fits``), then every weight of the model built on the meta device
+    (shapes only, no memory). Returns that meta-device skeleton."""
+    backbone = {key[len("backbone."):]: value for key, value in state.items() if key.startswith("backbone.")}
+    check_fits(config["backbone"], backbone, source)
+    with torch.device("meta"):
+        skeleton = _build(config, meta, source)
+    problems = fit_problems(skeleton.state_dict(), state, may_miss=("num_batches_tracked",))
+    if problems:
+        raise CheckpointError(f"{source}: its weights are not those of the segmentor it describes ({problems}); "
+                              "the file is damaged, or its header was edited")
+    return skeleton
+
+
+def _checked_classes(meta: Dict[str, Any], num_classes: int, source: str, strict: bool) -> Dict[str, Any]:
+    """``meta`` whose ``class_names`` and ``palette`` (when present) fit a head of ``num_classes``. A misfit is a
+    ``CheckpointError`` in our file (``strict``: we wrote it wrongly, or it was edited) and, in a release file, a
+    warning naming it, the misfit entries left out (ids and the VOC colours are used)."""
+    shown = {"class_names": "meta.CLASSES", "palette": "meta.PALETTE"} if not strict else {}  # the file's names
+    problems = {key: problem for key in ("class_names", "palette")
+                for problem in [class_list_problem(key, meta.get(key), num_classes, shown.get(key, key))] if problem}
+    if not problems:
+        return meta
+    text = " and ".join(problems.values())
+    if strict:
+        raise CheckpointError(f"{source}: its header's {text} for a head of {num_classes} classes; the file was "
+                              "written wrongly or edited: write it again, or remove those entries from its header")
+    log.warning("%s: %s for its %d classes (rows of decode_head.conv_seg.weight); not used", source, text,
+                num_classes)
+    return {key: value for key, value in meta.items() if key not in problems}
+
+
+def class_list_problem(key: str, value: Any, num_classes: int, name: Optional[str] = None) -> Optional[str]:
+    """What is wrong with ``class_names`` (texts) or ``palette`` (``[R, G, B]`` of 0..255) ``value`` for a head of
+    ``num_classes`` (``None``: nothing, or absent), calling it ``name`` (default ``key``)."""
+    name = name or key
+    if value is None:
+        return None
+    if key == "class_names":
+        fits = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+        what = f"{name} {_shown(value)} is not a list of names" if not fits else None
+    else:
+        fits = isinstance(value, (list, tuple)) and all(
+            isinstance(colour, (list, tuple)) and len(colour) == 3
+            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in colour)
+            for colour in value)
+        what = f"{name} {_shown(value)} is not a list of [R, G, B] colours (0..255)" if not fits else None
+    if what or len(value) == num_classes:
+        return what
+    unit = "name" if key == "class_names" else "colour"
+    return f"{name} lists {len(value)} {unit}{'s' if len(value) != 1 else ''} ({_shown(value)})"
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = one_line(json.dumps(value, default=str)) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def read_segmentor_header(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -147,7 +218,7 @@ def release_segmentor(state_dict: Mapping[str, Tensor], meta: Mapping[str, Any],
     Renames ``backbone.fpn*`` → ``neck.fpn*`` and ``gamma_1/2`` → ``ls1/ls2.gamma``; reads width, depth,
     classes and head widths from the shapes."""
     backbone_sd = {k: v for k, v in state_dict.items() if k.startswith("backbone.") and not _is_neck(k)}
-    state, ignored = normalize_keys(backbone_sd)
+    state, ignored = normalize_keys(backbone_sd, source)
     if ignored:
         log.warning("%s: ignored backbone keys %s", source, ", ".join(ignored))
     state = {f"backbone.{k}": v for k, v in state.items()}
@@ -203,26 +274,23 @@ def _release_fcn(state_dict: Mapping[str, Tensor]) -> Union[Dict[str, Any], None
 
 def _release_meta(meta: Mapping[str, Any], num_classes: int, source: str) -> Dict[str, Any]:
     """Our meta for a release file: the recipe's test defaults, and class names / palette when mmseg stored
-    them (``meta["CLASSES"]``, ``meta["PALETTE"]``) for that many classes; lists of another length are left out
-    with a warning."""
+    them (``meta["CLASSES"]``, ``meta["PALETTE"]``); ``load_segmentor`` leaves out, with a warning, those that do
+    not fit its classes."""
     out: Dict[str, Any] = {**RECIPE_META, "source_format": "mmsegmentation (UNIP release)", "pretrained": source}
-    classes, palette = meta.get("CLASSES"), meta.get("PALETTE")
-    palette = palette.tolist() if hasattr(palette, "tolist") else palette  # mmseg may keep a numpy array
-    misfits = []
-    if isinstance(classes, (list, tuple)):
-        if len(classes) == num_classes:
-            out["class_names"] = [str(name) for name in classes]
-        else:
-            misfits.append(f"meta.CLASSES has {len(classes)} names")
-    if isinstance(palette, (list, tuple)):
-        if len(palette) == num_classes:
-            out["palette"] = [[int(c) for c in colour] for colour in palette]
-        else:
-            misfits.append(f"meta.PALETTE has {len(palette)} colours")
-    if misfits:
-        log.warning("%s: %s for its %d classes (rows of decode_head.conv_seg.weight); not used", source,
-                    " and ".join(misfits), num_classes)
+    for key, ours in (("CLASSES", "class_names"), ("PALETTE", "palette")):
+        if meta.get(key) is not None:
+            out[ours] = _plain(meta[key])
     return out
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples and numpy arrays or scalars (mmseg may keep its palette as an array) as lists and
+    Python numbers."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 

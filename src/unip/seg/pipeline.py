@@ -17,6 +17,7 @@ A segmentor file stores the pipeline in its meta (``InferencePipeline.to_meta``:
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -28,8 +29,17 @@ from torchvision.transforms import v2
 
 from unip.data.seg_transforms import (SEG_MEAN, SEG_SCALE, SEG_STD, KeepRatioResize, SegmentationTransform,
                                       normalize_steps, rescale_size, seg_test_transform)
+from unip.checkpoint.architecture import MAX_IMAGE_SIDE
+from unip.engine.config import Rule, integer, numbers
 from unip.errors import CheckpointError, ConfigError
 from unip.seg.inference import RECIPE_CROP, window_spans, window_stride
+from unip.text import one_line
+
+#: Bounds of the test settings a segmentor file records: windows and the test resize no larger than a checkpoint
+#: may describe an image (``MAX_IMAGE_SIDE``) and than fine-tuning's ``data.scale`` allows.
+TEST_RULES: Dict[str, Rule] = {
+    "crop_size": integer(1, MAX_IMAGE_SIDE), "test_scale": numbers(2, ge=1, le=16384),
+    "normalization.mean": numbers(3, ge=0, le=1), "normalization.std": numbers(3, gt=0, le=1)}
 
 @dataclass(frozen=True)
 class InferencePipeline:
@@ -62,26 +72,29 @@ class InferencePipeline:
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], source: Optional[str] = None) -> "InferencePipeline":
-        """The pipeline a segmentor file's ``meta`` records, the recipe's values where it has none. Values that
-        cannot be a pipeline raise ``CheckpointError`` naming ``source`` (the file)."""
+        """The pipeline a segmentor file's ``meta`` records, the recipe's values where it has none. A header whose
+        pipeline cannot run, or runs beyond ``TEST_RULES`` (windows or images larger than any checkpoint may
+        describe), raises ``CheckpointError`` naming ``source`` (the file) before anything is allocated."""
         where = source or "the segmentor's meta"
-        crop = meta.get("crop_size", RECIPE_CROP)
-        stride = meta.get("stride")
-        if not _whole(crop) or not (stride is None or _whole(stride)) or crop < 1 \
-                or (stride is not None and not 1 <= stride <= crop):
-            raise CheckpointError(f"{where}: the header's sliding window (crop_size {crop!r}, stride {stride!r}) "
-                                  "must be positive whole numbers with the stride at most the crop")
-        try:
-            scale = tuple(int(v) for v in meta.get("test_scale", SEG_SCALE))
-            norm = meta.get("normalization") or {}
-            mean = tuple(255.0 * float(v) for v in norm.get("mean", [SEG_MEAN / 255] * 3))
-            std = tuple(255.0 * float(v) for v in norm.get("std", [SEG_STD / 255] * 3))
-        except (TypeError, ValueError, AttributeError) as err:
-            raise CheckpointError(f"{where}: the header's test_scale / normalization are not numbers ({err})") from err
-        if len(scale) != 2 or min(scale) < 1 or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise CheckpointError(f"{where}: the header's test_scale {list(scale)} / normalization (mean {list(mean)}, "
-                                  f"std {list(std)}) do not describe a test pipeline")
-        return cls(scale, mean, std, crop, stride)  # type: ignore[arg-type]
+        crop, stride = meta.get("crop_size", RECIPE_CROP), meta.get("stride")
+        window = stride if stride is not None else window_stride(crop) if _whole(crop) else None
+        if not (_whole(crop) and _whole(window) and TEST_RULES["crop_size"].accepts(crop) and 1 <= window <= crop):
+            raise CheckpointError(f"{where}: the header's sliding window (crop_size {crop!r}, stride {stride!r}) must "
+                                  f"be whole numbers, the crop {TEST_RULES['crop_size'].describe()} and the stride "
+                                  "from 1 to the crop")
+        norm = meta.get("normalization") or {}
+        values = {"test_scale": meta.get("test_scale", list(SEG_SCALE)),
+                  "normalization.mean": norm.get("mean", [SEG_MEAN / 255] * 3) if isinstance(norm, dict) else norm,
+                  "normalization.std": norm.get("std", [SEG_STD / 255] * 3) if isinstance(norm, dict) else norm}
+        for key, value in values.items():
+            rule = TEST_RULES[key]
+            if not rule.accepts(value) or (key == "test_scale" and not all(float(v).is_integer() for v in value)):
+                raise CheckpointError(f"{where}: the header's {key} {_shown(value)} must be {rule.describe()}"
+                                      f"{' (whole numbers)' if key == 'test_scale' else ''}; the file was written "
+                                      "wrongly or edited")
+        return cls(tuple(int(v) for v in values["test_scale"]),  # type: ignore[arg-type]
+                   tuple(255.0 * float(v) for v in values["normalization.mean"]),  # type: ignore[arg-type]
+                   tuple(255.0 * float(v) for v in values["normalization.std"]), crop, window)  # type: ignore
 
     def to_meta(self) -> Dict[str, Any]:
         """What a segmentor file records of the pipeline (``from_meta`` reads it back)."""
@@ -123,7 +136,12 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    text = one_line(json.dumps(value, default=str)) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 #: The recipe's pipeline as a segmentor header records it.
 RECIPE_META: Dict[str, Any] = InferencePipeline().to_meta()
 
-__all__ = ["RECIPE_CROP", "RECIPE_META", "InferencePipeline", "window_stride"]
+__all__ = ["RECIPE_CROP", "RECIPE_META", "TEST_RULES", "InferencePipeline", "window_stride"]

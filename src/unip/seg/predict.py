@@ -45,11 +45,18 @@ class Predictor:
 
     def plan_memory(self) -> None:
         """Check that a batch of the largest inputs the test resize makes (512 × 2048) and one window fit in
-        memory (``ConfigError`` naming ``--batch-size`` otherwise), and cap the windows per forward
-        (``max_windows``) so that their activations take at most half of what is free."""
+        memory (``ConfigError`` naming the checkpoint's test settings when one image does not, ``--batch-size``
+        otherwise), and cap the windows per forward (``max_windows``) so that their activations take at most half
+        of what is free."""
         height, width = self.pipeline.scale[::-1]
-        inputs = 2 * self.batch_size * 3 * height * width * 4
-        window = forward_bytes(self.segmentor, self.pipeline.crop)
+        image = 2 * 3 * height * width * 4
+        inputs = self.batch_size * image
+        crop = self.pipeline.crop
+        window = forward_bytes(self.segmentor, min(crop, height), min(crop, width))  # windows end at the image's edges
+        require_memory(image + window, f"one image under the checkpoint's test settings (resized to fit {height}x"
+                                       f"{width} pixels, windows of {self.pipeline.crop}: its test_scale and "
+                                       "crop_size)", "use a machine with more memory, or a checkpoint with the "
+                                                     "recipe's 2048x512 and 512", self.device)
         require_memory(inputs + window, f"--batch-size {self.batch_size} (images of up to {height}x{width} pixels "
                                         f"and windows of {self.pipeline.crop})", "lower --batch-size", self.device)
         free = available_bytes(self.device)

@@ -42,6 +42,7 @@ from unip.data.layouts import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from unip.data.parallel import default_workers, thread_map
 from unip.errors import ConfigError, DataError
 from unip.outputs import claim, is_our_json, is_our_png, out_file, out_folder, save_png, starts_with_line
+from unip.run_lock import hold
 from unip.seg.predict import Predictor
 from unip.seg.render import ClassInfo, class_areas, colorize, overlay
 from unip.text import printable
@@ -178,6 +179,9 @@ def find_sources(inputs: Sequence[str], exclude: Optional[str] = None) -> Tuple[
                 continue
             name = os.path.splitext(os.path.basename(given))[0]
             sources.append(Source(kind, given, name, VideoReader(given) if kind == "video" else None))
+        elif os.path.exists(given):  # never opened: reading a FIFO would wait for a writer
+            raise DataError(f"{given}: not a regular file (a FIFO, device or socket); name image or video files, or "
+                            "folders")
         else:
             raise DataError(f"{given}: no such file or folder")
     if repeated:
@@ -346,11 +350,12 @@ def predict_files(checkpoint: str, inputs: Sequence[str], options: Optional[Pred
     classes = ClassInfo.resolve(segmentor.num_classes, options.dataset, segmentor.meta)
     predictor = Predictor(segmentor, options.device, options.precision, options.batch_size)
     predictor.plan_memory()
-    plan = OutputPlan(options.out, options.formats, options.every)
-    plan.check(sources)
-    run = _Run(plan, classes, predictor, options)
-    run.result.failed += failed
-    return run.go(sources, checkpoint)
+    with hold(options.out, "unip predict"):  # from the look at what --out holds to the last file written
+        plan = OutputPlan(options.out, options.formats, options.every)
+        plan.check(sources)
+        run = _Run(plan, classes, predictor, options)
+        run.result.failed += failed
+        return run.go(sources, checkpoint)
 
 
 class _Run:

@@ -39,6 +39,7 @@ from unip.engine.logging import LOG_FILE
 from unip.engine.loop import Precision, resolve_precision
 from unip.errors import CheckpointError, ConfigError, DataError
 from unip.outputs import claim, claim_folder, foreign_names, is_our_png, out_folder
+from unip.run_lock import NO_LOCK, take
 from unip.seg.checkpoint import load_segmentor
 from unip.seg.evaluation import EvalResult, EvalSettings, evaluate_split, predict_labels
 from unip.seg.pipeline import InferencePipeline
@@ -202,7 +203,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: str = "auto", split
     if out is not None:
         check_outputs(out)
     dist = init_distributed(device)
+    lock = NO_LOCK
     try:
+        lock = take(out, "unip evaluate", enabled=dist.is_main and out is not None)  # until the last file is written
         segmentor = load_segmentor(checkpoint)
         pipeline = InferencePipeline.of(segmentor).with_augmentation(flip, scales)
         data_set = open_segmentation_dataset(data, dataset, split, pipeline.transform())
@@ -229,6 +232,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: str = "auto", split
                                  run_precision, overlays)
         return EvaluationReport(document, metrics_table(document), files, dist.is_main)
     finally:
+        lock.release()
         cleanup()
 
 

@@ -33,9 +33,9 @@ from unip.data.segmentation import SegmentationDataset
 from unip.data.seg_transforms import seg_train_transform
 from unip.engine import checkpointing
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, one_of, text
-from unip.engine.distributed import cleanup, init_distributed, unwrap_model
+from unip.engine.distributed import DistInfo, cleanup, init_distributed, unwrap_model
 from unip.engine.settings import training_defaults, training_rules
-from unip.engine.trainer import Task, TrainContext, Trainer, run_settings, settle_accumulation
+from unip.engine.trainer import Task, TrainContext, Trainer, hold_run_folder, run_settings, settle_accumulation
 from unip.errors import ConfigError, DataError
 from unip.fingerprint import listing_fingerprint, weights_fingerprint
 from unip.models import list_models
@@ -367,22 +367,28 @@ def finetune(config: Config) -> FinetuneResult:
     task = SegmentationTask(config)  # checks the settings before the process group starts
     dist = init_distributed(run["device"])
     try:
-        if config["data"]["check"]:
-            check_data_once(config["data"]["path"], config["data"]["dataset"], ["train", "val", "test"], dist,
-                            workers=None, progress=dist.is_main and bool(run["progress"]))
-        trainer = Trainer(task, config, dist)
-        fit = trainer.fit()
-        document = test_best_model(task, trainer, fit.best)
-        metrics_path = trainer.output / METRICS_FILE
-        if dist.is_main:
-            write_metrics(metrics_path, document)
-            logger.info("test split of the %s model (step %s): mIoU %.2f; wrote %s", "best" if fit.best else "final",
-                        document["step"], document["mIoU"] if document["mIoU"] is not None else float("nan"),
-                        metrics_path)
-        return FinetuneResult(fit.model_path, metrics_path, document, metrics_table(document), fit.steps, fit.best,
-                              dist.is_main)
+        with hold_run_folder(config, dist, "unip finetune"):  # until metrics.json is written
+            return _finetune(task, config, dist)
     finally:
         cleanup()
+
+
+def _finetune(task: SegmentationTask, config: Config, dist: DistInfo) -> FinetuneResult:
+    run = run_settings(config)[0]
+    if config["data"]["check"]:
+        check_data_once(config["data"]["path"], config["data"]["dataset"], ["train", "val", "test"], dist,
+                        workers=None, progress=dist.is_main and bool(run["progress"]))
+    trainer = Trainer(task, config, dist)
+    fit = trainer.fit()
+    document = test_best_model(task, trainer, fit.best)
+    metrics_path = trainer.output / METRICS_FILE
+    if dist.is_main:
+        write_metrics(metrics_path, document)
+        logger.info("test split of the %s model (step %s): mIoU %.2f; wrote %s", "best" if fit.best else "final",
+                    document["step"], document["mIoU"] if document["mIoU"] is not None else float("nan"),
+                    metrics_path)
+    return FinetuneResult(fit.model_path, metrics_path, document, metrics_table(document), fit.steps, fit.best,
+                          dist.is_main)
 
 
 def test_best_model(task: SegmentationTask, trainer: Trainer, best: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -12,8 +12,8 @@ cells run side by side, one per GPU (``CUDA_VISIBLE_DEVICES``). The sweep:
   state was run with another command line than the sweep file gives now (a finished one would mix settings in
   the table, an interrupted one could never resume);
 * records every job, its status, device, time and error in ``<out>/sweep.json`` (atomic writes);
-* holds ``<out>/.sweep.lock`` while it runs (a second sweep on the same folder stops at once); its children
-  die with it (Linux: ``PR_SET_PDEATHSIG``), so a killed sweep leaves no cell writing behind its back.
+* holds the folder's lock (``unip.run_lock``) while it runs (a second sweep on the same folder stops at once);
+  its children die with it (Linux: ``PR_SET_PDEATHSIG``), so a killed sweep leaves no cell writing behind its back.
 
 The NMI profiles (``unip analyze``) run after the cells, once per backbone, when the layer-wise protocol is
 present: of the pre-trained source as it is, or, for a randomly initialised backbone, of the frozen backbone
@@ -23,6 +23,7 @@ stored in one of its finished probe cells (exactly the weights that were probed)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fnmatch
 import logging
@@ -36,13 +37,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import unip
 from unip.errors import CheckpointError, ConfigError, DataError
+from unip.run_lock import hold
 from unip.sweep.cost import CellCost, CostModel
 from unip.sweep.spec import Cell, Sweep, plan_cells
-from unip.sweep.state import (ANALYSIS_DIR, CELLS_DIR, LOCK_FILE, STDERR_LOG, STDOUT_LOG, analysis_finished,
+from unip.sweep.state import (ANALYSIS_DIR, CELLS_DIR, STDERR_LOG, STDOUT_LOG, analysis_finished,
                               cell_finished, cell_has_training_state, claim_sweep_folder, read_state, relative,
                               write_state)
 from unip.text import one_line
@@ -81,7 +83,7 @@ def cell_jobs(sweep: Sweep, out: Path) -> List[Job]:
     for cell in plan_cells(sweep):
         folder = out / CELLS_DIR / cell.id
         try:
-            cell.config(str(folder))
+            cell.check()
         except ConfigError as err:  # the cell's settings come from several entries of the file: name it
             raise ConfigError(f"{sweep.file}: {err}") from None
         coordinates = {"backbone": cell.backbone.name, "dataset": cell.dataset.name, "protocol": cell.protocol,
@@ -195,15 +197,18 @@ def plan_sweep(sweep: Sweep, out: Path, only: Sequence[str] = (), cells: Optiona
     changed is ``changed``: ``changed_cells``) and estimated cost; writes nothing. ``cells``: ``cell_jobs(sweep,
     out)`` when the caller has them. The dry run then calls ``check_sweep``, as ``run_sweep`` does."""
     model = CostModel()
-    out = claim_sweep_folder(out)
+    out = claim_sweep_folder(out, in_use_ok=True)
     cells = cell_jobs(sweep, out) if cells is None else cells
     check_selection(cells + analysis_jobs(sweep, out, cells), only)
     changed = set() if sweep.unset else {job.id for job in changed_cells(cells, recorded_jobs(out))}
     planned = []
+    costs: Dict[Cell, CellCost] = {}  # cells that differ in their seed alone cost the same
     for job in select(cells, only):
         assert job.cell is not None
-        planned.append(PlannedJob(job, job.finished(), job.cell.preset, model.cell(job.cell, job.cell.config()),
-                                  changed=job.id in changed))
+        key = dataclasses.replace(job.cell, seed=0)
+        if key not in costs:
+            costs[key] = model.cell(job.cell, job.cell.config())
+        planned.append(PlannedJob(job, job.finished(), job.cell.preset, costs[key], changed=job.id in changed))
     planned += [PlannedJob(job, job.finished()) for job in select(analysis_jobs(sweep, out, cells), only)]
     return planned
 
@@ -246,7 +251,7 @@ def check_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), onl
     message.
 
     Returns the cell jobs; raises ``ConfigError`` or ``DataError`` with one line naming what to fix."""
-    out = claim_sweep_folder(out)
+    out = claim_sweep_folder(out, in_use_ok=True)  # run_sweep checked (and then holds) the lock
     cells = cell_jobs(sweep, out) if cells is None else cells
     jobs = cells + analysis_jobs(sweep, out, cells)
     check_selection(jobs, only)
@@ -387,7 +392,7 @@ def run_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only:
                           + " ".join(f"--var {n}=VALUE" for n in sweep.unset))
     cells = check_sweep(sweep, out, devices, only, devices_option=devices_option)
     out.mkdir(parents=True, exist_ok=True)
-    with _lock(out):
+    with hold(str(out), "unip sweep run"):
         state = _State(out, sweep, read_state(out))
         result = SweepRun(out, [], {})
         selected = select(cells, only)
@@ -594,23 +599,6 @@ def _summary(job: Job) -> str:
 
     miou = read_metrics(job.folder / METRICS_FILE).get("mIoU")
     return f": test mIoU {miou:.2f}" if isinstance(miou, (int, float)) else ""
-
-
-@contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.sweep.lock`` (released by the system even when the sweep is killed)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(out / LOCK_FILE, "a") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"{out}: another unip sweep run is working in this folder ({LOCK_FILE} is held); "
-                              "wait for it or stop it") from None
-        yield
 
 
 def _now() -> str:

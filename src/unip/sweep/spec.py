@@ -19,6 +19,7 @@ A sweep file is YAML::
       layerwise: {layers: [4, 8, 12]} # one linear probe per block ("all": every block); may name
                                       # backbones: [...] and datasets: [...] to run on a subset
     analysis: {images: "${data}/SODA/InfraredSemanticLabel/JPEGImages", num_images: 64}  # NMI for layerwise
+    max_cells: 10000                  # the default: a sweep of more cells is refused before any is planned
 
 Every cell is one ``unip finetune`` run; ``Cell.finetune_args`` is its command line and ``Cell.config`` the
 settings it resolves to (checked when the sweep is read, so a typo fails before anything runs).
@@ -26,12 +27,14 @@ settings it resolves to (checked when the sweep is read, so a typo fails before 
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -45,6 +48,8 @@ PROTOCOLS = ("ft", "lp", "layerwise")
 PROTOCOL_NAMES = {"ft": "fine-tuning", "lp": "linear probing", "layerwise": "layer-wise linear probing"}
 RANDOM_INIT = "none"
 DEFAULT_PRESET = "{dataset}_{size}"
+#: The most cells a sweep file may have unless it says ``max_cells: N`` (the paper's benchmark has a few hundred).
+DEFAULT_MAX_CELLS = 10_000
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -133,6 +138,7 @@ class Sweep:
     analysis: Optional[Analysis]
     variables: Dict[str, Optional[str]] = field(default_factory=dict)
     unset: List[str] = field(default_factory=list)
+    max_cells: int = DEFAULT_MAX_CELLS
 
     def backbone(self, name: str) -> Backbone:
         return next(b for b in self.backbones if b.name == name)
@@ -149,7 +155,7 @@ class Sweep:
             "protocols": [{"kind": p.kind, "layers": list(p.layers) if p.layers else p.layers,
                            "set": list(p.settings), "backbones": _listed(p.backbones), "datasets": _listed(p.datasets),
                            "head": p.head} for p in self.protocols],
-            "analysis": None if self.analysis is None else vars(self.analysis),
+            "analysis": None if self.analysis is None else vars(self.analysis), "max_cells": self.max_cells,
         }
 
     @classmethod
@@ -168,7 +174,8 @@ class Sweep:
                    settings=tuple(document.get("set", ())), seeds=tuple(int(s) for s in document["seeds"]),
                    backbones=backbones, datasets=datasets, protocols=protocols,
                    analysis=None if analysis is None else Analysis(**analysis),
-                   variables=dict(document.get("variables", {})))
+                   variables=dict(document.get("variables", {})),
+                   max_cells=int(document.get("max_cells", DEFAULT_MAX_CELLS)))
 
 
 @dataclass(frozen=True)
@@ -214,22 +221,46 @@ class Cell:
             args += ["--set", setting]
         return args
 
+    def check(self) -> None:
+        """``ConfigError`` naming the cell when its settings are not valid (what ``config`` checks)."""
+        self._resolved()
+
     def config(self, folder: str = "cell") -> Config:
         """The settings ``unip finetune`` resolves for this cell (``unip.seg.train.make_config``); raises
-        ``ConfigError`` naming the cell."""
-        from unip.seg.train import make_config
+        ``ConfigError`` naming the cell. Cells that differ only in seed and folder share one resolution (the
+        preset files are read once), so planning a sweep takes time linear in its cells, and little of it."""
+        shared, given = self._resolved()
+        config = copy.deepcopy(shared)
+        for key, value in (("output", folder), ("seed", self.seed)):
+            if f"run.{key}" not in given:  # a --set of the sweep file wins, as in make_config
+                config["run"][key] = value
+        return config
 
-        values: Dict[str, Any] = {"model.pretrained": self.backbone.source, "data.path": self.dataset.root,
-                                  "data.dataset": self.dataset.layout, "run.output": folder, "run.seed": self.seed,
-                                  "run.resume": "auto"}
-        if self.head or self.probe:
-            values["model.head"] = self.head or probe_heads()[0]
-        if self.layer is not None:
-            values["model.probe_layer"] = self.layer
+    def _resolved(self) -> Tuple[Config, FrozenSet[str]]:
         try:
-            return make_config(self.preset, self.settings, values, kind="linprobe" if self.probe else "finetune")
+            return _resolve(self.preset, self.settings, self.backbone.source, self.dataset.root, self.dataset.layout,
+                            self.probe, self.layer, self.head)
         except ConfigError as err:
             raise ConfigError(f"cell {self.id}: {err}") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve(preset: str, settings: Tuple[str, ...], source: str, root: str, layout: str, probe: bool,
+             layer: Optional[int], head: Optional[str]) -> Tuple[Config, FrozenSet[str]]:
+    """``(config, keys the settings set)`` of the cells with these coordinates, resolved for seed 0 in the folder
+    ``cell`` (not to be changed: ``Cell.config`` copies it, with each cell's seed and folder). ``ConfigError`` when
+    they are not valid. Cleared by ``read_sweep``."""
+    from unip.engine.config import parse_override
+    from unip.seg.train import make_config
+
+    values: Dict[str, Any] = {"model.pretrained": source, "data.path": root, "data.dataset": layout,
+                              "run.output": "cell", "run.seed": 0, "run.resume": "auto"}
+    if head or probe:
+        values["model.head"] = head or probe_heads()[0]
+    if layer is not None:
+        values["model.probe_layer"] = layer
+    config = make_config(preset, settings, values, kind="linprobe" if probe else "finetune")
+    return config, frozenset(parse_override(text)[0] for text in settings)
 
 
 # ============================================================================================ reading
@@ -245,8 +276,9 @@ def read_sweep(source: str, variables: Optional[Mapping[str, str]] = None, allow
     path = find_sweep(source)
     where = str(path)
     document = read_yaml(path)
+    _resolve.cache_clear()  # presets are read again for each sweep read (they may have changed on disk)
     _only_keys(document, ("name", "vars", "preset", "set", "seeds", "backbones", "datasets", "protocols",
-                          "analysis"), where)
+                          "analysis", "max_cells"), where)
     values = _variables(document.get("vars"), variables or {}, where)
     unset = sorted(name for name, value in values.items() if value is None)
     document = _substitute(document, values, where, allow_unset)
@@ -259,11 +291,13 @@ def read_sweep(source: str, variables: Optional[Mapping[str, str]] = None, allow
         datasets=_unique([_dataset(entry, f"{where}: datasets[{i}]", "{dataset}" in preset)
                           for i, entry in enumerate(_entries(document, "datasets", where))], "data set", where),
         protocols=_protocols(document.get("protocols"), where),
-        analysis=_analysis(document.get("analysis"), where), variables=values, unset=unset)
+        analysis=_analysis(document.get("analysis"), where), variables=values, unset=unset,
+        max_cells=_max_cells(document.get("max_cells", DEFAULT_MAX_CELLS), where))
     _check_references(sweep)
     if any(p.kind == "layerwise" for p in sweep.protocols) and sweep.analysis is None:
         raise ConfigError(f"{where}: the layerwise protocol needs an 'analysis:' entry with the images folder that "
                           "unip analyze profiles (e.g. analysis: {images: DIR}) for the NMI next to each curve")
+    _check_size(sweep)
     return sweep
 
 
@@ -281,8 +315,6 @@ def parse_variables(pairs: Sequence[str]) -> Dict[str, str]:
 
 def plan_cells(sweep: Sweep) -> List[Cell]:
     """Every cell of the sweep, in a fixed order: backbone, data set, protocol (ft, lp, layers), seed."""
-    from unip.models.presets import preset_config
-
     cells = []
     for backbone in sweep.backbones:
         for dataset in sweep.datasets:
@@ -290,25 +322,49 @@ def plan_cells(sweep: Sweep) -> List[Cell]:
             for protocol in sweep.protocols:
                 if not protocol.applies(backbone, dataset):
                     continue
-                if protocol.kind == "layerwise":
-                    depth = int(preset_config(backbone.architecture)["depth"])
-                    layers: Sequence[Optional[int]] = protocol.layers or range(1, depth + 1)
-                    if max(layers) > depth:
-                        raise ConfigError(f"{sweep.file}: protocols.layerwise: block {max(layers)} of backbone "
-                                          f"{printable(backbone.name)!r}, whose architecture "
-                                          f"({backbone.architecture}) has blocks 1..{depth}; fix its layers "
-                                          "(or limit the protocol with backbones:)")
-                else:
-                    layers = [None]
                 random = backbone.source.lower() == RANDOM_INIT
                 extra = (f"model.backbone={SIZE_PRESETS[backbone.size]}",) if random else ()
                 settings = ("run.progress=false", *extra, *sweep.settings, *dataset.settings, *backbone.settings,
                             *protocol.settings)
-                for layer in layers:
+                for layer in _probed_blocks(sweep, protocol, backbone):
                     for seed in sweep.seeds:
                         cells.append(Cell(backbone, dataset, protocol.kind, layer, seed, preset, settings,
                                           protocol.head))
     return cells
+
+
+def count_cells(sweep: Sweep) -> int:
+    """How many cells ``plan_cells`` plans, counted without planning them."""
+    return len(sweep.seeds) * sum(len(_probed_blocks(sweep, protocol, backbone)) for backbone in sweep.backbones
+                                  for dataset in sweep.datasets for protocol in sweep.protocols
+                                  if protocol.applies(backbone, dataset))
+
+
+def _probed_blocks(sweep: Sweep, protocol: Protocol, backbone: Backbone) -> Sequence[Optional[int]]:
+    """The probed blocks of ``protocol``'s cells of ``backbone`` (``[None]``: not a layer-wise protocol); raises
+    ``ConfigError`` for a block the backbone's architecture does not have."""
+    if protocol.kind != "layerwise":
+        return [None]
+    from unip.models.presets import preset_config
+
+    depth = int(preset_config(backbone.architecture)["depth"])
+    layers = protocol.layers or range(1, depth + 1)
+    if max(layers) > depth:
+        raise ConfigError(f"{sweep.file}: protocols.layerwise: block {max(layers)} of backbone "
+                          f"{printable(backbone.name)!r}, whose architecture ({backbone.architecture}) has blocks "
+                          f"1..{depth}; fix its layers (or limit the protocol with backbones:)")
+    return layers
+
+
+def _check_size(sweep: Sweep) -> None:
+    """``ConfigError`` when the sweep has more cells than its ``max_cells`` (a long seed list, say): said before
+    any cell is planned."""
+    count = count_cells(sweep)
+    if count > sweep.max_cells:
+        others = count // len(sweep.seeds)
+        raise ConfigError(f"{sweep.file}: {count:,} cells ({len(sweep.seeds):,} seed(s) × {others:,} backbone, data "
+                          f"set, protocol and block combination(s)) are more than max_cells ({sweep.max_cells:,}); "
+                          "shorten the lists, or raise max_cells: N in the sweep file if you mean it")
 
 
 def slug(name: str) -> str:
@@ -428,6 +484,12 @@ def _seeds(value: Any, where: str) -> Tuple[int, ...]:
     if len(set(value)) != len(value):
         raise ConfigError(f"{where}: seeds lists a seed twice: {value}")
     return tuple(value)
+
+
+def _max_cells(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: max_cells must be a whole number >= 1, got {printable(value)}")
+    return value
 
 
 def _named(entry: Mapping[str, Any], where: str) -> Tuple[str, str]:
@@ -578,5 +640,5 @@ def _check_references(sweep: Sweep) -> None:
                                   f"which is not in '{what}:' ({', '.join(sorted(known))})")
 
 
-__all__ = ["Analysis", "Backbone", "Cell", "Dataset", "PROTOCOLS", "Protocol", "Sweep", "find_sweep",
-           "parse_variables", "plan_cells", "read_sweep", "slug"]
+__all__ = ["Analysis", "Backbone", "Cell", "DEFAULT_MAX_CELLS", "Dataset", "PROTOCOLS", "Protocol", "Sweep",
+           "count_cells", "find_sweep", "parse_variables", "plan_cells", "preset_stems", "read_sweep", "slug"]

@@ -26,6 +26,7 @@ from unip import __version__
 from unip.atomic import atomic_write_text
 from unip.errors import ConfigError
 from unip.outputs import out_folder
+from unip.run_lock import LOCK_FILE
 
 STATE_FILE = "sweep.json"
 STATE_FORMAT = "unip-sweep-state"
@@ -33,23 +34,25 @@ STATE_VERSION = 1
 CELLS_DIR = "cells"
 ANALYSIS_DIR = "analysis"
 REPORT_DIR = "report"
-LOCK_FILE = ".sweep.lock"
+#: The lock of a running sweep (``unip.run_lock``), and the one versions before it left behind.
+LOCK_FILES = (LOCK_FILE, ".sweep.lock")
 STDOUT_LOG, STDERR_LOG = "sweep-stdout.log", "sweep-stderr.log"
 
 PathLike = Union[str, Path]
 
 
-def claim_sweep_folder(out: PathLike, option: str = "--out") -> Path:
-    """Check that ``out`` is new, empty, or a sweep folder (its ``sweep.json`` is ours); returns it as a
-    ``Path``. Raises ``ConfigError`` otherwise: a sweep never writes into a folder of somebody else's."""
-    out_folder(str(out), option)
+def claim_sweep_folder(out: PathLike, option: str = "--out", in_use_ok: bool = False) -> Path:
+    """Check that ``out`` is new, empty, or a sweep folder (its ``sweep.json`` is ours) and (unless ``in_use_ok``:
+    a dry run, which writes nothing) that no other sweep is running in it; returns it as a ``Path``. Raises
+    ``ConfigError`` otherwise: a sweep never writes into a folder of somebody else's."""
+    out_folder(str(out), option, in_use_ok=in_use_ok)
     path = Path(out)
     state = path / STATE_FILE
     if state.exists() and not (state.is_file() and _is_state(state)):
         raise ConfigError(f"{state}: exists and was not written by unip sweep; choose another {option}")
     if not state.exists() and path.is_dir():
         foreign = sorted(name for name in os.listdir(path)
-                         if name != LOCK_FILE and not name.startswith(f".{STATE_FILE}"))  # lock, temporaries
+                         if name not in LOCK_FILES and not name.startswith(f".{STATE_FILE}"))  # lock, temporaries
         if foreign:
             shown = ", ".join(repr(name) for name in foreign[:3])
             raise ConfigError(f"{path}: holds files that are not a sweep's ({shown}) and no {STATE_FILE}; choose a "
