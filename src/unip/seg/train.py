@@ -34,6 +34,7 @@ from unip.engine import checkpointing
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, text
 from unip.engine.distributed import cleanup, init_distributed, unwrap_model
 from unip.engine.loop import PRECISIONS
+from unip.engine.run_folder import check_run_folder
 from unip.engine.schedule import SCHEDULES
 from unip.engine.trainer import COMPILE_MODES, Task, TrainContext, Trainer, run_settings, settle_accumulation
 from unip.errors import ConfigError, DataError
@@ -42,13 +43,15 @@ from unip.models import list_models
 from unip.models.heads import HEADS
 from unip.models.necks import NECKS
 from unip.models.segmentor import Segmentor
+from unip.outputs import is_our_checkpoint, is_our_json
 from unip.seg.build import build_segmentor
 from unip.seg.checkpoint import load_segmentor, save_segmentor, segmentor_header
 from unip.seg.evaluation import EvalSettings, evaluate_split
 from unip.seg.layer_decay import layer_decay_lr_scale
 from unip.seg.loss import segmentation_losses
 from unip.seg.report import check_data_once, split_context, test_transform_of
-from unip.seg.results import METRICS_FILE, describe_model, metrics_document, metrics_table, write_metrics
+from unip.seg.results import (METRICS_FILE, describe_model, metrics_document, metrics_table, metrics_writer,
+                               write_metrics)
 
 logger = logging.getLogger(__name__)
 
@@ -378,6 +381,7 @@ def finetune(config: Config) -> FinetuneResult:
     ``FinetuneResult``; raises ``ConfigError``/``DataError``/``CheckpointError`` on bad input (before
     training where it can) and the trainer's non-finite errors when the run diverges."""
     run = run_settings(config)[0]
+    check_output(run)
     task = SegmentationTask(config)  # checks the settings before the process group starts
     dist = init_distributed(run["device"])
     try:
@@ -397,6 +401,17 @@ def finetune(config: Config) -> FinetuneResult:
                               dist.is_main)
     finally:
         cleanup()
+
+
+def check_output(run: Config) -> None:
+    """``ConfigError`` unless ``run.output`` may hold this run (``check_run_folder``), and its metrics.json, when
+    there is one, is not ``unip evaluate``'s report, which the run would replace."""
+    metrics = os.path.join(run["output"], METRICS_FILE)
+    if metrics_writer(metrics) == "evaluate":
+        raise ConfigError(f"{metrics}: holds the report of unip evaluate, which finetune would replace; choose "
+                          "another --out")
+    check_run_folder(run["output"], list(DEFAULTS), {SEGMENTOR_FILE: is_our_checkpoint,
+                                                     METRICS_FILE: is_our_json(["format", "mIoU"])}, run["resume"])
 
 
 def test_best_model(task: SegmentationTask, trainer: Trainer, best: Optional[Dict[str, Any]]) -> Dict[str, Any]:
