@@ -629,7 +629,7 @@ def test_pretrain_resume_with_another_teacher_layer_exits_2_naming_it(pretrain_a
     err = capsys.readouterr().err
     assert "data.input_size 64 → 48" in err and "teacher weights" not in err, err
     with monkeypatch.context() as patch:  # a new run over the finished one: refused before any work
-        patch.setattr("unip.distill.train.train", lambda config: pytest.fail("training started"))
+        patch.setattr("unip.distill.train.train_task", lambda task, config: pytest.fail("training started"))
         assert cli.main(args + ["--teacher-layer", "2"]) == 2
     assert "--resume auto to continue it" in capsys.readouterr().err
     assert cli.main(args + ["--teacher-layer", "2", "--resume", "auto"]) == 0  # the same settings continue

@@ -1,11 +1,10 @@
 """``unip pretrain`` and ``unip finetune``: each verb's options and the config keys they set, the options every
-training verb shares, and the run folder's checks before any work."""
+training verb shares. The run folder is checked by the library (``unip.engine.run_folder``) before any work."""
 
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from unip.cli.app import SEED, TableChoices
 from unip.engine.config import integer, list_presets
@@ -72,54 +71,6 @@ def _option_values(args: argparse.Namespace, options: Dict[str, str]) -> Tuple[D
     return values, origins
 
 
-def _check_run_folder(folder: str, defaults: Dict[str, Any], files: Dict[str, Callable[[str], bool]],
-                      resume: Optional[str]) -> None:
-    """A training run folder may be new or one unip wrote: its config.yaml, log.jsonl and ``files`` (name →
-    recogniser) must be unip's, so a rerun never overwrites or appends to a user's file, and its checkpoints/ and
-    tb/ must be folders (or absent), so that the run does not fail once training has started. A new run (no
-    ``resume``) may not start over another run's training states, nor over a finished run (its final model, the
-    first of ``files``, and its log: ``refuse_other_run``)."""
-    import os
-
-    from unip.engine.logging import LOG_FILE, RECORD_KEYS
-    from unip.engine.trainer import CONFIG_FILE, RUN_FOLDERS, refuse_other_run
-    from unip.errors import ConfigError
-    from unip.outputs import claim, is_our_jsonl, is_our_yaml, out_folder
-
-    out_folder(folder, "--out")
-    config_file = os.path.join(folder, CONFIG_FILE)
-    missing = _sections_missing_from_run_config(config_file, defaults)
-    if missing:
-        raise ConfigError(f"{folder}: holds another kind of unip run (its {CONFIG_FILE} has no {', '.join(missing)} "
-                          "section); choose another --out")
-    claim([config_file], is_our_yaml(list(defaults)), "--out")
-    claim([os.path.join(folder, LOG_FILE)], is_our_jsonl(RECORD_KEYS), "--out")
-    for name, recognise in files.items():
-        claim([os.path.join(folder, name)], recognise, "--out")
-    for name in RUN_FOLDERS:
-        path = os.path.join(folder, name)
-        if os.path.lexists(path) and not os.path.isdir(path):
-            raise ConfigError(f"{path}: is a file where unip keeps the run's {name}/ folder; move it away or "
-                              "choose another --out")
-    if not resume:
-        refuse_other_run(folder, next(iter(files), None))
-
-
-def _sections_missing_from_run_config(path: str, defaults: Dict[str, Any]) -> List[str]:
-    """The sections of ``defaults`` that ``path`` lacks when it is another verb's run config (a YAML mapping
-    with ``run`` and ``optim`` sections: ``unip finetune``'s in a ``unip pretrain`` folder, or the reverse);
-    ``[]`` otherwise (no such file, this verb's config, or not a run config at all)."""
-    from unip.engine.config import read_yaml
-
-    try:
-        document = read_yaml(path)
-    except Exception:  # absent, unreadable or not YAML: ``claim`` reports it
-        return []
-    if not isinstance(document, dict) or not {"run", "optim"} <= set(document):
-        return []
-    return sorted(set(defaults) - set(document))
-
-
 def _layer_arg(text: str):
     if text == "auto":
         return text
@@ -130,9 +81,8 @@ def _layer_arg(text: str):
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from unip.distill.train import DEFAULTS, STUDENT_FILE, make_config, train
+    from unip.distill.train import DEFAULTS, make_config, train
     from unip.engine.config import dump_config
-    from unip.outputs import is_our_checkpoint
 
     values, origins = _option_values(args, _PRETRAIN_OPTIONS)
     if args.compile is not None:
@@ -143,7 +93,6 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config, sources, DEFAULTS), end="")
         return 0
-    _check_run_folder(config["run"]["output"], DEFAULTS, {STUDENT_FILE: is_our_checkpoint}, config["run"]["resume"])
     result = train(config)
     if result.is_main:  # under torchrun: one line, not one per rank
         print(f"pre-training finished after {result.steps} steps (loss {result.last_loss:.4g}); "
@@ -203,10 +152,8 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
 def _run_finetune(args: argparse.Namespace) -> int:
     from unip.engine.config import dump_config
     from unip.errors import ConfigError
-    from unip.outputs import is_our_checkpoint, is_our_json
     from unip.models.heads import HEADS, probe_heads
-    from unip.seg.results import METRICS_FILE, metrics_writer
-    from unip.seg.train import DEFAULTS, SEGMENTOR_FILE, finetune, make_config
+    from unip.seg.train import DEFAULTS, finetune, make_config
 
     values, origins = _option_values(args, _FINETUNE_OPTIONS)
     if args.probe and args.head and args.head != args.probe:
@@ -229,13 +176,6 @@ def _run_finetune(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config, sources, DEFAULTS), end="")
         return 0
-    metrics = os.path.join(config["run"]["output"], METRICS_FILE)
-    if metrics_writer(metrics) == "evaluate":
-        raise ConfigError(f"{metrics}: holds the report of unip evaluate, which finetune would replace; choose "
-                          "another --out")
-    _check_run_folder(config["run"]["output"], DEFAULTS, {SEGMENTOR_FILE: is_our_checkpoint,
-                                                           METRICS_FILE: is_our_json(["format", "mIoU"])},
-                      config["run"]["resume"])
     result = finetune(config)
     if result.is_main:
         print(result.table)

@@ -278,7 +278,7 @@ def clear_earlier_run(tour: Tour, run: Path, verb: str) -> None:
     earlier run's training states, best model and logs, which a new run refuses to start over. Only when ``run`` is
     recognisably that verb's run folder (its config.yaml is ours); otherwise the verb's own error stands."""
     from unip.engine.logging import LOG_FILE, RECORD_KEYS
-    from unip.engine.trainer import CONFIG_FILE, RUN_FOLDERS
+    from unip.engine.run_folder import CONFIG_FILE, RUN_FOLDERS
 
     if verb == "pretrain":
         from unip.distill.train import DEFAULTS

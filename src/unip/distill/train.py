@@ -33,15 +33,16 @@ from unip.engine.config import Config, Rule, build_config, flag, integer, number
 from unip.engine.distributed import DistInfo, all_reduce_sum
 from unip.engine.logging import LOG_FILE, last_logged
 from unip.engine.loop import Precision
+from unip.engine.run_folder import CHECKPOINT_DIR, check_run_folder
 from unip.engine.settings import training_defaults, training_rules
-from unip.engine.trainer import (CHECKPOINT_DIR, Task, TrainContext, batch_plan, settle_accumulation,
-                                 train_task)
+from unip.engine.trainer import Task, TrainContext, batch_plan, settle_accumulation, train_task
 from unip.errors import CheckpointError, ConfigError
 from unip.fingerprint import listing_fingerprint
 from unip.models import create_model, list_models, preset_config
 from unip.models.cpu_linear import decide, linear_kernel, requested_choice, use_onednn_linears
 from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import VisionTransformer
+from unip.outputs import is_our_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -390,6 +391,8 @@ def train(config: Config) -> TrainResult:
     Returns a ``TrainResult``; raises ``ConfigError``/``DataError``/``CheckpointError`` on bad input and
     ``unip.engine.loop.NonFiniteLossError`` / ``unip.engine.checkpointing.NonFiniteStateError`` when the run
     diverges (the last finite checkpoint is kept)."""
+    run = config["run"]
+    check_run_folder(run["output"], list(DEFAULTS), {STUDENT_FILE: is_our_checkpoint}, run["resume"])
     result = train_task(NmiHadTask(config), config)
     return TrainResult(result.model_path, result.steps, result.last_loss, result.is_main)
 

@@ -53,7 +53,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -66,11 +66,12 @@ from unip.engine.config import Config, dump_config
 from unip.engine.data import batches_per_epoch, build_loader, set_loader_epoch
 from unip.engine.distributed import (DistInfo, barrier, cleanup, init_distributed, sync_batchnorm,
                                      unwrap_model)
-from unip.engine.logging import LOG_FILE, TB_DIR, MetricLogger
+from unip.engine.logging import MetricLogger
 from unip.engine.loop import (LossGate, LossOutput, NonFiniteLossError, Precision, StepResult, resolve_precision,
                               split_loss, train_step)
 from unip.engine.optim import adamw, param_groups
 from unip.engine.progress import postfix, progress_bar, progress_line
+from unip.engine.run_folder import CHECKPOINT_DIR, CONFIG_FILE, refuse_other_run
 from unip.engine.schedule import SCHEDULES, LrSchedule, set_lr
 from unip.engine.settings import COMPILE_MODES, DEBUG_DEFAULTS, OPTIM_DEFAULTS, RUN_DEFAULTS
 from unip.engine.seeding import preserved_rng, seed_everything, step_seed
@@ -79,10 +80,6 @@ from unip.run_lock import hold
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.yaml"
-#: sub-folders of a run folder
-RUN_FOLDERS = (CHECKPOINT_DIR, TB_DIR)
 
 def run_settings(config: Config) -> Tuple[Config, Config, Config]:
     """``(run, optim, debug)`` sections of ``config`` completed with the trainer's defaults."""
@@ -347,26 +344,6 @@ class FitResult:
     is_main: bool = True
 
 
-def refuse_other_run(output: Union[str, Path], model_file: Optional[str] = None) -> None:
-    """``ConfigError`` when a new run (no ``run.resume``) would start in a folder holding another run's training
-    states or best model (pruning would delete the new run's states and ``--resume auto`` would continue the old
-    one), or, given the task's ``model_file``, a finished run's final model and log whose states were deleted
-    (the new run would replace the model and append to the log)."""
-    ckpt_dir = Path(output) / CHECKPOINT_DIR
-    latest = checkpointing.find_latest(ckpt_dir)
-    best = [name for name in (checkpointing.BEST_JSON, checkpointing.BEST_WEIGHTS) if (ckpt_dir / name).exists()]
-    if latest is None and not best:
-        finished = [name for name in (model_file, LOG_FILE) if name and (Path(output) / name).exists()]
-        if model_file and len(finished) == 2:
-            raise ConfigError(f"{output} already holds a finished run ({', '.join(finished)}); choose another "
-                              "--out, or move those files away to start a new run there")
-        return
-    found = f"training states up to step {checkpointing.state_step(latest)}" if latest is not None \
-        else f"a best model ({', '.join(best)})"
-    raise ConfigError(f"{output} already holds an earlier run ({found} in {ckpt_dir}); pass --resume auto to "
-                      f"continue it, choose another --out, or delete {ckpt_dir}")
-
-
 class Trainer:
     """One training run of ``task`` as ``config`` says, in this process (``dist``). ``fit()`` runs it."""
 
@@ -535,7 +512,7 @@ class Trainer:
     def _resume(self) -> Optional[Path]:
         """Load the state ``run.resume`` names (``None`` for a new run); returns its path."""
         if not self.run["resume"]:
-            # the CLI checked before any work; a library caller is checked here
+            # pretrain and finetune checked before any work (check_run_folder); any other task is checked here
             refuse_other_run(self.output, self.task.model_file)
             return None
         found = checkpointing.find_resume_state(self.run["resume"], self.ckpt_dir)

@@ -34,6 +34,7 @@ from unip.data.seg_transforms import seg_train_transform
 from unip.engine import checkpointing
 from unip.engine.config import Config, Rule, build_config, flag, integer, number, numbers, one_of, text
 from unip.engine.distributed import DistInfo, cleanup, init_distributed, unwrap_model
+from unip.engine.run_folder import check_run_folder
 from unip.engine.settings import training_defaults, training_rules
 from unip.engine.trainer import Task, TrainContext, Trainer, hold_run_folder, run_settings, settle_accumulation
 from unip.errors import ConfigError, DataError
@@ -43,6 +44,7 @@ from unip.models.heads import HEADS, probe_heads
 from unip.models.necks import NECKS
 from unip.models.presets import PRESETS
 from unip.models.segmentor import Segmentor
+from unip.outputs import is_our_checkpoint, is_our_json
 from unip.seg.build import build_segmentor
 from unip.seg.checkpoint import load_segmentor, save_segmentor, segmentor_header
 from unip.seg.evaluation import EvalSettings, evaluate_split
@@ -51,7 +53,8 @@ from unip.seg.loss import segmentation_losses
 from unip.seg.inference import RECIPE_CROP, window_stride
 from unip.seg.pipeline import InferencePipeline
 from unip.seg.report import check_data_once, split_context
-from unip.seg.results import METRICS_FILE, describe_model, metrics_document, metrics_table, write_metrics
+from unip.seg.results import (METRICS_FILE, describe_model, metrics_document, metrics_table, metrics_writer,
+                               write_metrics)
 
 logger = logging.getLogger(__name__)
 
@@ -364,6 +367,7 @@ def finetune(config: Config) -> FinetuneResult:
     ``FinetuneResult``; raises ``ConfigError``/``DataError``/``CheckpointError`` on bad input (before
     training where it can) and the trainer's non-finite errors when the run diverges."""
     run = run_settings(config)[0]
+    check_output(run)
     task = SegmentationTask(config)  # checks the settings before the process group starts
     dist = init_distributed(run["device"])
     try:
@@ -389,6 +393,17 @@ def _finetune(task: SegmentationTask, config: Config, dist: DistInfo) -> Finetun
                     metrics_path)
     return FinetuneResult(fit.model_path, metrics_path, document, metrics_table(document), fit.steps, fit.best,
                           dist.is_main)
+
+
+def check_output(run: Config) -> None:
+    """``ConfigError`` unless ``run.output`` may hold this run (``check_run_folder``), and its metrics.json, when
+    there is one, is not ``unip evaluate``'s report, which the run would replace."""
+    metrics = os.path.join(run["output"], METRICS_FILE)
+    if metrics_writer(metrics) == "evaluate":
+        raise ConfigError(f"{metrics}: holds the report of unip evaluate, which finetune would replace; choose "
+                          "another --out")
+    check_run_folder(run["output"], list(DEFAULTS), {SEGMENTOR_FILE: is_our_checkpoint,
+                                                     METRICS_FILE: is_our_json(["format", "mIoU"])}, run["resume"])
 
 
 def test_best_model(task: SegmentationTask, trainer: Trainer, best: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -113,7 +113,7 @@ def cell_has_training_state(folder: PathLike) -> bool:
     """True when ``folder/checkpoints/`` holds a ``step-*.pt`` training state: a run that stopped part-way,
     which ``--resume auto`` continues from."""
     from unip.engine.checkpointing import find_latest
-    from unip.engine.trainer import CHECKPOINT_DIR
+    from unip.engine.run_folder import CHECKPOINT_DIR
 
     return find_latest(Path(folder) / CHECKPOINT_DIR) is not None
 
