@@ -7,7 +7,7 @@ the layout of a backbone checkpoint, so ``unip.checkpoint.load_model`` also read
 from it.
 
 The release's fine-tuned checkpoints (``{"meta", "state_dict"}``, mmsegmentation 0.x, layout in
-``reference/checkpoint-layouts.md``) hold no configuration: the architecture is read from the shapes
+docs/checkpoints.md) hold no configuration: the architecture is read from the shapes
 (width, depth, classes, UperNet and FCN widths), every block has width / 64 heads (as the release built
 them), the neck is LL-FPN (the release's train scripts set ``out_indices=[11]*4``).
 """
