@@ -227,6 +227,25 @@ def test_our_header_round_trips_the_variants_and_plain_headers_are_unchanged(tmp
     assert plain.blocks[0].attn.q_norm is None and plain.blocks[0].mlp.norm is None
 
 
+def test_a_plain_block_runs_no_operation_of_the_variants():
+    """The variants that are off add no call: a plain block runs its two LayerNorms, a q/k-norm block four."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LayerNorms(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += "layer_norm" in str(func)
+            return func(*args, **(kwargs or {}))
+
+    tokens = torch.randn(1, 5, 96)
+    for qk_norm, expected in ((False, 2), (True, 4)):
+        block = VisionTransformer(embed_dim=96, depth=1, num_heads=4, qk_norm=qk_norm).blocks[0]
+        with torch.no_grad(), LayerNorms() as calls:
+            block(tokens)
+        assert calls.count == expected
+
+
 def test_implausible_variant_settings_are_refused():
     with pytest.raises(CheckpointError, match="mlp_layer must be one of"):
         check_architecture({"mlp_layer": "moe"}, "x")

@@ -25,10 +25,9 @@ The attention taps number layers from 1 (block ``i`` of ``blocks`` is layer ``i 
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +93,7 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        # None, not nn.Identity, without q/k norm: a plain block runs no extra call
+        # None, not nn.Identity, without q/k norm: a plain block runs no extra module
         self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
