@@ -20,7 +20,7 @@ sources). A fine-tuned segmentor file (header architecture
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from unip.checkpoint.architecture import (ARCHITECTURE_RULES, MAX_DEPTH, MAX_IMAGE_SIDE, MAX_PATCH, MAX_TOKENS,
                                           MAX_WIDTH, check_architecture, check_fits, expected_shapes,
@@ -80,8 +80,18 @@ def _backbone_lines(model: Any) -> list:
     heads_text = f"{heads[0]}" if len(set(heads)) == 1 else f"{heads[0]} (last block: {heads[-1]})"
     return [f"architecture:  ViT width {config['embed_dim']}, depth {config['depth']}, heads {heads_text}, "
             f"patch {config['patch_size']}, image {config['img_size'][0]}x{config['img_size'][1]}, "
-            f"{config['pos_embed_type']} position embedding",
+            f"{config['pos_embed_type']} position embedding{_variants_text(config)}",
             f"parameters:    {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"]
+
+
+def _variants_text(config: Dict[str, Any]) -> str:
+    """``", q/k norm, SwiGLU MLP (packed), SiLU"``: the block variants a config sets (empty for a plain ViT)."""
+    mlp = {"swiglu_packed": "SwiGLU MLP (packed fc1, timm's SwiGLUPacked)", "swiglu": "SwiGLU MLP (fc1_g, fc1_x)"}
+    parts = (["q/k norm"] if config.get("qk_norm") else []) + \
+        ([mlp[config["mlp_layer"]]] if config.get("mlp_layer", "mlp") != "mlp" else []) + \
+        ([f"MLP activation {config['act_layer']}"] if config.get("act_layer", "gelu") != "gelu" else []) + \
+        (["MLP norm"] if config.get("scale_mlp_norm") else [])
+    return "".join(", " + part for part in parts)
 
 
 __all__ = ["ARCHITECTURE_RULES", "CONFIG_METADATA_KEY", "CONTAINER_KEYS", "DEFAULT_NORMALIZATION", "IGNORED_KEY",

@@ -28,7 +28,8 @@ DEFAULT_NORMALIZATION = {"mean": [INFMIX_MEAN] * 3, "std": [INFMIX_STD] * 3}
 
 @dataclass
 class LoadReport:
-    """What ``load_weights`` did with each key of a checkpoint."""
+    """What ``load_weights`` did with each key of a checkpoint. ``ignored``: keys set aside because they may be
+    (``IGNORED_KEY``); ``unexpected``: any other key the model has no place for, which a strict load refuses."""
 
     source: str
     loaded: List[str] = field(default_factory=list)
@@ -44,7 +45,7 @@ class LoadReport:
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.mismatched and not self.non_finite
+        return not self.missing and not self.mismatched and not self.unexpected and not self.non_finite
 
     def summary(self) -> str:
         parts = [f"{len(self.loaded)} loaded"]
@@ -64,9 +65,11 @@ def load_weights(model: VisionTransformer, source: Union[PathLike, Mapping[str, 
 
     Position tables of another grid are resampled bicubically. Returns a ``LoadReport``. Raises
     ``CheckpointError`` naming the file (``name`` for a state dict read from one) and the keys when a
-    backbone weight is missing or has another shape, or holds NaN or an infinity, unless ``allow_partial``
-    (then the model keeps its own values for the first two, and the report's ``problem`` says what a strict
-    load refuses)."""
+    backbone weight is missing or has another shape, when the file holds a weight the model has no place for
+    (other than the keys ``IGNORED_KEY`` allows to set aside: such a weight changes the computation), or when a
+    weight holds NaN or an infinity, unless ``allow_partial`` (then the model keeps its own values for missing
+    and mis-shaped weights, the others are left out, and the report's ``problem`` says what a strict load
+    refuses)."""
     if isinstance(source, Mapping):
         name = name or "state dict"
         state_dict = extract_state_dict(source, name)
@@ -97,8 +100,8 @@ def load_weights(model: VisionTransformer, source: Union[PathLike, Mapping[str, 
     report.missing = [k for k in required if k not in state_dict]
     report.loaded = sorted(to_load)
     report.non_finite = non_finite_tensors(to_load)  # once per tensor, one host sync per device
-    if report.missing or report.mismatched:
-        report.problem = _misfit(name, "the model", report.missing, report.mismatched)
+    if report.missing or report.mismatched or report.unexpected:
+        report.problem = _misfit(name, "the model", report.missing, report.mismatched, report.unexpected)
     elif report.non_finite:
         report.problem = non_finite_problem(name, report.non_finite)
     if report.problem and not allow_partial:

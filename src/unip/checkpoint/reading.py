@@ -48,8 +48,12 @@ SAFE_GLOBALS: List[Any] = [argparse.Namespace, *_numpy_globals()]
 CONTAINER_KEYS = ("model", "state_dict", "teacher", "student", "module")
 #: Key prefixes that training wrappers add (DDP ``module.``, DINO/iBOT ``backbone.``, ``encoder.``).
 STRIP_PREFIXES = ("module.", "backbone.", "encoder.")
-#: Keys that belong to pre-training heads or classifiers, never to the backbone.
-IGNORED_KEY = re.compile(r"^(decoder|mask_token|head\.|head_dist\.|fc_norm\.|dist_token)")
+#: The only keys a backbone may set aside (an allow-list): pre-training decoders and heads, classifiers and what
+#: pools tokens for them, and the mask tokens that replace masked patches in pre-training (MAE's ``mask_token``,
+#: iBOT's ``masked_embed``). None of them takes part in computing the backbone's tokens. Any other key the model has
+#: no place for makes loading fail (``check_fits``, ``load_weights``): it would change the computation (a q/k norm,
+#: a distillation token, a relative position bias), so dropping it would load another function than the file's.
+IGNORED_KEY = re.compile(r"^(decoder|mask_token$|masked_embed$|head\.|head_dist\.|fc_norm\.|attn_pool\.)")
 CONFIG_METADATA_KEY = "unip.config"
 
 
@@ -178,19 +182,35 @@ def extract_state_dict(content: Any, source: str = "checkpoint") -> Dict[str, Te
 
 def normalize_keys(state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> Tuple[Dict[str, Tensor], List[str]]:
     """Bring release key names to ours: strip wrapper prefixes, rename ``gamma_1/2`` (DeiT III, BEiT) to
-    ``ls1/ls2.gamma``, fuse BEiT's ``q_bias``/``v_bias`` into ``qkv.bias``, and set aside decoder,
-    mask-token and classifier keys. Returns ``(state_dict, ignored_keys)``; raises ``CheckpointError`` naming
-    ``source`` and the key when half of a split bias is missing or the halves do not fit together."""
+    ``ls1/ls2.gamma`` and DINOv2's ``mlp.w12/w3`` (its packed SwiGLU) to ``mlp.fc1/fc2``, bring DINOv2's
+    ``register_tokens`` to timm's register layout, fuse BEiT's ``q_bias``/``v_bias`` into ``qkv.bias``, and set aside
+    the keys that may be ignored (``IGNORED_KEY``: decoder, mask-token, classifier and pooling keys). Returns
+    ``(state_dict, ignored_keys)``; raises ``CheckpointError`` naming ``source`` and the key when half of a split
+    bias is missing or the halves do not fit together."""
     renamed: Dict[str, Tensor] = {}
     ignored: List[str] = []
     for key, value in state_dict.items():
         key = _strip_prefixes(key)
         key = re.sub(r"\.gamma_([12])$", r".ls\1.gamma", key)
+        key = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", key))
         if IGNORED_KEY.match(key):
             ignored.append(key)
         else:
             renamed[key] = value
-    return _fuse_split_qkv_bias(renamed, source), ignored
+    return _fuse_split_qkv_bias(_timm_registers(renamed), source), ignored
+
+
+def _timm_registers(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """DINOv2's release keeps its registers in ``register_tokens``, which get no position, and the CLS token's
+    position in row 0 of ``pos_embed``; timm's layout (what timm's own conversion writes) is ``reg_token`` with a
+    position table of the patches only (``no_embed_class``), the CLS row added to ``cls_token``: the same tokens."""
+    table, cls = state_dict.get("pos_embed"), state_dict.get("cls_token")
+    if "register_tokens" not in state_dict or table is None or cls is None or table.ndim != 3 \
+            or cls.shape != table[:, :1].shape:
+        return state_dict
+    state_dict["reg_token"] = state_dict.pop("register_tokens")
+    state_dict["cls_token"], state_dict["pos_embed"] = cls + table[:, :1], table[:, 1:]
+    return state_dict
 
 
 def _strip_prefixes(key: str) -> str:

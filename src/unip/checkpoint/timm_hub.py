@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 import threading
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
@@ -18,6 +18,7 @@ from unip.checkpoint.architecture import check_architecture
 from unip.checkpoint.backbone import LoadedModel, build_backbone, load_weights
 from unip.checkpoint.reading import _brief, extract_state_dict, read_checkpoint
 from unip.errors import CheckpointError, ConfigError
+from unip.models.vit import VARIANT_DEFAULTS, mlp_ratio_of
 
 NETWORK_TIMEOUT_S = 3.0
 
@@ -163,30 +164,89 @@ def _hub_offline(offline: bool) -> Iterator[None]:
 
 
 def config_from_timm(reference: nn.Module, source: str) -> Dict[str, Any]:
-    """``VisionTransformer`` kwargs equivalent to a timm ``VisionTransformer``; raises ``ConfigError``
-    for variants this backbone does not implement (pre-norm, q/k norm, SwiGLU MLP, attention pooling)."""
-    from timm.layers import Mlp as TimmMlp
+    """``VisionTransformer`` kwargs equivalent to a timm ``VisionTransformer``, its block variants included (q/k
+    norm, ``Mlp``/``SwiGLUPacked``/``SwiGLU`` MLPs, the MLP's norm and activation, registers, layer scale); raises
+    ``ConfigError`` naming what this backbone does not implement (pre-norm, parallel or post-norm blocks, RMS norm,
+    an attention output norm or gate, other activations, no final norm, ...)."""
+    from timm.models.vision_transformer import Block as TimmBlock
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     if not isinstance(reference, TimmViT):
         raise ConfigError(f"{source}: {type(reference).__name__} is not a plain timm VisionTransformer")
     block = reference.blocks[0]
+    if type(block) is not TimmBlock:
+        raise ConfigError(f"{source}: unsupported ViT variant ({type(block).__name__} blocks)")
+    embed_dim, norm_eps = reference.embed_dim, getattr(block.norm1, "eps", None)
+    attn = block.attn
+    mlp_layer, hidden, mlp_problems = _timm_mlp(block.mlp, norm_eps)
     unsupported = [what for what, bad in [
         ("pre-norm", not isinstance(getattr(reference, "norm_pre", nn.Identity()), nn.Identity)),
-        ("q/k norm", not isinstance(getattr(block.attn, "q_norm", nn.Identity()), nn.Identity)),
-        ("gated MLP", type(block.mlp) is not TimmMlp),
+        ("patch-embedding norm", not isinstance(getattr(reference.patch_embed, "norm", nn.Identity()), nn.Identity)),
+        ("no position embedding", reference.pos_embed is None),
         ("final norm", isinstance(reference.norm, nn.Identity)),
-        ("LayerNorm", not isinstance(block.norm1, nn.LayerNorm)),
-    ] if bad]
+        ("norms other than LayerNorm of one eps", not all(_is_layer_norm(norm, norm_eps, optional=optional) for
+                                                          norm, optional in ((block.norm1, False), (block.norm2, False),
+                                                                             (reference.norm, True)))),
+        (f"{type(attn).__name__} attention", not hasattr(attn, "qkv") or not hasattr(attn, "num_heads")),
+        ("q/k norm other than a LayerNorm of the blocks' eps", not _is_layer_norm(getattr(attn, "q_norm", None),
+                                                                                   norm_eps, optional=True)),
+        ("attention output norm", not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)),
+        ("gated attention", getattr(attn, "gate", None) is not None),
+        ("head width other than width / heads", getattr(attn, "head_dim", 0) * getattr(attn, "num_heads", 0)
+         != embed_dim),
+        ("projections without bias", getattr(getattr(attn, "proj", None), "bias", None) is None),
+    ] if bad] + mlp_problems
     if unsupported:
         raise ConfigError(f"{source}: unsupported ViT variant ({', '.join(unsupported)})")
-    embed_dim = reference.embed_dim
     heads = [b.attn.num_heads for b in reference.blocks]
+    variants = dict(qk_norm=not isinstance(attn.q_norm, nn.Identity), mlp_layer=mlp_layer,
+                    act_layer=_timm_activation(block.mlp.act), scale_mlp_norm=not isinstance(block.mlp.norm,
+                                                                                                nn.Identity))
     return dict(img_size=list(reference.patch_embed.img_size), patch_size=reference.patch_embed.patch_size[0],
                 in_chans=reference.patch_embed.proj.in_channels, embed_dim=embed_dim, depth=len(heads),
                 num_heads=heads[0], last_heads=heads[-1] if heads[-1] != heads[0] else None,
-                mlp_ratio=block.mlp.fc1.out_features / embed_dim, qkv_bias=block.attn.qkv.bias is not None,
-                layer_scale=1e-5 if hasattr(block.ls1, "gamma") else None, norm_eps=block.norm1.eps,
+                mlp_ratio=mlp_ratio_of(hidden, embed_dim), qkv_bias=attn.qkv.bias is not None,
+                layer_scale=1e-5 if hasattr(block.ls1, "gamma") else None, norm_eps=norm_eps,
                 class_token=reference.cls_token is not None, num_reg_tokens=reference.num_reg_tokens,
-                no_embed_class=reference.no_embed_class)
+                no_embed_class=reference.no_embed_class,
+                **{key: value for key, value in variants.items() if value != VARIANT_DEFAULTS[key]})
 
+
+def _timm_mlp(mlp: nn.Module, norm_eps: Optional[float]) -> Tuple[str, int, List[str]]:
+    """``(mlp_layer, hidden width as timm counts it, what does not fit)`` of a timm ViT block's MLP."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    problems = []
+    if type(mlp) is Mlp:
+        kind, first = "mlp", mlp.fc1
+    elif type(mlp) is GluMlp and not mlp.gate_last:
+        kind, first = "swiglu_packed", mlp.fc1
+    elif type(mlp) is SwiGLU:
+        kind, first = "swiglu", mlp.fc1_g
+    else:
+        return "mlp", 1, [f"{type(mlp).__name__} MLP" + (" with the gate last" if type(mlp) is GluMlp else "")]
+    if not isinstance(first, nn.Linear) or first.bias is None or mlp.fc2.bias is None:
+        problems.append("MLP without bias or of convolutions")
+    if _timm_activation(mlp.act) is None:
+        problems.append(f"{type(mlp.act).__name__} activation")
+    if not _is_layer_norm(mlp.norm, norm_eps, optional=True):
+        problems.append("MLP norm other than a LayerNorm of the blocks' eps")
+    return kind, first.out_features, problems
+
+
+def _timm_activation(act: nn.Module) -> Optional[str]:
+    """The ``ACT_LAYERS`` name of a timm MLP's activation module, ``None`` for one this backbone lacks."""
+    from timm.layers.activations import GELU, GELUTanh
+
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    return {GELU: "gelu", GELUTanh: "gelu_tanh", nn.SiLU: "silu"}.get(type(act))
+
+
+def _is_layer_norm(module: Optional[nn.Module], eps: Optional[float], optional: bool = False) -> bool:
+    """True for an affine ``nn.LayerNorm`` of ``eps`` (timm's ``LayerNorm`` is one), or with ``optional`` for
+    none (``nn.Identity``)."""
+    if optional and (module is None or isinstance(module, nn.Identity)):
+        return True
+    return (isinstance(module, nn.LayerNorm) and module.elementwise_affine and module.bias is not None
+            and module.eps == eps)

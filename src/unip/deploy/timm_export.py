@@ -20,7 +20,12 @@ What timm 1.0 expects, and what the export writes:
   and names any key that does not fit;
 * ``model_args``: ``img_size`` of the table (224 for pre-trained students, 512 for segmentor backbones; add
   ``dynamic_img_size=True`` for other sizes), ``init_values`` when the blocks have layer scale (segmentor
-  backbones), and the width, depth and head count, in case the architecture name's defaults differ;
+  backbones), and the width, depth and head count, in case the architecture name's defaults differ; the block
+  variants in timm's arguments (``qk_norm``, ``act_layer``, ``scale_mlp_norm``);
+* gated MLPs: a config.json cannot name an MLP class, so a ``swiglu_packed`` backbone is written under
+  ``vit_giant_patch14_dinov2`` (timm's architecture with ``SwiGLUPacked``; ``model_args`` set everything else),
+  and a ``swiglu`` one (``fc1_g``/``fc1_x``) is first rewritten as the same function in the packed layout:
+  ``fc1`` = ``fc1_g`` stacked on ``fc1_x`` (``packed_swiglu``);
 * ``mean`` / ``std`` the weights were trained with (InfMix's for UNIP students, the fine-tuning's for segmentors,
   timm's ``pretrained_cfg`` for ``timm:`` sources, ImageNet's, with a note, for other release files such as
   MAE or DINO).
@@ -49,7 +54,7 @@ import torch
 from unip.atomic import atomic_write_text
 from unip.checkpoint import CONFIG_METADATA_KEY, DEFAULT_NORMALIZATION, open_model, read_checkpoint
 from unip.errors import ConfigError, ExportError
-from unip.models.vit import VisionTransformer
+from unip.models.vit import VisionTransformer, mlp_ratio_of
 from unip.outputs import claim, is_our_json, out_folder, staging_folder
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,9 @@ TIMM_NAMES: Dict[Tuple[int, int, int], str] = {
     (768, 12, 16): "vit_base_patch16_224", (1024, 16, 16): "vit_large_patch16_224",
     (1280, 16, 14): "vit_huge_patch14_224",
 }
+#: The timm architecture whose MLP is ``SwiGLUPacked`` (a config.json names no MLP class: the architecture fixes
+#: it, ``model_args`` set the rest, the activation and layer scale included).
+TIMM_GATED_NAME = "vit_giant_patch14_dinov2"
 
 
 @dataclass
@@ -138,15 +146,37 @@ def uniform_heads(backbone: VisionTransformer, source: str, last_block_heads: Op
     return rebuilt.eval()
 
 
+def packed_swiglu(backbone: VisionTransformer) -> VisionTransformer:
+    """``backbone`` when its MLPs are not ``swiglu``; otherwise the same function with ``swiglu_packed`` MLPs
+    (timm's ``SwiGLUPacked``: ``fc1`` holds the gate rows ``fc1_g`` then the value rows ``fc1_x``)."""
+    config = backbone.config
+    if config.get("mlp_layer") != "swiglu":
+        return backbone
+    hidden = backbone.blocks[0].mlp.fc1_g.out_features
+    packed = VisionTransformer(**dict(config, mlp_layer="swiglu_packed",
+                                      mlp_ratio=mlp_ratio_of(2 * hidden, backbone.embed_dim)))
+    own = backbone.state_dict()
+    state = {key: value for key, value in own.items() if ".mlp.fc1_g." not in key and ".mlp.fc1_x." not in key}
+    for gate in [key for key in own if ".mlp.fc1_g." in key]:
+        state[gate.replace(".fc1_g.", ".fc1.")] = torch.cat([own[gate], own[gate.replace(".fc1_g.", ".fc1_x.")]])
+    packed.load_state_dict(state)
+    return packed.eval()
+
+
 def timm_arguments(backbone: VisionTransformer, source: str) -> Tuple[str, Dict[str, Any]]:
     """``(architecture name, model_args)`` of the timm ``VisionTransformer`` that holds ``backbone``'s
-    weights. Raises ``ConfigError`` for what timm's model cannot express."""
+    weights (``swiglu`` MLPs rewritten by ``packed_swiglu`` first). Raises ``ConfigError`` for what timm's model
+    cannot express."""
     config = backbone.config
     if abs(float(config["norm_eps"]) - 1e-6) > 1e-12:
         raise ConfigError(f"{source}: LayerNorm eps {config['norm_eps']}, but timm's ViT fixes it at 1e-6 in "
                           "config.json-loadable models")
+    if config.get("mlp_layer") == "swiglu":
+        raise ConfigError(f"{source}: timm's config.json cannot name a SwiGLU MLP with fc1_g/fc1_x; export the "
+                          "packed layout (unip.deploy.timm_export.packed_swiglu)")
     key = (backbone.embed_dim, backbone.heads_per_block[0], backbone.patch_size)
-    name = TIMM_NAMES.get(key, "vit_base_patch16_224")
+    gated = config.get("mlp_layer") == "swiglu_packed"
+    name = TIMM_GATED_NAME if gated else TIMM_NAMES.get(key, "vit_base_patch16_224")
     args: Dict[str, Any] = {
         "img_size": list(config["img_size"]), "patch_size": backbone.patch_size, "in_chans": config["in_chans"],
         "embed_dim": backbone.embed_dim, "depth": backbone.depth, "num_heads": backbone.heads_per_block[0],
@@ -155,8 +185,13 @@ def timm_arguments(backbone: VisionTransformer, source: str) -> Tuple[str, Dict[
         "no_embed_class": bool(config["no_embed_class"]),
         "global_pool": "token" if config["class_token"] else "avg",
     }
-    if config.get("layer_scale"):
-        args["init_values"] = float(config["layer_scale"])
+    if config.get("layer_scale") or gated:
+        # the gated architecture has layer scale unless told otherwise: 0 turns it off (timm.create_model drops
+        # None arguments, and its blocks take a false init_values for none)
+        args["init_values"] = float(config["layer_scale"] or 0.0)
+    if gated or config.get("act_layer", "gelu") != "gelu":
+        args["act_layer"] = config.get("act_layer", "gelu")
+    args.update({variant: True for variant in ("qk_norm", "scale_mlp_norm") if config.get(variant)})
     return name, args
 
 
@@ -175,8 +210,13 @@ def export_timm(source: str, folder: str, last_block_heads: Optional[str] = None
     backbone, meta, kind = open_backbone(source)
     pretrained_heads = backbone.heads_per_block
     backbone = uniform_heads(backbone.eval(), source, last_block_heads)
-    name, args = timm_arguments(backbone, source)
+    packed = packed_swiglu(backbone)
+    name, args = timm_arguments(packed, source)
     result = TimmExport(os.path.abspath(folder), name, args, kind)
+    if packed is not backbone:
+        result.notes.append("the SwiGLU MLPs' fc1_g and fc1_x are written stacked as fc1, timm's SwiGLUPacked "
+                            "layout: the same function")
+        backbone = packed
     if backbone.heads_per_block != pretrained_heads:
         result.notes.append(f"the last block has {args['num_heads']} heads in the export, {pretrained_heads[-1]} in "
                             f"{os.path.basename(source)}: its attention and output differ from the pre-trained block's")

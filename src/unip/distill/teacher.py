@@ -78,16 +78,18 @@ class Teacher(nn.Module):
         return self.set_gelu(self.gelu)  # the GELU epilogue depends on the precision
 
     def set_gelu(self, gelu: str) -> "Teacher":
-        """``exact`` (the model's erf GELU) or ``tanh``: the tanh approximation, which a bf16 teacher on CUDA
+        """``exact`` (the model's own GELU) or ``tanh``: the tanh approximation, which a bf16 teacher on CUDA
         computes in the ``fc1`` product's epilogue (``Mlp.gelu_epilogue``). It moves a ViT-L's layer-18 logits
-        by 4e-4 (relative, fp32), 40x less than storing the weights in bf16 does (docs/pretrain.md). Returns
-        ``self``."""
+        by 4e-4 (relative, fp32), 40x less than storing the weights in bf16 does (docs/pretrain.md). Only plain
+        GELU MLPs change: gated (SwiGLU) and SiLU MLPs keep their function, and a model whose GELU is the tanh
+        approximation already keeps it. Returns ``self``."""
         if gelu not in TEACHER_GELUS:
             raise ConfigError(f"teacher GELU {gelu!r}: choose one of {', '.join(TEACHER_GELUS)}")
         for module in self.model.modules():
-            if isinstance(module, Mlp):
-                module.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
-                module.gelu_epilogue = gelu == "tanh" and self.precision == "bf16"
+            if isinstance(module, Mlp) and module.act_layer in ("gelu", "gelu_tanh"):
+                tanh = gelu == "tanh" or module.act_layer == "gelu_tanh"
+                module.act = nn.GELU(approximate="tanh" if tanh else "none")
+                module.gelu_epilogue = tanh and self.precision == "bf16"
         self.gelu = gelu
         return self
 

@@ -4,6 +4,12 @@ Parameter names are timm's (``cls_token``, ``pos_embed``, ``patch_embed.proj``, 
 ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``, ``blocks.{i}.ls1.gamma``, ``blocks.{i}.norm2``,
 ``blocks.{i}.mlp.fc1/fc2``, ``norm``), so timm, MAE, DINO, iBOT, DeiT and UNIP weights load by name.
 
+The block covers the ViT variants timm ships as strong teachers, under timm's names too: q/k norm
+(``attn.q_norm``/``attn.k_norm``, a LayerNorm over each head's channels before the scaled q·kᵀ), gated MLPs
+(``SwiGLUPacked``: ``mlp.fc1`` holding gate and value; ``SwiGLU``: ``mlp.fc1_g``/``mlp.fc1_x``), a norm inside the
+MLP (``mlp.norm``), the MLP's activation (GELU, its tanh approximation, SiLU), register tokens and layer scale
+(``ls1/ls2.gamma``). A plain ViT runs exactly the operations it ran before these variants existed.
+
 Beyond timm's model it can
 
 * give each block its own head count (``last_heads``: UNIP students' last block has as many heads as the
@@ -19,13 +25,34 @@ The attention taps number layers from 1 (block ``i`` of ``blocks`` is layer ``i 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+import math
+from functools import partial
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unip.models.pos_embed import resample_pos_embed, sincos_pos_embed_2d
+
+
+#: The MLP activations (timm's ``act_layer`` names).
+ACT_LAYERS: Dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "silu": nn.SiLU}
+#: The block variants and their defaults (a plain ViT). ``VisionTransformer.config`` holds a variant setting only
+#: where it differs from its default, so a plain ViT's config, and the header of its file, is what it was before
+#: the variants existed.
+VARIANT_DEFAULTS: Dict[str, Any] = {"qk_norm": False, "mlp_layer": "mlp", "act_layer": "gelu",
+                                    "scale_mlp_norm": False}
+
+
+def mlp_ratio_of(hidden: int, width: int) -> float:
+    """The ``mlp_ratio`` whose ``int(width * mlp_ratio)`` (what the block, like timm's, computes) is ``hidden``:
+    ``hidden / width``, nudged up by an ulp where floating point would round it below (e.g. 15 / 11 * 11 < 15)."""
+    ratio = hidden / width
+    while int(width * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
 
 
 class PatchEmbed(nn.Module):
@@ -54,9 +81,11 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection (timm layout)."""
+    """Multi-head self-attention with a fused ``qkv`` projection (timm layout). With ``qk_norm`` (timm's) queries
+    and keys pass a LayerNorm over each head's channels (``q_norm``, ``k_norm``) before the scaled q·kᵀ."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 norm_eps: float = 1e-6) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
@@ -64,12 +93,20 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # None, not nn.Identity, without q/k norm: a plain block runs no extra module
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """``[B, N, D]`` → ``[B, heads, N, head_dim]``."""
         batch, tokens, _ = x.shape
         return x.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _norm_qk(self, query: Tensor, key: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.q_norm is None:
+            return query, key
+        return self.q_norm(query), self.k_norm(key)
 
     def attention_logits(self, x: Tensor) -> Tensor:
         """Pre-softmax scaled q·kᵀ, ``[B, heads, N, N]``; only q and k are projected.
@@ -82,7 +119,7 @@ class Attention(nn.Module):
         else:
             bias = self.qkv.bias[: 2 * dim] if self.qkv.bias is not None else None
             query, key = F.linear(x, self.qkv.weight[: 2 * dim], bias).chunk(2, dim=-1)
-        query, key = self._split_heads(query), self._split_heads(key)
+        query, key = self._norm_qk(self._split_heads(query), self._split_heads(key))
         return (query * self.scale) @ key.transpose(-2, -1)
 
     def drop_value_rows(self) -> None:
@@ -103,6 +140,7 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
+        query, key = self._norm_qk(query, key)
         attention = None
         if return_attention:
             attention = ((query * self.scale) @ key.transpose(-2, -1)).softmax(dim=-1)
@@ -124,17 +162,31 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-class Mlp(nn.Module):
-    """``fc2(GELU(fc1(x)))``. With ``gelu_epilogue`` (a frozen teacher's tanh-approximated GELU, set by
-    ``Teacher.set_gelu``) CUDA computes ``fc1`` and the GELU as one cuBLASLt product: its GELU epilogue (the
-    tanh approximation, on the fp32 accumulator) saves a pass over the widest activation. Without gradients
-    only (the epilogue keeps no input for a backward pass); elsewhere ``act`` computes the same function."""
+class MlpOutput(nn.Module):
+    """What every MLP ends with: the activation, timm's optional ``norm`` of the hidden channels
+    (``scale_mlp_norm``) and ``fc2``. Subclasses make ``fc1`` (or its parts) first, so parameters keep timm's order."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def _add_output(self, dim: int, hidden_dim: int, act_layer: str, norm_eps: Optional[float]) -> None:
+        self.act_layer = act_layer
+        self.act = ACT_LAYERS[act_layer]()
+        self.norm = nn.LayerNorm(hidden_dim, eps=norm_eps) if norm_eps else None
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def _project(self, hidden: Tensor) -> Tensor:
+        return self.fc2(hidden if self.norm is None else self.norm(hidden))
+
+
+class Mlp(MlpOutput):
+    """``fc2(act(fc1(x)))`` (timm's ``Mlp``; GELU by default). With ``gelu_epilogue`` (a frozen teacher's
+    tanh-approximated GELU, set by ``Teacher.set_gelu``) CUDA computes ``fc1`` and the GELU as one cuBLASLt product:
+    its GELU epilogue (the tanh approximation, on the fp32 accumulator) saves a pass over the widest activation.
+    Without gradients only (the epilogue keeps no input for a backward pass); elsewhere ``act`` computes the same
+    function. ``norm_eps`` adds timm's ``norm`` of the hidden channels."""
+
+    def __init__(self, dim: int, hidden_dim: int, act_layer: str = "gelu", norm_eps: Optional[float] = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self._add_output(dim, hidden_dim, act_layer, norm_eps)
         self.gelu_epilogue = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -142,8 +194,41 @@ class Mlp(nn.Module):
             weight = self.fc1.weight
             hidden = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]).to(weight.dtype), weight.t(),
                                              use_gelu=True)
-            return self.fc2(hidden.view(*x.shape[:-1], -1))
-        return self.fc2(self.act(self.fc1(x)))
+            return self._project(hidden.view(*x.shape[:-1], -1))
+        return self._project(self.act(self.fc1(x)))
+
+
+class GluMlp(MlpOutput):
+    """timm's ``SwiGLUPacked`` (its ``GluMlp`` with the gate first): ``fc1`` gives gate and value stacked,
+    ``fc2(act(gate) * value)``; ``hidden_dim`` counts both, as timm's does."""
+
+    def __init__(self, dim: int, hidden_dim: int, act_layer: str = "silu", norm_eps: Optional[float] = None) -> None:
+        super().__init__()
+        if hidden_dim % 2:
+            raise ValueError(f"a packed gated MLP needs an even fc1 width (gate and value), not {hidden_dim}")
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self._add_output(dim, hidden_dim // 2, act_layer, norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self._project(self.act(gate) * value)
+
+
+class SwiGLU(MlpOutput):
+    """timm's ``SwiGLU``: gate and value from separate projections, ``fc2(act(fc1_g(x)) * fc1_x(x))``."""
+
+    def __init__(self, dim: int, hidden_dim: int, act_layer: str = "silu", norm_eps: Optional[float] = None) -> None:
+        super().__init__()
+        self.fc1_g = nn.Linear(dim, hidden_dim)
+        self.fc1_x = nn.Linear(dim, hidden_dim)
+        self._add_output(dim, hidden_dim, act_layer, norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._project(self.act(self.fc1_g(x)) * self.fc1_x(x))
+
+
+#: The MLP kinds (``mlp_layer``), named after timm's classes.
+MLP_LAYERS: Dict[str, Callable[..., MlpOutput]] = {"mlp": Mlp, "swiglu_packed": GluMlp, "swiglu": SwiGLU}
 
 
 class DropPath(nn.Module):
@@ -168,14 +253,15 @@ class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
-                 layer_scale: Optional[float], drop_path: float, norm_eps: float) -> None:
+                 layer_scale: Optional[float], drop_path: float, norm_eps: float, qk_norm: bool = False,
+                 mlp_layer: str = "mlp", act_layer: str = "gelu", scale_mlp_norm: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, norm_eps)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = MLP_LAYERS[mlp_layer](dim, int(dim * mlp_ratio), act_layer, norm_eps if scale_mlp_norm else None)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
         # what ``attention_logits`` runs: a plain function of the block, so that ``compile_blocks`` can compile
@@ -203,25 +289,36 @@ class VisionTransformer(nn.Module):
     Args mirror timm's ``VisionTransformer`` where they overlap. Additions: ``last_heads`` (head count of
     the last block), ``pos_embed_type`` (``"learned"`` or ``"sincos"``: fixed 2-D sin-cos table with a
     zero CLS row, stored as a frozen parameter like MAE), ``num_reg_tokens`` and ``no_embed_class``
-    (timm's register-token / DINOv2 layout). ``self.config`` holds the arguments, so
-    ``VisionTransformer(**model.config)`` rebuilds the architecture.
+    (timm's register-token / DINOv2 layout), and the block variants of timm's ViT, with timm's argument names:
+    ``qk_norm``, ``mlp_layer`` (``"mlp"``, ``"swiglu_packed"`` or ``"swiglu"``: timm's ``Mlp``, ``SwiGLUPacked``,
+    ``SwiGLU``; the MLP's width is ``int(embed_dim * mlp_ratio)`` as in timm, gate and value together for
+    ``swiglu_packed``), ``act_layer`` (``"gelu"``, ``"gelu_tanh"``, ``"silu"``: the MLP's activation, the gate's in
+    a gated MLP) and ``scale_mlp_norm``. ``self.config`` holds the arguments (a variant setting only where it
+    differs from ``VARIANT_DEFAULTS``), so ``VisionTransformer(**model.config)`` rebuilds the architecture.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, last_heads: Optional[int] = None,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, layer_scale: Optional[float] = None,
                  drop_path_rate: float = 0.0, norm_eps: float = 1e-6, pos_embed_type: str = "learned",
-                 class_token: bool = True, num_reg_tokens: int = 0, no_embed_class: bool = False) -> None:
+                 class_token: bool = True, num_reg_tokens: int = 0, no_embed_class: bool = False,
+                 qk_norm: bool = False, mlp_layer: str = "mlp", act_layer: str = "gelu",
+                 scale_mlp_norm: bool = False) -> None:
         super().__init__()
         img_size = _pair(img_size)
         if pos_embed_type not in ("learned", "sincos"):
             raise ValueError(f"pos_embed_type must be 'learned' or 'sincos', not {pos_embed_type!r}")
+        for name, value, table in (("mlp_layer", mlp_layer, MLP_LAYERS), ("act_layer", act_layer, ACT_LAYERS)):
+            if value not in table:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, table))}, not {value!r}")
+        variants = dict(qk_norm=qk_norm, mlp_layer=mlp_layer, act_layer=act_layer, scale_mlp_norm=scale_mlp_norm)
         self.config = dict(img_size=list(img_size), patch_size=patch_size, in_chans=in_chans,
                            embed_dim=embed_dim, depth=depth, num_heads=num_heads, last_heads=last_heads,
                            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, layer_scale=layer_scale,
                            drop_path_rate=drop_path_rate, norm_eps=norm_eps, pos_embed_type=pos_embed_type,
                            class_token=class_token, num_reg_tokens=num_reg_tokens,
-                           no_embed_class=no_embed_class)
+                           no_embed_class=no_embed_class,
+                           **{k: v for k, v in variants.items() if v != VARIANT_DEFAULTS[k]})
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
@@ -240,7 +337,7 @@ class VisionTransformer(nn.Module):
             heads[-1] = last_heads
         drop_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
-            Block(embed_dim, heads[i], mlp_ratio, qkv_bias, layer_scale, drop_rates[i], norm_eps)
+            Block(embed_dim, heads[i], mlp_ratio, qkv_bias, layer_scale, drop_rates[i], norm_eps, **variants)
             for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self._init_weights(pos_embed_type)
