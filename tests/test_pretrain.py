@@ -478,3 +478,20 @@ def test_pretrain_input_errors_say_what_to_pass(assets, tmp_path, capsys):
         cli.main(["pretrain", "--help"])
     listed = re.sub(r"-\s+", "-", " ".join(capsys.readouterr().out.split()))  # argparse wraps after hyphens
     assert all(name in listed for name in ("demo", "toy", "mae-l_unip-s", "dino-b_unip-s"))
+
+
+def test_the_student_drops_paths_at_the_release_rate_in_every_block():
+    """The release's pre-training students apply drop path 0.1 in every block (models_unip.py); timm's rule (and
+    the fine-tuning backbone's) rises from 0 in the first block, which student.drop_path_schedule=linear keeps."""
+    config = make_config("mae-l_unip-s", values={"student.model": "unip_vit_tiny_patch16", "data.input_size": 32})
+    student = build_student(config, 16, torch.device("cpu"))
+    assert [b.drop_path1.drop_prob for b in student.blocks] == [0.1] * 12
+    assert [b.drop_path2.keep_prob.item() for b in student.blocks] == pytest.approx([0.9] * 12)
+    config = make_config("mae-l_unip-s", ["student.drop_path_schedule=linear"],
+                         values={"student.model": "unip_vit_tiny_patch16", "data.input_size": 32})
+    rates = [b.drop_path1.drop_prob for b in build_student(config, 16, torch.device("cpu")).blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
+    from unip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="student.drop_path_schedule must be one of: linear, uniform"):
+        make_config("toy", ["student.drop_path_schedule=cubic"])

@@ -41,7 +41,7 @@ from unip.fingerprint import listing_fingerprint
 from unip.models import create_model, list_models, preset_config
 from unip.models.cpu_linear import decide, linear_kernel, requested_choice, use_onednn_linears
 from unip.models.quantize import fp8_unavailable_reason
-from unip.models.vit import VisionTransformer
+from unip.models.vit import DROP_PATH_SCHEDULES, VisionTransformer
 from unip.outputs import is_our_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,9 @@ DEFAULTS: Config = training_defaults(
         "teacher": {"source": None, "layer": "auto", "auto_images": 256},
         # depth / embed_dim / num_heads: null keeps the preset's (set them for toy-sized students)
         # init: a checkpoint of the same architecture to start from (null: random weights drawn from run.seed)
-        "student": {"model": "unip_vit_small_patch16", "drop_path": 0.1, "depth": None, "embed_dim": None,
-                    "num_heads": None, "init": None},
+        # drop_path_schedule: uniform (the release: the rate in every block) or linear (0 in the first block)
+        "student": {"model": "unip_vit_small_patch16", "drop_path": 0.1, "drop_path_schedule": "uniform",
+                    "depth": None, "embed_dim": None, "num_heads": None, "init": None},
         "data": {"path": None, "input_size": 224, "scale": [0.2, 1.0], "mean": INFMIX_MEAN, "std": INFMIX_STD,
                  "augment": True, "num_workers": 8},
         "loss": {"kind": "kl", "temperature": 1.0},
@@ -72,7 +73,8 @@ DEFAULTS: Config = training_defaults(
 RULES: Dict[str, Rule] = training_rules(DEFAULTS, {
     "teacher.source": text(null=True), "teacher.layer": integer(1, MAX_DEPTH, words=("auto",)),
     "teacher.auto_images": integer(1, 100_000), "student.model": text(*list_models()),
-    "student.drop_path": number(ge=0, lt=1), "student.depth": integer(1, MAX_DEPTH, null=True),
+    "student.drop_path": number(ge=0, lt=1), "student.drop_path_schedule": text(*DROP_PATH_SCHEDULES),
+    "student.depth": integer(1, MAX_DEPTH, null=True),
     "student.embed_dim": integer(1, MAX_WIDTH, null=True), "student.num_heads": integer(1, MAX_WIDTH, null=True),
     "student.init": text(null=True),
     "data.path": text(null=True), "data.input_size": integer(16, 4096),
@@ -247,8 +249,8 @@ def build_student(config: Config, heads: int, device: torch.device) -> VisionTra
     size = int(config["data"]["input_size"])
     spec = config["student"]
     shape = {key: spec[key] for key in ("depth", "embed_dim", "num_heads") if spec[key] is not None}
-    student = create_model(spec["model"], last_heads=heads, img_size=size,
-                           drop_path_rate=float(spec["drop_path"]), **shape)
+    student = create_model(spec["model"], last_heads=heads, img_size=size, **shape)
+    student.set_drop_path(float(spec["drop_path"]), spec["drop_path_schedule"])
     if size % student.patch_size:
         raise ConfigError(f"data.input_size={size} is not a multiple of the student's patch {student.patch_size}")
     if spec["init"]:

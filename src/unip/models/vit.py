@@ -231,15 +231,35 @@ class SwiGLU(MlpOutput):
 MLP_LAYERS: Dict[str, Callable[..., MlpOutput]] = {"mlp": Mlp, "swiglu_packed": GluMlp, "swiglu": SwiGLU}
 
 
+#: How a drop-path rate spreads over the blocks: ``linear`` rises from 0 in the first block to the rate in the last
+#: (timm's rule, and the release's fine-tuning backbone's); ``uniform`` is the rate in every block (the release's
+#: pre-training students, docs/recipe.md#pre-training).
+DROP_PATH_SCHEDULES = ("linear", "uniform")
+
+
+def drop_path_rates(rate: float, depth: int, schedule: str = "linear") -> List[float]:
+    """The drop-path probability of each of ``depth`` blocks for ``rate`` spread by ``schedule``."""
+    if schedule not in DROP_PATH_SCHEDULES:
+        raise ValueError(f"drop-path schedule must be one of {', '.join(DROP_PATH_SCHEDULES)}, not {schedule!r}")
+    if schedule == "uniform":
+        return [float(rate)] * depth
+    return torch.linspace(0, rate, depth, device="cpu").tolist()  # also under a meta device
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample with probability ``drop_prob``."""
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
-        self.drop_prob = drop_prob
         # the rate as a tensor too: blocks with different rates then share one compiled graph
         self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob), persistent=False)
-        self.active = drop_prob > 0.0
+        self.set_rate(drop_prob)
+
+    def set_rate(self, drop_prob: float) -> None:
+        """Drop the branch with probability ``drop_prob`` from now on."""
+        self.drop_prob = float(drop_prob)
+        self.keep_prob.fill_(1.0 - self.drop_prob)
+        self.active = self.drop_prob > 0.0
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.active or not self.training:
@@ -335,7 +355,7 @@ class VisionTransformer(nn.Module):
         heads = [num_heads] * depth
         if last_heads:
             heads[-1] = last_heads
-        drop_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
+        drop_rates = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
             Block(embed_dim, heads[i], mlp_ratio, qkv_bias, layer_scale, drop_rates[i], norm_eps, **variants)
             for i in range(depth))
@@ -372,6 +392,14 @@ class VisionTransformer(nn.Module):
     @property
     def heads_per_block(self) -> List[int]:
         return [block.attn.num_heads for block in self.blocks]
+
+    def set_drop_path(self, rate: float, schedule: str = "linear") -> None:
+        """Set the blocks' drop-path probabilities: ``rate`` spread over them by ``schedule`` (``drop_path_rates``);
+        the config keeps ``drop_path_rate`` (drop path changes training, not the architecture)."""
+        for block, block_rate in zip(self.blocks, drop_path_rates(rate, self.depth, schedule)):
+            block.drop_path1.set_rate(block_rate)
+            block.drop_path2.set_rate(block_rate)
+        self.config["drop_path_rate"] = float(rate)
 
     def no_weight_decay(self) -> set:
         """Names of parameters that take no weight decay besides biases and norms (timm convention)."""
