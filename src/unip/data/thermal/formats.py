@@ -315,17 +315,23 @@ def _image_frame(data: bytes, path: str, overrides: Overrides) -> ThermalFrame:
 def _decode_checked(data: bytes, path: str) -> Any:
     """The decoded image; its size is checked against the raster limits before any pixel is decoded."""
     import io
+    import warnings
 
     from PIL import Image
 
+    limits = f"at most {fff.MAX_SIDE} a side and {fff.MAX_PIXELS} in all are read"
     try:
-        with Image.open(io.BytesIO(data)) as peek:
-            width, height = peek.size
+        with warnings.catch_warnings():  # PIL's own limit warns above 89 M pixels; ours is lower
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as peek:
+                width, height = peek.size
+    except Image.DecompressionBombError:
+        raise ThermalFileError(path, "too-large", f"declares over {2 * Image.MAX_IMAGE_PIXELS} pixels ({limits})"
+                               ) from None
     except Exception:
         width = height = 1  # decode() reports what is wrong with it
     if width > fff.MAX_SIDE or height > fff.MAX_SIDE or width * height > fff.MAX_PIXELS:
-        raise ThermalFileError(path, "too-large", f"is {width} x {height} pixels (at most {fff.MAX_SIDE} a side "
-                               f"and {fff.MAX_PIXELS} in all are read)")
+        raise ThermalFileError(path, "too-large", f"is {width} x {height} pixels ({limits})")
     return decode(data, path)
 
 
