@@ -8,6 +8,7 @@ written out term by term there.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -34,6 +35,11 @@ REAL_DIR = next((folder for folder in _CANDIDATES if (folder / "README.md").is_f
 needs_real = pytest.mark.skipif(REAL_DIR is None, reason="the real FLIR files (shared/data/thermal/ beside the "
                                                          "repository) are not here")
 needs_exiftool = pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool is not installed")
+HAVE_IMAGECODECS = importlib.util.find_spec("imagecodecs") is not None
+needs_imagecodecs = pytest.mark.skipif(not HAVE_IMAGECODECS, reason="imagecodecs (pip install 'unip[thermal]') is "
+                                                                    "not installed: no JPEG-LS rasters")
+#: Raster encodings of FFF records the tests write (JPEG-LS only where imagecodecs is installed).
+RASTERS = ["raw", "png"] + (["jpegls"] if HAVE_IMAGECODECS else [])
 
 #: What shared/data/thermal/README.md says of each file.
 REAL_FILES = {
@@ -123,7 +129,7 @@ def test_written_files_read_the_same_in_exiftool(tmp_path, raster, header_order)
 
 
 # ============================================================================================ written files
-@pytest.mark.parametrize("raster", ["raw", "png", "jpegls"])
+@pytest.mark.parametrize("raster", ["raw", "png", pytest.param("jpegls", marks=needs_imagecodecs)])
 @pytest.mark.parametrize("header_order, record_order", [("<", "<"), (">", "<"), ("<", ">"), (">", ">")])
 def test_fff_frame_reads_back_exactly(tmp_path, raster, header_order, record_order):
     counts = tf.scene(30, 40, low=1000, high=30000)
@@ -175,6 +181,7 @@ def test_seq_yields_every_frame(tmp_path):
     assert "frames:      4 (the ranges below are frame 0's)" in describe_thermal(path)
 
 
+@needs_imagecodecs
 def test_csq_yields_jpeg_ls_frames(tmp_path):
     scenes = [tf.scene(20, 24, seed=index, low=100, high=16000) for index in range(3)]
     path = _write(tmp_path, "clip.csq", b"".join(tf.frame(scene, raster="jpegls", record_order=order)
@@ -329,7 +336,7 @@ def test_truncated_and_corrupted_files_never_crash(tmp_path, caplog):
     counts = tf.scene(6, 8)
     rng = np.random.default_rng(0)
     samples = []
-    for raster in ("raw", "png", "jpegls"):
+    for raster in RASTERS:
         frame = tf.frame(counts, raster=raster, header_order=">", preview=tf.jpeg(np.zeros((6, 8, 3), np.uint8)))
         sequence = frame + frame
         jpeg = tf.flir_jpeg(frame, np.zeros((8, 8, 3), np.uint8), chunk=150)
@@ -355,10 +362,11 @@ def test_truncated_and_corrupted_files_never_crash(tmp_path, caplog):
     assert {"read", "ThermalFileError"} <= outcomes
 
 
+@needs_imagecodecs
 def test_csq_without_imagecodecs_names_the_extra(tmp_path, monkeypatch):
     path = _write(tmp_path, "clip.csq", tf.frame(tf.scene(6, 8), raster="jpegls"))
     monkeypatch.setitem(sys.modules, "imagecodecs", None)  # as if it were not installed
-    with pytest.raises(ConfigError, match=r"\.csq files .*imagecodecs.*unip\[thermal\]"):
+    with pytest.raises(ConfigError, match=r"clip.csq: reading its JPEG-LS raster .*imagecodecs.*unip\[thermal\]"):
         read_thermal(path)
 
 

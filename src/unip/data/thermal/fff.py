@@ -251,7 +251,7 @@ def _jpegls_counts(data: bytes, width: int, height: int, path: str) -> np.ndarra
     if components != 1 or not 8 < precision <= 16:
         raise ThermalFileError(path, "bad-raster", f"JPEG-LS raster has {components} component(s) of {precision} "
                                "bits, not one of 9-16 bits")
-    codecs = require("imagecodecs", "reading FLIR .csq files (JPEG-LS rasters)")
+    codecs = require("imagecodecs", f"{path}: reading its JPEG-LS raster (FLIR .csq)")
     try:
         pixels = codecs.jpegls_decode(data)
     except Exception as err:
