@@ -165,7 +165,7 @@ def test_flir_jpeg_reassembles_segments_by_number(tmp_path):
 
 def test_seq_yields_every_frame(tmp_path):
     scenes = [tf.scene(12, 16, seed=index) for index in range(4)]
-    frames = [tf.frame(scene) for scene in scenes]
+    frames = [tf.frame(scene, header_order=order, record_order=order) for scene, order in zip(scenes, "<><>")]
     frames[2] = tf.fff([(0x01, tf.raw_data(scenes[2])),
                         (0x20, tf.camera_info(tf.CALIBRATION, 16, 12))], empty_entries=2)  # free entries first
     padded = frames[0] + frames[1] + b"\0" * 100 + frames[2] + b"FFF\0" + b"\x01" * 60 + frames[3]
@@ -313,6 +313,7 @@ def _damaged(tmp_path):
                                       + bytes(30))]), "JPEG-LS raster is 0 x 0"),
         ("missing.jpg", missing, r"missing.jpg: has 6 of its 7 FLIR segments \(missing number 1\)"),
         ("tail.seq", good + good[:100], "lies outside"),
+        ("cut.seq", good + good[:40], "cut.seq: the FFF header .* lies outside"),
     ]
 
 

@@ -168,8 +168,12 @@ def _header_order(header: bytes) -> Optional[str]:
 def next_frame_start(source: Source, frame: Frame) -> Optional[int]:
     """Where the frame after ``frame`` starts, or None at the end of the data."""
     position = frame.end
-    while position + HEADER_SIZE <= source.size:
-        found = position if source.read(position, 4, "the next FFF header") == MAGIC else source.find(MAGIC, position)
+    left = source.size - position
+    if left >= 4 and source.read(position, 4, "the next FFF header") == MAGIC:  # the usual case
+        if left < HEADER_SIZE or _header_order(source.read(position, HEADER_SIZE, "an FFF header")) is not None:
+            return position  # (read_frame reports a header cut short)
+    while position < source.size:
+        found = source.find(MAGIC, position)
         if found < 0 or found + HEADER_SIZE > source.size:
             return None
         if _header_order(source.read(found, HEADER_SIZE, "an FFF header")) is not None:
@@ -316,8 +320,10 @@ def _timestamp(data: bytes, order: str) -> Optional[datetime]:
     minutes_west, = struct.unpack_from(order + "h", data, _TIME + 8)
     if seconds == 0 or abs(minutes_west) > 24 * 60:
         return None
-    zone = timezone(timedelta(minutes=-minutes_west))
-    return datetime.fromtimestamp(seconds + (sub & 0xFFFF) / 1000.0, tz=zone)
+    try:
+        return datetime.fromtimestamp(seconds + (sub & 0xFFFF) / 1000.0, tz=timezone(timedelta(minutes=-minutes_west)))
+    except (OverflowError, OSError, ValueError):  # a time this platform cannot represent
+        return None
 
 
 def read_embedded_image(source: Source, record: Record) -> Optional[bytes]:

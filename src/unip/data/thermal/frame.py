@@ -68,7 +68,7 @@ class ThermalFrame:
         return int(self.counts.shape[1])
 
 
-def to_uint8(frame: ThermalFrame, range: Optional[Tuple[float, float]] = None) -> np.ndarray:  # noqa: A002
+def to_uint8(frame: ThermalFrame, range: Optional[Tuple[float, float]] = None) -> np.ndarray:
     """The frame as model input: uint8 H x W, by the module's rule (``range``: a fixed (low, high) window in °C)."""
     if range is not None:
         low, high = _window(range)
