@@ -28,8 +28,8 @@ from unip.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Largest JPEG read whole (R-JPEGs are a few MB; the FFF data alone is at most 255 segments of 64 kB).
-MAX_JPEG_BYTES = 256 << 20
+#: Largest JPEG or image file read whole (R-JPEGs are a few MB: their FFF data is at most 256 segments of 64 kB).
+MAX_IMAGE_BYTES = 256 << 20
 #: The first bytes of each kind of file read here.
 _MAGICS = (("fff", (fff.MAGIC, b"AFF\0")), ("jpeg", (fff.JPEG_MAGIC,)), ("png", (fff.PNG_MAGIC,)),
            ("tiff", (b"II*\0", b"MM\0*")), ("bmp", (b"BM",)), ("webp", (b"RIFF",)))
@@ -96,9 +96,9 @@ def read_frames(path: str, overrides: Overrides, first: int = 0, count: Optional
     yield from _slice(iter([_image_frame(data, path, overrides)]), path, first, count)
 
 
-def _slice(frames: Iterator[ThermalFrame], path: str, first: int, count: Optional[int]) -> Iterator[ThermalFrame]:
-    if first < 0:
-        raise ConfigError(f"frame {first}: frames count from 0")
+def _slice(frames: Iterator[ThermalFrame], path: str, first: int, count: Optional[int],
+           held: Callable[[], int] = lambda: 1) -> Iterator[ThermalFrame]:
+    """Frames ``first`` on (``count`` of them); none at all is an error saying how many the file ``held``."""
     seen = 0
     for frame in frames:
         if frame.index >= first:
@@ -107,15 +107,17 @@ def _slice(frames: Iterator[ThermalFrame], path: str, first: int, count: Optiona
             if count is not None and seen >= count:
                 return
     if seen == 0:
-        raise ThermalFileError(path, "no-frame", f"holds no frame {first} (frames count from 0)", "ask for another")
+        frames_held = held()
+        raise ThermalFileError(path, "no-frame", f"holds {frames_held} frame{'s' if frames_held != 1 else ''}, "
+                               f"so no frame {first} (frames count from 0)", f"ask for 0..{frames_held - 1}")
 
 
 def _read_whole(path: str) -> bytes:
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            if size > MAX_JPEG_BYTES:
-                raise ThermalFileError(path, "too-large", f"is {size} bytes (images up to {MAX_JPEG_BYTES} are read)")
+            if size > MAX_IMAGE_BYTES:
+                raise ThermalFileError(path, "too-large", f"is {size} bytes (images up to {MAX_IMAGE_BYTES} are read)")
             return handle.read()
     except OSError as err:
         raise ThermalFileError(path, "io-error", f"cannot read: {err.strerror or err}") from None
@@ -135,8 +137,8 @@ def _opened(path: str) -> Iterator[Any]:
 def _fff_file_frames(path: str, overrides: Overrides, first: int, count: Optional[int]) -> Iterator[ThermalFrame]:
     name = _SUFFIX_FORMATS.get(os.path.splitext(path)[1].lower(), "FFF")
     with _opened(path) as handle:
-        yield from _slice(_fff_frames(fff.Source(path, handle), path, overrides, name, first=first), path, first,
-                          count)
+        frames = _fff_frames(fff.Source(path, handle), path, overrides, name, first=first)
+        yield from _slice(frames, path, first, count, held=lambda: count_fff_frames(path))
 
 
 def _fff_frames(source: fff.Source, path: str, overrides: Overrides, name: str, first: int = 0,
