@@ -1286,6 +1286,105 @@ CASES: List[Case] = [
 ]
 
 
+# ============================================================================================ thermal files
+# Damaged FLIR files (issue #23), through `unip info FILE`: the reader every thermal verb shares. The files are
+# built by the tests' FLIR writer (tests/thermal_files.py), then damaged one way each.
+def _thermal(a: Inputs, name: str, build: Callable[..., bytes]) -> str:
+    """``scratch/name`` holding ``build(writer)``, ``writer`` being tests/thermal_files.py."""
+    import thermal_files
+
+    return a.file(name, build(thermal_files))
+
+
+def _patched(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+    """``data`` with ``value`` packed as ``fmt`` at ``offset``."""
+    import struct
+
+    changed = bytearray(data)
+    struct.pack_into(fmt, changed, offset, value)
+    return bytes(changed)
+
+
+def _raw_record(w, width: int, height: int, raster: bytes) -> bytes:
+    """An FFF frame whose only record is RawData declaring ``width`` x ``height`` and holding ``raster``."""
+    import struct
+
+    return w.fff([(0x01, struct.pack("<HHH", 2, width, height).ljust(32, b"\0") + raster)])
+
+
+def _flir_jpeg(w, drop: Optional[int] = None, last: Optional[int] = None) -> bytes:
+    """An R-JPEG of 7 FLIR segments; ``drop``: the segment left out; ``last``: segment 3's wrong count byte."""
+    data = w.frame(w.scene(8, 10), header_order=">")
+    jpeg = w.flir_jpeg(data, np.zeros((8, 8, 3), np.uint8), chunk=200, order=[n for n in range(7) if n != drop])
+    if last is None:
+        return jpeg
+    fourth = -1
+    for _ in range(4):
+        fourth = jpeg.index(b"FLIR\0\x01", fourth + 1)
+    return jpeg[:fourth + 7] + bytes([last]) + jpeg[fourth + 8:]
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _huge_tiff(side: int) -> bytes:
+    """A 16-bit TIFF header declaring ``side`` x ``side`` pixels, with 16 bytes of pixels."""
+    import struct
+
+    tags = [(256, 4, side), (257, 4, side), (258, 3, 16), (259, 3, 1), (262, 3, 1), (273, 4, 8 + 2 + 9 * 12 + 4),
+            (277, 3, 1), (278, 4, side), (279, 4, 16)]
+    entries = b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in tags)
+    ifd = struct.pack("<H", len(tags)) + entries
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + bytes(16)
+
+
+THERMAL_CASES: List[Case] = [
+    Case("info: a FLIR FFF frame", lambda a: ["info", _thermal(a, "ok.fff", lambda w: w.frame(w.scene(8, 10)))],
+         code=0),
+    Case("info: FFF frame cut inside a record", lambda a: ["info", _thermal(
+         a, "cut.fff", lambda w: w.frame(w.scene(8, 10))[:-50])], match=r"cut.fff: FFF record 1 .*lies outside"),
+    Case("info: FFF header cut short", lambda a: ["info", a.file("head.fff", b"FFF\0" + bytes(30))],
+         match="head.fff: the FFF header .*lies outside the file's 34 bytes"),
+    Case("info: FFF directory past the end", lambda a: ["info", _thermal(a, "dir.fff", lambda w: _patched(
+         w.frame(w.scene(8, 10), header_order=">"), 0x18, ">I", 2 ** 31))], match="dir.fff: the FFF record directory"),
+    Case("info: FFF record offset past the end", lambda a: ["info", _thermal(a, "off.fff", lambda w: _patched(
+         w.frame(w.scene(8, 10)), 0x40 + 0x0C, "<I", 10 ** 9))], match=r"off.fff: FFF record 0 .*bytes 1000000000"),
+    Case("info: FFF directory of 2**31 records", lambda a: ["info", _thermal(a, "many.fff", lambda w: _patched(
+         w.frame(w.scene(8, 10)), 0x1C, "<I", 2 ** 31))], match="many.fff: .*claims 2147483648 records"),
+    Case("info: FFF of an unknown version", lambda a: ["info", a.file("ver.fff", b"FFF\0" + bytes(60))],
+         match="ver.fff: .*unknown version"),
+    Case("info: FLIR AFF sequence", lambda a: ["info", a.file("aff.seq", b"AFF\0" + bytes(60))],
+         match="aff.seq: an AFF sequence"),
+    Case("info: FFF raster of 8-bit samples", lambda a: ["info", _thermal(a, "raw8.fff", lambda w: _raw_record(
+         w, 10, 8, bytes(80)))], match="raw8.fff: raw thermal image holds 8-bit samples, not 16-bit"),
+    Case("info: FFF raster shorter than declared", lambda a: ["info", _thermal(a, "short.fff", lambda w: _raw_record(
+         w, 10, 8, bytes(100)))], match="short.fff: raw thermal image holds 100 bytes where 10 x 8"),
+    Case("info: FFF PNG raster of 8 bits", lambda a: ["info", _thermal(a, "png8.fff", lambda w: _raw_record(
+         w, 10, 8, _png_bytes(np.zeros((8, 10), np.uint8))))], match="png8.fff: PNG raster is 8-bit gray"),
+    Case("info: FFF raster of 60000 x 60000", lambda a: ["info", _thermal(a, "huge.fff", lambda w: _raw_record(
+         w, 60000, 60000, bytes(64)))], match="huge.fff: raw thermal image declares 60000 x 60000 pixels"),
+    Case("info: FFF without a raw data record", lambda a: ["info", _thermal(a, "noraw.fff", lambda w: w.fff(
+         [(0x20, w.camera_info(w.CALIBRATION, 10, 8))]))], match="noraw.fff: FFF frame 0 has no raw thermal data"),
+    Case("info: SEQ whose second frame is cut", lambda a: ["info", _thermal(a, "clip.seq", lambda w: w.frame(
+         w.scene(8, 10)) + w.frame(w.scene(8, 10))[:200])], match="clip.seq: .*lies outside the file's"),
+    Case("info: CSQ with a broken JPEG-LS raster", lambda a: ["info", _thermal(a, "bad.csq", lambda w: _raw_record(
+         w, 10, 8, b"\xff\xd8\xff\xf7\x00\x0b\x10\x00\x08\x00\x0a\x01" + bytes(40)))],
+         match="bad.csq: (JPEG-LS raster cannot be decoded|reading its JPEG-LS raster)"),  # without imagecodecs
+    Case("info: R-JPEG missing a FLIR segment", lambda a: ["info", _thermal(a, "gap.jpg", lambda w: _flir_jpeg(
+         w, drop=2))], match=r"gap.jpg: has 6 of its 7 FLIR segments \(missing number 2\)"),
+    Case("info: R-JPEG whose FLIR segments disagree on their count", lambda a: ["info", _thermal(
+         a, "count.jpg", lambda w: _flir_jpeg(w, last=9))], match="count.jpg: FLIR segments disagree on their count"),
+    Case("info: 16-bit TIFF of 100000 x 100000", lambda a: ["info", a.file("huge.tif", _huge_tiff(100000))],
+         match="huge.tif: declares over 178956970 pixels"),
+    Case("info: 16-bit TIFF of 9000 x 9000", lambda a: ["info", a.file("big.tif", _huge_tiff(9000))],
+         match="big.tif: is 9000 x 9000 pixels"),
+]
+CASES += THERMAL_CASES
+
+
 # ============================================================================================ the check
 def _snapshot(*roots: Path) -> Dict[str, str]:
     """Every file under ``roots`` → a hash of its bytes (folders → ``"dir"``; FIFOs, devices and links to them

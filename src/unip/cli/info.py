@@ -11,14 +11,19 @@ def add_info(sub: argparse._SubParsersAction) -> None:
                                    "timm:<name>[@weights]) without running code from it, rebuild its model and "
                                    "print a summary. Exit code 2 (after the summary) when the other verbs refuse "
                                    "it: missing, mis-shaped or non-finite weights.")
-    p.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.bin/.safetensors) or timm:<name>[@file]")
+    p.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.bin/.safetensors) or timm:<name>[@file]; a "
+                                      "thermal file or image: its camera, raster, counts, temperatures, calibration")
     p.set_defaults(func=_run_info)
 
 
 def _run_info(args: argparse.Namespace) -> int:
     from unip.checkpoint import inspect_checkpoint
+    from unip.data.thermal import describe_thermal, is_thermal_file
     from unip.errors import CheckpointError
 
+    if is_thermal_file(args.checkpoint):  # by content: a FLIR file (R-JPEG, FFF, SEQ, CSQ) or an image
+        print(describe_thermal(args.checkpoint))
+        return 0
     summary, problem = inspect_checkpoint(args.checkpoint)
     print(summary)
     if problem:  # the report is printed; the exit code says that the other verbs refuse the file

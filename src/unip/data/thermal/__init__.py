@@ -1,0 +1,55 @@
+"""Thermal-camera files read as the sensor recorded them: raw counts, temperatures, calibration, preview.
+
+``read_thermal(path, frame=0)`` → :class:`ThermalFrame`; ``iter_thermal(path)`` yields every frame of a SEQ/CSQ
+(one for a single image); ``to_uint8(frame, range=None)`` is the mapping to model input; ``describe_thermal(path)``
+is what ``unip info FILE`` prints. Formats, temperatures and their limits: docs/thermal.md.
+
+Modules: :mod:`~unip.data.thermal.fff` (FFF records), :mod:`~unip.data.thermal.planck` (temperatures),
+:mod:`~unip.data.thermal.formats` (which format a file holds, reading its frames), :mod:`~unip.data.thermal.frame`
+(the frame, the mapping), :mod:`~unip.data.thermal.describe` (the summary).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+from unip.data.thermal.describe import describe_thermal
+from unip.data.thermal.errors import ThermalFileError
+from unip.data.thermal.formats import Overrides, read_frames, sniff
+from unip.data.thermal.frame import ThermalFrame, stretch_counts, to_uint8
+
+__all__ = ["ThermalFileError", "ThermalFrame", "describe_thermal", "is_thermal_file", "iter_thermal",
+           "read_thermal", "stretch_counts", "to_uint8"]
+
+
+def read_thermal(path: str, frame: int = 0, *, emissivity: Optional[float] = None, distance: Optional[float] = None,
+                 reflected: Optional[float] = None, tlinear: Optional[float] = None) -> ThermalFrame:
+    """Frame ``frame`` (from 0) of the thermal file or image ``path``.
+
+    ``emissivity`` (0..1], ``distance`` (object distance, m) and ``reflected`` (reflected apparent temperature, °C)
+    replace the file's values in the temperature model of FLIR files. ``tlinear`` (kelvin per count) gives a 16-bit
+    TIFF/PNG temperatures: ``celsius = counts * tlinear - 273.15``. A damaged or unsupported file raises
+    :class:`ThermalFileError` (a ``unip.errors.DataError``) naming it; a bad option, ``ConfigError``.
+    """
+    overrides = Overrides(emissivity, distance, reflected, tlinear)
+    return next(read_frames(path, overrides, first=_frame_number(frame), count=1))
+
+
+def iter_thermal(path: str, *, emissivity: Optional[float] = None, distance: Optional[float] = None,
+                 reflected: Optional[float] = None, tlinear: Optional[float] = None) -> Iterator[ThermalFrame]:
+    """Every frame of ``path`` in order (one for anything but a SEQ/CSQ); the options as in :func:`read_thermal`.
+    Frames are read one at a time: a damaged frame raises when it is reached, after the frames before it."""
+    return read_frames(path, Overrides(emissivity, distance, reflected, tlinear))
+
+
+def is_thermal_file(path: str) -> bool:
+    """Whether ``path`` holds, by its first bytes, a file :func:`read_thermal` reads (a FLIR file or an image)."""
+    return sniff(path) is not None
+
+
+def _frame_number(frame: int) -> int:
+    from unip.errors import ConfigError
+
+    if isinstance(frame, bool) or not isinstance(frame, int) or frame < 0:
+        raise ConfigError(f"frame={frame!r}: give a frame number, 0 or more")
+    return frame

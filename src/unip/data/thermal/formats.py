@@ -1,0 +1,352 @@
+"""Which thermal format a file holds (by its content, not its name), and reading its frames.
+
+* FLIR radiometric JPEG: the FFF data spread over APP1 segments ``FLIR\\0`` (byte 6: the segment's number, byte 7:
+  the last number), reassembled in number order; the JPEG's own picture is the preview.
+* ``.fff`` (one FFF frame), ``.seq`` and ``.csq`` (FFF frames one after another; .csq rasters are JPEG-LS).
+* 16-bit TIFF / PNG: counts = the values; temperatures only from a linear scale the caller states (``tlinear``
+  kelvin per count: celsius = counts * tlinear - 273.15, as radiometric Boson, Tau 2 or Duo Pro R TIFFs are).
+* 8-bit images (JPEG, PNG, BMP, TIFF, WebP): counts = the 8-bit values (colour images: their ITU-R 601 luma),
+  no temperatures, the colours as preview.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from unip.data.images import decode, to_gray
+from unip.data.thermal import fff, planck
+from unip.data.thermal.errors import ThermalFileError
+from unip.data.thermal.frame import ThermalFrame
+from unip.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Largest JPEG or image file read whole (R-JPEGs are a few MB: their FFF data is at most 256 segments of 64 kB).
+MAX_IMAGE_BYTES = 256 << 20
+#: The first bytes of each kind of file read here.
+_MAGICS = (("fff", (fff.MAGIC, b"AFF\0")), ("jpeg", (fff.JPEG_MAGIC,)), ("png", (fff.PNG_MAGIC,)),
+           ("tiff", (b"II*\0", b"MM\0*")), ("bmp", (b"BM",)), ("webp", (b"RIFF",)))
+_SUFFIX_FORMATS = {".seq": "SEQ", ".csq": "CSQ"}
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def sniff(path: str) -> Optional[str]:
+    """The kind of file at ``path`` by its first bytes (``fff``, ``jpeg``, ``png``, ``tiff``, ``bmp``, ``webp``), or
+    None for anything else, a folder or a file that cannot be opened."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError:
+        return None
+    for kind, magics in _MAGICS:
+        if any(head.startswith(magic) for magic in magics):
+            return None if kind == "webp" and head[8:12] != b"WEBP" else kind
+    return None
+
+
+class Overrides:
+    """The caller's changes to a file's calibration, checked once: ``emissivity`` (0..1], ``distance`` (m, >= 0),
+    ``reflected`` (reflected apparent temperature, °C), and ``tlinear`` (K per count of a linear 16-bit image)."""
+
+    def __init__(self, emissivity: Optional[float] = None, distance: Optional[float] = None,
+                 reflected: Optional[float] = None, tlinear: Optional[float] = None) -> None:
+        _check("emissivity", emissivity, lambda v: 0 < v <= 1, "a number in (0, 1]")
+        _check("distance", distance, lambda v: v >= 0, "a distance in metres, 0 or more")
+        _check("reflected", reflected, lambda v: v > -planck.KELVIN, "a temperature in °C above -273.15")
+        _check("tlinear", tlinear, lambda v: v > 0, "kelvin per count, above 0 (e.g. 0.04 or 0.01)")
+        self.planck = {"emissivity": emissivity, "object_distance": distance, "reflected_temperature": reflected}
+        self.tlinear = tlinear
+
+
+def _check(name: str, value: Optional[float], valid: Callable[[float], bool], what: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not valid(value):
+        raise ConfigError(f"{name}={value!r}: give {what}")
+
+
+def read_frames(path: str, overrides: Overrides, first: int = 0, count: Optional[int] = None
+                ) -> Iterator[ThermalFrame]:
+    """Frames ``first``, ``first + 1``, ... (``count`` of them, or to the end) of ``path``."""
+    kind = sniff(path)
+    if kind == "fff":
+        yield from _fff_file_frames(path, overrides, first, count)
+        return
+    if kind is None:
+        if os.path.isdir(path):
+            raise ThermalFileError(path, "not-a-file", "is a folder", "give a thermal file")
+        if not os.path.exists(path):
+            raise ThermalFileError(path, "missing", "no such file", "check the path")
+        raise ThermalFileError(path, "not-an-image", "is neither a FLIR file (FFF, SEQ, CSQ, R-JPEG) nor an image")
+    data = _read_whole(path)
+    if kind == "jpeg":
+        flir = _flir_segments(data, path)
+        if flir is not None:
+            frames = _fff_frames(fff.Source(path, flir), path, overrides, "FLIR JPEG",
+                                 preview=lambda: _picture(data, path), camera=_exif_model(data))
+            yield from _slice(frames, path, first, count)
+            return
+    yield from _slice(iter([_image_frame(data, path, overrides)]), path, first, count)
+
+
+def _slice(frames: Iterator[ThermalFrame], path: str, first: int, count: Optional[int],
+           held: Callable[[], int] = lambda: 1) -> Iterator[ThermalFrame]:
+    """Frames ``first`` on (``count`` of them); none at all is an error saying how many the file ``held``."""
+    seen = 0
+    for frame in frames:
+        if frame.index >= first:
+            yield frame
+            seen += 1
+            if count is not None and seen >= count:
+                return
+    if seen == 0:
+        frames_held = held()
+        raise ThermalFileError(path, "no-frame", f"holds {frames_held} frame{'s' if frames_held != 1 else ''}, "
+                               f"so no frame {first} (frames count from 0)", f"ask for 0..{frames_held - 1}")
+
+
+def _read_whole(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_IMAGE_BYTES:
+                raise ThermalFileError(path, "too-large", f"is {size} bytes (images up to {MAX_IMAGE_BYTES} are read)")
+            return handle.read()
+    except OSError as err:
+        raise ThermalFileError(path, "io-error", f"cannot read: {err.strerror or err}") from None
+
+
+# ------------------------------------------------------------------------------------------ FFF frames
+@contextmanager
+def _opened(path: str) -> Iterator[Any]:
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise ThermalFileError(path, "io-error", f"cannot read: {err.strerror or err}") from None
+    with handle:
+        yield handle
+
+
+def _fff_file_frames(path: str, overrides: Overrides, first: int, count: Optional[int]) -> Iterator[ThermalFrame]:
+    name = _SUFFIX_FORMATS.get(os.path.splitext(path)[1].lower(), "FFF")
+    with _opened(path) as handle:
+        frames = _fff_frames(fff.Source(path, handle), path, overrides, name, first=first)
+        yield from _slice(frames, path, first, count, held=lambda: count_fff_frames(path))
+
+
+def _fff_frames(source: fff.Source, path: str, overrides: Overrides, name: str, first: int = 0,
+                preview: Optional[Callable[[], Optional[np.ndarray]]] = None, camera: Optional[str] = None
+                ) -> Iterator[ThermalFrame]:
+    """Every frame of ``source`` (those before ``first`` located, not decoded). ``preview`` decodes the picture a
+    JPEG shows (None: each frame's embedded image); ``camera`` names the camera where the FFF data names none."""
+    if overrides.tlinear is not None:
+        log.warning("%s: tlinear ignored: a FLIR file carries its own calibration", path)
+    start: Optional[int] = 0
+    index = 0
+    warned = False
+    while start is not None:
+        located = fff.read_frame(source, start)
+        if index >= first:
+            frame, problem = _decode_fff(source, located, path, overrides, name, index, preview)
+            if problem and not warned:  # once per file, not once per frame of a sequence
+                log.warning("%s: no temperatures (frame %d): %s", path, index, problem)
+                warned = True
+            frame.camera = frame.camera or camera
+            yield frame
+        start = fff.next_frame_start(source, located)
+        index += 1
+
+
+def count_fff_frames(path: str) -> int:
+    """How many FFF frames a .fff / .seq / .csq file holds (headers only are read)."""
+    with _opened(path) as handle:
+        source = fff.Source(path, handle)
+        start: Optional[int] = 0
+        frames = 0
+        while start is not None:
+            start = fff.next_frame_start(source, fff.read_frame(source, start))
+            frames += 1
+        return frames
+
+
+def _decode_fff(source: fff.Source, located: fff.Frame, path: str, overrides: Overrides, name: str, index: int,
+                preview: Optional[Callable[[], Optional[np.ndarray]]]) -> Tuple[ThermalFrame, Optional[str]]:
+    """One frame, and why it has no temperatures (None when it has)."""
+    raw = located.record(fff.RAW_DATA)
+    if raw is None:
+        raise ThermalFileError(path, "bad-record", f"FFF frame {index} has no raw thermal data record")
+    counts, encoding = fff.read_raster(source, raw)
+    info_record = located.record(fff.CAMERA_INFO)
+    info = fff.read_camera_info(source, info_record) if info_record else fff.CameraInfo({}, None, None)
+    calibration = planck.with_overrides(info.calibration, overrides.planck)
+    celsius = None
+    problem = planck.problem(calibration)
+    if problem is None:
+        celsius = planck.counts_to_celsius(counts, calibration)
+    if name == "FFF" and encoding == "JPEG-LS":
+        name = "CSQ"
+    if preview is None:
+        embedded = located.record(fff.EMBEDDED_IMAGE)
+        encoded = fff.read_embedded_image(source, embedded) if embedded else None
+        preview = (lambda: _picture(encoded, path)) if encoded else None
+    frame = ThermalFrame(counts=counts, celsius=celsius, camera=info.model, calibration=calibration, path=path,
+                         index=index, format=name, encoding=encoding, timestamp=info.timestamp, bit_depth=16,
+                         preview_source=preview)
+    return frame, problem
+
+
+# ------------------------------------------------------------------------------------------ R-JPEG
+def _flir_segments(data: bytes, path: str) -> Optional[bytes]:
+    """The FFF data of an R-JPEG (its ``FLIR`` APP1 segments in number order), or None for a JPEG without them."""
+    chunks: Dict[int, bytes] = {}
+    total: Optional[int] = None
+    for marker, body in _jpeg_segments(data):
+        if marker == 0xE1 and body.startswith(b"FLIR\0") and len(body) >= 8:
+            number, last = body[6], body[7]
+            if total is not None and last + 1 != total:
+                raise ThermalFileError(path, "bad-record", f"FLIR segments disagree on their count ({total} and "
+                                       f"{last + 1})")
+            if number in chunks:
+                raise ThermalFileError(path, "bad-record", f"FLIR segment {number} appears twice")
+            total = last + 1
+            chunks[number] = body[8:]
+    if total is None:
+        return None
+    missing = [number for number in range(total) if number not in chunks]
+    if missing:
+        listed = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise ThermalFileError(path, "truncated", f"has {total - len(missing)} of its {total} FLIR segments "
+                               f"(missing number {listed})")
+    if len(chunks) != total:
+        raise ThermalFileError(path, "bad-record", f"has FLIR segments numbered beyond their count ({total})")
+    return b"".join(chunks[number] for number in range(total))
+
+
+def _jpeg_segments(data: bytes) -> Iterator[Tuple[int, bytes]]:
+    """(marker, body) of each segment before the image data; stops at the scan, at the end or at damage (the
+    picture's decoder reports a damaged picture; a damaged FLIR part shows as missing segments)."""
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0xDA, 0xD9):
+            return
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            position += 2
+            continue
+        length, = struct.unpack_from(">H", data, position + 2)
+        if length < 2 or position + 2 + length > len(data):
+            return
+        yield marker, data[position + 4:position + 2 + length]
+        position += 2 + length
+
+
+def _exif_model(data: bytes) -> Optional[str]:
+    """The Model tag (0x0110) of a JPEG's EXIF block, or None."""
+    exif = next((body for marker, body in _jpeg_segments(data) if marker == 0xE1 and body.startswith(b"Exif\0\0")),
+                None)
+    return _tiff_model(exif[6:]) if exif else None
+
+
+def _tiff_model(tiff: bytes) -> Optional[str]:
+    """The Model tag (0x0110) of a TIFF block's first directory, or None."""
+    try:
+        order = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        directory, = struct.unpack_from(order + "I", tiff, 4)
+        entries, = struct.unpack_from(order + "H", tiff, directory)
+        for index in range(min(entries, 512)):
+            tag, kind, count, value = struct.unpack_from(order + "HHII", tiff, directory + 2 + index * 12)
+            if tag == 0x0110 and kind == 2:
+                raw = tiff[directory + 10 + index * 12:][:count] if count <= 4 else tiff[value:value + count]
+                return fff._text(raw)
+    except (KeyError, struct.error):
+        return None
+    return None
+
+
+def _picture(data: bytes, path: str) -> Optional[np.ndarray]:
+    """An embedded or JPEG picture as uint8 H x W x 3; None (logged) when it cannot be decoded."""
+    try:
+        image = decode(data, path)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except Exception as err:  # the counts are what matter; a broken picture beside them is only reported
+        log.warning("%s: its preview picture cannot be decoded (%s)", path, err)
+        return None
+
+
+# ------------------------------------------------------------------------------------------ plain images
+def _image_frame(data: bytes, path: str, overrides: Overrides) -> ThermalFrame:
+    image = _decode_checked(data, path)
+    kind = image.format or "image"
+    if image.mode in _HIGH_DEPTH_MODES:
+        values = np.asarray(image)
+        if values.dtype != np.uint16 and (values.min() < 0 or values.max() > 65535):
+            raise ThermalFileError(path, "bad-raster", f"holds 32-bit values {values.min()}..{values.max()}, not "
+                                   "16-bit counts")
+        counts = values.astype(np.uint16)
+        calibration: Dict[str, float] = {}
+        celsius = None
+        if overrides.tlinear is not None:
+            calibration = {"tlinear": overrides.tlinear}
+            celsius = (counts * np.float64(overrides.tlinear) - planck.KELVIN).astype(np.float32)
+        _ignored(path, overrides, planck_too=True, tlinear=False)
+        return ThermalFrame(counts=counts, celsius=celsius, camera=None, calibration=calibration, path=path,
+                            format=f"16-bit {kind}", encoding=f"{kind}, 16-bit", bit_depth=16)
+    if image.mode == "F":
+        raise ThermalFileError(path, "bad-raster", "holds floating-point values, not sensor counts")
+    _ignored(path, overrides, planck_too=True, tlinear=True)
+    gray = to_gray(image)
+    colour = image.mode not in ("L", "1", "LA") and not (image.mode == "P" and _gray_palette(image))
+    preview = np.asarray(image.convert("RGB"), dtype=np.uint8) if colour else None
+    return ThermalFrame(counts=gray.astype(np.uint16), celsius=None, camera=None, calibration={}, path=path,
+                        format="8-bit image", encoding=f"{kind}, 8-bit {'colour' if colour else 'gray'}",
+                        bit_depth=8, preview_source=preview)
+
+
+def _decode_checked(data: bytes, path: str) -> Any:
+    """The decoded image; its size is checked against the raster limits before any pixel is decoded."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    limits = f"at most {fff.MAX_SIDE} a side and {fff.MAX_PIXELS} in all are read"
+    try:
+        with warnings.catch_warnings():  # PIL's own limit warns above 89 M pixels; ours is lower
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as peek:
+                width, height = peek.size
+    except Image.DecompressionBombError:
+        raise ThermalFileError(path, "too-large", f"declares over {2 * Image.MAX_IMAGE_PIXELS} pixels ({limits})"
+                               ) from None
+    except Exception:
+        width = height = 1  # decode() reports what is wrong with it
+    if width > fff.MAX_SIDE or height > fff.MAX_SIDE or width * height > fff.MAX_PIXELS:
+        raise ThermalFileError(path, "too-large", f"is {width} x {height} pixels ({limits})")
+    return decode(data, path)
+
+
+def _gray_palette(image: Any) -> bool:
+    palette = np.asarray(image.getpalette() or [], dtype=np.int32).reshape(-1, 3)
+    return bool(palette.size) and bool(np.all(palette == palette[:, :1]))
+
+
+def _ignored(path: str, overrides: Overrides, planck_too: bool, tlinear: bool) -> None:
+    given: List[str] = []
+    if planck_too:
+        given += [key for key, value in overrides.planck.items() if value is not None]
+    if tlinear and overrides.tlinear is not None:
+        given.append("tlinear")
+    if given:
+        log.warning("%s: %s ignored: the file has no calibration they apply to", path, ", ".join(given))
