@@ -23,6 +23,11 @@ def _group_list(text: str) -> Tuple[str, ...]:
     return () if names == ("none",) else names
 
 
+def _name_list(text: str) -> Tuple[str, ...]:
+    """``a,b`` → ``("a", "b")`` (checked by the library)."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _percent(text: str) -> float:
     try:
         value = float(text)
@@ -131,15 +136,27 @@ def _run_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- bench
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="latency, throughput, parameters and GFLOPs of a segmentor on this machine",
-                       description="Time a segmentor (one forward: normalised image -> logits at the input size) "
-                                   "in PyTorch eager, torch.compile and ONNX Runtime on this machine, and count "
-                                   "its parameters and GFLOPs per part (backbone, neck, decode head). Prints a "
-                                   "table; --out also writes it as JSON.")
+    p = sub.add_parser("bench", help="latency, throughput, label agreement, parameters and GFLOPs of a segmentor on "
+                                     "this machine",
+                       description="Time a segmentor on generated thermal frames of --size (e.g. 512 640, a camera "
+                                   "frame) by sliding windows (the recipe's test pipeline) and whole, in PyTorch "
+                                   "eager, torch.compile and ONNX Runtime fp32, int8 and fp16, with each row's label "
+                                   "agreement with fp32 PyTorch; and count its parameters and GFLOPs per part "
+                                   "(backbone, neck, decode head). Prints a table; --out also writes it as JSON.")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="a fine-tuned segmentor (ours or the release's)")
     p.add_argument("--size", nargs=2, type=_SIDE, metavar=("H", "W"),
-                   help="input height and width, multiples of 16 (default the crop size, 512 512)")
-    p.add_argument("--batch", type=integer(1, 4096).option(), default=1, help="images per call (default 1)")
+                   help="frame height and width as the model sees them, multiples of 16 (default the crop size, "
+                        "512 512; a 640x512 camera: 512 640)")
+    p.add_argument("--batch", type=integer(1, 4096).option(), default=1, help="frames per call (default 1)")
+    p.add_argument("--modes", type=_name_list, default=("slide", "whole"), metavar="LIST",
+                   help="slide (sliding windows of the crop, the recipe's test pipeline), whole (the frame in one "
+                        "forward), comma-separated (default both)")
+    p.add_argument("--onnx-precisions", type=_name_list, default=("fp32", "int8", "fp16"), metavar="LIST",
+                   help="ONNX Runtime rows: fp32, int8, fp16, comma-separated (default all)")
+    p.add_argument("--threads", type=integer(1, 4096).option(), default=None, metavar="N",
+                   help="intra-op threads of PyTorch and ONNX Runtime (default PyTorch's, for both)")
+    p.add_argument("--calibrate", metavar="DIR",
+                   help="frames that calibrate the int8 rows (default generated thermal scenes)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
                    help="autocast dtype of the PyTorch rows (auto: bf16 on CUDA, else fp16); on a CPU bf16 runs bf16 "
@@ -167,7 +184,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     segmentor = load_segmentor(args.checkpoint)
     result = benchmark(segmentor, args.checkpoint, size=tuple(args.size) if args.size else None, batch=args.batch,
                        device=args.device, precision=args.precision, warmup=args.warmup, iters=args.iters,
-                       runtimes=runtimes, compile_backend=args.compile_backend)
+                       runtimes=runtimes, compile_backend=args.compile_backend, modes=args.modes,
+                       onnx_precisions=args.onnx_precisions, threads=args.threads, calibrate=args.calibrate)
     print(result.table())
     if args.out:
         print(f"wrote {write_json(result, args.out)}")
