@@ -1,7 +1,8 @@
 """Optional dependencies, imported when a feature needs them.
 
 OpenCV (videos), onnx / onnxscript / onnxruntime (ONNX export and benchmarks) are in the ``export`` extra
-(``pip install 'unip[export]'``); the rest of unip works without them. ``require`` imports one and, when it
+(``pip install 'unip[export]'``), submitit (sweeps on a Slurm cluster) in the ``slurm`` extra; the rest of unip
+works without them. ``require`` imports one and, when it
 is missing, raises a ``ConfigError`` that says which feature needs it and how to install it.
 """
 
@@ -17,7 +18,10 @@ PACKAGES = {
     "onnx": "onnx",
     "onnxscript": "onnxscript",
     "onnxruntime": "onnxruntime",
+    "submitit": "submitit",
 }
+#: Import name → the extra of unip that installs it (``export`` for the rest).
+EXTRAS = {"submitit": "slurm"}
 
 
 def require(module: str, feature: str) -> ModuleType:
@@ -32,4 +36,4 @@ def require(module: str, feature: str) -> ModuleType:
     except ImportError as err:
         package = PACKAGES.get(module, module)
         raise ConfigError(f"{feature} needs the Python package {package} ({err}); install it with "
-                          f"pip install {package} or pip install 'unip[export]'") from None
+                          f"pip install {package} or pip install 'unip[{EXTRAS.get(module, 'export')}]'") from None
