@@ -90,12 +90,14 @@ def quantize_int8(source: str, target: str, inputs: Iterable[np.ndarray], metada
 def float_nodes(graph, keep_float: Sequence[str]) -> List[str]:
     """Names of the nodes of ``graph`` (an ``onnx.GraphProto``) that ``keep_float``'s groups leave in float32
     (``layernorm`` is left out by operator type instead)."""
-    initializers = {tensor.name for tensor in graph.initializer}
-    constants = {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    constant = {tensor.name for tensor in graph.initializer} | {""}
+    for node in graph.node:  # topological order: what is computed from weights alone (a transposed weight) is one
+        if all(name in constant for name in node.input):
+            constant.update(node.output)
     names = []
     if "attention" in keep_float:
         names += [node.name for node in graph.node if node.op_type == "Softmax"
-                  or (node.op_type == "MatMul" and not any(i in initializers or i in constants for i in node.input))]
+                  or (node.op_type == "MatMul" and not any(name in constant for name in node.input))]
     if "classifier" in keep_float:
         convs = [node.name for node in graph.node if node.op_type == "Conv"]
         names += convs[-1:]  # nodes are in topological order: the last convolution gives the logits
