@@ -36,8 +36,9 @@ def test_bench_prints_every_row_and_writes_json(tmp_path, capsys):
     for part in ("backbone", "neck", "decode head", "auxiliary head (training only)", "total (inference)"):
         assert any(line.startswith(part) for line in lines), part
     rows = [line.split() for line in lines if line.startswith(("PyTorch", "torch.", "ONNX"))]
-    assert [(r[2], r[3]) for r in rows if "skipped:" not in r] == [("fp32", "slide"), ("fp32", "slide"), ("int8", "slide"), ("fp32", "whole"), ("fp32", "whole"),
-                  ("int8", "whole")]
+    assert [(r[2], r[3]) for r in rows if "skipped:" not in r] == [
+        ("fp32", "slide"), ("fp32", "slide"), ("int8", "slide"),
+        ("fp32", "whole"), ("fp32", "whole"), ("int8", "whole")]
     eager = [r for r in rows if r[0] == "PyTorch"]
     assert all(r[-2:] == ["100.00", "%"] and float(r[-3]) > 0 for r in eager)  # frames/s, agreement with itself
     assert sum(1 for line in lines if line.startswith("torch.compile") and line.endswith("skipped: --no-compile")) == 2
