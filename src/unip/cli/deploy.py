@@ -168,6 +168,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
     p.add_argument("--compile-backend", default="inductor", metavar="NAME",
                    help="torch.compile backend (default inductor)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="torch.compile rows replay CUDA graphs (inductor, --device cuda)")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(func=_run_bench)
 
@@ -185,7 +187,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     result = benchmark(segmentor, args.checkpoint, size=tuple(args.size) if args.size else None, batch=args.batch,
                        device=args.device, precision=args.precision, warmup=args.warmup, iters=args.iters,
                        runtimes=runtimes, compile_backend=args.compile_backend, modes=args.modes,
-                       onnx_precisions=args.onnx_precisions, threads=args.threads, calibrate=args.calibrate)
+                       onnx_precisions=args.onnx_precisions, threads=args.threads, calibrate=args.calibrate,
+                       cuda_graphs=args.cuda_graphs)
     print(result.table())
     if args.out:
         print(f"wrote {write_json(result, args.out)}")

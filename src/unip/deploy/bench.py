@@ -190,12 +190,14 @@ def benchmark(segmentor: Segmentor, checkpoint: str = "segmentor", size: Optiona
               batch: int = 1, device: str = "auto", precision: str = "fp32", warmup: int = 1, iters: int = 5,
               runtimes: Sequence[str] = RUNTIMES, compile_backend: str = "inductor", modes: Sequence[str] = MODES,
               onnx_precisions: Sequence[str] = PRECISIONS, threads: Optional[int] = None,
-              calibrate: Optional[str] = None, calibration_frames: int = BENCH_CHECK_FRAMES) -> BenchResult:
+              calibrate: Optional[str] = None, calibration_frames: int = BENCH_CHECK_FRAMES,
+              cuda_graphs: bool = False) -> BenchResult:
     """Time ``segmentor`` in each of ``runtimes`` × ``modes`` (× ``onnx_precisions`` for ONNX Runtime; module
     docstring). Every runtime of ``RUNTIMES`` gets a row per mode and precision: those not asked for are ``skipped``,
     those that raise are ``failed`` (with the reason), the rest ``ok``. Raises ``ConfigError`` for bad options
     (size, batch, counts, device, modes, precisions, threads, a compile backend torch does not know) and
-    ``DataError`` for a ``calibrate`` folder without a readable frame, before any timing."""
+    ``DataError`` for a ``calibrate`` folder without a readable frame, before any timing. ``cuda_graphs``: the
+    compiled rows replay CUDA graphs (inductor's ``triton.cudagraphs``; CUDA only)."""
     if warmup < 0 or iters < 1:
         raise ConfigError(f"--warmup {warmup} / --iters {iters}: use --warmup 0 or more and --iters 1 or more")
     _check_names("runtime", runtimes, RUNTIMES)
@@ -206,6 +208,9 @@ def benchmark(segmentor: Segmentor, checkpoint: str = "segmentor", size: Optiona
     if "compile" in runtimes:
         check_compile_backend(compile_backend)
     torch_device = resolve_device(device)
+    if cuda_graphs and (torch_device.type != "cuda" or compile_backend != "inductor"):
+        raise ConfigError("--cuda-graphs: CUDA graphs are replayed by inductor on a CUDA device (--device cuda, "
+                          "--compile-backend inductor)")
     amp = resolve_precision(precision, torch_device)
     size = check_size(segmentor, size or default_size(segmentor), batch)
     pipeline = InferencePipeline.of(segmentor)
@@ -246,7 +251,7 @@ def benchmark(segmentor: Segmentor, checkpoint: str = "segmentor", size: Optiona
 
     references = {mode: runner(segmentor, mode, True, False)().argmax(1).cpu() for mode in modes}
     context = _RowContext(segmentor, pipeline, size, window, windows, batch, torch_device, threads or
-                          torch.get_num_threads(), calibrate, calibration_frames)
+                          torch.get_num_threads(), calibrate, calibration_frames, cuda_graphs)
     with _quiet_torch_build_logs():
         for mode in modes:
             for runtime in RUNTIMES:
@@ -283,13 +288,16 @@ class _RowContext:
     threads: int
     calibrate: Optional[str]
     calibration_frames: int
+    cuda_graphs: bool = False
 
     def module(self, row: RuntimeRow, backend: str) -> Tuple[nn.Module, str, Callable[[], None]]:
         """``(module, where, cleanup)`` for ``row``."""
         if row.runtime == "eager":
             return self.segmentor, str(self.device), _nothing
         if row.runtime == "compile":
-            return _compiled(self.segmentor, backend), f"{self.device} ({backend})", _nothing
+            graphs = ", CUDA graphs" if self.cuda_graphs else ""
+            return (_compiled(self.segmentor, backend, self.cuda_graphs), f"{self.device} ({backend}{graphs})",
+                    _nothing)
         size, batch = (self.window, self.batch * self.windows) if row.mode == "slide" else (self.size, self.batch)
         folder = tempfile.mkdtemp(prefix="unip-bench-")
         try:
@@ -332,10 +340,13 @@ def check_compile_backend(backend: str) -> None:
                           f"{', '.join(list_backends())} (or a debug backend: eager, aot_eager)")
 
 
-def _compiled(model: torch.nn.Module, backend: str) -> Callable[[torch.Tensor], Any]:
+def _compiled(model: torch.nn.Module, backend: str, cuda_graphs: bool = False) -> Callable[[torch.Tensor], Any]:
     """``torch.compile`` for inference: with inductor, weights are frozen into the graph as constants (the
-    setting inductor recommends for inference; on a CPU it also lets convolutions use pre-packed weights)."""
-    options = {"freezing": True} if backend == "inductor" else None
+    setting inductor recommends for inference; on a CPU it also lets convolutions use pre-packed weights), and
+    with ``cuda_graphs`` each shape's kernels are replayed as one CUDA graph (what ``mode="reduce-overhead"``
+    turns on)."""
+    options = {"freezing": True, **({"triton.cudagraphs": True} if cuda_graphs else {})} \
+        if backend == "inductor" else None
     return torch.compile(model, backend=backend, options=options)
 
 
