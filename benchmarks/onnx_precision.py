@@ -1,6 +1,7 @@
 """ONNX Runtime fp32 against int8 for UNIP-S (LL-FPN + UperNet, 21 classes) on a camera frame (512×640), on this
 CPU: latency in the same process with the same threads (timed alternately), and the label agreement of each int8
-variant with the fp32 PyTorch model on the real FLIR frames of ``../shared/data/thermal/`` and on generated scenes.
+variant with the fp32 PyTorch model on the two real FLIR frames of the thermal test data (found beside the
+repository, as the tests find them) and on generated scenes.
 
 The model: ``--state`` (a training state of a short ``unip finetune`` of UNIP-S on generated data, the default
 source of the numbers in docs/inference.md; its architecture is given by ``--crop``), ``--checkpoint`` (a segmentor
