@@ -18,7 +18,7 @@
 #         results.tgz, e.g. `trial step 100 --rows release,ours+compile --profile ours+compile`
 #   seg:  UNIP-S segmentation at 512 px (benchmarks/seg_throughput.py): fine-tuning step images/s and bf16/fp16
 #         MFU (eager and compiled), batched sliding windows against one at a time
-#   infer: (issue 26, about 9 min on an H100; all in $OUT/results.tgz) UNIP-S at 512x640 (a 640x512 camera frame):
+#   infer: (issue 26, at most 13 min of timeouts on an H100, run it alone; all in $OUT/results.tgz) UNIP-S at 512x640 (a 640x512 camera frame):
 #         `unip bench` bf16 frames/s eager and torch.compile, whole frame and sliding windows, batch 1 (with and
 #         without CUDA graphs) and batch 16; fine-tuning step images/s and bf16 MFU at the SODA recipe's shape (512
 #         crops, batch 8) with batched against one-at-a-time sliding windows (benchmarks/seg_throughput.py); and the
@@ -163,29 +163,33 @@ seg() {
 infer() {  # issue 26's GPU numbers (header); DEVICE=cpu TINY=1 runs every command at toy size on a CPU
   local device=${DEVICE:-cuda} py=${PYTHON:-python3}
   local backbone=unip_vit_small_patch16 size="512 640" batch=16 iters=50 warm=10 crop=512 steps=10 seg_batch=8
-  local precision=bf16 graphs=--cuda-graphs pretrain_seconds=170 teacher=vit_large_patch16 synth=320x256 num=1280
-  local layer=auto
+  local precision=bf16 graphs=--cuda-graphs pretrain_seconds=100 teacher=vit_large_patch16 synth=320x256 num=1280
+  local layer=auto compile=
   if [ -n "${TINY:-}" ]; then
     backbone=unip_vit_tiny_patch16 size="64 96" batch=2 iters=2 warm=0 crop=64 steps=1 seg_batch=2 graphs=
     precision=fp32 pretrain_seconds=240 teacher=vit_tiny_patch16 synth=96x64 num=16 layer=9
+    compile=--no-compile  # inductor on a 2-core CPU takes minutes; tests/test_bench.py covers the compiled rows
   fi
   env_info_any "$R/env.txt" "$py"
   "$py" -c "
 from unip.seg import build_segmentor, save_segmentor
 save_segmentor(build_segmentor(21, '$backbone', img_size=$crop), '$W/seg.safetensors')" || return 1
-  for b in 1 $batch; do  # frames/s at batch 1 and batched, eager and compiled, whole frame and sliding windows
-    timeout 200 "$py" -m unip.cli bench --checkpoint "$W/seg.safetensors" --device "$device" --precision "$precision" \
-      --size $size --batch "$b" --no-onnx --iters "$iters" --warmup "$warm" --out "$R/bench_b$b.json" 2>&1 \
-      | grep -v Warning | tee "$R/bench_b$b.txt"
-    save
-  done
+  # frames/s at batch 1 (whole frame and sliding windows) and batched (whole frame), eager and compiled
+  timeout 240 "$py" -m unip.cli bench --checkpoint "$W/seg.safetensors" --device "$device" --precision "$precision" \
+    --size $size --batch 1 --no-onnx $compile --iters "$iters" --warmup "$warm" --out "$R/bench_b1.json" 2>&1 \
+    | grep -v Warning | tee "$R/bench_b1.txt"
+  save
+  timeout 150 "$py" -m unip.cli bench --checkpoint "$W/seg.safetensors" --device "$device" --precision "$precision" \
+    --size $size --batch "$batch" --modes whole --no-onnx $compile --iters "$iters" --warmup "$warm" \
+    --out "$R/bench_b$batch.json" 2>&1 | grep -v Warning | tee "$R/bench_b$batch.txt"
+  save
   if [ -n "$graphs" ]; then
-    timeout 150 "$py" -m unip.cli bench --checkpoint "$W/seg.safetensors" --device "$device" --precision bf16 \
+    timeout 120 "$py" -m unip.cli bench --checkpoint "$W/seg.safetensors" --device "$device" --precision bf16 \
       --size $size --batch 1 --no-onnx --modes whole --iters "$iters" --warmup "$warm" $graphs \
       --out "$R/bench_graphs.json" 2>&1 | grep -v Warning | tee "$R/bench_graphs.txt"
     save
   fi
-  timeout 200 "$py" benchmarks/seg_throughput.py --device "$device" --backbone "$backbone" --size "$crop" \
+  timeout 150 "$py" benchmarks/seg_throughput.py --device "$device" --backbone "$backbone" --size "$crop" \
     --batch-size "$seg_batch" --steps "$steps" --precisions "$precision" --image "${size// /x}" --eval-batch 4 \
     --json "$R/seg_infer.json" 2>&1 | grep -v Warning | tee "$R/seg_infer.txt"
   save
