@@ -31,7 +31,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -70,6 +70,9 @@ class PredictOptions:
     alpha: float = 0.5
     workers: Optional[int] = None
     progress: bool = True
+    #: library callers (``unip serve``): called after each batch with (frames done, frames in all); an exception it
+    #: raises stops the run as an interruption does (the reports list what was done, ``complete`` false)
+    on_progress: Optional[Callable[[int, int], None]] = None
 
     def check(self) -> None:
         """Raise ``ConfigError`` naming the option that is out of range."""
@@ -337,23 +340,43 @@ class _Writes:
 
 
 # ============================================================================================ the run
-def predict_files(checkpoint: str, inputs: Sequence[str], options: Optional[PredictOptions] = None) -> PredictResult:
-    """Run ``unip predict`` (module docstring): returns a ``PredictResult``; ``failed`` lists the inputs that
-    could not be read. Bad options, checkpoints, inputs or output folders raise ``UnipError`` before any work."""
-    from unip.seg.checkpoint import load_segmentor
+@dataclass
+class PredictModel:
+    """A segmentor loaded for prediction: the ``checkpoint`` it came from, its ``predictor`` (on its device, memory
+    planned) and its ``classes``."""
 
+    checkpoint: str
+    predictor: Predictor
+    classes: ClassInfo
+
+    @classmethod
+    def load(cls, checkpoint: str, options: PredictOptions) -> "PredictModel":
+        """Read ``checkpoint`` with the model options of ``options`` (``dataset``, ``device``, ``precision``,
+        ``batch_size``); raises ``UnipError``."""
+        from unip.seg.checkpoint import load_segmentor
+
+        segmentor = load_segmentor(checkpoint)
+        classes = ClassInfo.resolve(segmentor.num_classes, options.dataset, segmentor.meta)
+        predictor = Predictor(segmentor, options.device, options.precision, options.batch_size)
+        predictor.plan_memory()
+        return cls(checkpoint, predictor, classes)
+
+
+def predict_files(checkpoint: str, inputs: Sequence[str], options: Optional[PredictOptions] = None,
+                  model: Optional[PredictModel] = None) -> PredictResult:
+    """Run ``unip predict`` (module docstring): returns a ``PredictResult``; ``failed`` lists the inputs that
+    could not be read. Bad options, checkpoints, inputs or output folders raise ``UnipError`` before any work.
+    ``model``: the segmentor of ``checkpoint`` already loaded (``PredictModel.load``; ``unip serve`` loads it once
+    for every upload), used as it is (its device, precision, batch size and classes)."""
     options = options or PredictOptions()
     options.check()
     out_folder(options.out, "--out")
     sources, failed = find_sources(inputs, exclude=options.out)
-    segmentor = load_segmentor(checkpoint)
-    classes = ClassInfo.resolve(segmentor.num_classes, options.dataset, segmentor.meta)
-    predictor = Predictor(segmentor, options.device, options.precision, options.batch_size)
-    predictor.plan_memory()
+    model = model or PredictModel.load(checkpoint, options)
     with hold(options.out, "unip predict"):  # from the look at what --out holds to the last file written
         plan = OutputPlan(options.out, options.formats, options.every)
         plan.check(sources)
-        run = _Run(plan, classes, predictor, options)
+        run = _Run(plan, model.classes, model.predictor, options)
         run.result.failed += failed
         return run.go(sources, checkpoint)
 
@@ -374,6 +397,7 @@ class _Run:
         total = sum(len(s.frame_indices(self.options.every)) for s in sources)
         bar = tqdm(total=total, unit="img", desc="predict", dynamic_ncols=True, disable=not self.options.progress)
         writes = _Writes(self.workers)
+        done = 0
         try:
             for batch in _batches(self._frames(sources), self.predictor.batch_size):
                 usable = [f for f in batch if f.image is not None and not self._too_large(f)]
@@ -384,6 +408,9 @@ class _Run:
                 for frame, label in zip(usable, labels):
                     self._write(frame, label, writes)
                 bar.update(len(batch))
+                done += len(batch)
+                if self.options.on_progress is not None:
+                    self.options.on_progress(done, total)
             self._close_video()
             writes.close()
         except BaseException as err:
