@@ -102,9 +102,10 @@ class Server:
 
     def __init__(self, options: ServeOptions) -> None:
         options.check()
-        warn_if_open(options.host, options.port)
         self.options = options
         self.socket = open_socket(options.host, options.port)
+        self.address = self.socket.getsockname()
+        warn_if_open(options.host, self.address[1])
         self.uploads: Optional[UploadFolder] = None
         self.jobs: Optional[JobQueue] = None
         try:
@@ -124,7 +125,8 @@ class Server:
 
     @property
     def url(self) -> str:
-        host, port = self.socket.getsockname()[:2]
+        """The page's address (a wildcard address shown as this machine's loopback one)."""
+        host, port = self.address[:2]
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/"

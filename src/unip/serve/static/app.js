@@ -31,6 +31,9 @@ function svg(tag, attributes = {}) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// replaceChildren without the nulls (optional parts left out).
+function fill(node, ...children) { node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined)); }
+
 class ApiError extends Error {
   constructor(message, status, body) { super(message); this.status = status; this.body = body; }
 }
@@ -121,7 +124,8 @@ function colourBar(scale) {
   context.fillRect(0, 0, 16, 200);
   bar.append(el("span", {class: "high", text: `${formatNumber(scale.high, 1)} °C`}), canvas,
              el("span", {class: "low", text: `${formatNumber(scale.low, 1)} °C`}),
-             el("span", {class: "extremes", text: `frame ${formatNumber(scale.min, 1)} … ${formatNumber(scale.max, 1)} °C`}));
+             el("span", {class: "extremes", text: `in the frame: ${formatNumber(scale.min, 1)} to ` +
+                                                  `${formatNumber(scale.max, 1)} °C`}));
   return bar;
 }
 
@@ -169,8 +173,8 @@ function scores(result) {
 
 function renderImage(body, result) {
   const picture = el("div", {class: "picture"}, stage(result), result.thermal ? colourBar(result.thermal) : null);
-  body.replaceChildren(el("div", {class: "view"}, picture, legend(result, result)), scores(result),
-                       classTable(result, result), downloads(result));
+  fill(body, el("div", {class: "view"}, picture, legend(result, result)), scores(result),
+       classTable(result, result), downloads(result));
 }
 
 // A video: its annotated frames played back, the table of the frame shown.
@@ -207,9 +211,9 @@ function renderVideo(body, result) {
   });
   slider.addEventListener("input", () => { stop(); show(Number(slider.value)); });
   show(0);
-  body.replaceChildren(el("div", {class: "stage"}, image), el("p", {class: "player"}, play, slider, label),
-                       result.complete ? null : el("p", {class: "status", text: "cancelled: the frames done so far"}),
-                       table, downloads(result));
+  fill(body, el("div", {class: "stage"}, image), el("p", {class: "player"}, play, slider, label),
+       result.complete ? null : el("p", {class: "status", text: "cancelled: the frames done so far"}),
+       table, downloads(result));
 }
 
 // One file through /api/predict, in a card of its own; returns the final job state.
@@ -373,7 +377,7 @@ function drawAttention(map) {
   const top = Math.max(...map.values) || 1;
   context.clearRect(0, 0, canvas.width, canvas.height);
   map.values.forEach((value, i) => {
-    context.fillStyle = `rgba(255, 60, 0, ${(0.85 * value / top).toFixed(3)})`;
+    context.fillStyle = `rgba(255, 60, 0, ${(0.7 * value / top).toFixed(3)})`;
     context.fillRect((i % map.cols) * w, Math.floor(i / map.cols) * h, w, h);
   });
   context.strokeStyle = "#00e0ff";
