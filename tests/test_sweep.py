@@ -423,7 +423,7 @@ def test_report_leaves_out_records_of_seeds_the_sweep_file_no_longer_asks_for(da
 
 
 def test_report_shows_no_average_while_a_planned_data_set_has_no_result(data, tmp_path):
-    from unip.sweep.report import write_report
+    from unip.sweep.report_folder import write_report
 
     out = tmp_path / "out"
     sweep_file = _hand_made_sweep(tmp_path, data, protocols={"ft": {}, "lp": {"datasets": ["D1"]}})

@@ -8,6 +8,8 @@ import re
 import sys
 
 from unip.engine.config import integer
+from unip.errors import ConfigError
+from unip.outputs import is_our_json, out_file
 
 
 _SIDE = integer(1, 65_536).option()
@@ -53,8 +55,6 @@ def _default_export_path(checkpoint: str, suffix: str) -> str:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from unip.errors import ConfigError
-
     if args.format == "timm":
         from unip.deploy.timm_export import export_timm
 
@@ -111,7 +111,6 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from unip.deploy.bench import RUNTIMES, benchmark, write_json
-    from unip.outputs import is_our_json, out_file
     from unip.seg.checkpoint import load_segmentor
 
     if args.out is not None:  # an empty --out is refused here too, not skipped after the timing

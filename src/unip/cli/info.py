@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from unip.errors import CheckpointError
+
 
 def add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a checkpoint's architecture and load report",
@@ -16,8 +18,7 @@ def add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from unip.checkpoint import inspect_checkpoint
-    from unip.errors import CheckpointError
+    from unip.checkpoint_kinds import inspect_checkpoint
 
     summary, problem = inspect_checkpoint(args.checkpoint)
     print(summary)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from unip.engine.config import integer
 
@@ -49,8 +50,6 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from unip.sweep import parse_devices, parse_variables, plan_sweep, plan_table, read_sweep, run_sweep
     from unip.sweep.run import cell_jobs, check_sweep
 
@@ -80,7 +79,7 @@ def _run_sweep_run(args: argparse.Namespace) -> int:
 
 
 def _run_sweep_report(args: argparse.Namespace) -> int:
-    from unip.sweep.report import write_report
+    from unip.sweep.report_folder import write_report
 
     report = write_report(args.sweep_dir, args.out)
     print(report.markdown)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from unip.atomic import atomic_write_text
 from unip.deploy.onnx_export import SegmentorLogits, check_size, default_size, export_onnx, onnx_session
 from unip.engine.distributed import resolve_device
 from unip.engine.loop import resolve_precision
@@ -284,8 +285,6 @@ def _time(run: Callable[[], Any], row: RuntimeRow, start: float, warmup: int, it
 
 def write_json(result: BenchResult, path: str) -> str:
     """Write ``result.to_dict()`` to ``path`` atomically; returns ``path``."""
-    from unip.atomic import atomic_write_text
-
     atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
     return path
 
