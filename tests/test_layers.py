@@ -8,10 +8,14 @@ kept out of a module that must stay light (docs/architecture.md, "Layers").
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, FrozenSet, List, Set, Tuple
+
+import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -25,6 +29,7 @@ LAYERS = {
     "unip.engine": 4, "unip.models": 4,
     "unip.outputs": 2,
     "unip.errors": 1, "unip.atomic": 1, "unip.text": 1, "unip.memory": 1, "unip.fingerprint": 1, "unip.optional": 1,
+    "unip.run_lock": 1,
     "unip": 1,  # the package itself (this name only): its version and error classes
 }
 
@@ -285,6 +290,19 @@ def test_every_module_has_a_layer_and_the_light_ones_are_light():
     heavy = heavy_imports(MODULES)
     assert heavy["unip.cli"] == set() and heavy["unip.engine.config"] == set()
     assert "torch" in heavy["unip.seg.train"] and "matplotlib" in heavy["unip.seg.figures"]  # the reader sees them
+
+
+@pytest.mark.xfail(strict=True, reason="argparse's add_argument formats each argument's metavar, which iterates "
+                   "a TableChoices (cli/app.py) at once: building the parser imports unip.data.datasets and "
+                   "unip.models.heads, and with them torch (unip --help: 5.5 s); remove this mark once it is fixed")
+def test_the_cli_builds_its_parser_without_importing_torch():
+    """What the layers keep light, measured: ``unip --help`` (every verb's parser built) imports no heavy module."""
+    code = ("import sys; import unip.cli; unip.cli.build_parser(); "
+            f"print(sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_checker_finds_a_circle_an_upward_arrow_and_a_needless_lazy_import(tmp_path):
