@@ -13,6 +13,8 @@ import importlib
 import os
 from types import ModuleType
 
+from unip.errors import ConfigError
+
 #: Import name → the pip package that provides it.
 PACKAGES = {
     "cv2": "opencv-python-headless",
@@ -33,8 +35,6 @@ EXTRAS = {"imagecodecs": "thermal", "submitit": "slurm", "starlette": "serve", "
 def require(module: str, feature: str) -> ModuleType:
     """Import ``module`` (one of :data:`PACKAGES`); raises ``ConfigError`` naming ``feature`` when it is not
     installed."""
-    from unip.errors import ConfigError
-
     if module == "cv2":  # OpenCV's own log lines would break the one-line errors (a video it cannot open)
         os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     try:

@@ -8,7 +8,10 @@ import re
 import sys
 from typing import Tuple
 
+from unip.deploy.precision import DEFAULT_KEEP_FLOAT
 from unip.engine.config import integer
+from unip.errors import ConfigError
+from unip.outputs import is_our_json, out_file
 
 
 _SIDE = integer(1, 65_536).option()
@@ -96,8 +99,6 @@ def _default_export_path(checkpoint: str, suffix: str) -> str:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from unip.errors import ConfigError
-
     if args.format == "timm":
         from unip.deploy.timm_export import export_timm
 
@@ -117,7 +118,6 @@ def _run_export(args: argparse.Namespace) -> int:
         print("load it with:\n  import timm\n  " + result.usage().replace("\n", "\n  "))
         return 0
     from unip.deploy.onnx_export import export_onnx
-    from unip.deploy.precision import DEFAULT_KEEP_FLOAT
     from unip.seg.checkpoint import load_segmentor
 
     if args.last_block_heads:
@@ -176,7 +176,6 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from unip.deploy.bench import RUNTIMES, benchmark, write_json
-    from unip.outputs import is_our_json, out_file
     from unip.seg.checkpoint import load_segmentor
 
     if args.out is not None:  # an empty --out is refused here too, not skipped after the timing

@@ -6,6 +6,8 @@ import argparse
 
 from unip.cli.app import WORKERS, TableChoices
 from unip.engine.config import integer, number
+from unip.optional import require
+from unip.text import byte_size
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -47,13 +49,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from unip.optional import require
-
     for module in ("starlette", "uvicorn", "python_multipart"):
         require(module, "unip serve")
     from unip.seg.predict_run import PredictOptions
     from unip.serve.server import Server, ServeOptions, serve
-    from unip.text import byte_size
 
     predict = PredictOptions(dataset=args.dataset, every=args.every, batch_size=args.batch_size, device=args.device,
                              precision=args.precision, alpha=args.alpha, workers=args.workers, progress=False)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from unip.engine.config import integer
+from unip.errors import ConfigError
 
 
 def add_sweep(sub: argparse._SubParsersAction) -> None:
@@ -67,8 +69,6 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from unip.sweep import parse_devices, parse_variables, plan_sweep, plan_table, read_sweep, run_sweep
     from unip.sweep.run import cell_jobs, check_sweep
 
@@ -103,7 +103,6 @@ def _run_sweep_run(args: argparse.Namespace) -> int:
 def _slurm_settings(args: argparse.Namespace):
     """The ``SlurmSettings`` of ``--launcher slurm`` / ``submitit-local`` (None for the local launcher); a
     ``ConfigError`` for options of the other launcher."""
-    from unip.errors import ConfigError
     from unip.sweep.slurm import DEFAULT_TIME_MIN, SlurmSettings, parse_options, parse_time
 
     given = [name for name in ("partition", "account", "time", "gpus_per_job", "cpus_per_job", "mem", "max_parallel")
@@ -125,7 +124,7 @@ def _slurm_settings(args: argparse.Namespace):
 
 
 def _run_sweep_report(args: argparse.Namespace) -> int:
-    from unip.sweep.report import write_report
+    from unip.sweep.report_folder import write_report
 
     report = write_report(args.sweep_dir, args.out)
     print(report.markdown)

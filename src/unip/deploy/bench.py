@@ -47,7 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from unip.deploy.calibration import generated_frames
+from unip.atomic import atomic_write_text
+from unip.deploy.calibration import folder_frames, generated_frames
 from unip.deploy.onnx_export import check_size, default_size, export_onnx, onnx_session
 from unip.deploy.precision import PRECISIONS, agreement_text
 from unip.engine.distributed import resolve_device
@@ -220,7 +221,6 @@ def benchmark(segmentor: Segmentor, checkpoint: str = "segmentor", size: Optiona
     if "slide" in modes:
         check_size(segmentor, window, batch * windows)
     if "onnx" in runtimes and calibrate:  # a bad folder stops here, not after the PyTorch rows
-        from unip.deploy.calibration import folder_frames
         folder_frames(calibrate, pipeline, window, 1, 1)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -404,8 +404,6 @@ def _time(run: Callable[[], Any], row: RuntimeRow, start: float, warmup: int, it
 
 def write_json(result: BenchResult, path: str) -> str:
     """Write ``result.to_dict()`` to ``path`` atomically; returns ``path``."""
-    from unip.atomic import atomic_write_text
-
     atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
     return path
 

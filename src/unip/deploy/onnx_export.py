@@ -60,6 +60,8 @@ from unip.models.segmentor import Segmentor
 from unip.optional import require
 from unip.outputs import claim, out_file, staging_folder
 from unip.seg.pipeline import InferencePipeline
+from unip.seg.predict import forward_bytes
+from unip.seg.render import ClassInfo
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +180,6 @@ class OnnxExport:
 def check_size(segmentor: Segmentor, size: Tuple[int, int], batch: int = 1, what: str = "--size") -> Tuple[int, int]:
     """``size`` as ``(H, W)`` after checking it: multiples of the patch, at least 2 patches, and memory for a
     forward of ``batch`` such inputs. Raises ``ConfigError`` naming ``what``."""
-    from unip.seg.predict import forward_bytes
-
     patch = segmentor.backbone.patch_size
     height, width = int(size[0]), int(size[1])
     if height < 2 * patch or width < 2 * patch or height % patch or width % patch:
@@ -349,8 +349,6 @@ def model_metadata(segmentor: Segmentor, dynamic: bool, precision: str = "fp32",
                    keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT, frames: Optional[CheckFrames] = None
                    ) -> Dict[str, str]:
     """``metadata_props`` of the exported model (module docstring): JSON texts."""
-    from unip.seg.render import ClassInfo
-
     pipeline = InferencePipeline.of(segmentor)
     classes = ClassInfo.resolve(segmentor.num_classes, None, segmentor.meta)
     patch = segmentor.backbone.patch_size

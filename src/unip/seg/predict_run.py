@@ -40,9 +40,12 @@ from unip.atomic import atomic_write_text
 from unip.data.images import ImageReadError, read_rgb, walk_once
 from unip.data.layouts import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from unip.data.parallel import default_workers, thread_map
+from unip.data.video import VideoReader, VideoWriter, is_our_video
 from unip.errors import ConfigError, DataError
+from unip.memory import require_memory
 from unip.outputs import claim, is_our_json, is_our_png, out_file, out_folder, save_png, starts_with_line
 from unip.run_lock import hold
+from unip.seg.checkpoint import load_segmentor
 from unip.seg.predict import Predictor
 from unip.seg.render import ClassInfo, class_areas, colorize, overlay
 from unip.text import printable
@@ -157,8 +160,6 @@ def find_sources(inputs: Sequence[str], exclude: Optional[str] = None) -> Tuple[
     is predicted once, under the name of its first mention. Videos are opened: one named on the command line
     that cannot be read raises ``DataError``, one found in a folder becomes a ``Failure``. A missing input, an
     input of another type or a folder without images or videos raises ``DataError``."""
-    from unip.data.video import VideoReader
-
     if not inputs:
         raise DataError("no INPUT given: name image files, folders or video files")
     sources: List[Source] = []
@@ -206,8 +207,6 @@ def _repeated(path: str, seen: Dict[str, str], repeated: List[str]) -> bool:
 
 def _folder_sources(folder: str, exclude: Optional[str], failed: List[Failure], seen: Dict[str, str],
                     repeated: List[str]) -> List[Source]:
-    from unip.data.video import VideoReader
-
     prefix = os.path.basename(os.path.normpath(os.path.abspath(folder))) or "input"
     # the output folder and its outputs (label/, color/, ... of an --out that is also an input) are never read
     skip = {os.path.realpath(p) for p in [exclude, *(os.path.join(exclude, fmt) for fmt in FORMATS)]} \
@@ -279,8 +278,6 @@ class OutputPlan:
     def check(self, sources: Sequence[Source]) -> None:
         """Raise ``ConfigError`` for two inputs with one output name or an output path that is not ours; log
         a note when ``out`` holds outputs of an earlier run that this one does not replace."""
-        from unip.data.video import is_our_video
-
         out_folder(self.out, "--out")
         for fmt in self.formats:
             out_folder(os.path.join(self.out, fmt), "--out")
@@ -353,8 +350,6 @@ class PredictModel:
     def load(cls, checkpoint: str, options: PredictOptions) -> "PredictModel":
         """Read ``checkpoint`` with the model options of ``options`` (``dataset``, ``device``, ``precision``,
         ``batch_size``); raises ``UnipError``."""
-        from unip.seg.checkpoint import load_segmentor
-
         segmentor = load_segmentor(checkpoint)
         classes = ClassInfo.resolve(segmentor.num_classes, options.dataset, segmentor.meta)
         predictor = Predictor(segmentor, options.device, options.precision, options.batch_size)
@@ -458,8 +453,6 @@ class _Run:
         """Images whose full-size logits do not fit in memory are failures (the rest go on)."""
         size = tuple(frame.image.shape[:2])
         if size not in self.checked_sizes:
-            from unip.memory import require_memory
-
             try:
                 require_memory(4 * 3 * self.classes.num_classes * size[0] * size[1],
                                f"an image of {size[0]}x{size[1]} pixels", "downscale it first")
@@ -495,8 +488,6 @@ class _Run:
 
     def _video_for(self, source: Source) -> Any:
         """The annotated video of ``source``, opened at its first frame (the previous one is completed)."""
-        from unip.data.video import VideoWriter
-
         if self.video_source is not source:
             self._close_video()
             fps = source.video.fps / self.options.every

@@ -40,9 +40,12 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import unip
+from unip.data.datasets import check_structure
 from unip.errors import CheckpointError, ConfigError, DataError
 from unip.optional import require
 from unip.run_lock import hold
+from unip.seg.results import METRICS_FILE, read_metrics
+from unip.seg.train import SEGMENTOR_FILE
 from unip.sweep.cost import CellCost, CostModel
 from unip.sweep.slurm import (POLL_SECONDS as JOB_POLL_SECONDS, SUBMITIT_DIR, CellCommand, SlurmSettings, active_job,
                               job_command, sigterm_interrupts)
@@ -100,8 +103,6 @@ def analysis_jobs(sweep: Sweep, out: Path, cells: Sequence[Job]) -> List[Job]:
 
     A randomly initialised backbone is read from the ``segmentor.safetensors`` of its first finished probe
     cell (frozen: the probed weights); while there is none, the job is ``blocked``."""
-    from unip.seg.train import SEGMENTOR_FILE
-
     if sweep.analysis is None:
         return []
     analysis = sweep.analysis
@@ -309,8 +310,6 @@ def check_data(sweep: Sweep, jobs: Sequence[Job]) -> None:
     of its layout, or when an analysis job of ``jobs`` has no ``analysis.images`` folder; ``CheckpointError``
     when the checkpoint file a job's backbone comes from is missing. Quick: folders, split files
     (``unip.data.datasets.check_structure``) and file existence, nothing is read."""
-    from unip.data.datasets import check_structure
-
     check_backbone_files(sweep, jobs)
     checked = set()
     for job in jobs:
@@ -704,7 +703,6 @@ def _error_line(stderr: Path, offset: int, code: int) -> str:
 def _summary(job: Job) -> str:
     if job.kind != "cell":
         return ""
-    from unip.seg.results import METRICS_FILE, read_metrics
 
     miou = read_metrics(job.folder / METRICS_FILE).get("mIoU")
     return f": test mIoU {miou:.2f}" if isinstance(miou, (int, float)) else ""
