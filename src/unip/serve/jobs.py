@@ -173,13 +173,16 @@ class JobQueue:
         for job in dropped:
             job.remove_files()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Cancel every job (waiting ones never start, the running one stops at its next progress report) and stop
-        the worker, waiting at most ``timeout`` seconds for it."""
+    def cancel_all(self) -> None:
+        """Cancel every job: waiting ones never start, the running one stops at its next progress report."""
         with self._lock:
             jobs = list(self._jobs.values())
         for job in jobs:
             job.cancel()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel every job and stop the worker, waiting at most ``timeout`` seconds for it."""
+        self.cancel_all()
         while True:
             try:
                 pending = self._waiting.get_nowait()

@@ -118,7 +118,7 @@ class Server:
             config = uvicorn.Config(build_app(state), loop="asyncio", http="h11", ws="none", lifespan="off",
                                     log_config=None, log_level="warning", access_log=False,
                                     timeout_graceful_shutdown=5)
-            self.uvicorn = uvicorn.Server(config)
+            self.uvicorn = _Uvicorn(config, self.jobs.cancel_all)
         except BaseException:
             self.close()
             raise
@@ -135,6 +135,8 @@ class Server:
         self.uvicorn.run(sockets=[self.socket])
 
     def stop(self) -> None:
+        """Stop serving (what Ctrl-C does): the jobs are cancelled, so answers waiting for them end at once."""
+        self.jobs.cancel_all()  # type: ignore[union-attr]
         self.uvicorn.should_exit = True
 
     def close(self) -> None:
@@ -150,6 +152,19 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server that cancels every job as soon as it is asked to stop, before it waits for the answers under
+    way (an answer waiting for a long video would hold the stop for uvicorn's whole grace period)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
 
 def serve(options: ServeOptions, on_ready: Callable[[Server], None] = lambda server: None) -> None:

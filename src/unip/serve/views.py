@@ -30,7 +30,7 @@ class View:
     scale: Optional[Dict[str, Any]] = None
 
     def save(self, path: str) -> str:
-        return save_png(self.pixels, path)
+        return save_png(self.pixels, path, compress_level=1)  # shown once: fast to write beats small
 
 
 def input_view(path: str) -> View:
