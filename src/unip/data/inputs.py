@@ -32,7 +32,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -40,7 +40,9 @@ from unip.data.images import ImageReadError, convert_checked, decode, read_bytes
 from unip.data.layouts import IMAGE_SUFFIXES, SEQUENCE_SUFFIXES, THERMAL_SUFFIXES
 from unip.data.thermal import ThermalFileError, ThermalFrame, iter_thermal, read_thermal, to_uint8
 from unip.data.thermal.formats import Overrides
+from unip.data.thermal.checks import looks_like_palette
 from unip.data.thermal.frame import ISSUES
+from unip.data.thermal.planck import linear_to_celsius
 from unip.errors import ConfigError, DataError
 from unip.text import printable
 
@@ -126,12 +128,14 @@ def _checked_window(window: Tuple[float, float], name: Optional[str] = None) -> 
 class ModelInput:
     """One frame as a model reads it: ``image`` (uint8 ``[H, W]``, the mapping's), ``path``, ``index`` (the
     frame's number in a sequence; None for a single image), ``frame`` (the :class:`ThermalFrame` it was mapped
-    from: counts, temperatures, camera, calibration, preview; None for a float or 32-bit image)."""
+    from: counts, temperatures, camera, calibration, preview; None for a float or 32-bit image), ``window`` (the
+    fixed °C window it was mapped with, or None for the percentile stretch)."""
 
     path: str
     image: np.ndarray
     frame: Optional[ThermalFrame] = None
     index: Optional[int] = None
+    window: Optional[Tuple[float, float]] = None
 
     @property
     def celsius(self) -> Optional[np.ndarray]:
@@ -146,6 +150,28 @@ class ModelInput:
     def rgb(self) -> np.ndarray:
         """The image repeated to three channels: uint8 ``[H, W, 3]`` (what segmentors and overlays take)."""
         return gray_to_rgb(self.image)
+
+    def celsius_at(self, levels: Sequence[float]) -> np.ndarray:
+        """The temperature (°C) each gray level in ``levels`` (0..255) of ``image`` stands for: float64, NaN
+        without temperatures. With a fixed window it is exact; with the percentile stretch, the mean temperature
+        of the pixels at each level, interpolated between the levels present (the ends, where the stretch clips,
+        take the nearest level inside)."""
+        levels = np.asarray(levels, dtype=np.float64)
+        celsius = self.celsius
+        if celsius is None:
+            return np.full(levels.shape, np.nan)
+        window = self.window
+        if window is not None:
+            return window[0] + levels / 255.0 * (window[1] - window[0])
+        known = np.isfinite(celsius)
+        gray = self.image[known].astype(np.int64)
+        count = np.bincount(gray, minlength=256)
+        total = np.bincount(gray, weights=celsius[known].astype(np.float64), minlength=256)
+        inside = np.flatnonzero(count[1:255]) + 1
+        present = inside if inside.size else np.flatnonzero(count)
+        if present.size == 0:
+            return np.full(levels.shape, np.nan)
+        return np.interp(levels, present, total[present] / count[present])
 
 
 def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
@@ -184,7 +210,8 @@ def read_input(path: str, mapping: Optional[InputMapping] = None, frame: int = 0
         if err.reason != "not-counts":
             raise
         return _float_image(path, mapping)
-    return ModelInput(path, map_frame(thermal, mapping), thermal, frame if _is_sequence(path) else None)
+    return ModelInput(path, map_frame(thermal, mapping), thermal, frame if _is_sequence(path) else None,
+                      mapping.thermal_range)
 
 
 def iter_inputs(path: str, mapping: Optional[InputMapping] = None, keep_going: bool = False
@@ -201,11 +228,42 @@ def iter_inputs(path: str, mapping: Optional[InputMapping] = None, keep_going: b
             if isinstance(item, ThermalFileError):
                 yield item
             else:
-                yield ModelInput(path, map_frame(item, mapping), item, item.index if sequence else None)
+                yield ModelInput(path, map_frame(item, mapping), item, item.index if sequence else None,
+                                 mapping.thermal_range)
     except ThermalFileError as err:
         if err.reason != "not-counts":
             raise
         yield _float_image(path, mapping)
+
+
+def picture_input(picture: np.ndarray, source: str, mapping: Optional[InputMapping] = None,
+                  index: Optional[int] = None) -> ModelInput:
+    """A decoded picture (a video's or a camera's frame, from ``source``) as model input by the same rule:
+    uint16 ``[H, W]`` (a 16-bit camera's counts: stretched, or with ``mapping.tlinear`` also temperatures), uint8
+    gray ``[H, W]`` as it is, uint8 RGB ``[H, W, 3]`` its luma (a palette-like picture is marked ``palette``).
+    Raises ``DataError`` for other arrays, :class:`NoTemperaturesError` for a fixed window without temperatures."""
+    mapping = mapping or InputMapping()
+    if picture.ndim == 3 and picture.shape[2] == 1:
+        picture = picture[:, :, 0]
+    if picture.dtype == np.uint16 and picture.ndim == 2:
+        celsius = None if mapping.tlinear is None else linear_to_celsius(picture, mapping.tlinear)
+        frame = ThermalFrame(counts=picture, celsius=celsius, camera=None,
+                             calibration={} if mapping.tlinear is None else {"tlinear": mapping.tlinear},
+                             path=source, index=index or 0, format="16-bit frame", encoding="16-bit", bit_depth=16)
+    elif picture.dtype == np.uint8 and picture.ndim == 2:
+        frame = ThermalFrame(counts=picture.astype(np.uint16), celsius=None, camera=None, calibration={},
+                             path=source, index=index or 0, format="8-bit frame", encoding="8-bit gray", bit_depth=8)
+    elif picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3:
+        from PIL import Image
+
+        issues = ("palette",) if looks_like_palette(picture) else ()
+        frame = ThermalFrame(counts=to_gray(Image.fromarray(picture)).astype(np.uint16), celsius=None, camera=None,
+                             calibration={}, path=source, index=index or 0, format="8-bit frame",
+                             encoding="8-bit colour", bit_depth=8, preview_source=picture, issues=issues)
+    else:
+        raise DataError(f"{printable(source)}: a frame of {picture.dtype} {tuple(picture.shape)}, not 8-bit gray or "
+                        "colour nor 16-bit gray")
+    return ModelInput(source, map_frame(frame, mapping), frame, index, mapping.thermal_range)
 
 
 def read_model_gray(path: str, frame: Optional[int] = None) -> np.ndarray:
@@ -217,11 +275,13 @@ def read_model_gray(path: str, frame: Optional[int] = None) -> np.ndarray:
 def _check_readable(path: str) -> None:
     check_input_suffix(path)
     try:
-        mode = os.stat(path).st_mode
+        status = os.stat(path)
     except OSError as err:
         raise ImageReadError(path, "io-error", f"cannot read: {err.strerror or err}") from None
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(status.st_mode):
         raise ImageReadError(path, "not-a-file", "not a regular file (a FIFO, device or socket); not read")
+    if status.st_size == 0:
+        raise ImageReadError(path, "empty", "zero-byte file")
 
 
 def _is_sequence(path: str) -> bool:
@@ -275,8 +335,14 @@ class InputNotes:
 
     def summary(self, shown: int = 3) -> List[str]:
         """One line per kind: how many files, the first ``shown`` of them, what it means."""
-        lines = []
-        for issue, paths in self.files.items():
-            named = ", ".join(printable(p) for p in paths[:shown]) + (", ..." if len(paths) > shown else "")
-            lines.append(f"{len(paths)} file(s) {issue} ({named}): {ISSUES.get(issue, issue)}")
-        return lines
+        return issue_lines(self.files, shown)
+
+
+def issue_lines(files: Dict[str, List[str]], shown: int = 3) -> List[str]:
+    """One line per kind of issue in ``files`` (issue → paths): how many files, the first ``shown``, what it
+    means."""
+    lines = []
+    for issue, paths in files.items():
+        named = ", ".join(printable(p) for p in paths[:shown]) + (", ..." if len(paths) > shown else "")
+        lines.append(f"{len(paths)} file(s) {issue} ({named}): {ISSUES.get(issue, issue)}")
+    return lines

@@ -15,6 +15,8 @@ IMAGE_SUFFIXES: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".ti
 THERMAL_SUFFIXES: Tuple[str, ...] = (".fff", ".seq", ".csq")
 #: Thermal files that hold a sequence of frames (``unip predict`` treats them like videos).
 SEQUENCE_SUFFIXES: Tuple[str, ...] = (".seq", ".csq")
+#: Files that hold one frame: images and FLIR ``.fff`` frames (what segmentation data sets may hold).
+FRAME_SUFFIXES: Tuple[str, ...] = IMAGE_SUFFIXES + (".fff",)
 
 #: File suffixes treated as videos by ``unip predict`` (read with OpenCV).
 VIDEO_SUFFIXES: Tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")

@@ -17,12 +17,12 @@ from typing import Iterator, Optional
 
 from unip.data.thermal.describe import describe_thermal
 from unip.data.thermal.errors import ThermalFileError
-from unip.data.thermal.formats import Overrides, read_frames, sniff
+from unip.data.thermal.formats import Overrides, count_fff_frames, read_frames, sniff
 from unip.data.thermal.frame import ThermalFrame, stretch_counts, to_uint8
 from unip.data.thermal.regions import ClassTemperatures, class_temperatures
 
 __all__ = ["ClassTemperatures", "ThermalFileError", "ThermalFrame", "class_temperatures", "describe_thermal",
-           "is_thermal_file", "iter_thermal", "read_thermal", "stretch_counts", "to_uint8"]
+           "frame_count", "is_thermal_file", "iter_thermal", "read_thermal", "stretch_counts", "to_uint8"]
 
 
 def read_thermal(path: str, frame: int = 0, *, emissivity: Optional[float] = None, distance: Optional[float] = None,
@@ -47,6 +47,12 @@ def iter_thermal(path: str, *, emissivity: Optional[float] = None, distance: Opt
     number) and the frames after it follow, where the file lets them be found (the next valid FFF header after
     the damage); a file that cannot be opened at all still raises."""
     return read_frames(path, Overrides(emissivity, distance, reflected, tlinear), keep_going=keep_going)
+
+
+def frame_count(path: str) -> int:
+    """How many frames ``iter_thermal(path, keep_going=True)`` tries: the FFF frames of a .fff / .seq / .csq file
+    (headers only are read; damaged frames count one each), 1 for any other file."""
+    return count_fff_frames(path, keep_going=True) if sniff(path) == "fff" else 1
 
 
 def is_thermal_file(path: str) -> bool:

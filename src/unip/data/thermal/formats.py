@@ -377,7 +377,7 @@ def _image_frame(data: bytes, path: str, overrides: Overrides) -> ThermalFrame:
         celsius = None
         if overrides.tlinear is not None:
             calibration = {"tlinear": overrides.tlinear}
-            celsius = (counts * np.float64(overrides.tlinear) - planck.KELVIN).astype(np.float32)
+            celsius = planck.linear_to_celsius(counts, overrides.tlinear)
         _ignored(path, overrides, planck_too=True, tlinear=False)
         return ThermalFrame(counts=counts, celsius=celsius, camera=None, calibration=calibration, path=path,
                             format=f"16-bit {kind}", encoding=encoding, bit_depth=16, issues=issues)
