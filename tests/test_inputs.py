@@ -19,7 +19,7 @@ import thermal_files as tf
 from unip.data.images import ImageReadError, stretch_to_uint8
 from unip.data.inputs import (InputMapping, InputNotes, NoTemperaturesError, iter_inputs, parse_thermal_range,
                               read_input, read_model_gray)
-from unip.data.thermal import ThermalFileError, class_temperatures, read_thermal
+from unip.data.thermal import ThermalFileError, class_temperatures, describe_thermal, read_thermal
 from unip.data.thermal.checks import looks_byte_swapped, looks_like_palette
 from unip.errors import ConfigError
 
@@ -182,6 +182,8 @@ def test_a_flir_jpeg_without_a_raster_is_read_as_its_picture(tmp_path):
     read = read_input(str(path))
     assert read.issues == ("palette", "no-raster") and read.celsius is None and read.image.shape == (48, 64)
     assert "without a raster" in read.frame.encoding
+    summary = describe_thermal(str(path))
+    assert "note:" in summary and "no-raster: a FLIR JPEG whose FLIR data holds no raster" in summary
 
 
 def test_each_issue_is_warned_about_once_per_run(tmp_path, caplog):

@@ -48,11 +48,13 @@ import numpy as np
 from tqdm import tqdm
 
 from unip.atomic import atomic_write_text
+from unip.data.camera import CameraReader
 from unip.data.images import ImageReadError, walk_once
 from unip.data.inputs import InputMapping, InputNotes, ModelInput, picture_input, read_input
 from unip.data.layouts import FRAME_SUFFIXES, IMAGE_SUFFIXES, SEQUENCE_SUFFIXES, THERMAL_SUFFIXES, VIDEO_SUFFIXES
 from unip.data.parallel import default_workers, thread_map
 from unip.data.thermal import ThermalFileError, frame_count
+from unip.data.video import VideoReader, VideoWriter, is_our_video, opencv
 from unip.errors import ConfigError, DataError
 from unip.outputs import claim, is_our_json, is_our_png, out_file, out_folder, save_png
 from unip.run_lock import hold
@@ -215,8 +217,6 @@ def kind_of(path: str) -> Optional[str]:
 
 def _open(kind: str, path: str, mapping: InputMapping) -> Any:
     """The reader of a video or sequence (``DataError`` when it cannot be read), None for an image."""
-    from unip.data.video import VideoReader
-
     if kind == "video":
         if mapping.thermal_range is not None:
             raise ConfigError(f"{printable(path)}: a video holds no temperatures, so --thermal-range cannot map it; "
@@ -361,8 +361,6 @@ class OutputPlan:
     def check(self, sources: Sequence[Source]) -> None:
         """Raise ``ConfigError`` for two inputs with one output name or an output path that is not ours; log
         a note when ``out`` holds outputs of an earlier run that this one does not replace."""
-        from unip.data.video import is_our_video
-
         out_folder(self.out, "--out")
         for fmt in self.formats:
             out_folder(os.path.join(self.out, fmt), "--out")
@@ -445,7 +443,7 @@ def predict_files(checkpoint: str, inputs: Sequence[str], options: Optional[Pred
     classes = ClassInfo.resolve(segmentor.num_classes, options.dataset, segmentor.meta)
     predictor = Predictor(segmentor, options.device, options.precision, options.batch_size)
     predictor.plan_memory()
-    sources += [Source("camera", f"camera {index}", f"camera{index}", _camera(index, options.mapping))
+    sources += [Source("camera", f"camera {index}", f"camera{index}", CameraReader(index, options.mapping))
                 for index in options.cameras]  # opened last: a camera waits on nothing else
     try:
         with hold(options.out, "unip predict"):  # from the look at what --out holds to the last file written
@@ -462,20 +460,12 @@ def predict_files(checkpoint: str, inputs: Sequence[str], options: Optional[Pred
             window.close()
 
 
-def _camera(index: int, mapping: InputMapping) -> Any:
-    from unip.data.camera import CameraReader
-
-    return CameraReader(index, mapping)
-
-
 class _Window:
     """The live window of ``--show`` (OpenCV's): one overlay at a time; ``q`` or Esc in it asks to stop."""
 
     TITLE = "unip predict (q: stop)"
 
     def __init__(self) -> None:
-        from unip.data.video import opencv
-
         self.cv2 = opencv()
         self.closed_by_user = False
 
@@ -675,8 +665,6 @@ class _Run:
 
     def _video_for(self, source: Source, size: Tuple[int, int]) -> Any:
         """The annotated video of ``source``, opened at its first frame (the previous one is completed)."""
-        from unip.data.video import VideoWriter
-
         if self.video_source is not source:
             self._close_video()
             fps = source.video.fps / (1 if source.kind == "camera" else self.options.every)
