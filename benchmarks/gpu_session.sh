@@ -18,8 +18,14 @@
 #         results.tgz, e.g. `trial step 100 --rows release,ours+compile --profile ours+compile`
 #   seg:  UNIP-S segmentation at 512 px (benchmarks/seg_throughput.py): fine-tuning step images/s and bf16/fp16
 #         MFU (eager and compiled), batched sliding windows against one at a time
+#   infer: (issue 26, at most 13 min of timeouts on an H100, run it alone; all in $OUT/results.tgz) UNIP-S at 512x640 (a 640x512 camera frame):
+#         `unip bench` bf16 frames/s eager and torch.compile, whole frame and sliding windows, batch 1 (with and
+#         without CUDA graphs) and batch 16; fine-tuning step images/s and bf16 MFU at the SODA recipe's shape (512
+#         crops, batch 8) with batched against one-at-a-time sliding windows (benchmarks/seg_throughput.py); and the
+#         pre-training start-up: seconds from the command to its first logged steps (small generated pack, random
+#         ViT-L teacher). Dry run on a CPU with tiny settings: DEVICE=cpu TINY=1 OUT=/tmp/o bash ... infer
 # Usage (repo root, a python3 with torch, timm, safetensors, pyyaml, tqdm, tensorboard; torchao wheels in
-# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e|next|extra|trial|seg
+# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e|next|extra|trial|seg|infer
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
@@ -152,6 +158,74 @@ trial() {  # trial NAME SECONDS ARGS...: the step benchmark (batch 256) in its o
 seg() {
   timeout 560 python3 benchmarks/seg_throughput.py --device cuda --compile --json "$OUT/seg.json" 2>&1 \
     | grep -v Warning | tee "$OUT/seg.txt"
+}
+
+infer() {  # issue 26's GPU numbers (header); DEVICE=cpu TINY=1 runs every command at toy size on a CPU
+  local device=${DEVICE:-cuda} py=${PYTHON:-python3}
+  local backbone=unip_vit_small_patch16 size="512 640" batch=16 iters=50 warm=10 crop=512 steps=10 seg_batch=8
+  local precision=bf16 graphs=--cuda-graphs pretrain_seconds=100 teacher=vit_large_patch16 synth=320x256 num=1280
+  local layer=auto compile=
+  if [ -n "${TINY:-}" ]; then
+    backbone=unip_vit_tiny_patch16 size="64 96" batch=2 iters=2 warm=0 crop=64 steps=1 seg_batch=2 graphs=
+    precision=fp32 pretrain_seconds=240 teacher=vit_tiny_patch16 synth=96x64 num=16 layer=9
+    compile=--no-compile  # inductor on a 2-core CPU takes minutes; tests/test_bench.py covers the compiled rows
+  fi
+  env_info_any "$R/env.txt" "$py"
+  "$py" -c "
+from unip.seg import build_segmentor, save_segmentor
+save_segmentor(build_segmentor(21, '$backbone', img_size=$crop), '$W/seg.safetensors')" || return 1
+  # frames/s at batch 1 (whole frame and sliding windows) and batched (whole frame), eager and compiled
+  timeout 240 "$py" -m unip.cli bench --checkpoint "$W/seg.safetensors" --device "$device" --precision "$precision" \
+    --size $size --batch 1 --no-onnx $compile --iters "$iters" --warmup "$warm" --out "$R/bench_b1.json" 2>&1 \
+    | grep -v Warning | tee "$R/bench_b1.txt"
+  save
+  timeout 150 "$py" -m unip.cli bench --checkpoint "$W/seg.safetensors" --device "$device" --precision "$precision" \
+    --size $size --batch "$batch" --modes whole --no-onnx $compile --iters "$iters" --warmup "$warm" \
+    --out "$R/bench_b$batch.json" 2>&1 | grep -v Warning | tee "$R/bench_b$batch.txt"
+  save
+  if [ -n "$graphs" ]; then
+    timeout 120 "$py" -m unip.cli bench --checkpoint "$W/seg.safetensors" --device "$device" --precision bf16 \
+      --size $size --batch 1 --no-onnx --modes whole --iters "$iters" --warmup "$warm" $graphs \
+      --out "$R/bench_graphs.json" 2>&1 | grep -v Warning | tee "$R/bench_graphs.txt"
+    save
+  fi
+  timeout 150 "$py" benchmarks/seg_throughput.py --device "$device" --backbone "$backbone" --size "$crop" \
+    --batch-size "$seg_batch" --steps "$steps" --precisions "$precision" --image "${size// /x}" --eval-batch 4 \
+    --json "$R/seg_infer.json" 2>&1 | grep -v Warning | tee "$R/seg_infer.txt"
+  save
+  startup "$py" "$device" "$teacher" "$synth" "$num" "$pretrain_seconds" "$layer"
+  save
+}
+
+env_info_any() {  # env_info_any FILE PYTHON: versions and the device (also without CUDA, for the dry run)
+  "$2" -c "
+import platform, torch
+print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA',
+      '|', platform.processor() or platform.machine())" 2>&1 | tee "$1"
+  nproc >> "$1"
+}
+
+startup() {  # startup PYTHON DEVICE TEACHER SIZE NUM SECONDS LAYER: seconds from the command to the first logged steps
+  local py=$1 device=$2 start first
+  "$py" -m unip.cli data synth --out "$W/startup_ir" --num "$5" --size "$4" --seed 1 >/dev/null 2>&1
+  [ -f "$W/startup_teacher.safetensors" ] || "$py" -c "
+from unip.checkpoint import save_checkpoint; from unip.models import create_model
+save_checkpoint(create_model('$3'), '$W/startup_teacher.safetensors', {'note': 'random teacher'})"
+  rm -rf "$W/startup_run"
+  start=$(date +%s.%N)
+  timeout "$6" "$py" -m unip.cli pretrain mae-l_unip-s --teacher "$W/startup_teacher.safetensors" \
+    --teacher-layer "$7" --data "$W/startup_ir" --out "$W/startup_run" --epochs 1 --batch-size 8 --accum-iter 1 \
+    --device "$device" \
+    --set optim.effective_batch=null --set run.log_every=1 --set run.progress=false --set run.save_every_steps=0 \
+    > "$R/startup.log" 2>&1
+  "$py" - "$W/startup_run/log.jsonl" "$start" <<'PY' | tee "$R/startup.txt"
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+start = float(sys.argv[2])
+steps = [r for r in records if r.get("kind") == "train"]
+print("pre-training start-up: setup record after", round(records[0]["time"] - start, 1), "s; first logged step",
+      steps[0]["step"] if steps else None, "after", round(steps[0]["time"] - start, 1) if steps else None, "s")
+PY
 }
 
 "${@:-step}"

@@ -9,9 +9,10 @@ Generated scenes hold people, cars, buildings, trees, road and sky, so on a mug 
 toy's guesses: the figure shows what predict writes (labels at the raster's size, °C per class), not a model's
 quality. The script prints which segmentor it used.
 
-Run from the repository with the real file (``flir_example.jpg``, CC0, from the tests' data folder)::
+Run from the repository with a real radiometric JPEG (the figure uses ``flir_example.jpg``, a FLIR One frame,
+CC0)::
 
-    python benchmarks/thermal_figure.py ../shared/data/thermal/flir_example.jpg --out docs/img/thermal_predict.png
+    python benchmarks/thermal_figure.py PATH/TO/flir_example.jpg --out docs/img/thermal_predict.png
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from unip.checkpoint import (describe_checkpoint, load_model, load_weights, open_model, read_checkpoint,
-                             save_checkpoint)
+from unip.checkpoint import load_model, load_weights, open_model, read_checkpoint, save_checkpoint
+from unip.checkpoint_kinds import describe_checkpoint
 from unip.cli import main
 from unip.errors import CheckpointError
 from unip.models import create_model

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from unip.data.images import read_gray, resize_short_side
 from unip.data.infmix import build_manifest, read_manifest
 from unip.data.packed import ManifestImages, PackedImages, open_images, pack_manifest
-from unip.data.sharding import RankSampler, shard_indices
+from unip.engine.sharding import RankSampler, shard_indices
 from unip.data.synth import write_unlabeled
 from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, normalize_batch, pretrain_transform
 from unip.errors import DataError

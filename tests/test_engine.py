@@ -13,7 +13,7 @@ from torch import nn
 
 from unip.engine import checkpointing
 from unip.engine.config import build_config, load_yaml, parse_override
-from unip.data.sharding import RankSampler
+from unip.engine.sharding import RankSampler
 from unip.engine.data import SeededDataset, build_loader, set_loader_epoch
 from unip.engine.loop import LossGate, NonFiniteLossError, StepResult, resolve_precision, train_step
 from unip.engine.optim import build_adamw, param_groups

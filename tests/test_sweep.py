@@ -423,7 +423,7 @@ def test_report_leaves_out_records_of_seeds_the_sweep_file_no_longer_asks_for(da
 
 
 def test_report_shows_no_average_while_a_planned_data_set_has_no_result(data, tmp_path):
-    from unip.sweep.report import write_report
+    from unip.sweep.report_folder import write_report
 
     out = tmp_path / "out"
     sweep_file = _hand_made_sweep(tmp_path, data, protocols={"ft": {}, "lp": {"datasets": ["D1"]}})
@@ -658,7 +658,7 @@ def test_a_long_seed_list_is_bounded_and_planned_in_linear_time(data, tmp_path, 
     """20,000 seeds: refused at once (over max_cells, counted without planning); with max_cells raised, the dry
     run resolves the settings once for all the cells (they differ in seed and folder only), and each cell's config
     is its own copy with its own seed and folder (a --set run.seed of the file would win, as in unip finetune)."""
-    import unip.seg.train
+    import unip.sweep.spec
 
     document = {"name": "long", "preset": "toy", "seeds": list(range(20_000)),
                 "backbones": [{"name": "A", "size": "tiny", "source": "none"}],
@@ -669,9 +669,9 @@ def test_a_long_seed_list_is_bounded_and_planned_in_linear_time(data, tmp_path, 
         read_sweep(str(path))
     path.write_text(yaml.safe_dump({**document, "max_cells": 20_000}))
     calls = []
-    real = unip.seg.train.make_config
-    monkeypatch.setattr(unip.seg.train, "make_config", lambda *args, **kwargs: calls.append(1) or real(*args,
-                                                                                                      **kwargs))
+    real = unip.sweep.spec.make_config  # unip.seg.train's, as the sweep file's cells resolve their settings
+    monkeypatch.setattr(unip.sweep.spec, "make_config", lambda *args, **kwargs: calls.append(1) or real(*args,
+                                                                                                        **kwargs))
     start = time.perf_counter()
     code, stdout, stderr = _run_cli(["sweep", "run", str(path), "--out", str(tmp_path / "out"), "--dry-run"])
     seconds = time.perf_counter() - start

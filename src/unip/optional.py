@@ -1,9 +1,9 @@
 """Optional dependencies, imported when a feature needs them.
 
 OpenCV (videos), onnx / onnxscript / onnxruntime (ONNX export and benchmarks) are in the ``export`` extra
-(``pip install 'unip[export]'``), imagecodecs (the JPEG-LS rasters of FLIR .csq files) in the ``thermal`` extra;
-the rest of unip works without them. ``require`` imports one and, when it is missing, raises a ``ConfigError``
-that says which feature needs it and how to install it.
+(``pip install 'unip[export]'``), imagecodecs (the JPEG-LS rasters of FLIR .csq files) in the ``thermal`` extra,
+submitit (sweeps on a Slurm cluster) in the ``slurm`` extra; the rest of unip works without them. ``require``
+imports one and, when it is missing, raises a ``ConfigError`` that says which feature needs it and how to install it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import importlib
 import os
 from types import ModuleType
 
+from unip.errors import ConfigError
+
 #: Import name → the pip package that provides it.
 PACKAGES = {
     "cv2": "opencv-python-headless",
@@ -19,16 +21,15 @@ PACKAGES = {
     "onnxscript": "onnxscript",
     "onnxruntime": "onnxruntime",
     "imagecodecs": "imagecodecs",
+    "submitit": "submitit",
 }
-#: Import name → the extra of unip that installs it (default ``export``).
-EXTRAS = {"imagecodecs": "thermal"}
+#: Import name → the extra of unip that installs it (``export`` for the rest).
+EXTRAS = {"imagecodecs": "thermal", "submitit": "slurm"}
 
 
 def require(module: str, feature: str) -> ModuleType:
     """Import ``module`` (one of :data:`PACKAGES`); raises ``ConfigError`` naming ``feature`` when it is not
     installed."""
-    from unip.errors import ConfigError
-
     if module == "cv2":  # OpenCV's own log lines would break the one-line errors (a video it cannot open)
         os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     try:

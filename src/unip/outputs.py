@@ -18,6 +18,7 @@ import json
 import os
 from typing import Callable, Iterable, List, Optional, Pattern, Sequence
 
+from unip.atomic import atomic_path
 from unip.errors import ConfigError
 from unip.run_lock import check_free
 
@@ -191,16 +192,6 @@ def is_our_yaml(keys: Sequence[str]) -> Recogniser:
     return recognise
 
 
-def is_our_checkpoint(path: str) -> bool:
-    """True for a safetensors file written by ``unip.checkpoint.save_checkpoint`` (it carries our config)."""
-    from safetensors import safe_open
-
-    from unip.checkpoint import CONFIG_METADATA_KEY
-
-    with safe_open(path, framework="pt", device="cpu") as handle:
-        return CONFIG_METADATA_KEY in (handle.metadata() or {})
-
-
 def is_our_png(path: str) -> bool:
     """True for a PNG that ``save_figure`` wrote (its ``Software`` text is ``unip``)."""
     from PIL import Image
@@ -230,7 +221,6 @@ def save_png(pixels, path: str, compress_level: int = 6) -> str:
     ``Software: unip`` (so that ``is_our_png`` recognises it), atomically; returns ``path``."""
     from PIL import Image, PngImagePlugin
 
-    from unip.atomic import atomic_path
 
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", FIGURE_SOFTWARE)
@@ -251,8 +241,6 @@ def save_jpeg(pixels, path: str, quality: int = 92) -> str:
 
 def save_figure(figure, path: str, dpi: int = 100) -> str:
     """Write a matplotlib ``figure`` as PNG marked ``Software: unip``, atomically; returns ``path``."""
-    from unip.atomic import atomic_path
-
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi, metadata={"Software": FIGURE_SOFTWARE})
     return path

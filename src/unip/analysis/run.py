@@ -24,6 +24,7 @@ from unip.analysis.plots import Curve, plot_feature_pca, plot_metric_by_depth, p
 from unip.analysis.profile import AttentionProfile, profile_model
 from unip.analysis.queries import Point, default_layers, query_attention, query_token
 from unip.analysis.report import CSV_COLUMNS, format_table, write_csv, write_json
+from unip.checkpoint import load_model
 from unip.engine.distributed import resolve_device
 from unip.errors import ConfigError, DataError
 from unip.memory import require_memory
@@ -143,8 +144,6 @@ def analyze(sources: Sequence[str], image_dir: str, options: Optional[AnalyzeOpt
     """Profile every model in ``sources`` (anything ``unip.checkpoint.load_model`` reads, or
     ``timm:<name>``) on the images of ``image_dir``, classify layers, choose the layer to distil, and write
     the files listed in the module docstring. Raises ``DataError`` / ``CheckpointError`` / ``ConfigError``."""
-    from unip.checkpoint import load_model
-
     options = options or AnalyzeOptions()
     if options.batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {options.batch_size}; change --batch-size")

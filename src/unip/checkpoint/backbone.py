@@ -1,26 +1,25 @@
-"""ViT backbones from checkpoints: loading weights by name with a report, rebuilding a model from any
-supported source, and saving self-describing safetensors files."""
+"""ViT backbones and their weights: loading weights by name with a report, building a backbone from an
+architecture, describing it, and saving self-describing safetensors files. ``unip.checkpoint.sources`` opens a
+backbone from any source."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from unip.atomic import atomic_path
-from unip.checkpoint.architecture import _misfit, check_architecture, check_fits, infer_architecture
-from unip.checkpoint.reading import (CONFIG_METADATA_KEY, PathLike, _brief, _preview, extract_state_dict,
+from unip.checkpoint.architecture import _misfit
+from unip.checkpoint.reading import (CONFIG_METADATA_KEY, PathLike, _preview, extract_state_dict,
                                      normalize_keys, read_checkpoint)
 from unip.data.transforms import INFMIX_MEAN, INFMIX_STD
 from unip.engine.checkpointing import describe_names, non_finite_tensors
 from unip.errors import CheckpointError, ConfigError
 from unip.models.pos_embed import is_square_grid, resample_pos_embed
-from unip.models.presets import PRESETS
 from unip.models.vit import VisionTransformer
 
 DEFAULT_NORMALIZATION = {"mean": [INFMIX_MEAN] * 3, "std": [INFMIX_STD] * 3}
@@ -152,44 +151,6 @@ class LoadedModel:
     problem: Optional[str] = None
 
 
-def load_model(source: PathLike, allow_partial: bool = False, **overrides: Any) -> VisionTransformer:
-    """Rebuild a backbone from ``source`` with its weights (see the module docstring for sources).
-
-    The architecture comes from our metadata, a release's ``args`` (``args.model``, ``args.last_heads``),
-    timm, or, failing those, the shapes of the weights (heads then assume 64 channels per head, or the
-    standard ViT size of that width). ``overrides`` are ``VisionTransformer`` arguments
-    (e.g. ``last_heads=16``, ``img_size=512``). Returns the model in eval mode."""
-    return open_model(source, allow_partial=allow_partial, **overrides).model
-
-
-def open_model(source: PathLike, allow_partial: bool = False, **overrides: Any) -> LoadedModel:
-    """Like ``load_model`` but returns a ``LoadedModel`` with the report and metadata (and, with
-    ``allow_partial``, the ``problem`` a strict open would raise).
-
-    The architecture a file describes is checked (``check_architecture``, ``check_fits``) before the model
-    is allocated, so a small file cannot make it allocate a huge one."""
-    text = str(source)
-    if text.startswith("timm:"):
-        from unip.checkpoint.timm_hub import _open_timm
-
-        loaded = _open_timm(text[len("timm:"):], allow_partial, overrides)
-    else:
-        content, metadata = read_checkpoint(source)
-        state_dict = extract_state_dict(content, text)
-        config, architecture_from, meta = _architecture(content, metadata, state_dict, text)
-        if meta.get("architecture") == "Segmentor":  # a fine-tuned segmentor: its backbone only
-            state_dict = {key: value for key, value in state_dict.items() if key.startswith("backbone.")}
-            architecture_from += " (the backbone of a segmentor)"
-        config.update(overrides)
-        check_architecture(config, text)
-        misfit = check_fits(config, normalize_keys(state_dict, text)[0], text, allow_partial)
-        model = build_backbone(config, text)
-        report = load_weights(model, state_dict, allow_partial=allow_partial, name=text)
-        loaded = LoadedModel(model, report, architecture_from, meta, misfit or report.problem)
-    loaded.model.eval()
-    return loaded
-
-
 def build_backbone(config: Dict[str, Any], source: str) -> VisionTransformer:
     try:
         return VisionTransformer(**config)
@@ -197,35 +158,24 @@ def build_backbone(config: Dict[str, Any], source: str) -> VisionTransformer:
         raise CheckpointError(f"{source}: cannot build the architecture {config}: {err}") from err
 
 
-def _architecture(content: Any, metadata: Mapping[str, str], state_dict: Mapping[str, Tensor],
-                  source: str) -> Tuple[Dict[str, Any], str, Dict[str, Any]]:
-    """Returns ``(VisionTransformer kwargs, where they came from, extra metadata)``."""
-    if CONFIG_METADATA_KEY in metadata:
-        try:
-            meta = json.loads(metadata[CONFIG_METADATA_KEY])
-            config = dict(meta.pop("model"))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{source}: corrupt '{CONFIG_METADATA_KEY}' metadata ({_brief(err)}); "
-                                  "the file was damaged after it was written") from err
-        config.pop("heads_per_block", None)
-        state = meta.get("training_state")
-        if isinstance(state, dict):  # unip.checkpoint.states
-            return config, f"training state at step {state.get('step')} (its run's model header)", meta
-        return config, "unip metadata", meta
-    args = content.get("args") if isinstance(content, Mapping) else None
-    if isinstance(args, argparse.Namespace) and getattr(args, "model", None) in PRESETS:
-        config = dict(PRESETS[args.model])
-        last_heads = getattr(args, "last_heads", None)
-        if last_heads:
-            if isinstance(last_heads, bool) or not isinstance(last_heads, (int, str)) or not str(last_heads).isdigit():
-                raise CheckpointError(f"{source}: args.last_heads={last_heads!r} is not a head count")
-            config["last_heads"] = int(last_heads)
-        config["drop_path_rate"] = 0.0
-        meta = {k: v for k, v in vars(args).items() if k in ("model", "last_heads", "teacher_model",
-                                                            "intermediate", "input_size")}
-        return config, f"release args (model={args.model}, last_heads={config.get('last_heads')})", meta
-    return infer_architecture(state_dict, source), "inferred from weight shapes", {}
+def backbone_lines(model: VisionTransformer) -> List[str]:
+    """The ``architecture:`` and ``parameters:`` lines of ``unip info`` for a backbone."""
+    config, heads = model.config, model.heads_per_block
+    heads_text = f"{heads[0]}" if len(set(heads)) == 1 else f"{heads[0]} (last block: {heads[-1]})"
+    return [f"architecture:  ViT width {config['embed_dim']}, depth {config['depth']}, heads {heads_text}, "
+            f"patch {config['patch_size']}, image {config['img_size'][0]}x{config['img_size'][1]}, "
+            f"{config['pos_embed_type']} position embedding{_variants_text(config)}",
+            f"parameters:    {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"]
 
+
+def _variants_text(config: Mapping[str, Any]) -> str:
+    """``", q/k norm, SwiGLU MLP (packed), SiLU"``: the block variants a config sets (empty for a plain ViT)."""
+    mlp = {"swiglu_packed": "SwiGLU MLP (packed fc1, timm's SwiGLUPacked)", "swiglu": "SwiGLU MLP (fc1_g, fc1_x)"}
+    parts = (["q/k norm"] if config.get("qk_norm") else []) + \
+        ([mlp[config["mlp_layer"]]] if config.get("mlp_layer", "mlp") != "mlp" else []) + \
+        ([f"MLP activation {config['act_layer']}"] if config.get("act_layer", "gelu") != "gelu" else []) + \
+        (["MLP norm"] if config.get("scale_mlp_norm") else [])
+    return "".join(", " + part for part in parts)
 
 
 # ============================================================================================ saving

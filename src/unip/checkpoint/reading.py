@@ -9,6 +9,7 @@ wrapper prefixes and renames release keys.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from unip.checkpoint.states import is_training_state, state_as_model_file
 from unip.errors import CheckpointError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -83,11 +85,38 @@ def read_checkpoint(path: PathLike) -> Tuple[Any, Dict[str, str]]:
         raise CheckpointError(f"{path}: an ONNX graph (what unip export writes), not a checkpoint: run it with "
                               "onnxruntime (docs/inference.md); pass the .safetensors file it was exported from")
     content = _read_pickle(path)
-    from unip.checkpoint.states import is_training_state, state_as_model_file  # states build on this module
-
     if is_training_state(content):
-        return state_as_model_file(content, str(path))
+        state_dict, header = state_as_model_file(content, str(path))
+        return state_dict, {CONFIG_METADATA_KEY: header}
     return content, {}
+
+
+def architecture_of(source: PathLike) -> str:
+    """The ``architecture`` a file's header names (``"VisionTransformer"``, ``"Segmentor"``), or
+    ``"VisionTransformer"`` for release files and ``timm:`` sources (which only hold backbones, except the
+    release's fine-tuned mmseg checkpoints: ``"Segmentor"`` when the state dict has ``decode_head.*`` keys)."""
+    text = str(source)
+    if text.startswith("timm:"):
+        return "VisionTransformer"
+    content, metadata = read_checkpoint(source)
+    if CONFIG_METADATA_KEY in metadata:
+        try:
+            return str(json.loads(metadata[CONFIG_METADATA_KEY]).get("architecture", "VisionTransformer"))
+        except (ValueError, AttributeError):
+            return "VisionTransformer"  # open_model reports the damaged header
+    inner = content.get("state_dict") if isinstance(content, dict) else None
+    if isinstance(inner, dict) and any(str(k).startswith("decode_head.") for k in inner):
+        return "Segmentor"
+    return "VisionTransformer"
+
+
+def is_our_checkpoint(path: str) -> bool:
+    """True for a safetensors file written by ``unip.checkpoint.save_checkpoint`` or ``unip.seg.save_segmentor``
+    (it carries our config); a recogniser for ``unip.outputs.claim``."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        return CONFIG_METADATA_KEY in (handle.metadata() or {})
 
 
 def is_safetensors(path: PathLike) -> bool:

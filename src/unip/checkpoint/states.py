@@ -17,9 +17,9 @@ from typing import Any, Dict, Mapping, Tuple
 
 from torch import Tensor
 
-from unip.checkpoint.reading import CONFIG_METADATA_KEY
 from unip.engine.checkpointing import MODEL_HEADER_KEY
 from unip.errors import CheckpointError
+from unip.models.presets import PRESETS
 
 
 def is_training_state(content: Any) -> bool:
@@ -29,10 +29,11 @@ def is_training_state(content: Any) -> bool:
             and "rng" in content and isinstance(content.get("extra"), Mapping))
 
 
-def state_as_model_file(state: Mapping[str, Any], source: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """``(state dict, metadata)`` of a training state as ``read_checkpoint`` returns them for the model file of its
-    run: the model's weights and ``{"unip.config": header}``, the header also naming the state's step and epoch
-    (``training_state``). Raises ``CheckpointError`` when the state's architecture cannot be known."""
+def state_as_model_file(state: Mapping[str, Any], source: str) -> Tuple[Dict[str, Tensor], str]:
+    """``(state dict, header)`` of a training state as the model file of its run holds them: the model's weights
+    and the JSON document of the file's header (``read_checkpoint`` hands it on as ``unip.config``), also naming
+    the state's step and epoch (``training_state``). Raises ``CheckpointError`` when the state's architecture
+    cannot be known."""
     extra = state["extra"]
     header = extra.get(MODEL_HEADER_KEY)
     if isinstance(header, str):
@@ -47,7 +48,7 @@ def state_as_model_file(state: Mapping[str, Any], source: str) -> Tuple[Dict[str
     else:
         document = _pretrain_header(extra, state.get("step"), source)
     document["training_state"] = {"step": state.get("step"), "epoch": state.get("epoch")}
-    return dict(state["model"]), {CONFIG_METADATA_KEY: json.dumps(document)}
+    return dict(state["model"]), json.dumps(document)
 
 
 def _pretrain_header(extra: Mapping[str, Any], step: Any, source: str) -> Dict[str, Any]:
@@ -78,8 +79,6 @@ def _pretrain_header(extra: Mapping[str, Any], step: Any, source: str) -> Dict[s
 
 
 def _preset(name: str, source: str) -> Dict[str, Any]:
-    from unip.models.presets import PRESETS
-
     if name not in PRESETS:
         raise CheckpointError(f"{source}: the training state's student preset {name!r} is not one of this unip's; "
                               "read the run's student.safetensors instead")

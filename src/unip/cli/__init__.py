@@ -35,10 +35,13 @@ from unip.cli.app import (Parser, UsageError, closed_pipes_are_not_errors, confi
 from unip.errors import UnipError
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    demo.add_demo(sub, command=run)  # the demo runs its stages through ``run``: it sits below the CLI
+
+
 VERBS: List[Callable[[argparse._SubParsersAction], None]] = [
     info.add_info, data.add_data, analyze.add_analyze, training.add_pretrain, training.add_finetune,
-    inference.add_evaluate, inference.add_predict, deploy.add_export, deploy.add_bench, sweep.add_sweep,
-    demo.add_demo]
+    inference.add_evaluate, inference.add_predict, deploy.add_export, deploy.add_bench, sweep.add_sweep, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

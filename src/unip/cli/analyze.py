@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from unip.cli.app import Once
 from unip.engine.config import number
@@ -44,8 +45,6 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    import os
-
     import torch
 
     from unip.analysis.images import parse_normalization, parse_size

@@ -57,7 +57,16 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one line, without repeating the usage block."""
+    """argparse that reports a bad command line as one line, without repeating the usage block, and reads the
+    choices of an option from its table (``TableChoices``) only when a value is checked or help is shown."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        if not isinstance(kwargs.get("choices"), TableChoices) or "metavar" in kwargs:
+            return super().add_argument(*args, **kwargs)
+        # argparse formats an option's metavar when it is added, which would read (and import) the table now
+        action = super().add_argument(*args, metavar="CHOICE", **kwargs)
+        action.metavar = None  # usage, help and errors list the table's choices when they are shown
+        return action
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)

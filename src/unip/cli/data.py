@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from unip.cli.app import SEED, WORKERS, Once, TableChoices
 from unip.engine.config import integer
+from unip.errors import ConfigError
+from unip.outputs import plain_name
+from unip.text import byte_size
 
 
 def add_data(sub: argparse._SubParsersAction) -> None:
@@ -117,8 +121,6 @@ def _run_data_infmix(args: argparse.Namespace) -> int:
 
 
 def _run_data_stats(args: argparse.Namespace) -> int:
-    import os
-
     from unip.data.stats import compute_stats, format_summary, output_paths, write_stats
 
     stem = os.path.normpath(args.input) if os.path.isdir(args.input) else os.path.splitext(args.input)[0]
@@ -135,7 +137,6 @@ def _run_data_stats(args: argparse.Namespace) -> int:
 
 def _run_data_pack(args: argparse.Namespace) -> int:
     from unip.data.packed import pack_manifest
-    from unip.text import byte_size
 
     result = pack_manifest(args.manifest, args.out, short_side=args.short_side,
                            shard_bytes=args.shard_mb << 20, workers=args.workers)
@@ -148,8 +149,6 @@ def _run_data_pack(args: argparse.Namespace) -> int:
 
 def _synth_options_apply(args: argparse.Namespace) -> None:
     """Refuse the options that the chosen kind of set (labeled or not) would otherwise ignore."""
-    from unip.errors import ConfigError
-
     ignored = ([("--name", args.name, "a labeled set is written straight into --out"),
                 ("--bit-depth", args.bit_depth, "SODA's layout holds 8-bit JPEGs")] if args.labeled else
                [("--num-test", args.num_test, "only a labeled set has a test split")])
@@ -161,7 +160,6 @@ def _synth_options_apply(args: argparse.Namespace) -> None:
 
 def _run_data_synth(args: argparse.Namespace) -> int:
     from unip.data.synth import parse_size, write_soda, write_unlabeled
-    from unip.outputs import plain_name
 
     _synth_options_apply(args)
     size = parse_size(args.size)

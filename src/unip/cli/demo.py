@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
+from typing import Callable, List
 
 from unip.cli.app import SEED
 
 
-def add_demo(sub: argparse._SubParsersAction) -> None:
+def add_demo(sub: argparse._SubParsersAction, command: Callable[[List[str]], int]) -> None:
+    """The ``demo`` verb; its stages run through ``command`` (``unip.cli.run``)."""
     p = sub.add_parser("demo", help="run the pipeline at toy scale on generated data (offline, CPU)",
                        description="The whole UNIP pipeline at toy scale, offline, on a CPU, through the real CLI "
                                    "(each command is printed): generated infrared scenes, a teacher (made once and "
@@ -22,11 +25,11 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                                                       "checks the pipeline, too short for a meaningful comparison")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the student's initial weights, pre-training and "
                                                         "fine-tuning (default 0)")
-    p.set_defaults(func=_run_demo)
+    p.set_defaults(func=partial(_run_demo, command=command))
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace, command: Callable[[List[str]], int]) -> int:
     from unip.demo import run_demo
 
-    run_demo(args.out, fast=args.fast, seed=args.seed, say=lambda text: print(text, flush=True))
+    run_demo(command, args.out, fast=args.fast, seed=args.seed, say=lambda text: print(text, flush=True))
     return 0

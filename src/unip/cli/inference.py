@@ -8,6 +8,7 @@ from typing import List
 
 from unip.cli.app import WORKERS, TableChoices
 from unip.engine.config import integer, number
+from unip.text import printable
 
 
 def _scales_arg(text: str) -> List[float]:
@@ -148,7 +149,6 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from unip.seg.predict_run import FORMATS, PredictOptions, predict_files
-    from unip.text import printable
 
     options = PredictOptions(out=args.out, dataset=args.dataset, formats=args.formats or list(FORMATS),
                              every=args.every, batch_size=args.batch_size, device=args.device,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from unip.errors import CheckpointError
+
 
 def add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a checkpoint's architecture and load report",
@@ -17,13 +19,8 @@ def add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from unip.checkpoint import inspect_checkpoint
-    from unip.data.thermal import describe_thermal, is_thermal_file
-    from unip.errors import CheckpointError
+    from unip.checkpoint_kinds import inspect_checkpoint
 
-    if is_thermal_file(args.checkpoint):  # by content: a FLIR file (R-JPEG, FFF, SEQ, CSQ) or an image
-        print(describe_thermal(args.checkpoint))
-        return 0
     summary, problem = inspect_checkpoint(args.checkpoint)
     print(summary)
     if problem:  # the report is printed; the exit code says that the other verbs refuse the file

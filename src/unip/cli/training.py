@@ -7,7 +7,8 @@ import argparse
 from typing import Any, Dict, Tuple
 
 from unip.cli.app import SEED, TableChoices
-from unip.engine.config import integer, list_presets
+from unip.engine.config import dump_config, integer, list_presets
+from unip.errors import ConfigError
 
 
 #: CLI options of ``unip pretrain`` and the config keys they set (``--set`` reaches every other key).
@@ -82,7 +83,6 @@ def _layer_arg(text: str):
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from unip.distill.train import DEFAULTS, make_config, train
-    from unip.engine.config import dump_config
 
     values, origins = _option_values(args, _PRETRAIN_OPTIONS)
     if args.compile is not None:
@@ -150,8 +150,6 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from unip.engine.config import dump_config
-    from unip.errors import ConfigError
     from unip.models.heads import HEADS, probe_heads
     from unip.seg.train import DEFAULTS, finetune, make_config
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from unip import __version__
+from unip.checkpoint import architecture_of
 from unip.demo.settings import TeacherRecipe
 from unip.outputs import out_folder
 
@@ -67,8 +68,6 @@ def find_teacher(root: Path, key: str) -> Tuple[Optional[CachedTeacher], str]:
         record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
         if record.get("format") != RECORD_FORMAT or record.get("key") != key:
             return None, f"{folder / RECORD_FILE} is not this teacher's record"
-        from unip.checkpoint import architecture_of
-
         if architecture_of(folder / TEACHER_FILE) != "Segmentor":
             return None, f"{folder / TEACHER_FILE} is not a segmentor"
         json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))["mIoU"]

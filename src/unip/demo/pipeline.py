@@ -19,19 +19,25 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
+from unip.checkpoint import is_our_checkpoint, load_model, save_checkpoint
+from unip.data.layouts import SODA_IMAGE_DIR, SODA_SPLITS
 from unip.demo.cache import CachedTeacher, cache_root, find_teacher, store_teacher
 from unip.demo.settings import FAST, FULL, DemoSettings
+from unip.demo.summary import SUMMARY_TITLE, build_summary, read_profile, write_summary
+from unip.distill.train import DEFAULTS as PRETRAIN_DEFAULTS
+from unip.engine.logging import LOG_FILE, RECORD_KEYS
+from unip.engine.run_folder import CONFIG_FILE, RUN_FOLDERS
 from unip.errors import ConfigError, UnipError
-from unip.outputs import (claim, is_our_checkpoint, is_our_json, is_our_jsonl, is_our_png, is_our_yaml, out_folder,
-                          starts_with_line)
+from unip.models import create_model
+from unip.outputs import claim, is_our_json, is_our_jsonl, is_our_png, is_our_yaml, out_folder, starts_with_line
+from unip.seg.train import DEFAULTS as FINETUNE_DEFAULTS
 
 logger = logging.getLogger("unip.demo")
 
-SUMMARY_TITLE = "# unip demo summary"
 STAGES = 9
 
 
@@ -62,9 +68,11 @@ class Layout:
 @dataclass
 class Tour:
     """Runs the stages and reports them through ``say``: a numbered heading per stage, each command as a user would
-    type it, its time."""
+    type it, its time. ``command`` runs one ``unip`` command line (without ``unip``) and returns its exit code:
+    ``unip.cli.run``, which the CLI hands to ``run_demo`` (the demo sits below the CLI and never imports it)."""
 
     say: Callable[[str], None] = logger.info
+    command: Optional[Callable[[List[str]], int]] = None
     stage_seconds: Dict[str, float] = field(default_factory=dict)
     number: int = 0
     current: str = ""
@@ -79,12 +87,12 @@ class Tour:
 
     def unip(self, *argv: object) -> None:
         """Run ``unip ARGV`` through the CLI; its errors propagate (the demo's boundary reports them once)."""
-        from unip.cli import run
-
+        if self.command is None:
+            raise TypeError("Tour.command is not set: pass the CLI's runner, unip.cli.run")
         args = [str(a) for a in argv]
         self.say(f"$ unip {' '.join(shlex.quote(a) for a in args)}")
         start = time.perf_counter()
-        if run(args) != 0:
+        if self.command(args) != 0:
             raise UnipError(f"demo stage failed: unip {' '.join(args)}")
         self.say(f"({time.perf_counter() - start:.1f} s)")
 
@@ -106,15 +114,14 @@ class Tour:
             self.stage_seconds[self.current] = round(time.perf_counter() - self._stage_start, 1)
 
 
-def run_demo(out: str = "demo_out", fast: bool = False, seed: int = 0, settings: Optional[DemoSettings] = None,
-             say: Optional[Callable[[str], None]] = None) -> Path:
-    """Run every stage into ``out`` with ``settings`` (default ``FAST`` if ``fast`` else ``FULL``), reporting each
-    stage, command and the summary table through ``say`` (default: log them); returns the path of ``summary.json``.
+def run_demo(command: Callable[[List[str]], int], out: str = "demo_out", fast: bool = False, seed: int = 0,
+             settings: Optional[DemoSettings] = None, say: Optional[Callable[[str], None]] = None) -> Path:
+    """Run every stage into ``out`` with ``settings`` (default ``FAST`` if ``fast`` else ``FULL``), each ``unip``
+    command through ``command`` (``unip.cli.run``), reporting each stage, command and the summary table through
+    ``say`` (default: log them); returns the path of ``summary.json``.
 
     Raises ``UnipError`` (e.g. a ``ConfigError`` when ``out`` is a file or holds files of the demo's names that
     unip did not write, or when ``UNIP_CACHE`` is a file) before any work, or a stage's error."""
-    from unip.demo.summary import build_summary, write_summary
-
     settings = settings or (FAST if fast else FULL)
     paths = Layout(Path(out_folder(out, "--out")))
     claim([str(paths.student_random)], is_our_checkpoint)
@@ -123,7 +130,7 @@ def run_demo(out: str = "demo_out", fast: bool = False, seed: int = 0, settings:
     claim([str(paths.summary_png)], is_our_png)
     cache = cache_root()
     paths.root.mkdir(parents=True, exist_ok=True)
-    tour = Tour(say or logger.info)
+    tour = Tour(say or logger.info, command)
     tour.say(f"unip demo ({settings.name}{', seed ' + str(seed) if seed else ''}): the UNIP pipeline at toy scale on "
           f"generated infrared scenes, CPU only ({torch.get_num_threads()} threads); everything goes to {paths.root}/")
 
@@ -197,9 +204,6 @@ def get_teacher(tour: Tour, paths: Layout, settings: DemoSettings, cache: Path) 
 
 def profile_teacher(tour: Tour, paths: Layout, settings: DemoSettings, teacher: "TeacherInfo") -> int:
     """``unip analyze`` of the teacher; returns the head count of the layer it selects (the student's last block)."""
-    from unip.checkpoint import load_model
-    from unip.demo.summary import read_profile
-
     tour.stage("attention profile of the teacher: NMI per layer, and the hybrid layer to distil")
     tour.unip("analyze", "--model", teacher.file, "--images", analysis_images(paths), "--num-images",
               settings.analysis_images, "--out", paths.analysis_teacher)
@@ -239,8 +243,6 @@ def finetune_both(tour: Tour, paths: Layout, settings: DemoSettings, seed: int) 
 
 
 def evaluate_and_predict(tour: Tour, paths: Layout, settings: DemoSettings) -> None:
-    from unip.data.layouts import SODA_IMAGE_DIR, SODA_SPLITS
-
     best = paths.best(paths.finetune_distilled)
     tour.stage("evaluate the distilled student's segmentor, and predict a few test images")
     tour.unip("evaluate", "--checkpoint", best, "--data", paths.labeled, "--out", paths.evaluate)
@@ -264,9 +266,6 @@ class TeacherInfo:
 
 def save_random_model(tour: Tour, preset: str, shape: Dict[str, int], seed: int, path: Path) -> None:
     """Write a randomly initialised ``preset`` (seeded) as a self-describing checkpoint, reporting the Python."""
-    from unip.checkpoint import save_checkpoint
-    from unip.models import create_model
-
     arguments = ", ".join(f"{key}={value}" for key, value in shape.items())
     tour.python(f"torch.manual_seed({seed}); save_checkpoint(create_model({preset!r}, {arguments}), '{path}')")
     torch.manual_seed(seed)
@@ -277,18 +276,12 @@ def clear_earlier_run(tour: Tour, run: Path, verb: str) -> None:
     """Before the demo reruns ``unip VERB`` into ``run`` (``make demo`` twice, another ``--seed``): delete the
     earlier run's training states, best model and logs, which a new run refuses to start over. Only when ``run`` is
     recognisably that verb's run folder (its config.yaml is ours); otherwise the verb's own error stands."""
-    from unip.engine.logging import LOG_FILE, RECORD_KEYS
-    from unip.engine.run_folder import CONFIG_FILE, RUN_FOLDERS
-
-    if verb == "pretrain":
-        from unip.distill.train import DEFAULTS
-    else:
-        from unip.seg.train import DEFAULTS
+    sections = list(PRETRAIN_DEFAULTS if verb == "pretrain" else FINETUNE_DEFAULTS)
     config = run / CONFIG_FILE
     if not config.is_file():
         return
     try:
-        claim([str(config)], is_our_yaml(list(DEFAULTS)))
+        claim([str(config)], is_our_yaml(sections))
         claim([str(run / LOG_FILE)], is_our_jsonl(RECORD_KEYS))
     except ConfigError:
         return

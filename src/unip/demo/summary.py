@@ -28,6 +28,10 @@ from unip.atomic import atomic_write_text
 from unip.demo.settings import DemoSettings
 from unip.engine.logging import read_records, records_of_last_run
 from unip.errors import DataError
+from unip.outputs import save_figure
+
+#: The first line of ``summary.md`` (how a later run recognises it as the demo's).
+SUMMARY_TITLE = "# unip demo summary"
 
 if TYPE_CHECKING:  # pragma: no cover
     from unip.demo.pipeline import Layout, TeacherInfo, Tour
@@ -207,8 +211,6 @@ def _cell(value: Optional[float]) -> str:
 
 def write_summary(summary: Dict[str, Any], paths: "Layout") -> str:
     """Write ``summary.json``, ``summary.md`` and ``summary.png`` (atomically); returns the table (``format_table``)."""
-    from unip.demo.pipeline import SUMMARY_TITLE
-
     table = format_table(summary)
     atomic_write_text(paths.summary_json, json.dumps(summary, indent=2) + "\n")
     atomic_write_text(paths.summary_md, f"{SUMMARY_TITLE}\n\n```\n{table}\n```\n\n![summary](summary.png)\n")
@@ -227,8 +229,6 @@ def write_figure(summary: Dict[str, Any], path: Path, overlay: Optional[Path] = 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from unip.outputs import save_figure
 
     figure, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     _plot_nmi(axes[0][0], summary)

@@ -14,12 +14,23 @@ classes is the label map. H and W must be multiples of the patch size (16) and a
   (:class:`AveragingPool2d`); ``torch.export`` would otherwise bake the traced size's pooling bins and table
   into the graph.
 
-The model's ``metadata_props`` say how to feed it: ``unip.mean`` / ``unip.std`` (0–255), ``unip.crop`` /
-``unip.stride`` (sliding window), ``unip.classes``, ``unip.palette``, ``unip.input``, ``unip.output``.
+Precision (``precision``): ``fp32`` as traced; ``fp16`` and ``int8`` are made from the checked fp32 graph
+(:mod:`unip.deploy.precision`: fp16 weights and computation with float32 input and output; int8 static QDQ
+quantization calibrated on frames, with the attention left in float by default).
 
-Check: a random input (seed 0) of the export size (with ``dynamic`` also another size, batch 2) runs through
-PyTorch and onnxruntime (CPU); if the logits differ by more than ``tolerance`` (1e-4) anywhere the export
-fails with ``ExportError`` and nothing is left at the output path.
+The model's ``metadata_props`` say how to feed it: ``unip.mean`` / ``unip.std`` (0–255), ``unip.crop`` /
+``unip.stride`` (sliding window), ``unip.classes``, ``unip.palette``, ``unip.input``, ``unip.output``,
+``unip.precision`` (``fp32``, ``fp16``, ``int8``), ``unip.quantization`` (int8: format, calibration frames, what
+stayed in float) and ``unip.agreement`` (the label agreement below, percent, and the frames it was measured on).
+
+Checks, before anything is put at the output path (else ``ExportError``, and nothing is left there):
+
+* the fp32 graph: a random input (seed 0) of the export size (with ``dynamic`` also another size, batch 2) runs
+  through PyTorch and onnxruntime (CPU); the logits may differ by at most ``tolerance`` (1e-4) anywhere;
+* the exported graph, whatever its precision: its label agreement with the fp32 PyTorch model (the share of
+  pixels whose arg-max class is the same) over the calibration frames (``calibrate``: a folder of the user's
+  frames; else generated thermal scenes, :mod:`unip.deploy.calibration`) must be at least ``min_agreement``
+  (99 %).
 """
 
 from __future__ import annotations
@@ -34,19 +45,24 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unip.deploy.calibration import DEFAULT_FRAMES, GENERATED_FRAMES, CheckFrames, folder_frames, generated_frames
+from unip.deploy.precision import (DEFAULT_KEEP_FLOAT, FLOAT_GROUPS, MIN_AGREEMENT, agreement_text, check_precision,
+                                   convert_fp16, label_agreement, quantize_int8)
 from unip.errors import ConfigError, ExportError
 from unip.memory import require_memory
 from unip.models.segmentor import Segmentor
 from unip.optional import require
 from unip.outputs import claim, out_file, staging_folder
 from unip.seg.pipeline import InferencePipeline
+from unip.seg.predict import forward_bytes
+from unip.seg.render import ClassInfo
 
 log = logging.getLogger(__name__)
 
@@ -134,30 +150,37 @@ def traceable_sizes(segmentor: Segmentor) -> Iterator[None]:
 # ============================================================================================ export
 @dataclass
 class OnnxExport:
-    """What ``export_onnx`` wrote and measured: the file(s), the input size, and the max-abs difference of
-    onnxruntime's logits from PyTorch's for each checked input shape."""
+    """What ``export_onnx`` wrote and measured: the file(s), the input size, the max-abs difference of
+    onnxruntime's fp32 logits from PyTorch's for each checked input shape, and the exported graph's label
+    agreement (percent) with the fp32 PyTorch model on ``frames``."""
 
     path: str
     size: Tuple[int, int]
     batch: int
     dynamic: bool
     opset: int
+    precision: str = "fp32"
     differences: Dict[str, float] = field(default_factory=dict)
+    agreement: Optional[float] = None
+    frames: str = ""
     seconds: float = 0.0
     files: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         shape = "B x 3 x H x W (dynamic)" if self.dynamic else f"{self.batch} x 3 x {self.size[0]} x {self.size[1]}"
         checks = ", ".join(f"{k}: {v:.1e}" for k, v in self.differences.items())
-        return (f"wrote {self.path} (opset {self.opset}, input {shape}) in {self.seconds:.0f} s; onnxruntime "
-                f"matches PyTorch (max abs diff of logits {checks})")
+        line = f"wrote {self.path} ({self.precision}, opset {self.opset}, input {shape}) in {self.seconds:.0f} s"
+        if self.agreement is not None:
+            line += (f"; label agreement with the fp32 PyTorch model {agreement_text(self.agreement)} over "
+                     f"{self.frames}")
+        if checks:
+            line += f"; the fp32 graph matches PyTorch in onnxruntime (max abs diff of logits {checks})"
+        return line
 
 
 def check_size(segmentor: Segmentor, size: Tuple[int, int], batch: int = 1, what: str = "--size") -> Tuple[int, int]:
     """``size`` as ``(H, W)`` after checking it: multiples of the patch, at least 2 patches, and memory for a
     forward of ``batch`` such inputs. Raises ``ConfigError`` naming ``what``."""
-    from unip.seg.predict import forward_bytes
-
     patch = segmentor.backbone.patch_size
     height, width = int(size[0]), int(size[1])
     if height < 2 * patch or width < 2 * patch or height % patch or width % patch:
@@ -179,23 +202,39 @@ def default_size(segmentor: Segmentor) -> Tuple[int, int]:
 
 def export_onnx(segmentor: Segmentor, path: str, size: Optional[Tuple[int, int]] = None, batch: int = 1,
                 dynamic: bool = False, opset: Optional[int] = None, tolerance: float = TOLERANCE,
-                check: bool = True) -> OnnxExport:
-    """Write ``segmentor`` as ONNX to ``path`` (module docstring) and check it with onnxruntime.
+                check: bool = True, precision: str = "fp32", calibrate: Optional[str] = None,
+                calibration_frames: int = DEFAULT_FRAMES, keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT,
+                min_agreement: float = MIN_AGREEMENT, frames: Optional[CheckFrames] = None) -> OnnxExport:
+    """Write ``segmentor`` as ONNX to ``path`` (module docstring) in ``precision`` and check it.
 
     ``size``: ``(H, W)`` of the traced (and, without ``dynamic``, the only) input, default the crop size;
-    ``batch``: the fixed batch (ignored with ``dynamic``). Raises ``ConfigError`` for bad options or an
-    ``out`` that is somebody else's file, ``ExportError`` when the exporter fails or onnxruntime's logits
-    differ from PyTorch's by more than ``tolerance``; nothing is left at ``path`` then."""
+    ``batch``: the fixed batch (ignored with ``dynamic``). ``calibrate``: a folder of frames (at most
+    ``calibration_frames`` are used) that calibrates an int8 export and checks every export; without it, generated
+    thermal scenes do (``frames``: inputs the caller has already made, instead of either). ``keep_float``: the
+    groups an int8 export leaves in float32 (``unip.deploy.precision.FLOAT_GROUPS``). Raises ``ConfigError`` for bad
+    options or an ``out`` that is somebody else's file, ``DataError`` for a calibration folder without a readable
+    frame, ``ExportError`` when the exporter fails, onnxruntime's fp32 logits differ from PyTorch's by more than
+    ``tolerance`` or the label agreement is below ``min_agreement`` percent; nothing is left at ``path`` then."""
     onnx = require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
     require("onnxruntime", "checking the ONNX export")
+    keep_float = check_precision(precision, keep_float)
     opset = DEFAULT_OPSET if opset is None else int(opset)
     highest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= highest:
         raise ConfigError(f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to {highest}")
+    if not 0 <= min_agreement <= 100:
+        raise ConfigError(f"--min-agreement {min_agreement:g}: a percentage, 0 to 100")
+    if calibration_frames < 1:
+        raise ConfigError(f"--calibration-frames {calibration_frames}: use at least 1")
     out_file(path, "--out", is_ours=is_our_onnx)
     claim([path + ".data"], is_our_onnx_data, "--out")
     size = check_size(segmentor, size or default_size(segmentor), 2 if dynamic else batch)
+    pipeline = InferencePipeline.of(segmentor)
+    feed_batch = 1 if dynamic else batch
+    if frames is None:  # read before the export: a bad folder stops before minutes of tracing
+        frames = (folder_frames(calibrate, pipeline, size, feed_batch, calibration_frames) if calibrate
+                  else generated_frames(pipeline, size, feed_batch, min(GENERATED_FRAMES, calibration_frames)))
     if next(segmentor.parameters()).device.type != "cpu":  # export and check on the CPU, leave the caller's be
         segmentor = copy.deepcopy(segmentor).cpu()
     segmentor.eval()
@@ -203,19 +242,68 @@ def export_onnx(segmentor: Segmentor, path: str, size: Optional[Tuple[int, int]]
     start = time.perf_counter()
     folder = staging_folder(path, "--out")
     staged = os.path.join(folder, os.path.basename(path))
+    traced = staged if precision == "fp32" else os.path.join(folder, ".fp32-" + os.path.basename(path))
     try:
         program = _trace(model, segmentor, size, batch, dynamic, opset)
-        program.model.metadata_props.update(model_metadata(segmentor, dynamic))
+        metadata = model_metadata(segmentor, dynamic, precision, keep_float, frames)
+        program.model.metadata_props.update(metadata)
         external = sum(p.numel() * p.element_size() for p in segmentor.parameters()) > EXTERNAL_DATA_BYTES
-        program.save(staged, external_data=external)
-        result = OnnxExport(path, size, 1 if dynamic else batch, dynamic, opset)
+        program.save(traced, external_data=external)
+        result = OnnxExport(path, size, feed_batch, dynamic, opset, precision, frames=frames.describe())
         if check:
-            result.differences = check_parity(model, staged, size, batch, dynamic, tolerance)
+            result.differences = check_parity(model, traced, size, batch, dynamic, tolerance)
+        if precision == "fp16":
+            convert_fp16(traced, staged, metadata)
+        elif precision == "int8":
+            quantize_int8(traced, staged, frames.inputs, metadata, keep_float)
+        if traced != staged:
+            for leftover in (traced, traced + ".data"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+        if check:
+            result.agreement = check_agreement(model, staged, frames, precision, min_agreement, keep_float)
+            _record_agreement(staged, result)
         result.files = _move_into_place(folder, os.path.dirname(os.path.abspath(path)))
         result.seconds = time.perf_counter() - start
         return result
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_agreement(model: SegmentorLogits, path: str, frames: CheckFrames, precision: str, min_agreement: float,
+                    keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT) -> float:
+    """The label agreement (percent) of the ONNX model at ``path`` (onnxruntime, CPU) with ``model`` in fp32
+    PyTorch over ``frames``; ``ExportError`` naming the number and the fix when it is below ``min_agreement``."""
+    session = _session_or_error(path)
+
+    def reference(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    agreement = label_agreement(reference, lambda x: session.run(["logits"], {"image": x})[0], frames.inputs)
+    if agreement < min_agreement:
+        fixes = {"int8": "calibrate on more frames of your camera (--calibrate DIR, --calibration-frames N), leave "
+                         f"more in float (--keep-float {','.join(_more_float(keep_float))}) or export --precision "
+                         "fp16 or fp32",
+                 "fp16": "export --precision fp32 (or int8 calibrated on your frames)",
+                 "fp32": "report it: the fp32 graph should match PyTorch"}
+        raise ExportError(f"the {precision} model's labels agree with the fp32 PyTorch model's on "
+                          f"{agreement_text(agreement)} of the pixels of {frames.describe()}, below --min-agreement "
+                          f"{min_agreement:g} %; the export was removed. Fix: {fixes[precision]}")
+    return agreement
+
+
+def _more_float(keep_float: Sequence[str]) -> List[str]:
+    return list(dict.fromkeys([*keep_float, *FLOAT_GROUPS]))
+
+
+def _record_agreement(path: str, result: OnnxExport) -> None:
+    """Add ``unip.agreement`` to the metadata of the written model (its weights are left where they are)."""
+    onnx = require("onnx", "ONNX export")
+    model = onnx.load(path, load_external_data=False)
+    model.metadata_props.add(key="unip.agreement", value=json.dumps(
+        {"percent": round(result.agreement, 4), "frames": result.frames, "reference": "fp32 PyTorch"}))
+    onnx.save(model, path)
 
 
 def _trace(model: SegmentorLogits, segmentor: Segmentor, size: Tuple[int, int], batch: int, dynamic: bool,
@@ -258,21 +346,29 @@ def _silenced(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def model_metadata(segmentor: Segmentor, dynamic: bool) -> Dict[str, str]:
+def model_metadata(segmentor: Segmentor, dynamic: bool, precision: str = "fp32",
+                   keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT, frames: Optional[CheckFrames] = None
+                   ) -> Dict[str, str]:
     """``metadata_props`` of the exported model (module docstring): JSON texts."""
-    from unip.seg.render import ClassInfo
-
     pipeline = InferencePipeline.of(segmentor)
     classes = ClassInfo.resolve(segmentor.num_classes, None, segmentor.meta)
     patch = segmentor.backbone.patch_size
     size = "B, H and W free" if dynamic else "fixed"
+    inside = {"fp32": "", "fp16": "; cast to float16 inside, weights and computation float16",
+              "int8": "; quantized to uint8 inside, weights int8"}[precision]
+    extra = {}
+    if precision == "int8":
+        extra["unip.quantization"] = json.dumps({
+            "format": "QDQ", "weights": "int8, per output channel", "activations": "uint8, per tensor",
+            "calibration": "MinMax on " + (frames.describe() if frames else "?"), "float": list(keep_float)})
     return {
         FORMAT_KEY: "segmentor logits v1",
+        "unip.precision": precision, **extra,
         "unip.input": f"image: float32 [B, 3, H, W] ({size}; H and W multiples of {patch}): the 8-bit gray model "
                       "image repeated to 3 channels, (pixel - mean) / std on 0-255 values; the 8-bit image is unip's "
                       "input mapping (docs/thermal.md): a radiometric raster (FLIR R-JPEG/FFF/SEQ/CSQ, 16-bit "
                       "TIFF/PNG) stretched between its 1st and 99th percentile counts (or a fixed degree C window), "
-                      "a colour image as its luma 0.299 R + 0.587 G + 0.114 B, 8-bit gray as it is",
+                      f"a colour image as its luma 0.299 R + 0.587 G + 0.114 B, 8-bit gray as it is{inside}",
         "unip.output": "logits: float32 [B, classes, H, W], the decode head's logits resized bilinearly to the "
                        "input; argmax over classes = labels",
         "unip.mean": json.dumps(list(pipeline.mean)), "unip.std": json.dumps(list(pipeline.std)),
@@ -288,11 +384,7 @@ def check_parity(model: SegmentorLogits, path: str, size: Tuple[int, int], batch
     """Max-abs difference of onnxruntime's logits from PyTorch's for seeded random inputs (the export shape;
     with ``dynamic`` also a larger, non-square one with batch 2), keyed ``"BxHxW"``. Raises ``ExportError``
     naming the shape when one exceeds ``tolerance``."""
-    try:
-        session = onnx_session(path)
-    except Exception as err:  # onnxruntime's errors are of its own types
-        raise ExportError(f"onnxruntime cannot load the exported model: {str(err).strip().splitlines()[0][:300]}; "
-                          "the export was removed (another --opset may help)") from err
+    session = _session_or_error(path)
     patch = model.segmentor.backbone.patch_size
     shapes = [(batch if not dynamic else 1, *size)]
     if dynamic:
@@ -316,7 +408,15 @@ def check_parity(model: SegmentorLogits, path: str, size: Tuple[int, int], batch
     return differences
 
 
-def onnx_session(path: str, device: Optional[torch.device] = None):
+def _session_or_error(path: str):
+    try:
+        return onnx_session(path)
+    except Exception as err:  # onnxruntime's errors are of its own types
+        raise ExportError(f"onnxruntime cannot load the exported model: {str(err).strip().splitlines()[0][:300]}; "
+                          "the export was removed (another --opset may help)") from err
+
+
+def onnx_session(path: str, device: Optional[torch.device] = None, threads: Optional[int] = None):
     """An onnxruntime ``InferenceSession`` for ``path``: CUDA when ``device`` is a CUDA device and the
     installed onnxruntime has it, else the CPU."""
     ort = require("onnxruntime", "running ONNX models")
@@ -325,6 +425,8 @@ def onnx_session(path: str, device: Optional[torch.device] = None):
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors come back as exceptions
+    if threads:
+        options.intra_op_num_threads = int(threads)
     return ort.InferenceSession(path, sess_options=options, providers=providers)
 
 

@@ -54,8 +54,11 @@ import torch
 from unip.atomic import atomic_write_text
 from unip.checkpoint import CONFIG_METADATA_KEY, DEFAULT_NORMALIZATION, open_model, read_checkpoint
 from unip.errors import ConfigError, ExportError
+from unip.models.presets import PRESETS
 from unip.models.vit import VisionTransformer, mlp_ratio_of
 from unip.outputs import claim, is_our_json, out_folder, staging_folder
+from unip.seg.checkpoint import load_segmentor
+from unip.seg.pipeline import RECIPE_META
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +121,6 @@ def open_backbone(source: str) -> Tuple[VisionTransformer, Dict[str, Any], str]:
     """``(backbone, meta, kind)`` of ``source``: a segmentor's backbone (kind ``"segmentor"``) or a
     pre-trained backbone (``"backbone"``); raises ``CheckpointError`` for files that are neither."""
     if is_segmentor_file(source):
-        from unip.seg.checkpoint import load_segmentor
-
         segmentor = load_segmentor(source)
         return segmentor.backbone, dict(segmentor.meta), "segmentor"
     loaded = open_model(source)
@@ -237,9 +238,6 @@ def _normalization(meta: Mapping[str, Any], kind: str, notes: List[str]) -> Dict
     files, timm's ``pretrained_cfg`` for ``timm:`` sources); without one, fine-tuning's for a segmentor,
     pre-training's (InfMix) for the release's UNIP student (its ``args``), and ImageNet's, with a note in
     ``notes``, for other release files (MAE, DINO, iBOT, DeiT were pre-trained with it)."""
-    from unip.models.presets import PRESETS
-    from unip.seg.pipeline import RECIPE_META
-
     norm = meta.get("normalization")
     if not isinstance(norm, Mapping):
         if kind == "segmentor":

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from unip.analysis.images import Normalization, frame_input
-from unip.data.infmix import skip_reasons
+from unip.data.infmix import scan_folder, skip_reasons
 from unip.data.inputs import INPUT_SUFFIXES
 from unip.data.packed import INDEX_JSON, GrayImages, ManifestImages, PackedImages
 from unip.data.transforms import Transform, normalize_batch, pretrain_transform
@@ -87,8 +87,6 @@ def _folder_state(path: str) -> int:
 
 @lru_cache(maxsize=4)
 def _scan_folder_as_of(path: str, state: int) -> Tuple[list, list]:
-    from unip.data.infmix import scan_folder
-
     return scan_folder(path)
 
 

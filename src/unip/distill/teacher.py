@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unip.checkpoint import load_model
 from unip.errors import ConfigError
 from unip.fingerprint import weights_fingerprint
 from unip.models.cpu_linear import use_onednn_linears
+from unip.models.quantize import quantize_linear_fp8
 from unip.models.vit import Mlp, VisionTransformer
 
 
@@ -67,8 +69,6 @@ class Teacher(nn.Module):
         if precision not in TEACHER_PRECISIONS:
             raise ConfigError(f"teacher precision {precision!r}: choose one of {', '.join(TEACHER_PRECISIONS)}")
         if precision == "fp8":
-            from unip.models.quantize import quantize_linear_fp8
-
             quantize_linear_fp8(self.model)
         else:
             self.model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
@@ -130,8 +130,6 @@ def load_teacher_model(source: str, img_size: Optional[int] = None,
                        student_patch: int = 16) -> Tuple[VisionTransformer, str]:
     """The teacher backbone of ``source`` (fitted to the grid of ``img_size`` px student inputs when given) and the
     digest of its weights as read (``unip.fingerprint``: independent of input size and the layer it is cut at)."""
-    from unip.checkpoint import load_model
-
     model = load_model(source)
     digest = weights_fingerprint(model.state_dict())
     return (fit_to_grid(model, img_size, student_patch) if img_size else model), digest

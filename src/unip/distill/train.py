@@ -22,7 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
+from unip.analysis.patterns import explain_distill_layer
+from unip.analysis.profile import profile_model
+from unip.checkpoint import MAX_DEPTH, MAX_WIDTH, is_our_checkpoint, load_weights, open_model, save_checkpoint
+from unip.checkpoint.backbone import checkpoint_header
 from unip.data.transforms import INFMIX_MEAN, INFMIX_STD, normalize_batch
 from unip.distill.data import (crop_transform, describe_skipped, frame_transform, image_files, open_pretrain_images,
                               take)
@@ -42,7 +45,6 @@ from unip.models import create_model, list_models, preset_config
 from unip.models.cpu_linear import decide, linear_kernel, requested_choice, use_onednn_linears
 from unip.models.quantize import fp8_unavailable_reason
 from unip.models.vit import DROP_PATH_SCHEDULES, VisionTransformer
-from unip.outputs import is_our_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -231,9 +233,6 @@ def auto_layer(model: VisionTransformer, config: Config, dataset_path: str, prec
                progress: bool, cpu_linear: Optional[str] = None) -> Tuple[int, str]:
     """The analysis module's NMI-guided choice over ``teacher.auto_images`` training images (on the
     model's device, under the run's autocast; ``cpu_linear``: ``profile_model``'s)."""
-    from unip.analysis.patterns import explain_distill_layer
-    from unip.analysis.profile import profile_model
-
     data = config["data"]
     size = model.config["img_size"][0]
     dataset = open_pretrain_images(dataset_path, frame_transform(size, data["mean"], data["std"]))
@@ -269,8 +268,6 @@ def start_from(student: VisionTransformer, path: str) -> None:
     """Load ``student.init``'s weights into ``student`` (e.g. the random student a baseline is fine-tuned from,
     so that distilled and baseline start alike). ``ConfigError`` when the file's width, depth or heads per block
     differ from the student's; ``CheckpointError`` when it lacks a weight."""
-    from unip.checkpoint import load_weights, open_model
-
     init = open_model(path).model
     ours = (student.embed_dim, student.depth, list(student.heads_per_block))
     theirs = (init.embed_dim, init.depth, list(init.heads_per_block))
@@ -372,8 +369,6 @@ class NmiHadTask(Task):
                              "effective_batch": plan.effective_batch if plan else None}}
 
     def model_header(self, model: nn.Module, ctx: TrainContext) -> Optional[str]:
-        from unip.checkpoint.backbone import checkpoint_header
-
         return checkpoint_header(model, self.student_meta(ctx))  # type: ignore[arg-type]
 
     def legacy_resume_record(self, ctx: TrainContext) -> Dict[str, Any]:
@@ -382,8 +377,6 @@ class NmiHadTask(Task):
 
     def save_model(self, model: nn.Module, path: Path, ctx: TrainContext) -> None:
         """The distilled student as a self-describing safetensors file (``unip finetune --pretrained``)."""
-        from unip.checkpoint import save_checkpoint
-
         save_checkpoint(model, path, self.student_meta(ctx))  # type: ignore[arg-type]
 
 

@@ -1,6 +1,6 @@
 """Deterministic, resumable data order for training loops.
 
-* ``unip.data.sharding.RankSampler``: each rank's share of one permutation per epoch (shuffled by
+* ``unip.engine.sharding.RankSampler``: each rank's share of one permutation per epoch (shuffled by
   ``seed + epoch``, as ``DistributedSampler``) that can start part-way into an epoch, so a resumed run
   sees exactly the samples the interrupted one had not yet seen.
 * ``SeededDataset``: every sample's random augmentation is drawn from a generator seeded by
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from unip.data.sharding import RankSampler
+from unip.engine.sharding import RankSampler
 from unip.engine.seeding import mixed_seed
 
 

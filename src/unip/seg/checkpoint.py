@@ -23,9 +23,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from unip.checkpoint import (CONFIG_METADATA_KEY, check_architecture, check_fits, infer_architecture,
+from unip.checkpoint import (CONFIG_METADATA_KEY, backbone_lines, check_architecture, check_fits, infer_architecture,
                              normalize_keys, read_checkpoint)
-from unip.checkpoint.backbone import non_finite_problem
+from unip.checkpoint.backbone import non_finite_problem, write_model_file
 from unip.engine.checkpointing import non_finite_tensors
 from unip.errors import CheckpointError, ConfigError
 from unip.models.segmentor import Segmentor
@@ -44,8 +44,6 @@ def save_segmentor(segmentor: Segmentor, path: PathLike, meta: Optional[Mapping[
     """Write ``segmentor`` as safetensors with its config and ``segmentor.meta`` (updated by ``meta``:
     class names, palette, normalisation, crop/stride, training facts; JSON-able) in the header, atomically.
     ``load_segmentor(path)`` rebuilds it. Returns the path written."""
-    from unip.checkpoint.backbone import write_model_file
-
     return write_model_file(segmentor, path, segmentor_header(segmentor, meta), "segmentors")
 
 
@@ -298,8 +296,6 @@ def _plain(value: Any) -> Any:
 def describe_segmentor(path: PathLike) -> str:
     """A human-readable summary of a segmentor file (``unip info``): backbone, neck and heads, classes,
     parameters of the backbone and of the rest, test settings and where the file came from."""
-    from unip.checkpoint import _backbone_lines
-
     segmentor = load_segmentor(path)
     config, meta = segmentor.config, segmentor.meta
     head = config["decode_head"]
@@ -310,7 +306,7 @@ def describe_segmentor(path: PathLike) -> str:
     names = meta.get("class_names")
     backbone_params = sum(p.numel() for p in segmentor.backbone.parameters())
     total = sum(p.numel() for p in segmentor.parameters())
-    lines = [f"source:        {path}", *_backbone_lines(segmentor.backbone)[:1],
+    lines = [f"source:        {path}", *backbone_lines(segmentor.backbone)[:1],
              f"segmentor:     neck {config.get('neck') or 'none'} on blocks {config['feature_layers']}, "
              f"decode head {head_text}",
              f"classes:       {segmentor.num_classes}" + (f" ({', '.join(names)})" if names else " (ids only)"),

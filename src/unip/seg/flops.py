@@ -15,6 +15,8 @@ from typing import Any, Dict, Mapping
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from unip.models.segmentor import Segmentor
+
 #: The parts of a ``Segmentor``, in forward order.
 PARTS = ("backbone", "neck", "decode_head", "auxiliary_head")
 
@@ -54,8 +56,6 @@ def segmentor_cost(config: Mapping[str, Any], size: int = 512, training: bool = 
     the training forward (with it). The backbone is rebuilt at ``size`` (its position table resampled to that
     grid), so the parameters are those of a ``size``-px backbone; the backbone's FLOPs stop at its deepest
     feature layer (a probe of block 4 runs 4 blocks)."""
-    from unip.models.segmentor import Segmentor
-
     config = copy.deepcopy(dict(config))
     config["backbone"] = {**config["backbone"], "img_size": [size, size]}
     batch = 2 if training else 1  # BatchNorm in training mode needs two values per channel (PPM's 1×1 map)

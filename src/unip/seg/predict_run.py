@@ -56,8 +56,10 @@ from unip.data.parallel import default_workers, thread_map
 from unip.data.thermal import ThermalFileError, frame_count
 from unip.data.video import VideoReader, VideoWriter, is_our_video, opencv
 from unip.errors import ConfigError, DataError
+from unip.memory import require_memory
 from unip.outputs import claim, is_our_json, is_our_png, out_file, out_folder, save_png
 from unip.run_lock import hold
+from unip.seg.checkpoint import load_segmentor
 from unip.seg.predict import Predictor
 from unip.seg.prediction import area_record, render_overlay
 from unip.seg.render import ClassInfo, colorize
@@ -431,8 +433,6 @@ class _Writes:
 def predict_files(checkpoint: str, inputs: Sequence[str], options: Optional[PredictOptions] = None) -> PredictResult:
     """Run ``unip predict`` (module docstring): returns a ``PredictResult``; ``failed`` lists the inputs that
     could not be read. Bad options, checkpoints, inputs or output folders raise ``UnipError`` before any work."""
-    from unip.seg.checkpoint import load_segmentor
-
     options = options or PredictOptions()
     options.check()
     out_folder(options.out, "--out")
@@ -624,8 +624,6 @@ class _Run:
         """Images whose full-size logits do not fit in memory are failures (the rest go on)."""
         size = tuple(frame.item.image.shape[:2])
         if size not in self.checked_sizes:
-            from unip.memory import require_memory
-
             try:
                 require_memory(4 * 3 * self.classes.num_classes * size[0] * size[1],
                                f"an image of {size[0]}x{size[1]} pixels", "downscale it first")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from unip.checkpoint import MAX_DEPTH, MAX_WIDTH
+from unip.checkpoint import MAX_DEPTH, MAX_WIDTH, is_our_checkpoint
 from unip.data.datasets import DATASETS, detect_dataset, open_segmentation_dataset
 from unip.data.segmentation import SegmentationDataset
 from unip.data.seg_transforms import seg_train_transform
@@ -44,7 +44,7 @@ from unip.models.heads import HEADS, probe_heads
 from unip.models.necks import NECKS
 from unip.models.presets import PRESETS
 from unip.models.segmentor import Segmentor
-from unip.outputs import is_our_checkpoint, is_our_json
+from unip.outputs import is_our_json
 from unip.seg.build import build_segmentor
 from unip.seg.checkpoint import load_segmentor, save_segmentor, segmentor_header
 from unip.seg.evaluation import EvalSettings, evaluate_split

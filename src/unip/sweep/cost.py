@@ -17,7 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Tuple
 
+from unip.data.datasets import DATASETS, resolve_layout
 from unip.engine.config import Config
+from unip.errors import UnipError
+from unip.models.presets import preset_config
+from unip.seg.build import segmentor_config
+from unip.seg.flops import segmentor_cost
 from unip.sweep.spec import Cell
 
 #: Classes assumed for a data set whose class list cannot be read (the head's share of the FLOPs is small).
@@ -61,10 +66,6 @@ class CostModel:
 
     def _count(self, architecture: str, classes: int, crop: int, model: Mapping[str, Any]
                ) -> Dict[str, Dict[str, float]]:
-        from unip.models.presets import preset_config
-        from unip.seg.build import segmentor_config
-        from unip.seg.flops import segmentor_cost
-
         key = (architecture, classes, crop, model["head"], model["neck"], model["channels"],
                bool(model["auxiliary_head"]))
         if key not in self._counts:
@@ -76,17 +77,12 @@ class CostModel:
 
     @staticmethod
     def _depth(architecture: str) -> int:
-        from unip.models.presets import preset_config
-
         return int(preset_config(architecture)["depth"])
 
 
 def dataset_classes(root: str, layout: str) -> int:
     """The number of classes of the data set at ``root`` (its layout's list, or its ``classes.yaml``);
     ``DEFAULT_CLASSES`` when it cannot be read (a dry run before the data is there)."""
-    from unip.data.datasets import DATASETS, resolve_layout
-    from unip.errors import UnipError
-
     if layout in DATASETS and DATASETS[layout].classes is not None:
         return len(DATASETS[layout].classes)
     try:

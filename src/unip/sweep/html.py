@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import List, Sequence
 
 from unip import __version__
-from unip.sweep.report import (COST_SIZE, HTML_FIRST_LINE, BackboneRow, Collected, LayerwiseCurve, benchmark_table,
-                               layerwise_table, left_out_note, seeds_note)
+from unip.sweep.report import (COST_SIZE, BackboneRow, Collected, LayerwiseCurve, benchmark_table, layerwise_table,
+                               left_out_note, seeds_note)
 from unip.text import printable
+
+#: The first line of ``report.html`` (how a later report recognises it as its own).
+HTML_FIRST_LINE = "<!DOCTYPE html><!-- unip sweep report -->"
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }

@@ -1,20 +1,10 @@
-"""``unip sweep report``: the paper's table and figures from a sweep folder's cells.
+"""What ``unip sweep report`` shows: a sweep folder's cells, their costs, and the rows and tables of the paper's
+table (``unip.sweep.report_folder`` writes them, with ``figures`` and ``html``).
 
-Reads ``sweep.json`` (the sweep file as last run: the cells it plans and what they stand for; records of cells
-it no longer plans are left out, and the report says so), every finished cell's ``metrics.json``
-(mIoU, the only source of the numbers) and each backbone's ``profile.json`` (NMI per layer), and writes to the
-report folder (default ``<sweep>/report``):
-
-* ``table.csv`` / ``table.md``: one row per backbone: family, size, parameters, backbone GFLOPs and head GFLOPs
-  (fine-tuning: LL-FPN + UperNet; linear probing: the 1×1 conv) per 512×512 input, test mIoU per data set and
-  their average for FT and LP (mean over the finished seeds; the average only when every planned data set has a
-  result), and average mIoU per GFLOP of the whole model;
-* ``cells.csv``: every cell with its mIoU / mAcc / aAcc or its error; ``layerwise.csv``: mIoU per block with
-  the block's NMI and pattern;
-* ``benchmark.png``: average mIoU against backbone GFLOPs per family, with the paper's points
-  (``unip.sweep.paper``); ``layerwise.png``: each backbone's layer-wise LP curve next to its NMI profile;
-* ``report.md`` and ``report.html`` (everything in one file, figures embedded: opens in any browser);
-* ``flops.json``: the FLOP counts (``unip.seg.flops``, on the meta device), cached by model config.
+``collect`` reads ``sweep.json`` (the sweep file as last run: the cells it plans and what they stand for; records of
+cells it no longer plans are left out, and the report says so), every finished cell's ``metrics.json`` (mIoU, the
+only source of the numbers) and each backbone's ``profile.json`` (NMI per layer); ``model_costs`` counts
+parameters and FLOPs (``unip.seg.flops``, on the meta device, cached by model config in ``FlopsCache``).
 """
 
 from __future__ import annotations
@@ -29,21 +19,21 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from unip.atomic import atomic_write_text
-from unip.errors import ConfigError
-from unip.outputs import claim, is_our_json, is_our_png, out_folder
+from unip.errors import ConfigError, UnipError
+from unip.models.presets import SIZE_PRESETS, preset_config
+from unip.seg.build import segmentor_config
+from unip.seg.checkpoint import read_segmentor_header
+from unip.seg.flops import segmentor_cost
+from unip.seg.results import METRICS_FILE
+from unip.seg.train import SEGMENTOR_FILE
 from unip.sweep.spec import Cell, Sweep, plan_cells
-from unip.sweep.state import (ANALYSIS_DIR, CELLS_DIR, REPORT_DIR, STATE_FILE, analysis_finished, cell_finished,
+from unip.sweep.state import (ANALYSIS_DIR, CELLS_DIR, STATE_FILE, analysis_finished, cell_finished,
                               read_json, read_state)
 from unip.text import printable
 
 PathLike = Union[str, Path]
 #: Input size of the FLOP and parameter counts (the recipe's crop and sliding window).
 COST_SIZE = 512
-TABLE_CSV, CELLS_CSV, LAYERWISE_CSV = "table.csv", "cells.csv", "layerwise.csv"
-REPORT_MD, REPORT_HTML, FLOPS_CACHE = "report.md", "report.html", "flops.json"
-BENCHMARK_PNG, LAYERWISE_PNG = "benchmark.png", "layerwise.png"
-HTML_FIRST_LINE = "<!DOCTYPE html><!-- unip sweep report -->"
-MD_FIRST_LINE = "# unip sweep report"
 CACHE_FORMAT = "unip-flops-cache"
 PROTOCOL_LABELS = {"ft": "FT", "lp": "LP"}
 
@@ -109,8 +99,6 @@ def collect(sweep_dir: PathLike) -> Collected:
     from their folders, their errors from the state; recorded cells the sweep file no longer asks for (other
     seeds, protocols, blocks, backbones or data sets) are left out. Raises ``ConfigError`` when it is not a
     sweep folder."""
-    from unip.seg.results import METRICS_FILE
-
     folder = Path(sweep_dir)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: no such sweep folder (the --out of unip sweep run)")
@@ -162,8 +150,6 @@ class FlopsCache:
         self.changed = False
 
     def cost(self, config: Mapping[str, Any]) -> Dict[str, Dict[str, float]]:
-        from unip.seg.flops import segmentor_cost
-
         key = hashlib.sha1(json.dumps([config, COST_SIZE], sort_keys=True).encode()).hexdigest()
         if key not in self.entries:
             self.entries[key] = segmentor_cost(config, COST_SIZE)
@@ -193,10 +179,6 @@ class ModelCost:
 
 def model_costs(collected: Collected, cache: FlopsCache) -> Dict[str, ModelCost]:
     """The ``ModelCost`` of every backbone, from the configs stored in its finished cells' segmentor files."""
-    from unip.errors import UnipError
-    from unip.seg.checkpoint import read_segmentor_header
-    from unip.seg.train import SEGMENTOR_FILE
-
     costs = {b["name"]: ModelCost() for b in collected.sweep["backbones"]}
     for cell in collected.cells:
         cost = costs[cell.backbone]
@@ -219,9 +201,6 @@ def model_costs(collected: Collected, cache: FlopsCache) -> Dict[str, ModelCost]
 
 def paper_backbone_gflops(cache: FlopsCache) -> Dict[str, float]:
     """Backbone GFLOPs at 512 px of each size's architecture (where the paper's points are drawn)."""
-    from unip.models.presets import SIZE_PRESETS, preset_config
-    from unip.seg.build import segmentor_config
-
     return {size: cache.cost(backbone_only(segmentor_config(1, preset_config(arch), head="linear",
                                                             img_size=COST_SIZE)))["gflops"]["backbone"]
             for size, arch in SIZE_PRESETS.items()}
@@ -367,91 +346,6 @@ def layerwise_table(curves: Sequence[LayerwiseCurve], profiles: Mapping[str, Map
     return header, rows
 
 
-# ============================================================================================ writing
-@dataclass
-class Report:
-    """The report folder, the files written and the Markdown text (also printed by the CLI)."""
-
-    out: Path
-    files: List[Path]
-    markdown: str
-    rows: List[BackboneRow]
-
-
-def _starts_with(prefix: str) -> Callable[[str], bool]:
-    def recognise(path: str) -> bool:
-        with open(path, "r", encoding="utf-8") as handle:
-            return handle.readline().startswith(prefix)
-    return recognise
-
-
-def claim_report_folder(out: Path) -> None:
-    """The report folder may be new or hold this command's earlier files; raises ``ConfigError``."""
-    out_folder(str(out), "--out")
-    claim([str(out / name) for name in (TABLE_CSV,)], _starts_with(TABLE_PREFIX))
-    claim([str(out / CELLS_CSV)], _starts_with("job,backbone,"))
-    claim([str(out / LAYERWISE_CSV)], _starts_with("backbone,dataset,block,"))
-    claim([str(out / REPORT_MD)], _starts_with(MD_FIRST_LINE))
-    claim([str(out / REPORT_HTML)], _starts_with(HTML_FIRST_LINE))
-    claim([str(out / BENCHMARK_PNG), str(out / LAYERWISE_PNG)], is_our_png)
-    claim([str(out / FLOPS_CACHE)], is_our_json(["format", "entries"]))
-
-
-def write_report(sweep_dir: PathLike, out: Optional[PathLike] = None) -> Report:
-    """Write the report of the sweep folder ``sweep_dir`` to ``out`` (default ``<sweep_dir>/report``); returns
-    a ``Report``. Raises ``ConfigError`` (not a sweep folder, an output that is not ours) before writing."""
-    from unip.sweep.figures import benchmark_figure, layerwise_figure
-    from unip.sweep.html import html_report
-
-    collected = collect(sweep_dir)
-    out = Path(out) if out is not None else collected.folder / REPORT_DIR
-    claim_report_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = FlopsCache(out / FLOPS_CACHE)
-    costs = model_costs(collected, cache)
-    paper_gflops = paper_backbone_gflops(cache)
-    rows = benchmark_rows(collected, costs)
-    curves = layerwise_curves(collected)
-    datasets = collected.datasets
-    files = [write_csv(out / TABLE_CSV, table_columns(datasets), [table_values(r, datasets) for r in rows]),
-             write_csv(out / CELLS_CSV, ["job", "backbone", "family", "size", "dataset", "protocol", "block", "seed",
-                                         "status", "mIoU", "mAcc", "aAcc", "folder", "error"],
-                       [_cell_row(collected, c) for c in collected.cells])]
-    if curves:
-        files.append(write_csv(out / LAYERWISE_CSV, ["backbone", "dataset", "block", "mIoU", "NMI", "pattern"],
-                               _layerwise_rows(curves, collected.profiles)))
-    figures = [benchmark_figure(rows, paper_gflops, out / BENCHMARK_PNG)]
-    if curves:
-        figures.append(layerwise_figure(curves, collected.profiles, out / LAYERWISE_PNG))
-    files += figures
-    markdown = report_markdown(collected, rows, curves)
-    atomic_write_text(out / REPORT_MD, markdown + "\n")
-    files.append(out / REPORT_MD)
-    atomic_write_text(out / REPORT_HTML, html_report(collected, rows, curves, figures))
-    files.append(out / REPORT_HTML)
-    cache.save()
-    files.append(out / FLOPS_CACHE)
-    return Report(out, files, markdown, rows)
-
-
-def _cell_row(collected: Collected, cell: CellResult) -> List[Any]:
-    backbone = collected.backbone(cell.backbone)
-    metrics = cell.metrics or {}
-    return [cell.id, cell.backbone, backbone["family"], backbone["size"], cell.dataset, cell.protocol, cell.layer,
-            cell.seed, cell.status, metrics.get("mIoU"), metrics.get("mAcc"), metrics.get("aAcc"),
-            str(cell.folder), cell.error]
-
-
-def _layerwise_rows(curves: Sequence[LayerwiseCurve], profiles: Mapping[str, Mapping[str, Any]]) -> List[List[Any]]:
-    rows = []
-    for curve in curves:
-        nmi = nmi_by_layer(profiles[curve.backbone]) if curve.backbone in profiles else {}
-        for layer, miou in curve.miou.items():
-            value, pattern = nmi.get(layer, (None, None))
-            rows.append([curve.backbone, curve.dataset, layer, miou, value, pattern])
-    return rows
-
-
 def seeds_note(sweep: Mapping[str, Any]) -> str:
     """How the table's numbers are formed, for the report's text."""
     seeds = ", ".join(map(str, sweep["seeds"]))
@@ -471,29 +365,5 @@ def left_out_note(collected: Collected, code: Callable[[str], str] = lambda job:
             f"seeds, protocols, blocks, backbones or data sets): {shown}{more}.")
 
 
-def report_markdown(collected: Collected, rows: Sequence[BackboneRow], curves: Sequence[LayerwiseCurve]) -> str:
-    """The report as Markdown: the paper's table, the layer-wise table, and the cells that did not finish."""
-    sweep = collected.sweep
-    header, cells = benchmark_table(rows, collected.datasets)
-    parts = [f"{MD_FIRST_LINE}: {printable(sweep['name'])}", "",
-             f"Sweep folder `{printable(collected.folder)}` (sweep file `{printable(sweep['file'])}`). Test mIoU (%) "
-             f"of the best model of each cell; {seeds_note(sweep)}. GFLOPs and parameters per {COST_SIZE}×{COST_SIZE} "
-             "input; head = LL-FPN + UperNet (FT) or the linear probe (LP); mIoU/GFLOP = average mIoU / (backbone + "
-             "head GFLOPs).", "",
-             markdown_table(header, cells)]
-    note = left_out_note(collected)
-    if note:
-        parts += ["", note]
-    if curves:
-        header, cells = layerwise_table(curves, collected.profiles)
-        parts += ["", "## Layer-wise linear probing", "", markdown_table(header, cells)]
-    unfinished = [c for c in collected.cells if c.metrics is None]
-    if unfinished:
-        parts += ["", f"## Cells without results ({len(unfinished)})", ""]
-        parts += [f"- `{printable(c.id)}`: {c.status}" + (f": {printable(c.error)}" if c.error else "")
-                  for c in unfinished]
-    return "\n".join(parts)
-
-
-__all__ = ["BackboneRow", "CellResult", "Collected", "FlopsCache", "LayerwiseCurve", "ModelCost", "Report",
-           "benchmark_rows", "collect", "layerwise_curves", "model_costs", "write_report"]
+__all__ = ["BackboneRow", "CellResult", "Collected", "FlopsCache", "LayerwiseCurve", "ModelCost", "benchmark_rows",
+           "collect", "layerwise_curves", "model_costs"]

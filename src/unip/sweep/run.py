@@ -40,9 +40,15 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import unip
+from unip.data.datasets import check_structure
 from unip.errors import CheckpointError, ConfigError, DataError
+from unip.optional import require
 from unip.run_lock import hold
+from unip.seg.results import METRICS_FILE, read_metrics
+from unip.seg.train import SEGMENTOR_FILE
 from unip.sweep.cost import CellCost, CostModel
+from unip.sweep.slurm import (POLL_SECONDS as JOB_POLL_SECONDS, SUBMITIT_DIR, CellCommand, SlurmSettings, active_job,
+                              job_command, sigterm_interrupts)
 from unip.sweep.spec import Cell, Sweep, plan_cells
 from unip.sweep.state import (ANALYSIS_DIR, CELLS_DIR, STDERR_LOG, STDOUT_LOG, analysis_finished,
                               cell_finished, cell_has_training_state, claim_sweep_folder, read_state, relative,
@@ -97,8 +103,6 @@ def analysis_jobs(sweep: Sweep, out: Path, cells: Sequence[Job]) -> List[Job]:
 
     A randomly initialised backbone is read from the ``segmentor.safetensors`` of its first finished probe
     cell (frozen: the probed weights); while there is none, the job is ``blocked``."""
-    from unip.seg.train import SEGMENTOR_FILE
-
     if sweep.analysis is None:
         return []
     analysis = sweep.analysis
@@ -306,8 +310,6 @@ def check_data(sweep: Sweep, jobs: Sequence[Job]) -> None:
     of its layout, or when an analysis job of ``jobs`` has no ``analysis.images`` folder; ``CheckpointError``
     when the checkpoint file a job's backbone comes from is missing. Quick: folders, split files
     (``unip.data.datasets.check_structure``) and file existence, nothing is read."""
-    from unip.data.datasets import check_structure
-
     check_backbone_files(sweep, jobs)
     checked = set()
     for job in jobs:
@@ -378,11 +380,12 @@ class SweepRun:
 
 
 def run_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only: Sequence[str] = (),
-              devices_option: Optional[str] = None) -> SweepRun:
+              devices_option: Optional[str] = None, slurm: Optional[SlurmSettings] = None) -> SweepRun:
     """Run the selected jobs of ``sweep`` in the sweep folder ``out`` (module docstring) on the device slots
-    ``devices`` (``parse_devices``); returns a ``SweepRun``. Raises ``ConfigError`` or ``DataError`` before
-    anything runs or any folder is created when a check of ``check_sweep`` fails, and ``ConfigError`` when
-    ``out`` is in use.
+    ``devices`` (``parse_devices``), or each as a cluster job with ``slurm`` (``unip.sweep.slurm``); returns a
+    ``SweepRun``. Raises ``ConfigError`` or ``DataError`` before anything runs or any folder is created when a
+    check of ``check_sweep`` fails, and ``ConfigError`` when ``out`` is in use. SIGTERM stops the sweep as Ctrl-C
+    does (its running jobs stopped, recorded as interrupted).
 
     ``sweep.json`` records the whole sweep (the report plans its cells from it) and a record per job that ran
     or was found finished: ``only`` narrows what runs, not what the sweep is."""
@@ -390,15 +393,20 @@ def run_sweep(sweep: Sweep, out: Path, devices: Sequence[str] = ("auto",), only:
     if sweep.unset:
         raise ConfigError(f"{sweep.file}: no value for {', '.join('${' + n + '}' for n in sweep.unset)}; pass "
                           + " ".join(f"--var {n}=VALUE" for n in sweep.unset))
-    cells = check_sweep(sweep, out, devices, only, devices_option=devices_option)
+    if slurm is not None:
+        require("submitit", "unip sweep run --launcher slurm")  # before the folder is claimed
+    cells = check_sweep(sweep, out, ("auto",) if slurm else devices, only, devices_option=devices_option)
     out.mkdir(parents=True, exist_ok=True)
-    with hold(str(out), "unip sweep run"):
+    with hold(str(out), "unip sweep run"), sigterm_interrupts():
         state = _State(out, sweep, read_state(out))
         result = SweepRun(out, [], {})
+
+        def scheduler() -> "_Scheduler":
+            return _Scheduler(state, list(devices), result) if slurm is None else _Submitted(state, slurm, result)
         selected = select(cells, only)
-        _Scheduler(state, list(devices), result).run(selected)
+        scheduler().run(selected)
         analyses = select(analysis_jobs(sweep, out, cells), only)
-        _Scheduler(state, list(devices), result).run(analyses)
+        scheduler().run(analyses)
         result.jobs = selected + analyses
     return result
 
@@ -438,7 +446,8 @@ class _Scheduler:
         self.total = 0
         self.started = 0
 
-    def run(self, jobs: Sequence[Job]) -> None:
+    def _to_run(self, jobs: Sequence[Job]) -> Deque[Job]:
+        """The jobs left to run; finished ones are recorded as done (skipped), blocked ones as failed."""
         queue: Deque[Job] = deque()
         for job in jobs:
             record = self.state.record(job)
@@ -451,6 +460,10 @@ class _Scheduler:
             else:
                 record.setdefault("status", "pending")
                 queue.append(job)
+        return queue
+
+    def run(self, jobs: Sequence[Job]) -> None:
+        queue = self._to_run(jobs)
         self.total = len(queue)
         self.state.write()
         if queue:
@@ -496,6 +509,10 @@ class _Scheduler:
         if code is None:
             return
         del self.running[slot]
+        self._ended(job, code, start, offset)
+
+    def _ended(self, job: Job, code: Optional[int], start: float, offset: int, why: str = "") -> None:
+        """Record a job that ended with exit code ``code`` (None: the launcher says ``why``)."""
         seconds = time.monotonic() - start
         record = self.state.record(job)
         record.update(finished=_now(), seconds=round(seconds, 1), returncode=code)
@@ -506,7 +523,10 @@ class _Scheduler:
             self.state.write()
             logger.info("done %s in %.0f s%s", job.id, seconds, _summary(job))
         else:
-            self._fail(job, record, _error_line(job.folder / STDERR_LOG, offset, code))
+            error = _error_line(job.folder / STDERR_LOG, offset, code if code is not None else 1)
+            if code is None and not error.startswith("unip "):
+                error = why
+            self._fail(job, record, error)
 
     def _fail(self, job: Job, record: Dict[str, Any], error: str) -> None:
         record.update(status="failed", error=error)
@@ -530,12 +550,100 @@ class _Scheduler:
         self.state.write()
 
 
+class _Submitted(_Scheduler):
+    """Runs jobs as submitit jobs (a Slurm job array, or submitit's local executor), recording each in the state
+    with its job id; waits for the jobs an earlier, killed sweep left queued or running (``slurm.active_job``)."""
+
+    def __init__(self, state: _State, settings: SlurmSettings, result: SweepRun) -> None:
+        super().__init__(state, [], result)
+        self.settings = settings
+        self.folder = state.out / SUBMITIT_DIR
+        self.submitted: Dict[str, Tuple[Job, Any, float, int]] = {}
+
+    def run(self, jobs: Sequence[Job]) -> None:
+        queue = self._to_run(jobs)
+        for job in list(queue):
+            record = self.state.record(job)
+            earlier = (active_job(self.settings, self.folder, str(record.get("job_id") or ""))
+                       if record.get("status") in ("submitted", "running") else None)
+            if earlier is not None:
+                queue.remove(job)
+                self.submitted[job.id] = (job, earlier, time.monotonic(), _log_size(job.folder / STDERR_LOG))
+                logger.info("%s: waits for Slurm job %s of an earlier sweep", job.id, earlier.job_id)
+        self.state.write()
+        try:
+            if queue:
+                self._submit(list(queue))
+            while self.submitted:
+                time.sleep(JOB_POLL_SECONDS[self.settings.cluster])
+                for job_id in list(self.submitted):
+                    self._check(job_id)
+        except BaseException:
+            self._cancel_all()
+            raise
+
+    def _submit(self, jobs: List[Job]) -> None:
+        executor = self.settings.executor(self.folder)
+        env = _package_env()
+        commands = []
+        for job in jobs:
+            job.folder.mkdir(parents=True, exist_ok=True)
+            record = self.state.record(job)
+            record.update(status="submitted", device=self.settings.cluster, started=_now(), args=job.args,
+                          runs=record.get("runs", 0) + 1, error=None, finished=None, seconds=None, returncode=None)
+            command = job_command(job.args, self.settings.gpus_per_job)
+            header = f"# unip sweep, run {record['runs']} at {record['started']} as a {self.settings.describe()}: " \
+                     f"{shlex.join(command)}\n"
+            watch = os.getpid() if self.settings.cluster == "local" else None  # local jobs die with the sweep
+            commands.append(CellCommand(command, env, str(job.folder / STDOUT_LOG), str(job.folder / STDERR_LOG),
+                                        header, watch))
+        offsets = [_log_size(job.folder / STDERR_LOG) for job in jobs]
+        with executor.batch():
+            handles = [executor.submit(command) for command in commands]
+        for job, handle, offset in zip(jobs, handles, offsets):
+            self.state.record(job).update(job_id=str(handle.job_id), launcher=self.settings.cluster)
+            self.submitted[job.id] = (job, handle, time.monotonic(), offset)
+        self.state.write()
+        logger.info("sweep: submitted %d job(s) to %s", len(jobs), self.settings.describe())
+
+    def _check(self, job_id: str) -> None:
+        job, handle, start, offset = self.submitted[job_id]
+        if not handle.done():
+            return
+        del self.submitted[job_id]
+        code: Optional[int] = None
+        why = ""
+        try:
+            code = int(handle.result())
+        except Exception as err:  # submitit's errors: the job failed, timed out or was cancelled
+            why = one_line(f"{self.settings.cluster} job {handle.job_id}: {str(err).strip().splitlines()[0]}")[:400]
+        self._ended(job, code, start, offset, why)
+
+    def _cancel_all(self) -> None:
+        """Interrupted: cancel the submitted jobs (the next sweep resumes their cells), record them."""
+        for job, handle, _, _ in self.submitted.values():
+            with contextlib.suppress(Exception):
+                handle.cancel(check=False)
+            self.state.record(job).update(status="interrupted", finished=_now())
+        self.submitted.clear()
+        self.state.write()
+
+
+def _log_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _package_env() -> Dict[str, str]:
+    """What a job's environment needs on top of its own: this unip first on the path, unbuffered output."""
+    package_root = str(Path(unip.__file__).resolve().parents[1])
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"PYTHONPATH": os.pathsep.join([package_root] + path), "PYTHONUNBUFFERED": "1"}
+
+
 def _command(job: Job, device: str, slots: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
     """The subprocess command of ``job`` on ``device`` and its environment: the same Python and unip as this
     process, ``CUDA_VISIBLE_DEVICES`` for ``cuda:N``, CPU threads shared among CPU slots."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    package_root = str(Path(unip.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, **_package_env())
     flag = device
     if device.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = _physical_device(int(device.split(":", 1)[1]))
@@ -595,7 +703,6 @@ def _error_line(stderr: Path, offset: int, code: int) -> str:
 def _summary(job: Job) -> str:
     if job.kind != "cell":
         return ""
-    from unip.seg.results import METRICS_FILE, read_metrics
 
     miou = read_metrics(job.folder / METRICS_FILE).get("mIoU")
     return f": test mIoU {miou:.2f}" if isinstance(miou, (int, float)) else ""

@@ -38,11 +38,14 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tupl
 
 import yaml
 
+from unip.checkpoint import MAX_DEPTH
 from unip.data.datasets import DATASETS
-from unip.engine.config import Config, find_preset, list_presets, read_yaml
+from unip.engine.config import Config, find_preset, list_presets, parse_override, read_yaml
 from unip.errors import ConfigError
+from unip.models import list_models
 from unip.models.heads import HEADS, probe_heads
-from unip.models.presets import SIZE_PRESETS
+from unip.models.presets import SIZE_PRESETS, preset_config
+from unip.seg.train import make_config
 from unip.text import printable
 PROTOCOLS = ("ft", "lp", "layerwise")
 PROTOCOL_NAMES = {"ft": "fine-tuning", "lp": "linear probing", "layerwise": "layer-wise linear probing"}
@@ -70,15 +73,11 @@ class Backbone:
     @property
     def random_init(self) -> bool:
         """True for ``none`` and for a preset name (no pre-trained weights)."""
-        from unip.models import list_models
-
         return self.source.lower() == RANDOM_INIT or (self.source in list_models() and not Path(self.source).exists())
 
     @property
     def architecture(self) -> str:
         """The preset architecture of the backbone's size (the cost estimate's assumption)."""
-        from unip.models import list_models
-
         return self.source if self.source in list_models() else SIZE_PRESETS[self.size]
 
 
@@ -250,9 +249,6 @@ def _resolve(preset: str, settings: Tuple[str, ...], source: str, root: str, lay
     """``(config, keys the settings set)`` of the cells with these coordinates, resolved for seed 0 in the folder
     ``cell`` (not to be changed: ``Cell.config`` copies it, with each cell's seed and folder). ``ConfigError`` when
     they are not valid. Cleared by ``read_sweep``."""
-    from unip.engine.config import parse_override
-    from unip.seg.train import make_config
-
     values: Dict[str, Any] = {"model.pretrained": source, "data.path": root, "data.dataset": layout,
                               "run.output": "cell", "run.seed": 0, "run.resume": "auto"}
     if head or probe:
@@ -345,7 +341,6 @@ def _probed_blocks(sweep: Sweep, protocol: Protocol, backbone: Backbone) -> Sequ
     ``ConfigError`` for a block the backbone's architecture does not have."""
     if protocol.kind != "layerwise":
         return [None]
-    from unip.models.presets import preset_config
 
     depth = int(preset_config(backbone.architecture)["depth"])
     layers = protocol.layers or range(1, depth + 1)
@@ -514,8 +509,6 @@ def _backbone(entry: Mapping[str, Any], where: str) -> Backbone:
 
 def _source(source: str) -> str:
     """An absolute path for a file source (cells may run from elsewhere); ``none``, presets, ``timm:`` as given."""
-    from unip.models import list_models
-
     if source.lower() == RANDOM_INIT or source.startswith("timm:") or "${" in source or (
             source in list_models() and not Path(source).exists()):
         return source
@@ -596,7 +589,6 @@ def preset_stems() -> List[str]:
 def _layers(value: Any, where: str) -> Optional[Tuple[int, ...]]:
     if value == "all":
         return None
-    from unip.checkpoint import MAX_DEPTH
 
     if not isinstance(value, list) or not value or not all(
             isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_DEPTH for v in value):

@@ -24,9 +24,12 @@ from typing import Any, Dict, Optional, Union
 
 from unip import __version__
 from unip.atomic import atomic_write_text
+from unip.engine.checkpointing import find_latest
+from unip.engine.run_folder import CHECKPOINT_DIR
 from unip.errors import ConfigError
 from unip.outputs import out_folder
 from unip.run_lock import LOCK_FILE
+from unip.seg.results import METRICS_FILE, METRICS_FORMAT
 
 STATE_FILE = "sweep.json"
 STATE_FORMAT = "unip-sweep-state"
@@ -101,8 +104,6 @@ def write_state(out: PathLike, document: Dict[str, Any]) -> Path:
 
 def cell_finished(folder: PathLike) -> bool:
     """True when ``folder/metrics.json`` is a readable ``unip-segmentation-metrics`` document."""
-    from unip.seg.results import METRICS_FILE, METRICS_FORMAT
-
     try:
         return read_json(Path(folder) / METRICS_FILE).get("format") == METRICS_FORMAT
     except (OSError, ValueError):
@@ -112,9 +113,6 @@ def cell_finished(folder: PathLike) -> bool:
 def cell_has_training_state(folder: PathLike) -> bool:
     """True when ``folder/checkpoints/`` holds a ``step-*.pt`` training state: a run that stopped part-way,
     which ``--resume auto`` continues from."""
-    from unip.engine.checkpointing import find_latest
-    from unip.engine.run_folder import CHECKPOINT_DIR
-
     return find_latest(Path(folder) / CHECKPOINT_DIR) is not None
 
 

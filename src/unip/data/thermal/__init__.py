@@ -20,6 +20,7 @@ from unip.data.thermal.errors import ThermalFileError
 from unip.data.thermal.formats import Overrides, count_fff_frames, read_frames, sniff
 from unip.data.thermal.frame import ThermalFrame, stretch_counts, to_uint8
 from unip.data.thermal.regions import ClassTemperatures, class_temperatures
+from unip.errors import ConfigError
 
 __all__ = ["ClassTemperatures", "ThermalFileError", "ThermalFrame", "class_temperatures", "describe_thermal",
            "frame_count", "is_thermal_file", "iter_thermal", "read_thermal", "stretch_counts", "to_uint8"]
@@ -61,8 +62,6 @@ def is_thermal_file(path: str) -> bool:
 
 
 def _frame_number(frame: int) -> int:
-    from unip.errors import ConfigError
-
     if isinstance(frame, bool) or not isinstance(frame, int) or frame < 0:
         raise ConfigError(f"frame={frame!r}: give a frame number, 0 or more")
     return frame
