@@ -109,9 +109,10 @@ def check_segmentation(root: str, dataset: str = "auto", splits: Optional[Sequen
     unique = list({s.image: s for samples in per_split.values() for s in samples}.values())
     results: Dict[str, Optional[np.ndarray]] = {}
     notes = InputNotes()
-    checks = thread_map(lambda s: (s, inspect_pair(s, len(layout.classes), notes)), unique, workers)
-    for sample, (found, histogram) in tqdm(checks, total=len(unique), desc="check", unit="img",
-                                           disable=None if progress else True):
+    checks = thread_map(lambda s: (s, inspect_pair(s, len(layout.classes))), unique, workers)
+    for sample, (found, histogram, issues) in tqdm(checks, total=len(unique), desc="check", unit="img",
+                                                   disable=None if progress else True):
+        notes.note(sample.image, issues)  # in the data set's order: the warning names its first such image
         problems += found
         results[sample.image] = histogram if not found else None
     for summary in summaries:

@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 
 from unip.data import layouts as L
 from unip.data.images import ImageReadError, read_label
-from unip.data.inputs import InputNotes, read_input
+from unip.data.inputs import read_input
 from unip.data.listed import ListedPathError, relative_entry
 from unip.engine.config import load_yaml
 from unip.errors import DataError
@@ -301,21 +301,20 @@ def _unreadable(err: ImageReadError, code: str) -> Problem:
     return Problem(err.path, code, f"{err.detail} ({err.reason})")
 
 
-def inspect_pair(sample: Sample, num_classes: int, notes: Optional[InputNotes] = None
-                 ) -> Tuple[List[Problem], Optional[np.ndarray]]:
-    """Decode ``sample`` fully and check it; returns ``(problems, histogram)``. What the image was found to be
-    instead of a sensor's raster (a palette picture, a byte-swapped raster) goes to ``notes``: not a problem.
+def inspect_pair(sample: Sample, num_classes: int) -> Tuple[List[Problem], Optional[np.ndarray], Tuple[str, ...]]:
+    """Decode ``sample`` fully and check it; returns ``(problems, histogram, issues)``. ``issues``: what the image
+    was found to be instead of a sensor's raster (a palette picture, a byte-swapped raster; ``InputNotes``), not a
+    problem.
 
     ``histogram`` is int64 ``[256]``, the pixel count of each label value (None if the label cannot be
     read).
     """
     problems: List[Problem] = []
     image = label = None
+    issues: Tuple[str, ...] = ()
     try:
         item = read_input(sample.image)
-        image = item.image
-        if notes is not None:
-            notes.note(sample.image, item.issues)
+        image, issues = item.image, item.issues
     except ImageReadError as err:
         problems.append(_unreadable(err, "unreadable-image"))
     try:
@@ -323,10 +322,10 @@ def inspect_pair(sample: Sample, num_classes: int, notes: Optional[InputNotes] =
     except ImageReadError as err:
         problems.append(_unreadable(err, "unreadable-label"))
     if label is None:
-        return problems, None
+        return problems, None, issues
     if image is not None:
         problems += label_problems(label, image.shape[:2], sample, num_classes)
-    return problems, np.bincount(label.ravel(), minlength=256).astype(np.int64)
+    return problems, np.bincount(label.ravel(), minlength=256).astype(np.int64), issues
 
 
 def load_sample(sample: Sample, num_classes: int, split_file: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:

@@ -550,7 +550,10 @@ class _Run:
         """Every frame to predict, in input order; images decoded on ``workers`` threads."""
         for kind, group in itertools.groupby(sources, key=lambda s: s.kind):
             if kind == "image":
-                yield from thread_map(self._read_image, list(group), self.workers)
+                for frame in thread_map(self._read_image, list(group), self.workers):
+                    if frame.item is not None:  # noted in input order: the warning names the first such file
+                        self.notes.note(frame.source.path, frame.item.issues)
+                    yield frame
             else:
                 for source in group:
                     yield from {"video": self._video_frames, "sequence": self._sequence_frames,
@@ -561,7 +564,6 @@ class _Run:
             item = read_input(source.path, self.options.mapping)
         except ImageReadError as err:
             return Frame(source, source.name, error=f"{err.detail} ({err.reason})")
-        self.notes.note(source.path, item.issues)
         return Frame(source, source.name, item=item)
 
     def _video_frames(self, source: Source) -> Iterator[Frame]:
