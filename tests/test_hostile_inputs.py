@@ -1427,6 +1427,81 @@ THERMAL_CASES: List[Case] = [
 CASES += THERMAL_CASES
 
 
+# ============================================================================================ thermal inputs
+# Thermal-camera inputs of the verbs (issue #23): FLIR sequences with a damaged frame, a fixed °C window where there
+# are no temperatures, bad windows, cameras that cannot be read, palette pictures. Files from tests/thermal_files.py.
+def _seq_with_a_bad_frame(w) -> bytes:
+    """A SEQ of 4 frames whose frame 1 holds 30 bytes where its raster needs 2 x 8 x 10."""
+    import struct
+
+    bad = w.fff([(0x01, struct.pack("<HHH", 2, 10, 8).ljust(32, b"\0") + bytes(30)),
+                 (0x20, w.camera_info(w.CALIBRATION, 10, 8))])
+    good = [w.frame(w.scene(8, 10, seed=seed)) for seed in range(3)]
+    return good[0] + bad + good[1] + good[2]
+
+
+def _palette_jpeg() -> bytes:
+    """An iron-like palette picture of a generated scene (a radiometric JPEG's preview without its raster)."""
+    import matplotlib
+    import thermal_files
+
+    unit = thermal_files.scene(96, 128).astype(float)
+    unit = (unit - unit.min()) / np.ptp(unit)
+    buffer = io.BytesIO()
+    Image.fromarray((matplotlib.colormaps["inferno"](unit)[..., :3] * 255).astype(np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _palette_soda(a: Inputs) -> str:
+    """The shared SODA set with its first image replaced by a palette picture of the same size."""
+    def damage(root: Path) -> None:
+        images = root / "JPEGImages"
+        path = images / sorted(os.listdir(images))[0]
+        size = Image.open(path).size
+        Image.open(io.BytesIO(_palette_jpeg())).resize(size).save(path, quality=95)
+    return a.labeled_copy(damage)
+
+
+THERMAL_INPUT_CASES: List[Case] = [
+    Case("predict: a SEQ with a damaged frame in the middle", lambda a: a.predict(inputs=[_thermal(
+         a, "bad.seq", _seq_with_a_bad_frame)]), code=1, match=r"1 input\(s\) could not be read"),
+    Case("predict: --thermal-range on an 8-bit image", lambda a: a.predict("--thermal-range", "20:40"),
+         match=r"img0.png: holds no temperatures \(an 8-bit picture\), so a fixed °C window \(--thermal-range\)"),
+    Case("predict: --thermal-range on a 16-bit image without --tlinear", lambda a: a.predict(
+         "--thermal-range", "20:40", inputs=[a.file("raw.png", _png_bytes(np.full((8, 10), 3000, np.uint16)))]),
+         match="raw.png: holds no temperatures .*--tlinear"),
+    Case("predict: --thermal-range on a video", lambda a: a.predict(
+         "--thermal-range", "20:40", inputs=[a.file("clip.mp4", b"\x00\x00\x00 ftyp" * 20)]),
+         match="clip.mp4: a video holds no temperatures"),
+    Case("predict: --thermal-range HIGH below LOW", lambda a: a.predict("--thermal-range", "40:20"),
+         match="--thermal-range 40:20: LOW must be below HIGH"),
+    Case("predict: --thermal-range of one number", lambda a: a.predict("--thermal-range", "30"),
+         match="--thermal-range '30': give LOW:HIGH"),
+    Case("predict: --thermal-range of text", lambda a: a.predict("--thermal-range", "warm:hot"),
+         match="--thermal-range 'warm:hot'"),
+    Case("predict: --thermal-range below absolute zero", lambda a: a.predict("--thermal-range=-300:20"),
+         match="absolute zero"),
+    Case("predict: --emissivity 0", lambda a: a.predict("--emissivity", "0"), match="--emissivity"),
+    Case("predict: --emissivity 1.5", lambda a: a.predict("--emissivity", "1.5"), match="--emissivity"),
+    Case("predict: --tlinear -1", lambda a: a.predict("--tlinear", "-1"), match="--tlinear"),
+    Case("predict: --max-frames 0", lambda a: a.predict("--max-frames", "0"), match="--max-frames"),
+    Case("predict: --camera -1", lambda a: a.predict("--camera", "-1"), match="--camera"),
+    Case("predict: a camera that cannot be opened", lambda a: ["predict", "--checkpoint", a.tiny_segmentor,
+         "--camera", "63", "--out", str(a.out / "cam")], match="camera 63: OpenCV cannot open it"),
+    Case("predict: a palette picture, named once", lambda a: a.predict(inputs=[a.folder(
+         "iron", {"a.jpg": _palette_jpeg(), "b.jpg": _palette_jpeg()})]), code=0,
+         warn=r"iron/a.jpg: a colour picture that looks like a thermal palette"),
+    Case("infmix: a SEQ with a damaged frame", lambda a: ["data", "infmix", "--extra", a.folder(
+         "rec", {"bad.seq": _seq_with_a_bad_frame(__import__("thermal_files"))}), "--out", str(a.out / "m.jsonl")],
+         code=0),
+    Case("infmix: --every 0", lambda a: ["data", "infmix", "--extra", a.images, "--every", "0", "--out",
+                                        str(a.out / "m.jsonl")], match="--every"),
+    Case("check-seg: a palette picture is named, not a problem", lambda a: ["data", "check-seg", _palette_soda(a)],
+         code=0, warn="looks like a thermal palette"),
+]
+CASES += THERMAL_INPUT_CASES
+
+
 # ============================================================================================ unip serve
 # `unip serve` options (issue #24): every row fails before the server answers, or, for a warning, serves nothing
 # (``Server.run`` returns at once) after binding a free port and loading the model.
@@ -1522,7 +1597,7 @@ def test_hostile_input(case, shared, tmp_path, monkeypatch, capsys):
         assert len(lines) == 1, err
         assert lines[0].startswith("unip") and re.search(case.match, lines[0]), lines[0]
     elif case.warn:
-        assert len(lines) == 1 and re.match(r"unip [a-z ]+: warning: ", lines[0]), err
+        assert len(lines) == 1 and re.match(r"unip [a-z -]+: warning: ", lines[0]), err
         assert re.search(case.warn, lines[0]), lines[0]
     else:
         assert err.strip() == ""

@@ -578,7 +578,8 @@ def test_csv_quotes_odd_names():
     text = areas_csv([{"input": "a,b\nc.png", "frame": None, "time_s": None, "width": 2, "height": 1,
                        "pixels": [2], "percent": [100.0]}], ClassInfo(("x",), ((0, 0, 0),)))
     rows = list(csv.reader(io.StringIO(text)))
-    assert rows[1][:2] == ["a,b\\nc.png", ""] and rows[1][-3:] == ["x", "2", "100.0"]
+    assert rows[1][:2] == ["a,b\\nc.png", ""] and rows[1][6:9] == ["x", "2", "100.0"]
+    assert rows[1][9:] == ["", "", "", ""]  # no temperatures: the °C columns are empty
 
 
 def test_windows_per_forward_follow_free_memory(monkeypatch):

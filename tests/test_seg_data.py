@@ -128,7 +128,8 @@ def test_folder_layout_reads_rgb_16bit_and_its_classes_yaml(tmp_path):
                  "splits: {val: val.txt, test: val.txt}\n")
     ds = open_segmentation_dataset(str(root), "auto", "train")
     assert ds.layout == "folder" and ds.classes == ("wall", "floor") and ds.palette == ((1, 2, 3), (4, 5, 6))
-    assert np.array_equal(ds[0]["image"].permute(1, 2, 0).numpy(), rgb)
+    luma = np.asarray(Image.fromarray(rgb).convert("L"))  # colour images are read as their luma (docs/thermal.md)
+    assert all(np.array_equal(ds[0]["image"][c].numpy(), luma) for c in range(3))
     stretched = stretch_to_uint8(depth)
     assert all(np.array_equal(ds[1]["image"][c].numpy(), stretched) for c in range(3))
     assert [s.name for s in open_segmentation_dataset(str(root), "folder", "test").samples] == ["depth"]

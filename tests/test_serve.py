@@ -125,7 +125,8 @@ def test_a_prediction_is_what_unip_predict_writes(name, client, models, frames, 
     record = report["images"][0]
     assert result["classes"] == report["classes"] and result["palette"] == report["palette"]
     assert result["pixels"] == record["pixels"] and result["percent"] == record["percent"]
-    assert {k for k in result if k.startswith("celsius_")} == {k for k in record if k.startswith("celsius_")}
+    assert {k: v for k, v in result.items() if k.startswith("celsius_")} == \
+        {k: v for k, v in record.items() if k.startswith("celsius_")}
     assert (result["width"], result["height"], result["input"]) == (record["width"], record["height"], name)
     status, label, _ = client.get(result["label_url"])
     assert status == 200 and np.array_equal(np.array(Image.open(io.BytesIO(label))),
@@ -148,6 +149,35 @@ def test_a_prediction_is_what_unip_predict_writes(name, client, models, frames, 
         assert view.size == (frame.width, frame.height)
     else:
         assert result["thermal"] is None
+
+
+@pytest.mark.parametrize("name", ["one.fff", "clip.seq", "clip.csq", "sequence.bin"])
+def test_flir_frames_and_sequences_are_what_unip_predict_writes(name, client, models, tmp_path):
+    """A FLIR FFF frame (an image) and SEQ / CSQ sequences (one entry per frame, like a video), recognised by their
+    bytes whatever their name: the °C columns are unip predict's for the same file."""
+    import thermal_files as tf
+
+    scenes = [tf.scene(48, 64, seed=20 + s, low=3000 + 400 * s) for s in range(3)]
+    raster = "jpegls" if name.endswith(".csq") else "raw"
+    frames = scenes[:1] if name.endswith(".fff") else scenes
+    content = b"".join(tf.frame(counts, raster=raster) for counts in frames)
+    path = tmp_path / (name if not name.endswith(".bin") else "clip.seq")
+    path.write_bytes(content)
+    status, result, _ = client.predict(name, content)
+    assert status == 200, result
+    assert result["kind"] == "thermal"
+    _, report = unip_predict(tmp_path, models[0], path)
+    columns = ("pixels", "percent", "celsius_mean", "celsius_median", "celsius_min", "celsius_max")
+    if name.endswith(".fff"):
+        record = report["images"][0]
+        assert (result["width"], result["height"]) == (64, 48)
+        assert {k: result[k] for k in columns} == {k: record[k] for k in columns}
+        assert result["celsius_mean"] != [None] * 3 and result["thermal"]["unit"] == "°C"
+    else:
+        assert [f["frame"] for f in result["frames"]] == [r["frame"] for r in report["images"]] == [0, 1, 2]
+        for frame, record in zip(result["frames"], report["images"]):
+            assert {k: frame[k] for k in columns} == {k: record[k] for k in columns}
+        assert result["downloads"]["video.mp4"]
 
 
 def test_the_second_checkpoint_by_name(client, models, frames, tmp_path):
@@ -347,13 +377,15 @@ def test_a_full_queue_refuses_the_next_job_and_finished_jobs_are_pruned(client, 
         queue.submit(Job("hold", lambda job: release.wait(10) and {}))
         while queue.waiting:  # the worker took it
             pass
-        queue.submit(Job("next", lambda job: {}))
+        waiting = queue.submit(Job("next", lambda job: {}))
         with pytest.raises(QueueFull):
             queue.submit(Job("more", lambda job: {}))
         release.set()
-        jobs = [queue.submit(Job("quick", lambda job: {"n": 1})) for _ in range(3)]
-        for job in jobs:
-            job.future.result(10)
+        waiting.future.result(10)
+        jobs = []
+        for _ in range(3):  # one at a time: the queue holds one
+            jobs.append(queue.submit(Job("quick", lambda job: {"n": 1})))
+            jobs[-1].future.result(10)
         assert queue.find(jobs[-1].id) is not None and sum(queue.counts().values()) == 2  # the newest kept
     finally:
         release.set()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import io
 import os
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import pytest
@@ -37,19 +38,37 @@ def rss_mib(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
-def read_url(process: subprocess.Popen, timeout: float = 120) -> str:
-    """The address ``unip serve`` prints once it serves."""
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
-        if ready:
-            line = process.stdout.readline()
-            seen.append(line)
-            if line.startswith("open http://"):
-                return line.split()[1]
-        assert process.poll() is None, f"unip serve ended: {''.join(seen)} {process.stderr.read()}"
-    raise AssertionError(f"no address printed in {timeout} s: {''.join(seen)}")
+class Output:
+    """The lines a pipe of ``process`` gives, read on a thread as they come (several lines can arrive in one read,
+    so waiting on the pipe between lines would miss the buffered ones; an undrained pipe would block the server)."""
+
+    def __init__(self, stream) -> None:
+        self.lines: List[str] = []
+        self._new = threading.Condition()
+        self._thread = threading.Thread(target=self._drain, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _drain(self, stream) -> None:
+        for line in stream:
+            with self._new:
+                self.lines.append(line)
+                self._new.notify_all()
+
+    def wait_for(self, prefix: str, process: subprocess.Popen, timeout: float) -> str:
+        """The first line starting with ``prefix``; fails when the process ends or ``timeout`` s pass first."""
+        deadline = time.monotonic() + timeout
+        with self._new:
+            while time.monotonic() < deadline:
+                found = next((line for line in self.lines if line.startswith(prefix)), None)
+                if found is not None:
+                    return found
+                assert process.poll() is None, f"unip serve ended: {''.join(self.lines)}"
+                self._new.wait(0.5)
+        raise AssertionError(f"no line {prefix!r} in {timeout} s: {''.join(self.lines)}")
+
+    def text(self) -> str:
+        self._thread.join(30)
+        return "".join(self.lines)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's memory from /proc")
@@ -70,7 +89,9 @@ def test_fifty_concurrent_predictions_then_ctrl_c(tmp_path):
                                 "--port", "0", "--queue-size", "64", "--batch-size", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        client = Client(read_url(process), timeout=300)  # a burst on a busy 2-core machine can take a minute
+        stdout, stderr = Output(process.stdout), Output(process.stderr)
+        url = stdout.wait_for("open http://", process, timeout=120).split()[1]
+        client = Client(url, timeout=300)  # a burst on a busy 2-core machine can take a minute
         alone = {}
         for name, data in frames.items():  # each frame alone: the reference (and the warm-up)
             status, result, _ = client.predict(name, data)
@@ -115,14 +136,14 @@ def test_fifty_concurrent_predictions_then_ctrl_c(tmp_path):
                 time.sleep(0.05)
             stopped = time.perf_counter()
             process.send_signal(signal.SIGINT)
-            stdout, stderr = process.communicate(timeout=30)
+            process.wait(timeout=30)
             stop_seconds = time.perf_counter() - stopped
             status, body, _ = waiting.result(30)
         assert status == 409 and body["error"] == "cancelled" and body["result"]["complete"] is False
         print(f"stopped by Ctrl-C in {stop_seconds:.1f} s with a video running")
         assert stop_seconds < 5
-        assert process.returncode == 0, stderr
-        assert "Traceback" not in stderr and "stopped" in stdout
+        assert process.returncode == 0, stderr.text()
+        assert "Traceback" not in stderr.text() and "stopped" in stdout.text()
         assert list(temporary.iterdir()) == []  # the private upload folder is gone
     finally:
         if process.poll() is None:

@@ -1,6 +1,7 @@
 """A folder of images as normalised model inputs for the analysis.
 
-Each image is read with ``unip.data.images.read_gray`` (full decode, 16-bit percentile stretch, grayscale),
+Each image is read through the input mapping every verb shares (``unip.data.inputs``: full decode, a
+radiometric raster's percentile stretch, colour to luma; a SEQ/CSQ gives its first frame),
 resized to the model's input size (bicubic, aspect not kept: the analysis looks at the full frame),
 scaled to [0, 1], normalised and repeated to 3 channels, as in pre-training.
 """
@@ -17,8 +18,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from unip.data.images import ImageReadError, read_gray, walk_once
-from unip.data.layouts import IMAGE_SUFFIXES
+from unip.data.images import ImageReadError, walk_once
+from unip.data.inputs import INPUT_SUFFIXES, read_model_gray
 from unip.data.transforms import INFMIX_MEAN, INFMIX_STD
 from unip.errors import ConfigError, DataError
 
@@ -69,16 +70,16 @@ def list_images(folder: str, limit: Optional[int] = None, exclude: Optional[str]
         raise DataError(f"{folder}: image folder does not exist; pass --images DIR with jpg/png/bmp/tiff files")
     found: List[str] = []
     for top, _, files in walk_once(folder, {os.path.realpath(exclude)} if exclude else set()):
-        found += [os.path.join(top, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+        found += [os.path.join(top, f) for f in files if os.path.splitext(f)[1].lower() in INPUT_SUFFIXES]
     if not found:
-        raise DataError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"{folder}: no images found (looked for {', '.join(INPUT_SUFFIXES)})")
     return found[:limit] if limit else found
 
 
 def load_image(path: str, size: Tuple[int, int], norm: Normalization = NORMALIZATIONS["infmix"]) -> Tensor:
     """Read ``path`` and return the normalised model input, float32 ``[3, height, width]`` for
     ``size = (height, width)``. Raises ``ImageReadError`` (a ``DataError``) when the file is unusable."""
-    return frame_input(read_gray(path), size, norm)
+    return frame_input(read_model_gray(path), size, norm)
 
 
 def frame_input(gray: np.ndarray, size: Tuple[int, int], norm: Normalization = NORMALIZATIONS["infmix"]) -> Tensor:

@@ -23,9 +23,11 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 
     q = verbs.add_parser("infmix", help="scan image folders into a checked, de-duplicated JSONL manifest",
                          description="Scan <infrared>/<dataset>/thermal/, ImageNet class folders (first K per "
-                                     "class), COCO train2017 and extra folders; every file is decoded, bad "
-                                     "files and duplicates are listed in <manifest>.report.json. Rescans only "
-                                     "read new or changed files; an interrupted scan resumes.")
+                                     "class), COCO train2017 and extra folders; every file is decoded as every "
+                                     "verb reads it (FLIR R-JPEG, FFF, SEQ/CSQ frames and 16-bit images by their "
+                                     "raster), bad files and duplicates are listed in <manifest>.report.json, and "
+                                     "so are palette pictures and byte-swapped rasters. Rescans only read new or "
+                                     "changed files; an interrupted scan resumes.")
     q.add_argument("--infrared", metavar="ROOT", action=Once,
                    help="root holding <dataset>/thermal/ folders (one root: put every data set's folder under it)")
     q.add_argument("--imagenet", metavar="DIR", action=Once, help="ImageNet train folder (one folder per class)")
@@ -33,6 +35,8 @@ def add_data(sub: argparse._SubParsersAction) -> None:
                    help="images per ImageNet class (default 200)")
     q.add_argument("--coco", metavar="DIR", action=Once, help="COCO root (with train2017/) or the train2017 folder")
     q.add_argument("--extra", metavar="DIR", action="append", default=[], help="another folder (repeatable)")
+    q.add_argument("--every", type=integer(1).option(), default=1, metavar="N",
+                   help="FLIR .seq/.csq sequences: every N-th frame becomes an image (default 1: every frame)")
     q.add_argument("--out", required=True, metavar="MANIFEST", help="manifest file to write (.jsonl)")
     q.add_argument("--workers", type=WORKERS, default=None, help="reader threads (default min(8, CPUs))")
     q.set_defaults(func=_run_data_infmix)
@@ -107,8 +111,10 @@ def _run_data_infmix(args: argparse.Namespace) -> int:
     from unip.data.infmix import build_manifest, report_path
 
     result = build_manifest(args.out, infrared=args.infrared, imagenet=args.imagenet, per_class=args.per_class,
-                            coco=args.coco, extra=args.extra, workers=args.workers)
+                            coco=args.coco, extra=args.extra, workers=args.workers, every=args.every)
     print(result.table())
+    for line in result.issue_lines():
+        print(f"note: {line}")
     print(f"read {result.read:,} files, reused {result.reused:,} unchanged; "
           f"manifest {result.manifest}, report {report_path(result.manifest)}")
     return 0
@@ -186,6 +192,8 @@ def _run_data_check_seg(args: argparse.Namespace) -> int:
     from unip.data.seg_check import check_segmentation
 
     report = check_segmentation(args.root, args.dataset, args.split, workers=args.workers, progress=True)
+    for line in report.note_lines():
+        print(f"note: {line}")
     if not report.ok:
         print("\n".join(report.problem_lines()))
         print(f"unip data check-seg: error: {len(report.problems)} problem(s) in {report.root} ({report.layout} "

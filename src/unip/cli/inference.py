@@ -78,15 +78,44 @@ def _formats(text: str) -> List[str]:
     return chosen
 
 
+def add_thermal_options(p: argparse.ArgumentParser) -> None:
+    """The input mapping's options (``unip.data.inputs.InputMapping``): the same in every verb that takes them."""
+    p.add_argument("--thermal-range", metavar="LOW:HIGH", default=None,
+                   help="map radiometric inputs through this fixed window in °C (LOW → black, HIGH → white) for "
+                        "every frame, instead of stretching each frame's counts (needs temperatures; a negative LOW "
+                        "as --thermal-range=-10:35)")
+    p.add_argument("--emissivity", type=number(gt=0, le=1).option(float), default=None,
+                   help="emissivity for the temperatures of FLIR files (default: the file's)")
+    p.add_argument("--distance", type=number(ge=0).option(float), default=None, metavar="METRES",
+                   help="object distance for the temperatures of FLIR files (default: the file's)")
+    p.add_argument("--reflected", type=number(gt=-273.15).option(float), default=None, metavar="CELSIUS",
+                   help="reflected apparent temperature for FLIR files (default: the file's)")
+    p.add_argument("--tlinear", type=number(gt=0).option(float), default=None, metavar="K",
+                   help="kelvin per count of linear 16-bit images and camera frames (e.g. 0.01 for a radiometric "
+                        "Lepton, 0.04 or 0.01 for Boson / Tau 2 TLinear): gives them temperatures")
+
+
+def input_mapping(args: argparse.Namespace):
+    """The ``InputMapping`` of the options ``add_thermal_options`` added (``ConfigError`` for a bad range)."""
+    from unip.data.inputs import InputMapping, parse_thermal_range
+
+    window = parse_thermal_range(args.thermal_range) if args.thermal_range is not None else None
+    return InputMapping(window, args.emissivity, args.distance, args.reflected, args.tlinear)
+
+
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="label maps, colour masks, overlays and class areas for images, folders "
-                                       "and videos",
+    p = sub.add_parser("predict", help="label maps, colour masks, overlays, class areas and °C for images, thermal "
+                                       "files, folders, videos and live cameras",
                        description="Run a fine-tuned segmentor (ours or the release's mmseg checkpoint) with the "
                                    "recipe's test pipeline (fit into 2048x512, normalise, sliding window) on "
-                                   "images, folders (recursive) and videos. Writes under --out: label/ (class "
-                                   "ids), color/, overlay/ (with a legend), video/ (annotated videos), areas.csv "
-                                   "and areas.json. Unreadable inputs are listed at the end (exit code 1).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder of images/videos, or video file")
+                                   "images, FLIR radiometric files (R-JPEG, FFF, SEQ, CSQ), 16-bit TIFF/PNG, "
+                                   "folders (recursive), videos and live cameras (--camera). Every input is read "
+                                   "as the sensor recorded it and mapped to 8 bits one way (docs/thermal.md). "
+                                   "Writes under --out: label/ (class ids), color/, overlay/ (with a legend and a "
+                                   "°C bar), video/ (annotated videos), areas.csv and areas.json (pixels, percent "
+                                   "and °C per class). Unreadable inputs are listed at the end (exit code 1).")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image or thermal file (.jpg .png .tif .fff .seq .csq ...), folder, or video file")
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="our fine-tuned .safetensors segmentor or the release's fine-tuned mmseg .pth")
     p.add_argument("--out", default="predictions", metavar="DIR", help="output folder (default predictions)")
@@ -95,7 +124,15 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", dest="formats", type=_formats, default=None, metavar="LIST",
                    help="what to write, comma-separated: label,color,overlay,video (default: all)")
     p.add_argument("--every", type=integer(1).option(), default=1, metavar="N",
-                   help="videos: predict every N-th frame (default 1)")
+                   help="videos and SEQ/CSQ sequences: predict every N-th frame (default 1)")
+    p.add_argument("--camera", type=integer(0).option(), action="append", default=[], metavar="N",
+                   help="read live camera N (0: the first) through OpenCV: 16-bit Y16 frames where it gives them "
+                        "(UVC thermal cores: PureThermal/Lepton, Boson), 8-bit otherwise; ends at --max-frames or "
+                        "Ctrl-C with complete outputs")
+    p.add_argument("--max-frames", type=integer(1).option(), default=None, metavar="N",
+                   help="at most N frames of each camera, video or sequence")
+    p.add_argument("--show", action="store_true",
+                   help="show the overlays in a live window as they are made (needs a display; q ends a camera)")
     p.add_argument("--batch-size", type=integer(1, 4096).option(), default=4,
                    help="images per forward (all their windows at once; default 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
@@ -105,6 +142,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=number(ge=0, le=1).option(float), default=0.5,
                    help="weight of the colour mask in overlays (default 0.5)")
     p.add_argument("--workers", type=WORKERS, default=None, help="image reading/writing threads")
+    add_thermal_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_predict)
 
@@ -115,9 +153,12 @@ def _run_predict(args: argparse.Namespace) -> int:
     options = PredictOptions(out=args.out, dataset=args.dataset, formats=args.formats or list(FORMATS),
                              every=args.every, batch_size=args.batch_size, device=args.device,
                              precision=args.precision, alpha=args.alpha, workers=args.workers,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, mapping=input_mapping(args), cameras=args.camera,
+                             max_frames=args.max_frames, show=args.show)
     result = predict_files(args.checkpoint, args.inputs, options)
     print(result.summary())
+    for line in result.issues:
+        print(f"  note: {line}")
     if not result.failed:
         return 0
     for failure in result.failed:

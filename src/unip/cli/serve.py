@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unip.cli.app import WORKERS, TableChoices
+from unip.cli.inference import add_thermal_options, input_mapping
 from unip.engine.config import integer, number
 from unip.optional import require
 from unip.text import byte_size
@@ -14,10 +15,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="a local web page: drop frames or videos, see masks, temperatures per class "
                                      "and the backbone's attention",
                        description="Serve a web page (and its HTTP API, docs/serve.md) on this machine: drop images, "
-                                   "FLIR radiometric JPEGs and videos to see their masks, class areas and "
-                                   "temperatures per class exactly as unip predict writes them; the backbone's "
-                                   "per-layer attention profile and the attention map of a clicked patch; two "
-                                   "checkpoints side by side, with per-class IoU when a label map is dropped too. "
+                                   "FLIR radiometric JPEGs, FFF/SEQ/CSQ files and videos to see their masks, class "
+                                   "areas and temperatures per class exactly as unip predict writes them; the "
+                                   "backbone's per-layer attention profile and the attention map of a clicked "
+                                   "patch; two checkpoints side by side, with per-class IoU when a label map is "
+                                   "dropped too. "
                                    "Works offline (nothing is loaded from another site). Uploads live in a private "
                                    "temporary folder removed when the server stops (Ctrl-C).")
     p.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
@@ -45,6 +47,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=number(ge=0, le=1).option(float), default=0.5,
                    help="weight of the colour mask in the overlays to download (default 0.5)")
     p.add_argument("--workers", type=WORKERS, default=None, help="image reading/writing threads per prediction")
+    add_thermal_options(p)
     p.set_defaults(func=_run_serve)
 
 
@@ -55,7 +58,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from unip.serve.server import Server, ServeOptions, serve
 
     predict = PredictOptions(dataset=args.dataset, every=args.every, batch_size=args.batch_size, device=args.device,
-                             precision=args.precision, alpha=args.alpha, workers=args.workers, progress=False)
+                             precision=args.precision, alpha=args.alpha, workers=args.workers, progress=False,
+                             mapping=input_mapping(args))
     options = ServeOptions(args.checkpoint, args.host, args.port, args.max_upload_mb, args.queue_size,
                            args.keep_results, predict)
 

@@ -6,10 +6,20 @@ searched recursively), the first ``per_class`` images (sorted by name) of each I
 in the report with a reason, exact duplicates (same BLAKE2b hash of the bytes) are kept once, and files
 whose real path lies outside the root they were found under (symlinks) are refused without being read.
 
+Files are read through the input mapping every verb shares (``unip.data.inputs``), so a user's own thermal
+recordings become pre-training images: FLIR R-JPEGs and ``.fff`` frames (their raster, not the preview), 16-bit
+TIFF/PNG, and every ``every``-th frame of a ``.seq`` / ``.csq`` sequence, each frame an image of its own (record
+key ``frame``; its hash is that of its counts, so a frozen camera's repeated frames are duplicates). Images that
+are no sensor's raster (palette pictures, byte-swapped rasters read swapped back) are kept, listed in the report's
+``issues`` and warned about once.
+
 The manifest is JSONL, one object per image::
 
     {"path": ..., "source": "SODA", "kind": "infrared", "width": 640, "height": 512, "mode": "L",
-     "bytes": 51234, "mtime_ns": ..., "hash": "<32 hex>"}
+     "format": "8-bit image", "bytes": 51234, "mtime_ns": ..., "hash": "<32 hex>"}
+
+(``width`` and ``height`` are the model image's: an R-JPEG's raster; ``mode`` the PIL mode, ``I;16`` for a FLIR
+raster; a sequence's frames add ``"frame": K, "step": every``; ``"issues": [...]`` where there are any.)
 
 and ``<manifest>.report.json`` (see :func:`report_path`) holds the per-source counts and the skipped files.
 Scans are incremental: a file whose (path, size, mtime) is unchanged since the last scan is not read
@@ -28,8 +38,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from unip.data.images import ImageReadError, check_suffix, convert_checked, decode, read_bytes, to_gray
-from unip.data.layouts import COCO_OTHER_DIRS, COCO_TRAIN_DIR, IMAGE_SUFFIXES, IMAGENET_SPLIT_DIRS, THERMAL_DIR
+from unip.data.images import ImageReadError, read_bytes
+from unip.data.inputs import INPUT_SUFFIXES, ModelInput, check_input_suffix, issue_lines, read_input
+from unip.data.layouts import COCO_OTHER_DIRS, COCO_TRAIN_DIR, IMAGENET_SPLIT_DIRS, SEQUENCE_SUFFIXES, THERMAL_DIR
+from unip.data.thermal import frame_count
+from unip.data.thermal.frame import ISSUES
 from unip.data.parallel import thread_map
 from unip.errors import DataError
 from unip.outputs import claim, is_our_json, is_our_jsonl, out_file
@@ -62,6 +75,11 @@ class ScanResult:
     read: int
     reused: int
     counts: Dict[str, Dict[str, object]] = field(default_factory=dict)
+    issues: Dict[str, List[str]] = field(default_factory=dict)
+
+    def issue_lines(self) -> List[str]:
+        """One line per kind of image that is no sensor's raster (palette pictures, byte-swapped rasters)."""
+        return issue_lines(self.issues)
 
     def table(self) -> str:
         """Return the per-source count table (like the paper's InfMix table) as text."""
@@ -111,7 +129,7 @@ def _folder_candidates(top: str, root: str, source: str, kind: str,
                        limit: Optional[int] = None) -> Iterator[Candidate]:
     taken = 0
     for path, refused in walk_files(top, root):
-        is_image = os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+        is_image = os.path.splitext(path)[1].lower() in INPUT_SUFFIXES
         if limit is not None and is_image and refused is None:
             if taken >= limit:
                 continue
@@ -219,36 +237,108 @@ def gather_candidates(infrared: Optional[str] = None, imagenet: Optional[str] = 
 
 
 # ------------------------------------------------------------------------------------- inspection
-def inspect_file(cand: Candidate) -> Entry:
-    """Read and decode one candidate; returns its manifest record, or a skip entry (with ``reason``)."""
+#: Formats whose model image is a FLIR raster (manifest ``mode`` ``I;16``).
+_FLIR_FORMATS = ("FLIR JPEG", "FFF", "SEQ", "CSQ")
+
+
+def inspect_candidate(cand: Candidate, every: int = 1) -> List[Entry]:
+    """The manifest records (or skip entries) of one candidate: one for an image, one per ``every``-th frame of a
+    sequence (``.seq`` / ``.csq``)."""
+    if os.path.splitext(cand.path)[1].lower() in SEQUENCE_SUFFIXES:
+        return inspect_sequence(cand, every)
+    return [inspect_file(cand)]
+
+
+def _base(cand: Candidate) -> Tuple[Entry, Optional[Entry]]:
+    """The fields every entry of ``cand`` has, and a skip entry when it cannot even be looked at."""
     base: Entry = {"path": cand.path, "source": cand.source, "kind": cand.kind}
     try:
         st = os.stat(cand.path)
     except OSError as err:
-        return {**base, "reason": "io-error", "detail": f"cannot stat: {err.strerror or err}"}
+        return base, {**base, "reason": "io-error", "detail": f"cannot stat: {err.strerror or err}"}
     base.update(bytes=st.st_size, mtime_ns=st.st_mtime_ns)
+    return base, None
+
+
+def inspect_file(cand: Candidate) -> Entry:
+    """Read and decode one candidate as every reader will (``unip.data.inputs``); returns its manifest record, or
+    a skip entry (with ``reason``)."""
+    base, failed = _base(cand)
+    if failed is not None:
+        return failed
     try:
-        check_suffix(cand.path)
+        check_input_suffix(cand.path)
         data = read_bytes(cand.path)
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-        img = decode(data, cand.path)
-        convert_checked(to_gray, img, cand.path)  # what every reader does next (e.g. an all-NaN float frame)
+        item = read_input(cand.path)  # what every reader does next (e.g. an all-NaN float frame is refused)
     except ImageReadError as err:
         return {**base, "reason": err.reason, "detail": err.detail}
-    return {**base, "width": img.width, "height": img.height, "mode": img.mode, "hash": digest}
+    return {**base, **_described(item, _pil_mode(data)), "hash": digest}
 
 
-def _cached(entry: Optional[Entry], cand: Candidate) -> Optional[Entry]:
-    """Return the cached entry for ``cand`` if the file's size and mtime are unchanged, else None."""
-    if entry is None or entry.get("reason") in ("outside-root", "io-error"):
+def inspect_sequence(cand: Candidate, every: int = 1) -> List[Entry]:
+    """One entry per ``every``-th frame of a SEQ/CSQ (a damaged frame: a skip entry with its ``frame``)."""
+    base, failed = _base(cand)
+    if failed is not None:
+        return [failed]
+    try:
+        check_input_suffix(cand.path)
+        frames = frame_count(cand.path)
+    except ImageReadError as err:
+        return [{**base, "reason": err.reason, "detail": err.detail}]
+    entries: List[Entry] = []
+    for index in range(0, frames, every):
+        where: Entry = {**base, "frame": index, "step": every}
+        try:
+            item = read_input(cand.path, frame=index)
+        except ImageReadError as err:
+            entries.append({**where, "reason": err.reason, "detail": err.detail})
+            continue
+        digest = hashlib.blake2b(item.frame.counts.tobytes(), digest_size=16).hexdigest()
+        entries.append({**where, **_described(item, "I;16"), "hash": digest})
+    return entries
+
+
+def _described(item: ModelInput, mode: str) -> Entry:
+    """A record's description of what the model will read."""
+    frame = item.frame
+    described: Entry = {"width": int(item.image.shape[1]), "height": int(item.image.shape[0]),
+                        "mode": "I;16" if frame is not None and frame.format in _FLIR_FORMATS else mode,
+                        "format": frame.format if frame is not None else "float image"}
+    if item.issues:
+        described["issues"] = list(item.issues)
+    return described
+
+
+def _pil_mode(data: bytes) -> str:
+    """The PIL mode of an image file's bytes (header only), or ``I;16`` for what PIL does not read (FFF)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.mode
+    except Exception:  # not a PIL format: a FLIR file
+        return "I;16"
+
+
+def _cached(entries: Optional[List[Entry]], cand: Candidate, every: int = 1) -> Optional[List[Entry]]:
+    """The cached entries of ``cand`` if the file's size and mtime are unchanged (and a sequence's frames were
+    taken with the same ``every``), else None."""
+    if not entries or any(e.get("reason") in ("outside-root", "io-error") for e in entries):
         return None
     try:
         st = os.stat(cand.path)
     except OSError:
         return None
-    if entry.get("bytes") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
-        return None
-    return {**entry, "source": cand.source, "kind": cand.kind}
+    sequence = os.path.splitext(cand.path)[1].lower() in SEQUENCE_SUFFIXES
+    for entry in entries:
+        if entry.get("bytes") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+            return None
+        if sequence and entry.get("step", every) != every:
+            return None
+    return [{**entry, "source": cand.source, "kind": cand.kind} for entry in entries]
 
 
 # ------------------------------------------------------------------------------------- files
@@ -340,11 +430,13 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _load_cache(manifest: str) -> Dict[str, Entry]:
-    cache: Dict[str, Entry] = {}
+def _load_cache(manifest: str) -> Dict[str, List[Entry]]:
+    """Path → the entries of the last scan (a sequence has one per frame): the earlier manifest and report,
+    then the journal of an interrupted scan, whose entries replace them file by file."""
+    last: List[Entry] = []
     if os.path.isfile(manifest):
         try:
-            cache.update((str(r["path"]), r) for r in read_manifest(manifest))
+            last += read_manifest(manifest)
         except DataError as err:  # a damaged earlier manifest is only a cache: rescan what it listed
             logger.warning("ignoring the earlier manifest, every file is read again: %s", err)
     report = report_path(manifest)
@@ -353,11 +445,19 @@ def _load_cache(manifest: str) -> Dict[str, Entry]:
             # A duplicate carries its full record; the duplicate status is recomputed every scan.
             cached = entry.get("record") if entry.get("reason") == "duplicate" else entry
             if isinstance(cached, dict) and "path" in entry:
-                cache[str(entry["path"])] = cached
+                last.append(cached)
+    cache = _by_path(last)
     journal = _journal_path(manifest)
     if os.path.isfile(journal):
-        cache.update((str(e["path"]), e) for e in _read_jsonl(journal))
+        cache.update(_by_path(_read_jsonl(journal)))
     return cache
+
+
+def _by_path(entries: List[Entry]) -> Dict[str, List[Entry]]:
+    grouped: Dict[str, List[Entry]] = {}
+    for entry in entries:
+        grouped.setdefault(str(entry["path"]), []).append(entry)
+    return grouped
 
 
 def _read_report(path: str) -> Dict[str, object]:
@@ -372,29 +472,30 @@ def _read_report(path: str) -> Dict[str, object]:
 
 
 # ------------------------------------------------------------------------------------- building
-def _inspect_all(cands: List[Candidate], cache: Dict[str, Entry], journal: str,
-                 workers: Optional[int]) -> Tuple[List[Entry], int, int]:
-    """Return one entry per candidate (same order), how many files were read and how many reused."""
-    entries: List[Optional[Entry]] = [None] * len(cands)
+def _inspect_all(cands: List[Candidate], cache: Dict[str, List[Entry]], journal: str,
+                 workers: Optional[int], every: int = 1) -> Tuple[List[Entry], int, int]:
+    """Return the entries of every candidate (same order; a sequence gives one per frame), how many files were
+    read and how many reused."""
+    entries: List[Optional[List[Entry]]] = [None] * len(cands)
     todo: List[int] = []
     for i, cand in enumerate(cands):
         if cand.refused is not None:
-            entries[i] = {"path": cand.path, "source": cand.source, "kind": cand.kind,
-                          "reason": cand.refused[0], "detail": cand.refused[1]}
+            entries[i] = [{"path": cand.path, "source": cand.source, "kind": cand.kind,
+                           "reason": cand.refused[0], "detail": cand.refused[1]}]
         else:
-            entries[i] = _cached(cache.get(cand.path), cand)
+            entries[i] = _cached(cache.get(cand.path), cand, every)
             if entries[i] is None:
                 todo.append(i)
     with open(journal, "a", encoding="utf-8") as jf, \
             tqdm(total=len(todo), desc="scan", unit="img", disable=None) as bar:
-        results = thread_map(inspect_file, (cands[i] for i in todo), workers)
-        for n, (i, entry) in enumerate(zip(todo, results), 1):
-            entries[i] = entry
-            jf.write(json.dumps(entry) + "\n")
+        results = thread_map(lambda cand: inspect_candidate(cand, every), (cands[i] for i in todo), workers)
+        for n, (i, found) in enumerate(zip(todo, results), 1):
+            entries[i] = found
+            jf.write("".join(json.dumps(entry) + "\n" for entry in found))
             if n % 256 == 0:
                 jf.flush()
             bar.update()
-    done = [e for e in entries if e is not None]
+    done = [e for found in entries if found is not None for e in found]
     refused = sum(c.refused is not None for c in cands)
     return done, len(todo), len(cands) - len(todo) - refused
 
@@ -410,7 +511,8 @@ def scan_folder(root: str, workers: Optional[int] = None) -> Tuple[List[Entry], 
             entries.append({"path": cand.path, "source": cand.source, "kind": cand.kind,
                             "reason": cand.refused[0], "detail": cand.refused[1]})
     readable = [c for c in cands if c.refused is None]
-    entries.extend(thread_map(inspect_file, readable, workers))
+    for found in thread_map(inspect_candidate, readable, workers):
+        entries.extend(found)
     return _split(entries)
 
 
@@ -473,14 +575,16 @@ def skip_reasons(skipped: Sequence[Entry]) -> str:
 
 def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[str] = None,
                    per_class: int = 200, coco: Optional[str] = None, extra: Sequence[str] = (),
-                   workers: Optional[int] = None) -> ScanResult:
+                   workers: Optional[int] = None, every: int = 1) -> ScanResult:
     """Scan the given sources into the JSONL manifest ``out`` and its report; returns a :class:`ScanResult`.
 
     Files already described by an existing manifest/report/journal at ``out`` with the same size and
-    mtime are not read again.
+    mtime are not read again. ``every``: a SEQ/CSQ gives its frames 0, every, 2·every, ...
     """
     if per_class < 1:
         raise DataError(f"--per-class {per_class}: must be at least 1")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise DataError(f"--every {every}: must be at least 1 (1: every frame of a sequence)")
     out = os.path.abspath(out)
     if os.path.isdir(out):
         raise DataError(f"{out}: is a folder; --out names the manifest file to write, "
@@ -492,18 +596,34 @@ def build_manifest(out: str, infrared: Optional[str] = None, imagenet: Optional[
     os.makedirs(os.path.dirname(out), exist_ok=True)
     cache = _load_cache(out)
     journal = _journal_path(out)
-    entries, n_read, n_reused = _inspect_all(cands, cache, journal, workers)
+    entries, n_read, n_reused = _inspect_all(cands, cache, journal, workers, every)
     records, skipped = _split(entries)
     counts = count_by_source(records, skipped)
+    issues = _issues(records)
     _write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
     report = {"manifest": out,
               "roots": {"infrared": infrared, "imagenet": imagenet, "per_class": per_class,
                         "coco": coco, "extra": list(extra)},
               "images": len(records), "read": n_read, "reused": n_reused,
-              "counts": counts, "skipped": skipped}
+              "counts": counts, "skipped": skipped, "issues": issues}
     _write_atomic(report_path(out), json.dumps(report, indent=1) + "\n")
     os.remove(journal)
     if not records:
         raise DataError(f"no readable images found ({len(skipped)} file(s) skipped: {skip_reasons(skipped)}; "
                         f"listed in {report_path(out)}); point --infrared/--imagenet/--coco/--extra at image folders")
-    return ScanResult(out, records, skipped, n_read, n_reused, counts)
+    return ScanResult(out, records, skipped, n_read, n_reused, counts, issues)
+
+
+def _issues(records: List[Entry]) -> Dict[str, List[str]]:
+    """Issue → the files whose records have it (each file once); each kind is warned about once, naming the
+    first file."""
+    found: Dict[str, List[str]] = {}
+    for record in records:
+        for issue in record.get("issues") or ():
+            paths = found.setdefault(str(issue), [])
+            if not paths or paths[-1] != record["path"]:
+                paths.append(str(record["path"]))
+    for issue, paths in found.items():
+        logger.warning("%s: %s; %d file(s) in all, listed under 'issues' in the scan report", paths[0],
+                       ISSUES.get(issue, issue), len(paths))
+    return found

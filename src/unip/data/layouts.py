@@ -11,6 +11,13 @@ from typing import Tuple
 #: File suffixes treated as images (lower case, with the dot).
 IMAGE_SUFFIXES: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
+#: FLIR files read by content (``unip.data.thermal``): ``.fff`` holds one frame, ``.seq`` and ``.csq`` many.
+THERMAL_SUFFIXES: Tuple[str, ...] = (".fff", ".seq", ".csq")
+#: Thermal files that hold a sequence of frames (``unip predict`` treats them like videos).
+SEQUENCE_SUFFIXES: Tuple[str, ...] = (".seq", ".csq")
+#: Files that hold one frame: images and FLIR ``.fff`` frames (what segmentation data sets may hold).
+FRAME_SUFFIXES: Tuple[str, ...] = IMAGE_SUFFIXES + (".fff",)
+
 #: File suffixes treated as videos by ``unip predict`` (read with OpenCV).
 VIDEO_SUFFIXES: Tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 

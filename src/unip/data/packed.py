@@ -6,7 +6,8 @@ Layout of a pack folder::
                        "skipped", "manifest"}
     index.npy         int64 [count, 5]: shard number, byte offset, height, width, source number
     paths.jsonl       the original file of each image, one JSON string per line (any file name survives:
-                      newlines, bytes that are not UTF-8); version 1 packs have paths.txt, one per line
+                      newlines, bytes that are not UTF-8; a sequence's frame: ``FILE#frame=K``); version 1
+                      packs have paths.txt, one per line
     shard-00000.bin   raw row-major uint8 pixels of consecutive images, at most ``shard_bytes`` each
 
 ``pack_manifest`` replaces an existing folder only when it is such a pack and holds nothing else, so a
@@ -38,8 +39,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from unip.atomic import replace_folder
-from unip.data.images import ImageReadError, read_gray, resize_short_side
+from unip.data.images import ImageReadError, resize_short_side
 from unip.data.infmix import Entry, read_manifest
+from unip.data.inputs import read_model_gray
 from unip.data.parallel import thread_map
 from unip.data.transforms import Transform, pretrain_transform
 from unip.errors import DataError
@@ -70,12 +72,12 @@ class PackResult:
 
 
 # ------------------------------------------------------------------------------------- manifests
-def read_listed(path: str, manifest: Optional[str]) -> np.ndarray:
-    """:func:`read_gray` of a file that the manifest file ``manifest`` lists (None: records given in memory);
-    returns uint8 ``[H, W]``. A file gone since the scan raises ``ImageReadError`` ``missing``, whose fix is a
-    rescan (which drops it from the manifest), not the file."""
+def read_listed(path: str, manifest: Optional[str], frame: Optional[int] = None) -> np.ndarray:
+    """The model image (``unip.data.inputs``) of a file that the manifest file ``manifest`` lists (None: records
+    given in memory), frame ``frame`` of a sequence; returns uint8 ``[H, W]``. A file gone since the scan raises
+    ``ImageReadError`` ``missing``, whose fix is a rescan (which drops it from the manifest), not the file."""
     try:
-        return read_gray(path)
+        return read_model_gray(path, frame)
     except ImageReadError as err:
         if manifest is None or err.reason != "io-error" or os.path.lexists(path):
             raise
@@ -110,8 +112,20 @@ def _packed_from(index_json: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- writing
-def _load_pixels(path: str, short_side: int, manifest: Optional[str]) -> np.ndarray:
-    return resize_short_side(read_listed(path, manifest), short_side)
+def _load_pixels(record: Entry, short_side: int, manifest: Optional[str]) -> np.ndarray:
+    return resize_short_side(read_listed(str(record["path"]), manifest, listed_frame(record)), short_side)
+
+
+def listed_frame(record: Entry) -> Optional[int]:
+    """The frame a manifest record names (a frame of a SEQ/CSQ), or None for a single image."""
+    frame = record.get("frame")
+    return frame if isinstance(frame, int) and not isinstance(frame, bool) and frame >= 0 else None
+
+
+def listed_name(record: Entry) -> str:
+    """How a pack's ``paths.jsonl`` names a record's image: its path, ``PATH#frame=K`` for a sequence's frame."""
+    frame = listed_frame(record)
+    return str(record["path"]) if frame is None else f"{record['path']}#frame={frame}"
 
 
 class _ShardWriter:
@@ -221,7 +235,7 @@ def pack_manifest(manifest: Union[str, Sequence[Entry]], out: str, short_side: i
 
     def load(rec: Entry) -> Union[np.ndarray, ImageReadError]:
         try:
-            return _load_pixels(str(rec["path"]), short_side, manifest_file)
+            return _load_pixels(rec, short_side, manifest_file)
         except ImageReadError as err:
             return err
 
@@ -230,11 +244,12 @@ def pack_manifest(manifest: Union[str, Sequence[Entry]], out: str, short_side: i
         bar = tqdm(zip(records, loaded), total=len(records), desc="pack", unit="img", disable=None)
         for rec, pixels in bar:
             if isinstance(pixels, ImageReadError):
-                skipped.append({"path": rec["path"], "reason": pixels.reason, "detail": pixels.detail})
+                skipped.append({"path": rec["path"], "reason": pixels.reason, "detail": pixels.detail,
+                                **({} if listed_frame(rec) is None else {"frame": listed_frame(rec)})})
                 continue
             source = sources.setdefault(str(rec.get("source", "")), len(sources))
             rows.append(writer.append(pixels) + list(pixels.shape) + [source])
-            paths.append(str(rec["path"]))
+            paths.append(listed_name(rec))
         writer.close()
         if not rows:
             raise DataError(f"none of the {len(records)} images could be read (first: {skipped[0]['path']}: "
@@ -417,13 +432,14 @@ class ManifestImages(GrayImages):
         records = read_manifest_file(manifest) if isinstance(manifest, str) else list(manifest)
         self.manifest: Optional[str] = manifest if isinstance(manifest, str) else None
         self.files: List[str] = [str(r["path"]) for r in records]
+        self.frames: List[Optional[int]] = [listed_frame(r) for r in records]
         self.sources_of: List[str] = [str(r.get("source", "")) for r in records]
 
     def __len__(self) -> int:
         return len(self.files)
 
     def read(self, index: int) -> np.ndarray:
-        return read_listed(self.files[index], self.manifest)
+        return read_listed(self.files[index], self.manifest, self.frames[index])
 
     def source(self, index: int) -> str:
         """Return the source name of image ``index``."""

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from unip.data.layouts import IGNORE_INDEX, SPLIT_NAMES
 from unip.data.parallel import thread_map
 from unip.data.datasets import resolve_layout
+from unip.data.inputs import InputNotes, issue_lines
 from unip.data.segmentation import Palette, Problem, Sample, inspect_pair, read_split_file, scan_split
 from unip.errors import DataError
 
@@ -44,6 +45,7 @@ class SegCheckReport:
     palette: Palette
     splits: List[SplitSummary]
     problems: List[Problem]
+    notes: Dict[str, List[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -52,6 +54,10 @@ class SegCheckReport:
     def problem_lines(self) -> List[str]:
         """One line per problem: ``path: what is wrong``."""
         return [p.message for p in self.problems]
+
+    def note_lines(self, shown: int = 3) -> List[str]:
+        """One line per kind of image that is no sensor's raster (palette pictures, byte-swapped rasters)."""
+        return issue_lines(self.notes, shown)
 
     def summary(self) -> str:
         """A table: images per split, then pixels per class (count and share of labelled pixels)."""
@@ -76,8 +82,9 @@ def check_segmentation(root: str, dataset: str = "auto", splits: Optional[Sequen
     """Check ``splits`` (default train, val and test) of the data set at ``root``; never raises on bad files.
 
     Every listed image and label is fully decoded; problems (see :class:`Problem`) are collected, not
-    raised. A split file shared by several splits (SODA's val and test) is read once. Raises
-    :class:`unip.errors.DataError` only when ``root`` is not a data set at all (no folder, unknown layout,
+    raised; images that are no sensor's raster (palette pictures, byte-swapped rasters) are listed in ``notes``
+    (and warned about once), not problems. A split file shared by several splits (SODA's val and test) is read
+    once. Raises :class:`unip.errors.DataError` only when ``root`` is not a data set at all (no folder, unknown layout,
     unknown split name).
     """
     data_root, layout = resolve_layout(root, dataset)
@@ -101,9 +108,11 @@ def check_segmentation(root: str, dataset: str = "auto", splits: Optional[Sequen
         summaries.append(SplitSummary(split, split_file, images=listed))
     unique = list({s.image: s for samples in per_split.values() for s in samples}.values())
     results: Dict[str, Optional[np.ndarray]] = {}
+    notes = InputNotes()
     checks = thread_map(lambda s: (s, inspect_pair(s, len(layout.classes))), unique, workers)
-    for sample, (found, histogram) in tqdm(checks, total=len(unique), desc="check", unit="img",
-                                           disable=None if progress else True):
+    for sample, (found, histogram, issues) in tqdm(checks, total=len(unique), desc="check", unit="img",
+                                                   disable=None if progress else True):
+        notes.note(sample.image, issues)  # in the data set's order: the warning names its first such image
         problems += found
         results[sample.image] = histogram if not found else None
     for summary in summaries:
@@ -111,5 +120,6 @@ def check_segmentation(root: str, dataset: str = "auto", splits: Optional[Sequen
             histogram = results.get(sample.image)
             if histogram is not None:
                 summary.pixels += histogram
-    return SegCheckReport(data_root, layout.name, layout.classes, layout.palette, summaries, problems)
+    return SegCheckReport(data_root, layout.name, layout.classes, layout.palette, summaries, problems,
+                          notes.files)
 

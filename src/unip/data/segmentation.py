@@ -17,8 +17,9 @@ A split file lists one image name (stem) per line; anything after the first whit
 image suffix on the name is dropped. A name is a path relative to the image (and label) folder that stays inside
 it: an absolute name or one whose ``..`` lead out is an error naming the split file and line
 (:mod:`unip.data.listed`). Label PNGs hold class ids (0 = background, which counts); 255 is
-ignored. Images may be 8- or 16-bit (16-bit: the percentile stretch of :mod:`unip.data.images`), gray or
-colour; gray images are repeated to three channels.
+ignored. Images are read through the input mapping every verb shares (:mod:`unip.data.inputs`): 8- or 16-bit,
+gray or colour, FLIR R-JPEGs and ``.fff`` frames (their raster); 16-bit rasters get the percentile stretch, colour
+images their luma; the gray image is repeated to three channels.
 
 A folder data set describes itself in ``classes.yaml``::
 
@@ -48,7 +49,8 @@ import yaml
 from torch.utils.data import Dataset
 
 from unip.data import layouts as L
-from unip.data.images import ImageReadError, read_label, read_rgb
+from unip.data.images import ImageReadError, read_label
+from unip.data.inputs import read_input
 from unip.data.listed import ListedPathError, relative_entry
 from unip.engine.config import load_yaml
 from unip.errors import DataError
@@ -80,7 +82,7 @@ class SegLayout:
     @property
     def image_suffixes(self) -> Tuple[str, ...]:
         first = (self.image_suffix,) if self.image_suffix else ()
-        return first + tuple(s for s in L.IMAGE_SUFFIXES if s != self.image_suffix)
+        return first + tuple(s for s in L.FRAME_SUFFIXES if s != self.image_suffix)
 
 
 #: The three benchmark layouts of the release (their entries in ``unip.data.datasets.DATASETS`` add how each is
@@ -201,7 +203,7 @@ def read_split_file(path: str) -> List[str]:
             continue
         token = relative_entry(token, "the image and label folders", f"{path}, line {number}")
         stem, suffix = os.path.splitext(token)
-        names.append(stem if suffix.lower() in L.IMAGE_SUFFIXES else token)
+        names.append(stem if suffix.lower() in L.FRAME_SUFFIXES else token)
     return names
 
 
@@ -299,16 +301,20 @@ def _unreadable(err: ImageReadError, code: str) -> Problem:
     return Problem(err.path, code, f"{err.detail} ({err.reason})")
 
 
-def inspect_pair(sample: Sample, num_classes: int) -> Tuple[List[Problem], Optional[np.ndarray]]:
-    """Decode ``sample`` fully and check it; returns ``(problems, histogram)``.
+def inspect_pair(sample: Sample, num_classes: int) -> Tuple[List[Problem], Optional[np.ndarray], Tuple[str, ...]]:
+    """Decode ``sample`` fully and check it; returns ``(problems, histogram, issues)``. ``issues``: what the image
+    was found to be instead of a sensor's raster (a palette picture, a byte-swapped raster; ``InputNotes``), not a
+    problem.
 
     ``histogram`` is int64 ``[256]``, the pixel count of each label value (None if the label cannot be
     read).
     """
     problems: List[Problem] = []
     image = label = None
+    issues: Tuple[str, ...] = ()
     try:
-        image = read_rgb(sample.image)
+        item = read_input(sample.image)
+        image, issues = item.image, item.issues
     except ImageReadError as err:
         problems.append(_unreadable(err, "unreadable-image"))
     try:
@@ -316,21 +322,22 @@ def inspect_pair(sample: Sample, num_classes: int) -> Tuple[List[Problem], Optio
     except ImageReadError as err:
         problems.append(_unreadable(err, "unreadable-label"))
     if label is None:
-        return problems, None
+        return problems, None, issues
     if image is not None:
         problems += label_problems(label, image.shape[:2], sample, num_classes)
-    return problems, np.bincount(label.ravel(), minlength=256).astype(np.int64)
+    return problems, np.bincount(label.ravel(), minlength=256).astype(np.int64), issues
 
 
 def load_sample(sample: Sample, num_classes: int, split_file: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Read ``sample``; returns image uint8 ``[H, W, 3]`` and label uint8 ``[H, W]``.
+    """Read ``sample``; returns image uint8 ``[H, W, 3]`` (the input mapping's model image, gray repeated:
+    ``unip.data.inputs``) and label uint8 ``[H, W]``.
 
     Raises :class:`DataError` (a plain one, so DataLoader workers can re-raise it) naming the file and the fix
     (mending it, or dropping its name from ``split_file``, the split that lists it: a removed file is missed).
     """
     fix = f"fix it, or drop '{sample.name}' from {split_file}" if split_file else "fix or remove the file"
     try:
-        image = read_rgb(sample.image)
+        image = read_input(sample.image).rgb
         label = read_label(sample.label)
     except ImageReadError as err:
         raise DataError(f"{err.path}: {err.detail} ({err.reason}); {fix}") from None

@@ -26,9 +26,22 @@ VIDEO_MARK = b"written by unip"
 _FREE_BOX = struct.pack(">I", 8 + len(VIDEO_MARK)) + b"free" + VIDEO_MARK
 
 
-def _cv2() -> ModuleType:
+def opencv() -> ModuleType:
+    """OpenCV (``cv2``), imported on first use; a ``ConfigError`` naming what to install when it is missing."""
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own messages would bypass our one-line errors
     return require("cv2", "reading and writing videos")
+
+
+def frame_to_picture(frame: np.ndarray) -> np.ndarray:
+    """An OpenCV frame as a picture: 16-bit gray → uint16 ``[H, W]``, 8-bit gray → uint8 ``[H, W]``, colour → RGB
+    uint8 ``[H, W, 3]`` (alpha dropped)."""
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim == 2 and frame.dtype in (np.uint8, np.uint16):
+        return frame
+    if frame.dtype != np.uint8:
+        return frame_to_rgb(frame)
+    return np.ascontiguousarray(frame[:, :, 2::-1])
 
 
 def frame_to_rgb(frame: np.ndarray) -> np.ndarray:
@@ -49,7 +62,7 @@ class VideoReader:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        cv2 = _cv2()
+        cv2 = opencv()
         if not os.path.isfile(path):  # a FIFO or device is never opened: OpenCV would wait on it
             raise DataError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such video file'}")
         capture = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
@@ -66,7 +79,17 @@ class VideoReader:
     def frames(self, every: int = 1) -> Iterator[Tuple[int, np.ndarray]]:
         """Yield ``(index, RGB uint8 [H, W, 3])`` for frames 0, ``every``, 2·``every``, ... until the video ends
         (a damaged tail ends it early)."""
-        cv2 = _cv2()
+        for index, frame in self._raw_frames(every):
+            yield index, frame_to_rgb(frame)
+
+    def pictures(self, every: int = 1) -> Iterator[Tuple[int, np.ndarray]]:
+        """As :meth:`frames`, each frame as it is stored (``frame_to_picture``): 16-bit gray stays 16-bit, for the
+        input mapping (``unip.data.inputs.picture_input``)."""
+        for index, frame in self._raw_frames(every):
+            yield index, frame_to_picture(frame)
+
+    def _raw_frames(self, every: int) -> Iterator[Tuple[int, np.ndarray]]:
+        cv2 = opencv()
         capture = cv2.VideoCapture(self.path, cv2.CAP_FFMPEG)
         try:
             index = 0
@@ -78,7 +101,7 @@ class VideoReader:
                     ok, frame = capture.read()
                     if not ok or frame is None:
                         return
-                    yield index, frame_to_rgb(frame)
+                    yield index, frame
                 index += 1
         finally:
             capture.release()
@@ -92,7 +115,7 @@ class VideoWriter:
     video is at most one pixel larger than the frames and no pixel is lost."""
 
     def __init__(self, path: str, fps: float, size: Tuple[int, int]) -> None:
-        cv2 = _cv2()
+        cv2 = opencv()
         self.path = path
         folder, name = os.path.split(path)
         self.tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}.mp4")  # OpenCV picks the container by suffix

@@ -1,10 +1,11 @@
 """ONNX export of a whole segmentor, checked against onnxruntime right after export.
 
-The graph (``SegmentorLogits``): input ``image`` float32 ``[B, 3, H, W]``, normalised as in training
-(``(pixel - mean) / std`` on 0–255 values, gray repeated to three channels) → output ``logits`` float32
-``[B, classes, H, W]``: the decode head's stride-4 logits resized bilinearly to the input size, i.e. what one
-window of the sliding-window test contributes (``unip.seg.whole_inference``); the arg-max over classes is the
-label map. H and W must be multiples of the patch size (16) and at least 32.
+The graph (``SegmentorLogits``): input ``image`` float32 ``[B, 3, H, W]``: the 8-bit model image of unip's input
+mapping (``unip.data.inputs``: a radiometric raster's percentile stretch or fixed °C window, colour as luma),
+repeated to three channels and normalised as in training (``(pixel - mean) / std`` on 0–255 values) → output
+``logits`` float32 ``[B, classes, H, W]``: the decode head's stride-4 logits resized bilinearly to the input size,
+i.e. what one window of the sliding-window test contributes (``unip.seg.whole_inference``); the arg-max over
+classes is the label map. H and W must be multiples of the patch size (16) and at least 32.
 
 * Fixed size (default): B, H and W as exported (``batch``, ``size``: the segmentor's crop, 512).
 * Dynamic (``dynamic=True``): B, H and W free. Tracing a free size needs two rewrites that compute the same
@@ -363,8 +364,11 @@ def model_metadata(segmentor: Segmentor, dynamic: bool, precision: str = "fp32",
     return {
         FORMAT_KEY: "segmentor logits v1",
         "unip.precision": precision, **extra,
-        "unip.input": f"image: float32 [B, 3, H, W] ({size}; H and W multiples of {patch}), (pixel - mean) / std "
-                      f"on 0-255 values, gray images repeated to 3 channels{inside}",
+        "unip.input": f"image: float32 [B, 3, H, W] ({size}; H and W multiples of {patch}): the 8-bit gray model "
+                      "image repeated to 3 channels, (pixel - mean) / std on 0-255 values; the 8-bit image is unip's "
+                      "input mapping (docs/thermal.md): a radiometric raster (FLIR R-JPEG/FFF/SEQ/CSQ, 16-bit "
+                      "TIFF/PNG) stretched between its 1st and 99th percentile counts (or a fixed degree C window), "
+                      f"a colour image as its luma 0.299 R + 0.587 G + 0.114 B, 8-bit gray as it is{inside}",
         "unip.output": "logits: float32 [B, classes, H, W], the decode head's logits resized bilinearly to the "
                        "input; argmax over classes = labels",
         "unip.mean": json.dumps(list(pipeline.mean)), "unip.std": json.dumps(list(pipeline.std)),

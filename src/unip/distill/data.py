@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from unip.analysis.images import Normalization, frame_input
 from unip.data.infmix import scan_folder, skip_reasons
-from unip.data.layouts import IMAGE_SUFFIXES
+from unip.data.inputs import INPUT_SUFFIXES
 from unip.data.packed import INDEX_JSON, GrayImages, ManifestImages, PackedImages
 from unip.data.transforms import Transform, normalize_batch, pretrain_transform
 from unip.errors import DataError
@@ -59,7 +59,7 @@ def open_pretrain_images(path: str, transform: Transform) -> GrayImages:
             return PackedImages(path, transform)
         return checked_folder(path, transform)
     if os.path.isfile(path):
-        if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+        if os.path.splitext(path)[1].lower() in INPUT_SUFFIXES:
             raise DataError(f"{path}: an image file, not a data set; pass the folder that holds the images "
                             f"(--data {os.path.dirname(path) or '.'}), a pack folder or a manifest")
         return ManifestImages(path, transform)

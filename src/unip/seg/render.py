@@ -103,18 +103,54 @@ def class_areas(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, classes: ClassInfo, alpha: float = 0.5,
-            legend: bool = True) -> np.ndarray:
+            legend: bool = True, class_celsius: Optional[Sequence[float]] = None,
+            scale: Optional[Sequence[Tuple[float, float]]] = None) -> np.ndarray:
     """The image (RGB uint8 ``[H, W, 3]``) blended with the colour mask (``alpha`` = mask weight, mmseg's
-    ``opacity``), with a legend of the classes present (largest first, with their share of the image) in the
-    top-left corner. Returns RGB uint8 ``[H, W, 3]``, the image's size."""
+    ``opacity``), with a legend of the classes present (largest first, with their share of the image and, given
+    ``class_celsius`` (one value per class, NaN: none), their temperature) in the top-left corner, and given
+    ``scale`` (``(gray level, °C)`` pairs) a temperature bar at the right edge. Returns RGB uint8 ``[H, W, 3]``, the
+    image's size."""
     out = blend(image, labels, classes.palette, alpha)
+    if scale:
+        out = draw_temperature_bar(out, scale)
     if not legend:
         return out
     areas = class_areas(labels, classes.num_classes)
     present = [int(i) for i in np.argsort(-areas, kind="stable") if areas[i] > 0]
     total = max(int(labels.size), 1)
-    entries = [(classes.palette[i], f"{classes.name(i)} {100.0 * areas[i] / total:.1f}%") for i in present]
-    return draw_legend(out, entries)
+
+    def text(i: int) -> str:
+        degrees = "" if class_celsius is None or not np.isfinite(class_celsius[i]) else f" {class_celsius[i]:.1f}°C"
+        return f"{classes.name(i)} {100.0 * areas[i] / total:.1f}%{degrees}"
+    return draw_legend(out, [(classes.palette[i], text(i)) for i in present])
+
+
+def draw_temperature_bar(image: np.ndarray, scale: Sequence[Tuple[float, float]]) -> np.ndarray:
+    """``image`` (RGB uint8 ``[H, W, 3]``) with a vertical gray ramp at its right edge (white at the top, black at
+    the bottom: the gray levels of the model's image) labelled with ``scale``'s ``(gray level, °C)`` pairs."""
+    height, width = image.shape[:2]
+    size = max(8, min(20, height // 32))
+    font = _font(size)
+    bar_w = max(4, min(16, width // 40))
+    top, bottom = size + 8, max(size + 9, height - 6)
+    right = width - 4
+    left = right - bar_w
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas, "RGBA")
+    labels = [(level, f"{value:.1f}") for level, value in scale if np.isfinite(value)]
+    text_w = max([int(draw.textlength(t, font=font)) for _, t in labels] + [int(draw.textlength("°C", font=font))])
+    draw.rectangle([left - text_w - 8, top - size - 6, width, bottom + 2], fill=(0, 0, 0, 150))
+    span = max(bottom - top, 1)
+    for row in range(top, bottom + 1):
+        level = int(round(255 * (bottom - row) / span))
+        draw.line([left, row, right, row], fill=(level, level, level))
+    draw.rectangle([left, top, right, bottom], outline=(255, 255, 255))
+    draw.text((right - draw.textlength("°C", font=font), top - size - 4), "°C", fill=(255, 255, 255), font=font)
+    for level, text in labels:
+        row = bottom - level / 255.0 * span
+        draw.line([left - 3, row, left, row], fill=(255, 255, 255))
+        draw.text((left - 5 - draw.textlength(text, font=font), row - size / 2), text, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
 
 
 @lru_cache(maxsize=8)

@@ -19,7 +19,8 @@ from unip.serve.uploads import Upload
 from unip.outputs import save_png
 
 #: What ``POST /api/analyze`` takes (``unip analyze`` reads images).
-ANALYZE_KINDS = {"image": "images (PNG, JPEG, TIFF, BMP, WebP; 8 or 16 bit)"}
+ANALYZE_KINDS = {"image": "images (PNG, JPEG including FLIR radiometric JPEGs, TIFF, BMP, WebP; 8 or 16 bit)",
+                 "thermal": "FLIR FFF frames (a SEQ/CSQ by its first frame)"}
 
 
 def analyze_uploads(model: ServedModel, uploads: List[Upload], job: Job) -> Dict[str, Any]:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from unip.atomic import atomic_write_text
 from unip.data.images import read_label
+from unip.data.inputs import InputMapping
 from unip.errors import DataError
 from unip.seg.metrics import confusion_matrix, segmentation_metrics
 from unip.seg.predict_run import CSV_FILE, FORMATS, JSON_FILE, PredictOptions, areas_csv, predict_files
@@ -31,6 +32,7 @@ from unip.serve.views import input_view
 
 #: What ``POST /api/predict`` takes, by content (``unip.serve.uploads.classify``) → how the page says it.
 PREDICT_KINDS = {"image": "images (PNG, JPEG including FLIR radiometric JPEGs, TIFF, BMP, WebP; 8 or 16 bit)",
+                 "thermal": "FLIR FFF frames and SEQ/CSQ sequences",
                  "video": "videos (MP4, AVI, MKV, MPEG, WMV)"}
 #: What a label file for per-class IoU may be.
 LABEL_KINDS = {"image": "a label map (PNG of class ids)"}
@@ -62,7 +64,7 @@ def predict_upload(model: ServedModel, upload: Upload, label: Optional[Upload], 
     ``job.files``. A cancelled video raises ``JobCancelled`` carrying the frames done."""
     out = os.path.join(job.folder, "out")
     document = run_predict(model, upload, out, options, job)
-    result = answer(model, upload, document, out, job)
+    result = answer(model, upload, document, out, job, options.mapping)
     if label is not None:
         result.update(label_scores(label, result, model.predict.classes, out, document))
     if not document["complete"]:
@@ -70,7 +72,8 @@ def predict_upload(model: ServedModel, upload: Upload, label: Optional[Upload], 
     return result
 
 
-def answer(model: ServedModel, upload: Upload, document: Dict[str, Any], out: str, job: Job) -> Dict[str, Any]:
+def answer(model: ServedModel, upload: Upload, document: Dict[str, Any], out: str, job: Job,
+           mapping: Optional[InputMapping] = None) -> Dict[str, Any]:
     """The JSON answer for ``document`` (predict's report of the upload): the class list and, per image or video
     frame, its record's areas as ``areas.json`` lists them, with the URLs of its files."""
     base = f"/api/jobs/{job.id}/files/"
@@ -86,7 +89,7 @@ def answer(model: ServedModel, upload: Upload, document: Dict[str, Any], out: st
         record = records[0]
         result.update(areas(record), width=record["width"], height=record["height"])
         result.update(_file_urls(job, out, record, "", base))
-        view = input_view(upload.path)
+        view = input_view(upload.path, mapping)
         job.files["view.png"] = view.save(os.path.join(job.folder, "view.png"))
         result.update(view_url=base + "view.png", thermal=view.scale)
     else:

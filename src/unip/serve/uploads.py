@@ -18,7 +18,9 @@ from typing import AsyncIterator, Callable, Dict, List, Optional
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from unip.data.thermal import frame_count
 from unip.data.thermal.formats import sniff
+from unip.errors import DataError
 from unip.text import byte_size, printable
 
 log = logging.getLogger(__name__)
@@ -250,7 +252,7 @@ def classify(upload: Upload, accepted: Dict[str, str]) -> str:
     kind)."""
     if upload.size == 0:
         raise UploadError(400, f"{upload.name}: the file is empty")
-    kind, suffix = _content_kind(upload.path)
+    kind, suffix = _content_kind(upload.path, upload.name)
     if kind not in accepted:
         found = KIND_NAMES.get(kind, "none of them")
         raise UploadError(415, f"{upload.name}: its content is {found}; this takes {'; '.join(accepted.values())}")
@@ -260,12 +262,13 @@ def classify(upload: Upload, accepted: Dict[str, str]) -> str:
     return kind
 
 
-def _content_kind(path: str):
-    """``(kind, suffix)`` of the file by its first bytes: ``("image", ".png")``, ``("thermal", ".fff")``,
-    ``("video", ".mp4")``, or ``(None, "")``."""
+def _content_kind(path: str, name: str):
+    """``(kind, suffix)`` of the file by its first bytes: ``("image", ".png")``, ``("thermal", ".fff")`` (one FLIR
+    frame), ``("thermal", ".seq")`` (several: ``.csq`` where the client named it so, which only names the format
+    in the report), ``("video", ".mp4")``, or ``(None, "")``."""
     image = sniff(path)
     if image == "fff":
-        return "thermal", ".fff"
+        return "thermal", _sequence_suffix(path, name)
     if image in IMAGE_SUFFIX:
         return "image", IMAGE_SUFFIX[image]
     with open(path, "rb") as handle:
@@ -276,6 +279,18 @@ def _content_kind(path: str):
         if head[offset:offset + len(magic)] == magic:
             return "video", suffix
     return None, ""
+
+
+def _sequence_suffix(path: str, name: str) -> str:
+    """``.fff`` for a file of one FLIR frame, else ``.seq`` or ``.csq`` (``unip predict`` reads those like videos).
+    A file whose frames cannot be counted is stored as a frame: reading it then says what is wrong."""
+    try:
+        frames = frame_count(path)
+    except DataError:
+        return ".fff"
+    if frames <= 1:
+        return ".fff"
+    return ".csq" if os.path.splitext(name)[1].lower() == ".csq" else ".seq"
 
 
 def _remove(path: str) -> None:

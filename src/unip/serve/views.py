@@ -1,5 +1,5 @@
 """The pictures the page shows under a mask: an input with temperatures as a colour map with its °C scale, any other
-input as the picture ``unip predict`` fed the model."""
+input as the 8-bit image ``unip predict`` fed the model."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from unip.data.images import read_rgb
-from unip.data.thermal import read_thermal
-from unip.errors import DataError
+from unip.data.inputs import InputMapping, read_input
 from unip.outputs import save_png
 
 #: Colour map of temperatures (matplotlib's), and the °C range it spans: these percentiles of the frame's values.
@@ -33,16 +31,14 @@ class View:
         return save_png(self.pixels, path, compress_level=1)  # shown once: fast to write beats small
 
 
-def input_view(path: str) -> View:
-    """The view of the image file ``path``: its temperatures coloured when it has any (``unip.data.thermal``), else
-    the RGB picture ``unip predict`` reads (``unip.data.images.read_rgb``)."""
-    try:
-        frame = read_thermal(path)
-    except DataError:
-        frame = None
-    if frame is None or frame.celsius is None or not np.isfinite(frame.celsius).any():
-        return View(read_rgb(path))
-    return temperature_view(frame.celsius)
+def input_view(path: str, mapping: Optional[InputMapping] = None) -> View:
+    """The view of the image file ``path`` as ``unip predict`` reads it through ``mapping`` (``unip.data.inputs``):
+    its temperatures coloured when it has any, else the model's 8-bit image (a colour picture's luma). Raises
+    ``ImageReadError`` when the file cannot be read."""
+    item = read_input(path, mapping)
+    if item.celsius is None or not np.isfinite(item.celsius).any():
+        return View(item.rgb)
+    return temperature_view(item.celsius)
 
 
 def temperature_view(celsius: np.ndarray) -> View:

@@ -6,7 +6,9 @@ is what ``unip info FILE`` prints. Formats, temperatures and their limits: docs/
 
 Modules: :mod:`~unip.data.thermal.fff` (FFF records), :mod:`~unip.data.thermal.planck` (temperatures),
 :mod:`~unip.data.thermal.formats` (which format a file holds, reading its frames), :mod:`~unip.data.thermal.frame`
-(the frame, the mapping), :mod:`~unip.data.thermal.describe` (the summary).
+(the frame, the mapping), :mod:`~unip.data.thermal.describe` (the summary), :mod:`~unip.data.thermal.checks`
+(byte-swapped rasters, palette pictures), :mod:`~unip.data.thermal.regions` (temperatures per class of a label map).
+The mapping every verb uses, with the rule for colour images, is :mod:`unip.data.inputs`.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from typing import Iterator, Optional
 
 from unip.data.thermal.describe import describe_thermal
 from unip.data.thermal.errors import ThermalFileError
-from unip.data.thermal.formats import Overrides, read_frames, sniff
+from unip.data.thermal.formats import Overrides, count_fff_frames, read_frames, sniff
 from unip.data.thermal.frame import ThermalFrame, stretch_counts, to_uint8
+from unip.data.thermal.regions import ClassTemperatures, class_temperatures
 from unip.errors import ConfigError
 
-__all__ = ["ThermalFileError", "ThermalFrame", "describe_thermal", "is_thermal_file", "iter_thermal",
-           "read_thermal", "stretch_counts", "to_uint8"]
+__all__ = ["ClassTemperatures", "ThermalFileError", "ThermalFrame", "class_temperatures", "describe_thermal",
+           "frame_count", "is_thermal_file", "iter_thermal", "read_thermal", "stretch_counts", "to_uint8"]
 
 
 def read_thermal(path: str, frame: int = 0, *, emissivity: Optional[float] = None, distance: Optional[float] = None,
@@ -37,10 +40,20 @@ def read_thermal(path: str, frame: int = 0, *, emissivity: Optional[float] = Non
 
 
 def iter_thermal(path: str, *, emissivity: Optional[float] = None, distance: Optional[float] = None,
-                 reflected: Optional[float] = None, tlinear: Optional[float] = None) -> Iterator[ThermalFrame]:
+                 reflected: Optional[float] = None, tlinear: Optional[float] = None, keep_going: bool = False
+                 ) -> Iterator[ThermalFrame]:
     """Every frame of ``path`` in order (one for anything but a SEQ/CSQ); the options as in :func:`read_thermal`.
-    Frames are read one at a time: a damaged frame raises when it is reached, after the frames before it."""
-    return read_frames(path, Overrides(emissivity, distance, reflected, tlinear))
+    Frames are read one at a time: a damaged frame raises when it is reached, after the frames before it. With
+    ``keep_going=True`` a damaged frame of a sequence is *yielded* as its :class:`ThermalFileError` (``frame``: its
+    number) and the frames after it follow, where the file lets them be found (the next valid FFF header after
+    the damage); a file that cannot be opened at all still raises."""
+    return read_frames(path, Overrides(emissivity, distance, reflected, tlinear), keep_going=keep_going)
+
+
+def frame_count(path: str) -> int:
+    """How many frames ``iter_thermal(path, keep_going=True)`` tries: the FFF frames of a .fff / .seq / .csq file
+    (headers only are read; damaged frames count one each), 1 for any other file."""
+    return count_fff_frames(path, keep_going=True) if sniff(path) == "fff" else 1
 
 
 def is_thermal_file(path: str) -> bool:

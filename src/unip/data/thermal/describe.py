@@ -10,7 +10,7 @@ import numpy as np
 
 from unip.data.thermal import planck
 from unip.data.thermal.formats import Overrides, count_fff_frames, read_frames, sniff
-from unip.data.thermal.frame import ThermalFrame
+from unip.data.thermal.frame import ISSUES, ThermalFrame
 
 
 def describe_thermal(path: str) -> str:
@@ -34,6 +34,7 @@ def describe_thermal(path: str) -> str:
         rows.append(("preview", f"{preview.shape[1]} x {preview.shape[0]} picture"))
     rows += [("calibration", line) if index == 0 else ("", line)
              for index, line in enumerate(calibration_lines(frame.calibration))]
+    rows += [("note", f"{issue}: {ISSUES[issue]}") for issue in frame.issues]
     width = max(len(label) for label, _ in rows) + 2
     return "\n".join(f"{label + ':' if label else '':<{width}}{value}".rstrip() for label, value in rows)
 

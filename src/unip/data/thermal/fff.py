@@ -172,6 +172,11 @@ def next_frame_start(source: Source, frame: Frame) -> Optional[int]:
     if left >= 4 and source.read(position, 4, "the next FFF header") == MAGIC:  # the usual case
         if left < HEADER_SIZE or _header_order(source.read(position, HEADER_SIZE, "an FFF header")) is not None:
             return position  # (read_frame reports a header cut short)
+    return next_valid_header(source, position)
+
+
+def next_valid_header(source: Source, position: int) -> Optional[int]:
+    """The offset of the first ``FFF\0`` at or after ``position`` that starts a header of a known version, or None."""
     while position < source.size:
         found = source.find(MAGIC, position)
         if found < 0 or found + HEADER_SIZE > source.size:

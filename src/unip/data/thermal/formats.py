@@ -3,10 +3,13 @@
 * FLIR radiometric JPEG: the FFF data spread over APP1 segments ``FLIR\\0`` (byte 6: the segment's number, byte 7:
   the last number), reassembled in number order; the JPEG's own picture is the preview.
 * ``.fff`` (one FFF frame), ``.seq`` and ``.csq`` (FFF frames one after another; .csq rasters are JPEG-LS).
-* 16-bit TIFF / PNG: counts = the values; temperatures only from a linear scale the caller states (``tlinear``
-  kelvin per count: celsius = counts * tlinear - 273.15, as radiometric Boson, Tau 2 or Duo Pro R TIFFs are).
+* 16-bit TIFF / PNG: counts = the values (a raster stored byte-swapped is swapped back: ``checks``); temperatures
+  only from a linear scale the caller states (``tlinear`` kelvin per count: celsius = counts * tlinear - 273.15, as
+  radiometric Boson, Tau 2 or Duo Pro R TIFFs are).
 * 8-bit images (JPEG, PNG, BMP, TIFF, WebP): counts = the 8-bit values (colour images: their ITU-R 601 luma),
-  no temperatures, the colours as preview.
+  no temperatures, the colours as preview; a colour picture that looks like a thermal palette is marked
+  (``issues``), and so is a FLIR JPEG whose FLIR data holds no raster (read as its picture).
+* Float and 32-bit images are refused (reason ``not-counts``): their values are not sensor counts.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import logging
 import math
 import os
 import struct
+import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -22,6 +27,7 @@ import numpy as np
 
 from unip.data.images import decode, to_gray
 from unip.data.thermal import fff, planck
+from unip.data.thermal.checks import looks_byte_swapped, looks_like_palette
 from unip.data.thermal.errors import ThermalFileError
 from unip.data.thermal.frame import ThermalFrame
 from unip.errors import ConfigError
@@ -72,12 +78,13 @@ def _check(name: str, value: Optional[float], valid: Callable[[float], bool], wh
         raise ConfigError(f"{name}={value!r}: give {what}")
 
 
-def read_frames(path: str, overrides: Overrides, first: int = 0, count: Optional[int] = None
-                ) -> Iterator[ThermalFrame]:
-    """Frames ``first``, ``first + 1``, ... (``count`` of them, or to the end) of ``path``."""
+def read_frames(path: str, overrides: Overrides, first: int = 0, count: Optional[int] = None,
+                keep_going: bool = False) -> Iterator[Any]:
+    """Frames ``first``, ``first + 1``, ... (``count`` of them, or to the end) of ``path``; ``keep_going``: a
+    damaged frame of a SEQ/CSQ is yielded as its ``ThermalFileError`` and the frames after it follow."""
     kind = sniff(path)
     if kind == "fff":
-        yield from _fff_file_frames(path, overrides, first, count)
+        yield from _fff_file_frames(path, overrides, first, count, keep_going)
         return
     if kind is None:
         if os.path.isdir(path):
@@ -88,20 +95,35 @@ def read_frames(path: str, overrides: Overrides, first: int = 0, count: Optional
     data = _read_whole(path)
     if kind == "jpeg":
         flir = _flir_segments(data, path)
-        if flir is not None:
+        if flir is not None and _holds_raster(fff.Source(path, flir)):
             frames = _fff_frames(fff.Source(path, flir), path, overrides, "FLIR JPEG",
                                  preview=lambda: _picture(data, path), camera=_exif_model(data))
             yield from _slice(frames, path, first, count)
             return
+        if flir is not None:
+            frame = _image_frame(data, path, overrides)
+            frame.issues += ("no-raster",)
+            frame.encoding += " (FLIR data without a raster)"
+            yield from _slice(iter([frame]), path, first, count)
+            return
     yield from _slice(iter([_image_frame(data, path, overrides)]), path, first, count)
 
 
-def _slice(frames: Iterator[ThermalFrame], path: str, first: int, count: Optional[int],
-           held: Callable[[], int] = lambda: 1) -> Iterator[ThermalFrame]:
+def _holds_raster(source: fff.Source) -> bool:
+    """Whether the first FFF frame of an R-JPEG's FLIR data has a RawData record (damage is reported when the
+    frames are read)."""
+    try:
+        return fff.read_frame(source, 0).record(fff.RAW_DATA) is not None
+    except ThermalFileError:
+        return True
+
+
+def _slice(frames: Iterator[Any], path: str, first: int, count: Optional[int],
+           held: Callable[[], int] = lambda: 1) -> Iterator[Any]:
     """Frames ``first`` on (``count`` of them); none at all is an error saying how many the file ``held``."""
     seen = 0
     for frame in frames:
-        if frame.index >= first:
+        if (frame.frame if isinstance(frame, ThermalFileError) else frame.index) >= first:
             yield frame
             seen += 1
             if count is not None and seen >= count:
@@ -134,46 +156,97 @@ def _opened(path: str) -> Iterator[Any]:
         yield handle
 
 
-def _fff_file_frames(path: str, overrides: Overrides, first: int, count: Optional[int]) -> Iterator[ThermalFrame]:
+def _fff_file_frames(path: str, overrides: Overrides, first: int, count: Optional[int], keep_going: bool = False
+                     ) -> Iterator[Any]:
     name = _SUFFIX_FORMATS.get(os.path.splitext(path)[1].lower(), "FFF")
     with _opened(path) as handle:
-        frames = _fff_frames(fff.Source(path, handle), path, overrides, name, first=first)
-        yield from _slice(frames, path, first, count, held=lambda: count_fff_frames(path))
+        source = fff.Source(path, handle)
+        start = 0
+        if first > 0:  # straight to the frame: reading frame k of a long sequence must not walk k frames each time
+            starts = _frame_starts(source, handle)
+            if first < len(starts):
+                start = starts[first]
+        frames = _fff_frames(source, path, overrides, name, first=first, keep_going=keep_going,
+                             start=start, index=first if start else 0)
+        yield from _slice(frames, path, first, count, held=lambda: count_fff_frames(path, keep_going))
+
+
+#: Where the frames of recently read sequence files start: (real path, size, mtime) → offsets.
+_STARTS: "OrderedDict[Tuple[str, int, int], Tuple[int, ...]]" = OrderedDict()
+_STARTS_LOCK = threading.Lock()
+
+
+def _frame_starts(source: fff.Source, handle: Any) -> Tuple[int, ...]:
+    """The offset of every frame of an open sequence file (damaged ones included), cached for the 32 files read
+    last."""
+    status = os.fstat(handle.fileno())
+    key = (os.path.realpath(source.path), status.st_size, status.st_mtime_ns)
+    with _STARTS_LOCK:
+        if key in _STARTS:
+            _STARTS.move_to_end(key)
+            return _STARTS[key]
+    starts = tuple(start for start, _, _ in _located_frames(source, keep_going=True))
+    with _STARTS_LOCK:
+        _STARTS[key] = starts
+        while len(_STARTS) > 32:
+            _STARTS.popitem(last=False)
+    return starts
 
 
 def _fff_frames(source: fff.Source, path: str, overrides: Overrides, name: str, first: int = 0,
-                preview: Optional[Callable[[], Optional[np.ndarray]]] = None, camera: Optional[str] = None
-                ) -> Iterator[ThermalFrame]:
-    """Every frame of ``source`` (those before ``first`` located, not decoded). ``preview`` decodes the picture a
-    JPEG shows (None: each frame's embedded image); ``camera`` names the camera where the FFF data names none."""
+                preview: Optional[Callable[[], Optional[np.ndarray]]] = None, camera: Optional[str] = None,
+                keep_going: bool = False, start: int = 0, index: int = 0) -> Iterator[Any]:
+    """Every frame of ``source`` from byte ``start`` on, that one being frame ``index`` (those before ``first``
+    located, not decoded). ``preview`` decodes the picture a
+    JPEG shows (None: each frame's embedded image); ``camera`` names the camera where the FFF data names none.
+    ``keep_going``: a damaged frame is yielded as its ``ThermalFileError`` (``frame`` set) and reading goes on at
+    the next frame that can be found (the next valid FFF header after the damage)."""
     if overrides.tlinear is not None:
         log.warning("%s: tlinear ignored: a FLIR file carries its own calibration", path)
-    start: Optional[int] = 0
-    index = 0
     warned = False
-    while start is not None:
-        located = fff.read_frame(source, start)
+    for _, located, damage in _located_frames(source, keep_going, start):
         if index >= first:
-            frame, problem = _decode_fff(source, located, path, overrides, name, index, preview)
-            if problem and not warned:  # once per file, not once per frame of a sequence
-                log.warning("%s: no temperatures (frame %d): %s", path, index, problem)
-                warned = True
-            frame.camera = frame.camera or camera
-            yield frame
-        start = fff.next_frame_start(source, located)
+            try:
+                if damage is not None:
+                    raise damage
+                frame, problem = _decode_fff(source, located, path, overrides, name, index, preview)
+            except ThermalFileError as err:
+                if not keep_going:
+                    raise
+                err.frame = index
+                yield err
+            else:
+                if problem and not warned:  # once per file, not once per frame of a sequence
+                    log.warning("%s: no temperatures (frame %d): %s", path, index, problem)
+                    warned = True
+                frame.camera = frame.camera or camera
+                yield frame
         index += 1
 
 
-def count_fff_frames(path: str) -> int:
-    """How many FFF frames a .fff / .seq / .csq file holds (headers only are read)."""
+def _located_frames(source: fff.Source, keep_going: bool, first_start: int = 0
+                    ) -> Iterator[Tuple[int, Any, Optional[ThermalFileError]]]:
+    """``(start, frame, None)`` for each FFF frame of ``source`` from byte ``first_start`` on; with ``keep_going`` a
+    frame whose header or directory is damaged comes as ``(start, None, error)`` and the search goes on after it."""
+    start: Optional[int] = first_start
+    while start is not None:
+        try:
+            located = fff.read_frame(source, start)
+        except ThermalFileError as err:
+            if not keep_going:
+                raise
+            yield start, None, err
+            start = fff.next_valid_header(source, start + 1)
+            continue
+        yield start, located, None
+        start = fff.next_frame_start(source, located)
+
+
+def count_fff_frames(path: str, keep_going: bool = False) -> int:
+    """How many FFF frames a .fff / .seq / .csq file holds (headers only are read); ``keep_going``: damaged frames
+    count as one each and the count goes on after them."""
     with _opened(path) as handle:
-        source = fff.Source(path, handle)
-        start: Optional[int] = 0
-        frames = 0
-        while start is not None:
-            start = fff.next_frame_start(source, fff.read_frame(source, start))
-            frames += 1
-        return frames
+        return sum(1 for _ in _located_frames(fff.Source(path, handle), keep_going))
 
 
 def _decode_fff(source: fff.Source, located: fff.Frame, path: str, overrides: Overrides, name: str, index: int,
@@ -292,26 +365,32 @@ def _image_frame(data: bytes, path: str, overrides: Overrides) -> ThermalFrame:
     if image.mode in _HIGH_DEPTH_MODES:
         values = np.asarray(image)
         if values.dtype != np.uint16 and (values.min() < 0 or values.max() > 65535):
-            raise ThermalFileError(path, "bad-raster", f"holds 32-bit values {values.min()}..{values.max()}, not "
+            raise ThermalFileError(path, "not-counts", f"holds 32-bit values {values.min()}..{values.max()}, not "
                                    "16-bit counts")
         counts = values.astype(np.uint16)
+        issues: Tuple[str, ...] = ()
+        encoding = f"{kind}, 16-bit"
+        if looks_byte_swapped(counts):
+            counts, issues = counts.byteswap(), ("byte-swapped",)
+            encoding += ", byte-swapped (swapped back)"
         calibration: Dict[str, float] = {}
         celsius = None
         if overrides.tlinear is not None:
             calibration = {"tlinear": overrides.tlinear}
-            celsius = (counts * np.float64(overrides.tlinear) - planck.KELVIN).astype(np.float32)
+            celsius = planck.linear_to_celsius(counts, overrides.tlinear)
         _ignored(path, overrides, planck_too=True, tlinear=False)
         return ThermalFrame(counts=counts, celsius=celsius, camera=None, calibration=calibration, path=path,
-                            format=f"16-bit {kind}", encoding=f"{kind}, 16-bit", bit_depth=16)
+                            format=f"16-bit {kind}", encoding=encoding, bit_depth=16, issues=issues)
     if image.mode == "F":
-        raise ThermalFileError(path, "bad-raster", "holds floating-point values, not sensor counts")
+        raise ThermalFileError(path, "not-counts", "holds floating-point values, not sensor counts")
     _ignored(path, overrides, planck_too=True, tlinear=True)
     gray = to_gray(image)
     colour = image.mode not in ("L", "1", "LA") and not (image.mode == "P" and _gray_palette(image))
     preview = np.asarray(image.convert("RGB"), dtype=np.uint8) if colour else None
+    issues = ("palette",) if preview is not None and looks_like_palette(preview) else ()
     return ThermalFrame(counts=gray.astype(np.uint16), celsius=None, camera=None, calibration={}, path=path,
                         format="8-bit image", encoding=f"{kind}, 8-bit {'colour' if colour else 'gray'}",
-                        bit_depth=8, preview_source=preview)
+                        bit_depth=8, preview_source=preview, issues=issues)
 
 
 def _decode_checked(data: bytes, path: str) -> Any:

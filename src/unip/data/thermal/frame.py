@@ -22,6 +22,15 @@ import numpy as np
 from unip.data.images import STRETCH_PERCENTILES
 from unip.errors import ConfigError, DataError
 
+#: What ``ThermalFrame.issues`` may name, and what each means.
+ISSUES: Dict[str, str] = {
+    "byte-swapped": "a 16-bit raster stored with its bytes swapped (as `exiftool -b -RawThermalImage` writes FLIR's "
+                    "PNG rasters): read with its bytes swapped back",
+    "palette": "a colour picture that looks like a thermal palette (iron, rainbow, ...), not the sensor's values: "
+               "its luma does not follow temperature",
+    "no-raster": "a FLIR JPEG whose FLIR data holds no raster: only its picture is read",
+}
+
 #: What ``preview_source`` may hold: the picture, a function that decodes it on first use, or None.
 PreviewSource = Union[None, np.ndarray, Callable[[], Optional[np.ndarray]]]
 
@@ -38,7 +47,10 @@ class ThermalFrame:
     ``16-bit TIFF``, ``16-bit PNG``, ``8-bit image``), ``encoding`` (how the raster is stored), ``timestamp`` (where
     the file has one), ``bit_depth`` (16, or 8 for 8-bit images). ``preview``: the picture the file shows (an R-JPEG's
     palette or gray image, an FFF's embedded image, an 8-bit colour image's colours) as uint8 H x W x 3, or None;
-    decoded on first use.
+    decoded on first use. ``issues``: what the reader found the file to be instead of a sensor's raster (names in
+    :data:`ISSUES`): ``byte-swapped`` (a 16-bit image stored with its bytes swapped: ``counts`` are swapped back),
+    ``palette`` (an 8-bit colour picture that looks like a thermal palette), ``no-raster`` (a FLIR JPEG whose FLIR
+    data holds no raster: read as its picture).
     """
 
     counts: np.ndarray
@@ -52,6 +64,7 @@ class ThermalFrame:
     timestamp: Optional[datetime] = None
     bit_depth: int = 16
     preview_source: PreviewSource = field(default=None, repr=False, compare=False)
+    issues: Tuple[str, ...] = ()
 
     @property
     def preview(self) -> Optional[np.ndarray]:

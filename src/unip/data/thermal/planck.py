@@ -127,3 +127,9 @@ def with_overrides(calibration: Mapping[str, float], overrides: Mapping[str, Opt
     merged = dict(calibration)
     merged.update({key: float(value) for key, value in overrides.items() if value is not None})
     return merged
+
+
+def linear_to_celsius(counts: np.ndarray, tlinear: float) -> np.ndarray:
+    """Temperatures of a linear radiometric raster (FLIR's TLinear output: ``tlinear`` kelvin per count): float32
+    ``counts × tlinear − 273.15``."""
+    return (counts * np.float64(tlinear) - KELVIN).astype(np.float32)
