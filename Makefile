@@ -13,7 +13,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev,export,thermal,slurm]"
+	$(PY) -m pip install -q -e ".[dev,export,thermal,slurm,serve]"
 	touch $@
 
 test: venv

@@ -1502,6 +1502,57 @@ THERMAL_INPUT_CASES: List[Case] = [
 CASES += THERMAL_INPUT_CASES
 
 
+# ============================================================================================ unip serve
+# `unip serve` options (issue #24): every row fails before the server answers, or, for a warning, serves nothing
+# (``Server.run`` returns at once) after binding a free port and loading the model.
+def _serve(a: Inputs, *options: str) -> List[str]:
+    return ["serve", "--checkpoint", a.tiny_segmentor, "--port", "0", *options]
+
+
+def _no_serving(a: Inputs) -> None:
+    a.monkeypatch.setattr("unip.serve.server.Server.run", lambda server: None)
+
+
+def _port_in_use(a: Inputs) -> None:
+    import socket
+
+    taken = a.stack.enter_context(socket.socket())
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    a.taken_port = str(taken.getsockname()[1])
+
+
+SERVE_CASES: List[Case] = [
+    Case("serve: --port 70000", lambda a: _serve(a, "--port", "70000"), match="--port"),
+    Case("serve: --port -1", lambda a: _serve(a, "--port", "-1"), match="--port"),
+    Case("serve: --port http", lambda a: _serve(a, "--port", "http"), match="--port"),
+    Case("serve: --port in use", lambda a: _serve(a, "--port", a.taken_port), setup=_port_in_use,
+         match=r"--port \d+: 127.0.0.1:\d+ is in use .*pick another --port"),
+    Case("serve: --host of another machine", lambda a: _serve(a, "--host", "203.0.113.7"),
+         match="--host 203.0.113.7: not an address of this machine"),
+    Case("serve: --host 0.0.0.0 warns", lambda a: _serve(a, "--host", "0.0.0.0"), code=0, setup=_no_serving,
+         warn="--host 0.0.0.0: the page and its API answer every machine .* without a password"),
+    Case("serve: --host 127.0.0.1 says nothing", lambda a: _serve(a, "--host", "127.0.0.1"), code=0,
+         setup=_no_serving),
+    Case("serve: --max-upload-mb 0", lambda a: _serve(a, "--max-upload-mb", "0"), match="--max-upload-mb"),
+    Case("serve: --max-upload-mb 1.5", lambda a: _serve(a, "--max-upload-mb", "1.5"), match="--max-upload-mb"),
+    Case("serve: --max-upload-mb 2000000", lambda a: _serve(a, "--max-upload-mb", "2000000"),
+         match="--max-upload-mb"),
+    Case("serve: --queue-size 0", lambda a: _serve(a, "--queue-size", "0"), match="--queue-size"),
+    Case("serve: --every 0", lambda a: _serve(a, "--every", "0"), match="--every"),
+    Case("serve: --checkpoint missing", lambda a: ["serve", "--checkpoint", str(a.scratch / "none.safetensors"),
+                                                   "--port", "0"], match="none.safetensors"),
+    Case("serve: --checkpoint of a backbone", lambda a: ["serve", "--checkpoint", a.teacher, "--port", "0"],
+         match="teacher.safetensors"),
+    Case("serve: --dataset of another class count", lambda a: _serve(a, "--dataset", "mfnet"),
+         match="--dataset mfnet: 9 classes, but the checkpoint predicts 3"),
+    Case("serve: no --checkpoint and no cached model", lambda a: ["serve", "--port", "0"],
+         setup=lambda a: a.monkeypatch.setenv("UNIP_CACHE", str(a.scratch / "cache")),
+         match="no --checkpoint given and no demo model cached in .*cache: give --checkpoint FILE"),
+]
+CASES += SERVE_CASES
+
+
 # ============================================================================================ the check
 def _snapshot(*roots: Path) -> Dict[str, str]:
     """Every file under ``roots`` → a hash of its bytes (folders → ``"dir"``; FIFOs, devices and links to them
@@ -1562,7 +1613,7 @@ def test_hostile_input(case, shared, tmp_path, monkeypatch, capsys):
 def test_the_table_covers_every_verb():
     verbs = {case.id.split(":")[0] for case in CASES}
     assert {"info", "analyze", "pretrain", "finetune", "evaluate", "infmix", "stats", "pack", "synth",
-            "demo", "predict", "export", "bench", "sweep run", "sweep report"} <= verbs
+            "demo", "predict", "export", "bench", "sweep run", "sweep report", "serve"} <= verbs
     assert len(CASES) >= 60 and len({case.id for case in CASES}) == len(CASES)
 
 

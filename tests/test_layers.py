@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: Layer of each module prefix (the longest prefix wins); an import may point to its own layer or one below.
 LAYERS = {
     "unip.cli": 9,
-    "unip.demo": 8, "unip.sweep": 8, "unip.deploy": 8, "unip.checkpoint_kinds": 8,
+    "unip.demo": 8, "unip.sweep": 8, "unip.deploy": 8, "unip.serve": 8, "unip.checkpoint_kinds": 8,
     "unip.seg": 7, "unip.distill": 7, "unip.analysis": 7,
     "unip.checkpoint": 6,
     "unip.data": 5,

@@ -2,8 +2,9 @@
 
 OpenCV (videos), onnx / onnxscript / onnxruntime (ONNX export and benchmarks) are in the ``export`` extra
 (``pip install 'unip[export]'``), imagecodecs (the JPEG-LS rasters of FLIR .csq files) in the ``thermal`` extra,
-submitit (sweeps on a Slurm cluster) in the ``slurm`` extra; the rest of unip works without them. ``require``
-imports one and, when it is missing, raises a ``ConfigError`` that says which feature needs it and how to install it.
+submitit (sweeps on a Slurm cluster) in the ``slurm`` extra, Starlette, uvicorn and python-multipart (``unip serve``)
+in the ``serve`` extra; the rest of unip works without them. ``require`` imports one and, when it is missing, raises
+a ``ConfigError`` that says which feature needs it and how to install it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ PACKAGES = {
     "onnxruntime": "onnxruntime",
     "imagecodecs": "imagecodecs",
     "submitit": "submitit",
+    "starlette": "starlette",
+    "uvicorn": "uvicorn",
+    "python_multipart": "python-multipart",
 }
 #: Import name → the extra of unip that installs it (``export`` for the rest).
-EXTRAS = {"imagecodecs": "thermal", "submitit": "slurm"}
+EXTRAS = {"imagecodecs": "thermal", "submitit": "slurm", "starlette": "serve", "uvicorn": "serve",
+          "python_multipart": "serve"}
 
 
 def require(module: str, feature: str) -> ModuleType:

@@ -110,8 +110,11 @@ def check_input_size(model: VisionTransformer, size: Tuple[int, int], batch: int
                    "lower --size or --batch-size", device)
 
 
-def _profile_one(model: VisionTransformer, label: str, source: str, paths: List[str],
-                 options: AnalyzeOptions, device: torch.device) -> Tuple[ModelResult, ImageFolder]:
+def profile_images(model: VisionTransformer, label: str, source: str, paths: List[str],
+                   options: AnalyzeOptions, device: torch.device) -> Tuple[ModelResult, ImageFolder]:
+    """One model's profile over the image files ``paths`` (read as ``options`` say), its layers classified and the
+    layer to distil chosen: what ``analyze`` reports for it (``unip serve`` calls it for uploaded frames). Returns
+    the result and the images (``skipped`` lists the unreadable ones); raises ``ConfigError`` / ``DataError``."""
     size = _input_size(model, options.size)
     check_input_size(model, size, min(options.batch_size, len(paths)), device,
                      "--size" if options.size else f"{source}: input size")
@@ -161,7 +164,7 @@ def analyze(sources: Sequence[str], image_dir: str, options: Optional[AnalyzeOpt
         label = model_label(source, [r.label for r in results])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # skipped files are reported once, below
-            result, images = _profile_one(model, label, source, paths, options, device)
+            result, images = profile_images(model, label, source, paths, options, device)
         skipped.update({err.path: err.reason for err in images.skipped})
         results.append(result)
         files.append(_query_figure(model, result, images, options))

@@ -1,8 +1,8 @@
 """The ``unip`` command line: parses arguments and calls library functions.
 
 Each verb group has a module here (``info``, ``data``, ``analyze``, ``training``, ``inference``, ``deploy``,
-``sweep``, ``demo``) with an ``add_<verb>(subparsers)`` function per verb that declares its options and sets ``func``
-to the module's ``_run_<verb>(args)``; shared parser parts and the pieces of the error boundary live in
+``sweep``, ``serve``, ``demo``) with an ``add_<verb>(subparsers)`` function per verb that declares its options and
+sets ``func`` to the module's ``_run_<verb>(args)``; shared parser parts and the pieces of the error boundary live in
 ``unip.cli.app``. ``main`` is the one error boundary (README "Errors and exit codes"):
 
 * bad input — a ``unip.errors.UnipError`` from the library, a bad option (argparse), a file that cannot
@@ -29,7 +29,7 @@ from functools import partial
 from typing import Callable, List, Optional
 
 from unip import __version__
-from unip.cli import analyze, data, demo, deploy, inference, info, sweep, training
+from unip.cli import analyze, data, demo, deploy, inference, info, serve, sweep, training
 from unip.cli.app import (Parser, UsageError, closed_pipes_are_not_errors, configure_logging, describe_failure,
                           print_warning, tolerate_odd_text, verb_parser)
 from unip.errors import UnipError
@@ -41,7 +41,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 VERBS: List[Callable[[argparse._SubParsersAction], None]] = [
     info.add_info, data.add_data, analyze.add_analyze, training.add_pretrain, training.add_finetune,
-    inference.add_evaluate, inference.add_predict, deploy.add_export, deploy.add_bench, sweep.add_sweep, _add_demo]
+    inference.add_evaluate, inference.add_predict, deploy.add_export, deploy.add_bench, sweep.add_sweep,
+    serve.add_serve, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

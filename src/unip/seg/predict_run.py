@@ -42,7 +42,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -93,6 +93,9 @@ class PredictOptions:
     alpha: float = 0.5
     workers: Optional[int] = None
     progress: bool = True
+    #: library callers (``unip serve``): called after each batch with (frames done, frames in all); an exception it
+    #: raises stops the run as an interruption does (the reports list what was done, ``complete`` false)
+    on_progress: Optional[Callable[[int, int], None]] = None
     mapping: InputMapping = field(default_factory=InputMapping)
     cameras: Sequence[int] = ()
     max_frames: Optional[int] = None
@@ -430,26 +433,46 @@ class _Writes:
 
 
 # ============================================================================================ the run
-def predict_files(checkpoint: str, inputs: Sequence[str], options: Optional[PredictOptions] = None) -> PredictResult:
+@dataclass
+class PredictModel:
+    """A segmentor loaded for prediction: the ``checkpoint`` it came from, its ``predictor`` (on its device, memory
+    planned) and its ``classes``."""
+
+    checkpoint: str
+    predictor: Predictor
+    classes: ClassInfo
+
+    @classmethod
+    def load(cls, checkpoint: str, options: PredictOptions) -> "PredictModel":
+        """Read ``checkpoint`` with the model options of ``options`` (``dataset``, ``device``, ``precision``,
+        ``batch_size``); raises ``UnipError``."""
+        segmentor = load_segmentor(checkpoint)
+        classes = ClassInfo.resolve(segmentor.num_classes, options.dataset, segmentor.meta)
+        predictor = Predictor(segmentor, options.device, options.precision, options.batch_size)
+        predictor.plan_memory()
+        return cls(checkpoint, predictor, classes)
+
+
+def predict_files(checkpoint: str, inputs: Sequence[str], options: Optional[PredictOptions] = None,
+                  model: Optional[PredictModel] = None) -> PredictResult:
     """Run ``unip predict`` (module docstring): returns a ``PredictResult``; ``failed`` lists the inputs that
-    could not be read. Bad options, checkpoints, inputs or output folders raise ``UnipError`` before any work."""
+    could not be read. Bad options, checkpoints, inputs or output folders raise ``UnipError`` before any work.
+    ``model``: the segmentor of ``checkpoint`` already loaded (``PredictModel.load``; ``unip serve`` loads it once
+    for every upload), used as it is (its device, precision, batch size and classes)."""
     options = options or PredictOptions()
     options.check()
     out_folder(options.out, "--out")
     window = _live_window(options.show)
     sources, failed = find_sources(inputs, exclude=options.out, mapping=options.mapping) if inputs or not \
         options.cameras else ([], [])
-    segmentor = load_segmentor(checkpoint)
-    classes = ClassInfo.resolve(segmentor.num_classes, options.dataset, segmentor.meta)
-    predictor = Predictor(segmentor, options.device, options.precision, options.batch_size)
-    predictor.plan_memory()
+    model = model or PredictModel.load(checkpoint, options)
     sources += [Source("camera", f"camera {index}", f"camera{index}", CameraReader(index, options.mapping))
                 for index in options.cameras]  # opened last: a camera waits on nothing else
     try:
         with hold(options.out, "unip predict"):  # from the look at what --out holds to the last file written
             plan = OutputPlan(options.out, options.formats, options.every, options.max_frames)
             plan.check(sources)
-            run = _Run(plan, classes, predictor, options, window)
+            run = _Run(plan, model.classes, model.predictor, options, window)
             run.result.failed += failed
             return run.go(sources, checkpoint)
     finally:
@@ -518,6 +541,7 @@ class _Run:
         total = None if cameras else sum(len(s.frame_indices(every, most)) for s in sources)
         bar = tqdm(total=total, unit="img", desc="predict", dynamic_ncols=True, disable=not self.options.progress)
         writes = _Writes(self.workers)
+        done = 0
         try:
             with _ctrl_c_ends_cameras(self) if cameras else contextlib.nullcontext():
                 for batch in _batches(self._frames(sources), self.predictor.batch_size):
@@ -530,6 +554,9 @@ class _Run:
                     for frame, label in zip(usable, labels):
                         self._write(frame, label, writes)
                     bar.update(len(batch))
+                    done += len(batch)
+                    if self.options.on_progress is not None:
+                        self.options.on_progress(done, total)
             self._close_video()
             writes.close()
         except BaseException as err:
