@@ -70,14 +70,26 @@ def segmentor(seed: int) -> Segmentor:
     return model
 
 
+CELSIUS = ("celsius_mean", "celsius_median", "celsius_min", "celsius_max")
+
+
 def table_rows(card):
-    """The class table of a result card: ``{class: (pixels, percent)}``."""
+    """The class table of a result card: ``{class: (pixels, percent, *°C columns)}`` (None for an empty °C cell)."""
+    head = card.locator("table.classes thead th").all_inner_texts()
+    celsius_columns = [i for i, text in enumerate(head) if text.startswith("°C")]
     rows = card.locator("table.classes tbody tr")
     found = {}
     for i in range(rows.count()):
         cells = rows.nth(i).locator("td").all_inner_texts()
-        found[cells[1].strip()] = (int(cells[2]), float(cells[3]))
+        celsius = tuple(float(cells[c]) if cells[c].strip() else None for c in celsius_columns)
+        found[cells[1].strip()] = (int(cells[2]), float(cells[3])) + celsius
     return found
+
+
+def expected_rows(record, classes):
+    """``table_rows`` as ``unip predict``'s areas.json entry ``record`` has them."""
+    columns = [record["pixels"], record["percent"]] + [record[key] for key in CELSIUS if key in record]
+    return {name: tuple(column[i] for column in columns) for i, name in enumerate(classes)}
 
 
 def test_the_page_in_a_browser(tmp_path):
@@ -96,9 +108,8 @@ def test_the_page_in_a_browser(tmp_path):
     assert main(["predict", "--no-progress", "--checkpoint", models[0], str(frame), str(flir), "--out", str(out),
                  "--format", "label"]) == 0
     report = json.loads((out / "areas.json").read_text())
-    expected = {os.path.basename(r["input"]): {name: (p, q) for name, p, q in zip(report["classes"], r["pixels"],
-                                                                                  r["percent"])}
-                for r in report["images"]}
+    expected = {os.path.basename(r["input"]): expected_rows(r, report["classes"]) for r in report["images"]}
+    assert any(v[2] is not None for v in expected["flir_example.jpg"].values())  # its °C per class
 
     with running(ServeOptions(models, port=0, predict=PredictOptions())) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=_browser(), args=["--no-sandbox", "--disable-gpu"])
