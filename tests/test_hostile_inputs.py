@@ -1473,6 +1473,10 @@ THERMAL_INPUT_CASES: List[Case] = [
     Case("predict: --thermal-range on a video", lambda a: a.predict(
          "--thermal-range", "20:40", inputs=[a.file("clip.mp4", b"\x00\x00\x00 ftyp" * 20)]),
          match="clip.mp4: a video holds no temperatures"),
+    Case("analyze: --thermal-range on 8-bit images", lambda a: a.analyze("--thermal-range", "20:40"),
+         match=r"holds no temperatures \(an 8-bit picture\), so a fixed °C window \(--thermal-range\)"),
+    Case("analyze: --thermal-range HIGH below LOW", lambda a: a.analyze("--thermal-range", "40:20"),
+         match="--thermal-range 40:20: LOW must be below HIGH"),
     Case("predict: --thermal-range HIGH below LOW", lambda a: a.predict("--thermal-range", "40:20"),
          match="--thermal-range 40:20: LOW must be below HIGH"),
     Case("predict: --thermal-range of one number", lambda a: a.predict("--thermal-range", "30"),

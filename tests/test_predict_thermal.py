@@ -348,3 +348,28 @@ def test_the_same_file_gives_the_same_image_in_every_verb(checkpoint, tmp_path, 
     for index, name in enumerate(pack.paths()):
         path, _, frame = name.partition("#frame=")
         assert np.array_equal(pack.read(index), expected[(path, int(frame) if frame else None)]), name
+
+
+def test_analyze_reads_through_the_fixed_window_it_is_given(checkpoint, tmp_path, capsys, monkeypatch):
+    """``unip analyze --thermal-range`` feeds its model the frames mapped through that °C window (what predict
+    feeds for the same option), not each frame's stretch."""
+    import unip.analysis.images as analysis_images
+    from unip.data.inputs import InputMapping
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for seed in range(2):
+        (folder / f"f{seed}.fff").write_bytes(tf.frame(tf.scene(32, 48, seed=seed, low=3000 + 2000 * seed)))
+    fed: List[np.ndarray] = []
+    real = analysis_images.frame_input
+    monkeypatch.setattr(analysis_images, "frame_input", lambda gray, *a, **k: fed.append(gray) or real(gray, *a, **k))
+    code = main(["analyze", "--model", checkpoint, "--images", str(folder), "--out", str(tmp_path / "a"),
+                 "--no-progress", "--thermal-range", "10:60"])
+    capsys.readouterr()
+    assert code == 0
+    window = InputMapping(thermal_range=(10.0, 60.0))
+    for seed in range(2):
+        path = str(folder / f"f{seed}.fff")
+        expected = read_input(path, window).image
+        assert any(np.array_equal(image, expected) for image in fed), path
+        assert not np.array_equal(expected, read_input(path).image)  # the window is not the stretch

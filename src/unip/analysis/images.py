@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from unip.data.images import ImageReadError, walk_once
-from unip.data.inputs import INPUT_SUFFIXES, read_model_gray
+from unip.data.inputs import INPUT_SUFFIXES, InputMapping, read_model_gray
 from unip.data.transforms import INFMIX_MEAN, INFMIX_STD
 from unip.errors import ConfigError, DataError
 
@@ -76,10 +76,13 @@ def list_images(folder: str, limit: Optional[int] = None, exclude: Optional[str]
     return found[:limit] if limit else found
 
 
-def load_image(path: str, size: Tuple[int, int], norm: Normalization = NORMALIZATIONS["infmix"]) -> Tensor:
-    """Read ``path`` and return the normalised model input, float32 ``[3, height, width]`` for
-    ``size = (height, width)``. Raises ``ImageReadError`` (a ``DataError``) when the file is unusable."""
-    return frame_input(read_model_gray(path), size, norm)
+def load_image(path: str, size: Tuple[int, int], norm: Normalization = NORMALIZATIONS["infmix"],
+               mapping: Optional[InputMapping] = None) -> Tensor:
+    """Read ``path`` through the input mapping ``mapping`` (``unip.data.inputs``; default the per-frame stretch)
+    and return the normalised model input, float32 ``[3, height, width]`` for ``size = (height, width)``. Raises
+    ``ImageReadError`` (a ``DataError``) when the file is unusable, ``NoTemperaturesError`` for a fixed °C window
+    on a file without temperatures."""
+    return frame_input(read_model_gray(path, mapping=mapping), size, norm)
 
 
 def frame_input(gray: np.ndarray, size: Tuple[int, int], norm: Normalization = NORMALIZATIONS["infmix"]) -> Tensor:
@@ -106,10 +109,11 @@ class ImageFolder:
     Unreadable files are skipped with a warning and listed in ``skipped``; ``len`` is the number of files."""
 
     def __init__(self, paths: Sequence[str], size: Tuple[int, int],
-                 norm: Normalization = NORMALIZATIONS["infmix"]) -> None:
+                 norm: Normalization = NORMALIZATIONS["infmix"], mapping: Optional[InputMapping] = None) -> None:
         self.paths = list(paths)
         self.size = (int(size[0]), int(size[1]))
         self.norm = norm
+        self.mapping = mapping
         self.skipped: List[ImageReadError] = []
 
     @classmethod
@@ -124,7 +128,7 @@ class ImageFolder:
         self.skipped = []
         for path in self.paths:
             try:
-                yield load_image(path, self.size, self.norm)
+                yield load_image(path, self.size, self.norm, self.mapping)
             except ImageReadError as err:
                 self.skipped.append(err)
                 warnings.warn(f"skipping {err}", stacklevel=2)
@@ -133,7 +137,7 @@ class ImageFolder:
         """The first readable image: ``(path, input [3, H, W])``; raises ``DataError`` if none is."""
         for path in self.paths:
             try:
-                return path, load_image(path, self.size, self.norm)
+                return path, load_image(path, self.size, self.norm, self.mapping)
             except ImageReadError:
                 continue
         raise DataError(f"none of the {len(self.paths)} image files could be read "

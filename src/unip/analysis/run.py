@@ -25,6 +25,7 @@ from unip.analysis.profile import AttentionProfile, profile_model
 from unip.analysis.queries import Point, default_layers, query_attention, query_token
 from unip.analysis.report import CSV_COLUMNS, format_table, write_csv, write_json
 from unip.checkpoint import load_model
+from unip.data.inputs import InputMapping, NoTemperaturesError
 from unip.engine.distributed import resolve_device
 from unip.errors import ConfigError, DataError
 from unip.memory import require_memory
@@ -47,6 +48,8 @@ class AnalyzeOptions:
     device: str = "auto"
     size: Optional[Tuple[int, int]] = None
     norm: Normalization = NORMALIZATIONS["infmix"]
+    #: how image files become the model's 8-bit image (``unip.data.inputs``; ``--thermal-range`` and the rest)
+    mapping: InputMapping = field(default_factory=InputMapping)
     queries: Sequence[Point] = ()
     thresholds: PatternThresholds = field(default_factory=PatternThresholds)
     compare_features: bool = False
@@ -120,10 +123,12 @@ def profile_images(model: VisionTransformer, label: str, source: str, paths: Lis
                      "--size" if options.size else f"{source}: input size")
     for point in options.queries:  # fail before the long part, not after it
         query_token(point, (size[0] // model.patch_size, size[1] // model.patch_size), model.patch_size)
-    images = ImageFolder(paths, size, options.norm)
+    images = ImageFolder(paths, size, options.norm, options.mapping)
     try:
         profile = profile_model(model, images, options.batch_size, device, autocast_dtype=options.autocast_dtype,
                                 progress=options.progress, source=source)
+    except NoTemperaturesError:
+        raise  # the option, not the files: one line saying so
     except DataError:
         first = images.skipped[0] if images.skipped else "no files"
         raise DataError(f"none of the {len(paths)} image files could be read ({first})") from None

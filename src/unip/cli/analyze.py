@@ -6,6 +6,7 @@ import argparse
 import os
 
 from unip.cli.app import Once
+from unip.cli.inference import add_thermal_options, input_mapping
 from unip.engine.config import number
 
 
@@ -41,6 +42,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare-features", action="store_true",
                    help="also write features.png: PCA colouring of each model's last-layer features")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_thermal_options(p)
     p.set_defaults(func=_run_analyze)
 
 
@@ -57,7 +59,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         size=parse_size(args.size) if args.size else None, norm=parse_normalization(args.norm),
         queries=[parse_point(q) for q in args.query],
         thresholds=PatternThresholds(args.nmi_local, args.nmi_global, args.local_distance),
-        compare_features=args.compare_features, progress=not args.no_progress,
+        compare_features=args.compare_features, progress=not args.no_progress, mapping=input_mapping(args),
         autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
     result = analyze(args.model, args.images, options)
     print(result.text)

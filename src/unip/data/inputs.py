@@ -266,10 +266,11 @@ def picture_input(picture: np.ndarray, source: str, mapping: Optional[InputMappi
     return ModelInput(source, map_frame(frame, mapping), frame, index, mapping.thermal_range)
 
 
-def read_model_gray(path: str, frame: Optional[int] = None) -> np.ndarray:
-    """The default mapping's model image of ``path`` (frame ``frame`` of a sequence): uint8 ``[H, W]``. What the
-    pre-training data tools (``unip data``, ``unip pretrain``, ``unip analyze``) read."""
-    return read_input(path, frame=frame or 0).image
+def read_model_gray(path: str, frame: Optional[int] = None, mapping: Optional[InputMapping] = None) -> np.ndarray:
+    """The model image of ``path`` (frame ``frame`` of a sequence) through ``mapping`` (default: the per-frame
+    stretch): uint8 ``[H, W]``. What the pre-training data tools (``unip data``, ``unip pretrain``) and
+    ``unip analyze`` read."""
+    return read_input(path, mapping, frame or 0).image
 
 
 def _check_readable(path: str) -> None:

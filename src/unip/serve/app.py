@@ -220,7 +220,7 @@ class Api:
             for upload in uploads:
                 classify(upload, ANALYZE_KINDS)
             names = [upload.name for upload in uploads]
-            return Job("analyze", lambda job: analyze_uploads(model, uploads, job), folder,
+            return Job("analyze", lambda job: analyze_uploads(model, uploads, job, self.state.predict.mapping), folder,
                        {"input": ", ".join(names)[:300], "checkpoint": model.name})
 
         return await self._submit(request, make)
@@ -266,7 +266,8 @@ class Api:
             y = _number(query.get("y"), "y", None, 0, height - 1)
         except UploadError as err:
             return _error(err.status, err.message)
-        work = Job("attention", lambda _: attention_map(model, paths[frame], layer, head, x, y))
+        mapping = self.state.predict.mapping
+        work = Job("attention", lambda _: attention_map(model, paths[frame], layer, head, x, y, mapping))
         try:
             self.state.jobs.submit(work, listed=False)
         except QueueFull:

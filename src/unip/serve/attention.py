@@ -12,6 +12,7 @@ import numpy as np
 
 from unip.analysis.images import load_image, to_display
 from unip.analysis.run import AnalyzeOptions, profile_images
+from unip.data.inputs import InputMapping
 from unip.analysis.queries import query_attention
 from unip.serve.jobs import Job
 from unip.serve.models import ServedModel
@@ -23,11 +24,12 @@ ANALYZE_KINDS = {"image": "images (PNG, JPEG including FLIR radiometric JPEGs, T
                  "thermal": "FLIR FFF frames (a SEQ/CSQ by its first frame)"}
 
 
-def analyze_uploads(model: ServedModel, uploads: List[Upload], job: Job) -> Dict[str, Any]:
+def analyze_uploads(model: ServedModel, uploads: List[Upload], job: Job,
+                    mapping: Optional[InputMapping] = None) -> Dict[str, Any]:
     """The work of an analyze job: the answer of ``POST /api/analyze`` (docs/serve.md). The frames as the model
     sees them are registered in ``job.files`` (``frame-<i>.png``); ``job.kept["paths"]`` keeps where the readable
     uploads are, for :func:`attention_map`."""
-    options = AnalyzeOptions(progress=False)
+    options = AnalyzeOptions(progress=False, mapping=mapping or InputMapping())
     device = model.predict.predictor.device
     paths = [upload.path for upload in uploads]
     names = {upload.path: upload.name for upload in uploads}
@@ -39,7 +41,7 @@ def analyze_uploads(model: ServedModel, uploads: List[Upload], job: Job) -> Dict
     frames = []
     for index, path in enumerate(readable):
         key = f"frame-{index}.png"
-        shown = to_display(load_image(path, result.size, options.norm))
+        shown = to_display(load_image(path, result.size, options.norm, options.mapping))
         job.files[key] = save_png((shown * 255).round().astype(np.uint8), os.path.join(job.folder, key))
         frames.append({"index": index, "name": names[path], "image_url": f"/api/jobs/{job.id}/files/{key}"})
     job.kept["paths"] = readable
@@ -55,12 +57,13 @@ def analyze_uploads(model: ServedModel, uploads: List[Upload], job: Job) -> Dict
             "attention_url": f"/api/jobs/{job.id}/attention"}
 
 
-def attention_map(model: ServedModel, path: str, layer: int, head: Optional[int], x: int, y: int) -> Dict[str, Any]:
+def attention_map(model: ServedModel, path: str, layer: int, head: Optional[int], x: int, y: int,
+                  mapping: Optional[InputMapping] = None) -> Dict[str, Any]:
     """Where the patch at pixel ``(x, y)`` of the model input looks in ``layer`` (1-based), for head ``head`` (from
     0) or the mean of the heads (None): ``values`` (row-major, ``rows`` x ``cols`` patches, summing to 1) and the
     query's ``row`` and ``col``. Raises ``ConfigError`` for a point, layer or head out of range."""
     options = AnalyzeOptions()
-    image = load_image(path, model.input_size, options.norm)
+    image = load_image(path, model.input_size, options.norm, mapping)
     maps = query_attention(model.backbone, image, [(x, y)], [layer], head=head)[0, 0]
     patch = model.backbone.patch_size
     rows, cols = maps.shape
