@@ -18,6 +18,8 @@
 #         results.tgz, e.g. `trial step 100 --rows release,ours+compile --profile ours+compile`
 #   seg:  UNIP-S segmentation at 512 px (benchmarks/seg_throughput.py): fine-tuning step images/s and bf16/fp16
 #         MFU (eager and compiled), batched sliding windows against one at a time
+#   predict_fps: (issue 26, at most 15 min of timeouts) `unip predict` end to end on 64 generated 640x512 frames,
+#         eager against --compile default and reduce-overhead, bf16, batch 16, two passes each
 #   infer: (issue 26, at most 13 min of timeouts on an H100, run it alone; all in $OUT/results.tgz) UNIP-S at 512x640 (a 640x512 camera frame):
 #         `unip bench` bf16 frames/s eager and torch.compile, whole frame and sliding windows, batch 1 (with and
 #         without CUDA graphs) and batch 16; fine-tuning step images/s and bf16 MFU at the SODA recipe's shape (512
@@ -25,7 +27,7 @@
 #         pre-training start-up: seconds from the command to its first logged steps (small generated pack, random
 #         ViT-L teacher). Dry run on a CPU with tiny settings: DEVICE=cpu TINY=1 OUT=/tmp/o bash ... infer
 # Usage (repo root, a python3 with torch, timm, safetensors, pyyaml, tqdm, tensorboard; torchao wheels in
-# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e|next|extra|trial|seg|infer
+# .whl/ are installed to /tmp/site): OUT=/tmp/out bash benchmarks/gpu_session.sh step|e2e|next|extra|trial|seg|infer|predict_fps
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
@@ -195,6 +197,34 @@ save_segmentor(build_segmentor(21, '$backbone', img_size=$crop), '$W/seg.safeten
   save
   startup "$py" "$device" "$teacher" "$synth" "$num" "$pretrain_seconds" "$layer"
   save
+}
+
+predict_fps() {  # unip predict end to end (read, batch, forward, write) on 64 generated 640x512 frames: eager
+  # against --compile default and reduce-overhead (CUDA graphs), bf16, batch 16; frames/s from each run's wall
+  # time, printed with the first compile included and without it (a second pass over the same frames).
+  # DEVICE=cpu TINY=1: 4 small frames, fp32, eager only (the dry run).
+  local device=${DEVICE:-cuda} py=${PYTHON:-python3} backbone=unip_vit_small_patch16 num=64 size=640x512
+  local precision=bf16 modes="none default reduce-overhead"
+  if [ -n "${TINY:-}" ]; then backbone=unip_vit_tiny_patch16 num=4 size=96x64 precision=fp32 modes=none; fi
+  env_info_any "$R/env.txt" "$py"
+  [ -f "$W/seg.safetensors" ] || "$py" -c "
+from unip.seg import build_segmentor, save_segmentor
+save_segmentor(build_segmentor(21, '$backbone', img_size=512), '$W/seg.safetensors')" || return 1
+  "$py" -m unip.cli data synth --out "$W/frames" --num "$num" --size "$size" --seed 2 >/dev/null 2>&1
+  for mode in $modes; do
+    local option=() start end
+    [ "$mode" = none ] || option=(--compile "$mode")
+    for pass in 1 2; do
+      rm -rf "$W/pred_$mode"
+      start=$(date +%s.%N)
+      timeout 150 "$py" -m unip.cli predict --checkpoint "$W/seg.safetensors" "$W/frames" --out "$W/pred_$mode" \
+        --device "$device" --precision "$precision" --batch-size 16 --format label --no-progress "${option[@]}" \
+        >> "$R/predict_fps.log" 2>&1
+      end=$(date +%s.%N)
+      echo "predict --compile $mode pass $pass: $num frames in $("$py" -c "print(round($end - $start, 2))") s" | tee -a "$R/predict_fps.txt"
+    done
+    save
+  done
 }
 
 env_info_any() {  # env_info_any FILE PYTHON: versions and the device (also without CUDA, for the dry run)

@@ -641,3 +641,35 @@ def test_one_test_pipeline_for_evaluate_predict_and_export(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r"seg2\.safetensors: the header's sliding window"):
         segmentor.meta = {"crop_size": 96, "stride": 97}
         load_segmentor(save_segmentor(segmentor, tmp_path / "seg2.safetensors"))
+
+
+# ============================================================================================ --compile
+def test_a_compiled_predictor_gives_the_eager_labels_and_compiles_once_per_shape():
+    """``--compile``'s path (``torch.compile`` through the eager and aot_eager backends here: inductor's C++ build is
+    minutes on a 2-core CPU): the same labels as eager, the segmentor behind the compiled module unchanged."""
+    import torch._dynamo
+
+    from unip.seg.predict import Predictor
+
+    images = [np.repeat(scene(48, 64, seed)[..., None], 3, axis=2) for seed in range(3)] + \
+        [np.repeat(scene(40, 40, 9)[..., None], 3, axis=2)]
+    eager = Predictor(tiny_segmentor(), "cpu", batch_size=2).predict(images)
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        predictor = Predictor(tiny_segmentor(), "cpu", batch_size=2, compile_mode="default", compile_backend=backend)
+        assert predictor.model is not predictor.segmentor and predictor.compile_mode == "default"
+        labels = predictor.predict(images)
+        assert all(np.array_equal(a, b) for a, b in zip(labels, eager)), backend
+    torch._dynamo.reset()
+
+
+def test_compile_modes_are_checked_before_any_work(checkpoint, tmp_path, capsys):
+    from unip.seg.predict import compiled_for_inference
+
+    with pytest.raises(ConfigError, match="--compile fast: choose one of default, reduce-overhead"):
+        compiled_for_inference(tiny_segmentor(), "fast", torch.device("cpu"))
+    Image.fromarray(scene(32, 32)).save(tmp_path / "frame.png")
+    code, _, err = predict(capsys, "--checkpoint", checkpoint, str(tmp_path / "frame.png"), "--out",
+                           str(tmp_path / "o"), "--compile", "reduce-overhead", "--device", "cpu")
+    assert code == 2 and "--compile reduce-overhead: replays CUDA graphs, so it needs a CUDA device" in err
+    assert not (tmp_path / "o").exists()

@@ -95,6 +95,15 @@ def add_thermal_options(p: argparse.ArgumentParser) -> None:
                         "Lepton, 0.04 or 0.01 for Boson / Tau 2 TLinear): gives them temperatures")
 
 
+def add_compile_option(p: argparse.ArgumentParser) -> None:
+    """``--compile MODE`` of the verbs that predict (``unip.seg.predict.compiled_for_inference``)."""
+    p.add_argument("--compile", choices=TableChoices("unip.engine.settings:COMPILE_MODES"), default=None,
+                   metavar="MODE",
+                   help="run the model through torch.compile: default (weights frozen into the graph), "
+                        "reduce-overhead (CUDA graphs; CUDA only), max-autotune, max-autotune-no-cudagraphs; each new "
+                        "input shape compiles first (seconds to minutes); worth it on a GPU for many frames")
+
+
 def input_mapping(args: argparse.Namespace):
     """The ``InputMapping`` of the options ``add_thermal_options`` added (``ConfigError`` for a bad range)."""
     from unip.data.inputs import InputMapping, parse_thermal_range
@@ -142,6 +151,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=number(ge=0, le=1).option(float), default=0.5,
                    help="weight of the colour mask in overlays (default 0.5)")
     p.add_argument("--workers", type=WORKERS, default=None, help="image reading/writing threads")
+    add_compile_option(p)
     add_thermal_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_predict)
@@ -154,7 +164,7 @@ def _run_predict(args: argparse.Namespace) -> int:
                              every=args.every, batch_size=args.batch_size, device=args.device,
                              precision=args.precision, alpha=args.alpha, workers=args.workers,
                              progress=not args.no_progress, mapping=input_mapping(args), cameras=args.camera,
-                             max_frames=args.max_frames, show=args.show)
+                             max_frames=args.max_frames, show=args.show, compile=args.compile)
     result = predict_files(args.checkpoint, args.inputs, options)
     print(result.summary())
     for line in result.issues:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unip.cli.app import WORKERS, TableChoices
-from unip.cli.inference import add_thermal_options, input_mapping
+from unip.cli.inference import add_compile_option, add_thermal_options, input_mapping
 from unip.engine.config import integer, number
 from unip.optional import require
 from unip.text import byte_size
@@ -47,6 +47,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=number(ge=0, le=1).option(float), default=0.5,
                    help="weight of the colour mask in the overlays to download (default 0.5)")
     p.add_argument("--workers", type=WORKERS, default=None, help="image reading/writing threads per prediction")
+    add_compile_option(p)
     add_thermal_options(p)
     p.set_defaults(func=_run_serve)
 
@@ -59,7 +60,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     predict = PredictOptions(dataset=args.dataset, every=args.every, batch_size=args.batch_size, device=args.device,
                              precision=args.precision, alpha=args.alpha, workers=args.workers, progress=False,
-                             mapping=input_mapping(args))
+                             mapping=input_mapping(args), compile=args.compile)
     options = ServeOptions(args.checkpoint, args.host, args.port, args.max_upload_mb, args.queue_size,
                            args.keep_results, predict)
 

@@ -41,7 +41,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ from unip.errors import ConfigError
 from unip.models.segmentor import Segmentor
 from unip.seg.inference import slide_inference, whole_inference, window_spans
 from unip.seg.pipeline import InferencePipeline
+from unip.seg.predict import quiet_torch_build_logs
 from unip.text import one_line
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ def benchmark(segmentor: Segmentor, checkpoint: str = "segmentor", size: Optiona
     references = {mode: runner(segmentor, mode, True, False)().argmax(1).cpu() for mode in modes}
     context = _RowContext(segmentor, pipeline, size, window, windows, batch, torch_device, threads or
                           torch.get_num_threads(), calibrate, calibration_frames, cuda_graphs)
-    with _quiet_torch_build_logs():
+    with quiet_torch_build_logs():
         for mode in modes:
             for runtime in RUNTIMES:
                 for row_precision in (onnx_precisions if runtime == "onnx" and runtime in runtimes else
@@ -368,19 +369,6 @@ def _run_row(row: RuntimeRow, make: Callable[[], Tuple[nn.Module, str, Callable[
     except Exception as err:  # an optional runtime that does not work here is reported, not fatal
         log.debug("%s %s %s failed", row.runtime, row.precision, row.mode, exc_info=True)
         row.status, row.detail = "failed", one_line(f"{type(err).__name__}: {err}")[:200]
-
-
-@contextlib.contextmanager
-def _quiet_torch_build_logs() -> Iterator[None]:
-    """Inductor on a machine without CUDA logs a warning about ``CUDA_HOME`` on stderr; unip's stderr is for
-    its own one-line messages."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _time(run: Callable[[], Any], row: RuntimeRow, start: float, warmup: int, iters: int, batch: int) -> Any:

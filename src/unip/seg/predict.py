@@ -5,15 +5,17 @@ batch in one forward; the logits are resized bilinearly back to the image's own 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from unip.engine.distributed import resolve_device
 from unip.engine.loop import resolve_precision
+from unip.engine.settings import COMPILE_MODES
 from unip.errors import ConfigError
 from unip.memory import available_bytes, require_memory
 from unip.models.heads import resize_bilinear
@@ -29,15 +31,21 @@ class Predictor:
 
     ``precision``: ``fp32`` (default), ``bf16``, ``fp16`` or ``auto`` (``resolve_precision``: autocast on CUDA,
     auto → bf16 or fp16; on a CPU bf16 runs bf16 autocast, fp16 and auto fp32).
-    ``batch_size``: images per forward (all their windows at once), for images of one size."""
+    ``batch_size``: images per forward (all their windows at once), for images of one size.
+    ``compile_mode``: run the forwards through ``torch.compile`` in this mode (:func:`compiled_for_inference`);
+    None: eager."""
 
     def __init__(self, segmentor: Segmentor, device: str = "auto", precision: str = "fp32", batch_size: int = 4,
-                 pipeline: Optional[InferencePipeline] = None) -> None:
+                 pipeline: Optional[InferencePipeline] = None, compile_mode: Optional[str] = None,
+                 compile_backend: str = "inductor") -> None:
         if batch_size < 1:
             raise ConfigError(f"--batch-size {batch_size}: use at least 1 image per batch")
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.segmentor = segmentor.eval().to(self.device)
+        self.compile_mode = compile_mode
+        self.model: nn.Module = self.segmentor if compile_mode is None else \
+            compiled_for_inference(self.segmentor, compile_mode, self.device, compile_backend)
         self.pipeline = pipeline or InferencePipeline.of(segmentor)
         self.batch_size = batch_size
         self.num_classes = segmentor.num_classes
@@ -64,8 +72,9 @@ class Predictor:
 
     def logits(self, batch: Tensor) -> Tensor:
         """Sliding-window logits ``[B, classes, h, w]`` of normalised inputs ``[B, 3, h, w]`` of one size."""
-        with torch.no_grad(), self.precision.autocast():
-            return slide_inference(self.segmentor, batch.to(self.device), self.pipeline.crop, self.pipeline.stride,
+        quiet = quiet_torch_build_logs() if self.compile_mode else contextlib.nullcontext()
+        with torch.no_grad(), self.precision.autocast(), quiet:
+            return slide_inference(self.model, batch.to(self.device), self.pipeline.crop, self.pipeline.stride,
                                    max_batch=self.max_windows)
 
     def predict(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
@@ -84,6 +93,37 @@ class Predictor:
                 labels.append(label_map(one, size, self.num_classes))
             start = stop
         return labels
+
+
+@contextlib.contextmanager
+def quiet_torch_build_logs() -> Iterator[None]:
+    """Inductor on a machine without CUDA logs a warning about ``CUDA_HOME`` on stderr when it first compiles;
+    unip's stderr is for its own one-line messages."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def compiled_for_inference(segmentor: Segmentor, mode: str, device: torch.device, backend: str = "inductor"
+                           ) -> nn.Module:
+    """``segmentor`` through ``torch.compile`` for prediction (``--compile MODE``): ``default`` freezes the weights
+    into the graph as constants (inductor's inference setting, as ``unip bench``'s compiled rows), ``reduce-overhead``
+    replays each window-batch shape as a CUDA graph (CUDA only), ``max-autotune`` searches kernel configurations
+    (slow to start). The first forward of each new shape compiles (seconds to minutes); the labels are the eager
+    model's up to floating-point reordering. Raises ``ConfigError`` for an unknown mode or CUDA graphs off CUDA."""
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile {mode}: choose one of {', '.join(COMPILE_MODES)}")
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise ConfigError(f"--compile {mode}: replays CUDA graphs, so it needs a CUDA device (this run uses "
+                          f"{device}); use --compile default, or --device cuda")
+    if mode == "default":
+        options = {"freezing": True} if backend == "inductor" else None
+        return torch.compile(segmentor, backend=backend, options=options)
+    return torch.compile(segmentor, backend=backend, mode=mode)
 
 
 def label_map(logits: Tensor, size: Tuple[int, int], num_classes: int) -> np.ndarray:

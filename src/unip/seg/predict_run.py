@@ -90,6 +90,8 @@ class PredictOptions:
     batch_size: int = 4
     device: str = "auto"
     precision: str = "fp32"
+    #: ``torch.compile`` mode of the forwards (``unip.seg.predict.compiled_for_inference``), or None: eager
+    compile: Optional[str] = None
     alpha: float = 0.5
     workers: Optional[int] = None
     progress: bool = True
@@ -445,10 +447,11 @@ class PredictModel:
     @classmethod
     def load(cls, checkpoint: str, options: PredictOptions) -> "PredictModel":
         """Read ``checkpoint`` with the model options of ``options`` (``dataset``, ``device``, ``precision``,
-        ``batch_size``); raises ``UnipError``."""
+        ``batch_size``, ``compile``); raises ``UnipError``."""
         segmentor = load_segmentor(checkpoint)
         classes = ClassInfo.resolve(segmentor.num_classes, options.dataset, segmentor.meta)
-        predictor = Predictor(segmentor, options.device, options.precision, options.batch_size)
+        predictor = Predictor(segmentor, options.device, options.precision, options.batch_size,
+                              compile_mode=options.compile)
         predictor.plan_memory()
         return cls(checkpoint, predictor, classes)
 
@@ -727,6 +730,7 @@ class _Run:
                               "crop": pipeline.crop, "stride": pipeline.stride},
             "input_mapping": self.options.mapping.record(),
             "device": str(self.predictor.device), "precision": self.predictor.precision.name,
+            "compile": self.predictor.compile_mode,
             "images": self.records,
             "videos": [os.path.relpath(v, out).replace(os.sep, "/") for v in self.result.videos],
             "failed": [{"input": f.input, "frame": f.frame, "reason": f.reason} for f in self.result.failed],
