@@ -588,7 +588,7 @@ def test_windows_per_forward_follow_free_memory(monkeypatch):
     segmentor = tiny_segmentor()
     small = InferencePipeline(scale=(128, 64), crop=64, stride=32)  # 40 x 56 → 64 x 90: 2 windows an image
     predictor = Predictor(segmentor, "cpu", batch_size=2, pipeline=small)
-    inputs, window = 2 * 2 * 3 * 64 * 128 * 4, forward_bytes(segmentor, 64)
+    inputs, window = 2 * 2 * 3 * 64 * 128 * 4, forward_bytes(segmentor, 64, fused_attention=True)
     monkeypatch.setattr("unip.seg.predict.available_bytes", lambda device=None: inputs + 6 * window)
     predictor.plan_memory()
     assert predictor.max_windows == 3
@@ -673,3 +673,16 @@ def test_compile_modes_are_checked_before_any_work(checkpoint, tmp_path, capsys)
                            str(tmp_path / "o"), "--compile", "reduce-overhead", "--device", "cpu")
     assert code == 2 and "--compile reduce-overhead: replays CUDA graphs, so it needs a CUDA device" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_memory_plan_counts_no_attention_matrix_for_fused_attention():
+    """PyTorch's fused attention never holds tokens x tokens (a 4096-pixel window of a tiny model needs about 1 GB,
+    not the 70 GB its attention matrices would); an exported ONNX graph does hold them."""
+    from unip.seg.predict import forward_bytes
+
+    segmentor = tiny_segmentor()
+    backbone = segmentor.backbone
+    tokens = (4096 // backbone.patch_size) ** 2 + backbone.num_prefix_tokens
+    matrices = 4 * max(backbone.heads_per_block) * tokens * tokens * 2
+    assert forward_bytes(segmentor, 4096) - forward_bytes(segmentor, 4096, fused_attention=True) == matrices
+    assert forward_bytes(segmentor, 4096, fused_attention=True) < 2 << 30 < matrices

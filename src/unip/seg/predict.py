@@ -60,7 +60,8 @@ class Predictor:
         image = 2 * 3 * height * width * 4
         inputs = self.batch_size * image
         crop = self.pipeline.crop
-        window = forward_bytes(self.segmentor, min(crop, height), min(crop, width))  # windows end at the image's edges
+        window = forward_bytes(self.segmentor, min(crop, height), min(crop, width),  # windows end at the image's edges
+                               fused_attention=True)
         require_memory(image + window, f"one image under the checkpoint's test settings (resized to fit {height}x"
                                        f"{width} pixels, windows of {self.pipeline.crop}: its test_scale and "
                                        "crop_size)", "use a machine with more memory, or a checkpoint with the "
@@ -134,10 +135,13 @@ def label_map(logits: Tensor, size: Tuple[int, int], num_classes: int) -> np.nda
     return full.argmax(0).cpu().numpy().astype(dtype)
 
 
-def forward_bytes(segmentor: Segmentor, height: int, width: Optional[int] = None) -> int:
+def forward_bytes(segmentor: Segmentor, height: int, width: Optional[int] = None, fused_attention: bool = False
+                  ) -> int:
     """Rough peak activation memory, in bytes, of one ``height`` × ``width`` input (square without ``width``)
     through ``segmentor`` in eval mode: the backbone's tokens and attention plus the neck's and UperNet's maps
-    at stride 4 (the largest)."""
+    at stride 4 (the largest). ``fused_attention``: the forward runs PyTorch's fused attention
+    (``scaled_dot_product_attention``: flash or memory-efficient kernels, on CPUs and GPUs), which never holds a
+    tokens × tokens matrix; without it (an exported ONNX graph) each block's attention matrix is counted."""
     width = height if width is None else width
     backbone = segmentor.backbone
     patch = backbone.patch_size
@@ -145,6 +149,7 @@ def forward_bytes(segmentor: Segmentor, height: int, width: Optional[int] = None
     dim = backbone.embed_dim
     channels = int(segmentor.config.get("decode_head", {}).get("channels", dim))
     stride4 = (height // 4) * (width // 4)
-    backbone_bytes = tokens * dim * 12 + max(backbone.heads_per_block) * tokens * tokens * 2
+    attention = 0 if fused_attention else max(backbone.heads_per_block) * tokens * tokens * 2
+    backbone_bytes = tokens * dim * 12 + attention
     head_bytes = stride4 * (2 * dim + 10 * channels + segmentor.num_classes) if segmentor.neck is not None else 0
     return 4 * (backbone_bytes + head_bytes)
