@@ -129,7 +129,7 @@ def test_written_files_read_the_same_in_exiftool(tmp_path, raster, header_order)
 
 
 # ============================================================================================ written files
-@pytest.mark.parametrize("raster", ["raw", "png", pytest.param("jpegls", marks=needs_imagecodecs)])
+@pytest.mark.parametrize("raster", ["raw", "png", "png-native", pytest.param("jpegls", marks=needs_imagecodecs)])
 @pytest.mark.parametrize("header_order, record_order", [("<", "<"), (">", "<"), ("<", ">"), (">", ">")])
 def test_fff_frame_reads_back_exactly(tmp_path, raster, header_order, record_order):
     counts = tf.scene(30, 40, low=1000, high=30000)
@@ -146,6 +146,17 @@ def test_fff_frame_reads_back_exactly(tmp_path, raster, header_order, record_ord
     assert frame.camera == "TestCam 640" and frame.format == ("CSQ" if raster == "jpegls" else "FFF")
     assert frame.timestamp.isoformat() == "2017-07-14T04:40:00.123000+02:00"
     assert frame.preview is None
+
+
+@pytest.mark.parametrize("raster, encoding", [("png", "PNG, byte-swapped 16-bit"),
+                                              ("png-native", "PNG, 16-bit in PNG's byte order")])
+def test_a_png_raster_in_either_byte_order_reads_the_same_counts(tmp_path, raster, encoding):
+    """Most FLIR cameras write their PNG rasters byte-swapped (ExifTool's notes), a few in PNG's own order: the
+    order in which the raster is smooth wins (a Lepton-like 14-bit scene and a 640x512 one)."""
+    for counts in (tf.scene(120, 160, low=7000, high=9000), tf.scene(512, 640, seed=3)):
+        frame = read_thermal(_write(tmp_path, "r.jpg", tf.flir_jpeg(tf.frame(counts, raster=raster),
+                                                                    np.zeros((8, 8, 3), np.uint8))))
+        assert np.array_equal(frame.counts, counts) and frame.encoding == encoding
 
 
 def test_flir_jpeg_reassembles_segments_by_number(tmp_path):

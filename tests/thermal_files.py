@@ -65,14 +65,16 @@ def camera_info(calibration: Dict[str, float], width: int, height: int, order: s
 
 
 def raw_data(counts: np.ndarray, order: str = "<", raster: str = "raw") -> bytes:
-    """A RawData record: ``raster`` ``raw`` (16-bit samples in ``order``), ``png`` (FLIR's byte-swapped PNG) or
-    ``jpegls`` (as in .csq files)."""
+    """A RawData record: ``raster`` ``raw`` (16-bit samples in ``order``), ``png`` (FLIR's byte-swapped PNG),
+    ``png-native`` (a PNG in its own byte order, as a few cameras write it) or ``jpegls`` (as in .csq files)."""
     height, width = counts.shape
     head = struct.pack(order + "HHH", 2, width, height).ljust(0x20, b"\0")
     if raster == "raw":
         body = counts.astype(order + "u2").tobytes()
     elif raster == "png":
         body = png16(counts.astype(np.uint16).byteswap())
+    elif raster == "png-native":
+        body = png16(counts.astype(np.uint16))
     elif raster == "jpegls":
         import imagecodecs
 

@@ -29,6 +29,7 @@ from typing import BinaryIO, Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from unip.data.thermal.checks import roughness
 from unip.data.thermal.errors import ThermalFileError
 from unip.optional import require
 
@@ -205,8 +206,7 @@ def read_raster(source: Source, record: Record) -> Tuple[np.ndarray, str]:
     start, length = record.offset + 0x20, record.length - 0x20
     lead = source.read(start, min(length, 8), "the raw thermal image")
     if lead.startswith(PNG_MAGIC):
-        return _png_counts(source.read(start, length, "the PNG raster"), width, height, source.path), \
-            "PNG, byte-swapped 16-bit"
+        return _png_counts(source.read(start, length, "the PNG raster"), width, height, source.path)
     if lead.startswith(JPEG_MAGIC):
         return _jpegls_counts(source.read(start, length, "the JPEG-LS raster"), width, height, source.path), "JPEG-LS"
     needed = width * height * 2
@@ -225,8 +225,10 @@ def _check_size(path: str, width: int, height: int, what: str) -> None:
                                f"side and {MAX_PIXELS} in all are read)")
 
 
-def _png_counts(data: bytes, width: int, height: int, path: str) -> np.ndarray:
-    """A PNG raster: 16-bit gray, FLIR's little-endian samples in PNG's big-endian slots (swapped back here)."""
+def _png_counts(data: bytes, width: int, height: int, path: str) -> Tuple[np.ndarray, str]:
+    """A PNG raster: 16-bit gray, as most FLIR cameras write it with their little-endian samples in PNG's big-endian
+    slots (swapped back here). ExifTool's notes say *most*: a raster at least 4 times smoother as stored than
+    swapped back (``unip.data.thermal.checks.roughness``) is kept in PNG's own order."""
     from PIL import Image
 
     if len(data) < 33 or data[12:16] != b"IHDR":
@@ -245,7 +247,13 @@ def _png_counts(data: bytes, width: int, height: int, path: str) -> np.ndarray:
         pixels = np.asarray(image)
     except Exception as err:  # PIL raises many kinds on damaged data
         raise ThermalFileError(path, "bad-raster", f"PNG raster cannot be decoded ({err})") from None
-    return pixels.astype(np.uint16).byteswap()
+    stored = pixels.astype(np.uint16)
+    swapped_back = stored.byteswap()
+    # One of the two orders is the sensor's: FLIR's swap unless the raster is far smoother as stored.
+    as_stored = roughness(stored)
+    if as_stored < 0.5 and roughness(swapped_back) >= 4 * as_stored:
+        return stored, "PNG, 16-bit in PNG's byte order"
+    return swapped_back, "PNG, byte-swapped 16-bit"
 
 
 _PNG_COLOURS = {0: "gray", 2: "RGB", 3: "palette", 4: "gray + alpha", 6: "RGBA"}
