@@ -1,6 +1,7 @@
 """``unip serve``'s page in a real browser (Debian's Chromium driven by Playwright's Python package; no browser is
-downloaded): a generated frame and a real FLIR radiometric JPEG dropped on the Predict tab, the class tables read
-back and checked against ``unip predict``'s areas.json for the same files, the opacity slider, a patch clicked on
+downloaded): a generated frame, a real FLIR radiometric JPEG and a generated FLIR SEQ dropped on the Predict tab,
+the class tables (°C columns included) read back and checked against ``unip predict``'s areas.json for the same
+files, the sequence played back frame by frame, the opacity slider, a patch clicked on
 the Attention tab, two models side by side with a label map on the Compare tab; screenshots of each tab. The page
 loads nothing from another address and logs no error.
 
@@ -28,6 +29,7 @@ from unip.seg import save_segmentor  # noqa: E402
 from unip.seg.predict_run import PredictOptions  # noqa: E402
 from unip.serve.server import ServeOptions  # noqa: E402
 
+import thermal_files as tf  # noqa: E402
 from serve_client import running  # noqa: E402
 from test_predict import scene  # noqa: E402
 
@@ -101,14 +103,18 @@ def test_the_page_in_a_browser(tmp_path):
               for seed, name in ((0, "unip_s_distilled"), (3, "unip_s_random"))]
     frame = tmp_path / "street.png"
     Image.fromarray(scene(256, 320, seed=7)).save(frame)
+    sequence = tmp_path / "flight.seq"  # three FFF frames, a quarter of a second apart
+    sequence.write_bytes(b"".join(tf.frame(tf.scene(96, 128, seed=s, low=3000 + 500 * s),
+                                           time=(1_600_000_000, 250 * s, 0)) for s in range(3)))
     shots = Path(os.environ.get("UNIP_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
 
     out = tmp_path / "predicted"
-    assert main(["predict", "--no-progress", "--checkpoint", models[0], str(frame), str(flir), "--out", str(out),
-                 "--format", "label"]) == 0
+    assert main(["predict", "--no-progress", "--checkpoint", models[0], str(frame), str(flir), str(sequence),
+                 "--out", str(out), "--format", "label"]) == 0
     report = json.loads((out / "areas.json").read_text())
-    expected = {os.path.basename(r["input"]): expected_rows(r, report["classes"]) for r in report["images"]}
+    expected = {os.path.basename(r["input"]): expected_rows(r, report["classes"]) for r in report["images"]
+                if not r["frame"]}  # images, and a sequence's first frame
     assert any(v[2] is not None for v in expected["flir_example.jpg"].values())  # its °C per class
 
     with running(ServeOptions(models, port=0, predict=PredictOptions())) as server, sync_playwright() as playwright:
@@ -122,9 +128,12 @@ def test_the_page_in_a_browser(tmp_path):
         page.wait_for_selector("body[data-ready=true]", timeout=30_000)
 
         # ---------------------------------------------------------------- Predict
-        page.set_input_files("#predict-files", [str(frame), str(flir)])
-        for name in ("street.png", "flir_example.jpg"):
+        page.set_input_files("#predict-files", [str(frame), str(flir), str(sequence)])
+        for name in ("street.png", "flir_example.jpg", "flight.seq"):
             page.wait_for_selector(f"article.card[data-status=done]:has(h2:text-is('{name}'))", timeout=60_000)
+        seq_card = page.locator("article.card:has(h2:text-is('flight.seq'))")
+        assert "1 of 3" in seq_card.inner_text()  # played back frame by frame, the first one's table shown
+        assert table_rows(seq_card) == expected["flight.seq"]
         for name in ("street.png", "flir_example.jpg"):
             card = page.locator(f"article.card:has(h2:text-is('{name}'))")
             assert table_rows(card) == expected[name], name
