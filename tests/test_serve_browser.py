@@ -128,7 +128,7 @@ def test_the_page_in_a_browser(tmp_path):
         page.wait_for_selector("body[data-ready=true]", timeout=30_000)
 
         # ---------------------------------------------------------------- Predict
-        page.set_input_files("#predict-files", [str(frame), str(flir), str(sequence)])
+        page.set_input_files("#predict-files", [str(sequence), str(frame), str(flir)])  # the last one on top
         for name in ("street.png", "flir_example.jpg", "flight.seq"):
             page.wait_for_selector(f"article.card[data-status=done]:has(h2:text-is('{name}'))", timeout=60_000)
         seq_card = page.locator("article.card:has(h2:text-is('flight.seq'))")
@@ -148,7 +148,7 @@ def test_the_page_in_a_browser(tmp_path):
         assert flir_card.locator("img.mask").evaluate("m => m.style.opacity") == "0.8"
         legend = flir_card.locator("ul.legend li").all_inner_texts()
         assert legend and all(any(c in text for c in CLASSES) for text in legend)
-        flir_card.scroll_into_view_if_needed()
+        page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(shots / "serve_predict.png"), full_page=False)
 
         # ---------------------------------------------------------------- Attention
