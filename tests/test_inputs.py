@@ -96,6 +96,20 @@ def test_a_fixed_window_maps_every_frame_the_same_and_needs_temperatures(tmp_pat
     assert np.allclose(kelvin.celsius, scenes[0] * 0.01 - 273.15, atol=1e-3)
 
 
+def test_a_dji_rjpeg_maps_its_counts_and_needs_tlinear_for_a_window(tmp_path):
+    counts = tf.scene(64, 80, seed=8, low=16600, high=18300)
+    palette = np.stack([np.interp(counts, (16600, 18300), (0, 255)).astype(np.uint8)] * 3, axis=2)
+    palette[..., 2] //= 3  # coloured, so its luma is not the counts' stretch
+    path = str(tmp_path / "DJI_0002_T.JPG")
+    Path(path).write_bytes(tf.dji_jpeg(counts, palette))
+    item = read_input(path)
+    assert np.array_equal(item.image, stretch_to_uint8(counts)) and item.celsius is None and item.issues == ()
+    with pytest.raises(NoTemperaturesError, match="a DJI R-JPEG: DJI's calibration needs DJI's SDK; --tlinear"):
+        read_input(path, InputMapping(thermal_range=(0.0, 40.0)))
+    linear = read_input(path, InputMapping(thermal_range=(-10.0, 30.0), tlinear=1 / 64))
+    assert np.allclose(linear.celsius, counts / 64 - 273.15, atol=1e-3)
+
+
 @pytest.mark.parametrize("text, message", [("40:20", "LOW must be below HIGH"), ("20", "LOW:HIGH"),
                                            ("a:b", "LOW:HIGH"), ("nan:5", "LOW:HIGH"), ("-300:0", "absolute zero"),
                                            ("1:2:3", "LOW:HIGH"), ("20:20", "below")])

@@ -401,3 +401,45 @@ def test_unip_info_on_a_real_flir_jpeg(capsys):
     out = capsys.readouterr().out
     assert "raster:      240 x 320 (width x height), PNG, byte-swapped 16-bit" in out
     assert "temperature: 25.95 .. 62.32 °C" in out and "counts:      12501 .. 20042" in out
+
+
+# ============================================================================================ DJI R-JPEGs
+def _palette(counts: np.ndarray) -> np.ndarray:
+    import matplotlib
+
+    unit = (counts - counts.min()) / max(1, np.ptp(counts))
+    return (matplotlib.colormaps["inferno"](unit)[..., :3] * 255).astype(np.uint8)
+
+
+def test_a_dji_rjpeg_reads_its_app3_counts(tmp_path):
+    """A DJI R-JPEG (ExifTool's DJI ThermalData): the counts of its APP3 segments, not its palette picture; no
+    temperatures (DJI's calibration needs DJI's SDK) unless a linear scale is stated."""
+    counts = tf.scene(512, 640, seed=5, low=16600, high=18300)
+    path = _write(tmp_path, "DJI_0001_T.JPG", tf.dji_jpeg(counts, _palette(counts)))
+    frame = read_thermal(path)
+    assert np.array_equal(frame.counts, counts) and frame.celsius is None and frame.issues == ()
+    assert (frame.format, frame.camera, frame.encoding) == ("DJI JPEG", "ZH20T", "raw 16-bit little-endian (APP3)")
+    assert frame.preview.shape == (512, 640, 3)
+    assert np.array_equal(to_uint8(frame), stretch_to_uint8(counts))  # the counts' stretch, not the palette's luma
+    linear = read_thermal(path, tlinear=1 / 64)
+    np.testing.assert_allclose(linear.celsius, counts / 64 - 273.15, atol=1e-3)
+    assert "DJI's calibration needs DJI's own SDK" in describe_thermal(path)
+
+
+def test_dji_jpegs_that_are_not_one_sample_per_pixel_are_read_as_pictures(tmp_path):
+    counts = tf.scene(48, 64, seed=6)
+    short = _write(tmp_path, "short.jpg", tf.dji_jpeg(counts[:-1], _palette(counts)))  # a row missing
+    other = _write(tmp_path, "other.jpg", tf.dji_jpeg(counts, _palette(counts), make="Acme"))
+    for path in (short, other):
+        frame = read_thermal(path)
+        assert frame.format == "8-bit image" and frame.issues == ("palette",), path
+
+
+@needs_exiftool
+def test_the_dji_writer_agrees_with_exiftool(tmp_path):
+    counts = tf.scene(120, 160, seed=7)
+    path = _write(tmp_path, "d.jpg", tf.dji_jpeg(counts, _palette(counts), chunk=9000))
+    assert _exiftool_tags(path)["Make"] == "DJI"
+    data = subprocess.run(["exiftool", "-b", "-ThermalData", path], capture_output=True, check=True).stdout
+    assert data == counts.astype("<u2").tobytes()
+    assert np.array_equal(read_thermal(path).counts, counts)

@@ -152,13 +152,34 @@ def flir_jpeg(fff_data: bytes, picture: np.ndarray, chunk: int = 65000, order: O
     return encoded[:2] + b"".join(segments) + encoded[2:]
 
 
-def exif_segment(model: str) -> bytes:
-    """An APP1 EXIF segment whose first directory holds one tag: Model."""
-    text = model.encode("ascii") + b"\0"
-    tiff = b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", 1)
-    tiff += struct.pack("<HHII", 0x0110, 2, len(text), 8 + 2 + 12 + 4) + struct.pack("<I", 0) + text
-    body = b"Exif\0\0" + tiff
+def exif_segment(model: str, make: Optional[str] = None) -> bytes:
+    """An APP1 EXIF segment whose first directory holds the text tags Make (when given) and Model."""
+    tags = ([(0x010F, make)] if make is not None else []) + [(0x0110, model)]
+    offset = 8 + 2 + 12 * len(tags) + 4  # longer texts follow the directory; up to 4 bytes sit in the entry
+    entries = data = b""
+    for tag, value in tags:
+        text = value.encode("ascii") + b"\0"
+        if len(text) <= 4:
+            entries += struct.pack("<HHI", tag, 2, len(text)) + text.ljust(4, b"\0")
+        else:
+            entries += struct.pack("<HHII", tag, 2, len(text), offset + len(data))
+            data += text
+    tiff = b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", len(tags)) + entries + struct.pack("<I", 0)
+    body = b"Exif\0\0" + tiff + data
     return b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+
+
+def dji_jpeg(counts: np.ndarray, picture: np.ndarray, make: str = "DJI", model: str = "ZH20T",
+             chunk: int = 65530) -> bytes:
+    """A DJI R-JPEG as ExifTool documents it: the JPEG of ``picture``, an EXIF block naming ``make`` and ``model``,
+    and the raw ``counts`` (16-bit little-endian, row by row) in APP3 segments of ``chunk`` bytes."""
+    raw = counts.astype("<u2").tobytes()
+    segments = [exif_segment(model, make)]
+    for start in range(0, len(raw), chunk):
+        piece = raw[start:start + chunk]
+        segments.append(b"\xff\xe3" + struct.pack(">H", len(piece) + 2) + piece)
+    encoded = jpeg(picture)
+    return encoded[:2] + b"".join(segments) + encoded[2:]
 
 
 def scene(height: int, width: int, seed: int = 0, low: int = 3000, high: int = 9000, noise: float = 40.0

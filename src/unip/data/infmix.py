@@ -237,8 +237,8 @@ def gather_candidates(infrared: Optional[str] = None, imagenet: Optional[str] = 
 
 
 # ------------------------------------------------------------------------------------- inspection
-#: Formats whose model image is a FLIR raster (manifest ``mode`` ``I;16``).
-_FLIR_FORMATS = ("FLIR JPEG", "FFF", "SEQ", "CSQ")
+#: Formats whose model image is a camera's 16-bit raster (manifest ``mode`` ``I;16``).
+_FLIR_FORMATS = ("FLIR JPEG", "FFF", "SEQ", "CSQ", "DJI JPEG")
 
 
 def inspect_candidate(cand: Candidate, every: int = 1) -> List[Entry]:

@@ -302,6 +302,8 @@ def _why_none(frame: ThermalFrame) -> str:
         return "an 8-bit picture"
     if frame.format.startswith("16-bit"):
         return "a 16-bit image without a stated linear scale (--tlinear)"
+    if frame.format == "DJI JPEG":
+        return "a DJI R-JPEG: DJI's calibration needs DJI's SDK; --tlinear states a linear scale"
     return "its calibration is incomplete or invalid"
 
 

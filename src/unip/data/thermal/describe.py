@@ -46,6 +46,9 @@ def _temperature_range(frame: ThermalFrame) -> str:
         if frame.format.startswith("16-bit"):
             return ("none (a plain 16-bit image carries no calibration; read_thermal(path, tlinear=K) applies a "
                     "linear scale of K kelvin per count)")
+        if frame.format == "DJI JPEG":
+            return ("none (DJI's calibration needs DJI's own SDK; read_thermal(path, tlinear=K) applies a linear "
+                    "scale of K kelvin per count)")
         return "none (the file's calibration is incomplete or invalid)"
     finite = frame.celsius[np.isfinite(frame.celsius)]
     if finite.size == 0:

@@ -100,6 +100,10 @@ def read_frames(path: str, overrides: Overrides, first: int = 0, count: Optional
                                  preview=lambda: _picture(data, path), camera=_exif_model(data))
             yield from _slice(frames, path, first, count)
             return
+        dji = _dji_frame(data, path, overrides) if flir is None else None
+        if dji is not None:
+            yield from _slice(iter([dji]), path, first, count)
+            return
         if flir is not None:
             frame = _image_frame(data, path, overrides)
             frame.issues += ("no-raster",)
@@ -325,22 +329,22 @@ def _jpeg_segments(data: bytes) -> Iterator[Tuple[int, bytes]]:
         position += 2 + length
 
 
-def _exif_model(data: bytes) -> Optional[str]:
-    """The Model tag (0x0110) of a JPEG's EXIF block, or None."""
+def _exif_model(data: bytes, tag: int = 0x0110) -> Optional[str]:
+    """The Model tag (0x0110; ``tag``: another text tag, 0x010F Make) of a JPEG's EXIF block, or None."""
     exif = next((body for marker, body in _jpeg_segments(data) if marker == 0xE1 and body.startswith(b"Exif\0\0")),
                 None)
-    return _tiff_model(exif[6:]) if exif else None
+    return _tiff_model(exif[6:], tag) if exif else None
 
 
-def _tiff_model(tiff: bytes) -> Optional[str]:
-    """The Model tag (0x0110) of a TIFF block's first directory, or None."""
+def _tiff_model(tiff: bytes, wanted: int = 0x0110) -> Optional[str]:
+    """The Model tag (0x0110; ``wanted``: another text tag) of a TIFF block's first directory, or None."""
     try:
         order = {b"II": "<", b"MM": ">"}[tiff[:2]]
         directory, = struct.unpack_from(order + "I", tiff, 4)
         entries, = struct.unpack_from(order + "H", tiff, directory)
         for index in range(min(entries, 512)):
             tag, kind, count, value = struct.unpack_from(order + "HHII", tiff, directory + 2 + index * 12)
-            if tag == 0x0110 and kind == 2:
+            if tag == wanted and kind == 2:
                 raw = tiff[directory + 10 + index * 12:][:count] if count <= 4 else tiff[value:value + count]
                 return fff._text(raw)
     except (KeyError, struct.error):
@@ -356,6 +360,49 @@ def _picture(data: bytes, path: str) -> Optional[np.ndarray]:
     except Exception as err:  # the counts are what matter; a broken picture beside them is only reported
         log.warning("%s: its preview picture cannot be decoded (%s)", path, err)
         return None
+
+
+# ------------------------------------------------------------------------------------------ DJI R-JPEGs
+#: The raster of DJI's thermal cameras when the picture's own size does not give it.
+DJI_RASTER = (512, 640)
+
+
+def _dji_frame(data: bytes, path: str, overrides: Overrides) -> Optional[ThermalFrame]:
+    """A DJI R-JPEG (Zenmuse H20T / H30T, Mavic 2 Enterprise Advanced, M30T, Mavic 3T): a JPEG whose EXIF Make is
+    DJI and whose APP3 segments, in file order, hold the raw counts (ExifTool's DJI ThermalData: 16-bit
+    little-endian samples, row by row) — one per pixel of the picture, or of a 640 x 512 raster. DJI's calibration
+    needs DJI's own SDK and is not read: temperatures only with ``--tlinear``. None for any other JPEG, or when the
+    APP3 data is not one sample per pixel (the file is then read as its picture, and a palette one is named)."""
+    if _exif_model(data, 0x010F) != "DJI":
+        return None
+    raw = b"".join(body for marker, body in _jpeg_segments(data) if marker == 0xE3)
+    if not raw:
+        return None
+    shape = next((size for size in (_jpeg_size(data), DJI_RASTER) if size and 2 * size[0] * size[1] == len(raw)),
+                 None)
+    if shape is None:
+        log.info("%s: DJI APP3 data of %d bytes is not one 16-bit sample per pixel; read as its picture", path,
+                 len(raw))
+        return None
+    counts = np.frombuffer(raw, dtype="<u2").reshape(shape).astype(np.uint16)
+    calibration: Dict[str, float] = {}
+    celsius = None
+    if overrides.tlinear is not None:
+        calibration = {"tlinear": overrides.tlinear}
+        celsius = planck.linear_to_celsius(counts, overrides.tlinear)
+    _ignored(path, overrides, planck_too=True, tlinear=False)
+    return ThermalFrame(counts=counts, celsius=celsius, camera=_exif_model(data), calibration=calibration, path=path,
+                        format="DJI JPEG", encoding="raw 16-bit little-endian (APP3)", bit_depth=16,
+                        preview_source=lambda: _picture(data, path))
+
+
+def _jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(height, width) from a JPEG's frame header, or None."""
+    for marker, body in _jpeg_segments(data):
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and len(body) >= 5:
+            height, width = struct.unpack_from(">HH", body, 1)
+            return height, width
+    return None
 
 
 # ------------------------------------------------------------------------------------------ plain images
