@@ -42,7 +42,7 @@ from unip.data.thermal import ThermalFileError, ThermalFrame, iter_thermal, read
 from unip.data.thermal.formats import Overrides
 from unip.data.thermal.checks import looks_like_palette
 from unip.data.thermal.frame import ISSUES
-from unip.data.thermal.planck import linear_to_celsius
+from unip.data.thermal.planck import linear_calibration
 from unip.errors import ConfigError, DataError
 from unip.text import printable
 
@@ -246,10 +246,9 @@ def picture_input(picture: np.ndarray, source: str, mapping: Optional[InputMappi
     if picture.ndim == 3 and picture.shape[2] == 1:
         picture = picture[:, :, 0]
     if picture.dtype == np.uint16 and picture.ndim == 2:
-        celsius = None if mapping.tlinear is None else linear_to_celsius(picture, mapping.tlinear)
-        frame = ThermalFrame(counts=picture, celsius=celsius, camera=None,
-                             calibration={} if mapping.tlinear is None else {"tlinear": mapping.tlinear},
-                             path=source, index=index or 0, format="16-bit frame", encoding="16-bit", bit_depth=16)
+        calibration, celsius = linear_calibration(picture, mapping.tlinear)
+        frame = ThermalFrame(counts=picture, celsius=celsius, camera=None, calibration=calibration, path=source,
+                             index=index or 0, format="16-bit frame", encoding="16-bit", bit_depth=16)
     elif picture.dtype == np.uint8 and picture.ndim == 2:
         frame = ThermalFrame(counts=picture.astype(np.uint16), celsius=None, camera=None, calibration={},
                              path=source, index=index or 0, format="8-bit frame", encoding="8-bit gray", bit_depth=8)

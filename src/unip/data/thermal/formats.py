@@ -385,11 +385,7 @@ def _dji_frame(data: bytes, path: str, overrides: Overrides) -> Optional[Thermal
                  len(raw))
         return None
     counts = np.frombuffer(raw, dtype="<u2").reshape(shape).astype(np.uint16)
-    calibration: Dict[str, float] = {}
-    celsius = None
-    if overrides.tlinear is not None:
-        calibration = {"tlinear": overrides.tlinear}
-        celsius = planck.linear_to_celsius(counts, overrides.tlinear)
+    calibration, celsius = planck.linear_calibration(counts, overrides.tlinear)
     _ignored(path, overrides, planck_too=True, tlinear=False)
     return ThermalFrame(counts=counts, celsius=celsius, camera=_exif_model(data), calibration=calibration, path=path,
                         format="DJI JPEG", encoding="raw 16-bit little-endian (APP3)", bit_depth=16,
@@ -420,11 +416,7 @@ def _image_frame(data: bytes, path: str, overrides: Overrides) -> ThermalFrame:
         if looks_byte_swapped(counts):
             counts, issues = counts.byteswap(), ("byte-swapped",)
             encoding += ", byte-swapped (swapped back)"
-        calibration: Dict[str, float] = {}
-        celsius = None
-        if overrides.tlinear is not None:
-            calibration = {"tlinear": overrides.tlinear}
-            celsius = planck.linear_to_celsius(counts, overrides.tlinear)
+        calibration, celsius = planck.linear_calibration(counts, overrides.tlinear)
         _ignored(path, overrides, planck_too=True, tlinear=False)
         return ThermalFrame(counts=counts, celsius=celsius, camera=None, calibration=calibration, path=path,
                             format=f"16-bit {kind}", encoding=encoding, bit_depth=16, issues=issues)

@@ -24,7 +24,7 @@ no answer (at or below the Planck offset) become NaN.
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -133,3 +133,11 @@ def linear_to_celsius(counts: np.ndarray, tlinear: float) -> np.ndarray:
     """Temperatures of a linear radiometric raster (FLIR's TLinear output: ``tlinear`` kelvin per count): float32
     ``counts × tlinear − 273.15``."""
     return (counts * np.float64(tlinear) - KELVIN).astype(np.float32)
+
+
+def linear_calibration(counts: np.ndarray, tlinear: Optional[float]) -> Tuple[Dict[str, float], Optional[np.ndarray]]:
+    """``(calibration, celsius)`` of a raster that carries no calibration of its own: ``({"tlinear": K}, its
+    temperatures)`` when the caller states ``tlinear``, else ``({}, None)``."""
+    if tlinear is None:
+        return {}, None
+    return {"tlinear": tlinear}, linear_to_celsius(counts, tlinear)
